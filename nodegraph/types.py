@@ -1,0 +1,43 @@
+"""Socket types: the names ComfyUI uses on the wire, as typed constants.
+
+A socket type is a name; two sockets connect when their names are equal. There is no wildcard
+and no comma-joined union (ComfyUI's `"*"` and `"FLOAT,INT"` are the lesson).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SocketType:
+    """A named value type that flows along links between nodes."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+MODEL = SocketType("MODEL")
+CLIP = SocketType("CLIP")
+VAE = SocketType("VAE")
+CONDITIONING = SocketType("CONDITIONING")
+LATENT = SocketType("LATENT")
+IMAGE = SocketType("IMAGE")
+MASK = SocketType("MASK")
+
+# Widget types: values that are usually typed into the node, but may also arrive by link.
+INT = SocketType("INT")
+FLOAT = SocketType("FLOAT")
+STRING = SocketType("STRING")
+BOOLEAN = SocketType("BOOLEAN")
+COMBO = SocketType("COMBO")
+
+WIDGET_TYPES = frozenset({INT, FLOAT, STRING, BOOLEAN, COMBO})
+
+# Hidden inputs the executor fills in (ComfyUI's names).
+PROMPT = "PROMPT"
+EXTRA_PNGINFO = "EXTRA_PNGINFO"
+UNIQUE_ID = "UNIQUE_ID"
+HIDDEN_KINDS = frozenset({PROMPT, EXTRA_PNGINFO, UNIQUE_ID})

@@ -1,0 +1,13 @@
+"""Every node nodegraph offers, listed explicitly: each module below exports `NODES`."""
+
+from __future__ import annotations
+
+from nodegraph.node import Node
+
+
+def all_nodes() -> list[type[Node]]:
+    """The node classes, in the order the canvas lists them."""
+    from nodes import conditioning, image, latent, loaders, lora, sampling
+
+    modules = (loaders, lora, conditioning, sampling, latent, image)
+    return [cls for module in modules for cls in module.NODES]

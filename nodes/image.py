@@ -1,0 +1,5 @@
+"""Nodes: image (being written)."""
+
+from nodegraph.node import Node
+
+NODES: tuple[type[Node], ...] = ()

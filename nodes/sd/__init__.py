@@ -1,0 +1,1 @@
+"""Stable Diffusion machinery: torch code with no engine imports."""
