@@ -74,8 +74,8 @@ class Input:
             opts["forceInput"] = True
         return opts
 
-    def spec(self, env: Environment | None) -> list[Any]:
-        """`[TYPE, {options}]` as `/object_info` writes it."""
+    def spec(self, env: Environment | None) -> Any:
+        """`[TYPE, {options}]` as `/object_info` writes it (a bare kind string for hidden inputs)."""
         return [self.type.name, self.options()]
 
     def coerce(self, value: Any, env: Environment | None) -> Any:
@@ -350,8 +350,8 @@ class Hidden(Input):
     def is_widget(self) -> bool:
         return False
 
-    def spec(self, env: Environment | None) -> list[Any]:
-        return [self.kind]
+    def spec(self, env: Environment | None) -> Any:
+        return self.kind
 
 
 # --------------------------------------------------------------------------------------------
