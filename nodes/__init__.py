@@ -11,3 +11,10 @@ def all_nodes() -> list[type[Node]]:
 
     modules = (loaders, lora, conditioning, sampling, latent, image)
     return [cls for module in modules for cls in module.NODES]
+
+
+def routes(env: object) -> list[object]:
+    """Extra HTTP routes the canvas extension needs (LoRA metadata), as aiohttp RouteDefs."""
+    from nodes import web_routes
+
+    return list(web_routes.routes(env))
