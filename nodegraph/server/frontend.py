@@ -1,0 +1,106 @@
+"""The browser canvas: ComfyUI's own frontend (PyPI `comfyui-frontend-package`, one pinned version)
+plus nodegraph's extension modules from the repository's `web/` folder.
+
+The server registers its API routes first and then calls `add_frontend_routes`, whose catch-all
+static route serves the frontend's files. Nothing here talks to a host other than our own.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+FRONTEND_VERSION = "1.27.10"
+EXTENSION_PREFIX = "/extensions/nodegraph"
+NO_CACHE = {"Cache-Control": "no-cache"}
+
+# Settings the server reports under the user's own ones. Each one removes a dialog or an outside call.
+DEFAULT_SETTINGS: dict[str, Any] = {
+    # Without it the frontend shows the new-user template browser instead of the default graph.
+    "Comfy.TutorialCompleted": True,
+    # A known user: no "installed version" bookkeeping and no what's-new popups at first start.
+    "Comfy.InstalledVersion": FRONTEND_VERSION,
+    # Otherwise the frontend asks api.comfy.org for ComfyUI releases at every start.
+    "Comfy.Notification.ShowVersionUpdates": False,
+    # Keep node text readable when zoomed out (the default 8 draws grey boxes below ~60 % zoom).
+    "LiteGraph.Canvas.MinFontSizeForLOD": 1,
+    # Our combo lists come from the model folders; a file the graph names but the folder lacks is
+    # reported by validation with the node and input, so the extra dialog adds nothing.
+    "Comfy.Workflow.ShowMissingModelsWarning": False,
+}
+
+# Entry modules the frontend imports, in this order (helpers they import are not listed).
+EXTENSION_FILES = ("nodegraph.js",)
+
+
+def web_dir() -> Path:
+    """The repository's `web/` folder with our extension modules (beside the `nodegraph` package)."""
+    return Path(__file__).resolve().parents[2] / "web"
+
+
+def extension_urls() -> list[str]:
+    """URLs of our JS extension modules, as `GET /extensions` lists them for the frontend."""
+    return [f"{EXTENSION_PREFIX}/{name}" for name in EXTENSION_FILES if (web_dir() / name).is_file()]
+
+
+def frontend_root(override: str | Path | None = None) -> Path:
+    """The folder with the frontend's `index.html`: `override` (`--front-end-root`) or the pinned package.
+
+    Args:
+        override: a folder with another frontend build, for people testing other versions.
+    """
+    if override:
+        root = Path(override).expanduser().absolute()
+    else:
+        try:
+            import comfyui_frontend_package
+        except ImportError as exc:  # pragma: no cover - a broken install
+            raise RuntimeError(
+                f"the canvas needs comfyui-frontend-package=={FRONTEND_VERSION}; "
+                f"run `pip install comfyui-frontend-package=={FRONTEND_VERSION}`"
+            ) from exc
+        root = Path(str(resources.files(comfyui_frontend_package) / "static"))
+    if not (root / "index.html").is_file():
+        raise RuntimeError(f"no index.html in the frontend folder {root}; check --front-end-root")
+    return root
+
+
+def _override_of(engine: object) -> str | Path | None:
+    """`--front-end-root` if the engine's settings carry one."""
+    settings = getattr(engine, "settings", None)
+    value = getattr(settings, "front_end_root", None)
+    return value if isinstance(value, (str, Path)) else None
+
+
+def add_frontend_routes(app: web.Application, engine: object) -> None:
+    """Serve the canvas: `/`, our extensions, an empty template list and the frontend's static files.
+
+    Args:
+        app: the server's application, with its API routes already registered.
+        engine: the running engine; only its settings' `front_end_root` is read.
+    """
+    root = frontend_root(_override_of(engine))
+    extensions = web_dir()
+
+    async def index(_: web.Request) -> web.StreamResponse:
+        return web.FileResponse(root / "index.html", headers=NO_CACHE)
+
+    async def extension_file(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        path = (extensions / name).resolve()
+        # Only plain files directly inside web/ (and its sub-folders); nothing outside it.
+        if extensions.resolve() not in path.parents or not path.is_file():
+            raise web.HTTPNotFound(text=f"no nodegraph extension file {name!r}")
+        return web.FileResponse(path, headers=NO_CACHE)
+
+    async def templates_index(_: web.Request) -> web.StreamResponse:
+        # The template browser stays empty: the default graph is ours (web/default_workflow.json).
+        return web.json_response([], headers=NO_CACHE)
+
+    app.router.add_get("/", index)
+    app.router.add_get(EXTENSION_PREFIX + "/{name:.+}", extension_file)
+    app.router.add_get("/templates/index.json", templates_index)
+    app.router.add_static("/", root, follow_symlinks=False)
