@@ -1,0 +1,151 @@
+"""One KSampler run, from a LATENT to a LATENT: ComfyUI's common_ksampler -> KSAMPLER.sample chain.
+
+Sources: nodes.py `common_ksampler`, comfy/sample.py, comfy/samplers.py (`KSampler`, `CFGGuider`,
+`KSAMPLER.sample`, `KSamplerX0Inpaint`) and comfy/latent_formats.py. The steps, in order:
+
+1. Initial noise from the seed on CPU (or zeros when noise is disabled).
+2. Sigmas from the scheduler (denoise tail, discarded penultimate sigma, start/end window).
+3. The latent enters model space (x 0.18215) only if it has a nonzero element.
+4. x_T = latent + noise * sqrt(1 + sigma_0^2) at full denoise (sigma_0 ~ sigma_max), else noise * sigma_0.
+5. The sampler runs inside the LoRA patch context and inference mode.
+6. The result leaves model space (/ 0.18215).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nodes.sd.guidance import CFGDenoiser, cond_entries
+from nodes.sd.noise import prepare_noise
+from nodes.sd.patcher import patched
+from nodes.sd.samplers import Model
+from nodes.sd.samplers_registry import DISCARD_PENULTIMATE, SAMPLERS
+from nodes.sd.schedules import DiscreteSchedule, sampler_sigmas, sd15_schedule, split_sigmas
+
+SD15_SCALE = 0.18215
+
+StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, total steps, x0 in model space)
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """Everything one KSampler / KSamplerAdvanced call decides."""
+
+    seed: int
+    steps: int
+    cfg: float
+    sampler_name: str
+    scheduler: str
+    denoise: float = 1.0
+    add_noise: bool = True
+    start_step: int | None = None
+    last_step: int | None = None
+    force_full_denoise: bool = False
+
+
+def sigmas_for(request: SamplingRequest, schedule: DiscreteSchedule) -> torch.Tensor | None:
+    """The sigmas this request samples over; None when the window leaves nothing to do."""
+    if request.sampler_name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {request.sampler_name!r}")
+    sigmas = sampler_sigmas(
+        schedule,
+        request.scheduler,
+        request.steps,
+        request.denoise,
+        discard_penultimate=request.sampler_name in DISCARD_PENULTIMATE,
+    )
+    return split_sigmas(sigmas, request.start_step, request.last_step, request.force_full_denoise)
+
+
+def initial_noise(latent: dict[str, Any], request: SamplingRequest) -> torch.Tensor:
+    samples: torch.Tensor = latent["samples"]
+    if not request.add_noise:
+        return torch.zeros(samples.size(), dtype=samples.dtype, layout=samples.layout)
+    return prepare_noise(samples, request.seed, latent.get("batch_index"))
+
+
+def _denoise_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """comfy.sampler_helpers.prepare_mask: bilinear to latent size, one copy per channel and item."""
+    mask = torch.nn.functional.interpolate(
+        mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1])).float(),
+        size=(shape[2], shape[3]),
+        mode="bilinear",
+    )
+    mask = torch.cat([mask] * shape[1], dim=1)
+    if mask.shape[0] < shape[0]:
+        mask = mask.repeat(math.ceil(shape[0] / mask.shape[0]), 1, 1, 1)
+    return mask[: shape[0]]
+
+
+def _inpaint_wrapper(model: Model, mask: torch.Tensor, latent: torch.Tensor, noise: torch.Tensor) -> Model:
+    """KSamplerX0Inpaint: keep the unmasked region on the noised original latent."""
+    keep = 1.0 - mask
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        s = sigma.reshape(sigma.shape[:1] + (1,) * (x.ndim - 1))
+        x = x * mask + (noise * s + latent) * keep
+        return model(x, sigma) * mask + latent * keep
+
+    return denoise
+
+
+def run_sampler(
+    unet: Any,
+    positive: Any,
+    negative: Any,
+    latent: dict[str, Any],
+    request: SamplingRequest,
+    on_step: StepCallback | None = None,
+) -> torch.Tensor:
+    """Sample with a UNet that is already patched; returns the new latent samples (unscaled)."""
+    schedule = sd15_schedule()
+    samples: torch.Tensor = latent["samples"].float()
+    noise = initial_noise(latent, request)
+    sigmas = sigmas_for(request, schedule)
+    if sigmas is None or sigmas.shape[-1] == 0:
+        return samples  # nothing to sample: ComfyUI returns the input latent as is
+    model_latent = samples * SD15_SCALE if torch.count_nonzero(samples) > 0 else samples
+    denoiser: Model = CFGDenoiser(
+        unet,
+        schedule,
+        cond_entries(positive, schedule, "positive"),
+        cond_entries(negative, schedule, "negative"),
+        request.cfg,
+    )
+    if "noise_mask" in latent:
+        mask = _denoise_mask(latent["noise_mask"], samples.shape)
+        denoiser = _inpaint_wrapper(denoiser, mask, model_latent, noise)
+    sigma_max, sigma0 = float(schedule.sigma_max), float(sigmas[0])
+    max_denoise = math.isclose(sigma_max, sigma0, rel_tol=1e-5) or sigma0 > sigma_max
+    s0 = sigmas[0]
+    x = noise * torch.sqrt(1.0 + s0**2.0) if max_denoise else noise * s0
+    x += model_latent
+    total = len(sigmas) - 1
+
+    def callback(i: int, denoised: torch.Tensor, _x: torch.Tensor) -> None:
+        if on_step is not None:
+            on_step(i, total, denoised)
+
+    result = SAMPLERS[request.sampler_name](denoiser, x, sigmas, request.seed, callback)
+    return result.to(torch.float32) / SD15_SCALE
+
+
+def sample(
+    model: Any,
+    positive: Any,
+    negative: Any,
+    latent: dict[str, Any],
+    request: SamplingRequest,
+    on_step: StepCallback | None = None,
+) -> dict[str, Any]:
+    """common_ksampler: patch the model's LoRAs in, sample, and return a new LATENT dict."""
+    with patched(model.unet, model.loras, target="unet") as unet, torch.inference_mode():
+        samples = run_sampler(unet, positive, negative, latent, request, on_step)
+    out = dict(latent)
+    out["samples"] = samples
+    return out

@@ -1,0 +1,44 @@
+"""The sampler names KSampler offers, in ComfyUI's order (comfy/samplers.py SAMPLER_NAMES).
+
+Only implemented samplers are listed; the relative order is ComfyUI's so the canvas shows the
+familiar list. The `_gpu` SDE variants differ from their plain twins only in where the Brownian
+tree lives; on a CPU-only engine they are the same computation.
+"""
+
+from __future__ import annotations
+
+from nodes.sd import samplers as k
+from nodes.sd import samplers_sde as sde
+from nodes.sd import uni_pc
+from nodes.sd.samplers import Sampler
+
+SAMPLERS: dict[str, Sampler] = {
+    "euler": k.sample_euler,
+    "euler_ancestral": k.sample_euler_ancestral,
+    "heun": k.sample_heun,
+    "heunpp2": k.sample_heunpp2,
+    "dpm_2": k.sample_dpm_2,
+    "dpm_2_ancestral": k.sample_dpm_2_ancestral,
+    "lms": k.sample_lms,
+    "dpmpp_2s_ancestral": k.sample_dpmpp_2s_ancestral,
+    "dpmpp_sde": sde.sample_dpmpp_sde,
+    "dpmpp_sde_gpu": sde.sample_dpmpp_sde,
+    "dpmpp_2m": k.sample_dpmpp_2m,
+    "dpmpp_2m_sde": sde.sample_dpmpp_2m_sde,
+    "dpmpp_2m_sde_gpu": sde.sample_dpmpp_2m_sde,
+    "dpmpp_2m_sde_heun": sde.sample_dpmpp_2m_sde_heun,
+    "dpmpp_2m_sde_heun_gpu": sde.sample_dpmpp_2m_sde_heun,
+    "dpmpp_3m_sde": sde.sample_dpmpp_3m_sde,
+    "dpmpp_3m_sde_gpu": sde.sample_dpmpp_3m_sde,
+    "ddpm": k.sample_ddpm,
+    "lcm": k.sample_lcm,
+    "ipndm": k.sample_ipndm,
+    "ddim": k.sample_euler,  # ComfyUI's "ddim" is k-diffusion euler (oracle pitfall 9)
+    "uni_pc": uni_pc.sample_uni_pc,
+    "uni_pc_bh2": uni_pc.sample_uni_pc_bh2,
+}
+
+SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
+
+# comfy/samplers.py KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
+DISCARD_PENULTIMATE = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
