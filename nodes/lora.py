@@ -1,5 +1,199 @@
-"""Nodes: lora (being written)."""
+"""Nodes: LoraLoader, LoraLoaderModelOnly, LoraTagLoader (A1111 prompt tags) and CheckpointSave.
 
-from nodegraph.node import Node
+A LoRA node changes no weight: it validates the file against the model (the coverage report,
+the family check) and returns handles that carry one more `LoraRef`. The sampler and the text
+encoder apply the stack through `nodes.sd.patcher.patched`.
+"""
 
-NODES: tuple[type[Node], ...] = ()
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+from nodegraph.env import Environment
+from nodegraph.node import Combo, Float, Node, Output, RunContext, Socket, String
+from nodegraph.types import CLIP, MODEL, STRING
+from nodes.sd.handles import ClipHandle, LoraRef, ModelHandle
+from nodes.sd.lora.coverage import Coverage, check, coverage
+from nodes.sd.lora.loader import decoded, file_stamp, read_lora
+from nodes.sd.lora.tags import LoraTag, parse_tags, resolve_tag
+
+
+def lora_names(env: Environment) -> Sequence[str]:
+    """The files in the `loras` folder (the LoRA combo's choices)."""
+    return env.folders.list("loras")
+
+
+def _stamp_of(env: Environment, name: Any) -> Hashable:
+    try:
+        return file_stamp(env.folders.resolve("loras", str(name)))
+    except (OSError, ValueError):
+        return None  # validation reports the missing file
+
+
+def load_lora(
+    ctx: RunContext,
+    model: ModelHandle | None,
+    clip: ClipHandle | None,
+    path: Path,
+    name: str,
+    strengths: tuple[float, float],
+) -> tuple[ModelHandle | None, ClipHandle | None, Coverage]:
+    """Validate one LoRA against the model and CLIP and return handles that carry it.
+
+    Args:
+        ctx: the running node (for the one partial-match warning).
+        model, clip: the handles to extend; None when the node has no such input.
+        path: the resolved LoRA file; name: the name the user picked (for messages).
+        strengths: (strength_model, strength_clip); a zero strength leaves that side unchanged.
+    """
+    stamp = file_stamp(path)
+    lora = read_lora(path, stamp)
+    unet_dec = decoded(path, stamp, model.unet, "unet") if model is not None else None
+    te_dec = decoded(path, stamp, clip.text_encoder, "te") if clip is not None else None
+    report = coverage(lora, name, unet_dec, te_dec)
+    base = model if model is not None else clip
+    assert base is not None
+    warning = check(report, base.source, base.family)
+    if warning:
+        ctx.warn(warning, report.as_dict())
+    s_model, s_clip = strengths
+    if model is not None and s_model != 0.0:
+        model = model.with_lora(LoraRef(path, stamp, float(s_model), name))
+    if clip is not None and s_clip != 0.0:
+        clip = clip.with_lora(LoraRef(path, stamp, float(s_clip), name))
+    return model, clip, report
+
+
+_STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
+
+
+class LoraLoader(Node):
+    """Apply a LoRA to the model and the CLIP text encoder, each at its own strength."""
+
+    DISPLAY_NAME = "Load LoRA"
+    CATEGORY = "loaders"
+    INPUTS = (
+        Socket("model", socket_type=MODEL, tooltip="The diffusion model the LoRA will be applied to."),
+        Socket("clip", socket_type=CLIP, tooltip="The CLIP model the LoRA will be applied to."),
+        Combo("lora_name", choices=lora_names, tooltip="The name of the LoRA."),
+        Float("strength_model", **_STRENGTH, tooltip="How strongly to modify the diffusion model."),
+        Float("strength_clip", **_STRENGTH, tooltip="How strongly to modify the CLIP model."),
+    )
+    OUTPUTS = (
+        Output(MODEL, tooltip="The modified diffusion model."),
+        Output(CLIP, tooltip="The modified CLIP model."),
+    )
+
+    def run(
+        self,
+        ctx: RunContext,
+        model: ModelHandle,
+        clip: ClipHandle,
+        lora_name: str,
+        strength_model: float,
+        strength_clip: float,
+    ) -> tuple[ModelHandle, ClipHandle]:
+        if strength_model == 0 and strength_clip == 0:
+            return model, clip  # ComfyUI: no file read at all
+        path = ctx.env.folders.resolve("loras", lora_name)
+        new_model, new_clip, _ = load_lora(ctx, model, clip, path, lora_name, (strength_model, strength_clip))
+        assert new_model is not None and new_clip is not None
+        return new_model, new_clip
+
+    @classmethod
+    def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
+        return _stamp_of(env, constants.get("lora_name"))
+
+
+class LoraLoaderModelOnly(Node):
+    """Apply a LoRA to the diffusion model only."""
+
+    CATEGORY = "loaders"
+    INPUTS = (
+        Socket("model", socket_type=MODEL),
+        Combo("lora_name", choices=lora_names),
+        Float("strength_model", **_STRENGTH),
+    )
+    OUTPUTS = (Output(MODEL),)
+
+    def run(
+        self, ctx: RunContext, model: ModelHandle, lora_name: str, strength_model: float
+    ) -> tuple[ModelHandle]:
+        if strength_model == 0:
+            return (model,)
+        path = ctx.env.folders.resolve("loras", lora_name)
+        new_model, _, _ = load_lora(ctx, model, None, path, lora_name, (strength_model, 0.0))
+        assert new_model is not None
+        return (new_model,)
+
+    @classmethod
+    def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
+        return _stamp_of(env, constants.get("lora_name"))
+
+
+class LoraTagLoader(Node):
+    """Apply the <lora:name:weight> tags of an A1111/Civitai prompt and output the prompt without them."""
+
+    DISPLAY_NAME = "Load LoRA Tags"
+    CATEGORY = "loaders"
+    INPUTS = (
+        Socket("model", socket_type=MODEL),
+        Socket("clip", socket_type=CLIP),
+        String(
+            "text",
+            multiline=True,
+            dynamic_prompts=True,
+            tooltip="A prompt with <lora:name:weight> or <lora:name:te_weight:unet_weight> tags.",
+        ),
+    )
+    OUTPUTS = (Output(MODEL), Output(CLIP), Output(STRING, name="text"))
+
+    def run(
+        self, ctx: RunContext, model: ModelHandle, clip: ClipHandle, text: str
+    ) -> tuple[ModelHandle, ClipHandle, str]:
+        tags, cleaned = parse_tags(text)
+        for tag in tags:
+            if tag.unet_weight == 0 and tag.te_weight == 0:
+                continue
+            path = resolve_tag(ctx.env.folders, tag)
+            new_model, new_clip, _ = load_lora(
+                ctx, model, clip, path, tag.name, (tag.unet_weight, tag.te_weight)
+            )
+            assert new_model is not None and new_clip is not None
+            model, clip = new_model, new_clip
+        return model, clip, cleaned
+
+    @classmethod
+    def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
+        text = constants.get("text")
+        if not isinstance(text, str):
+            return None
+        try:
+            tags, _ = parse_tags(text)
+        except ValueError:
+            return None
+        return tuple(_tag_stamp(env, tag) for tag in tags)
+
+    @classmethod
+    def check_inputs(cls, env: Environment, **constants: Any) -> str | None:
+        text = constants.get("text")
+        if not isinstance(text, str):
+            return None
+        try:
+            for tag in parse_tags(text)[0]:
+                resolve_tag(env.folders, tag)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+
+def _tag_stamp(env: Environment, tag: LoraTag) -> Hashable:
+    try:
+        return file_stamp(resolve_tag(env.folders, tag))
+    except (OSError, ValueError):
+        return None
+
+
+NODES: tuple[type[Node], ...] = (LoraLoader, LoraLoaderModelOnly, LoraTagLoader)

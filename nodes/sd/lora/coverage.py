@@ -1,0 +1,140 @@
+"""The coverage report of one LoRA load: what matched, what did not, and whether it fits the model at all.
+
+One report per load, never one line per key: a partly matched LoRA gives one warning with the
+counts; a LoRA that matches nothing, or is for another base model, is refused with both file names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from nodes.sd.lora.family import compatible, family_name
+from nodes.sd.lora.loader import TE_PREFIXES, Decoded, LoraFile
+
+_SHOWN = 8  # unmatched keys quoted in a message; the full list is in the report's details
+
+
+class LoraMismatchError(ValueError):
+    """The LoRA does not fit the model: another family, or no module matched."""
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How one LoRA file maps onto one model (and text encoder)."""
+
+    lora: str
+    family: str
+    family_source: str
+    total_modules: int
+    unet_modules: int
+    te_modules: int
+    unet_weights: int
+    unet_biases: int
+    te_weights: int
+    te_biases: int
+    skipped_te: int  # text-encoder modules a model-only load does not apply
+    unmatched: tuple[str, ...]  # stems and keys that name nothing in this model
+    failed: tuple[str, ...]  # "stem: why" for modules that matched but could not apply
+
+    @property
+    def matched(self) -> int:
+        return self.unet_modules + self.te_modules
+
+    @property
+    def complete(self) -> bool:
+        return not self.unmatched and not self.failed
+
+    def summary(self) -> str:
+        text = (
+            f"LoRA {self.lora} ({family_name(self.family)}, from {self.family_source}): "
+            f"{self.matched} of {self.total_modules} modules matched "
+            f"({self.unet_modules} UNet, {self.te_modules} text encoder)"
+        )
+        if self.skipped_te:
+            text += f", {self.skipped_te} text-encoder modules not applied by a model-only loader"
+        if self.unmatched:
+            shown = ", ".join(self.unmatched[:_SHOWN]) + (" ..." if len(self.unmatched) > _SHOWN else "")
+            text += f"; {len(self.unmatched)} keys did not match: {shown}"
+        if self.failed:
+            text += f"; {len(self.failed)} modules could not apply: {'; '.join(self.failed[:3])}"
+        return text
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "lora": self.lora,
+            "family": self.family,
+            "family_source": self.family_source,
+            "total_modules": self.total_modules,
+            "matched": self.matched,
+            "unet_modules": self.unet_modules,
+            "te_modules": self.te_modules,
+            "unet_weights": self.unet_weights,
+            "unet_biases": self.unet_biases,
+            "te_weights": self.te_weights,
+            "te_biases": self.te_biases,
+            "skipped_te": self.skipped_te,
+            "unmatched": list(self.unmatched),
+            "failed": list(self.failed),
+        }
+
+
+def _counts(dec: Decoded | None) -> tuple[int, int, int]:
+    if dec is None:
+        return 0, 0, 0
+    weights = sum(1 for k in dec.updates if k.endswith(".weight"))
+    return dec.modules, weights, len(dec.updates) - weights
+
+
+def coverage(lora: LoraFile, name: str, unet: Decoded | None, te: Decoded | None) -> Coverage:
+    """The report for `lora` decoded against a UNet and/or a text encoder (None: not loaded)."""
+    matched = (unet.matched if unet else set()) | (te.matched if te else set())
+    rest = [s for s in lora.groups if s not in matched]
+    skipped = [s for s in rest if te is None and s.startswith(TE_PREFIXES)]
+    unmatched = sorted(set(rest) - set(skipped)) + lora.unknown_keys
+    unmatched += (unet.unused if unet else []) + (te.unused if te else [])
+    failed = {**(unet.failed if unet else {}), **(te.failed if te else {})}
+    um, uw, ub = _counts(unet)
+    tm, tw, tb = _counts(te)
+    return Coverage(
+        lora=name,
+        family=lora.family,
+        family_source=lora.family_source,
+        total_modules=len(lora.groups),
+        unet_modules=um,
+        te_modules=tm,
+        unet_weights=uw,
+        unet_biases=ub,
+        te_weights=tw,
+        te_biases=tb,
+        skipped_te=len(skipped),
+        unmatched=tuple(unmatched),
+        failed=tuple(f"{k}: {v}" for k, v in sorted(failed.items())),
+    )
+
+
+def check(report: Coverage, checkpoint: str, model_family: str) -> str | None:
+    """Raise `LoraMismatchError` when the LoRA cannot apply; return a warning when it applies in part."""
+    if not compatible(report.family, model_family):
+        raise LoraMismatchError(
+            f"{report.lora} is an {family_name(report.family)} LoRA; the checkpoint {checkpoint} is "
+            f"{family_name(model_family)}. Pick a LoRA made for {family_name(model_family)} "
+            f"(or a {family_name(report.family)} checkpoint)."
+        )
+    if report.matched == 0:
+        what = (
+            (
+                f"its {report.skipped_te} modules are all text-encoder modules, which a model-only loader "
+                "does not apply"
+            )
+            if report.skipped_te and not report.unmatched
+            else (
+                f"none of its {report.total_modules} modules matched (first keys: "
+                f"{', '.join(report.unmatched[:3])})"
+            )
+        )
+        raise LoraMismatchError(
+            f"{report.lora} does not fit the checkpoint {checkpoint} "
+            f"({family_name(model_family)}): {what}. Is it a LoRA for another base model?"
+        )
+    return None if report.complete else report.summary()
