@@ -40,4 +40,4 @@ class Environment:
                     raise LookupError(f"no {kind.__name__} service in this environment")
                 found = factory(self)
                 self.services[kind] = found
-            return found  # type: ignore[no-any-return]
+            return found

@@ -26,7 +26,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from nodegraph.types import COMBO, FLOAT, HIDDEN_KINDS, INT, STRING, WIDGET_TYPES, BOOLEAN, SocketType
+from nodegraph.types import BOOLEAN, COMBO, FLOAT, HIDDEN_KINDS, INT, STRING, WIDGET_TYPES, SocketType
 
 if TYPE_CHECKING:
     from nodegraph.env import Environment
@@ -310,7 +310,9 @@ class Combo(Input):
             if value not in values:
                 shown = values if len(values) <= 20 else f"(list of length {len(values)})"
                 raise InputValueError(
-                    InputProblem("value_not_in_list", "Value not in list", f"{self.name}: '{value}' not in {shown}"),
+                    InputProblem(
+                        "value_not_in_list", "Value not in list", f"{self.name}: '{value}' not in {shown}"
+                    ),
                     value,
                 )
         return value

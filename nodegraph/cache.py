@@ -1,0 +1,177 @@
+"""The output cache: node outputs keyed by an input signature, bounded by entries and by bytes.
+
+A node's signature is a digest of its class, its fingerprint (ComfyUI's IS_CHANGED), its constant
+inputs and the signatures of the nodes its links come from. Node ids are not part of it, so the
+same subgraph in another workflow (or under other ids) hits the cache; a changed widget changes
+the signature of that node and of everything downstream, and nothing else. Non-idempotent nodes
+and nodes that read their own id add the id, so they are never shared between nodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
+
+from nodegraph.env import Environment
+from nodegraph.node import Hidden, Node
+from nodegraph.types import UNIQUE_ID
+from nodegraph.validate import call_with_constants
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One node's outputs (one value per output socket) and the UI dict it showed."""
+
+    outputs: tuple[Any, ...]
+    ui: Mapping[str, Any] | None
+    nbytes: int
+
+
+class OutputCache:
+    """An LRU map from signature to `CacheEntry`, bounded by entry count and estimated bytes.
+
+    Entries pinned for the running prompt are never evicted, so a node found cached when the
+    prompt started is still there when a consumer needs it. Thread-safe.
+    """
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+        self._pinned: frozenset[str] = frozenset()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, signature: object) -> bool:
+        return signature in self._entries
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def get(self, signature: str) -> CacheEntry | None:
+        with self._lock:
+            entry = self._entries.get(signature)
+            if entry is not None:
+                self._entries.move_to_end(signature)
+            return entry
+
+    def put(self, signature: str, entry: CacheEntry) -> None:
+        with self._lock:
+            old = self._entries.pop(signature, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._entries[signature] = entry
+            self._bytes += entry.nbytes
+            self._evict()
+
+    def pin(self, signatures: Iterable[str]) -> None:
+        """Protect these entries from eviction (replaces the previous pin set)."""
+        with self._lock:
+            self._pinned = frozenset(signatures)
+
+    def unpin(self) -> None:
+        with self._lock:
+            self._pinned = frozenset()
+            self._evict()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def _evict(self) -> None:
+        if len(self._entries) <= self.max_entries and self._bytes <= self.max_bytes:
+            return
+        for signature in list(self._entries):  # oldest first
+            if len(self._entries) <= self.max_entries and self._bytes <= self.max_bytes:
+                return
+            if signature in self._pinned:
+                continue
+            self._bytes -= self._entries.pop(signature).nbytes
+
+
+def estimate_nbytes(value: Any, depth: int = 0, seen: set[int] | None = None) -> int:
+    """Bytes held by arrays found in a value (anything with an integer `.nbytes`: tensors, ndarrays).
+
+    Walks dicts, lists, tuples and dataclasses a few levels deep; objects seen twice count once.
+    Models are not counted: the model store owns and bounds them.
+    """
+    seen = set() if seen is None else seen
+    if depth > 6 or id(value) in seen or value is None or isinstance(value, (str, bytes, int, float, bool)):
+        return 0
+    seen.add(id(value))
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    if isinstance(value, Mapping):
+        return sum(estimate_nbytes(v, depth + 1, seen) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(estimate_nbytes(v, depth + 1, seen) for v in value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return sum(estimate_nbytes(getattr(value, f.name, None), depth + 1, seen) for f in fields(value))
+    return 0
+
+
+def _reads_own_id(cls: type[Node]) -> bool:
+    return any(isinstance(inp, Hidden) and inp.kind == UNIQUE_ID for inp in cls.INPUTS)
+
+
+def _has_fingerprint(cls: type[Node]) -> bool:
+    return cls.fingerprint.__func__ is not Node.fingerprint.__func__  # type: ignore[attr-defined]
+
+
+def fingerprint_of(cls: type[Node], env: Environment, node_id: str, inputs: dict[str, Any]) -> str:
+    """The node's fingerprint as text; NaN or a failing fingerprint gives a one-off value (always re-run)."""
+    if not _has_fingerprint(cls):
+        return ""
+    try:
+        value = call_with_constants(cls.fingerprint, env, inputs)
+    except Exception:  # ComfyUI treats a failing IS_CHANGED as "changed"; the node itself will report
+        log.warning("fingerprint of node %s (%s) failed; it will run", node_id, cls.NODE_ID, exc_info=True)
+        return uuid.uuid4().hex
+    if isinstance(value, float) and math.isnan(value):
+        return uuid.uuid4().hex
+    return repr(value)
+
+
+def node_signatures(
+    prompt: dict[str, Any], order: Iterable[str], classes: Mapping[str, type[Node]], env: Environment
+) -> dict[str, str]:
+    """The signature of every node in `order` (which lists sources before their consumers).
+
+    Args:
+        prompt: the validated API prompt.
+        order: node ids in topological order.
+        classes: node id -> node class.
+        env: passed to the nodes' fingerprints.
+    """
+    signatures: dict[str, str] = {}
+    for node_id in order:
+        cls = classes[node_id]
+        inputs: dict[str, Any] = prompt[node_id]["inputs"]
+        parts: list[Any] = [cls.NODE_ID, fingerprint_of(cls, env, node_id, inputs)]
+        if cls.NOT_IDEMPOTENT or _reads_own_id(cls):
+            parts.append(node_id)
+        for name in sorted(inputs):
+            value = inputs[name]
+            if isinstance(value, list) and len(value) == 2 and value[0] in signatures:
+                parts.append([name, "link", signatures[value[0]], value[1]])
+            else:
+                parts.append([name, value])
+        text = json.dumps(parts, sort_keys=True, default=repr)
+        signatures[node_id] = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    return signatures

@@ -1,0 +1,387 @@
+"""Validating an API prompt before it runs, with ComfyUI's error types and `node_errors` shape.
+
+Validation walks back from each output node through its links. An output is valid when it and
+every node it depends on pass; valid outputs run even when another output is invalid, as in
+ComfyUI. Every error names the node, the input and what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import networkx as nx
+
+from nodegraph.env import Environment
+from nodegraph.node import Combo, Float, Hidden, Input, InputValueError, Int, Node, Socket
+from nodegraph.registry import Registry
+
+BAD_LINK_MESSAGE = "Bad linked input, must be a length-2 list of [node_id, slot_index]"
+
+
+@dataclass
+class Validation:
+    """The result of `validate_prompt`: the coerced prompt, the outputs that may run, and the errors."""
+
+    ok: bool
+    prompt: dict[str, Any]
+    outputs: list[str] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    node_errors: dict[str, Any] = field(default_factory=dict)
+
+
+def error(kind: str, message: str, details: str = "", **extra: Any) -> dict[str, Any]:
+    """One ComfyUI error object."""
+    return {"type": kind, "message": message, "details": details, "extra_info": extra}
+
+
+def validate_prompt(
+    prompt: Any, registry: Registry, env: Environment, partial_targets: list[str] | None = None
+) -> Validation:
+    """Check a prompt as ComfyUI's `validate_prompt` does and return a coerced copy.
+
+    Args:
+        prompt: an API-format prompt `{node_id: {"class_type", "inputs"}}`.
+        registry: the node classes.
+        env: the environment (folders for file choices).
+        partial_targets: when given, only these output nodes are run (ComfyUI's partial execution).
+    """
+    if not isinstance(prompt, dict) or not prompt:
+        return _fail(
+            prompt, error("invalid_prompt", "Cannot execute because the prompt is empty or not an object")
+        )
+    problem = _check_classes(prompt, registry)
+    if problem is not None:
+        return _fail(prompt, problem)
+    coerced = {str(k): {**v, "inputs": dict(v.get("inputs") or {})} for k, v in prompt.items()}
+    targets = set(partial_targets) if partial_targets is not None else None
+    outputs = [
+        nid
+        for nid, node in coerced.items()
+        if _cls(registry, node).OUTPUT_NODE and (targets is None or nid in targets)
+    ]
+    if not outputs:
+        return _fail(coerced, error("prompt_no_outputs", "Prompt has no outputs"))
+    checker = _Checker(coerced, registry, env)
+    checker.run(outputs)
+    return checker.result(outputs)
+
+
+def _fail(prompt: Any, err: dict[str, Any]) -> Validation:
+    return Validation(ok=False, prompt=prompt if isinstance(prompt, dict) else {}, error=err)
+
+
+def _cls(registry: Registry, node: dict[str, Any]) -> type[Node]:
+    cls = registry.get(node["class_type"])
+    assert cls is not None  # _check_classes ran first
+    return cls
+
+
+def _check_classes(prompt: dict[Any, Any], registry: Registry) -> dict[str, Any] | None:
+    for node_id, node in prompt.items():
+        if not isinstance(node, dict) or "class_type" not in node:
+            return error(
+                "invalid_prompt",
+                "Cannot execute because a node is missing the class_type property.",
+                f"Node ID '#{node_id}'",
+            )
+        if not isinstance(node.get("inputs", {}), dict):
+            return error(
+                "invalid_prompt",
+                "Cannot execute because a node's inputs are not an object.",
+                f"Node ID '#{node_id}'",
+            )
+        if node["class_type"] not in registry:
+            return error(
+                "invalid_prompt",
+                f"Cannot execute because node {node['class_type']} does not exist.",
+                f"Node ID '#{node_id}'",
+            )
+    return None
+
+
+def links_of(node: dict[str, Any]) -> Iterable[tuple[str, Any]]:
+    """(input name, source id) of every well-formed link among a node's inputs."""
+    for name, value in node.get("inputs", {}).items():
+        if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+            yield name, value[0]
+
+
+def dependency_graph(prompt: dict[str, Any], roots: Iterable[str]) -> nx.DiGraph:
+    """The nodes `roots` depend on, as a DiGraph with an edge source -> consumer for every link."""
+    graph: nx.DiGraph = nx.DiGraph()
+    stack = [r for r in roots if r in prompt]
+    graph.add_nodes_from(stack)
+    while stack:
+        node_id = stack.pop()
+        for _name, source in links_of(prompt[node_id]):
+            if source not in prompt:
+                continue
+            if source not in graph:
+                stack.append(source)
+            graph.add_edge(source, node_id)
+    return graph
+
+
+class _Checker:
+    """Validates every node that some output depends on, sources before consumers."""
+
+    def __init__(self, prompt: dict[str, Any], registry: Registry, env: Environment) -> None:
+        self.prompt = prompt
+        self.registry = registry
+        self.env = env
+        self.errors: dict[str, list[dict[str, Any]]] = {}
+        self.valid: dict[str, bool] = {}
+        self.graph: nx.DiGraph = nx.DiGraph()
+
+    def run(self, outputs: list[str]) -> None:
+        self.graph = dependency_graph(self.prompt, outputs)
+        for cycle_nodes in _cycles(self.graph):
+            members = sorted(cycle_nodes)
+            for node_id in members:
+                self.errors[node_id] = [
+                    error(
+                        "dependency_cycle",
+                        "Dependency cycle detected",
+                        f"node {node_id} is in a cycle through nodes {', '.join(members)}; remove a link",
+                        nodes=members,
+                    )
+                ]
+                self.valid[node_id] = False
+        acyclic = self.graph.subgraph(n for n in self.graph if n not in self.valid)
+        for node_id in nx.topological_sort(acyclic):
+            own = self._check_node(node_id)
+            if own:
+                self.errors[node_id] = own
+            upstream_ok = all(self.valid.get(src, True) for src in self.graph.predecessors(node_id))
+            self.valid[node_id] = not own and upstream_ok
+
+    def result(self, outputs: list[str]) -> Validation:
+        good = [o for o in outputs if self.valid.get(o, False)]
+        node_errors: dict[str, Any] = {}
+        lines: list[str] = []
+        for out in outputs:
+            if out in good:
+                continue
+            for node_id in nx.ancestors(self.graph, out) | {out}:
+                if node_id not in self.errors:
+                    continue
+                entry = node_errors.setdefault(
+                    node_id,
+                    {
+                        "errors": self.errors[node_id],
+                        "dependent_outputs": [],
+                        "class_type": self.prompt[node_id]["class_type"],
+                    },
+                )
+                entry["dependent_outputs"].append(out)
+        for entry in node_errors.values():
+            lines.extend(f"{e['message']}: {e['details']}" for e in entry["errors"])
+        if good:
+            return Validation(ok=True, prompt=self.prompt, outputs=good, node_errors=node_errors)
+        details = "\n".join(lines)
+        err = error("prompt_outputs_failed_validation", "Prompt outputs failed validation", details)
+        return Validation(ok=False, prompt=self.prompt, error=err, node_errors=node_errors)
+
+    def _check_node(self, node_id: str) -> list[dict[str, Any]]:
+        node = self.prompt[node_id]
+        cls = _cls(self.registry, node)
+        inputs: dict[str, Any] = node["inputs"]
+        custom = custom_checked_inputs(cls)
+        errors: list[dict[str, Any]] = []
+        for inp in cls.INPUTS:
+            if isinstance(inp, Hidden):
+                continue
+            if inp.name not in inputs:
+                if not inp.optional:
+                    errors.append(
+                        error(
+                            "required_input_missing",
+                            "Required input is missing",
+                            inp.name,
+                            input_name=inp.name,
+                        )
+                    )
+                continue
+            value = inputs[inp.name]
+            if isinstance(value, dict) and "__value__" in value:  # the frontend wraps list-valued widgets
+                value = inputs[inp.name] = value["__value__"]
+            elif isinstance(value, list):
+                errors.extend(self._check_link(node_id, inp, value))
+                continue
+            problem = self._coerce(inp, value, inp.name in custom, inputs)
+            if problem is not None:
+                errors.append(problem)
+        if not errors:
+            errors.extend(self._custom(node_id, cls, inputs))
+        return errors
+
+    def _check_link(self, node_id: str, inp: Input, value: list[Any]) -> list[dict[str, Any]]:
+        config = inp.spec(self.env)
+        extra = {"input_name": inp.name, "input_config": config, "received_value": value}
+        if len(value) != 2:
+            return [error("bad_linked_input", BAD_LINK_MESSAGE, inp.name, **extra)]
+        source, slot = value
+        if not isinstance(source, str):
+            hint = f'; write the id as the string "{source}"' if str(source) in self.prompt else ""
+            return [
+                error(
+                    "bad_linked_input",
+                    BAD_LINK_MESSAGE,
+                    f"{inp.name}: node id {source!r} is not a string{hint}",
+                    **extra,
+                )
+            ]
+        if source not in self.prompt:
+            return [
+                error(
+                    "exception_during_inner_validation",
+                    "Exception when validating inner node",
+                    f"{inp.name}: linked node '{source}' does not exist in the prompt",
+                    input_name=inp.name,
+                    input_config=config,
+                    exception_message=f"node '{source}' not found",
+                    exception_type="KeyError",
+                    traceback=[],
+                    linked_node=value,
+                )
+            ]
+        source_cls = _cls(self.registry, self.prompt[source])
+        if isinstance(slot, bool) or not isinstance(slot, (int, float)) or int(slot) != slot:
+            return [
+                error(
+                    "bad_linked_input",
+                    BAD_LINK_MESSAGE,
+                    f"{inp.name}: output index {slot!r} is not an integer",
+                    **extra,
+                )
+            ]
+        if not 0 <= int(slot) < len(source_cls.OUTPUTS):
+            count, kind = len(source_cls.OUTPUTS), source_cls.NODE_ID
+            details = f"{inp.name}: node '{source}' ({kind}) has no output {int(slot)} (it has {count})"
+            return [error("bad_linked_input", BAD_LINK_MESSAGE, details, **extra)]
+        received = source_cls.OUTPUTS[int(slot)].type.name
+        if received != inp.type.name:
+            return [
+                error(
+                    "return_type_mismatch",
+                    "Return type mismatch between linked nodes",
+                    f"{inp.name}, received_type({received}) mismatch input_type({inp.type.name})",
+                    input_name=inp.name,
+                    input_config=config,
+                    received_type=received,
+                    linked_node=value,
+                )
+            ]
+        return []
+
+    def _coerce(self, inp: Input, value: Any, custom: bool, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        if isinstance(inp, Socket):
+            return error(
+                "invalid_input_type",
+                f"Failed to convert an input value to a {inp.type.name} value",
+                f"{inp.name}, {value!r}, a {inp.type.name} input takes a link [node_id, index], not a value",
+                input_name=inp.name,
+                input_config=inp.spec(self.env),
+                received_value=value,
+            )
+        checked = _without_bounds(inp) if custom else inp
+        try:
+            inputs[inp.name] = checked.coerce(value, self.env)
+        except InputValueError as exc:
+            config = inp.spec(self.env)
+            if (
+                exc.problem.type == "value_not_in_list"
+                and isinstance(config[0], list)
+                and len(config[0]) > 20
+            ):
+                config = None
+            p = exc.problem
+            return error(
+                p.type, p.message, p.details, input_name=inp.name, input_config=config, received_value=value
+            )
+        return None
+
+    def _custom(self, node_id: str, cls: type[Node], inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        if "check_inputs" not in _overridden(cls):
+            return []
+        try:
+            message = call_with_constants(cls.check_inputs, self.env, inputs)
+        except Exception as exc:  # a node's own check must not take validation down
+            return [
+                error(
+                    "exception_during_validation",
+                    "Exception when validating node",
+                    f"{type(exc).__name__}: {exc}",
+                    exception_type=qualified_name(type(exc)),
+                    traceback=traceback.format_exc().splitlines(),
+                )
+            ]
+        if message is None or message is True:
+            return []
+        names = ", ".join(sorted(custom_checked_inputs(cls))) or cls.NODE_ID
+        return [
+            error("custom_validation_failed", "Custom validation failed for node", f"{names} - {message}")
+        ]
+
+
+def _cycles(graph: nx.DiGraph) -> list[set[str]]:
+    return [
+        set(c)
+        for c in nx.strongly_connected_components(graph)
+        if len(c) > 1 or graph.has_edge(*(list(c) * 2))
+    ]
+
+
+def _without_bounds(inp: Input) -> Input:
+    """The input with range and membership checks off: the node's own check_inputs decides those."""
+    if isinstance(inp, (Int, Float)):
+        return dataclasses.replace(inp, min=None, max=None)
+    if isinstance(inp, Combo):
+        return dataclasses.replace(inp, check_membership=False)
+    return inp
+
+
+def _overridden(cls: type[Node]) -> set[str]:
+    return {
+        name
+        for name in ("fingerprint", "check_inputs")
+        if getattr(cls, name).__func__ is not getattr(Node, name).__func__
+    }
+
+
+@cache
+def _named_params(func: Callable[..., Any]) -> tuple[tuple[str, ...], bool]:
+    """The input names a classmethod's function takes after (cls, env), and whether it takes **kwargs."""
+    params = list(inspect.signature(func).parameters.values())[2:]
+    names = tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def custom_checked_inputs(cls: type[Node]) -> set[str]:
+    """Inputs the node's own check_inputs names: ComfyUI skips range and list checks for those."""
+    if "check_inputs" not in _overridden(cls):
+        return set()
+    names, _ = _named_params(cls.check_inputs.__func__)  # type: ignore[attr-defined]
+    return set(names)
+
+
+def call_with_constants(method: Callable[..., Any], env: Environment, inputs: dict[str, Any]) -> Any:
+    """Call `fingerprint` or `check_inputs` with the constant inputs; a linked input it names gets None."""
+    names, takes_kwargs = _named_params(method.__func__)  # type: ignore[attr-defined]
+    constants = {k: v for k, v in inputs.items() if not isinstance(v, list)}
+    kwargs = {n: constants.get(n) for n in names}
+    if takes_kwargs:
+        kwargs.update(constants)
+    return method(env, **kwargs)
+
+
+def qualified_name(kind: type) -> str:
+    """An exception's class name as ComfyUI reports it: builtins bare, others with their module."""
+    module = kind.__module__
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"

@@ -1,0 +1,174 @@
+"""Stub nodes for the engine tests: plain numbers instead of models, so no torch is needed."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from nodegraph.env import Environment
+from nodegraph.folders import Folders
+from nodegraph.node import Boolean, Combo, Float, Hidden, Int, Node, Output, Result, RunContext, Socket, String
+from nodegraph.registry import Registry
+from nodegraph.types import SocketType
+
+NUMBER = SocketType("NUMBER")
+WORD = SocketType("WORD")
+
+
+class Source(Node):
+    """Emit a number."""
+
+    INPUTS = (Int("value", 1, min=0, max=100, control_after_generate=True), Combo("mode", choices=("a", "b")))
+    OUTPUTS = (Output(NUMBER),)
+
+    def run(self, ctx: RunContext, value: int, mode: str) -> tuple[int]:
+        return (value if mode == "a" else -value,)
+
+
+class Add(Node):
+    """Add two numbers."""
+
+    INPUTS = (Socket("a", socket_type=NUMBER), Socket("b", socket_type=NUMBER, optional=True))
+    OUTPUTS = (Output(NUMBER, name="sum"),)
+
+    def run(self, ctx: RunContext, a: int, b: int = 0) -> tuple[int]:
+        return (a + b,)
+
+
+class Scale(Node):
+    """Multiply a number by a factor."""
+
+    INPUTS = (Socket("x", socket_type=NUMBER), Float("factor", 1.0, min=0.0, max=10.0))
+    OUTPUTS = (Output(NUMBER),)
+
+    def run(self, ctx: RunContext, x: float, factor: float) -> tuple[float]:
+        return (x * factor,)
+
+
+class Word(Node):
+    """Emit a word (a socket type that does not fit NUMBER inputs)."""
+
+    INPUTS = (String("text", "hi"),)
+    OUTPUTS = (Output(WORD),)
+
+    def run(self, ctx: RunContext, text: str) -> tuple[str]:
+        return (text,)
+
+
+class Show(Node):
+    """Show a number (an output node)."""
+
+    OUTPUT_NODE = True
+    INPUTS = (Socket("x", socket_type=NUMBER), Hidden("prompt", kind="PROMPT"), Hidden("extra", kind="EXTRA_PNGINFO"))
+    OUTPUTS = ()
+    SEEN: list[dict[str, Any]] = []
+
+    def run(self, ctx: RunContext, x: float, prompt: Any = None, extra: Any = None) -> Result:
+        Show.SEEN.append({"x": x, "prompt": prompt, "extra": extra, "node": ctx.node_id})
+        return Result((), {"values": [x]})
+
+
+class Fail(Node):
+    """Fail when asked to."""
+
+    INPUTS = (Socket("x", socket_type=NUMBER), Boolean("fail", True))
+    OUTPUTS = (Output(NUMBER),)
+
+    def run(self, ctx: RunContext, x: int, fail: bool) -> tuple[int]:
+        if fail:
+            raise ValueError("asked to fail")
+        return (x,)
+
+
+class Slow(Node):
+    """Report progress for many steps; waits on `GATE` after the first step so a test can interrupt."""
+
+    INPUTS = (Socket("x", socket_type=NUMBER), Int("steps", 1000, min=1, max=100000))
+    OUTPUTS = (Output(NUMBER),)
+    STARTED = threading.Event()
+    GATE = threading.Event()
+    STEPS_DONE: list[int] = []
+
+    def run(self, ctx: RunContext, x: int, steps: int) -> tuple[int]:
+        for step in range(steps):
+            ctx.progress(step + 1, steps)
+            Slow.STEPS_DONE.append(step + 1)
+            if step == 0:
+                Slow.STARTED.set()
+                Slow.GATE.wait(5)
+        return (x,)
+
+
+class Pick(Node):
+    """Pick a word from a list computed from the environment, with its own check."""
+
+    INPUTS = (Combo("name", choices=lambda env: ["one", "two"]), Int("n", 1, min=0, max=5))
+    OUTPUTS = (Output(NUMBER),)
+
+    @classmethod
+    def check_inputs(cls, env: Environment, n: int | None = None, **_: Any) -> str | None:
+        return None if n is None or n < 50 else f"n must be below 50, got {n}"
+
+    def run(self, ctx: RunContext, name: str, n: int) -> tuple[int]:
+        return (n,)
+
+
+class Stamp(Node):
+    """A file-like node: its fingerprint is a module-level value a test can change."""
+
+    INPUTS = (String("path", "x.txt"),)
+    OUTPUTS = (Output(NUMBER),)
+    CONTENTS: dict[str, int] = {}
+
+    @classmethod
+    def fingerprint(cls, env: Environment, path: str) -> int:
+        return Stamp.CONTENTS.get(path, 0)
+
+    def run(self, ctx: RunContext, path: str) -> tuple[int]:
+        return (Stamp.CONTENTS.get(path, 0),)
+
+
+class Random(Node):
+    """A non-idempotent node: two of them with the same inputs must not share an output."""
+
+    NOT_IDEMPOTENT = True
+    INPUTS = (Int("seed", 0),)
+    OUTPUTS = (Output(NUMBER),)
+    COUNTER = [0]
+
+    def run(self, ctx: RunContext, seed: int) -> tuple[int]:
+        Random.COUNTER[0] += 1
+        return (Random.COUNTER[0],)
+
+
+class Warn(Node):
+    """Pass a number through and warn once."""
+
+    INPUTS = (Socket("x", socket_type=NUMBER),)
+    OUTPUTS = (Output(NUMBER),)
+
+    def run(self, ctx: RunContext, x: int) -> tuple[int]:
+        ctx.warn("careful", {"why": "test"})
+        return (x,)
+
+
+STUBS: tuple[type[Node], ...] = (Source, Add, Scale, Word, Show, Fail, Slow, Pick, Stamp, Random, Warn)
+
+
+def registry() -> Registry:
+    return Registry(STUBS)
+
+
+def environment(tmp: Any) -> Environment:
+    return Environment(Folders.at(tmp))
+
+
+def chain_prompt() -> dict[str, Any]:
+    """src(1) -> scale(x2) -> show, and src -> add(src, scale) -> show2."""
+    return {
+        "1": {"class_type": "Source", "inputs": {"value": 3, "mode": "a"}},
+        "2": {"class_type": "Scale", "inputs": {"x": ["1", 0], "factor": 2.0}},
+        "3": {"class_type": "Show", "inputs": {"x": ["2", 0]}},
+        "4": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": ["2", 0]}},
+        "5": {"class_type": "Show", "inputs": {"x": ["4", 0]}},
+    }
