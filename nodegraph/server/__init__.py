@@ -1,0 +1,40 @@
+"""nodegraph's HTTP and websocket server: ComfyUI's API (comfyui.md §4), on aiohttp, torch-free.
+
+`create_app(engine)` builds the application; `serve(engine)` runs it on the engine's settings
+(`listen`, `port`), printing the access token when one is needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from nodegraph.server.app import create_app
+from nodegraph.server.state import STATE
+
+__all__ = ["create_app", "serve"]
+
+
+def serve(engine: Any) -> None:
+    """Run the server until interrupted (Ctrl-C); pending prompts stay queued for the next start.
+
+    Args:
+        engine: the built engine; its settings give `listen` (comma-separated hosts) and `port`.
+    """
+    settings = getattr(engine, "settings", None)
+    listen = str(getattr(settings, "listen", "127.0.0.1") or "127.0.0.1")
+    port = int(getattr(settings, "port", 8188) or 8188)
+    app = create_app(engine)
+    hosts = [h.strip() for h in listen.split(",") if h.strip()]
+    token = app[STATE].token
+    shown = hosts[0] if hosts[0] not in ("0.0.0.0", "::") else "127.0.0.1"
+    print(f"nodegraph serving on http://{shown}:{port}/ (listening on {', '.join(hosts)})", flush=True)
+    if token is not None:
+        print(f"access token: {token}", flush=True)
+        print(
+            f"open http://{shown}:{port}/?token={token} once in the browser; scripts send "
+            f"'Authorization: Bearer {token}'",
+            flush=True,
+        )
+    web.run_app(app, host=hosts, port=port, print=None, access_log=None)

@@ -1,0 +1,143 @@
+"""Building the aiohttp application: state, middlewares, routes (under `/` and `/api`), lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from nodegraph.server import routes_files, routes_info, routes_prompt, routes_user
+from nodegraph.server.auth import effective_token, origin_middleware, token_middleware
+from nodegraph.server.queue import PromptStore
+from nodegraph.server.replies import BadRequest, error
+from nodegraph.server.state import MAX_UPLOAD_SIZE, STATE, ServerState
+from nodegraph.server.worker import Worker
+from nodegraph.server.ws import Hub
+
+log = logging.getLogger(__name__)
+QUEUE_FILE = Path("nodegraph") / "queue.sqlite3"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bad requests get their prepared 400; a handler bug gets a 500 with a message, not a traceback."""
+    try:
+        return await handler(request)
+    except BadRequest as exc:
+        return exc.response
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        log.exception("%s %s failed", request.method, request.path)
+        return error(
+            500,
+            "server_error",
+            f"{request.method} {request.path} failed: {exc}",
+            "this is a bug in nodegraph; the server log has the details",
+        )
+
+
+def _free(engine: Any) -> Callable[[bool, bool], None]:
+    """`/free`: the engine's own `free` if it has one, else drop cached outputs (they hold the models)."""
+    custom = getattr(engine, "free", None)
+    if callable(custom):
+        return lambda unload, memory: custom(unload_models=unload, free_memory=memory)
+
+    def reset(unload: bool, memory: bool) -> None:
+        if unload or memory:
+            engine.executor.reset()
+
+    return reset
+
+
+def _mirror(app: web.Application, defs: Iterable[web.AbstractRouteDef]) -> None:
+    """Register every route at `/path` and `/api/path`, as ComfyUI does."""
+    for route in defs:
+        if not isinstance(route, web.RouteDef):
+            route.register(app.router)
+            continue
+        for prefix in ("", "/api"):
+            app.router.add_route(route.method, prefix + route.path, route.handler, **route.kwargs)
+
+
+def create_app(engine: Any, *, max_upload_size: int = MAX_UPLOAD_SIZE) -> web.Application:
+    """The server for `engine`: its queue file under the user directory, its worker thread, every route.
+
+    Args:
+        engine: the built engine (`nodegraph.app.build_engine`): settings, env, registry, executor.
+        max_upload_size: the largest upload or request body, in bytes.
+    """
+    settings = getattr(engine, "settings", None)
+    listen = str(getattr(settings, "listen", "127.0.0.1") or "127.0.0.1")
+    token = effective_token(listen, getattr(settings, "auth_token", None))
+    store = PromptStore(Path(engine.env.folders.user_dir) / QUEUE_FILE)
+    holder: list[ServerState] = []
+    hub = Hub(lambda: holder[0].features())
+    worker = Worker(
+        store,
+        engine.executor,
+        hub,
+        lambda pid, entry: holder[0].resolve_from_thread(pid, entry),
+        _free(engine),
+    )
+    st = ServerState(engine, store, hub, worker, token, max_upload_size=max_upload_size)
+    holder.append(st)
+    hub.on_connect = worker.on_connect
+
+    middlewares: list[Middleware] = [error_middleware, origin_middleware]
+    if token is not None:
+        middlewares.insert(0, token_middleware(token))
+    app = web.Application(client_max_size=max_upload_size + (1 << 20), middlewares=middlewares)
+    app[STATE] = st
+    for table in (routes_prompt.routes, routes_files.routes, routes_info.routes, routes_user.routes):
+        _mirror(app, table)
+    app.router.add_get("/ws", hub.handle)
+    app.router.add_get("/api/ws", hub.handle)
+    _mirror(app, getattr(engine, "extra_routes", None) or [])
+    _add_frontend(app, engine)
+    app.on_startup.append(_startup)
+    app.on_shutdown.append(_shutdown)
+    app.on_cleanup.append(_cleanup)
+    return app
+
+
+def _add_frontend(app: web.Application, engine: Any) -> None:
+    try:
+        module = importlib.import_module("nodegraph.server.frontend")
+    except ImportError:
+        return  # no canvas yet: the API works on its own
+    add = getattr(module, "add_frontend_routes", None)
+    if callable(add):
+        add(app, engine)
+
+
+async def _startup(app: web.Application) -> None:
+    st = app[STATE]
+    st.loop = asyncio.get_running_loop()
+    await st.hub.start()
+    if st.store.recovered:
+        log.warning(
+            "requeued %d prompt(s) that were running when the server stopped", len(st.store.recovered)
+        )
+    st.worker.start()
+
+
+async def _shutdown(app: web.Application) -> None:
+    st = app[STATE]
+    await asyncio.to_thread(st.worker.stop)
+    await st.hub.stop()
+
+
+async def _cleanup(app: web.Application) -> None:
+    st = app[STATE]
+    for waiters in st.waiters.values():
+        for future in waiters:
+            future.cancel()
+    st.store.close()

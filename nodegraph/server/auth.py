@@ -1,0 +1,118 @@
+"""Access token and cross-site checks, as aiohttp middlewares.
+
+Safe by default: on a loopback address no token is needed (unless one was given); on any other
+address every HTTP and websocket request needs the token, as `Authorization: Bearer <token>`,
+`?token=<token>`, or the cookie that a browser gets by opening any page once with `?token=`.
+State-changing requests and websocket upgrades whose `Origin` names another host than `Host` are
+refused, so a web page elsewhere cannot queue prompts or read previews from a local server.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import secrets
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+COOKIE = "nodegraph_token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def effective_token(listen: str, configured: str | None) -> str | None:
+    """The token to require: the configured one, else a new one unless every listen address is loopback."""
+    if configured:
+        return configured
+    hosts = [h.strip() for h in listen.split(",") if h.strip()] or ["127.0.0.1"]
+    if all(is_loopback(h) for h in hosts):
+        return None
+    return secrets.token_urlsafe(24)
+
+
+def _presented(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return request.query.get("token") or request.cookies.get(COOKIE)
+
+
+def token_middleware(token: str) -> Middleware:
+    """Refuse every request without the token (401), set the cookie when it came in the query."""
+
+    @web.middleware
+    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        given = _presented(request)
+        if given is None or not hmac.compare_digest(given.encode(), token.encode()):
+            return web.json_response(
+                {
+                    "error": {
+                        "type": "unauthorized",
+                        "message": "this server needs its access token",
+                        "details": "send 'Authorization: Bearer <token>' or open the page once with "
+                        "?token=<token>; the token is printed when the server starts",
+                        "extra_info": {},
+                    }
+                },
+                status=401,
+            )
+        response = await handler(request)
+        if request.query.get("token") and not response.prepared:
+            response.set_cookie(COOKIE, token, httponly=True, samesite="Strict")
+        return response
+
+    return check_token
+
+
+def _port(scheme: str, port: int | None) -> int | None:
+    if port is not None:
+        return port
+    return {"http": 80, "https": 443, "ws": 80, "wss": 443}.get(scheme)
+
+
+def same_origin(origin: str, host: str, request_scheme: str) -> bool:
+    """Whether an `Origin` header names the host (and port) the request was sent to."""
+    if not origin or origin == "null":
+        return False
+    try:
+        o = urlsplit(origin)
+        h = urlsplit(f"{request_scheme}://{host}")
+        return (o.hostname or "").lower() == (h.hostname or "").lower() and _port(o.scheme, o.port) == _port(
+            h.scheme, h.port
+        )
+    except ValueError:
+        return False
+
+
+@web.middleware
+async def origin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """403 for cross-site state changes and websocket upgrades (an absent Origin is a script: allowed)."""
+    is_upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+    if request.method not in SAFE_METHODS or is_upgrade:
+        origin = request.headers.get("Origin")
+        if origin is not None and not same_origin(origin, request.host, request.scheme):
+            return web.json_response(
+                {
+                    "error": {
+                        "type": "forbidden_origin",
+                        "message": f"origin {origin!r} refused: not this server ({request.host})",
+                        "details": "open the canvas from this server's own address",
+                        "extra_info": {},
+                    }
+                },
+                status=403,
+            )
+    return await handler(request)

@@ -1,0 +1,185 @@
+"""Execution events → ComfyUI websocket messages (comfyui.md §4.2), one prompt at a time.
+
+`PromptMessages` is fed every event of one prompt by the worker thread. It returns the messages
+to send, remembers the ones ComfyUI keeps in the history's `status.messages`, and tracks each
+node's progress for the `progress_state` message.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from nodegraph import events as ev
+from nodegraph.node import Preview
+
+PREVIEW_IMAGE = 1
+PREVIEW_IMAGE_WITH_METADATA = 4
+_FORMATS = {"image/jpeg": 1, "image/png": 2}
+WARNING_TYPE = "nodegraph.warning"
+
+
+@dataclass(frozen=True)
+class Message:
+    """One websocket message. `broadcast` says what ComfyUI does when the prompt has no client:
+    send it to every socket (True) or to nobody (False)."""
+
+    type: str
+    data: Any
+    broadcast: bool = False
+
+
+@dataclass(frozen=True)
+class PreviewFrame:
+    """A binary preview for the prompt's client; encoded per socket (type 1 or type 4)."""
+
+    preview: Preview
+    metadata: dict[str, Any]
+    broadcast: bool = True
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def encode_preview(frame: PreviewFrame, with_metadata: bool) -> bytes:
+    """Binary frame: BE uint32 event type, then format (type 1) or metadata JSON (type 4), then image."""
+    if with_metadata:
+        meta = json.dumps(frame.metadata).encode("utf-8")
+        return struct.pack(">II", PREVIEW_IMAGE_WITH_METADATA, len(meta)) + meta + frame.preview.data
+    fmt = _FORMATS.get(frame.preview.image_type, 1)
+    return struct.pack(">II", PREVIEW_IMAGE, fmt) + frame.preview.data
+
+
+@dataclass
+class PromptMessages:
+    """Translate one prompt's events; collect history messages, outputs and node states."""
+
+    prompt_id: str
+    history: list[list[Any]] = field(default_factory=list)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    node_states: dict[str, dict[str, Any]] = field(default_factory=dict)
+    current_node: str | None = None
+
+    def translate(self, event: ev.Event) -> list[Message | PreviewFrame]:
+        """The messages for one event, in sending order."""
+        pid = self.prompt_id
+        if isinstance(event, ev.ExecutionStart):
+            return [self._kept("execution_start", {"prompt_id": pid, "timestamp": now_ms()})]
+        if isinstance(event, ev.ExecutionCached):
+            data = {"nodes": list(event.nodes), "prompt_id": pid, "timestamp": now_ms()}
+            return [self._kept("execution_cached", data)]
+        if isinstance(event, ev.Executing):
+            return self._executing(event)
+        if isinstance(event, ev.Progress):
+            return self._progress(event)
+        if isinstance(event, ev.Executed):
+            self.outputs[event.node] = dict(event.output)
+            self._finish_node(event.node)
+            data = {
+                "node": event.node,
+                "display_node": event.node,
+                "output": dict(event.output),
+                "prompt_id": pid,
+            }
+            return [Message("executed", data), self._progress_state()]
+        if isinstance(event, ev.NodeWarning):
+            data = {
+                "prompt_id": pid,
+                "node": event.node,
+                "message": event.message,
+                "details": dict(event.details),
+            }
+            return [self._kept(WARNING_TYPE, data)]
+        if isinstance(event, ev.ExecutionSuccess):
+            self._finish_node(self.current_node)
+            return [
+                self._progress_state(),
+                self._kept("execution_success", {"prompt_id": pid, "timestamp": now_ms()}),
+            ]
+        if isinstance(event, ev.ExecutionError):
+            return [self._kept("execution_error", error_payload(event))]
+        if isinstance(event, ev.ExecutionInterrupted):
+            data = {
+                "prompt_id": pid,
+                "node_id": event.node_id,
+                "node_type": event.node_type,
+                "executed": list(event.executed),
+                "timestamp": now_ms(),
+            }
+            return [self._kept("execution_interrupted", data, broadcast=True)]
+        return []
+
+    def done(self) -> Message:
+        """ComfyUI's legacy "prompt finished" signal."""
+        return Message("executing", {"node": None, "prompt_id": self.prompt_id})
+
+    def _kept(self, kind: str, data: dict[str, Any], broadcast: bool = False) -> Message:
+        self.history.append([kind, data])
+        return Message(kind, data, broadcast)
+
+    def _executing(self, event: ev.Executing) -> list[Message | PreviewFrame]:
+        self._finish_node(self.current_node)
+        self.current_node = event.node
+        self.node_states[event.node] = self._state(event.node, 0, 1, "running")
+        data = {"node": event.node, "display_node": event.node, "prompt_id": self.prompt_id}
+        return [Message("executing", data), self._progress_state()]
+
+    def _progress(self, event: ev.Progress) -> list[Message | PreviewFrame]:
+        self.node_states[event.node] = self._state(event.node, event.value, event.max, "running")
+        data = {"value": event.value, "max": event.max, "prompt_id": self.prompt_id, "node": event.node}
+        sent: list[Message | PreviewFrame] = [
+            Message("progress", data, broadcast=True),
+            self._progress_state(),
+        ]
+        if event.preview is not None:
+            meta = {
+                "node_id": event.node,
+                "prompt_id": self.prompt_id,
+                "display_node_id": event.node,
+                "parent_node_id": None,
+                "real_node_id": event.node,
+                "image_type": event.preview.image_type,
+            }
+            sent.append(PreviewFrame(event.preview, meta))
+        return sent
+
+    def _finish_node(self, node: str | None) -> None:
+        state = self.node_states.get(node or "")
+        if state is not None and state["state"] != "finished":
+            state.update(state="finished", value=state["max"])
+
+    def _state(self, node: str, value: int, maximum: int, state: str) -> dict[str, Any]:
+        return {
+            "value": value,
+            "max": maximum,
+            "state": state,
+            "node_id": node,
+            "prompt_id": self.prompt_id,
+            "display_node_id": node,
+            "parent_node_id": None,
+            "real_node_id": node,
+        }
+
+    def _progress_state(self) -> Message:
+        nodes = {k: dict(v) for k, v in self.node_states.items()}
+        return Message("progress_state", {"prompt_id": self.prompt_id, "nodes": nodes}, broadcast=True)
+
+
+def error_payload(event: ev.ExecutionError) -> dict[str, Any]:
+    """`execution_error` as ComfyUI sends it (§3.7)."""
+    return {
+        "prompt_id": event.prompt_id,
+        "node_id": event.node_id,
+        "node_type": event.node_type,
+        "executed": list(event.executed),
+        "exception_message": event.message,
+        "exception_type": event.exception_type,
+        "traceback": list(event.traceback),
+        "current_inputs": dict(event.current_inputs),
+        "current_outputs": [],
+        "timestamp": now_ms(),
+    }

@@ -1,0 +1,298 @@
+"""The prompt queue and the history, kept in one SQLite file so a restart loses neither.
+
+ComfyUI keeps both in memory: a crash or a restart drops every pending prompt and the whole
+history. Here each change is one committed transaction. The worker thread blocks in `take()`;
+HTTP handlers call the other methods (from a thread pool, so a slow disk never stalls the event loop).
+
+A prompt that was running when the process died is queued again once at the next start; if it
+was already retried once (it may be what killed the process), it goes to the history as an error.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MAXIMUM_HISTORY_SIZE = 10000
+SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS queue (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    prompt_id TEXT UNIQUE NOT NULL,
+    number REAL NOT NULL,
+    prompt TEXT NOT NULL,
+    extra_data TEXT NOT NULL,
+    outputs TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    prompt_id TEXT UNIQUE NOT NULL,
+    entry TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    """One queued prompt: ComfyUI's `(number, prompt_id, prompt, extra_data, outputs_to_execute)`."""
+
+    number: float
+    prompt_id: str
+    prompt: dict[str, Any]
+    extra_data: dict[str, Any]
+    outputs: list[str]
+
+    def as_list(self) -> list[Any]:
+        """The wire form used by `/queue` and history entries."""
+        number: float | int = int(self.number) if float(self.number).is_integer() else self.number
+        return [number, self.prompt_id, self.prompt, public_extra_data(self.extra_data), self.outputs]
+
+
+def public_extra_data(extra_data: dict[str, Any]) -> dict[str, Any]:
+    """extra_data without the secrets ComfyUI also strips before showing or storing it."""
+    return {k: v for k, v in extra_data.items() if k not in SENSITIVE_EXTRA_DATA_KEYS}
+
+
+def _dumps(value: Any) -> str:
+    # Node UI outputs should be JSON already; `default=str` keeps a stray object from losing a history entry.
+    return json.dumps(value, default=str)
+
+
+class PromptStore:
+    """Pending and running prompts plus finished history, persisted in SQLite."""
+
+    def __init__(self, path: Path | str, *, max_history: int = MAXIMUM_HISTORY_SIZE) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_history = max_history
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._cond = threading.Condition()
+        self._closed = False
+        row = self._db.execute("SELECT MAX(number) FROM queue").fetchone()
+        hist = self._db.execute("SELECT COUNT(*) FROM history").fetchone()
+        self._counter = int(max(row[0] or 0, 0)) + int(hist[0]) + 1
+        self.recovered = self._recover()
+
+    # ---------------------------------------------------------------- queue
+
+    def put(
+        self,
+        prompt_id: str,
+        prompt: dict[str, Any],
+        extra_data: dict[str, Any],
+        outputs: list[str],
+        *,
+        number: float | None = None,
+        front: bool = False,
+    ) -> QueueItem:
+        """Queue a prompt; `number` orders it (lower first), else the next counter (negated: front)."""
+        with self._cond:
+            if number is None:
+                number = float(-self._counter if front else self._counter)
+            self._counter += 1
+            self._db.execute(
+                "INSERT INTO queue (prompt_id, number, prompt, extra_data, outputs) VALUES (?, ?, ?, ?, ?)",
+                (prompt_id, number, _dumps(prompt), _dumps(extra_data), _dumps(outputs)),
+            )
+            self._cond.notify_all()
+        return QueueItem(number, prompt_id, prompt, extra_data, outputs)
+
+    def take(self, timeout: float | None = None) -> QueueItem | None:
+        """Mark the first pending prompt running and return it; None after `timeout` or on close."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._closed:
+                row = self._db.execute(
+                    "SELECT seq FROM queue WHERE state='pending' ORDER BY number, seq LIMIT 1"
+                ).fetchone()
+                if row is not None:
+                    self._db.execute("UPDATE queue SET state='running', attempts=attempts+1 WHERE seq=?", row)
+                    return self._items("WHERE seq=?", row)[0]
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._cond.wait(left)
+        return None
+
+    def pending(self) -> list[QueueItem]:
+        return self._items("WHERE state='pending' ORDER BY number, seq")
+
+    def running(self) -> list[QueueItem]:
+        return self._items("WHERE state='running' ORDER BY seq")
+
+    def remaining(self) -> int:
+        """Pending plus running, ComfyUI's `queue_remaining`."""
+        with self._cond:
+            return int(self._db.execute("SELECT COUNT(*) FROM queue").fetchone()[0])
+
+    def state_of(self, prompt_id: str) -> str | None:
+        """'pending', 'running', 'done' (in history) or None for an id never seen (or deleted)."""
+        with self._cond:
+            row = self._db.execute("SELECT state FROM queue WHERE prompt_id=?", (prompt_id,)).fetchone()
+            if row is not None:
+                return str(row[0])
+            found = self._db.execute("SELECT 1 FROM history WHERE prompt_id=?", (prompt_id,)).fetchone()
+        return "done" if found else None
+
+    def queued_item(self, prompt_id: str) -> QueueItem | None:
+        items = self._items("WHERE prompt_id=?", (prompt_id,))
+        return items[0] if items else None
+
+    def delete_pending(self, prompt_ids: Iterable[str]) -> list[str]:
+        """Remove pending prompts by id; a running prompt is not touched (interrupt it instead)."""
+        removed = []
+        with self._cond:
+            for pid in prompt_ids:
+                cur = self._db.execute("DELETE FROM queue WHERE prompt_id=? AND state='pending'", (str(pid),))
+                if cur.rowcount:
+                    removed.append(str(pid))
+        return removed
+
+    def clear_pending(self) -> list[str]:
+        with self._cond:
+            rows = self._db.execute("SELECT prompt_id FROM queue WHERE state='pending'").fetchall()
+            self._db.execute("DELETE FROM queue WHERE state='pending'")
+        return [str(r[0]) for r in rows]
+
+    def requeue(self, prompt_id: str) -> None:
+        """Put a running prompt back in front of the queue, uncounted (the server is stopping under it)."""
+        with self._cond:
+            self._db.execute(
+                "UPDATE queue SET state='pending', attempts=MAX(attempts-1, 0) WHERE prompt_id=?",
+                (prompt_id,),
+            )
+
+    def finish(self, prompt_id: str, entry: dict[str, Any]) -> None:
+        """Move a running prompt to the history (one transaction) and trim the oldest entries."""
+        with self._cond:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM queue WHERE prompt_id=?", (prompt_id,))
+                self._db.execute("DELETE FROM history WHERE prompt_id=?", (prompt_id,))
+                self._db.execute(
+                    "INSERT INTO history (prompt_id, entry) VALUES (?, ?)", (prompt_id, _dumps(entry))
+                )
+                self._db.execute(
+                    "DELETE FROM history WHERE seq NOT IN "
+                    "(SELECT seq FROM history ORDER BY seq DESC LIMIT ?)",
+                    (self.max_history,),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    # ---------------------------------------------------------------- history
+
+    def history(self, max_items: int | None = None, offset: int | None = None) -> dict[str, Any]:
+        """`GET /history`: oldest first; `max_items` alone gives the newest N (ComfyUI's rule)."""
+        with self._cond:
+            if max_items is not None and offset is None:
+                rows = self._db.execute(
+                    "SELECT prompt_id, entry FROM "
+                    "(SELECT * FROM history ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+                    (max_items,),
+                ).fetchall()
+            else:
+                limit = -1 if max_items is None else max_items
+                rows = self._db.execute(
+                    "SELECT prompt_id, entry FROM history ORDER BY seq LIMIT ? OFFSET ?", (limit, offset or 0)
+                ).fetchall()
+        return {str(pid): json.loads(entry) for pid, entry in rows}
+
+    def history_entry(self, prompt_id: str) -> dict[str, Any] | None:
+        with self._cond:
+            row = self._db.execute("SELECT entry FROM history WHERE prompt_id=?", (prompt_id,)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def describe(self, prompt_id: str) -> dict[str, Any] | None:
+        """The history entry, or for a queued prompt a stub whose status_str is pending or running."""
+        with self._cond:
+            entry = self.history_entry(prompt_id)
+            if entry is not None:
+                return entry
+            row = self._db.execute("SELECT state FROM queue WHERE prompt_id=?", (prompt_id,)).fetchone()
+            item = self.queued_item(prompt_id)
+        if row is None or item is None:
+            return None
+        status = {"status_str": str(row[0]), "completed": False, "messages": []}
+        return {"prompt": item.as_list(), "outputs": {}, "status": status}
+
+    def delete_history(self, prompt_ids: Iterable[str]) -> None:
+        with self._cond:
+            for pid in prompt_ids:
+                self._db.execute("DELETE FROM history WHERE prompt_id=?", (str(pid),))
+
+    def clear_history(self) -> None:
+        with self._cond:
+            self._db.execute("DELETE FROM history")
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Wake a waiting worker and close the database; pending prompts stay for the next start."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            self._db.close()
+
+    def _items(self, where: str, args: tuple[Any, ...] = ()) -> list[QueueItem]:
+        with self._cond:
+            rows = self._db.execute(
+                f"SELECT number, prompt_id, prompt, extra_data, outputs FROM queue {where}", args
+            ).fetchall()
+        return [
+            QueueItem(float(n), str(p), json.loads(pr), json.loads(ex), json.loads(out))
+            for n, p, pr, ex, out in rows
+        ]
+
+    def _recover(self) -> list[str]:
+        """Requeue prompts left running by a dead process; fail those that were already retried."""
+        rows = self._db.execute("SELECT prompt_id, attempts FROM queue WHERE state='running'").fetchall()
+        requeued = []
+        for prompt_id, attempts in rows:
+            if attempts >= 2:
+                item = self._items("WHERE prompt_id=?", (prompt_id,))[0]
+                self.finish(prompt_id, crashed_entry(item))
+            else:
+                self._db.execute("UPDATE queue SET state='pending' WHERE prompt_id=?", (prompt_id,))
+                requeued.append(str(prompt_id))
+        return requeued
+
+
+def crashed_entry(item: QueueItem) -> dict[str, Any]:
+    """The history entry of a prompt that stopped the server twice while it ran."""
+    message = (
+        "the server stopped twice while this prompt was running, so it was not retried again; "
+        "check the server log, then queue it again"
+    )
+    data: dict[str, Any] = {
+        "prompt_id": item.prompt_id,
+        "node_id": None,
+        "node_type": None,
+        "executed": [],
+        "exception_message": message,
+        "exception_type": "ServerRestart",
+        "traceback": [],
+        "current_inputs": {},
+        "current_outputs": [],
+        "timestamp": int(time.time() * 1000),
+    }
+    return {
+        "prompt": item.as_list(),
+        "outputs": {},
+        "status": {"status_str": "error", "completed": False, "messages": [["execution_error", data]]},
+        "meta": {},
+    }

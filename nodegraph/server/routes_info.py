@@ -1,0 +1,189 @@
+"""What the server knows about itself: nodes, model files, machine, features and canvas extensions."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.metadata
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from nodegraph import __version__
+from nodegraph.folders import MODEL_FOLDERS
+from nodegraph.server.replies import error
+from nodegraph.server.state import state
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/object_info")
+async def object_info(request: web.Request) -> web.Response:
+    engine = state(request).engine
+    # Combo choices list model folders: a disk walk, so off the event loop.
+    info = await asyncio.to_thread(engine.registry.object_info, engine.env)
+    return web.json_response(info)
+
+
+@routes.get("/object_info/{node_class}")
+async def object_info_one(request: web.Request) -> web.Response:
+    engine = state(request).engine
+    cls = engine.registry.get(request.match_info["node_class"])
+    if cls is None:
+        return web.json_response({})
+    return web.json_response({cls.NODE_ID: await asyncio.to_thread(cls.info, engine.env)})
+
+
+@routes.get("/embeddings")
+async def embeddings(request: web.Request) -> web.Response:
+    """Embedding names without their extension (what `embedding:name` in a prompt refers to)."""
+    folders = state(request).engine.env.folders
+    names = await asyncio.to_thread(folders.list, "embeddings")
+    return web.json_response([os.path.splitext(n)[0] for n in names])
+
+
+@routes.get("/models")
+async def models(request: web.Request) -> web.Response:
+    folders = state(request).engine.env.folders
+    return web.json_response(sorted(set(MODEL_FOLDERS) | set(folders.model_dirs)))
+
+
+@routes.get("/models/{folder}")
+async def models_in(request: web.Request) -> web.Response:
+    folders = state(request).engine.env.folders
+    folder = folders.canonical(request.match_info["folder"])
+    if folder not in folders.model_dirs:
+        return error(404, "unknown_folder", f"no model folder named {folder!r}", "GET /models lists them")
+    return web.json_response(await asyncio.to_thread(folders.list, folder))
+
+
+@routes.get("/experiment/models")
+async def experiment_models(request: web.Request) -> web.Response:
+    folders = state(request).engine.env.folders
+    return web.json_response(
+        [
+            {"name": name, "folders": [str(p) for p in folders.paths(name)]}
+            for name in sorted(folders.model_dirs)
+        ]
+    )
+
+
+@routes.get("/experiment/models/{folder}")
+async def experiment_models_in(request: web.Request) -> web.Response:
+    folders = state(request).engine.env.folders
+    folder = folders.canonical(request.match_info["folder"])
+    if folder not in folders.model_dirs:
+        return error(404, "unknown_folder", f"no model folder named {folder!r}")
+    names = await asyncio.to_thread(folders.list, folder)
+    return web.json_response([{"name": n, "pathIndex": 0} for n in names])
+
+
+def _memory() -> tuple[int, int]:
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0, 0
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def system_stats(engine: Any) -> dict[str, Any]:
+    """`/system_stats` (§4.1), without importing torch: versions come from package metadata."""
+    total, free = _memory()
+    device = str(getattr(getattr(engine, "settings", None), "device", None) or "cpu")
+    return {
+        "system": {
+            "os": os.name if sys.platform != "linux" else "posix",
+            "ram_total": total,
+            "ram_free": free,
+            "comfyui_version": f"nodegraph {__version__}",
+            "required_frontend_version": _version("comfyui-frontend-package"),
+            "installed_templates_version": "",
+            "required_templates_version": "",
+            "python_version": sys.version,
+            "pytorch_version": _version("torch"),
+            "embedded_python": False,
+            "argv": list(sys.argv),
+            "platform": platform.platform(),
+        },
+        "devices": [
+            {
+                "name": device,
+                "type": device.split(":")[0],
+                "index": 0,
+                "vram_total": 0,
+                "vram_free": 0,
+                "torch_vram_total": 0,
+                "torch_vram_free": 0,
+            }
+        ],
+    }
+
+
+@routes.get("/system_stats")
+async def get_system_stats(request: web.Request) -> web.Response:
+    return web.json_response(system_stats(state(request).engine))
+
+
+@routes.get("/features")
+async def features(request: web.Request) -> web.Response:
+    return web.json_response(state(request).features())
+
+
+def frontend_module() -> Any:
+    """The canvas engineer's `nodegraph.server.frontend`, or None while it does not exist."""
+    try:
+        return importlib.import_module("nodegraph.server.frontend")
+    except ImportError:
+        return None
+
+
+@routes.get("/extensions")
+async def extensions(request: web.Request) -> web.Response:
+    """JS module URLs the canvas imports at start (ComfyUI's extension hook)."""
+    module = frontend_module()
+    urls = getattr(module, "extension_urls", None)
+    return web.json_response(list(urls()) if callable(urls) else [])
+
+
+@routes.get("/i18n")
+async def i18n(request: web.Request) -> web.Response:
+    return web.json_response({})
+
+
+@routes.get("/workflow_templates")
+async def workflow_templates(request: web.Request) -> web.Response:
+    return web.json_response({})
+
+
+@routes.get("/internal/folder_paths")
+async def folder_paths(request: web.Request) -> web.Response:
+    folders = state(request).engine.env.folders
+    return web.json_response(
+        {name: [str(p) for p in folders.paths(name)] for name in sorted(folders.model_dirs)}
+    )
+
+
+@routes.get("/internal/files/{directory_type}")
+async def internal_files(request: web.Request) -> web.Response:
+    folders = state(request).engine.env.folders
+    kind = request.match_info["directory_type"]
+    if kind not in ("output", "input", "temp"):
+        return error(400, "invalid_type", f"directory type {kind!r} is not output, input or temp")
+    base = Path(folders.data_dir(kind))
+
+    def newest_first() -> list[str]:
+        files = [p for p in base.iterdir() if p.is_file()] if base.is_dir() else []
+        return [p.name for p in sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+    return web.json_response(await asyncio.to_thread(newest_first))

@@ -1,0 +1,227 @@
+"""Queueing and following prompts: `/prompt`, `/queue`, `/history`, `/interrupt`, `/free`.
+
+Beyond ComfyUI: `POST /prompt` also takes a UI-format workflow (converted here), `?wait=true`
+answers only when the prompt has finished, with its outputs, and `POST /prompt/{id}/cancel`
+removes a pending prompt or interrupts a running one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from nodegraph.server.replies import BadRequest, error, flag, jsonable, read_json
+from nodegraph.server.state import ServerState, state
+
+routes = web.RouteTableDef()
+DEFAULT_WAIT_S = 3600.0
+
+
+@routes.get("/prompt")
+async def get_prompt(request: web.Request) -> web.Response:
+    remaining = await asyncio.to_thread(state(request).store.remaining)
+    return web.json_response({"exec_info": {"queue_remaining": remaining}})
+
+
+@routes.post("/prompt")
+async def post_prompt(request: web.Request) -> web.Response:
+    """Validate and queue a prompt (API or UI format); `?wait=true` waits for its outputs."""
+    st = state(request)
+    body = await read_json(request)
+    if not isinstance(body, dict) or body.get("prompt") is None:
+        return error(400, "no_prompt", "No prompt provided", 'send {"prompt": {...}} as JSON', node_errors={})
+    prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+    if await asyncio.to_thread(st.store.state_of, prompt_id) in ("pending", "running"):
+        return error(400, "duplicate_prompt_id", f"prompt {prompt_id} is already queued", node_errors={})
+    extra_data = body.get("extra_data") or {}
+    if not isinstance(extra_data, dict):
+        return error(400, "invalid_prompt", "extra_data must be a JSON object", node_errors={})
+    if "client_id" in body:
+        extra_data["client_id"] = body["client_id"]
+    accepted = await asyncio.to_thread(_validate, st, body, extra_data)
+    if isinstance(accepted, web.Response):
+        return accepted
+    prompt, outputs, node_errors = accepted
+    wait = flag(request.query.get("wait"))
+    future: asyncio.Future[dict[str, Any]] | None = None
+    if wait:
+        future = asyncio.get_running_loop().create_future()
+        st.waiters.setdefault(prompt_id, []).append(future)
+    number = _number(body)
+    item = await asyncio.to_thread(
+        st.store.put, prompt_id, prompt, extra_data, outputs, number=number, front=bool(body.get("front"))
+    )
+    st.worker.broadcast_status()
+    reply = {"prompt_id": prompt_id, "number": item.as_list()[0], "node_errors": jsonable(node_errors)}
+    if future is None:
+        return web.json_response(reply)
+    return await _wait(request, future, reply)
+
+
+def _number(body: dict[str, Any]) -> float | None:
+    try:
+        return float(body["number"]) if body.get("number") is not None else None
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(error(400, "invalid_prompt", "number must be a number", str(exc))) from exc
+
+
+def _validate(st: ServerState, body: dict[str, Any], extra_data: dict[str, Any]) -> Any:
+    """(prompt, outputs, node_errors) or a 400 response. Runs on a thread: validation reads folders."""
+    from nodegraph.graph import load_workflow
+    from nodegraph.validate import validate_prompt
+
+    engine = st.engine
+    try:
+        loaded = load_workflow(body["prompt"], engine.registry)
+    except Exception as exc:  # malformed workflow: a clear 400, never a traceback
+        return error(
+            400, "invalid_prompt", f"Cannot read the prompt: {exc}", type(exc).__name__, node_errors={}
+        )
+    if loaded.workflow is not None:
+        pnginfo = extra_data.setdefault("extra_pnginfo", {})
+        if isinstance(pnginfo, dict):
+            pnginfo.setdefault("workflow", loaded.workflow)
+    targets = body.get("partial_execution_targets")
+    try:
+        result = validate_prompt(loaded.prompt, engine.registry, engine.env, partial_targets=targets)
+    except Exception as exc:
+        return error(
+            400, "invalid_prompt", f"Cannot validate the prompt: {exc}", type(exc).__name__, node_errors={}
+        )
+    if not result.ok:
+        body_err = jsonable(result.error) or {
+            "type": "invalid_prompt",
+            "message": "Prompt is invalid",
+            "details": "",
+            "extra_info": {},
+        }
+        return web.json_response({"error": body_err, "node_errors": jsonable(result.node_errors)}, status=400)
+    return result.prompt, [str(o) for o in result.outputs], result.node_errors
+
+
+async def _wait(
+    request: web.Request, future: asyncio.Future[dict[str, Any]], reply: dict[str, Any]
+) -> web.Response:
+    try:
+        timeout = float(request.query.get("timeout", DEFAULT_WAIT_S))
+    except ValueError:
+        timeout = DEFAULT_WAIT_S
+    try:
+        entry = await asyncio.wait_for(asyncio.shield(future), timeout)
+    except asyncio.TimeoutError:
+        reply.update(status="timeout", outputs={}, images=[])
+        return web.json_response(reply, status=202)
+    status = entry.get("status", {}).get("status_str", "cancelled") if entry else "cancelled"
+    outputs = entry.get("outputs", {}) if entry else {}
+    reply.update(status=status, outputs=outputs, images=image_urls(outputs), history=entry)
+    return web.json_response(reply)
+
+
+def image_urls(outputs: dict[str, Any]) -> list[str]:
+    """`/view` URLs of every image in a prompt's outputs."""
+    urls = []
+    for ui in outputs.values():
+        for image in (ui or {}).get("images", []) if isinstance(ui, dict) else []:
+            if isinstance(image, dict) and "filename" in image:
+                query = {
+                    "filename": image["filename"],
+                    "subfolder": image.get("subfolder", ""),
+                    "type": image.get("type", "output"),
+                }
+                urls.append("/view?" + urlencode(query))
+    return urls
+
+
+@routes.post("/prompt/{prompt_id}/cancel")
+async def cancel_prompt(request: web.Request) -> web.Response:
+    """Remove a pending prompt or interrupt a running one; 404 for one that is neither."""
+    st = state(request)
+    prompt_id = request.match_info["prompt_id"]
+    if await asyncio.to_thread(st.store.delete_pending, [prompt_id]):
+        st.resolve_waiters(prompt_id, {})
+        st.worker.broadcast_status()
+        return web.json_response({"prompt_id": prompt_id, "cancelled": "pending"})
+    if st.worker.interrupt(prompt_id):
+        return web.json_response({"prompt_id": prompt_id, "cancelled": "running"})
+    return error(404, "not_queued", f"prompt {prompt_id} is neither pending nor running")
+
+
+@routes.get("/queue")
+async def get_queue(request: web.Request) -> web.Response:
+    store = state(request).store
+    running = await asyncio.to_thread(store.running)
+    pending = await asyncio.to_thread(store.pending)
+    return web.json_response(
+        {"queue_running": [i.as_list() for i in running], "queue_pending": [i.as_list() for i in pending]}
+    )
+
+
+@routes.post("/queue")
+async def post_queue(request: web.Request) -> web.Response:
+    st = state(request)
+    body = await read_json(request, default={})
+    if not isinstance(body, dict):
+        return error(400, "invalid_request", 'expected {"clear": true} or {"delete": [prompt ids]}')
+    removed: list[str] = []
+    if body.get("clear"):
+        removed += await asyncio.to_thread(st.store.clear_pending)
+    if isinstance(body.get("delete"), list):
+        removed += await asyncio.to_thread(st.store.delete_pending, [str(i) for i in body["delete"]])
+    for prompt_id in removed:
+        st.resolve_waiters(prompt_id, {})
+    st.worker.broadcast_status()
+    return web.Response(status=200)
+
+
+@routes.get("/history")
+async def get_history(request: web.Request) -> web.Response:
+    try:
+        max_items = int(request.query["max_items"]) if "max_items" in request.query else None
+        offset = int(request.query["offset"]) if "offset" in request.query else None
+    except ValueError:
+        return error(400, "invalid_request", "max_items and offset must be integers")
+    return web.json_response(await asyncio.to_thread(state(request).store.history, max_items, offset))
+
+
+@routes.get("/history/{prompt_id}")
+async def get_history_item(request: web.Request) -> web.Response:
+    """The entry; for a pending or running prompt a stub with status_str pending/running; `{}` if unknown."""
+    store = state(request).store
+    prompt_id = request.match_info["prompt_id"]
+    entry = await asyncio.to_thread(store.describe, prompt_id)
+    return web.json_response({} if entry is None else {prompt_id: entry})
+
+
+@routes.post("/history")
+async def post_history(request: web.Request) -> web.Response:
+    store = state(request).store
+    body = await read_json(request, default={})
+    if not isinstance(body, dict):
+        return error(400, "invalid_request", 'expected {"clear": true} or {"delete": [prompt ids]}')
+    if body.get("clear"):
+        await asyncio.to_thread(store.clear_history)
+    if isinstance(body.get("delete"), list):
+        await asyncio.to_thread(store.delete_history, [str(i) for i in body["delete"]])
+    return web.Response(status=200)
+
+
+@routes.post("/interrupt")
+async def interrupt(request: web.Request) -> web.Response:
+    """Interrupt the running prompt; with `{"prompt_id"}` only if that one is running."""
+    body = await read_json(request, default={})
+    prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
+    state(request).worker.interrupt(str(prompt_id) if prompt_id is not None else None)
+    return web.Response(status=200)
+
+
+@routes.post("/free")
+async def free(request: web.Request) -> web.Response:
+    body = await read_json(request, default={})
+    if not isinstance(body, dict):
+        return error(400, "invalid_request", 'expected {"unload_models": bool, "free_memory": bool}')
+    state(request).worker.request_free(bool(body.get("unload_models")), bool(body.get("free_memory")))
+    return web.Response(status=200)

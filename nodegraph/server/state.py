@@ -1,0 +1,55 @@
+"""What every route handler shares: the engine, the queue store, the websocket hub and the worker."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from nodegraph.server.queue import PromptStore
+from nodegraph.server.worker import Worker
+from nodegraph.server.ws import Hub
+
+MAX_UPLOAD_SIZE = 100 * 1024 * 1024
+MAX_JSON_SIZE = 32 * 1024 * 1024
+
+
+@dataclass
+class ServerState:
+    """The server's parts, built by `create_app` and reached by handlers through `state(request)`."""
+
+    engine: Any
+    store: PromptStore
+    hub: Hub
+    worker: Worker
+    token: str | None
+    max_upload_size: int = MAX_UPLOAD_SIZE
+    waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = field(default_factory=dict)
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def resolve_waiters(self, prompt_id: str, result: dict[str, Any]) -> None:
+        """Wake every run-and-wait request for `prompt_id` (call on the event loop)."""
+        for future in self.waiters.pop(prompt_id, []):
+            if not future.done():
+                future.set_result(result)
+
+    def resolve_from_thread(self, prompt_id: str, result: dict[str, Any]) -> None:
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self.resolve_waiters, prompt_id, result)
+            except RuntimeError:  # loop closed while shutting down: nobody is waiting any more
+                pass
+
+    def features(self) -> dict[str, Any]:
+        """`/features` and the websocket `feature_flags` reply."""
+        return {"supports_preview_metadata": True, "max_upload_size": self.max_upload_size}
+
+
+STATE: web.AppKey[ServerState] = web.AppKey("nodegraph_state", ServerState)
+
+
+def state(request: web.Request) -> ServerState:
+    return request.app[STATE]

@@ -1,0 +1,187 @@
+"""The one executor thread: take a prompt, run it, file its history, tell the clients; repeat.
+
+The event loop never waits on a node: the executor runs here, and its events travel to the loop
+through `Hub.send_sync`. Any exception escaping the executor is recorded as that prompt's error and
+the loop goes on to the next prompt.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from nodegraph import events as ev
+from nodegraph.server.messages import Message, PromptMessages
+from nodegraph.server.queue import PromptStore, QueueItem
+from nodegraph.server.ws import Hub
+
+log = logging.getLogger(__name__)
+
+Finished = Callable[[str, dict[str, Any]], None]
+
+
+def status_message(remaining: int, sid: str | None = None) -> Message:
+    data: dict[str, Any] = {"status": {"exec_info": {"queue_remaining": remaining}}}
+    if sid is not None:
+        data["sid"] = sid
+    return Message("status", data, broadcast=True)
+
+
+class Worker:
+    """Runs queued prompts one at a time on a background thread."""
+
+    def __init__(
+        self,
+        store: PromptStore,
+        executor: Any,
+        hub: Hub,
+        on_finished: Finished,
+        free: Callable[[bool, bool], None],
+    ) -> None:
+        self.store = store
+        self.executor = executor
+        self.hub = hub
+        self.on_finished = on_finished
+        self.free = free
+        self.running_id: str | None = None
+        self.running_client: str | None = None
+        self.current_node: str | None = None
+        self._free_flags: tuple[bool, bool] | None = None
+        self._cancelled: str | None = None  # interrupted before the executor started it
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="nodegraph-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the current prompt (interrupting it); what is pending stays queued."""
+        self._stop.set()
+        if self.running_id is not None:
+            self.interrupt(self.running_id)
+        self._thread.join(timeout)
+
+    def interrupt(self, prompt_id: str | None = None) -> bool:
+        """Interrupt the running prompt (only if it is `prompt_id`, when given). True if one was."""
+        running = self.running_id
+        if running is None or (prompt_id is not None and prompt_id != running):
+            return False
+        self._cancelled = running
+        self.executor.interrupt(running)
+        return True
+
+    def request_free(self, unload_models: bool, free_memory: bool) -> None:
+        """ComfyUI's `/free`: handled between prompts, never while a node runs."""
+        old = self._free_flags or (False, False)
+        self._free_flags = (old[0] or unload_models, old[1] or free_memory)
+
+    def broadcast_status(self) -> None:
+        self.hub.broadcast_sync(status_message(self.store.remaining()))
+
+    def on_connect(self, sid: str) -> list[Message]:
+        """What a new socket hears first: the queue size and, for the running prompt's client, its node."""
+        sent = [status_message(self.store.remaining(), sid)]
+        if sid == self.running_client and self.current_node is not None:
+            data = {
+                "node": self.current_node,
+                "display_node": self.current_node,
+                "prompt_id": self.running_id,
+            }
+            sent.append(Message("executing", data))
+        return sent
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self.store.take(timeout=0.25)
+            except Exception:  # the database closed under us during shutdown
+                if self._stop.is_set():
+                    return
+                log.exception("cannot read the prompt queue")
+                continue
+            if item is not None:
+                self._run(item)
+            self._maybe_free()
+
+    def _run(self, item: QueueItem) -> None:
+        client = item.extra_data.get("client_id")
+        client_id = str(client) if client is not None else None
+        self.running_id, self.running_client, self._cancelled = item.prompt_id, client_id, None
+        self.broadcast_status()
+        messages = PromptMessages(item.prompt_id)
+
+        def emit(event: ev.Event) -> None:
+            if isinstance(event, ev.Executing):
+                self.current_node = event.node
+            for message in messages.translate(event):
+                self.hub.send_sync(message, client_id)
+
+        status = self._execute(item, emit, messages)
+        if status != "success" and self._stop.is_set():
+            # Stopped under it: keep it queued for the next start instead of filing an interruption.
+            self.store.requeue(item.prompt_id)
+            self.running_id = self.running_client = self.current_node = None
+            return
+        entry = history_entry(item, messages, status)
+        try:
+            self.store.finish(item.prompt_id, entry)
+        except Exception:
+            log.exception("could not save the history of prompt %s", item.prompt_id)
+        self.running_id = self.running_client = self.current_node = None
+        self.hub.send_sync(messages.done(), client_id)
+        self.broadcast_status()
+        self.on_finished(item.prompt_id, entry)
+
+    def _execute(self, item: QueueItem, emit: ev.Emit, messages: PromptMessages) -> str:
+        if self._cancelled == item.prompt_id:
+            emit(ev.ExecutionInterrupted(item.prompt_id, None, None))
+            return "interrupted"
+        try:
+            outcome = self.executor.execute(
+                item.prompt, item.prompt_id, emit, extra_data=item.extra_data, outputs=item.outputs
+            )
+        except Exception as exc:  # an executor bug must cost one prompt, not the worker
+            log.exception("prompt %s failed outside any node", item.prompt_id)
+            emit(
+                ev.ExecutionError(
+                    item.prompt_id,
+                    node_id="",
+                    node_type="",
+                    exception_type=type(exc).__name__,
+                    message=f"the engine failed while running this prompt: {exc}",
+                    traceback=tuple(traceback.format_exception(exc)),
+                )
+            )
+            return "error"
+        for node, ui in dict(getattr(outcome, "outputs", None) or {}).items():
+            messages.outputs.setdefault(str(node), ui)
+        return str(getattr(outcome, "status", "error"))
+
+    def _maybe_free(self) -> None:
+        flags, self._free_flags = self._free_flags, None
+        if flags is None:
+            return
+        try:
+            self.free(*flags)
+        except Exception:
+            log.exception("freeing memory failed")
+        gc.collect()
+
+
+def history_entry(item: QueueItem, messages: PromptMessages, status: str) -> dict[str, Any]:
+    """ComfyUI's history entry (§3.8)."""
+    ok = status == "success"
+    meta = {
+        node: {"node_id": node, "display_node": node, "parent_node": None, "real_node_id": node}
+        for node in messages.outputs
+    }
+    return {
+        "prompt": item.as_list(),
+        "outputs": messages.outputs,
+        "status": {"status_str": "success" if ok else "error", "completed": ok, "messages": messages.history},
+        "meta": meta,
+    }

@@ -1,0 +1,133 @@
+"""The websocket hub: `/ws?clientId=`, and the bridge from the worker thread to the event loop.
+
+The worker never touches a socket. It calls `Hub.send_sync`, which hands the message to the event
+loop with `call_soon_threadsafe`; one publisher task sends queued messages in order (ComfyUI's
+`send_sync` / `publish_loop`). A socket that fails to receive is dropped, never the publisher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from nodegraph.server.messages import Message, PreviewFrame, encode_preview
+
+log = logging.getLogger(__name__)
+
+SEND_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Client:
+    socket: web.WebSocketResponse
+    feature_flags: dict[str, Any] = field(default_factory=dict)
+
+
+# (message, target sid or None for "the prompt had no client")
+Outgoing = tuple[Message | PreviewFrame, str | None]
+
+
+class Hub:
+    """Connected websocket clients by session id, and the ordered outgoing message queue."""
+
+    def __init__(self, server_features: Callable[[], dict[str, Any]]) -> None:
+        self.clients: dict[str, Client] = {}
+        self.server_features = server_features
+        self.on_connect: Callable[[str], list[Message]] = lambda sid: []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[Outgoing | None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._publish())
+
+    async def stop(self) -> None:
+        if self._queue is not None and self._task is not None:
+            self._queue.put_nowait(None)
+            await self._task
+        for client in list(self.clients.values()):
+            await client.socket.close()
+        self.clients.clear()
+
+    def send_sync(self, message: Message | PreviewFrame, sid: str | None) -> None:
+        """Queue a message from any thread. `sid` None means the prompt had no client."""
+        if self._loop is None or self._queue is None or self._loop.is_closed():
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, (message, sid))
+        except RuntimeError:  # the loop closed between the check and the call: shutting down
+            pass
+
+    def broadcast_sync(self, message: Message) -> None:
+        """Queue a message for every socket (the `status` message)."""
+        self.send_sync(Message(message.type, message.data, broadcast=True), None)
+
+    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        """`GET /ws?clientId=`: a new or replacing socket for that session id."""
+        sock = web.WebSocketResponse(heartbeat=30.0, max_msg_size=1 << 20)
+        await sock.prepare(request)
+        sid = request.query.get("clientId") or uuid.uuid4().hex
+        old = self.clients.get(sid)
+        self.clients[sid] = Client(sock)
+        if old is not None:
+            await old.socket.close()
+        try:
+            for message in self.on_connect(sid):
+                await sock.send_str(json.dumps({"type": message.type, "data": message.data}))
+            async for msg in sock:
+                if msg.type == WSMsgType.TEXT:
+                    await self._client_message(sid, sock, msg.data)
+        finally:
+            if self.clients.get(sid, None) is not None and self.clients[sid].socket is sock:
+                del self.clients[sid]
+        return sock
+
+    async def _client_message(self, sid: str, sock: web.WebSocketResponse, text: str) -> None:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return  # ComfyUI ignores what it does not understand; so do we
+        if isinstance(data, dict) and data.get("type") == "feature_flags":
+            flags = data.get("data")
+            client = self.clients.get(sid)
+            if client is not None and isinstance(flags, dict):
+                client.feature_flags = flags
+            await sock.send_str(json.dumps({"type": "feature_flags", "data": self.server_features()}))
+
+    async def _publish(self) -> None:
+        assert self._queue is not None
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            message, sid = item
+            for client in self._targets(message, sid):
+                await self._send(client, message)
+
+    def _targets(self, message: Message | PreviewFrame, sid: str | None) -> list[Client]:
+        if sid is not None:
+            client = self.clients.get(sid)
+            return [client] if client is not None else []
+        return list(self.clients.values()) if message.broadcast else []
+
+    async def _send(self, client: Client, message: Message | PreviewFrame) -> None:
+        try:
+            if isinstance(message, PreviewFrame):
+                with_meta = bool(client.feature_flags.get("supports_preview_metadata"))
+                await asyncio.wait_for(
+                    client.socket.send_bytes(encode_preview(message, with_meta)), SEND_TIMEOUT_S
+                )
+            else:
+                text = json.dumps({"type": message.type, "data": message.data}, default=str)
+                await asyncio.wait_for(client.socket.send_str(text), SEND_TIMEOUT_S)
+        except (ConnectionError, RuntimeError, asyncio.TimeoutError) as exc:
+            log.info("websocket send failed (%s); the client will miss this message", exc)

@@ -1,0 +1,374 @@
+"""The prompt routes in-process (aiohttp's test client): queue, history, websocket messages, cancel, wait."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from typing import Any
+
+import pytest
+from aiohttp import WSMsgType
+from aiohttp.test_utils import TestClient
+
+from nodegraph.server import create_app
+from tests.server.stubs import RUNS, txt2img
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _client(aiohttp_client: Any, engine: Any) -> TestClient:
+    return await aiohttp_client(create_app(engine))
+
+
+async def wait_done(client: TestClient, prompt_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    """Poll `/history/{id}` until the prompt has left the queue."""
+    for _ in range(int(timeout / 0.02)):
+        body = await (await client.get(f"/history/{prompt_id}")).json()
+        entry = body.get(prompt_id)
+        if entry and entry["status"]["status_str"] not in ("pending", "running"):
+            return dict(entry)
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"prompt {prompt_id} did not finish")
+
+
+async def collect_until_done(ws: Any, prompt_id: str) -> list[Any]:
+    """Every frame up to and including `executing` with node null for `prompt_id`."""
+    frames: list[Any] = []
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), 10)
+        if msg.type == WSMsgType.BINARY:
+            frames.append(msg.data)
+            continue
+        assert msg.type == WSMsgType.TEXT, msg
+        data = json.loads(msg.data)
+        frames.append(data)
+        if (
+            data["type"] == "executing"
+            and data["data"]["node"] is None
+            and data["data"]["prompt_id"] == prompt_id
+        ):
+            return frames
+
+
+async def test_post_prompt_runs_and_files_history(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    resp = await client.post("/prompt", json={"prompt": txt2img(), "client_id": "c1"})
+    assert resp.status == 200
+    body = await resp.json()
+    assert set(body) == {"prompt_id", "number", "node_errors"}
+    entry = await wait_done(client, body["prompt_id"])
+    assert entry["status"]["status_str"] == "success" and entry["status"]["completed"] is True
+    assert entry["outputs"]["3"]["images"][0]["type"] == "output"
+    number, pid, prompt, extra, outputs = entry["prompt"]
+    assert pid == body["prompt_id"] and extra["client_id"] == "c1" and outputs == ["3"]
+    kinds = [m[0] for m in entry["status"]["messages"]]
+    assert kinds[0] == "execution_start" and "execution_cached" in kinds and kinds[-1] == "execution_success"
+    assert "nodegraph.warning" in kinds
+    assert entry["meta"]["3"]["node_id"] == "3"
+
+
+async def test_api_prefix_serves_the_same_routes(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    for path in (
+        "/prompt",
+        "/queue",
+        "/history",
+        "/object_info",
+        "/system_stats",
+        "/features",
+        "/models",
+        "/embeddings",
+        "/settings",
+        "/users",
+        "/extensions",
+    ):
+        plain = await client.get(path)
+        api = await client.get("/api" + path)
+        assert plain.status == api.status == 200, path
+
+
+async def test_invalid_prompt_is_400_with_node_errors(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    bad = txt2img()
+    bad["2"]["inputs"]["steps"] = 0
+    resp = await client.post("/prompt", json={"prompt": bad})
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["error"]["type"] and "2" in body["node_errors"]
+    assert (await client.post("/prompt", json={"nothing": 1})).status == 400
+    no_prompt = await (await client.post("/prompt", json={})).json()
+    assert no_prompt["error"]["type"] == "no_prompt"
+    malformed = await client.post("/prompt", data=b"{not json", headers={"Content-Type": "application/json"})
+    assert malformed.status == 400 and (await malformed.json())["error"]["type"] == "invalid_json"
+    unknown = await client.post("/prompt", json={"prompt": {"1": {"class_type": "Nope", "inputs": {}}}})
+    assert unknown.status == 400
+
+
+async def test_websocket_messages_follow_the_prompt(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    ws = await client.ws_connect("/ws?clientId=me")
+    hello = json.loads((await ws.receive()).data)
+    assert hello == {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "me"}}
+    await ws.send_str(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
+    flags = json.loads((await ws.receive()).data)
+    assert flags["type"] == "feature_flags" and flags["data"]["supports_preview_metadata"] is True
+    pid = (await (await client.post("/prompt", json={"prompt": txt2img(steps=3), "client_id": "me"})).json())[
+        "prompt_id"
+    ]
+    frames = await collect_until_done(ws, pid)
+    texts = [f for f in frames if isinstance(f, dict)]
+    kinds = [f["type"] for f in texts]
+    for kind in (
+        "execution_start",
+        "execution_cached",
+        "executing",
+        "progress",
+        "progress_state",
+        "executed",
+        "execution_success",
+        "nodegraph.warning",
+    ):
+        assert kind in kinds, kind
+    executing = [f["data"] for f in texts if f["type"] == "executing" and f["data"]["node"]]
+    assert [e["node"] for e in executing] == ["1", "2", "3"]
+    assert all(e["display_node"] == e["node"] and e["prompt_id"] == pid for e in executing)
+    progress = [f["data"] for f in texts if f["type"] == "progress"]
+    assert [(p["value"], p["max"], p["node"]) for p in progress] == [(1, 3, "2"), (2, 3, "2"), (3, 3, "2")]
+    executed = next(f["data"] for f in texts if f["type"] == "executed")
+    assert executed["node"] == "3" and executed["output"]["images"][0]["filename"].endswith(".png")
+    binary = [f for f in frames if isinstance(f, bytes)]
+    assert len(binary) == 1
+    kind, meta_len = struct.unpack(">II", binary[0][:8])
+    meta = json.loads(binary[0][8 : 8 + meta_len])
+    assert kind == 4 and meta["node_id"] == "2" and meta["image_type"] == "image/jpeg"
+    assert binary[0][8 + meta_len : 8 + meta_len + 2] == b"\xff\xd8"  # JPEG data follows the metadata
+    await ws.close()
+
+
+async def test_preview_without_metadata_flag_is_type_1(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    ws = await client.ws_connect("/ws?clientId=old")
+    await ws.receive()
+    pid = (await (await client.post("/prompt", json={"prompt": txt2img(), "client_id": "old"})).json())[
+        "prompt_id"
+    ]
+    frames = await collect_until_done(ws, pid)
+    binary = [f for f in frames if isinstance(f, bytes)]
+    assert struct.unpack(">II", binary[0][:8]) == (1, 1) and binary[0][8:10] == b"\xff\xd8"
+
+
+async def test_messages_go_only_to_the_prompts_client(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    mine, other = await client.ws_connect("/ws?clientId=a"), await client.ws_connect("/ws?clientId=b")
+    await mine.receive()
+    await other.receive()
+    pid = (await (await client.post("/prompt", json={"prompt": txt2img(), "client_id": "a"})).json())[
+        "prompt_id"
+    ]
+    await collect_until_done(mine, pid)
+    await wait_done(client, pid)
+    await asyncio.sleep(0.1)
+    seen = []
+    while True:
+        try:
+            msg = await asyncio.wait_for(other.receive(), 0.2)
+        except asyncio.TimeoutError:
+            break
+        seen.append(json.loads(msg.data)["type"])
+    assert seen and set(seen) == {"status"}  # the queue size goes to all, the run to its client only
+
+
+async def test_resubmit_is_cached_and_new_seed_reruns_sampler_and_save(
+    aiohttp_client: Any, engine: Any
+) -> None:
+    client = await _client(aiohttp_client, engine)
+    first = (await (await client.post("/prompt", json={"prompt": txt2img(seed=1)})).json())["prompt_id"]
+    await wait_done(client, first)
+    assert RUNS == {"StubSeed": 1, "StubSampler": 1, "StubSave": 1}
+    again = (await (await client.post("/prompt", json={"prompt": txt2img(seed=1)})).json())["prompt_id"]
+    entry = await wait_done(client, again)
+    assert RUNS == {"StubSeed": 1, "StubSampler": 1, "StubSave": 1}
+    cached = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_cached")
+    assert sorted(cached["nodes"]) == ["1", "2", "3"] and "3" in entry["outputs"]
+    new_seed = (await (await client.post("/prompt", json={"prompt": txt2img(seed=2)})).json())["prompt_id"]
+    await wait_done(client, new_seed)
+    assert RUNS == {"StubSeed": 1, "StubSampler": 2, "StubSave": 2}
+
+
+async def test_failing_node_does_not_stop_the_worker(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    fail = {"1": {"class_type": "StubFail", "inputs": {"message": "no luck"}}}
+    bad = (await (await client.post("/prompt", json={"prompt": fail})).json())["prompt_id"]
+    entry = await wait_done(client, bad)
+    assert entry["status"] == {**entry["status"], "status_str": "error", "completed": False}
+    err = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    assert (
+        err["node_id"] == "1"
+        and err["exception_type"] == "RuntimeError"
+        and "no luck" in err["exception_message"]
+    )
+    good = (await (await client.post("/prompt", json={"prompt": txt2img()})).json())["prompt_id"]
+    assert (await wait_done(client, good))["status"]["status_str"] == "success"
+
+
+async def test_run_and_wait_returns_outputs(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    resp = await client.post("/prompt?wait=true", json={"prompt": txt2img(seed=5)})
+    body = await resp.json()
+    assert resp.status == 200 and body["status"] == "success"
+    assert body["outputs"]["3"]["images"][0]["filename"] == "stub_7_5_.png"
+    url = body["images"][0]
+    assert url.startswith("/view?") and "stub_7_5_.png" in url
+    image = await client.get(url)
+    assert image.status == 200 and (await image.read())[:4] == b"\x89PNG"
+
+
+async def test_history_tells_pending_running_and_unknown_apart(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    slow = (await (await client.post("/prompt", json={"prompt": txt2img(steps=50, delay=0.02)})).json())[
+        "prompt_id"
+    ]
+    queued = (await (await client.post("/prompt", json={"prompt": txt2img(seed=9)})).json())["prompt_id"]
+    for _ in range(200):
+        running = (await (await client.get(f"/history/{slow}")).json())[slow]
+        if running["status"]["status_str"] == "running":
+            break
+        await asyncio.sleep(0.01)
+    assert running["status"] == {"status_str": "running", "completed": False, "messages": []}
+    pending = (await (await client.get(f"/history/{queued}")).json())[queued]
+    assert pending["status"]["status_str"] == "pending" and pending["outputs"] == {}
+    queue = await (await client.get("/queue")).json()
+    assert [i[1] for i in queue["queue_running"]] == [slow] and [i[1] for i in queue["queue_pending"]] == [
+        queued
+    ]
+    assert await (await client.get("/history/no-such-id")).json() == {}
+    assert (await (await client.get("/prompt")).json())["exec_info"]["queue_remaining"] == 2
+    await client.post(f"/prompt/{slow}/cancel")
+    await wait_done(client, queued)
+
+
+async def test_cancel_pending_and_running_by_id(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    slow = (await (await client.post("/prompt", json={"prompt": txt2img(steps=500, delay=0.01)})).json())[
+        "prompt_id"
+    ]
+    queued = (await (await client.post("/prompt", json={"prompt": txt2img(seed=3)})).json())["prompt_id"]
+    cancel = await client.post(f"/prompt/{queued}/cancel")
+    assert (await cancel.json())["cancelled"] == "pending"
+    for _ in range(200):
+        if (await (await client.get("/queue")).json())["queue_running"]:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    cancel = await client.post(f"/prompt/{slow}/cancel")
+    assert (await cancel.json())["cancelled"] == "running"
+    entry = await wait_done(client, slow)
+    assert entry["status"]["status_str"] == "error"
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
+    assert await (await client.get(f"/history/{queued}")).json() == {}
+    assert (await client.post("/prompt/unknown/cancel")).status == 404
+
+
+async def test_queue_delete_clear_and_interrupt_by_prompt_id(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    slow = (await (await client.post("/prompt", json={"prompt": txt2img(steps=500, delay=0.01)})).json())[
+        "prompt_id"
+    ]
+    ids = [
+        (await (await client.post("/prompt", json={"prompt": txt2img(seed=s)})).json())["prompt_id"]
+        for s in (10, 11, 12)
+    ]
+    await client.post("/queue", json={"delete": [ids[0]]})
+    pending = [i[1] for i in (await (await client.get("/queue")).json())["queue_pending"]]
+    assert ids[0] not in pending and ids[1] in pending
+    await client.post("/queue", json={"clear": True})
+    assert (await (await client.get("/queue")).json())["queue_pending"] == []
+    await client.post("/interrupt", json={"prompt_id": "some-other-id"})
+    await asyncio.sleep(0.1)
+    assert (await (await client.get("/queue")).json())["queue_running"]  # still running: another id
+    await client.post("/interrupt", json={"prompt_id": slow})
+    assert (await wait_done(client, slow))["status"]["status_str"] == "error"
+
+
+async def test_history_delete_clear_and_max_items(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    ids = []
+    for seed in range(3):
+        ids.append(
+            (await (await client.post("/prompt?wait=1", json={"prompt": txt2img(seed=seed)})).json())[
+                "prompt_id"
+            ]
+        )
+    assert list(await (await client.get("/history?max_items=2")).json()) == ids[1:]
+    assert list(await (await client.get("/history?max_items=1&offset=0")).json()) == ids[:1]
+    await client.post("/history", json={"delete": [ids[0]]})
+    assert list(await (await client.get("/history")).json()) == ids[1:]
+    await client.post("/history", json={"clear": True})
+    assert await (await client.get("/history")).json() == {}
+
+
+async def test_ui_workflow_is_accepted_and_kept_in_extra_pnginfo(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    workflow = {
+        "last_node_id": 3,
+        "last_link_id": 2,
+        "version": 0.4,
+        "nodes": [
+            {
+                "id": 1,
+                "type": "StubSeed",
+                "mode": 0,
+                "inputs": [],
+                "widgets_values": [7],
+                "outputs": [{"name": "LATENT", "type": "LATENT", "links": [1]}],
+            },
+            {
+                "id": 2,
+                "type": "StubSampler",
+                "mode": 0,
+                "widgets_values": [4, 2, 0.0],
+                "inputs": [{"name": "latent", "type": "LATENT", "link": 1}],
+                "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [2]}],
+            },
+            {
+                "id": 3,
+                "type": "StubSave",
+                "mode": 0,
+                "widgets_values": ["ui"],
+                "inputs": [{"name": "images", "type": "IMAGE", "link": 2}],
+                "outputs": [],
+            },
+        ],
+        "links": [[1, 1, 0, 2, 0, "LATENT"], [2, 2, 0, 3, 0, "IMAGE"]],
+    }
+    resp = await client.post("/prompt?wait=true", json={"prompt": workflow})
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert body["status"] == "success" and body["outputs"]["3"]["images"][0]["filename"] == "ui_7_4_.png"
+    entry = (await (await client.get(f"/history/{body['prompt_id']}")).json())[body["prompt_id"]]
+    assert entry["prompt"][3]["extra_pnginfo"]["workflow"]["nodes"][0]["type"] == "StubSeed"
+    assert entry["prompt"][2]["2"]["inputs"]["latent"] == ["1", 0]
+
+
+async def test_sensitive_extra_data_is_not_shown(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    extra = {"api_key_comfy_org": "secret", "extra_pnginfo": {}}
+    body = await (await client.post("/prompt?wait=1", json={"prompt": txt2img(), "extra_data": extra})).json()
+    entry = (await (await client.get(f"/history/{body['prompt_id']}")).json())[body["prompt_id"]]
+    assert "api_key_comfy_org" not in entry["prompt"][3]
+
+
+async def test_front_and_number_order_the_queue(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    slow = (await (await client.post("/prompt", json={"prompt": txt2img(steps=500, delay=0.01)})).json())[
+        "prompt_id"
+    ]
+    late = (await (await client.post("/prompt", json={"prompt": txt2img(seed=21)})).json())["prompt_id"]
+    early = (await (await client.post("/prompt", json={"prompt": txt2img(seed=22), "front": True})).json())[
+        "prompt_id"
+    ]
+    pending = [i[1] for i in (await (await client.get("/queue")).json())["queue_pending"]]
+    assert pending == [early, late]
+    await client.post(f"/prompt/{slow}/cancel")
+    await client.post("/queue", json={"clear": True})
