@@ -1,5 +1,111 @@
-"""Nodes: conditioning (being written)."""
+"""Nodes: CLIPTextEncode, CLIPSetLastLayer, ConditioningCombine, ConditioningZeroOut.
 
-from nodegraph.node import Node
+A CONDITIONING value is ComfyUI's: a list of `[cond [1, 77k, 768], {"pooled_output": [1, 768]}]`
+entries. Lists are never mutated in place; each node builds new ones.
+"""
 
-NODES: tuple[type[Node], ...] = ()
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from nodegraph.node import Int, Node, Output, RunContext, Socket, String
+from nodegraph.types import CLIP, CONDITIONING
+from nodes.sd.embeddings import EmbeddingError, find_embedding_file, load_embedding
+from nodes.sd.handles import ClipHandle
+from nodes.sd.prompt import tokenize
+from nodes.sd.text_encoder import encode_prompt
+
+Conditioning = list[list[Any]]
+
+
+class CLIPTextEncode(Node):
+    """Encodes a text prompt using a CLIP model into an embedding that can be used to guide the diffusion model towards generating specific images."""  # noqa: E501
+
+    DISPLAY_NAME = "CLIP Text Encode (Prompt)"
+    CATEGORY = "conditioning"
+    INPUTS = (
+        String("text", multiline=True, dynamic_prompts=True, tooltip="The text to be encoded."),
+        Socket("clip", socket_type=CLIP, tooltip="The CLIP model used for encoding the text."),
+    )
+    OUTPUTS = (
+        Output(
+            CONDITIONING,
+            tooltip="A conditioning containing the embedded text used to guide the diffusion model.",
+        ),
+    )
+
+    def run(self, ctx: RunContext, text: str, clip: ClipHandle) -> tuple[Conditioning]:
+        if clip is None:
+            raise ValueError(
+                "ERROR: clip input is invalid: None\n\nIf the clip is from a checkpoint loader node your "
+                "checkpoint does not contain a valid clip or text encoder model."
+            )
+
+        def lookup(name: str) -> Any:
+            path = find_embedding_file(name, clip.embedding_dirs)
+            if path is None:
+                return None
+            try:
+                return load_embedding(path)
+            except EmbeddingError as exc:
+                ctx.warn(str(exc), {"embedding": name})
+                return None
+
+        tokenized = tokenize(text, clip.tokenizer, lookup)
+        for name in tokenized.missing_embeddings:
+            ctx.warn(f"embedding:{name} does not exist, ignoring", {"embedding": name})
+        cond, pooled = encode_prompt(clip, tokenized, warn=ctx.warn)
+        return ([[cond, {"pooled_output": pooled}]],)
+
+
+class CLIPSetLastLayer(Node):
+    """Use the output of an earlier CLIP layer ("CLIP skip": -2 skips the last layer)."""
+
+    DISPLAY_NAME = "CLIP Set Last Layer"
+    CATEGORY = "conditioning"
+    INPUTS = (Socket("clip", socket_type=CLIP), Int("stop_at_clip_layer", -1, min=-24, max=-1, step=1))
+    OUTPUTS = (Output(CLIP),)
+
+    def run(self, ctx: RunContext, clip: ClipHandle, stop_at_clip_layer: int) -> tuple[ClipHandle]:
+        return (replace(clip, layer_idx=stop_at_clip_layer),)
+
+
+class ConditioningCombine(Node):
+    """Combine two conditionings: each guides the model separately and the predictions are averaged."""
+
+    DISPLAY_NAME = "Conditioning (Combine)"
+    CATEGORY = "conditioning"
+    INPUTS = (
+        Socket("conditioning_1", socket_type=CONDITIONING),
+        Socket("conditioning_2", socket_type=CONDITIONING),
+    )
+    OUTPUTS = (Output(CONDITIONING),)
+
+    def run(
+        self, ctx: RunContext, conditioning_1: Conditioning, conditioning_2: Conditioning
+    ) -> tuple[Conditioning]:
+        return (list(conditioning_1) + list(conditioning_2),)
+
+
+class ConditioningZeroOut(Node):
+    """Replace the embeddings and pooled output of a conditioning with zeros."""
+
+    DISPLAY_NAME = "ConditioningZeroOut"
+    CATEGORY = "advanced/conditioning"
+    INPUTS = (Socket("conditioning", socket_type=CONDITIONING),)
+    OUTPUTS = (Output(CONDITIONING),)
+
+    def run(self, ctx: RunContext, conditioning: Conditioning) -> tuple[Conditioning]:
+        out: Conditioning = []
+        for cond, extras in conditioning:
+            options = dict(extras)
+            if options.get("pooled_output") is not None:
+                options["pooled_output"] = torch.zeros_like(options["pooled_output"])
+            out.append([torch.zeros_like(cond), options])
+        return (out,)
+
+
+NODES: tuple[type[Node], ...] = (CLIPTextEncode, CLIPSetLastLayer, ConditioningCombine, ConditioningZeroOut)

@@ -1,5 +1,275 @@
-"""Nodes: image (being written)."""
+"""Nodes: VAEDecode, VAEEncode, LoadImage, SaveImage, PreviewImage.
 
-from nodegraph.node import Node
+IMAGE values are float32 `[B, H, W, 3]` in [0, 1]; MASK values `[B, H, W]`; LATENT values
+ComfyUI's dict `{"samples": [B, 4, h, w]}`. File naming, PNG metadata and the uint8 conversion
+(truncation, not rounding) follow ComfyUI's `nodes.py` and `folder_paths.py` byte for byte.
+"""
 
-NODES: tuple[type[Node], ...] = ()
+from __future__ import annotations
+
+import hashlib
+import json
+import mimetypes
+import os
+import random
+import time
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, ImageSequence, PngImagePlugin, UnidentifiedImageError
+
+from nodegraph.env import Environment
+from nodegraph.folders import PathEscapeError, safe_join
+from nodegraph.node import Combo, Hidden, Node, Output, Result, RunContext, Socket, String
+from nodegraph.types import IMAGE, LATENT, MASK, VAE
+from nodes.sd import vae as vae_math
+from nodes.sd.handles import VaeHandle
+
+PREVIEW_CHARS = "abcdefghijklmnopqrstupvxyz"  # sic: ComfyUI's literal string (no "w", two "p")
+
+
+class ImageFileError(ValueError):
+    """An input image cannot be read; the message names the file."""
+
+
+class VAEDecode(Node):
+    """Decodes latent images back into pixel space images."""
+
+    DISPLAY_NAME = "VAE Decode"
+    CATEGORY = "latent"
+    INPUTS = (
+        Socket("samples", socket_type=LATENT, tooltip="The latent to be decoded."),
+        Socket("vae", socket_type=VAE, tooltip="The VAE model used for decoding the latent."),
+    )
+    OUTPUTS = (Output(IMAGE, tooltip="The decoded image."),)
+
+    def run(self, ctx: RunContext, samples: dict[str, Any], vae: VaeHandle) -> tuple[torch.Tensor]:
+        return (vae_math.decode(vae.vae, samples["samples"]),)
+
+
+class VAEEncode(Node):
+    """Encode images into latents with a VAE (the posterior mean, not a sample)."""
+
+    DISPLAY_NAME = "VAE Encode"
+    CATEGORY = "latent"
+    INPUTS = (Socket("pixels", socket_type=IMAGE), Socket("vae", socket_type=VAE))
+    OUTPUTS = (Output(LATENT),)
+
+    def run(self, ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle) -> tuple[dict[str, Any]]:
+        return ({"samples": vae_math.encode(vae.vae, pixels)},)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def input_images(env: Environment) -> Sequence[str]:
+    """Sorted top-level files of the input folder whose type is image/* (ComfyUI's LoadImage list)."""
+    folder = env.folders.input_dir
+    if not folder.is_dir():
+        return []
+    names = [f.name for f in folder.iterdir() if f.is_file()]
+    return sorted(n for n in names if (mimetypes.guess_type(n)[0] or "").startswith("image/"))
+
+
+def annotated_path(env: Environment, image: str) -> Path:
+    """The file for a LoadImage name (`x.png`, `x.png [output]` ...), never outside its folder."""
+    directory, name = env.folders.annotated(image)
+    return safe_join(directory, name)
+
+
+class LoadImage(Node):
+    """Load an image from the input folder; the mask is 1 where the image is transparent."""
+
+    DISPLAY_NAME = "Load Image"
+    CATEGORY = "image"
+    INPUTS = (Combo("image", choices=input_images, image_upload=True),)
+    OUTPUTS = (Output(IMAGE), Output(MASK))
+
+    @classmethod
+    def check_inputs(cls, env: Environment, image: Any = None) -> str | None:
+        try:
+            exists = isinstance(image, str) and annotated_path(env, image).is_file()
+        except PathEscapeError:
+            exists = False
+        return None if exists else f"Invalid image file: {image}"
+
+    @classmethod
+    def fingerprint(cls, env: Environment, image: Any = None) -> Hashable:
+        try:
+            return hashlib.sha256(annotated_path(env, str(image)).read_bytes()).hexdigest()
+        except (OSError, PathEscapeError):
+            return None
+
+    def run(self, ctx: RunContext, image: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return load_image_file(annotated_path(ctx.env, image), image)
+
+
+def load_image_file(path: Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(IMAGE `[F, H, W, 3]`, MASK `[F, H, W]` or `[1, 64, 64]` zeros) from every frame of the same size."""
+    try:
+        img = Image.open(path)
+        frames = [_frame(ImageOps.exif_transpose(f) or f) for f in ImageSequence.Iterator(img)]
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageFileError(
+            f"'{name}' is not an image that can be read ({exc}); pick a PNG, JPEG or WebP file"
+        ) from exc
+    size = frames[0][0].shape[:2]
+    kept = [(i, m) for i, m in frames if i.shape[:2] == size]
+    if len(kept) > 1 and img.format != "MPO":
+        return torch.stack([i for i, _ in kept]), torch.stack([m for _, m in kept])
+    return kept[0][0][None], kept[0][1][None]
+
+
+def _frame(frame: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    if frame.mode == "I":
+        frame = frame.point(lambda v: v * (1 / 255))
+    rgb = torch.from_numpy(np.array(frame.convert("RGB")).astype(np.float32) / 255.0)
+    if "A" in frame.getbands():
+        alpha = np.array(frame.getchannel("A")).astype(np.float32) / 255.0
+        mask = 1.0 - torch.from_numpy(alpha)
+    elif frame.mode == "P" and "transparency" in frame.info:
+        alpha = np.array(frame.convert("RGBA").getchannel("A")).astype(np.float32) / 255.0
+        mask = 1.0 - torch.from_numpy(alpha)
+    else:
+        mask = torch.zeros((64, 64), dtype=torch.float32)
+    return rgb, mask
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_path(prefix: str, output_dir: Path, width: int, height: int) -> tuple[Path, str, int, str]:
+    """(folder, file stem, first counter, subfolder): ComfyUI's `get_save_image_path`."""
+    if "%" in prefix:
+        now = time.localtime()
+        for token, value in (
+            ("%width%", str(width)),
+            ("%height%", str(height)),
+            ("%year%", str(now.tm_year)),
+            ("%month%", f"{now.tm_mon:02}"),
+            ("%day%", f"{now.tm_mday:02}"),
+            ("%hour%", f"{now.tm_hour:02}"),
+            ("%minute%", f"{now.tm_min:02}"),
+            ("%second%", f"{now.tm_sec:02}"),
+        ):
+            prefix = prefix.replace(token, value)
+    normal = os.path.normpath(prefix)
+    subfolder, stem = os.path.dirname(normal), os.path.basename(normal)
+    base = os.path.realpath(output_dir)
+    folder = os.path.realpath(os.path.join(base, subfolder))
+    if os.path.isabs(subfolder) or os.path.commonpath((base, folder)) != base or not stem:
+        raise PathEscapeError(
+            f"filename_prefix '{prefix}' would save outside the output folder {output_dir};"
+            " use a relative prefix"
+        )
+    os.makedirs(folder, exist_ok=True)
+    return Path(folder), stem, _next_counter(Path(folder), stem), subfolder
+
+
+def _next_counter(folder: Path, stem: str) -> int:
+    """1 + the largest counter among files `<stem>_<digits>_...` (case-insensitive stem match)."""
+    best = 0
+    for name in os.listdir(folder):
+        head, rest = name[: len(stem) + 1], name[len(stem) + 1 :]
+        if os.path.normcase(head[:-1]) != os.path.normcase(stem) or head[-1:] != "_":
+            continue
+        try:
+            best = max(best, int(rest.split("_")[0]))
+        except ValueError:
+            continue
+    return best + 1
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """ComfyUI's conversion: `clip(255·x, 0, 255).astype(uint8)` (truncates)."""
+    return np.clip(255.0 * image.cpu().numpy(), 0, 255).astype(np.uint8)
+
+
+def png_metadata(env: Environment, prompt: Any, extra_pnginfo: Any) -> PngImagePlugin.PngInfo | None:
+    """tEXt chunks: `prompt` and each extra_pnginfo key (json.dumps), unless metadata is disabled."""
+    if env.disable_metadata:
+        return None
+    info = PngImagePlugin.PngInfo()
+    if prompt is not None:
+        info.add_text("prompt", json.dumps(prompt))
+    if isinstance(extra_pnginfo, dict):
+        for key, value in extra_pnginfo.items():
+            info.add_text(key, json.dumps(value))
+    return info
+
+
+def save_images(
+    env: Environment, images: torch.Tensor, prefix: str, kind: str, compress: int, prompt: Any, extra: Any
+) -> list[dict[str, str]]:
+    """Write each image as `<stem>_<counter:05>_.png` and return the ui entries."""
+    folder, stem, counter, subfolder = save_path(
+        prefix, env.folders.data_dir(kind), images.shape[2], images.shape[1]
+    )
+    info = png_metadata(env, prompt, extra)
+    results = []
+    for batch_number, image in enumerate(images):
+        name = f"{stem.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
+        Image.fromarray(to_uint8(image)).save(folder / name, pnginfo=info, compress_level=compress)
+        results.append({"filename": name, "subfolder": subfolder, "type": kind})
+        counter += 1
+    return results
+
+
+class SaveImage(Node):
+    """Saves the input images to your ComfyUI output directory."""
+
+    DISPLAY_NAME = "Save Image"
+    CATEGORY = "image"
+    OUTPUT_NODE = True
+    INPUTS = (
+        Socket("images", socket_type=IMAGE, tooltip="The images to save."),
+        String(
+            "filename_prefix",
+            "ComfyUI",
+            tooltip="The prefix for the file to save. This may include formatting information such as "
+            "%date:yyyy-MM-dd% or %Empty Latent Image.width% to include values from nodes.",
+        ),
+        Hidden("prompt", kind="PROMPT"),
+        Hidden("extra_pnginfo", kind="EXTRA_PNGINFO"),
+    )
+    OUTPUTS = ()
+
+    def run(
+        self,
+        ctx: RunContext,
+        images: torch.Tensor,
+        filename_prefix: str = "ComfyUI",
+        prompt: Any = None,
+        extra_pnginfo: Any = None,
+    ) -> Result:
+        saved = save_images(ctx.env, images, filename_prefix, "output", 4, prompt, extra_pnginfo)
+        return Result(ui={"images": saved})
+
+
+class PreviewImage(Node):
+    """Saves the input images to your ComfyUI output directory."""
+
+    DISPLAY_NAME = "Preview Image"
+    CATEGORY = "image"
+    OUTPUT_NODE = True
+    INPUTS = (
+        Socket("images", socket_type=IMAGE),
+        Hidden("prompt", kind="PROMPT"),
+        Hidden("extra_pnginfo", kind="EXTRA_PNGINFO"),
+    )
+    OUTPUTS = ()
+
+    def run(
+        self, ctx: RunContext, images: torch.Tensor, prompt: Any = None, extra_pnginfo: Any = None
+    ) -> Result:
+        prefix = "ComfyUI_temp_" + "".join(random.choice(PREVIEW_CHARS) for _ in range(5))
+        saved = save_images(ctx.env, images, prefix, "temp", 1, prompt, extra_pnginfo)
+        return Result(ui={"images": saved})
+
+
+NODES: tuple[type[Node], ...] = (VAEDecode, VAEEncode, LoadImage, SaveImage, PreviewImage)

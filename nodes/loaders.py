@@ -1,5 +1,100 @@
-"""Nodes: loaders (being written)."""
+"""Nodes: CheckpointLoaderSimple and VAELoader.
 
-from nodegraph.node import Node
+Loading goes through the model store (`nodes.sd.model_store`), so every loader node and every
+workflow that names the same unchanged file shares one copy of its weights.
+"""
 
-NODES: tuple[type[Node], ...] = ()
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+from nodegraph.env import Environment
+from nodegraph.node import Combo, Node, Output, RunContext
+from nodegraph.types import CLIP, MODEL, VAE
+from nodes.sd.checkpoint import PixelSpaceVae, load_vae_file
+from nodes.sd.handles import ClipHandle, ModelHandle, VaeHandle
+from nodes.sd.model_store import ModelStore, file_stamp
+from nodes.sd.tokenizer import default_tokenizer
+
+PIXEL_SPACE = "pixel_space"
+
+
+def checkpoint_names(env: Environment) -> Sequence[str]:
+    """The files in the `checkpoints` folder."""
+    return env.folders.list("checkpoints")
+
+
+def vae_names(env: Environment) -> Sequence[str]:
+    """The files in the `vae` folder, then ComfyUI's built-in "pixel_space"."""
+    return [*env.folders.list("vae"), PIXEL_SPACE]
+
+
+def _stamp(env: Environment, folder: str, name: Any) -> Hashable:
+    try:
+        return file_stamp(env.folders.resolve(folder, str(name)))
+    except (OSError, ValueError):
+        return None  # validation reports the bad name; nothing to fingerprint
+
+
+def model_store(env: Environment) -> ModelStore:
+    """The environment's one model store."""
+    return env.service(ModelStore, ModelStore.create)
+
+
+class CheckpointLoaderSimple(Node):
+    """Loads a diffusion model checkpoint, diffusion models are used to denoise latents."""
+
+    DISPLAY_NAME = "Load Checkpoint"
+    CATEGORY = "loaders"
+    INPUTS = (
+        Combo("ckpt_name", choices=checkpoint_names, tooltip="The name of the checkpoint (model) to load."),
+    )
+    OUTPUTS = (
+        Output(MODEL, tooltip="The model used for denoising latents."),
+        Output(CLIP, tooltip="The CLIP model used for encoding text prompts."),
+        Output(VAE, tooltip="The VAE model used for encoding and decoding images to and from latent space."),
+    )
+
+    @classmethod
+    def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
+        return _stamp(env, "checkpoints", constants.get("ckpt_name"))
+
+    def run(self, ctx: RunContext, ckpt_name: str) -> tuple[ModelHandle, ClipHandle, VaeHandle]:
+        env = ctx.env
+        path = env.folders.resolve("checkpoints", ckpt_name)
+        ckpt = model_store(env).checkpoint(path)
+        model = ModelHandle(unet=ckpt.unet, source=ckpt_name, family=ckpt.family)
+        clip = ClipHandle(
+            text_encoder=ckpt.text_encoder,
+            tokenizer=default_tokenizer(),
+            source=ckpt_name,
+            family=ckpt.family,
+            embedding_dirs=tuple(env.folders.paths("embeddings")),
+        )
+        vae = VaeHandle(vae=ckpt.vae, source=ckpt_name, scaling_factor=ckpt.vae.config.scaling_factor)
+        return model, clip, vae
+
+
+class VAELoader(Node):
+    """Load a VAE file (or "pixel_space", which keeps images as they are) to decode and encode latents."""
+
+    DISPLAY_NAME = "Load VAE"
+    CATEGORY = "loaders"
+    INPUTS = (Combo("vae_name", choices=vae_names),)
+    OUTPUTS = (Output(VAE),)
+
+    @classmethod
+    def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
+        name = constants.get("vae_name")
+        return None if name == PIXEL_SPACE else _stamp(env, "vae", name)
+
+    def run(self, ctx: RunContext, vae_name: str) -> tuple[VaeHandle]:
+        if vae_name == PIXEL_SPACE:
+            return (VaeHandle(vae=PixelSpaceVae(), source=PIXEL_SPACE, scaling_factor=1.0),)
+        path = ctx.env.folders.resolve("vae", vae_name)
+        vae = load_vae_file(path)
+        return (VaeHandle(vae=vae, source=vae_name, scaling_factor=vae.config.scaling_factor),)
+
+
+NODES: tuple[type[Node], ...] = (CheckpointLoaderSimple, VAELoader)

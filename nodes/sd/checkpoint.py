@@ -1,0 +1,329 @@
+"""Load an SD1.x checkpoint (single-file LDM .safetensors/.ckpt, or a diffusers folder) into
+diffusers/transformers modules, reading the file through a memory map and one tensor at a time.
+
+Each module is built on the meta device (no memory, no random init) and then given its weights
+with `load_state_dict(assign=True)`, so the only full copy of the weights in RAM is the modules'
+own. UNet and VAE are fp32; the text encoder holds fp16-rounded values in fp32 storage, which is
+what ComfyUI computes with (fp16 storage, fp32 compute: the same numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from nodes.sd import convert
+from nodes.sd.convert import UnsupportedCheckpointError
+
+TE_ROUND_DTYPE = torch.float16
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read or built; the message names the file and what to do."""
+
+
+class TensorSource(Protocol):
+    """Tensors by name, read lazily."""
+
+    def keys(self) -> list[str]: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def get(self, key: str) -> torch.Tensor: ...
+
+
+class SafetensorsSource:
+    """A memory-mapped .safetensors file."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        try:
+            self._file = safe_open(str(path), framework="pt", device="cpu")
+            self._keys = list(self._file.keys())
+        except Exception as exc:  # safetensors raises its own error types and OSError alike
+            raise CheckpointError(
+                f"'{path.name}' is not a readable .safetensors file ({exc}); it may be truncated or not "
+                "a model at all: download it again"
+            ) from exc
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._file.get_tensor(key)  # type: ignore[no-any-return]
+        except Exception as exc:
+            raise CheckpointError(
+                f"'{self.path.name}': tensor {key} cannot be read ({exc}); re-download the file"
+            ) from exc
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._file.metadata() or {})
+
+
+class DictSource:
+    """A state dict already in memory (a .ckpt read with `weights_only=True`)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._tensors = tensors
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read .ckpt/.pt/.bin with `torch.load(weights_only=True)`: a pickle needing more is refused, not run."""
+    try:
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            data = torch.load(str(path), map_location="cpu", weights_only=True)  # old (non-zip) format
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"'{path.name}' is a pickle that needs code to run to be loaded; nodegraph refuses to run it. "
+            "Convert it to .safetensors with a tool you trust"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(
+            f"'{path.name}' cannot be read as a PyTorch checkpoint ({exc}); download it again"
+        ) from exc
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise CheckpointError(f"'{path.name}' does not hold a state dict (found {type(data).__name__})")
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def open_source(path: Path) -> TensorSource:
+    """The tensors of a model file, chosen by extension."""
+    if path.suffix.lower() in (".safetensors", ".sft"):
+        return SafetensorsSource(path)
+    return DictSource(load_pickle_weights(path))
+
+
+@dataclass(eq=False)
+class LoadedCheckpoint:
+    """The three modules of one checkpoint, shared (read-only) by every handle made from it.
+
+    `ldm_keys` maps each original LDM key to (component, parameter name), component being "unet",
+    "vae" or "te", so a merged model can be written back in the original layout.
+    """
+
+    path: Path
+    family: str
+    unet: Any
+    text_encoder: Any
+    vae: Any
+    ldm_keys: dict[str, tuple[str, str]] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def load_checkpoint(path: Path) -> LoadedCheckpoint:
+    """Load an SD1.x checkpoint file or diffusers folder.
+
+    Raises:
+        CheckpointError: unreadable file, unsupported model family (the message names it), or a
+            file whose tensors do not fit the model built from it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        from nodes.sd.diffusers_folder import load_diffusers_folder
+
+        return load_diffusers_folder(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; put it in models/checkpoints")
+    source = open_source(path)
+    keys = source.keys()
+    try:
+        family = convert.detect_family(path.name, keys, source.shape)
+        unet_cfg = convert.unet_config(path.name, keys, source.shape)
+        unet_map = convert.unet_key_map(keys, source.shape, unet_cfg)
+        vae_map = convert.vae_key_map(keys, source.shape)
+        te_map = convert.te_key_map(keys)
+        clip_cfg = convert.clip_config(keys, source.shape)
+        vae_cfg = convert.vae_config(path.name, source.shape)
+    except UnsupportedCheckpointError as exc:
+        raise CheckpointError(str(exc)) from exc
+    except KeyError as exc:
+        raise CheckpointError(
+            f"'{path.name}' lacks {exc} that every SD1.x checkpoint has; it is incomplete"
+        ) from exc
+    with torch.inference_mode(False):
+        unet = build_unet(unet_cfg, unet_map, source, path.name)
+        vae = build_vae(vae_cfg, vae_map, source, path.name)
+        te = build_text_encoder(clip_cfg, te_map, source, path.name)
+    ldm_keys = {ldm: ("unet", p) for p, ldm in unet_map.items()}
+    ldm_keys |= {ldm: ("vae", p) for p, ldm in vae_map.items()}
+    ldm_keys |= {ldm: ("te", p) for p, ldm in te_map.items()}
+    meta = source.metadata() if isinstance(source, SafetensorsSource) else {}
+    return LoadedCheckpoint(path, family, unet, te, vae, ldm_keys, meta)
+
+
+def build_unet(config: dict[str, Any], key_map: dict[str, str], source: TensorSource, name: str) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    return assign_weights(unet, key_map, source, name, "UNet", _to_fp32)
+
+
+def build_vae(config: dict[str, Any], key_map: dict[str, str], source: TensorSource, name: str) -> Any:
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**config)
+    return assign_weights(vae, key_map, source, name, "VAE", _to_fp32)
+
+
+def build_text_encoder(
+    config: dict[str, Any], key_map: dict[str, str], source: TensorSource, name: str
+) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        te = CLIPTextModel(CLIPTextConfig(**config))
+    te = assign_weights(te, key_map, source, name, "text encoder", _to_fp16_rounded)
+    positions = config["max_position_embeddings"]
+    # position_ids is a non-persistent buffer: never in the file, still on meta after assignment.
+    te.embeddings.register_buffer("position_ids", torch.arange(positions).expand((1, -1)), persistent=False)
+    return te
+
+
+def _to_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+def _to_fp16_rounded(t: torch.Tensor) -> torch.Tensor:
+    # ComfyUI stores the text encoder in fp16: an fp32 file is rounded once, an fp16 file is exact.
+    return t.to(TE_ROUND_DTYPE).to(torch.float32).contiguous()
+
+
+def assign_weights(
+    module: Any,
+    key_map: dict[str, str],
+    source: TensorSource,
+    name: str,
+    component: str,
+    cast: Callable[[torch.Tensor], torch.Tensor],
+) -> Any:
+    """Give a meta-device module its weights from `source`, tensor by tensor; strict about every name."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(expected) - set(key_map))
+    unexpected = sorted(set(key_map) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"'{name}': its {component} does not match an SD1.x layout "
+            f"(missing {_few(missing)}, unexpected {_few(unexpected)}); the file is incomplete or"
+            " another model type"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for pname, ldm_key in key_map.items():
+        tensor = source.get(ldm_key)
+        want = expected[pname]
+        if tensor.numel() != math.prod(want):
+            raise CheckpointError(
+                f"'{name}': {ldm_key} has shape {tuple(tensor.shape)}, the {component} needs {want}; "
+                "the file is not a consistent SD1.x checkpoint"
+            )
+        state[pname] = cast(tensor.reshape(want))
+    module.load_state_dict(state, strict=True, assign=True)
+    module.eval().requires_grad_(False)
+    return module
+
+
+def _few(names: Iterable[str]) -> str:
+    items = list(names)
+    shown = ", ".join(items[:3])
+    return f"{shown} ... ({len(items)} in all)" if len(items) > 3 else (shown or "none")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A config.json, with a clear error when it is missing or broken."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"'{path}' cannot be read as JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"'{path}' must hold a JSON object")
+    return data
+
+
+class PixelSpaceVae:
+    """ComfyUI's "pixel_space" VAE: latents are the pixels themselves (3 channels, no downscaling)."""
+
+    class _Config:
+        latent_channels = 3
+        scaling_factor = 1.0
+
+    config = _Config()
+
+
+def load_vae_file(path: Path) -> Any:
+    """A standalone VAE file (LDM layout with or without `first_stage_model.`, or diffusers layout)."""
+    source = open_source(path)
+    keys = source.keys()
+    prefix = convert.VAE_PREFIX
+    if any(k.startswith("decoder.up_blocks.") for k in keys):  # already diffusers names
+        mapping = {
+            k: k for k in keys if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
+        }
+        renamed: TensorSource = source
+    else:
+        local = [k for k in keys if k.startswith(prefix)] or [prefix + k for k in keys]
+        renamed = _Prefixed(source, prefix)
+        if not any(k.startswith(f"{prefix}decoder.up.") for k in local):
+            raise CheckpointError(f"'{path.name}' is not a VAE (no decoder.up.* keys); pick a VAE file")
+        mapping = convert.vae_key_map(local, renamed.shape)
+
+    def shape_of(key: str) -> tuple[int, ...]:
+        return (
+            renamed.shape(key) if isinstance(renamed, _Prefixed) else source.shape(key.removeprefix(prefix))
+        )
+
+    try:
+        config = convert.vae_config(path.name, shape_of)
+    except (KeyError, UnsupportedCheckpointError) as exc:
+        raise CheckpointError(f"'{path.name}' is not a standard SD VAE ({exc}); pick an SD1.x VAE") from exc
+    with torch.inference_mode(False):
+        return build_vae(config, mapping, renamed, path.name)
+
+
+class _Prefixed:
+    """A source seen with `prefix` on every key (a bare LDM VAE file read like a checkpoint's VAE part)."""
+
+    def __init__(self, inner: TensorSource, prefix: str) -> None:
+        self.inner, self.prefix = inner, prefix
+        self._has_prefix = any(k.startswith(prefix) for k in inner.keys())
+
+    def _key(self, key: str) -> str:
+        return key if self._has_prefix else key.removeprefix(self.prefix)
+
+    def keys(self) -> list[str]:
+        return self.inner.keys() if self._has_prefix else [self.prefix + k for k in self.inner.keys()]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.inner.shape(self._key(key))
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.inner.get(self._key(key))

@@ -1,0 +1,232 @@
+"""From an original-LDM single-file checkpoint's key names and shapes to diffusers/transformers configs
+and parameter names, without reading a single weight.
+
+The renaming itself is diffusers' (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`): we
+call it on a dict of *key references* instead of tensors, so what comes back is a map
+`diffusers name -> LDM key` and the weights are read later, one tensor at a time, from the mapped
+file. The configs are built here because diffusers builds them from an original yaml config (which
+a bare .safetensors does not carry) and assumes the standard depths; ComfyUI instead infers depth
+from the keys (`comfy/model_detection.py`), and so do we.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TE_PREFIXES = ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
+SD1_VAE_BLOCKS = (128, 256, 512, 512)
+
+Shape = tuple[int, ...]
+ShapeOf = Callable[[str], Shape]
+
+
+class UnsupportedCheckpointError(ValueError):
+    """The file is a model nodegraph cannot load as an SD1.x checkpoint (SDXL, SD2, a LoRA ...)."""
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """Stands in for a tensor inside diffusers' converters: remembers which LDM key it came from."""
+
+    key: str
+    shape: Shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index: Any) -> _Ref:
+        # The VAE converter squeezes 1x1 conv attention weights to linear ones (`w[:, :, 0, 0]`);
+        # the loader reshapes to the parameter's shape, so only the shape needs tracking here.
+        dropped = sum(1 for i in index if isinstance(i, int)) if isinstance(index, tuple) else 0
+        return _Ref(self.key, self.shape[: len(self.shape) - dropped])
+
+
+def detect_family(name: str, keys: Iterable[str], shape_of: ShapeOf) -> str:
+    """ "sd15" for an SD1.x checkpoint; otherwise raise `UnsupportedCheckpointError` naming what it is."""
+    keyset = set(keys)
+    supported = "nodegraph supports SD1.x checkpoints for now"
+    if (
+        any(k.startswith("conditioner.embedders.") for k in keyset)
+        or f"{UNET_PREFIX}label_emb.0.0.weight" in keyset
+    ):
+        raise UnsupportedCheckpointError(f"'{name}' is an SDXL checkpoint; {supported}")
+    if f"{UNET_PREFIX}input_blocks.0.0.weight" not in keyset:
+        raise UnsupportedCheckpointError(
+            f"'{name}' is not a Stable Diffusion checkpoint: {_what_is_it(keyset)}"
+        )
+    if any(k.startswith("cond_stage_model.model.") for k in keyset):
+        raise UnsupportedCheckpointError(
+            f"'{name}' is an SD2.x checkpoint (OpenCLIP text encoder); {supported}"
+        )
+    in_channels = shape_of(f"{UNET_PREFIX}input_blocks.0.0.weight")[1]
+    context = _context_dim(keyset, shape_of)
+    proj_in = [k for k in keyset if k.endswith("proj_in.weight") and k.startswith(UNET_PREFIX)]
+    if context == 1024 or (proj_in and len(shape_of(proj_in[0])) == 2):
+        raise UnsupportedCheckpointError(f"'{name}' is an SD2.x checkpoint; {supported}")
+    if in_channels == 9:
+        raise UnsupportedCheckpointError(
+            f"'{name}' is an SD1.x inpainting checkpoint (9 input channels); {supported}"
+        )
+    if in_channels != 4 or context != 768:
+        raise UnsupportedCheckpointError(
+            f"'{name}' has an unknown UNet ({in_channels} input channels, context {context}); {supported}"
+        )
+    if not any(k.startswith(VAE_PREFIX) for k in keyset):
+        raise UnsupportedCheckpointError(
+            f"'{name}' has no VAE (no {VAE_PREFIX} keys); use a full SD1.x checkpoint"
+        )
+    if not any(k.startswith(TE_PREFIXES[1]) for k in keyset):
+        raise UnsupportedCheckpointError(f"'{name}' has no CLIP text encoder; use a full SD1.x checkpoint")
+    return "sd15"
+
+
+def _what_is_it(keys: set[str]) -> str:
+    if any(".lora_down." in k or ".lora_A." in k or k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        return "it is a LoRA; put it in models/loras and use a Load LoRA node"
+    if any(
+        k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks."))
+        for k in keys
+    ):
+        return "it is a VAE; put it in models/vae and use a Load VAE node"
+    if any(k in ("string_to_param", "emb_params", "clip_l") or k.startswith("string_to_param") for k in keys):
+        return "it is a textual-inversion embedding; put it in models/embeddings and write embedding:<name>"
+    return f"no {UNET_PREFIX}* UNet keys found; pick an SD1.x checkpoint"
+
+
+def _context_dim(keys: set[str], shape_of: ShapeOf) -> int | None:
+    for k in sorted(keys):
+        if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight"):
+            return shape_of(k)[1]
+    return None
+
+
+def _max_index(keys: set[str], prefix: str) -> int:
+    """1 + the largest N among keys `prefix` + `N.` (0 when none)."""
+    found = [int(k[len(prefix) :].split(".", 1)[0]) for k in keys if k.startswith(prefix)]
+    return max(found) + 1 if found else 0
+
+
+def unet_config(name: str, keys: Iterable[str], shape_of: ShapeOf) -> dict[str, Any]:
+    """A `UNet2DConditionModel` config for an SD1.x LDM UNet of any depth, read from key names and shapes."""
+    keyset = {k[len(UNET_PREFIX) :] for k in keys if k.startswith(UNET_PREFIX)}
+
+    def shape(key: str) -> Shape:
+        return shape_of(UNET_PREFIX + key)
+
+    levels: list[list[int]] = [[]]  # transformer depth of each res block, per level
+    channels: list[int] = []
+    for n in range(1, _max_index(keyset, "input_blocks.")):
+        if f"input_blocks.{n}.0.op.weight" in keyset:
+            levels.append([])
+            continue
+        if not levels[-1]:
+            channels.append(shape(f"input_blocks.{n}.0.out_layers.3.weight")[0])
+        levels[-1].append(_max_index(keyset, f"input_blocks.{n}.1.transformer_blocks."))
+    per_level = {len(level) for level in levels}
+    if len(per_level) != 1 or any(len(set(level)) != 1 for level in levels):
+        raise UnsupportedCheckpointError(
+            f"'{name}' has a UNet with uneven blocks per level; it cannot be built"
+        )
+    depths = [level[0] for level in levels]
+    mid_depth = _max_index(keyset, "middle_block.1.transformer_blocks.")
+    if mid_depth == 0:
+        raise UnsupportedCheckpointError(
+            f"'{name}' has a UNet without a middle transformer; it cannot be built"
+        )
+    if depths[-1] not in (0, mid_depth):
+        # diffusers gives the middle block the last level's depth; a different one has no diffusers form.
+        raise UnsupportedCheckpointError(f"'{name}': last-level and middle transformer depths differ")
+    return {
+        "sample_size": 64,
+        "in_channels": shape("input_blocks.0.0.weight")[1],
+        "out_channels": shape("out.2.weight")[0],
+        "block_out_channels": tuple(channels),
+        "layers_per_block": per_level.pop(),
+        "down_block_types": tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths),
+        "up_block_types": tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depths)),
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "transformer_layers_per_block": tuple(d or mid_depth for d in depths),
+        "cross_attention_dim": _context_dim({UNET_PREFIX + k for k in keyset}, shape_of),
+        "attention_head_dim": 8,  # SD1.x: 8 heads at every level (diffusers' name for it is historical)
+        "use_linear_projection": False,
+    }
+
+
+def vae_config(name: str, shape_of: ShapeOf) -> dict[str, Any]:
+    """An `AutoencoderKL` config: ComfyUI's fixed SD VAE layout, latent channels from the file."""
+    first = shape_of(f"{VAE_PREFIX}encoder.conv_in.weight")[0]
+    if first != SD1_VAE_BLOCKS[0]:
+        raise UnsupportedCheckpointError(f"'{name}' has a VAE of width {first}, not the standard SD VAE")
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": SD1_VAE_BLOCKS,
+        "layers_per_block": 2,
+        "latent_channels": shape_of(f"{VAE_PREFIX}decoder.conv_in.weight")[1],
+        "sample_size": 512,
+        "scaling_factor": 0.18215,
+    }
+
+
+def clip_config(keys: Iterable[str], shape_of: ShapeOf) -> dict[str, Any]:
+    """A `CLIPTextConfig` for the CLIP-L text tower: width and depth read from the file."""
+    te = te_key_map(keys)
+    vocab, width = shape_of(te["embeddings.token_embedding.weight"])
+    layers = _max_index(set(te), "encoder.layers.")
+    return {
+        "vocab_size": vocab,
+        "hidden_size": width,
+        "intermediate_size": shape_of(te["encoder.layers.0.mlp.fc1.weight"])[0],
+        "num_hidden_layers": layers,
+        "num_attention_heads": width // 64,
+        "max_position_embeddings": shape_of(te["embeddings.position_embedding.weight"])[0],
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407,
+        "projection_dim": width,
+    }
+
+
+def _refs(keys: Iterable[str], shape_of: ShapeOf) -> dict[str, _Ref]:
+    return {k: _Ref(k, shape_of(k)) for k in keys}
+
+
+def unet_key_map(keys: Iterable[str], shape_of: ShapeOf, config: dict[str, Any]) -> dict[str, str]:
+    """diffusers UNet parameter name -> LDM key (diffusers' own renaming, run on key references)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    refs = _refs((k for k in keys if k.startswith(UNET_PREFIX)), shape_of)
+    converted = convert_ldm_unet_checkpoint(refs, {"layers_per_block": config["layers_per_block"]})
+    return {name: ref.key for name, ref in converted.items() if isinstance(ref, _Ref)}
+
+
+def vae_key_map(keys: Iterable[str], shape_of: ShapeOf) -> dict[str, str]:
+    """diffusers AutoencoderKL parameter name -> LDM key."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    refs = _refs((k for k in keys if k.startswith(VAE_PREFIX)), shape_of)
+    blocks = ("DownEncoderBlock2D",) * 4
+    converted = convert_ldm_vae_checkpoint(refs, {"down_block_types": blocks, "up_block_types": blocks})
+    return {name: ref.key for name, ref in converted.items() if isinstance(ref, _Ref)}
+
+
+def te_key_map(keys: Iterable[str]) -> dict[str, str]:
+    """transformers CLIPTextModel parameter name (no `text_model.` level in transformers >= 5) -> LDM key."""
+    out: dict[str, str] = {}
+    for key in keys:
+        for prefix in TE_PREFIXES:
+            if key.startswith(prefix):
+                rest = key[len(prefix) :]
+                if not rest.startswith("text_model.") and not rest.endswith("position_ids"):
+                    out[rest] = key
+                break
+    return out

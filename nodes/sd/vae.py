@@ -1,0 +1,67 @@
+"""VAE decode and encode with ComfyUI's conventions (`comfy/sd.py` VAE.decode / VAE.encode).
+
+Latents travel unscaled (the LATENT value is what the VAE's encoder gives; the sampler scales by
+0.18215 itself). Images are float32 `[B, H, W, 3]` in [0, 1], as ComfyUI's IMAGE.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from nodes.sd.checkpoint import PixelSpaceVae
+
+
+class VaeInputError(ValueError):
+    """A latent or image of the wrong shape was given to the VAE."""
+
+
+def decode(vae: Any, latent: torch.Tensor) -> torch.Tensor:
+    """Latent `[B, C, h, w]` -> image `[B, 8h, 8w, 3]`: post_quant_conv, decoder, clamp((x+1)/2, 0, 1)."""
+    if latent.ndim == 5:  # video-style latents are flattened to an image batch, as ComfyUI does
+        latent = latent.movedim(2, 1).reshape(-1, latent.shape[1], *latent.shape[3:])
+    channels = vae.config.latent_channels
+    if isinstance(vae, PixelSpaceVae) and latent.ndim == 4 and latent.shape[1] == 3:
+        return torch.clamp((latent.float() + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1).contiguous()
+    if latent.ndim != 4 or latent.shape[1] != channels:
+        raise VaeInputError(
+            f"the VAE needs a latent of shape [B, {channels}, h, w], got {list(latent.shape)}"
+        )
+    with torch.inference_mode():
+        z = latent.to(torch.float32)
+        if getattr(vae, "post_quant_conv", None) is not None:
+            z = vae.post_quant_conv(z)
+        x = vae.decoder(z)
+        image = torch.clamp((x.float() + 1.0) / 2.0, min=0.0, max=1.0)
+    return image.movedim(1, -1).contiguous().clone()
+
+
+def crop_to_multiple(pixels: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """Centre-crop `[B, H, W, C]` so H and W are multiples of `multiple` (offset `(dim % m) // 2`)."""
+    height, width = pixels.shape[1], pixels.shape[2]
+    h, w = (height // multiple) * multiple, (width // multiple) * multiple
+    if (h, w) == (height, width):
+        return pixels
+    top, left = (height % multiple) // 2, (width % multiple) // 2
+    return pixels[:, top : top + h, left : left + w, :]
+
+
+def encode(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Image `[B, H, W, C]` -> latent `[B, 4, H/8, W/8]`: crop, x·2−1, encoder, quant_conv, posterior mean."""
+    if pixels.ndim != 4 or pixels.shape[-1] < 3:
+        raise VaeInputError(f"the VAE needs an image of shape [B, H, W, 3], got {list(pixels.shape)}")
+    if isinstance(vae, PixelSpaceVae):
+        return (pixels[:, :, :, :3].movedim(-1, 1).float() * 2.0 - 1.0).contiguous()
+    pixels = crop_to_multiple(pixels[:, :, :, :3])
+    if pixels.shape[1] < 8 or pixels.shape[2] < 8:
+        raise VaeInputError(
+            f"an image of {pixels.shape[2]}x{pixels.shape[1]} is too small to encode (8x8 at least)"
+        )
+    with torch.inference_mode():
+        x = pixels.movedim(-1, 1).to(torch.float32) * 2.0 - 1.0
+        h = vae.encoder(x)
+        if getattr(vae, "quant_conv", None) is not None:
+            h = vae.quant_conv(h)
+        mean, _ = torch.chunk(h, 2, dim=1)
+    return mean.float().contiguous().clone()
