@@ -105,6 +105,12 @@ def apply_stack(module: Any, loras: Sequence[LoraRef], target: Target) -> int:
     state = _state(module)
     if state.stack == stack:
         return 0
+    # inference_mode(False): backups made under an executor's inference mode must stay normal tensors.
+    with torch.inference_mode(False), torch.no_grad():
+        return _change(state, module, active, stack, target)
+
+
+def _change(state: _State, module: Any, active: list[LoraRef], stack: _Sig, target: Target) -> int:
     try:
         wanted = _wanted(module, active, target)
         rewritten = 0
@@ -112,17 +118,16 @@ def apply_stack(module: Any, loras: Sequence[LoraRef], target: Target) -> int:
             state.params[name].data.copy_(state.backups.pop(name))
             del state.applied[name]
             rewritten += 1
-        with torch.no_grad():
-            for name, patches in wanted.items():
-                sig: _Sig = tuple(ident for _, _, ident in patches)
-                if state.applied.get(name) == sig:
-                    continue
-                param = state.params[name]
-                if name not in state.backups:
-                    state.backups[name] = param.data.clone()
-                _rebuild(param, state.backups[name], [(u, s) for u, s, _ in patches], target)
-                state.applied[name] = sig
-                rewritten += 1
+        for name, patches in wanted.items():
+            sig: _Sig = tuple(ident for _, _, ident in patches)
+            if state.applied.get(name) == sig:
+                continue
+            param = state.params[name]
+            if name not in state.backups:
+                state.backups[name] = param.data.clone()
+            _rebuild(param, state.backups[name], [(u, s) for u, s, _ in patches], target)
+            state.applied[name] = sig
+            rewritten += 1
         state.stack = stack
         return rewritten
     except BaseException:

@@ -192,7 +192,12 @@ def decoded(path: Path, stamp: tuple[int, int], module: Any, target: Target) -> 
     """The updates of one LoRA file for `module` (a diffusers UNet or a CLIP text encoder), cached."""
     sig, stems = _stems_of(module, target)
     key = (str(path), stamp, target, sig)
-    return _DECODED.get_or_make(key, lambda: _decode(read_lora(path, stamp), module, target, stems))
+
+    def make() -> Decoded:
+        with torch.inference_mode(False), torch.no_grad():
+            return _decode(read_lora(path, stamp), module, target, stems)
+
+    return _DECODED.get_or_make(key, make)
 
 
 def clear_caches() -> None:
