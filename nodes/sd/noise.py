@@ -7,6 +7,7 @@ order of draws, the generator and its device are part of the contract.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -71,7 +72,10 @@ class BrownianTreeNoiseSampler:
         t0, t1 = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
         lo, hi, sign = self._sort(t0, t1)
         device, dtype = lo.device, lo.dtype
-        w = self.tree(lo.detach().cpu().float(), hi.detach().cpu().float())
+        with warnings.catch_warnings():
+            # torchsde warns when a query equals t1 up to float32 rounding (sigma_max itself); harmless
+            warnings.filterwarnings("ignore", message="Should have tb<=t1")
+            w = self.tree(lo.detach().cpu().float(), hi.detach().cpu().float())
         w = w.to(device=device, dtype=dtype) * (self.sign * sign)
         return w / (t1 - t0).abs().sqrt()
 

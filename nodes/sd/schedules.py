@@ -157,7 +157,8 @@ def linear_quadratic(ms: DiscreteSchedule, steps: int, threshold: float = 0.025)
 
 
 def kl_optimal(ms: DiscreteSchedule, steps: int) -> torch.Tensor:
-    idx = torch.arange(steps, dtype=torch.float).div_(steps - 1)
+    # ComfyUI divides by steps - 1 and so gives NaN for one step; one step here starts at sigma_max
+    idx = torch.arange(steps, dtype=torch.float).div_(max(steps - 1, 1))
     sigmas = idx.new_zeros(steps + 1)
     lo, hi = math.atan(float(ms.sigma_min)), math.atan(float(ms.sigma_max))
     sigmas[:-1] = (idx * lo + (1 - idx) * hi).tan_()
