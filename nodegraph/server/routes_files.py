@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 
 from nodegraph.folders import DATA_FOLDERS, PathEscapeError, safe_join
-from nodegraph.server.replies import error, flag
+from nodegraph.server.replies import BadRequest, error, flag
 from nodegraph.server.state import state
 
 routes = web.RouteTableDef()
@@ -108,6 +108,8 @@ def _reencode(path: Path, preview: str | None, channel: str) -> tuple[bytes, str
 async def _upload_fields(request: web.Request) -> dict[str, Any]:
     """The multipart fields: text values as str, the image as (filename, bytes)."""
     fields: dict[str, Any] = {}
+    if not request.content_type.startswith("multipart/"):
+        raise BadRequest(error(400, "no_file", "send the image as multipart/form-data with a field 'image'"))
     reader = await request.multipart()
     limit = state(request).max_upload_size
     if request.content_length is not None and request.content_length > limit:

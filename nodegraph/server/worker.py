@@ -103,9 +103,9 @@ class Worker:
                     return
                 log.exception("cannot read the prompt queue")
                 continue
+            self._maybe_free()  # before the next prompt, so a /free sent before it applies to it
             if item is not None:
                 self._run(item)
-            self._maybe_free()
 
     def _run(self, item: QueueItem) -> None:
         client = item.extra_data.get("client_id")
