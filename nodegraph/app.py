@@ -1,0 +1,114 @@
+"""Settings and the engine they build: folders -> environment -> registry -> executor, in that order.
+
+`build_engine` is the one place an engine is assembled; the CLI and the server both call it.
+The node modules (which import torch) are imported here, inside the function, never at import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nodegraph.env import Environment
+from nodegraph.executor import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, Executor
+from nodegraph.folders import Folders
+from nodegraph.node import Node
+from nodegraph.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Settings:
+    """Everything a user can set, with ComfyUI's defaults and names."""
+
+    base_directory: Path = field(default_factory=Path.cwd)
+    output_directory: Path | None = None
+    input_directory: Path | None = None
+    temp_directory: Path | None = None
+    user_directory: Path | None = None
+    extra_model_paths_config: list[Path] = field(default_factory=list)
+    disable_metadata: bool = False
+    listen: str = "127.0.0.1"
+    port: int = 8188
+    auth_token: str | None = None
+    preview_method: str = "auto"
+    verbose: bool = False
+    cache_entries: int = DEFAULT_MAX_ENTRIES
+    cache_bytes: int = DEFAULT_MAX_BYTES
+    enable_cors_header: str | None = None
+    max_upload_size_mb: float = 100.0
+
+
+@dataclass
+class Engine:
+    """One engine instance: what the CLI runs prompts on and what the server serves."""
+
+    settings: Settings
+    env: Environment
+    registry: Registry
+    executor: Executor
+    extra_routes: list[Any] = field(default_factory=list)
+
+
+def build_folders(settings: Settings) -> Folders:
+    """The folders from the settings, plus `<base>/extra_model_paths.yaml` and each extra config.
+
+    Raises:
+        ValueError: an extra model paths file cannot be read.
+    """
+    folders = Folders.at(
+        settings.base_directory,
+        output_dir=settings.output_directory,
+        input_dir=settings.input_directory,
+        temp_dir=settings.temp_directory,
+        user_dir=settings.user_directory,
+    )
+    default_yaml = folders.base_dir / "extra_model_paths.yaml"
+    configs = [default_yaml] if default_yaml.is_file() else []
+    for config in [*configs, *settings.extra_model_paths_config]:
+        log.info("loading extra model paths from %s", config)
+        folders.load_extra_model_paths(config)
+    return folders
+
+
+def build_engine(settings: Settings, nodes: Iterable[type[Node]] | None = None) -> Engine:
+    """Assemble an engine from settings.
+
+    Args:
+        settings: directories, flags and cache bounds.
+        nodes: the node classes; default every node nodegraph ships (`nodes.all_nodes()`) together
+            with their HTTP routes (`nodes.routes(env)`). Given explicitly, no extra routes are added.
+    """
+    folders = build_folders(settings)
+    env = Environment(
+        folders, disable_metadata=settings.disable_metadata, preview_method=settings.preview_method
+    )
+    routes: list[Any] = []
+    if nodes is None:
+        # imports torch: only now, never when nodegraph is imported (and not followed by mypy --strict)
+        nodes = importlib.import_module("nodes").all_nodes()
+        routes = _extra_routes(env)
+    registry = Registry(nodes)
+    executor = Executor(registry, env, max_entries=settings.cache_entries, max_bytes=settings.cache_bytes)
+    return Engine(settings, env, registry, executor, routes)
+
+
+def _extra_routes(env: Environment) -> list[Any]:
+    """HTTP routes the node packages add (`nodes.routes(env)`), when that hook exists."""
+    try:
+        package = importlib.import_module("nodes")
+    except ImportError:
+        return []
+    hook = getattr(package, "routes", None)
+    if hook is None:
+        return []
+    try:
+        return list(hook(env))
+    except ImportError as exc:  # the canvas extension's module is not written yet
+        log.info("no extra routes: %s", exc)
+        return []

@@ -1,0 +1,269 @@
+"""The `nodegraph` command: run and validate workflows headless, list nodes, and start the other tools.
+
+    nodegraph run WORKFLOW [WORKFLOW ...] [--set NODE.INPUT=VALUE ...]
+    nodegraph validate FILE ...
+    nodegraph nodes [--json]
+    nodegraph serve | demo | lora-info
+
+Every failure ends in one paragraph naming the file, node and input and what to do; the traceback
+only with --verbose. Exit status: 0 success, 1 failure, 2 bad command line, 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from nodegraph.app import Engine, Settings, build_engine
+from nodegraph.cli_report import Reporter, describe_error, describe_validation, written_files
+from nodegraph.graph import LoadedWorkflow, WorkflowError, load_workflow
+from nodegraph.node import Hidden, InputValueError, Socket
+from nodegraph.validate import validate_prompt
+
+
+class CliError(Exception):
+    """A failure the CLI reports as one paragraph (no traceback)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `nodegraph` console script and `python -m nodegraph`."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not args.verbose:
+        # the executor logs each node failure with its traceback; the CLI prints its own paragraph
+        logging.getLogger("nodegraph.executor").setLevel(logging.CRITICAL)
+    try:
+        result: int = args.handler(args)
+        return result
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nodegraph", description="Run ComfyUI workflows on a node-graph engine."
+    )
+    parser.set_defaults(verbose=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = _command(sub, "run", "run workflow files (API, UI or PNG) in one process", _cmd_run)
+    run.add_argument("workflows", nargs="+", type=Path, metavar="WORKFLOW")
+    run.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
+        help="override a widget value before running (repeatable); typed by the node's schema",
+    )  # fmt: skip
+    check = _command(sub, "validate", "check workflow files without running them", _cmd_validate)
+    check.add_argument("workflows", nargs="+", type=Path, metavar="FILE")
+    nodes = _command(sub, "nodes", "list the available nodes", _cmd_nodes)
+    nodes.add_argument("--json", action="store_true", help="print the full /object_info JSON")
+    serve = _command(sub, "serve", "serve ComfyUI's API and canvas", _cmd_serve)
+    serve.add_argument("--listen", default="127.0.0.1", help="address(es) to listen on, comma-separated")
+    serve.add_argument("--port", type=int, default=8188)
+    serve.add_argument("--auth-token", default=None, help="require this bearer token from clients")
+    serve.add_argument("--enable-cors-header", nargs="?", const="*", default=None, metavar="ORIGIN")
+    demo = _command(sub, "demo", "write the small demo models into the models folders", _cmd_demo)
+    demo.add_argument("--force", action="store_true", help="rewrite them even if present")
+    info = _command(
+        sub, "lora-info", "describe LoRA files: format, base model, rank, coverage", _cmd_lora_info
+    )
+    info.add_argument("files", nargs="+", metavar="FILE_OR_NAME")
+    info.add_argument("--json", action="store_true")
+    return parser
+
+
+def _command(sub: Any, name: str, help_text: str, handler: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
+    parser.set_defaults(handler=handler)
+    dirs = parser.add_argument_group("directories (ComfyUI's flags)")
+    dirs.add_argument("--base-directory", type=Path, default=None, help="holds models/, input/, output/ ...")
+    dirs.add_argument("--output-directory", type=Path, default=None)
+    dirs.add_argument("--input-directory", type=Path, default=None)
+    dirs.add_argument("--temp-directory", type=Path, default=None)
+    dirs.add_argument("--user-directory", type=Path, default=None)
+    dirs.add_argument(
+        "--extra-model-paths-config", type=Path, action="append", default=[], metavar="YAML",
+        help="an extra_model_paths.yaml (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--disable-metadata", action="store_true", help="save files without workflow metadata"
+    )
+    parser.add_argument("--verbose", action="store_true", help="log more, and show tracebacks")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings from parsed arguments (flags a command lacks keep their defaults)."""
+    settings = Settings(
+        output_directory=args.output_directory,
+        input_directory=args.input_directory,
+        temp_directory=args.temp_directory,
+        user_directory=args.user_directory,
+        extra_model_paths_config=list(args.extra_model_paths_config),
+        disable_metadata=args.disable_metadata,
+        verbose=args.verbose,
+    )
+    if args.base_directory is not None:
+        settings.base_directory = args.base_directory
+    for name in ("listen", "port", "auth_token", "enable_cors_header"):
+        if getattr(args, name, None) is not None:
+            setattr(settings, name, getattr(args, name))
+    return settings
+
+
+def _engine(args: argparse.Namespace, *, with_nodes: bool = True) -> Engine:
+    try:
+        return build_engine(settings_from(args), None if with_nodes else ())
+    except ValueError as exc:  # an unreadable extra_model_paths.yaml
+        raise CliError(str(exc)) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# run / validate
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    failures = 0
+    for path in args.workflows:
+        try:
+            _run_one(engine, path, args.overrides, args.verbose)
+        except CliError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failures += 1
+    if failures and len(args.workflows) > 1:
+        print(f"{failures} of {len(args.workflows)} workflows failed", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _run_one(engine: Engine, path: Path, overrides: list[str], verbose: bool) -> None:
+    loaded = _load(engine, path)
+    apply_overrides(engine, loaded.prompt, overrides)
+    checked = validate_prompt(loaded.prompt, engine.registry, engine.env)
+    problems = describe_validation(checked, loaded.prompt)
+    if problems:
+        raise CliError(f"{path} is not valid:\n" + "\n".join(f"  {line}" for line in problems))
+    extra = {"extra_pnginfo": {"workflow": loaded.workflow}} if loaded.workflow is not None else {}
+    reporter = Reporter(verbose)
+    try:
+        outcome = engine.executor.execute(
+            checked.prompt, path.name, reporter, extra_data=extra, outputs=checked.outputs
+        )
+    finally:
+        reporter.close()
+    if outcome.error is not None:
+        raise CliError(f"{path}: {describe_error(outcome.error, verbose)}")
+    for written in written_files(outcome.outputs, engine.env.folders):
+        print(written)
+
+
+def _load(engine: Engine, path: Path) -> LoadedWorkflow:
+    try:
+        return load_workflow(path, engine.registry)
+    except WorkflowError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def apply_overrides(engine: Engine, prompt: dict[str, Any], overrides: list[str]) -> None:
+    """Apply `--set NODE_ID.INPUT=VALUE` overrides, typing each value by the node's input schema."""
+    for spec in overrides:
+        target, eq, raw = spec.partition("=")
+        node_id, dot, name = target.rpartition(".")
+        if not eq or not dot:
+            raise CliError(f"--set {spec!r}: write NODE_ID.INPUT=VALUE, e.g. --set 3.seed=42")
+        node = prompt.get(node_id)
+        if node is None:
+            raise CliError(
+                f"--set {spec!r}: the workflow has no node '{node_id}' (its nodes: {', '.join(prompt)})"
+            )
+        cls = engine.registry.get(node.get("class_type", ""))
+        inp = cls.input(name) if cls is not None else None
+        if cls is None or inp is None or isinstance(inp, Hidden):
+            known = ", ".join(i.name for i in cls.INPUTS if not isinstance(i, Hidden)) if cls else "none"
+            raise CliError(f"--set {spec!r}: node '{node_id}' has no input '{name}' (its inputs: {known})")
+        if isinstance(inp, Socket):
+            raise CliError(f"--set {spec!r}: '{name}' of node '{node_id}' is a {inp.type} link, not a value")
+        try:
+            node.setdefault("inputs", {})[name] = inp.coerce(raw, engine.env)
+        except InputValueError as exc:
+            raise CliError(f"--set {spec!r}: {exc}") from exc
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    failures = 0
+    for path in args.workflows:
+        try:
+            loaded = _load(engine, path)
+        except CliError as exc:
+            print(f"{path}: {exc}")
+            failures += 1
+            continue
+        checked = validate_prompt(loaded.prompt, engine.registry, engine.env)
+        problems = describe_validation(checked, loaded.prompt)
+        if problems:
+            failures += 1
+            print(f"{path}: {len(problems)} error(s)")
+            print("\n".join(f"  {line}" for line in problems))
+        else:
+            print(f"{path}: ok ({loaded.format} format, {len(checked.outputs)} output node(s))")
+    return 1 if failures else 0
+
+
+# --------------------------------------------------------------------------------------------
+# nodes / serve / demo / lora-info
+
+
+def _cmd_nodes(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    if args.json:
+        print(json.dumps(engine.registry.object_info(engine.env), indent=2))
+        return 0
+    for cls in sorted(engine.registry, key=lambda c: (c.CATEGORY, c.NODE_ID)):
+        print(f"{cls.NODE_ID:32} {cls.DISPLAY_NAME or cls.NODE_ID:36} [{cls.CATEGORY}]")
+    return 0
+
+
+def _missing(module: str, exc: ModuleNotFoundError, what: str) -> CliError:
+    if exc.name and module.startswith(exc.name):
+        return CliError(f"{what} is not available in this installation ({module} is missing)")
+    raise exc  # a dependency of that module is missing: show the real import error
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    try:
+        serve = importlib.import_module("nodegraph.server").serve
+    except ModuleNotFoundError as exc:
+        raise _missing("nodegraph.server", exc, "the server") from exc
+    serve(engine)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    engine = _engine(args, with_nodes=False)
+    try:
+        write_demo_models = importlib.import_module("nodes.sd.demo").write_demo_models
+    except ModuleNotFoundError as exc:
+        raise _missing("nodes.sd.demo", exc, "the demo model writer") from exc
+    write_demo_models(engine.env.folders, force=args.force)
+    return 0
+
+
+def _cmd_lora_info(args: argparse.Namespace) -> int:
+    engine = _engine(args, with_nodes=False)
+    try:
+        lora_info_main = importlib.import_module("nodes.lora_info").main
+    except ModuleNotFoundError as exc:
+        raise _missing("nodes.lora_info", exc, "lora-info") from exc
+    return int(lora_info_main(args.files, engine.env.folders, args.json))

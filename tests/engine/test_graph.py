@@ -1,0 +1,183 @@
+"""Loading workflows: API format, UI format (both link schemas) and PNG text chunks."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from engine_stubs import registry
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from nodegraph.graph import WorkflowError, load_workflow, png_text_chunks, ui_to_api
+
+API = {
+    "1": {"class_type": "Source", "inputs": {"value": 3, "mode": "a"}},
+    "2": {"class_type": "Scale", "inputs": {"x": ["1", 0], "factor": 2.0}},
+    "3": {"class_type": "Show", "inputs": {"x": ["2", 0]}},
+}
+
+
+def ui_node(node_id: int, kind: str, inputs: list[Any], outputs: list[Any], widgets: Any, mode: int = 0) -> dict[str, Any]:
+    return {
+        "id": node_id, "type": kind, "pos": [0, 0], "size": [100, 50], "flags": {}, "order": node_id,
+        "mode": mode, "inputs": inputs, "outputs": outputs, "properties": {"Node name for S&R": kind},
+        "widgets_values": widgets,
+    }  # fmt: skip
+
+
+def ui_workflow() -> dict[str, Any]:
+    """Source -> Reroute -> Scale (factor from a PrimitiveNode) -> bypassed Warn -> Show, plus a Note,
+    a muted Show and a group; written as the stock frontend saves schema 0.4."""
+    nodes = [
+        ui_node(1, "Source", [], [{"name": "NUMBER", "type": "NUMBER", "links": [1, 6]}], [3, "randomize", "a"]),
+        ui_node(10, "Reroute", [{"name": "", "type": "*", "link": 1}], [{"name": "", "type": "NUMBER", "links": [2]}], []),
+        ui_node(11, "PrimitiveNode", [], [{"name": "FLOAT", "type": "FLOAT", "links": [3], "widget": {"name": "factor"}}], [2.0]),
+        ui_node(
+            2, "Scale",
+            [{"name": "x", "type": "NUMBER", "link": 2}, {"name": "factor", "type": "FLOAT", "link": 3, "widget": {"name": "factor"}}],
+            [{"name": "NUMBER", "type": "NUMBER", "links": [4]}], [1.0],
+        ),
+        ui_node(12, "Warn", [{"name": "x", "type": "NUMBER", "link": 4}], [{"name": "NUMBER", "type": "NUMBER", "links": [5]}], [], mode=4),
+        ui_node(3, "Show", [{"name": "x", "type": "NUMBER", "link": 5}], [], []),
+        ui_node(13, "Note", [], [], ["remember the milk"]),
+        ui_node(14, "Show", [{"name": "x", "type": "NUMBER", "link": 6}], [], [], mode=2),
+    ]  # fmt: skip
+    links = [
+        [1, 1, 0, 10, 0, "NUMBER"],
+        [2, 10, 0, 2, 0, "NUMBER"],
+        [3, 11, 0, 2, 1, "FLOAT"],
+        [4, 2, 0, 12, 0, "NUMBER"],
+        [5, 12, 0, 3, 0, "NUMBER"],
+        [6, 1, 0, 14, 0, "NUMBER"],
+    ]
+    return {
+        "last_node_id": 14, "last_link_id": 6, "nodes": nodes, "links": links,
+        "groups": [{"title": "g", "bounding": [0, 0, 10, 10]}], "config": {}, "extra": {}, "version": 0.4,
+    }  # fmt: skip
+
+
+def inputs_of(prompt: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v["class_type"], v["inputs"]) for k, v in prompt.items()}
+
+
+def test_ui_workflow_converts_to_the_api_prompt() -> None:
+    prompt = ui_to_api(ui_workflow(), registry())
+    assert inputs_of(prompt) == inputs_of(API)
+    assert prompt["2"]["_meta"] == {"title": "Scale"}
+
+
+def test_schema_1_object_links() -> None:
+    workflow = ui_workflow()
+    keys = ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")
+    workflow["links"] = [dict(zip(keys, link)) for link in workflow["links"]]
+    workflow["version"] = 1
+    assert inputs_of(ui_to_api(workflow, registry())) == inputs_of(API)
+
+
+def test_widget_values_as_a_dict_and_titles() -> None:
+    workflow = ui_workflow()
+    workflow["nodes"][0]["widgets_values"] = {"value": 5, "mode": "b"}
+    workflow["nodes"][0]["title"] = "My source"
+    prompt = ui_to_api(workflow, registry())
+    assert prompt["1"]["inputs"] == {"value": 5, "mode": "b"}
+    assert prompt["1"]["_meta"]["title"] == "My source"
+
+
+def test_muted_source_leaves_its_consumer_unlinked() -> None:
+    workflow = ui_workflow()
+    workflow["nodes"][0]["mode"] = 2
+    prompt = ui_to_api(workflow, registry())
+    assert "1" not in prompt and "x" not in prompt["2"]["inputs"]
+
+
+def test_undriven_converted_widget_keeps_its_value() -> None:
+    workflow = ui_workflow()
+    workflow["nodes"][2]["outputs"][0]["links"] = []
+    workflow["links"] = [link for link in workflow["links"] if link[0] != 3]
+    workflow["nodes"][3]["inputs"][1]["link"] = None
+    prompt = ui_to_api(workflow, registry())
+    assert prompt["2"]["inputs"]["factor"] == 1.0  # the widget's own value when nothing drives it
+
+
+def test_bypassed_node_without_an_input_link_leaves_the_consumer_unlinked() -> None:
+    workflow = ui_workflow()
+    workflow["nodes"][4]["inputs"][0]["link"] = None
+    prompt = ui_to_api(workflow, registry())
+    assert "12" not in prompt and "x" not in prompt["3"]["inputs"]
+
+
+def test_unknown_node_type_names_the_node() -> None:
+    workflow = ui_workflow()
+    workflow["nodes"][5]["type"] = "MysteryNode"
+    with pytest.raises(WorkflowError, match="node 3 has type 'MysteryNode'"):
+        ui_to_api(workflow, registry())
+
+
+def test_load_api_and_ui_json_files(tmp_path: Path) -> None:
+    api_file = tmp_path / "api.json"
+    api_file.write_text(json.dumps(API))
+    ui_file = tmp_path / "ui.json"
+    ui_file.write_text(json.dumps(ui_workflow()))
+    api = load_workflow(api_file, registry())
+    ui = load_workflow(str(ui_file), registry())
+    assert (api.format, ui.format) == ("api", "ui")
+    assert api.workflow is None and ui.workflow == ui_workflow()
+    assert inputs_of(api.prompt) == inputs_of(ui.prompt)
+
+
+def test_load_request_body_wrapper() -> None:
+    body = {"prompt": copy.deepcopy(API), "extra_data": {"extra_pnginfo": {"workflow": {"nodes": []}}}}
+    loaded = load_workflow(body, registry())
+    assert loaded.format == "api" and loaded.workflow == {"nodes": []} and inputs_of(loaded.prompt) == inputs_of(API)
+
+
+def write_png(path: Path, **chunks: str) -> None:
+    info = PngInfo()
+    for key, value in chunks.items():
+        if key == "workflow":
+            info.add_itxt(key, value, zip=True)  # compressed iTXt, as some tools write
+        else:
+            info.add_text(key, value)
+    Image.new("RGB", (4, 4)).save(path, pnginfo=info)
+
+
+def test_png_prefers_the_prompt_chunk_and_keeps_the_workflow(tmp_path: Path) -> None:
+    path = tmp_path / "out.png"
+    write_png(path, prompt=json.dumps(API), workflow=json.dumps(ui_workflow()))
+    assert set(png_text_chunks(path.read_bytes())) == {"prompt", "workflow"}
+    loaded = load_workflow(path, registry())
+    assert loaded.format == "png" and loaded.workflow == ui_workflow()
+    assert inputs_of(loaded.prompt) == inputs_of(API)
+
+
+def test_png_with_only_a_workflow_is_converted(tmp_path: Path) -> None:
+    path = tmp_path / "ui.png"
+    write_png(path, workflow=json.dumps(ui_workflow()))
+    assert inputs_of(load_workflow(path.read_bytes(), registry()).prompt) == inputs_of(API)
+
+
+def test_png_without_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "plain.png"
+    Image.new("RGB", (4, 4)).save(path)
+    with pytest.raises(WorkflowError, match="without a 'prompt' or 'workflow'"):
+        load_workflow(path, registry())
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("{not json", "not valid JSON"), ("[1, 2]", "must hold a JSON object"), ('{"1": 5}', "node '1' is a int")],
+)
+def test_malformed_files(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(WorkflowError, match=message):
+        load_workflow(path, registry())
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(WorkflowError, match="cannot read workflow file"):
+        load_workflow(tmp_path / "nope.json", registry())
