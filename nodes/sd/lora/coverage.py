@@ -113,11 +113,18 @@ def coverage(lora: LoraFile, name: str, unet: Decoded | None, te: Decoded | None
     )
 
 
+def _a(name: str) -> str:
+    """"an SDXL", "a Flux": the article as the name is spoken."""
+    spelled = name[:2].isupper()  # an acronym is read letter by letter: "an SD1.5"
+    vowel = name[:1] in "AEFHILMNORSX" if spelled else name[:1].lower() in "aeiou"
+    return ("an " if vowel else "a ") + name
+
+
 def check(report: Coverage, checkpoint: str, model_family: str) -> str | None:
     """Raise `LoraMismatchError` when the LoRA cannot apply; return a warning when it applies in part."""
     if not compatible(report.family, model_family):
         raise LoraMismatchError(
-            f"{report.lora} is an {family_name(report.family)} LoRA; the checkpoint {checkpoint} is "
+            f"{report.lora} is {_a(family_name(report.family))} LoRA; the checkpoint {checkpoint} is "
             f"{family_name(model_family)}. Pick a LoRA made for {family_name(model_family)} "
             f"(or a {family_name(report.family)} checkpoint)."
         )
