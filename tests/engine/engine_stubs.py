@@ -7,7 +7,19 @@ from typing import Any
 
 from nodegraph.env import Environment
 from nodegraph.folders import Folders
-from nodegraph.node import Boolean, Combo, Float, Hidden, Int, Node, Output, Result, RunContext, Socket, String
+from nodegraph.node import (
+    Boolean,
+    Combo,
+    Float,
+    Hidden,
+    Int,
+    Node,
+    Output,
+    Result,
+    RunContext,
+    Socket,
+    String,
+)
 from nodegraph.registry import Registry
 from nodegraph.types import SocketType
 
@@ -20,8 +32,10 @@ class Source(Node):
 
     INPUTS = (Int("value", 1, min=0, max=100, control_after_generate=True), Combo("mode", choices=("a", "b")))
     OUTPUTS = (Output(NUMBER),)
+    RUNS = [0]
 
     def run(self, ctx: RunContext, value: int, mode: str) -> tuple[int]:
+        Source.RUNS[0] += 1
         return (value if mode == "a" else -value,)
 
 
@@ -59,7 +73,11 @@ class Show(Node):
     """Show a number (an output node)."""
 
     OUTPUT_NODE = True
-    INPUTS = (Socket("x", socket_type=NUMBER), Hidden("prompt", kind="PROMPT"), Hidden("extra", kind="EXTRA_PNGINFO"))
+    INPUTS = (
+        Socket("x", socket_type=NUMBER),
+        Hidden("prompt", kind="PROMPT"),
+        Hidden("extra", kind="EXTRA_PNGINFO"),
+    )
     OUTPUTS = ()
     SEEN: list[dict[str, Any]] = []
 
@@ -152,7 +170,35 @@ class Warn(Node):
         return (x,)
 
 
-STUBS: tuple[type[Node], ...] = (Source, Add, Scale, Word, Show, Fail, Slow, Pick, Stamp, Random, Warn)
+class SaveText(Node):
+    """Write a number to a text file in the output folder (an output node, like SaveImage)."""
+
+    OUTPUT_NODE = True
+    INPUTS = (Socket("x", socket_type=NUMBER), String("filename_prefix", "out"))
+    OUTPUTS = ()
+
+    def run(self, ctx: RunContext, x: float, filename_prefix: str) -> Result:
+        folder = ctx.env.folders.output_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{filename_prefix}_{len(list(folder.iterdir())):05}.txt"
+        (folder / name).write_text(str(x))
+        return Result((), {"texts": [{"filename": name, "subfolder": "", "type": "output"}]})
+
+
+STUBS: tuple[type[Node], ...] = (
+    Source,
+    Add,
+    Scale,
+    Word,
+    Show,
+    Fail,
+    Slow,
+    Pick,
+    Stamp,
+    Random,
+    Warn,
+    SaveText,
+)
 
 
 def registry() -> Registry:

@@ -127,7 +127,14 @@ def test_events_in_order(executor: Executor) -> None:
     rec = Recorder()
     run(executor, {"1": chain_prompt()["1"], "3": {"class_type": "Show", "inputs": {"x": ["1", 0]}}}, rec)
     kinds = [type(e).__name__ for e in rec.events]
-    assert kinds == ["ExecutionStart", "ExecutionCached", "Executing", "Executing", "Executed", "ExecutionSuccess"]
+    assert kinds == [
+        "ExecutionStart",
+        "ExecutionCached",
+        "Executing",
+        "Executing",
+        "Executed",
+        "ExecutionSuccess",
+    ]
     assert all(e.prompt_id == "p1" for e in rec.events)
 
 

@@ -21,7 +21,9 @@ API = {
 }
 
 
-def ui_node(node_id: int, kind: str, inputs: list[Any], outputs: list[Any], widgets: Any, mode: int = 0) -> dict[str, Any]:
+def ui_node(
+    node_id: int, kind: str, inputs: list[Any], outputs: list[Any], widgets: Any, mode: int = 0
+) -> dict[str, Any]:
     return {
         "id": node_id, "type": kind, "pos": [0, 0], "size": [100, 50], "flags": {}, "order": node_id,
         "mode": mode, "inputs": inputs, "outputs": outputs, "properties": {"Node name for S&R": kind},
@@ -29,23 +31,33 @@ def ui_node(node_id: int, kind: str, inputs: list[Any], outputs: list[Any], widg
     }  # fmt: skip
 
 
+def inp(name: str, kind: str, link: int | None, widget: str | None = None) -> dict[str, Any]:
+    return {"name": name, "type": kind, "link": link} | ({"widget": {"name": widget}} if widget else {})
+
+
+def out(kind: str, links: list[int], widget: str | None = None) -> dict[str, Any]:
+    return {"name": kind, "type": kind, "links": links} | ({"widget": {"name": widget}} if widget else {})
+
+
 def ui_workflow() -> dict[str, Any]:
     """Source -> Reroute -> Scale (factor from a PrimitiveNode) -> bypassed Warn -> Show, plus a Note,
     a muted Show and a group; written as the stock frontend saves schema 0.4."""
     nodes = [
-        ui_node(1, "Source", [], [{"name": "NUMBER", "type": "NUMBER", "links": [1, 6]}], [3, "randomize", "a"]),
-        ui_node(10, "Reroute", [{"name": "", "type": "*", "link": 1}], [{"name": "", "type": "NUMBER", "links": [2]}], []),
-        ui_node(11, "PrimitiveNode", [], [{"name": "FLOAT", "type": "FLOAT", "links": [3], "widget": {"name": "factor"}}], [2.0]),
+        ui_node(1, "Source", [], [out("NUMBER", [1, 6])], [3, "randomize", "a"]),
+        ui_node(10, "Reroute", [inp("", "*", 1)], [out("NUMBER", [2])], []),
+        ui_node(11, "PrimitiveNode", [], [out("FLOAT", [3], widget="factor")], [2.0]),
         ui_node(
-            2, "Scale",
-            [{"name": "x", "type": "NUMBER", "link": 2}, {"name": "factor", "type": "FLOAT", "link": 3, "widget": {"name": "factor"}}],
-            [{"name": "NUMBER", "type": "NUMBER", "links": [4]}], [1.0],
+            2,
+            "Scale",
+            [inp("x", "NUMBER", 2), inp("factor", "FLOAT", 3, "factor")],
+            [out("NUMBER", [4])],
+            [1.0],
         ),
-        ui_node(12, "Warn", [{"name": "x", "type": "NUMBER", "link": 4}], [{"name": "NUMBER", "type": "NUMBER", "links": [5]}], [], mode=4),
-        ui_node(3, "Show", [{"name": "x", "type": "NUMBER", "link": 5}], [], []),
+        ui_node(12, "Warn", [inp("x", "NUMBER", 4)], [out("NUMBER", [5])], [], mode=4),
+        ui_node(3, "Show", [inp("x", "NUMBER", 5)], [], []),
         ui_node(13, "Note", [], [], ["remember the milk"]),
-        ui_node(14, "Show", [{"name": "x", "type": "NUMBER", "link": 6}], [], [], mode=2),
-    ]  # fmt: skip
+        ui_node(14, "Show", [inp("x", "NUMBER", 6)], [], [], mode=2),
+    ]
     links = [
         [1, 1, 0, 10, 0, "NUMBER"],
         [2, 10, 0, 2, 0, "NUMBER"],
@@ -73,7 +85,7 @@ def test_ui_workflow_converts_to_the_api_prompt() -> None:
 def test_schema_1_object_links() -> None:
     workflow = ui_workflow()
     keys = ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")
-    workflow["links"] = [dict(zip(keys, link)) for link in workflow["links"]]
+    workflow["links"] = [dict(zip(keys, link, strict=True)) for link in workflow["links"]]
     workflow["version"] = 1
     assert inputs_of(ui_to_api(workflow, registry())) == inputs_of(API)
 
@@ -132,7 +144,11 @@ def test_load_api_and_ui_json_files(tmp_path: Path) -> None:
 def test_load_request_body_wrapper() -> None:
     body = {"prompt": copy.deepcopy(API), "extra_data": {"extra_pnginfo": {"workflow": {"nodes": []}}}}
     loaded = load_workflow(body, registry())
-    assert loaded.format == "api" and loaded.workflow == {"nodes": []} and inputs_of(loaded.prompt) == inputs_of(API)
+    assert (
+        loaded.format == "api"
+        and loaded.workflow == {"nodes": []}
+        and inputs_of(loaded.prompt) == inputs_of(API)
+    )
 
 
 def write_png(path: Path, **chunks: str) -> None:
@@ -169,7 +185,11 @@ def test_png_without_metadata(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("{not json", "not valid JSON"), ("[1, 2]", "must hold a JSON object"), ('{"1": 5}', "node '1' is a int")],
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must hold a JSON object"),
+        ('{"1": 5}', "node '1' is a int"),
+    ],
 )
 def test_malformed_files(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bad.json"
