@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from nodegraph.server import routes_files, routes_info, routes_prompt, routes_user
-from nodegraph.server.auth import effective_token, origin_middleware, token_middleware
+from nodegraph.server.auth import cors_middleware, effective_token, origin_middleware, token_middleware
 from nodegraph.server.queue import PromptStore
 from nodegraph.server.replies import BadRequest, error
 from nodegraph.server.state import MAX_UPLOAD_SIZE, STATE, ServerState
@@ -67,14 +67,18 @@ def _mirror(app: web.Application, defs: Iterable[web.AbstractRouteDef]) -> None:
             app.router.add_route(route.method, prefix + route.path, route.handler, **route.kwargs)
 
 
-def create_app(engine: Any, *, max_upload_size: int = MAX_UPLOAD_SIZE) -> web.Application:
+def create_app(engine: Any, *, max_upload_size: int | None = None) -> web.Application:
     """The server for `engine`: its queue file under the user directory, its worker thread, every route.
 
     Args:
         engine: the built engine (`nodegraph.app.build_engine`): settings, env, registry, executor.
-        max_upload_size: the largest upload or request body, in bytes.
+        max_upload_size: the largest upload or request body, in bytes (default: the settings'
+            `max_upload_size_mb`, else 100 MB).
     """
     settings = getattr(engine, "settings", None)
+    if max_upload_size is None:
+        size_mb = getattr(settings, "max_upload_size_mb", None)
+        max_upload_size = int(size_mb * 1024 * 1024) if size_mb else MAX_UPLOAD_SIZE
     listen = str(getattr(settings, "listen", "127.0.0.1") or "127.0.0.1")
     token = effective_token(listen, getattr(settings, "auth_token", None))
     store = PromptStore(Path(engine.env.folders.user_dir) / QUEUE_FILE)
@@ -91,7 +95,8 @@ def create_app(engine: Any, *, max_upload_size: int = MAX_UPLOAD_SIZE) -> web.Ap
     holder.append(st)
     hub.on_connect = worker.on_connect
 
-    middlewares: list[Middleware] = [error_middleware, origin_middleware]
+    cors = getattr(settings, "enable_cors_header", None)
+    middlewares: list[Middleware] = [error_middleware, cors_middleware(cors) if cors else origin_middleware]
     if token is not None:
         middlewares.insert(0, token_middleware(token))
     app = web.Application(client_max_size=max_upload_size + (1 << 20), middlewares=middlewares)

@@ -116,3 +116,24 @@ async def origin_middleware(request: web.Request, handler: Handler) -> web.Strea
                 status=403,
             )
     return await handler(request)
+
+
+def cors_middleware(allowed: str) -> Middleware:
+    """ComfyUI's `--enable-cors-header [ORIGIN]`: answer cross-origin requests instead of refusing them.
+
+    The user opted in, so the origin check is replaced by CORS headers for `allowed` (`*` = any).
+    """
+
+    @web.middleware
+    async def add_cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
+            response: web.StreamResponse = web.Response(status=200)
+        else:
+            response = await handler(request)
+        response.headers["Access-Control-Allow-Origin"] = allowed
+        response.headers["Access-Control-Allow-Methods"] = "POST, GET, DELETE, PUT, OPTIONS, PATCH"
+        response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+        return response
+
+    return add_cors

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.metadata
+import json
 import os
 import platform
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from nodegraph import __version__
-from nodegraph.folders import MODEL_FOLDERS
+from nodegraph.folders import MODEL_FOLDERS, ModelNotFoundError, PathEscapeError
 from nodegraph.server.replies import error
 from nodegraph.server.state import state
 
@@ -59,6 +60,36 @@ async def models_in(request: web.Request) -> web.Response:
     if folder not in folders.model_dirs:
         return error(404, "unknown_folder", f"no model folder named {folder!r}", "GET /models lists them")
     return web.json_response(await asyncio.to_thread(folders.list, folder))
+
+
+def _safetensors_metadata(path: Path) -> dict[str, Any] | None:
+    """The `__metadata__` of a .safetensors header (8-byte little-endian length, then JSON)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if size <= 0 or size > 100 * 1024 * 1024:
+            return None
+        header = json.loads(f.read(size))
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else None
+
+
+@routes.get("/view_metadata/{folder}")
+async def view_metadata(request: web.Request) -> web.Response:
+    """A model file's safetensors metadata; the name goes through `Folders.resolve` (stays in its folder)."""
+    folders = state(request).engine.env.folders
+    name = request.query.get("filename", "")
+    if not name.endswith(".safetensors"):
+        return error(404, "not_found", "only .safetensors files carry metadata")
+    try:
+        path = folders.resolve(request.match_info["folder"], name)
+        meta = await asyncio.to_thread(_safetensors_metadata, path)
+    except PathEscapeError as exc:
+        return error(403, "path_escape", "that model name leaves its folder", str(exc))
+    except (ModelNotFoundError, OSError, ValueError) as exc:
+        return error(404, "not_found", f"no readable model {name!r}", str(exc))
+    if meta is None:
+        return error(404, "not_found", f"{name} has no metadata")
+    return web.json_response(meta)
 
 
 @routes.get("/experiment/models")

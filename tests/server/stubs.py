@@ -12,16 +12,12 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from PIL import Image
 
-from nodegraph.env import Environment
-from nodegraph.executor import Executor
-from nodegraph.folders import Folders
+from nodegraph.app import Engine, Settings, build_engine
 from nodegraph.node import Float, Int, Node, Output, Preview, Result, RunContext, Socket, String
-from nodegraph.registry import Registry
 from nodegraph.types import IMAGE, LATENT
 
 RUNS: Counter[str] = Counter()
@@ -118,12 +114,13 @@ def txt2img(seed: int = 1, steps: int = 2, delay: float = 0.0, prefix: str = "st
     }
 
 
-def make_engine(base: Path, *, listen: str = "127.0.0.1", auth_token: str | None = None) -> Any:
+def make_engine(
+    base: Path, *, listen: str = "127.0.0.1", auth_token: str | None = None, **extra: Any
+) -> Engine:
     """An engine over the stub nodes with its folders under `base`."""
-    folders = Folders.at(base)
+    settings = Settings(base_directory=base, listen=listen, auth_token=auth_token, port=0, **extra)
+    engine = build_engine(settings, nodes=STUBS)
+    folders = engine.env.folders
     for d in (folders.output_dir, folders.input_dir, folders.temp_dir, folders.user_dir):
         d.mkdir(parents=True, exist_ok=True)
-    env = Environment(folders)
-    registry = Registry(STUBS)
-    settings = SimpleNamespace(listen=listen, port=0, auth_token=auth_token)
-    return SimpleNamespace(settings=settings, env=env, registry=registry, executor=Executor(registry, env))
+    return engine

@@ -186,3 +186,14 @@ async def test_free_drops_cached_outputs(aiohttp_client: Any, engine: Any) -> No
     assert RUNS == {"StubSeed": 2, "StubSampler": 2, "StubSave": 2}
     await client.post("/prompt?wait=1", json={"prompt": txt2img()})
     assert RUNS == {"StubSeed": 2, "StubSampler": 2, "StubSave": 2}
+
+
+async def test_view_metadata_reads_the_safetensors_header(aiohttp_client: Any, engine: Any) -> None:
+    folder = Path(engine.env.folders.base_dir) / "models" / "loras"
+    folder.mkdir(parents=True)
+    header = b'{"__metadata__": {"ss_network_dim": "4"}}'
+    (folder / "l.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    client = await _client(aiohttp_client, engine)
+    meta = await client.get("/view_metadata/loras?filename=l.safetensors")
+    assert await meta.json() == {"ss_network_dim": "4"}
+    assert (await client.get("/view_metadata/loras?filename=missing.safetensors")).status == 404

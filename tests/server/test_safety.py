@@ -193,3 +193,28 @@ async def test_request_size_limits(aiohttp_client: Any, tmp_path: Path) -> None:
     assert (await client.post("/upload/image", data=form)).status == 413
     assert not (tmp_path / "input" / "big.png").exists()
     assert (await client.post("/userdata/big.json", data=b"x" * 5000)).status == 413
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../../secret.safetensors", "/etc/x.safetensors", "..%2F..%2Fsecret.safetensors", "a%00.safetensors"],
+)
+async def test_model_names_stay_in_their_folder(
+    aiohttp_client: Any, engine: Any, tmp_path: Path, name: str
+) -> None:
+    (tmp_path / "secret.safetensors").write_bytes(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"__metadata__":{}}'
+    )
+    client: TestClient = await aiohttp_client(create_app(engine))
+    resp = await client.get(raw(f"/view_metadata/checkpoints?filename={name}"))
+    assert resp.status in (403, 404)
+
+
+async def test_cors_option_answers_cross_origin_requests(aiohttp_client: Any, tmp_path: Path) -> None:
+    client: TestClient = await aiohttp_client(create_app(make_engine(tmp_path, enable_cors_header="*")))
+    resp = await client.post("/interrupt", headers={"Origin": "http://elsewhere.example"})
+    assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == "*"
+    pre = await client.options(
+        "/prompt", headers={"Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST"}
+    )
+    assert pre.status == 200 and "POST" in pre.headers["Access-Control-Allow-Methods"]
