@@ -125,7 +125,7 @@ def loha(
     *,
     tucker: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """LyCORIS LoHa (`hada_w?_a/b`); `tucker` on 3x3 convs: `hada_t?` cores with `[r, out]`/`[r, in]` factors."""
+    """LyCORIS LoHa (`hada_w?_a/b`); `tucker`: 3x3 convs get `hada_t?` cores, `[r,out]`/`[r,in]` factors."""
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for m in modules:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from lora_fixtures import DTYPES, dora, full_diff, kohya, lokr, loha, mini_models, peft, write
+from lora_fixtures import DTYPES, dora, full_diff, kohya, loha, lokr, mini_models, peft, write
 
 from nodes.sd.handles import LoraRef
 from nodes.sd.lora.coverage import coverage
