@@ -11,5 +11,5 @@ from nodes.sd.checkpoint import LoadedCheckpoint, load_checkpoint
 
 @pytest.fixture(scope="session")
 def loaded_mini(mini_checkpoint: Path) -> LoadedCheckpoint:
-    """The oracle's mini SD1.5 checkpoint loaded by `nodes.sd.checkpoint` (shared: do not modify its weights)."""
+    """The oracle's mini SD1.5 checkpoint, loaded by `nodes.sd.checkpoint` (shared: never modify it)."""
     return load_checkpoint(mini_checkpoint)

@@ -155,7 +155,9 @@ class Sneaky:
         return (print, ("this ran",))
 
 
-def test_a_pickle_that_needs_code_is_refused_not_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_pickle_that_needs_code_is_refused_not_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "evil.ckpt"
     with open(path, "wb") as f:
         pickle.dump({"state_dict": Sneaky()}, f)
@@ -185,5 +187,7 @@ def test_a_standalone_ldm_vae_file_loads_the_same_weights(
     with safe_open(str(mini_checkpoint), framework="pt") as f:
         tensors = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     vae = load_vae_file(_write(tmp_path / "my_vae.safetensors", tensors))
-    for (name, got), (_, want) in zip(vae.state_dict().items(), loaded_mini.vae.state_dict().items(), strict=True):
+    for (name, got), (_, want) in zip(
+        vae.state_dict().items(), loaded_mini.vae.state_dict().items(), strict=True
+    ):
         assert torch.equal(got, want), name
