@@ -148,8 +148,6 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     """
     path = Path(path)
     if path.is_dir():
-        from nodes.sd.diffusers_folder import load_diffusers_folder
-
         return load_diffusers_folder(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; put it in models/checkpoints")
@@ -327,3 +325,32 @@ class _Prefixed:
 
     def get(self, key: str) -> torch.Tensor:
         return self.inner.get(self._key(key))
+
+
+def load_diffusers_folder(path: Path) -> LoadedCheckpoint:
+    """A diffusers pipeline folder (`unet/`, `vae/`, `text_encoder/`, each a config.json and weights).
+
+    Read from disk only (`local_files_only`): the configs are the folder's own, nothing is fetched.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    for sub in ("unet", "vae", "text_encoder"):
+        if not (path / sub / "config.json").is_file():
+            raise CheckpointError(f"'{path.name}' is not a diffusers folder: {sub}/config.json is missing")
+    unet_cfg = read_json(path / "unet" / "config.json")
+    if unet_cfg.get("cross_attention_dim") != 768 or unet_cfg.get("use_linear_projection"):
+        raise CheckpointError(f"'{path.name}' is not an SD1.x model; nodegraph supports SD1.x for now")
+    try:
+        with torch.inference_mode(False):
+            unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
+            vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
+            te = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"'{path.name}': the diffusers folder cannot be loaded ({exc})") from exc
+    for module in (unet, vae, te):
+        module.to(torch.float32).eval().requires_grad_(False)
+    with torch.no_grad():
+        for param in te.parameters():
+            param.copy_(_to_fp16_rounded(param))
+    return LoadedCheckpoint(path, "sd15", unet, te, vae)

@@ -191,3 +191,20 @@ def test_a_standalone_ldm_vae_file_loads_the_same_weights(
         vae.state_dict().items(), loaded_mini.vae.state_dict().items(), strict=True
     ):
         assert torch.equal(got, want), name
+
+
+def test_a_diffusers_folder_loads_the_same_weights(tmp_path: Path, loaded_mini: LoadedCheckpoint) -> None:
+    folder = tmp_path / "mini_diffusers"
+    loaded_mini.unet.save_pretrained(folder / "unet")
+    loaded_mini.vae.save_pretrained(folder / "vae")
+    loaded_mini.text_encoder.save_pretrained(folder / "text_encoder")
+    again = load_checkpoint(folder)
+    for a, b in ((again.unet, loaded_mini.unet), (again.text_encoder, loaded_mini.text_encoder)):
+        for (name, got), want in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(got, want), name
+
+
+def test_a_folder_without_configs_is_not_a_diffusers_folder(tmp_path: Path) -> None:
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(CheckpointError, match="unet/config.json is missing"):
+        load_checkpoint(tmp_path)
