@@ -1,0 +1,34 @@
+"""Fixtures for node tests: an environment whose models folder holds the oracle's mini checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from models_context import FakeContext
+
+from nodegraph.env import Environment
+from nodegraph.folders import Folders
+
+
+@pytest.fixture(scope="session")
+def models_env(tmp_path_factory: pytest.TempPathFactory, mini_checkpoint: Path) -> Environment:
+    """One environment for the session (its model store keeps the mini checkpoint loaded)."""
+    base = tmp_path_factory.mktemp("nodegraph")
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "checkpoints" / "mini.safetensors").symlink_to(mini_checkpoint)
+    (base / "models" / "embeddings").mkdir()
+    return Environment(Folders.at(base))
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Environment:
+    """A fresh, empty environment (output, input and temp folders under tmp_path)."""
+    for sub in ("input", "output", "temp"):
+        (tmp_path / sub).mkdir()
+    return Environment(Folders.at(tmp_path))
+
+
+@pytest.fixture
+def ctx(env: Environment) -> FakeContext:
+    return FakeContext(env)

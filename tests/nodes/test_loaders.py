@@ -1,0 +1,137 @@
+"""CheckpointLoaderSimple and VAELoader: ComfyUI's declarations, the model store, fingerprints, errors."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from models_context import FakeContext
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nodegraph.env import Environment
+from nodegraph.folders import ModelNotFoundError
+from nodes.loaders import CheckpointLoaderSimple, VAELoader, model_store
+from nodes.sd.checkpoint import CheckpointError, PixelSpaceVae
+from nodes.sd.handles import ClipHandle, ModelHandle, VaeHandle
+from nodes.sd.model_store import ModelStore
+
+
+def test_checkpoint_loader_declaration_is_comfyuis(models_env: Environment) -> None:
+    info = CheckpointLoaderSimple.info(models_env)
+    assert info["input"]["required"]["ckpt_name"][0] == ["mini.safetensors"]
+    assert info["output"] == ["MODEL", "CLIP", "VAE"] and info["category"] == "loaders"
+    assert info["display_name"] == "Load Checkpoint"
+
+
+def test_vae_loader_lists_vae_files_and_pixel_space(models_env: Environment) -> None:
+    info = VAELoader.info(models_env)
+    assert info["input"]["required"]["vae_name"][0] == ["pixel_space"]
+    assert info["output"] == ["VAE"] and info["display_name"] == "Load VAE"
+
+
+def test_two_loads_of_one_file_share_one_copy(models_env: Environment) -> None:
+    ctx = FakeContext(models_env)
+    model, clip, vae = CheckpointLoaderSimple().run(ctx, "mini.safetensors")
+    again = CheckpointLoaderSimple().run(FakeContext(models_env, "2"), "mini.safetensors")
+    assert isinstance(model, ModelHandle) and isinstance(clip, ClipHandle) and isinstance(vae, VaeHandle)
+    assert again[0].unet is model.unet and again[1].text_encoder is clip.text_encoder
+    assert model.family == "sd15" and model.loras == () and clip.layer_idx is None
+    assert clip.embedding_dirs == tuple(models_env.folders.paths("embeddings"))
+    assert vae.scaling_factor == pytest.approx(0.18215)
+
+
+def test_fingerprint_follows_the_files_mtime_and_size(tmp_path: Path) -> None:
+    env = Environment(_folders_with(tmp_path, "checkpoints", "a.safetensors", b"x" * 10))
+    first = CheckpointLoaderSimple.fingerprint(env, ckpt_name="a.safetensors")
+    path = tmp_path / "models" / "checkpoints" / "a.safetensors"
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 5_000_000_000))
+    assert CheckpointLoaderSimple.fingerprint(env, ckpt_name="a.safetensors") != first
+    assert CheckpointLoaderSimple.fingerprint(env, ckpt_name="missing.safetensors") is None
+
+
+def _folders_with(base: Path, folder: str, name: str, data: bytes) -> Any:
+    from nodegraph.folders import Folders
+
+    (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+    (base / "models" / folder / name).write_bytes(data)
+    return Folders.at(base)
+
+
+def test_missing_checkpoint_names_the_file(env: Environment, ctx: FakeContext) -> None:
+    with pytest.raises(ModelNotFoundError, match="gone.safetensors"):
+        CheckpointLoaderSimple().run(ctx, "gone.safetensors")
+
+
+def test_a_broken_checkpoint_is_an_error_naming_it(tmp_path: Path) -> None:
+    env = Environment(_folders_with(tmp_path, "checkpoints", "broken.safetensors", b"not a model"))
+    with pytest.raises(CheckpointError, match="'broken.safetensors'"):
+        CheckpointLoaderSimple().run(FakeContext(env), "broken.safetensors")
+
+
+def test_vae_loader_reads_a_vae_file_and_pixel_space(tmp_path: Path, mini_checkpoint: Path) -> None:
+    prefix = "first_stage_model."
+    with safe_open(str(mini_checkpoint), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    (tmp_path / "models" / "vae").mkdir(parents=True)
+    save_file(tensors, str(tmp_path / "models" / "vae" / "sd_vae.safetensors"))
+    from nodegraph.folders import Folders
+
+    env = Environment(Folders.at(tmp_path))
+    assert VAELoader.info(env)["input"]["required"]["vae_name"][0] == ["sd_vae.safetensors", "pixel_space"]
+    (vae,) = VAELoader().run(FakeContext(env), "sd_vae.safetensors")
+    assert vae.vae.config.latent_channels == 4 and vae.source == "sd_vae.safetensors"
+    (pixel,) = VAELoader().run(FakeContext(env), "pixel_space")
+    assert isinstance(pixel.vae, PixelSpaceVae)
+    assert VAELoader.fingerprint(env, vae_name="sd_vae.safetensors") is not None
+
+
+# ---- the store itself, with a stand-in loader (no weights needed to test its bookkeeping)
+
+
+def _fake_store(calls: list[Path], capacity: int = 2, delay: float = 0.0) -> ModelStore:
+    def loader(path: Path) -> Any:
+        time.sleep(delay)
+        calls.append(path)
+        return object()
+
+    return ModelStore(capacity=capacity, loader=loader)
+
+
+def test_store_reloads_a_changed_file_and_keeps_at_most_capacity(tmp_path: Path) -> None:
+    files = [tmp_path / f"{n}.safetensors" for n in "abc"]
+    for f in files:
+        f.write_bytes(b"1")
+    calls: list[Path] = []
+    store = _fake_store(calls)
+    a1 = store.checkpoint(files[0])
+    assert store.checkpoint(files[0]) is a1 and len(calls) == 1
+    files[0].write_bytes(b"22")  # new size: a different file
+    assert store.checkpoint(files[0]) is not a1 and len(calls) == 2
+    assert store.loaded() == [str(files[0].resolve())]  # the old version is forgotten
+    store.checkpoint(files[1])
+    store.checkpoint(files[2])
+    assert len(store.loaded()) == 2 and str(files[0].resolve()) not in store.loaded()
+
+
+def test_store_loads_a_file_once_when_asked_from_two_threads(tmp_path: Path) -> None:
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(b"1")
+    calls: list[Path] = []
+    store = _fake_store(calls, delay=0.2)
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda: results.append(store.checkpoint(path))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results[0] is results[1] is results[2]
+
+
+def test_model_store_is_one_service_per_environment(env: Environment) -> None:
+    assert model_store(env) is model_store(env)
+    assert isinstance(model_store(env), ModelStore)
