@@ -114,7 +114,7 @@ def coverage(lora: LoraFile, name: str, unet: Decoded | None, te: Decoded | None
 
 
 def _a(name: str) -> str:
-    """"an SDXL", "a Flux": the article as the name is spoken."""
+    """ "an SDXL", "a Flux": the article as the name is spoken."""
     spelled = name[:2].isupper()  # an acronym is read letter by letter: "an SD1.5"
     vowel = name[:1] in "AEFHILMNORSX" if spelled else name[:1].lower() in "aeiou"
     return ("an " if vowel else "a ") + name

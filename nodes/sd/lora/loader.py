@@ -18,8 +18,9 @@ from typing import Any, Generic, Literal, TypeVar
 import torch
 
 from nodes.sd.lora import family as families
-from nodes.sd.lora.formats import FormatError, Update, bias_update, split_key, used_parts, weight_update
+from nodes.sd.lora.formats import FormatError, Update, bias_update, used_parts, weight_update
 from nodes.sd.lora.keymap import te_stems, unet_stems
+from nodes.sd.lora.suffixes import split_key
 
 Target = Literal["unet", "te"]
 V = TypeVar("V")
