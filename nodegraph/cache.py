@@ -27,6 +27,8 @@ from nodegraph.validate import call_with_constants
 
 log = logging.getLogger(__name__)
 
+_SCALARS = (str, bytes, int, float, bool)
+
 
 @dataclass(frozen=True)
 class CacheEntry:
@@ -110,8 +112,10 @@ def estimate_nbytes(value: Any, depth: int = 0, seen: set[int] | None = None) ->
     Walks dicts, lists, tuples and dataclasses a few levels deep; objects seen twice count once.
     Models are not counted: the model store owns and bounds them.
     """
+    if value is None or isinstance(value, _SCALARS):
+        return 0
     seen = set() if seen is None else seen
-    if depth > 6 or id(value) in seen or value is None or isinstance(value, (str, bytes, int, float, bool)):
+    if depth > 6 or id(value) in seen:
         return 0
     seen.add(id(value))
     nbytes = getattr(value, "nbytes", None)
@@ -120,7 +124,7 @@ def estimate_nbytes(value: Any, depth: int = 0, seen: set[int] | None = None) ->
     if isinstance(value, Mapping):
         return sum(estimate_nbytes(v, depth + 1, seen) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return sum(estimate_nbytes(v, depth + 1, seen) for v in value)
+        return sum(estimate_nbytes(v, depth + 1, seen) for v in value if not isinstance(v, _SCALARS))
     if is_dataclass(value) and not isinstance(value, type):
         return sum(estimate_nbytes(getattr(value, f.name, None), depth + 1, seen) for f in fields(value))
     return 0

@@ -126,6 +126,10 @@ def _engine(args: argparse.Namespace, *, with_nodes: bool = True) -> Engine:
         return build_engine(settings_from(args), None if with_nodes else ())
     except ValueError as exc:  # an unreadable extra_model_paths.yaml
         raise CliError(str(exc)) from exc
+    except ImportError as exc:
+        if args.verbose:
+            raise
+        raise CliError(f"the node packages failed to load ({exc}); --verbose shows the traceback") from exc
 
 
 # --------------------------------------------------------------------------------------------

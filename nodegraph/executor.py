@@ -247,7 +247,9 @@ class _PromptRun:
             feeds_output = any(s in target_set for s in graph.successors(node_id))
             return (1 if feeds_output else 2, position[node_id])
 
-        return list(nx.lexicographical_topological_sort(graph.subgraph(needed), key=rank))
+        # a plain copy: networkx's filtered subgraph views cost more than the copy on large graphs
+        scheduled = graph if len(needed) == len(graph) else nx.DiGraph(graph.subgraph(needed))
+        return list(nx.lexicographical_topological_sort(scheduled, key=rank))
 
     def _run_node(self, node_id: str, cls: type[Node], signature: str) -> bool:
         inputs: dict[str, Any] = {}

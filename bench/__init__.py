@@ -1,0 +1,53 @@
+"""Benchmarks: `python -m bench` runs them all, `python -m bench.<name>` one; figures go to RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def machine() -> str:
+    """A one-line description of this machine, for the results file."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table as lines."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def record(area: str, lines: list[str]) -> None:
+    """Append a dated block of result lines to this area's section of RESULTS.md (made if missing).
+
+    Other areas' sections are left as they are: the block goes at the end of `## <area>`.
+    """
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    block = [f"{stamp}, {machine()}:", "", *lines, ""]
+    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
+    heading = f"## {area}"
+    parts = text.splitlines()
+    if heading not in parts:
+        parts += ["", heading, ""]
+        end = len(parts)
+    else:
+        start = parts.index(heading) + 1
+        end = next((i for i in range(start, len(parts)) if parts[i].startswith("## ")), len(parts))
+        while end > start and not parts[end - 1].strip():
+            end -= 1
+        block = ["", *block]
+    parts[end:end] = block
+    RESULTS.write_text("\n".join(parts).rstrip("\n") + "\n", encoding="utf-8")
