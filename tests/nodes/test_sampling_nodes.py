@@ -1,0 +1,265 @@
+"""KSampler and KSamplerAdvanced on a tiny random diffusers UNet: guidance, windows, progress, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from nodegraph.env import Environment
+from nodegraph.folders import Folders
+from nodegraph.node import Interrupted, Preview
+from nodes.sampling import KSampler, KSamplerAdvanced
+from nodes.sd import samplers_registry
+from nodes.sd.handles import ModelHandle
+
+WIDTH = 32  # context width of the tiny UNet
+
+
+class FakeContext:
+    """A RunContext that records progress and can interrupt after some steps."""
+
+    def __init__(self, env: Environment, interrupt_after: int | None = None) -> None:
+        self.node_id = "ksampler"
+        self.env = env
+        self.steps: list[tuple[int, int, Preview | None]] = []
+        self.interrupt_after = interrupt_after
+
+    def progress(self, value: int, total: int, preview: Preview | None = None) -> None:
+        self.steps.append((value, total, preview))
+        self.check_interrupt()
+
+    def check_interrupt(self) -> None:
+        if self.interrupt_after is not None and len(self.steps) >= self.interrupt_after:
+            raise Interrupted("stop")
+
+    def warn(self, message: str, details: Mapping[str, Any] | None = None) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def model() -> ModelHandle:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=WIDTH,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
+    return ModelHandle(unet=unet, source="tiny", family="sd15")
+
+
+@pytest.fixture
+def env(tmp_path: Any) -> Environment:
+    return Environment(Folders.at(tmp_path), preview_method="none")
+
+
+def cond(seed: int, tokens: int = 77) -> list[list[Any]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, WIDTH, generator=g), {}]]
+
+
+def latent(batch: int = 1) -> dict[str, Any]:
+    return {"samples": torch.zeros(batch, 4, 8, 8)}
+
+
+def ksampler(env: Environment, model: ModelHandle, **kw: Any) -> torch.Tensor:
+    args: dict[str, Any] = dict(
+        seed=42,
+        steps=4,
+        cfg=7.0,
+        sampler_name="euler",
+        scheduler="normal",
+        positive=cond(1),
+        negative=cond(2),
+        latent_image=latent(),
+        denoise=1.0,
+    )
+    args.update(kw)
+    (out,) = KSampler().run(FakeContext(env), model, **args)
+    return out["samples"]
+
+
+def advanced(env: Environment, model: ModelHandle, **kw: Any) -> torch.Tensor:
+    args: dict[str, Any] = dict(
+        add_noise="enable",
+        noise_seed=42,
+        steps=6,
+        cfg=7.0,
+        sampler_name="euler",
+        scheduler="normal",
+        positive=cond(1),
+        negative=cond(2),
+        latent_image=latent(),
+        start_at_step=0,
+        end_at_step=10000,
+        return_with_leftover_noise="disable",
+    )
+    args.update(kw)
+    (out,) = KSamplerAdvanced().run(FakeContext(env), model, **args)
+    return out["samples"]
+
+
+def count_batches(model: ModelHandle) -> tuple[list[int], Any]:
+    sizes: list[int] = []
+    hook = model.unet.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    return sizes, hook
+
+
+def test_same_inputs_same_bits_and_seed_matters(env: Environment, model: ModelHandle) -> None:
+    a, b = ksampler(env, model), ksampler(env, model)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, ksampler(env, model, seed=43))
+
+
+def test_cfg_one_skips_the_uncond_pass(env: Environment, model: ModelHandle) -> None:
+    sizes, hook = count_batches(model)
+    try:
+        ksampler(env, model, cfg=1.0)
+        assert sizes == [1] * 4
+        sizes.clear()
+        ksampler(env, model, cfg=7.0)
+        assert sizes == [2] * 4  # uncond and cond in one batch
+    finally:
+        hook.remove()
+
+
+def test_cfg_one_ignores_the_negative(env: Environment, model: ModelHandle) -> None:
+    assert torch.equal(ksampler(env, model, cfg=1.0), ksampler(env, model, cfg=1.0, negative=cond(9)))
+
+
+def test_long_positive_with_short_negative_equals_separate_passes(
+    env: Environment, model: ModelHandle
+) -> None:
+    """154 vs 77 tokens: the negative is repeated to 154 in one batch, which attention cannot tell."""
+    long = cond(5, tokens=154)
+    batched = ksampler(env, model, positive=long)
+    repeated = [[cond(2)[0][0].repeat(1, 2, 1), {}]]
+    assert torch.allclose(batched, ksampler(env, model, positive=long, negative=repeated), atol=1e-4)
+
+
+def test_combined_conditioning_averages_predictions(env: Environment, model: ModelHandle) -> None:
+    one, two = cond(1), cond(3)
+    combined = ksampler(env, model, positive=one + two, cfg=1.0, steps=1)
+    # one step of euler from sigma_max to 0 returns the denoised prediction: the mean of the two
+    single_a = ksampler(env, model, positive=one, cfg=1.0, steps=1)
+    single_b = ksampler(env, model, positive=two, cfg=1.0, steps=1)
+    assert torch.allclose(combined, (single_a + single_b) / 2, rtol=1e-5, atol=1e-4)
+
+
+def test_advanced_split_with_leftover_noise_equals_one_run(env: Environment, model: ModelHandle) -> None:
+    whole = advanced(env, model)
+    first = advanced(env, model, end_at_step=3, return_with_leftover_noise="enable")
+    second = advanced(env, model, add_noise="disable", start_at_step=3, latent_image={"samples": first})
+    assert torch.allclose(second, whole, atol=1e-5, rtol=1e-5)
+    forced = advanced(env, model, end_at_step=3, return_with_leftover_noise="disable")
+    assert not torch.allclose(forced, first)
+
+
+def test_advanced_start_past_the_end_returns_the_input(env: Environment, model: ModelHandle) -> None:
+    given = torch.randn(1, 4, 8, 8)
+    assert torch.equal(advanced(env, model, start_at_step=6, latent_image={"samples": given}), given)
+
+
+def test_batch_item_zero_equals_the_single_run(env: Environment, model: ModelHandle) -> None:
+    single = ksampler(env, model)
+    batch = ksampler(env, model, latent_image=latent(2))
+    assert torch.allclose(batch[:1], single, rtol=1e-5, atol=1e-3)
+    assert not torch.allclose(batch[1:], single)
+
+
+class Spy:
+    """Stands in for a sampler to see the start state and the sigmas KSampler hands over."""
+
+    def __init__(self) -> None:
+        self.x: torch.Tensor | None = None
+        self.sigmas: torch.Tensor | None = None
+
+    def __call__(self, model: Any, x: torch.Tensor, sigmas: torch.Tensor, seed: Any, cb: Any) -> torch.Tensor:
+        self.x, self.sigmas = x.clone(), sigmas.clone()
+        return x
+
+
+def test_denoise_start_state_uses_sigma_not_sqrt(
+    env: Environment, model: ModelHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = Spy()
+    monkeypatch.setitem(samplers_registry.SAMPLERS, "euler", spy)
+    start = torch.full((1, 4, 8, 8), 0.5)
+    ksampler(env, model, latent_image={"samples": start}, denoise=0.5)
+    assert spy.x is not None and spy.sigmas is not None and len(spy.sigmas) == 5
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(42))
+    assert torch.allclose(spy.x, start * 0.18215 + noise * spy.sigmas[0], atol=1e-6)
+    ksampler(env, model, latent_image=latent())
+    assert torch.allclose(spy.x, noise * torch.sqrt(1 + spy.sigmas[0] ** 2), atol=1e-6)
+
+
+def test_progress_every_step_with_previews(tmp_path: Any, model: ModelHandle) -> None:
+    env = Environment(Folders.at(tmp_path), preview_method="auto")
+    ctx = FakeContext(env)
+    KSampler().run(ctx, model, 42, 3, 7.0, "dpmpp_2m", "karras", cond(1), cond(2), latent(), 1.0)
+    assert [(v, t) for v, t, _ in ctx.steps] == [(1, 3), (2, 3), (3, 3)]
+    assert all(p is not None and p.data[:2] == b"\xff\xd8" for _, _, p in ctx.steps)  # JPEG
+
+
+def test_no_previews_when_disabled(env: Environment, model: ModelHandle) -> None:
+    ctx = FakeContext(env)
+    KSampler().run(ctx, model, 42, 2, 7.0, "euler", "normal", cond(1), cond(2), latent(), 1.0)
+    assert [p for _, _, p in ctx.steps] == [None, None]
+
+
+def test_interrupt_stops_within_the_run(env: Environment, model: ModelHandle) -> None:
+    ctx = FakeContext(env, interrupt_after=2)
+    with pytest.raises(Interrupted):
+        KSampler().run(ctx, model, 42, 10, 7.0, "euler", "normal", cond(1), cond(2), latent(), 1.0)
+    assert len(ctx.steps) == 2
+
+
+def test_bad_inputs_name_the_input(env: Environment, model: ModelHandle) -> None:
+    with pytest.raises(ValueError, match="latent_image"):
+        ksampler(env, model, latent_image={"samples": torch.zeros(1, 16, 8, 8)})
+    with pytest.raises(ValueError, match="positive"):
+        ksampler(env, model, positive="a cat")
+    with pytest.raises(ValueError, match="model"):
+        ksampler(env, None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", samplers_registry.SAMPLER_NAMES)
+def test_every_sampler_runs_through_the_node(env: Environment, model: ModelHandle, name: str) -> None:
+    out = ksampler(env, model, sampler_name=name, steps=3)
+    assert out.shape == (1, 4, 8, 8) and bool(torch.isfinite(out).all())
+
+
+def test_node_declarations_match_comfyui() -> None:
+    info = KSampler.info(None)["input"]["required"]
+    assert info["seed"][1]["max"] == 0xFFFFFFFFFFFFFFFF and info["seed"][1]["control_after_generate"]
+    assert info["steps"][1]["default"] == 20 and info["cfg"][1]["default"] == 8.0
+    assert info["cfg"][1]["round"] == 0.01 and info["denoise"][1]["max"] == 1.0
+    assert info["scheduler"][0][:3] == ["simple", "sgm_uniform", "karras"]
+    adv = KSamplerAdvanced.info(None)
+    assert adv["input_order"]["required"] == [
+        "model",
+        "add_noise",
+        "noise_seed",
+        "steps",
+        "cfg",
+        "sampler_name",
+        "scheduler",
+        "positive",
+        "negative",
+        "latent_image",
+        "start_at_step",
+        "end_at_step",
+        "return_with_leftover_noise",
+    ]
+    assert adv["input"]["required"]["end_at_step"][1]["default"] == 10000
+    assert adv["display_name"] == "KSampler (Advanced)"
