@@ -30,6 +30,7 @@ class Message:
     type: str
     data: Any
     broadcast: bool = False
+    seq: int = 0  # status messages only: newer ones replace older unsent ones
 
 
 @dataclass(frozen=True)

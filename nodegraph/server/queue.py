@@ -184,9 +184,9 @@ class PromptStore:
                 self._db.execute(
                     "INSERT INTO history (prompt_id, entry) VALUES (?, ?)", (prompt_id, _dumps(entry))
                 )
-                self._db.execute(
-                    "DELETE FROM history WHERE seq NOT IN "
-                    "(SELECT seq FROM history ORDER BY seq DESC LIMIT ?)",
+                self._db.execute(  # an index range on seq, not a scan of the whole history
+                    "DELETE FROM history WHERE seq <= "
+                    "(SELECT seq FROM history ORDER BY seq DESC LIMIT 1 OFFSET ?)",
                     (self.max_history,),
                 )
                 self._db.execute("COMMIT")

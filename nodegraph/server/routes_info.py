@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import importlib.metadata
 import json
@@ -121,6 +122,7 @@ def _memory() -> tuple[int, int]:
         return 0, 0
 
 
+@functools.cache  # reading package metadata scans sys.path: once per process is enough
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)

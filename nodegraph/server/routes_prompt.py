@@ -8,12 +8,14 @@ removes a pending prompt or interrupts a running one.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from typing import Any
 from urllib.parse import urlencode
 
 from aiohttp import web
 
+from nodegraph.server.queue import QueueItem
 from nodegraph.server.replies import BadRequest, error, flag, jsonable, read_json
 from nodegraph.server.state import ServerState, state
 
@@ -35,31 +37,46 @@ async def post_prompt(request: web.Request) -> web.Response:
     if not isinstance(body, dict) or body.get("prompt") is None:
         return error(400, "no_prompt", "No prompt provided", 'send {"prompt": {...}} as JSON', node_errors={})
     prompt_id = str(body.get("prompt_id") or uuid.uuid4())
-    if await asyncio.to_thread(st.store.state_of, prompt_id) in ("pending", "running"):
-        return error(400, "duplicate_prompt_id", f"prompt {prompt_id} is already queued", node_errors={})
     extra_data = body.get("extra_data") or {}
     if not isinstance(extra_data, dict):
         return error(400, "invalid_prompt", "extra_data must be a JSON object", node_errors={})
     if "client_id" in body:
         extra_data["client_id"] = body["client_id"]
-    accepted = await asyncio.to_thread(_validate, st, body, extra_data)
-    if isinstance(accepted, web.Response):
-        return accepted
-    prompt, outputs, node_errors = accepted
-    wait = flag(request.query.get("wait"))
+    number = _number(body)
     future: asyncio.Future[dict[str, Any]] | None = None
-    if wait:
+    if flag(request.query.get("wait")):  # registered before queueing, so a fast finish is not missed
         future = asyncio.get_running_loop().create_future()
         st.waiters.setdefault(prompt_id, []).append(future)
-    number = _number(body)
-    item = await asyncio.to_thread(
-        st.store.put, prompt_id, prompt, extra_data, outputs, number=number, front=bool(body.get("front"))
-    )
+    # One trip to a thread for validation and the insert: each trip costs a GIL hand-off while
+    # the worker computes, which is what POST latency under load is made of.
+    accepted = await asyncio.to_thread(_accept, st, body, extra_data, prompt_id, number)
+    if isinstance(accepted, web.Response):
+        if future is not None:
+            st.waiters.get(prompt_id, []).remove(future)
+        return accepted
+    item, node_errors = accepted
     st.worker.broadcast_status()
     reply = {"prompt_id": prompt_id, "number": item.as_list()[0], "node_errors": jsonable(node_errors)}
     if future is None:
         return web.json_response(reply)
     return await _wait(request, future, reply)
+
+
+def _accept(
+    st: ServerState, body: dict[str, Any], extra_data: dict[str, Any], prompt_id: str, number: float | None
+) -> tuple[QueueItem, Any] | web.Response:
+    """Validate and queue; the queued item and node errors, or the 400 response."""
+    checked = _validate(st, body, extra_data)
+    if isinstance(checked, web.Response):
+        return checked
+    prompt, outputs, node_errors = checked
+    try:
+        item = st.store.put(
+            prompt_id, prompt, extra_data, outputs, number=number, front=bool(body.get("front"))
+        )
+    except sqlite3.IntegrityError:
+        return error(400, "duplicate_prompt_id", f"prompt {prompt_id} is already queued", node_errors={})
+    return item, node_errors
 
 
 def _number(body: dict[str, Any]) -> float | None:

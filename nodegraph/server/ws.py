@@ -44,6 +44,7 @@ class Hub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[Outgoing | None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._status_seq = 0  # written from any thread; a stale read only sends one extra status
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -68,8 +69,13 @@ class Hub:
             pass
 
     def broadcast_sync(self, message: Message) -> None:
-        """Queue a message for every socket (the `status` message)."""
-        self.send_sync(Message(message.type, message.data, broadcast=True), None)
+        """Queue a message for every socket (the `status` message).
+
+        A burst of queue changes (50 clients posting at once) would send one status per change to
+        every socket; only the newest queued status is sent, since each replaces the one before.
+        """
+        self._status_seq += 1
+        self.send_sync(Message(message.type, message.data, broadcast=True, seq=self._status_seq), None)
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
         """`GET /ws?clientId=`: a new or replacing socket for that session id."""
@@ -110,6 +116,8 @@ class Hub:
             if item is None:
                 return
             message, sid = item
+            if isinstance(message, Message) and message.seq and message.seq < self._status_seq:
+                continue  # a newer status is already queued behind this one
             for client in self._targets(message, sid):
                 await self._send(client, message)
 

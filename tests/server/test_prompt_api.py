@@ -372,3 +372,34 @@ async def test_front_and_number_order_the_queue(aiohttp_client: Any, engine: Any
     assert pending == [early, late]
     await client.post(f"/prompt/{slow}/cancel")
     await client.post("/queue", json={"clear": True})
+
+
+async def test_duplicate_prompt_id_is_refused_while_queued(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    slow = {"prompt": txt2img(steps=500, delay=0.01), "prompt_id": "mine"}
+    assert (await (await client.post("/prompt", json=slow)).json())["prompt_id"] == "mine"
+    again = await client.post("/prompt", json={"prompt": txt2img(), "prompt_id": "mine"})
+    assert again.status == 400 and (await again.json())["error"]["type"] == "duplicate_prompt_id"
+    await client.post("/prompt/mine/cancel")
+    await wait_done(client, "mine")
+
+
+async def test_reconnecting_client_hears_the_running_node(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    body = {"prompt": txt2img(steps=500, delay=0.01), "client_id": "back"}
+    pid = (await (await client.post("/prompt", json=body)).json())["prompt_id"]
+    for _ in range(200):
+        if (await (await client.get("/queue")).json())["queue_running"]:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    ws = await client.ws_connect("/ws?clientId=back")
+    first = json.loads((await ws.receive()).data)
+    second = json.loads((await ws.receive()).data)
+    assert first["type"] == "status" and first["data"]["status"]["exec_info"]["queue_remaining"] == 1
+    assert (
+        second["type"] == "executing" and second["data"]["node"] == "2" and second["data"]["prompt_id"] == pid
+    )
+    await client.post("/interrupt")
+    await wait_done(client, pid)
+    await ws.close()
