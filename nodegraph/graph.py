@@ -9,17 +9,17 @@ and the same graph exported "for API" give the same prompt.
 from __future__ import annotations
 
 import json
-import struct
-import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from nodegraph.node import Combo, Input, Int, Node
+from nodegraph.dynamic_prompts import dynamic_prompt
+from nodegraph.node import Combo, Input, Int, Node, String
+from nodegraph.png_text import PNG_SIGNATURE, png_text_chunks
 from nodegraph.registry import Registry
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+__all__ = ["LoadedWorkflow", "WorkflowError", "load_workflow", "png_text_chunks", "ui_to_api"]
+
 MUTED, BYPASS = 2, 4
 # Canvas-only nodes: they never reach the API prompt (ComfyUI's "virtual" nodes).
 NOTE_TYPES = frozenset({"Note", "MarkdownNote"})
@@ -104,44 +104,6 @@ def _json_chunk(texts: dict[str, str], key: str, origin: str) -> dict[str, Any] 
     return value if isinstance(value, dict) else None
 
 
-def png_text_chunks(data: bytes) -> dict[str, str]:
-    """The tEXt, zTXt and iTXt chunks of a PNG as {keyword: text}.
-
-    Hand-written because only the text chunks are wanted: no pixel decoding, and no cap on chunk
-    size (Pillow refuses text chunks over 1 MB, and large workflows exceed that).
-    """
-    texts: dict[str, str] = {}
-    for kind, body in _png_chunks(data):
-        try:
-            if kind == b"tEXt":
-                key, _, value = body.partition(b"\x00")
-                texts[key.decode("latin-1")] = value.decode("latin-1")
-            elif kind == b"zTXt":
-                key, _, rest = body.partition(b"\x00")
-                texts[key.decode("latin-1")] = zlib.decompress(rest[1:]).decode("latin-1")
-            elif kind == b"iTXt":
-                key, _, rest = body.partition(b"\x00")
-                compressed, rest = rest[0], rest[2:]
-                _lang, _, rest = rest.partition(b"\x00")
-                _translated, _, value = rest.partition(b"\x00")
-                raw = zlib.decompress(value) if compressed else value
-                texts[key.decode("latin-1")] = raw.decode("utf-8")
-        except (zlib.error, UnicodeDecodeError, IndexError):
-            continue  # one damaged chunk should not hide the others
-    return texts
-
-
-def _png_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
-    pos = len(PNG_SIGNATURE)
-    while pos + 8 <= len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        yield kind, data[pos + 8 : pos + 8 + length]
-        if kind == b"IEND":
-            return
-        pos += 12 + length
-
-
 def _from_object(obj: dict[str, Any], registry: Registry, origin: str) -> LoadedWorkflow:
     if isinstance(obj.get("nodes"), list):
         return LoadedWorkflow(ui_to_api(obj, registry), obj, "ui")
@@ -218,6 +180,11 @@ def ui_to_api(workflow: dict[str, Any], registry: Registry) -> dict[str, Any]:
         ):
             continue
         cls = registry.get(class_type)
+        if cls is None and class_type in _subgraph_ids(workflow):
+            raise WorkflowError(
+                f"node {node_id} is a subgraph; nodegraph does not run subgraphs yet: "
+                "unpack it in the canvas (right-click > Unpack Subgraph) and save again"
+            )
         if cls is None:
             raise WorkflowError(
                 f"node {node_id} has type '{class_type}', which is not a known node; "
@@ -225,6 +192,12 @@ def ui_to_api(workflow: dict[str, Any], registry: Registry) -> dict[str, Any]:
             )
         prompt[node_id] = _convert_node(node_id, node, cls, resolver)
     return prompt
+
+
+def _subgraph_ids(workflow: dict[str, Any]) -> set[str]:
+    definitions = workflow.get("definitions")
+    subgraphs = definitions.get("subgraphs") if isinstance(definitions, dict) else None
+    return {str(s.get("id")) for s in subgraphs or [] if isinstance(s, dict)}
 
 
 def _parse_links(raw: list[Any]) -> dict[int, _LinkRecord]:
@@ -320,7 +293,9 @@ def _widget_values(node_id: str, node: dict[str, Any], cls: type[Node]) -> dict[
     values: dict[str, Any] = {}
     pos = 0
     for inp in _in_input_order(widgets):
-        values[inp.name] = raw[pos] if pos < len(raw) else inp.default_value()
+        value = raw[pos] if pos < len(raw) else inp.default_value()
+        if value is not None:  # a widget the file predates and with no default: validation reports it
+            values[inp.name] = value
         pos += 1 + _extra_widgets(inp)
     return values
 
@@ -341,7 +316,7 @@ def _extra_widgets(inp: Input) -> int:
 def _convert_node(node_id: str, node: dict[str, Any], cls: type[Node], resolver: _Resolver) -> dict[str, Any]:
     inputs: dict[str, Any] = {}
     for name, value in _widget_values(node_id, node, cls).items():
-        inputs[name] = {"__value__": value} if isinstance(value, list) else value
+        inputs[name] = _serialized(cls.input(name), value)
     for slot, ui_input in enumerate(node.get("inputs") or []):
         name = ui_input.get("name")
         declared = cls.input(name) if isinstance(name, str) else None
@@ -351,9 +326,17 @@ def _convert_node(node_id: str, node: dict[str, Any], cls: type[Node], resolver:
         if isinstance(resolved, _Link):
             inputs[declared.name] = [resolved.origin_id, resolved.origin_slot]
         elif isinstance(resolved, _Value):
-            value = resolved.value
-            inputs[declared.name] = {"__value__": value} if isinstance(value, list) else value
+            inputs[declared.name] = _serialized(declared, resolved.value)
         elif not declared.is_widget:
             inputs.pop(declared.name, None)  # an unconnected socket: no value at all
     title = node.get("title") or cls.DISPLAY_NAME or cls.NODE_ID
     return {"inputs": inputs, "class_type": cls.NODE_ID, "_meta": {"title": title}}
+
+
+def _serialized(inp: Input | None, value: Any) -> Any:
+    """A widget value as the frontend puts it in the API prompt (its `serializeValue` hooks)."""
+    if isinstance(value, list):
+        return {"__value__": value}  # a list would read as a link
+    if isinstance(inp, String) and inp.dynamic_prompts and isinstance(value, str):
+        return dynamic_prompt(value)
+    return value

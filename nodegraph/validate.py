@@ -155,7 +155,7 @@ class _Checker:
                 self.valid[node_id] = False
         acyclic = self.graph.subgraph(n for n in self.graph if n not in self.valid)
         for node_id in nx.topological_sort(acyclic):
-            own = self._check_node(node_id)
+            own = self._guarded_check(node_id)
             if own:
                 self.errors[node_id] = own
             upstream_ok = all(self.valid.get(src, True) for src in self.graph.predecessors(node_id))
@@ -187,6 +187,20 @@ class _Checker:
         details = "\n".join(lines)
         err = error("prompt_outputs_failed_validation", "Prompt outputs failed validation", details)
         return Validation(ok=False, prompt=self.prompt, error=err, node_errors=node_errors)
+
+    def _guarded_check(self, node_id: str) -> list[dict[str, Any]]:
+        try:
+            return self._check_node(node_id)
+        except Exception as exc:  # e.g. a choice list that cannot be read: the node fails, not validation
+            return [
+                error(
+                    "exception_during_validation",
+                    "Exception when validating node",
+                    f"{type(exc).__name__}: {exc}",
+                    exception_type=qualified_name(type(exc)),
+                    traceback=traceback.format_exc().splitlines(),
+                )
+            ]
 
     def _check_node(self, node_id: str) -> list[dict[str, Any]]:
         node = self.prompt[node_id]

@@ -62,7 +62,7 @@ class Scale(Node):
 class Word(Node):
     """Emit a word (a socket type that does not fit NUMBER inputs)."""
 
-    INPUTS = (String("text", "hi"),)
+    INPUTS = (String("text", "hi", dynamic_prompts=True),)
     OUTPUTS = (Output(WORD),)
 
     def run(self, ctx: RunContext, text: str) -> tuple[str]:
@@ -129,6 +129,20 @@ class Pick(Node):
 
     def run(self, ctx: RunContext, name: str, n: int) -> tuple[int]:
         return (n,)
+
+
+def _unreadable(env: Environment) -> list[str]:
+    raise OSError("models folder unreadable")
+
+
+class Broken(Node):
+    """A node whose choice list cannot be computed."""
+
+    INPUTS = (Combo("name", choices=_unreadable),)
+    OUTPUTS = (Output(NUMBER),)
+
+    def run(self, ctx: RunContext, name: str) -> tuple[int]:
+        return (0,)
 
 
 class Stamp(Node):
@@ -198,6 +212,7 @@ STUBS: tuple[type[Node], ...] = (
     Random,
     Warn,
     SaveText,
+    Broken,
 )
 
 

@@ -201,3 +201,38 @@ def test_malformed_files(tmp_path: Path, text: str, message: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(WorkflowError, match="cannot read workflow file"):
         load_workflow(tmp_path / "nope.json", registry())
+
+
+def test_dynamic_prompt_widgets_are_rewritten_like_the_canvas_does() -> None:
+    workflow = {
+        "nodes": [
+            ui_node(1, "Word", [], [out("WORD", [])], ["a {red|red} cat // note\n/* x */done \\{kept\\}"])
+        ],
+        "links": [],
+    }
+    assert ui_to_api(workflow, registry())["1"]["inputs"]["text"] == "a red cat \ndone {kept}"
+
+
+def test_dynamic_prompt_choices_and_escapes() -> None:
+    import random
+
+    from nodegraph.dynamic_prompts import dynamic_prompt
+
+    rng = random.Random(0)
+    seen = {dynamic_prompt("{a|b|{c|d}}", rng) for _ in range(200)}
+    assert seen == {"a", "b", "c", "d"}
+    assert dynamic_prompt(r"\(word:1.2\) \| x", rng) == r"\(word:1.2\) | x"  # weight escapes survive
+
+
+def test_missing_widget_values_take_defaults() -> None:
+    workflow = ui_workflow()
+    workflow["nodes"][0]["widgets_values"] = [7]
+    assert ui_to_api(workflow, registry())["1"]["inputs"] == {"value": 7, "mode": "a"}
+
+
+def test_subgraph_nodes_get_a_clear_error() -> None:
+    workflow = ui_workflow()
+    workflow["nodes"][5]["type"] = "5b7e0c2a-0000-4000-8000-000000000001"
+    workflow["definitions"] = {"subgraphs": [{"id": "5b7e0c2a-0000-4000-8000-000000000001"}]}
+    with pytest.raises(WorkflowError, match="node 3 is a subgraph"):
+        ui_to_api(workflow, registry())

@@ -215,3 +215,14 @@ def test_unreachable_nodes_are_not_validated(tmp_path: Path) -> None:
     prompt = chain_prompt()
     prompt["9"] = {"class_type": "Source", "inputs": {"value": "bad"}}
     assert check(prompt, tmp_path).node_errors == {}
+
+
+def test_a_node_whose_check_raises_fails_alone(tmp_path: Path) -> None:
+    prompt = chain_prompt()
+    prompt["9"] = {"class_type": "Broken", "inputs": {"name": "x"}}
+    prompt["10"] = {"class_type": "Show", "inputs": {"x": ["9", 0]}}
+    result = check(prompt, tmp_path)
+    assert result.ok and sorted(result.outputs) == ["3", "5"]
+    err = only_error(result, "9")
+    assert err["type"] == "exception_during_validation" and "models folder unreadable" in err["details"]
+    assert err["extra_info"]["exception_type"] == "OSError"
