@@ -172,8 +172,10 @@ def routes(env: Environment) -> list[web.RouteDef]:
             raise web.HTTPNotFound(text=f"no preview image beside LoRA {name!r}")
         return web.FileResponse(image)
 
+    # Plain `web.route` (not `web.get`, which adds HEAD via an `allow_head` keyword) so that the server
+    # can re-register each RouteDef under `/` and `/api` with `router.add_route`.
     return [
-        web.get("/nodegraph/loras", loras),
-        web.get("/nodegraph/lora_info", lora_info),
-        web.get("/nodegraph/lora_preview", lora_preview),
+        web.route("GET", "/nodegraph/loras", loras),
+        web.route("GET", "/nodegraph/lora_info", lora_info),
+        web.route("GET", "/nodegraph/lora_preview", lora_preview),
     ]

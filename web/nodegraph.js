@@ -146,6 +146,44 @@ function attachPanel(node) {
   void showInfo(node, panel, loraWidget(node)?.value ?? null);
 }
 
+// ---- loader classes the frontend expects -------------------------------------------------------
+// Frontend 1.27 maps each model folder to these loader classes when it starts; a class missing from
+// /object_info throws a TypeError there, and every loader then loads as a red "missing" node
+// (shared/reference/canvas.md, pitfall 1). nodegraph does not offer all of them, so the canvas gets
+// placeholders, marked deprecated so the node search hides them; /object_info itself stays truthful.
+const FRONTEND_LOADERS = {
+  CheckpointLoaderSimple: "ckpt_name",
+  ImageOnlyCheckpointLoader: "ckpt_name",
+  LoraLoader: "lora_name",
+  LoraLoaderModelOnly: "lora_name",
+  VAELoader: "vae_name",
+  ControlNetLoader: "control_net_name",
+  UNETLoader: "unet_name",
+  UpscaleModelLoader: "model_name",
+  StyleModelLoader: "style_model",
+  GLIGENLoader: "gligen_name",
+};
+
+function addPlaceholderLoaders(defs) {
+  for (const [name, key] of Object.entries(FRONTEND_LOADERS)) {
+    if (defs[name]) continue;
+    defs[name] = {
+      name,
+      display_name: `${name} (not available in nodegraph)`,
+      description: "nodegraph does not implement this node; the canvas only needs to know its name.",
+      category: "nodegraph/unavailable",
+      python_module: "nodegraph.placeholder",
+      input: { required: { [key]: [[], {}] } },
+      input_order: { required: [key] },
+      output: [],
+      output_is_list: [],
+      output_name: [],
+      output_node: false,
+      deprecated: true,
+    };
+  }
+}
+
 // ---- warnings from the server ----------------------------------------------------------------
 function toast(severity, summary, detail) {
   const toasts = app.extensionManager?.toast;
@@ -153,14 +191,21 @@ function toast(severity, summary, detail) {
   else console.warn(`${summary}: ${detail}`);
 }
 
+// `details` is free text or a structured report (e.g. the LoRA coverage figures); both fit a tooltip.
+function detailText(details) {
+  if (details === undefined || details === null || details === "") return "";
+  return typeof details === "string" ? details : JSON.stringify(details, null, 1);
+}
+
 function onWarning(event) {
   const { node: id, message, details } = event.detail ?? {};
-  if (id === undefined || !message) return;
-  warnings.set(String(id), { message, details });
+  if (id === undefined || id === null || !message) return;
+  warnings.set(String(id), { message, details: detailText(details) });
   const node = app.graph?.getNodeById(id);
   if (node) showWarning(node);
   const title = node ? `${node.title} (#${id})` : `node ${id}`;
-  toast("warn", title, details ? `${message}\n${details}` : message);
+  const extra = typeof details === "string" && details.length < 300 ? `\n${details}` : "";
+  toast("warn", title, message + extra);
 }
 
 function onExecutionStart() {
@@ -197,6 +242,9 @@ app.registerExtension({
     addStyles();
     api.addEventListener("nodegraph.warning", onWarning);
     api.addEventListener("execution_start", onExecutionStart);
+  },
+  async addCustomNodeDefs(defs) {
+    addPlaceholderLoaders(defs);
   },
   async beforeRegisterNodeDef(nodeType) {
     const draw = nodeType.prototype.onDrawForeground;
