@@ -96,13 +96,21 @@ class OutputCache:
             self._bytes = 0
 
     def _evict(self) -> None:
-        if len(self._entries) <= self.max_entries and self._bytes <= self.max_bytes:
+        extra_entries = len(self._entries) - self.max_entries
+        extra_bytes = self._bytes - self.max_bytes
+        if extra_entries <= 0 and extra_bytes <= 0:
             return
-        for signature in list(self._entries):  # oldest first
-            if len(self._entries) <= self.max_entries and self._bytes <= self.max_bytes:
-                return
+        victims: list[str] = []
+        # Oldest first, stopping as soon as the bounds hold: usually one step per put.
+        for signature, entry in self._entries.items():
+            if extra_entries <= 0 and extra_bytes <= 0:
+                break
             if signature in self._pinned:
                 continue
+            victims.append(signature)
+            extra_entries -= 1
+            extra_bytes -= entry.nbytes
+        for signature in victims:
             self._bytes -= self._entries.pop(signature).nbytes
 
 
@@ -124,23 +132,32 @@ def estimate_nbytes(value: Any, depth: int = 0, seen: set[int] | None = None) ->
     if isinstance(value, Mapping):
         return sum(estimate_nbytes(v, depth + 1, seen) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return sum(estimate_nbytes(v, depth + 1, seen) for v in value if not isinstance(v, _SCALARS))
+        total = 0
+        for item in value:  # a plain loop: this runs for every node output, most of them tiny
+            if item is not None and not isinstance(item, _SCALARS):
+                total += estimate_nbytes(item, depth + 1, seen)
+        return total
     if is_dataclass(value) and not isinstance(value, type):
         return sum(estimate_nbytes(getattr(value, f.name, None), depth + 1, seen) for f in fields(value))
     return 0
 
 
-def _reads_own_id(cls: type[Node]) -> bool:
-    return any(isinstance(inp, Hidden) and inp.kind == UNIQUE_ID for inp in cls.INPUTS)
+_CLASS_FLAGS: dict[type[Node], tuple[bool, bool]] = {}
 
 
-def _has_fingerprint(cls: type[Node]) -> bool:
-    return cls.fingerprint.__func__ is not Node.fingerprint.__func__  # type: ignore[attr-defined]
+def _class_flags(cls: type[Node]) -> tuple[bool, bool]:
+    """(reads its own id, has a fingerprint), computed once per class: this runs for every node."""
+    flags = _CLASS_FLAGS.get(cls)
+    if flags is None:
+        own_id = any(isinstance(inp, Hidden) and inp.kind == UNIQUE_ID for inp in cls.INPUTS)
+        fingerprinted = cls.fingerprint.__func__ is not Node.fingerprint.__func__  # type: ignore[attr-defined]
+        flags = _CLASS_FLAGS[cls] = (own_id, fingerprinted)
+    return flags
 
 
 def fingerprint_of(cls: type[Node], env: Environment, node_id: str, inputs: dict[str, Any]) -> str:
     """The node's fingerprint as text; NaN or a failing fingerprint gives a one-off value (always re-run)."""
-    if not _has_fingerprint(cls):
+    if not _class_flags(cls)[1]:
         return ""
     try:
         value = call_with_constants(cls.fingerprint, env, inputs)
@@ -168,7 +185,7 @@ def node_signatures(
         cls = classes[node_id]
         inputs: dict[str, Any] = prompt[node_id]["inputs"]
         parts: list[Any] = [cls.NODE_ID, fingerprint_of(cls, env, node_id, inputs)]
-        if cls.NOT_IDEMPOTENT or _reads_own_id(cls):
+        if cls.NOT_IDEMPOTENT or _class_flags(cls)[0]:
             parts.append(node_id)
         for name in sorted(inputs):
             value = inputs[name]

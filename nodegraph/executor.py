@@ -194,11 +194,10 @@ class _PromptRun:
         targets = [o for o in outputs or [n for n, c in classes.items() if c.OUTPUT_NODE] if o in self.prompt]
         graph = dependency_graph(self.prompt, targets)
         try:
-            order = list(nx.topological_sort(graph))
+            order = self._ordered(graph, targets)
         except nx.NetworkXUnfeasible:
-            return self._fail(
-                targets[0], classes[targets[0]], _CycleError("the prompt's links form a cycle"), {}
-            )
+            cycle = _CycleError("the prompt's links form a cycle")
+            return self._fail(targets[0], classes[targets[0]], cycle, {})
         self.ex.forget_instances_except({(n, classes[n].NODE_ID) for n in self.prompt})
         signatures = node_signatures(self.prompt, order, classes, self.ex.env)
         self.ex.cache.pin(signatures.values())
@@ -206,6 +205,17 @@ class _PromptRun:
             entry = self.ex.cache.get(signatures[node_id])
             if entry is not None:
                 self.entries[node_id] = entry
+        self._report_cached(targets)
+        needed = self._needed(graph, targets)
+        # a cold run needs every node: the order computed above already is the schedule
+        schedule = order if len(needed) == len(order) else self._ordered(graph.subgraph(needed), targets)
+        for node_id in schedule:
+            if not self._run_node(node_id, classes[node_id], signatures[node_id]):
+                return self.outcome
+        self.emit(ExecutionSuccess(self.prompt_id))
+        return self.outcome
+
+    def _report_cached(self, targets: list[str]) -> None:
         self.outcome.cached = [n for n in self.prompt if n in self.entries]
         self.emit(ExecutionCached(self.prompt_id, tuple(self.outcome.cached)))
         for node_id in self.outcome.cached:
@@ -214,11 +224,6 @@ class _PromptRun:
                 self.outcome.outputs[node_id] = dict(ui)
                 if node_id in targets:  # cached outputs are shown again, not re-run
                     self.emit(Executed(self.prompt_id, node_id, ui))
-        for node_id in self._schedule(graph, targets):
-            if not self._run_node(node_id, classes[node_id], signatures[node_id]):
-                return self.outcome
-        self.emit(ExecutionSuccess(self.prompt_id))
-        return self.outcome
 
     def _class_of(self, node_id: str) -> type[Node]:
         cls = self.ex.registry.get(self.prompt[node_id]["class_type"])
@@ -228,8 +233,8 @@ class _PromptRun:
             )
         return cls
 
-    def _schedule(self, graph: nx.DiGraph, targets: list[str]) -> list[str]:
-        """Uncached nodes the targets need, in topological order, output nodes first among ready ones."""
+    def _needed(self, graph: nx.DiGraph, targets: list[str]) -> set[str]:
+        """The uncached nodes the targets need: walking back from them, stopping at cached nodes."""
         needed: set[str] = set()
         stack = [t for t in targets if t not in self.entries]
         while stack:
@@ -238,6 +243,11 @@ class _PromptRun:
                 continue
             needed.add(node_id)
             stack.extend(p for p in graph.predecessors(node_id) if p not in self.entries and p not in needed)
+        return needed
+
+    def _ordered(self, graph: nx.DiGraph, targets: list[str]) -> list[str]:
+        """Topological order, output nodes first among the ready ones, then nodes that feed an output
+        (ComfyUI's `ux_friendly_pick_node`), then prompt order."""
         position = {nid: i for i, nid in enumerate(self.prompt)}
         target_set = set(targets)
 
@@ -247,9 +257,7 @@ class _PromptRun:
             feeds_output = any(s in target_set for s in graph.successors(node_id))
             return (1 if feeds_output else 2, position[node_id])
 
-        # a plain copy: networkx's filtered subgraph views cost more than the copy on large graphs
-        scheduled = graph if len(needed) == len(graph) else nx.DiGraph(graph.subgraph(needed))
-        return list(nx.lexicographical_topological_sort(scheduled, key=rank))
+        return list(nx.lexicographical_topological_sort(graph, key=rank))
 
     def _run_node(self, node_id: str, cls: type[Node], signature: str) -> bool:
         inputs: dict[str, Any] = {}
