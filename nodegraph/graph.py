@@ -190,7 +190,14 @@ def ui_to_api(workflow: dict[str, Any], registry: Registry) -> dict[str, Any]:
                 f"node {node_id} has type '{class_type}', which is not a known node; "
                 "install or remove it (or mute it in the canvas)"
             )
-        prompt[node_id] = _convert_node(node_id, node, cls, resolver)
+        try:
+            prompt[node_id] = _convert_node(node_id, node, cls, resolver)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            if isinstance(exc, WorkflowError):
+                raise
+            raise WorkflowError(
+                f"node {node_id} ({class_type}) is malformed in the UI workflow: {exc!r}"
+            ) from exc
     return prompt
 
 
@@ -211,7 +218,10 @@ def _parse_links(raw: list[Any]) -> dict[int, _LinkRecord]:
             target, tslot, ltype = item.get("target_id"), item.get("target_slot"), item.get("type", "*")
         else:
             raise WorkflowError(f"the UI workflow has a malformed link: {str(item)[:80]}")
-        links[int(link_id)] = _LinkRecord(str(origin), int(oslot), str(target), int(tslot), str(ltype))
+        try:
+            links[int(link_id)] = _LinkRecord(str(origin), int(oslot), str(target), int(tslot), str(ltype))
+        except (TypeError, ValueError) as exc:
+            raise WorkflowError(f"the UI workflow has a malformed link {str(item)[:80]}: {exc}") from exc
     return links
 
 

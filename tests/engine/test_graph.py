@@ -236,3 +236,14 @@ def test_subgraph_nodes_get_a_clear_error() -> None:
     workflow["definitions"] = {"subgraphs": [{"id": "5b7e0c2a-0000-4000-8000-000000000001"}]}
     with pytest.raises(WorkflowError, match="node 3 is a subgraph"):
         ui_to_api(workflow, registry())
+
+
+def test_malformed_ui_link_and_node() -> None:
+    workflow = ui_workflow()
+    workflow["links"][0] = [1, 1, "zero", 10, 0, "NUMBER"]
+    with pytest.raises(WorkflowError, match="malformed link"):
+        ui_to_api(workflow, registry())
+    workflow = ui_workflow()
+    workflow["nodes"][3]["inputs"][0] = {"name": "x", "type": "NUMBER", "link": "two"}
+    with pytest.raises(WorkflowError, match=r"node 2 \(Scale\) is malformed"):
+        ui_to_api(workflow, registry())
