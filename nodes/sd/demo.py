@@ -22,6 +22,7 @@ import numpy as np
 from nodegraph.folders import Folders
 
 CHECKPOINT_NAME = "nodegraph_demo_sd15.safetensors"
+INPUT_IMAGE_NAME = "nodegraph_demo.png"  # the img2img example's input
 LORA_NAMES = ("nodegraph_demo_lora_a.safetensors", "nodegraph_demo_lora_b.safetensors")
 
 
@@ -255,11 +256,23 @@ def write_lora(path: Path, which: str, rank: int, alpha: float) -> Path:
     return path
 
 
+def write_input_image(path: Path, size: int = 256) -> Path:
+    """A colour gradient with a disc: a visible input for the img2img example."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    y, x = np.meshgrid(ramp, ramp, indexing="ij")
+    disc = ((x - 128) ** 2 + (y - 110) ** 2 < 60**2) * 120.0
+    rgb = np.stack([x, y, np.clip(255 - x + disc, 0, 255)], axis=-1).astype(np.uint8)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
 def write_demo_models(folders: Folders, force: bool = False) -> list[Path]:
-    """Write the demo checkpoint and LoRAs into the models folders; skip files that exist unless `force`.
+    """Write the demo checkpoint, LoRAs and input image; skip files that exist unless `force`.
 
     Args:
-        folders: where to write (the first `checkpoints` and `loras` directories).
+        folders: where to write (the first `checkpoints` and `loras` directories, the input folder).
         force: rewrite files that already exist.
 
     Returns:
@@ -271,6 +284,7 @@ def write_demo_models(folders: Folders, force: bool = False) -> list[Path]:
         (ckpt, lambda p: write_checkpoint(p)),
         (loras / LORA_NAMES[0], lambda p: write_lora(p, "a", rank=4, alpha=4.0)),
         (loras / LORA_NAMES[1], lambda p: write_lora(p, "b", rank=8, alpha=4.0)),
+        (folders.input_dir / INPUT_IMAGE_NAME, write_input_image),
     ]
     written = []
     for path, write in jobs:

@@ -10,7 +10,15 @@ from safetensors import safe_open
 
 from nodegraph.folders import Folders
 from nodes.sd.checkpoint import load_checkpoint
-from nodes.sd.demo import CHECKPOINT_NAME, LORA_NAMES, UNET_FULL, unet_specs, write_demo_models, write_lora
+from nodes.sd.demo import (
+    CHECKPOINT_NAME,
+    INPUT_IMAGE_NAME,
+    LORA_NAMES,
+    UNET_FULL,
+    unet_specs,
+    write_demo_models,
+    write_lora,
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +29,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Folders, list[Path]]
 
 def test_writes_the_checkpoint_and_two_loras_where_the_loaders_look(demo: tuple[Folders, list[Path]]) -> None:
     folders, paths = demo
-    assert [p.name for p in paths] == [CHECKPOINT_NAME, *LORA_NAMES]
+    assert [p.name for p in paths] == [CHECKPOINT_NAME, *LORA_NAMES, INPUT_IMAGE_NAME]
+    assert (folders.input_dir / INPUT_IMAGE_NAME).is_file()
     assert folders.list("checkpoints") == [CHECKPOINT_NAME]
     assert folders.list("loras") == sorted(LORA_NAMES)
 
