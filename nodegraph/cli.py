@@ -16,6 +16,7 @@ import importlib
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,7 @@ def _run_one(engine: Engine, path: Path, overrides: list[str], verbose: bool) ->
         raise CliError(f"{path} is not valid:\n" + "\n".join(f"  {line}" for line in problems))
     extra = {"extra_pnginfo": {"workflow": loaded.workflow}} if loaded.workflow is not None else {}
     reporter = Reporter(verbose)
+    started = time.perf_counter()
     try:
         outcome = engine.executor.execute(
             checked.prompt, path.name, reporter, extra_data=extra, outputs=checked.outputs
@@ -169,6 +171,9 @@ def _run_one(engine: Engine, path: Path, overrides: list[str], verbose: bool) ->
         raise CliError(f"{path}: {describe_error(outcome.error, verbose)}")
     for written in written_files(outcome.outputs, engine.env.folders):
         print(written)
+    elapsed = time.perf_counter() - started
+    ran, cached = len(outcome.executed), len(outcome.cached)
+    print(f"{path.name}: {ran} node(s) ran, {cached} cached, {elapsed:.1f} s", file=sys.stderr)
 
 
 def _load(engine: Engine, path: Path) -> LoadedWorkflow:
