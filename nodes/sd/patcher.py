@@ -73,9 +73,23 @@ def _rebuild(
     for update, strength in rest:
         update.apply(work, strength)
     if target == "te":
-        work.copy_(work.half())
+        _round_fp16(work)
     if work is not w:
         w.copy_(work)
+
+
+_CHUNK = 1 << 16  # elements per rounding step: the fp16 scratch stays in cache, nothing is allocated
+_SCRATCH = torch.empty(_CHUNK, dtype=torch.float16)
+
+
+def _round_fp16(work: torch.Tensor) -> None:
+    """Round an fp32 tensor to fp16 precision in place (ComfyUI stores the text encoder in fp16)."""
+    flat = work.view(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start : start + _CHUNK]
+        half = _SCRATCH[: part.numel()]
+        half.copy_(part)
+        part.copy_(half)
 
 
 def _wanted(
@@ -106,7 +120,7 @@ def apply_stack(module: Any, loras: Sequence[LoraRef], target: Target) -> int:
     if state.stack == stack:
         return 0
     # inference_mode(False): backups made under an executor's inference mode must stay normal tensors.
-    with torch.inference_mode(False), torch.no_grad():
+    with _LOCK, torch.inference_mode(False), torch.no_grad():
         return _change(state, module, active, stack, target)
 
 

@@ -1,0 +1,268 @@
+"""LoRA patching on a full-size SD1.5-shaped UNet + CLIP-L: first application, strength change, add, remove.
+
+The models are diffusers' standard SD1.5 UNet and transformers' CLIP-L text encoder with random
+weights (nothing is downloaded). LoRA a is rank-32 kohya on every attention projection, feed-forward
+layer and proj_in/proj_out plus every text-encoder linear; LoRA b is rank-16 on the attention
+q/k/v and text-encoder layers 0-5. Each phase is timed (median) and its peak RSS growth sampled,
+and set against the floor measured here in the same run: for every weight the phase rewrites, one
+read and one write of the weight plus its rank-r product(s), as bare `torch.addmm(..., out=)`.
+
+    .venv/bin/python -m bench.lora [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from bench import record, table
+from nodes.sd.handles import LoraRef
+from nodes.sd.lora.loader import clear_caches, decoded, file_stamp
+from nodes.sd.patcher import apply_stack, restore
+
+OUT = Path(__file__).resolve().parent / "out"
+UNET_TARGETS = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "proj_in",
+    "proj_out",
+)
+TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def build_models() -> tuple[Any, Any]:
+    """SD1.5's UNet (diffusers default config) and CLIP-L text model, random, fp32 (TE fp16-rounded)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
+        te = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+            )
+        )
+    for model, rounded in ((unet, False), (te, True)):
+        model.to_empty(device="cpu")
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.normal_(0, 0.02)
+            if rounded:
+                p.copy_(p.half().float())
+    return unet.eval(), te.eval()
+
+
+def _targets(model: Any, suffixes: tuple[str, ...], te_layers: range | None = None) -> list[str]:
+    out = []
+    for name, module in model.named_modules():
+        if not name.endswith(suffixes) or not hasattr(module, "weight") or module.weight is None:
+            continue
+        if te_layers is not None and int(name.split("layers.")[1].split(".")[0]) not in te_layers:
+            continue
+        out.append(name)
+    return out
+
+
+def write_lora(path: Path, unet: Any, te: Any, rank: int, unet_sfx: tuple[str, ...], te_layers: range) -> int:
+    """A kohya file (fp16) with random factors; returns the number of modules."""
+    gen = torch.Generator().manual_seed(rank)
+    tensors: dict[str, torch.Tensor] = {}
+    mods = [("lora_unet_", unet, m) for m in _targets(unet, unet_sfx)]
+    mods += [("lora_te_text_model_", te, m) for m in _targets(te, TE_TARGETS, te_layers)]
+    for prefix, model, name in mods:
+        w = model.get_submodule(name).weight
+        k = tuple(w.shape[2:])
+        stem = prefix + name.replace(".", "_")
+        tensors[stem + ".lora_down.weight"] = (
+            torch.randn((rank, w.shape[1], *k), generator=gen) * 0.02
+        ).half()
+        tensors[stem + ".lora_up.weight"] = (
+            torch.randn((w.shape[0], rank, *((1, 1) if k else ())), generator=gen) * 0.02
+        ).half()
+        tensors[stem + ".alpha"] = torch.tensor(float(rank)).half()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        tensors, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank)}
+    )
+    return len(mods)
+
+
+class PeakRss:
+    """Samples VmRSS in a thread: the peak growth over the RSS at entry."""
+
+    def __enter__(self) -> PeakRss:
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _time(
+    fn: Callable[[], object], setup: Callable[[], object] | None = None, repeats: int = 3
+) -> tuple[float, int]:
+    """(median seconds, max peak RSS growth in bytes) of `fn` after `setup`, over `repeats` runs."""
+    times, peaks = [], []
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        with PeakRss() as rss:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        peaks.append(rss.growth)
+    return statistics.median(times), max(peaks)
+
+
+def _jobs(pairs: list[tuple[Any, str]], refs: list[LoraRef], names: set[str] | None = None) -> list[Any]:
+    """(base, out, factors) per weight that `refs` touch (or only `names`), for the floor."""
+    jobs = []
+    for module, target in pairs:
+        params = dict(module.named_parameters())
+        decs = [decoded(r.path, r.stamp, module, target) for r in refs]  # type: ignore[arg-type]
+        keys = set().union(*(d.updates for d in decs)) if decs else set()
+        for key in sorted(keys if names is None else keys & names):
+            base = params[key].data.reshape(params[key].shape[0], -1)
+            factors = [(d.updates[key].up, d.updates[key].down) for d in decs if key in d.updates]
+            jobs.append((base, torch.empty_like(base), factors))
+    return jobs
+
+
+def _floor(jobs: list[Any], with_product: bool = True) -> Callable[[], None]:
+    def run() -> None:
+        for base, out, factors in jobs:
+            if not with_product or not factors:
+                out.copy_(base)
+                continue
+            torch.addmm(base, factors[0][0], factors[0][1], out=out)
+            for up, down in factors[1:]:
+                out.addmm_(up, down)
+
+    return run
+
+
+def measure(unet: Any, te: Any, a: Path, b: Path) -> list[list[str]]:
+    pairs = [(unet, "unet"), (te, "te")]
+
+    def ref(path: Path, s: float) -> LoraRef:
+        return LoraRef(path, file_stamp(path), s, path.name)
+
+    def stack(*refs: LoraRef) -> Callable[[], None]:
+        return lambda: [apply_stack(m, list(refs), t) for m, t in pairs]  # type: ignore[arg-type,func-returntype]
+
+    def reset() -> None:
+        restore(unet)
+        restore(te)
+        clear_caches()
+
+    a1, b1 = ref(a, 1.0), ref(b, 0.8)
+    reset()
+    first = _time(stack(a1), reset)
+    strengths = iter([0.5, 0.75] * 10)
+    change = _time(lambda: stack(ref(a, next(strengths)))())
+    from_file = _time(lambda: stack(ref(a, next(strengths)))(), clear_caches)
+    add_b = _time(stack(a1, b1), stack(a1))
+    remove_b = _time(stack(a1), stack(a1, b1))
+    remove_all = _time(stack(), stack(a1))
+    reset()
+    a_jobs = _jobs(pairs, [a1])
+    b_keys = {k for m, t in pairs for k in decoded(b, b1.stamp, m, t).updates}  # type: ignore[arg-type]
+    floors = {
+        "a": _time(_floor(a_jobs)),
+        "ab": _time(_floor(_jobs(pairs, [a1, b1], b_keys))),
+        "a_on_b": _time(_floor(_jobs(pairs, [a1], b_keys))),
+        "copy_a": _time(_floor(a_jobs, with_product=False)),
+    }
+    touched = sum(base.numel() * 4 for base, _, _ in a_jobs)
+    del a_jobs
+    rows = []
+    for label, (secs, peak), floor in (
+        ("first application (read, decode, patch)", first, "a"),
+        ("strength change", change, "a"),
+        ("strength change, re-applied from the file", from_file, "a"),
+        ("second LoRA added", add_b, "ab"),
+        ("second LoRA removed", remove_b, "a_on_b"),
+        ("all LoRAs removed", remove_all, "copy_a"),
+    ):
+        f_secs = floors[floor][0]
+        rows.append(
+            [
+                label,
+                f"{secs * 1e3:.0f} ms",
+                f"{f_secs * 1e3:.0f} ms",
+                f"{secs / f_secs:.2f}×",
+                f"{peak / 2**20:.0f} MiB",
+                f"{peak / touched:.2f}×",
+            ]
+        )
+    rows.append(["re-apply from file / strength change", f"{from_file[0] / change[0]:.1f}×", "", "", "", ""])
+    rows.append([f"touched weights (LoRA a): {touched / 2**20:.0f} MiB fp32", "", "", "", "", ""])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--no-record", action="store_true", help="print only; do not touch RESULTS.md")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    unet, te = build_models()
+    a, b = OUT / "lora_a_r32.safetensors", OUT / "lora_b_r16.safetensors"
+    n_a = write_lora(a, unet, te, 32, UNET_TARGETS, range(12))
+    n_b = write_lora(b, unet, te, 16, ("to_q", "to_k", "to_v"), range(6))
+    rows = measure(unet, te, a, b)
+    headers = ["phase (median of 3)", "time", "floor", "time/floor", "peak RSS growth", "RSS/touched"]
+    lines = [
+        f"Full-size SD1.5 UNet + CLIP-L, random weights; LoRA a rank 32 on {n_a} modules, "
+        f"b rank 16 on {n_b}. Targets: strength change ≤ 2× floor and ≥ 5× faster than from the file; "
+        "memory growth ≤ touched weights.",
+        "",
+        *table(headers, rows),
+    ]
+    print("\n".join(lines))
+    if not args.no_record:
+        record("LoRA (issue 4)", lines)
+
+
+if __name__ == "__main__":
+    main()
