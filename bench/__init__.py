@@ -36,7 +36,8 @@ def record(area: str, lines: list[str]) -> None:
     Other areas' sections are left as they are: the block goes at the end of `## <area>`.
     """
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    block = [f"{stamp}, {machine()}:", "", *lines, ""]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    block = [f"{stamp}, {machine()}, load average {load:.1f} during the run:", "", *lines, ""]
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
     heading = f"## {area}"
     parts = text.splitlines()
@@ -47,6 +48,7 @@ def record(area: str, lines: list[str]) -> None:
         start = parts.index(heading) + 1
         end = next((i for i in range(start, len(parts)) if parts[i].startswith("## ")), len(parts))
         while end > start and not parts[end - 1].strip():
+            del parts[end - 1]
             end -= 1
         block = ["", *block]
     parts[end:end] = block
