@@ -21,7 +21,7 @@ from nodegraph.node import (
     String,
 )
 from nodegraph.registry import Registry
-from nodegraph.types import SocketType
+from nodegraph.types import FLOAT, SocketType
 
 NUMBER = SocketType("NUMBER")
 WORD = SocketType("WORD")
@@ -57,6 +57,16 @@ class Scale(Node):
 
     def run(self, ctx: RunContext, x: float, factor: float) -> tuple[float]:
         return (x * factor,)
+
+
+class Ratio(Node):
+    """Emit a FLOAT (to drive a widget converted to a socket)."""
+
+    INPUTS = (Float("value", 0.5),)
+    OUTPUTS = (Output(FLOAT),)
+
+    def run(self, ctx: RunContext, value: float) -> tuple[float]:
+        return (value,)
 
 
 class Word(Node):
@@ -213,6 +223,7 @@ STUBS: tuple[type[Node], ...] = (
     Warn,
     SaveText,
     Broken,
+    Ratio,
 )
 
 

@@ -247,3 +247,32 @@ def test_malformed_ui_link_and_node() -> None:
     workflow["nodes"][3]["inputs"][0] = {"name": "x", "type": "NUMBER", "link": "two"}
     with pytest.raises(WorkflowError, match=r"node 2 \(Scale\) is malformed"):
         ui_to_api(workflow, registry())
+
+
+def test_widget_converted_to_a_socket_takes_its_link(tmp_path: Path) -> None:
+    workflow = ui_workflow()
+    workflow["nodes"].append(ui_node(20, "Ratio", [], [out("FLOAT", [30])], [4.0]))
+    workflow["links"].append([30, 20, 0, 2, 1, "FLOAT"])
+    workflow["nodes"][3]["inputs"][1]["link"] = 30  # Scale.factor now comes from Ratio, not the Primitive
+    prompt = ui_to_api(workflow, registry())
+    assert prompt["2"]["inputs"]["factor"] == ["20", 0]
+    assert prompt["20"]["inputs"] == {"value": 4.0}
+    from engine_stubs import environment
+
+    from nodegraph.validate import validate_prompt
+
+    assert validate_prompt(prompt, registry(), environment(tmp_path)).node_errors == {}
+
+
+def test_ui_and_api_forms_are_the_same_graph_to_the_executor(tmp_path: Path) -> None:
+    from engine_stubs import environment
+
+    from nodegraph.executor import Executor
+    from nodegraph.validate import validate_prompt
+
+    executor = Executor(registry(), environment(tmp_path))
+    for prompt in (copy.deepcopy(API), ui_to_api(ui_workflow(), registry())):
+        checked = validate_prompt(prompt, executor.registry, executor.env)
+        outcome = executor.execute(checked.prompt, "p", lambda event: None, outputs=checked.outputs)
+    assert outcome.status == "success" and outcome.executed == []  # the UI form hit every cache entry
+    assert outcome.outputs == {"3": {"values": [6.0]}}
