@@ -25,6 +25,10 @@ HINTS = {
     "value_not_in_list": "pick one of the listed values (model files go in their models folder)",
     "dependency_cycle": "remove a link so that no node depends on itself",
 }
+PROMPT_HINTS = {
+    "prompt_no_outputs": "add an output node such as SaveImage or PreviewImage",
+    "invalid_prompt": "`nodegraph nodes` lists the node types nodegraph has; replace or remove this one",
+}
 
 
 class Reporter:
@@ -72,12 +76,13 @@ def describe_validation(checked: Validation, prompt: Mapping[str, Any]) -> list[
     lines: list[str] = []
     if checked.error is not None and checked.error["type"] != "prompt_outputs_failed_validation":
         err = checked.error
-        lines.append(f"{err['message']} {err['details']}".strip())
+        hint = PROMPT_HINTS.get(err["type"], "")
+        lines.append(f"{err['message']} {err['details']}".strip() + (f" ({hint})" if hint else ""))
     for node_id, entry in checked.node_errors.items():
         for err in entry["errors"]:
             name = (err.get("extra_info") or {}).get("input_name")
             where = f"node {node_id} ({entry['class_type']})" + (f", input '{name}'" if name else "")
-            hint = HINTS.get(err["type"])
+            hint = HINTS.get(err["type"], "")
             detail = f": {err['details']}" if err.get("details") else ""
             lines.append(f"{where}: {err['message']}{detail}" + (f" ({hint})" if hint else ""))
     return lines

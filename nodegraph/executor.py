@@ -191,7 +191,8 @@ class _PromptRun:
     def execute(self, outputs: Sequence[str] | None) -> Outcome:
         self.emit(ExecutionStart(self.prompt_id))
         classes = {nid: self._class_of(nid) for nid in self.prompt}
-        targets = [o for o in outputs or [n for n, c in classes.items() if c.OUTPUT_NODE] if o in self.prompt]
+        wanted = outputs if outputs is not None else [n for n, c in classes.items() if c.OUTPUT_NODE]
+        targets = [o for o in wanted if o in self.prompt]
         graph = dependency_graph(self.prompt, targets)
         try:
             order = self._ordered(graph, targets)
