@@ -7,14 +7,15 @@ encoder apply the stack through `nodes.sd.patcher.patched`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
 from nodegraph.env import Environment
-from nodegraph.node import Combo, Float, Node, Output, RunContext, Socket, String
-from nodegraph.types import CLIP, MODEL, STRING
-from nodes.sd.handles import ClipHandle, LoraRef, ModelHandle
+from nodegraph.node import Combo, Float, Hidden, Node, Output, Result, RunContext, Socket, String
+from nodegraph.types import CLIP, MODEL, STRING, VAE
+from nodes.sd.handles import ClipHandle, LoraRef, ModelHandle, VaeHandle
 from nodes.sd.lora.coverage import Coverage, check, coverage
 from nodes.sd.lora.loader import decoded, file_stamp, read_lora
 from nodes.sd.lora.tags import LoraTag, parse_tags, resolve_tag
@@ -196,4 +197,58 @@ def _tag_stamp(env: Environment, tag: LoraTag) -> Hashable:
         return None
 
 
-NODES: tuple[type[Node], ...] = (LoraLoader, LoraLoaderModelOnly, LoraTagLoader)
+class CheckpointSave(Node):
+    """Save model, CLIP and VAE with their LoRAs merged as one checkpoint file that ComfyUI and A1111 load."""
+
+    DISPLAY_NAME = "Save Checkpoint"
+    CATEGORY = "advanced/model_merging"
+    OUTPUT_NODE = True
+    INPUTS = (
+        Socket("model", socket_type=MODEL),
+        Socket("clip", socket_type=CLIP),
+        Socket("vae", socket_type=VAE),
+        String("filename_prefix", default="checkpoints/ComfyUI"),
+        Hidden("prompt", kind="PROMPT"),
+        Hidden("extra_pnginfo", kind="EXTRA_PNGINFO"),
+    )
+    OUTPUTS = ()
+
+    def run(
+        self,
+        ctx: RunContext,
+        model: ModelHandle,
+        clip: ClipHandle,
+        vae: VaeHandle,
+        filename_prefix: str,
+        prompt: Any = None,
+        extra_pnginfo: Any = None,
+    ) -> Result:
+        from safetensors.torch import save_file
+
+        from nodes.image import save_path
+        from nodes.sd.lora.ldm_export import ldm_state_dict
+        from nodes.sd.patcher import patched
+
+        folder, stem, counter, _ = save_path(filename_prefix, ctx.env.folders.output_dir, 0, 0)
+        path = folder / f"{stem}_{counter:05}_.safetensors"
+        meta = {
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": "stable-diffusion-v1",
+            "modelspec.implementation": "sgm",
+            "modelspec.title": f"{stem} {counter}",
+        }
+        if not ctx.env.disable_metadata:
+            if prompt is not None:
+                meta["prompt"] = json.dumps(prompt)
+            for key, value in (extra_pnginfo or {}).items():
+                meta[key] = json.dumps(value)
+        with (
+            patched(model.unet, model.loras, target="unet"),
+            patched(clip.text_encoder, clip.loras, target="te"),
+        ):
+            state = ldm_state_dict(model.unet, clip.text_encoder, vae.vae)
+        save_file(state, str(path), metadata=meta)
+        return Result((), None)
+
+
+NODES: tuple[type[Node], ...] = (LoraLoader, LoraLoaderModelOnly, LoraTagLoader, CheckpointSave)
