@@ -97,14 +97,15 @@ def prompt(seed: int, steps: int = 4, step_ms: int = 2) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ the server
 
 
-def serve(base: Path, port_file: Path) -> None:
-    """Child process: a server over the bench nodes on 127.0.0.1, its port written to `port_file`."""
+def serve(base: Path, port_file: Path, real: bool = False) -> None:
+    """Child process: a server over the bench nodes (or the real ones) on 127.0.0.1, port to `port_file`."""
     from aiohttp import web
 
     from nodegraph.app import Settings, build_engine
     from nodegraph.server import create_app
 
-    engine = build_engine(Settings(base_directory=base, port=0), nodes=[BenchSeed, BenchSampler, BenchSave])
+    stubs = None if real else [BenchSeed, BenchSampler, BenchSave]
+    engine = build_engine(Settings(base_directory=base, port=0), nodes=stubs)
 
     async def main() -> None:
         runner = web.AppRunner(create_app(engine), access_log=None)
@@ -121,9 +122,10 @@ def serve(base: Path, port_file: Path) -> None:
     asyncio.run(main())
 
 
-def start_server(base: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(base: Path, real: bool = False) -> tuple[subprocess.Popen[bytes], str]:
     port_file = base / "port"
-    child = subprocess.Popen([sys.executable, "-m", "bench.load", "--serve", str(base), str(port_file)])
+    mode = "--serve-real" if real else "--serve"
+    child = subprocess.Popen([sys.executable, "-m", "bench.load", mode, str(base), str(port_file)])
     deadline = time.monotonic() + 60
     while not port_file.exists() or not port_file.read_text():
         if child.poll() is not None or time.monotonic() > deadline:
@@ -225,6 +227,57 @@ async def run(clients: int, prompts: int) -> tuple[dict[str, float], dict[str, f
     return load, stats
 
 
+def real_txt2img(seed: int, size: int, steps: int) -> dict[str, Any]:
+    """ComfyUI's basic API example graph on the checkpoint `bench.safetensors`."""
+    return {
+        "3": {"class_type": "KSampler", "inputs": {
+            "seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+            "denoise": 1.0, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
+            "latent_image": ["5", 0]}},
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "bench.safetensors"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "bench", "images": ["8", 0]}},
+    }  # fmt: skip
+
+
+async def real_phase(checkpoint: Path, size: int, steps: int) -> dict[str, float]:
+    """GET /system_stats every 20 ms through a whole real prompt: model load, encode, sampling, decode."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "models" / "checkpoints").mkdir(parents=True)
+        os.symlink(checkpoint.resolve(), Path(tmp) / "models" / "checkpoints" / "bench.safetensors")
+        child, base = start_server(Path(tmp), real=True)
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIME_LIMIT_S)) as session:
+                body = {"prompt": real_txt2img(1, size, steps)}
+                async with session.post(f"http://{base}/prompt", json=body) as resp:
+                    prompt_id = (await resp.json())["prompt_id"]
+                start, times, status = time.perf_counter(), [], "pending"
+                while status in ("pending", "running") and time.perf_counter() - start < TIME_LIMIT_S:
+                    t0 = time.perf_counter()
+                    async with session.get(f"http://{base}/system_stats") as resp:
+                        await resp.read()
+                    times.append(1000 * (time.perf_counter() - t0))
+                    async with session.get(f"http://{base}/history/{prompt_id}") as resp:
+                        status = (await resp.json())[prompt_id]["status"]["status_str"]
+                    await asyncio.sleep(0.02)
+        finally:
+            child.send_signal(signal.SIGTERM)
+            child.wait(30)
+    times.sort()
+    n = len(times)
+    return {
+        "n": n,
+        "p50_ms": times[n // 2],
+        "p99_ms": times[max(int(n * 0.99) - 1, 0)],
+        "max_ms": times[-1],
+        "prompt_s": time.perf_counter() - start,
+        "ok": float(status == "success"),
+    }
+
+
 def record(lines: list[str]) -> None:
     """Append under this area's heading in RESULTS.md, leaving the other sections as they are."""
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
@@ -243,10 +296,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--prompts", type=int, default=500)
     parser.add_argument("--serve", nargs=2, metavar=("DIR", "PORT_FILE"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-real", nargs=2, metavar=("DIR", "PORT_FILE"), help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", type=Path, help="also time /system_stats through a real prompt on it")
+    parser.add_argument("--size", type=int, default=256, help="image size of the real prompt")
+    parser.add_argument("--steps", type=int, default=10, help="sampler steps of the real prompt")
     parser.add_argument("--no-record", action="store_true", help="print only; do not touch RESULTS.md")
     args = parser.parse_args()
-    if args.serve:
-        serve(Path(args.serve[0]), Path(args.serve[1]))
+    if args.serve or args.serve_real:
+        where = args.serve or args.serve_real
+        serve(Path(where[0]), Path(where[1]), real=bool(args.serve_real))
         return
     load, stats = asyncio.run(run(args.clients, args.prompts))
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
@@ -268,6 +326,16 @@ def main() -> None:
     ]
     if not stats["sampling"]:
         lines.append("| note | the long prompt had finished before the /system_stats samples ended |")
+    if args.checkpoint:
+        real = asyncio.run(real_phase(args.checkpoint, args.size, args.steps))
+        lines.append(
+            f"| /system_stats through a real txt2img ({args.checkpoint.name}, {args.size}², "
+            f"{args.steps} steps, "
+            f"model load included, {real['prompt_s']:.0f} s, {real['n']:.0f} samples) p50 / p99 / max | "
+            f"{real['p50_ms']:.1f} / {real['p99_ms']:.1f} / {real['max_ms']:.1f} ms |"
+        )
+        if not real["ok"]:
+            lines.append("| note | the real prompt did not succeed |")
     print("\n".join(lines))
     if not args.no_record:
         record(lines)
