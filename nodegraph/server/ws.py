@@ -22,12 +22,16 @@ from nodegraph.server.messages import Message, PreviewFrame, encode_preview
 log = logging.getLogger(__name__)
 
 SEND_TIMEOUT_S = 10.0
+OUTBOX_LIMIT = 5000  # frames a client may fall behind before it is dropped (it can reconnect)
 
 
 @dataclass
 class Client:
+    """One socket and its own outbox, so a slow reader delays only itself."""
+
     socket: web.WebSocketResponse
     feature_flags: dict[str, Any] = field(default_factory=dict)
+    outbox: asyncio.Queue[str | bytes | None] = field(default_factory=lambda: asyncio.Queue(OUTBOX_LIMIT))
 
 
 # (message, target sid or None for "the prompt had no client")
@@ -82,32 +86,45 @@ class Hub:
         sock = web.WebSocketResponse(heartbeat=30.0, max_msg_size=1 << 20)
         await sock.prepare(request)
         sid = request.query.get("clientId") or uuid.uuid4().hex
-        old = self.clients.get(sid)
-        self.clients[sid] = Client(sock)
-        if old is not None:
+        client = Client(sock)
+        old, self.clients[sid] = self.clients.get(sid), client
+        if old is not None:  # the same clientId again (a page reload): the new socket replaces it
             await old.socket.close()
+        for message in self.on_connect(sid):
+            client.outbox.put_nowait(_text(message))
+        sender = asyncio.create_task(self._drain(client))
         try:
-            for message in self.on_connect(sid):
-                await sock.send_str(json.dumps({"type": message.type, "data": message.data}))
             async for msg in sock:
                 if msg.type == WSMsgType.TEXT:
-                    await self._client_message(sid, sock, msg.data)
+                    self._client_message(client, msg.data)
         finally:
-            if self.clients.get(sid, None) is not None and self.clients[sid].socket is sock:
+            if self.clients.get(sid) is client:
                 del self.clients[sid]
+            sender.cancel()
         return sock
 
-    async def _client_message(self, sid: str, sock: web.WebSocketResponse, text: str) -> None:
+    async def _drain(self, client: Client) -> None:
+        """Send a client's frames in order until its socket closes."""
+        while (frame := await client.outbox.get()) is not None:
+            try:
+                if isinstance(frame, bytes):
+                    await asyncio.wait_for(client.socket.send_bytes(frame), SEND_TIMEOUT_S)
+                else:
+                    await asyncio.wait_for(client.socket.send_str(frame), SEND_TIMEOUT_S)
+            except (ConnectionError, RuntimeError, asyncio.TimeoutError) as exc:
+                log.info("websocket send failed (%s); closing that socket", exc)
+                await client.socket.close()
+                return
+
+    def _client_message(self, client: Client, text: str) -> None:
         try:
             data = json.loads(text)
         except ValueError:
             return  # ComfyUI ignores what it does not understand; so do we
         if isinstance(data, dict) and data.get("type") == "feature_flags":
-            flags = data.get("data")
-            client = self.clients.get(sid)
-            if client is not None and isinstance(flags, dict):
-                client.feature_flags = flags
-            await sock.send_str(json.dumps({"type": "feature_flags", "data": self.server_features()}))
+            if isinstance(data.get("data"), dict):
+                client.feature_flags = data["data"]
+            self._offer(client, json.dumps({"type": "feature_flags", "data": self.server_features()}))
 
     async def _publish(self) -> None:
         assert self._queue is not None
@@ -118,8 +135,17 @@ class Hub:
             message, sid = item
             if isinstance(message, Message) and message.seq and message.seq < self._status_seq:
                 continue  # a newer status is already queued behind this one
-            for client in self._targets(message, sid):
-                await self._send(client, message)
+            targets = self._targets(message, sid)
+            if isinstance(message, PreviewFrame):
+                for client in targets:
+                    self._offer(
+                        client,
+                        encode_preview(message, bool(client.feature_flags.get("supports_preview_metadata"))),
+                    )
+            elif targets:
+                text = _text(message)  # encoded once for every socket
+                for client in targets:
+                    self._offer(client, text)
 
     def _targets(self, message: Message | PreviewFrame, sid: str | None) -> list[Client]:
         if sid is not None:
@@ -127,15 +153,16 @@ class Hub:
             return [client] if client is not None else []
         return list(self.clients.values()) if message.broadcast else []
 
-    async def _send(self, client: Client, message: Message | PreviewFrame) -> None:
+    def _offer(self, client: Client, frame: str | bytes) -> None:
         try:
-            if isinstance(message, PreviewFrame):
-                with_meta = bool(client.feature_flags.get("supports_preview_metadata"))
-                await asyncio.wait_for(
-                    client.socket.send_bytes(encode_preview(message, with_meta)), SEND_TIMEOUT_S
-                )
-            else:
-                text = json.dumps({"type": message.type, "data": message.data}, default=str)
-                await asyncio.wait_for(client.socket.send_str(text), SEND_TIMEOUT_S)
-        except (ConnectionError, RuntimeError, asyncio.TimeoutError) as exc:
-            log.info("websocket send failed (%s); the client will miss this message", exc)
+            client.outbox.put_nowait(frame)
+        except asyncio.QueueFull:  # it stopped reading: drop it rather than hold memory for it
+            log.warning("a websocket client fell %d messages behind; closing it", OUTBOX_LIMIT)
+            for sid, known in list(self.clients.items()):
+                if known is client:
+                    del self.clients[sid]
+            asyncio.get_running_loop().create_task(client.socket.close())
+
+
+def _text(message: Message) -> str:
+    return json.dumps({"type": message.type, "data": message.data}, default=str)
