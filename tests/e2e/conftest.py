@@ -63,6 +63,12 @@ def canvas_base(tmp_path_factory: pytest.TempPathFactory, mini_checkpoint: Path,
     safetensors.numpy.save_file(tensors, str(loras / "mini_lora_a.safetensors"), metadata=meta)
     Image.new("RGB", (32, 32), (30, 110, 200)).save(loras / "mini_lora_a.preview.png")
     shutil.copy(mini_loras / "mini_lora_b.safetensors", loras / "mini_lora_b.safetensors")
+    # One module that names no layer of the model: the LoRA applies in part and the engine warns.
+    stray = "lora_unet_no_such_block_attn9"
+    tensors[f"{stray}.lora_down.weight"] = tensors[next(k for k in tensors if k.endswith("down.weight"))]
+    tensors[f"{stray}.lora_up.weight"] = tensors[next(k for k in tensors if k.endswith("up.weight"))]
+    partial = loras / "partial_lora.safetensors"
+    safetensors.numpy.save_file(tensors, str(partial), metadata={"ss_network_dim": "4"})
     return base
 
 
@@ -158,3 +164,16 @@ def canvas(canvas_server: str, canvas_base: Path) -> Iterator[Session]:
             yield session
         finally:
             browser.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """On a failed canvas test, keep a screenshot of what the browser showed."""
+    outcome = yield
+    report = outcome.get_result()
+    session = getattr(item, "funcargs", {}).get("canvas")
+    if report.when == "call" and report.failed and isinstance(session, Session):
+        try:
+            session.shot(f"failed-{item.name}")
+        except Exception:  # noqa: BLE001 - a screenshot must not hide the real failure
+            pass
