@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from nodegraph.server.state import MAX_JSON_SIZE
+from nodegraph.server.state import MAX_JSON_SIZE, state
 
 
 def error(status: int, kind: str, message: str, details: str = "", **extra: Any) -> web.Response:
@@ -26,8 +26,9 @@ class BadRequest(Exception):
         self.response = response
 
 
-async def read_json(request: web.Request, *, limit: int = MAX_JSON_SIZE, default: Any = None) -> Any:
+async def read_json(request: web.Request, *, default: Any = None) -> Any:
     """The request's JSON body; an empty body gives `default`. Raises BadRequest (400/413)."""
+    limit = min(MAX_JSON_SIZE, state(request).max_upload_size)
     if request.content_length is not None and request.content_length > limit:
         raise BadRequest(error(413, "request_too_large", f"request body over {limit} bytes"))
     raw = await request.content.read(limit + 1)
@@ -38,7 +39,8 @@ async def read_json(request: web.Request, *, limit: int = MAX_JSON_SIZE, default
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(error(400, "invalid_json", "the request body is not valid JSON", str(exc))) from exc
+        response = error(400, "invalid_json", "the request body is not valid JSON", str(exc), node_errors={})
+        raise BadRequest(response) from exc
 
 
 def jsonable(value: Any) -> Any:

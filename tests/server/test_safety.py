@@ -193,6 +193,9 @@ async def test_request_size_limits(aiohttp_client: Any, tmp_path: Path) -> None:
     assert (await client.post("/upload/image", data=form)).status == 413
     assert not (tmp_path / "input" / "big.png").exists()
     assert (await client.post("/userdata/big.json", data=b"x" * 5000)).status == 413
+    big_prompt = {"prompt": {"1": {"class_type": "StubFail", "inputs": {"message": "x" * 5000}}}}
+    resp = await client.post("/prompt", json=big_prompt)
+    assert resp.status == 413 and (await resp.json())["error"]["type"] == "request_too_large"
 
 
 @pytest.mark.parametrize(
