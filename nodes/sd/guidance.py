@@ -112,8 +112,10 @@ class CFGDenoiser:
         positive: list[CondEntry],
         negative: list[CondEntry],
         cfg: float,
+        keep_uncond: bool = False,
     ) -> None:
         self.unet = unet
+        self.keep_uncond = keep_uncond  # CFG++ samplers need the uncond pass even at cfg 1
         self.schedule = schedule
         self.positive = positive
         self.negative = negative
@@ -132,7 +134,7 @@ class CFGDenoiser:
         return x - eps * s
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        skip_uncond = math.isclose(self.cfg, 1.0)
+        skip_uncond = math.isclose(self.cfg, 1.0) and not self.keep_uncond
         cond, uncond = self.predict(x, sigma, [self.positive, [] if skip_uncond else self.negative])
         self.uncond_denoised = uncond
         if skip_uncond:

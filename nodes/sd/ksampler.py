@@ -24,7 +24,7 @@ from nodes.sd.guidance import CFGDenoiser, cond_entries
 from nodes.sd.noise import prepare_noise
 from nodes.sd.patcher import patched
 from nodes.sd.samplers import Model
-from nodes.sd.samplers_registry import DISCARD_PENULTIMATE, SAMPLERS
+from nodes.sd.samplers_registry import CFG_PP, DISCARD_PENULTIMATE, SAMPLERS
 from nodes.sd.schedules import DiscreteSchedule, sampler_sigmas, sd15_schedule, split_sigmas
 
 SD15_SCALE = 0.18215
@@ -82,16 +82,23 @@ def _denoise_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return mask[: shape[0]]
 
 
-def _inpaint_wrapper(model: Model, mask: torch.Tensor, latent: torch.Tensor, noise: torch.Tensor) -> Model:
+class _Inpaint:
     """KSamplerX0Inpaint: keep the unmasked region on the noised original latent."""
-    keep = 1.0 - mask
 
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def __init__(
+        self, model: CFGDenoiser, mask: torch.Tensor, latent: torch.Tensor, noise: torch.Tensor
+    ) -> None:
+        self.model, self.mask, self.keep = model, mask, 1.0 - mask
+        self.latent, self.noise = latent, noise
+
+    @property
+    def uncond_denoised(self) -> torch.Tensor | None:
+        return self.model.uncond_denoised
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         s = sigma.reshape(sigma.shape[:1] + (1,) * (x.ndim - 1))
-        x = x * mask + (noise * s + latent) * keep
-        return model(x, sigma) * mask + latent * keep
-
-    return denoise
+        x = x * self.mask + (self.noise * s + self.latent) * self.keep
+        return self.model(x, sigma) * self.mask + self.latent * self.keep
 
 
 def run_sampler(
@@ -110,16 +117,18 @@ def run_sampler(
     if sigmas is None or sigmas.shape[-1] == 0:
         return samples  # nothing to sample: ComfyUI returns the input latent as is
     model_latent = samples * SD15_SCALE if torch.count_nonzero(samples) > 0 else samples
-    denoiser: Model = CFGDenoiser(
+    guider = CFGDenoiser(
         unet,
         schedule,
         cond_entries(positive, schedule, "positive"),
         cond_entries(negative, schedule, "negative"),
         request.cfg,
+        keep_uncond=request.sampler_name in CFG_PP,
     )
+    denoiser: Model = guider
     if "noise_mask" in latent:
         mask = _denoise_mask(latent["noise_mask"], samples.shape)
-        denoiser = _inpaint_wrapper(denoiser, mask, model_latent, noise)
+        denoiser = _Inpaint(guider, mask, model_latent, noise)
     sigma_max, sigma0 = float(schedule.sigma_max), float(sigmas[0])
     max_denoise = math.isclose(sigma_max, sigma0, rel_tol=1e-5) or sigma0 > sigma_max
     s0 = sigmas[0]

@@ -311,3 +311,56 @@ def sample_ipndm(
         history = (history + [d_cur])[-3:]
         x = x_next
     return x
+
+
+def _ipndm_v_coefficients(h: list[float], order: int) -> list[float]:
+    """Variable-step iPNDM weights for d_cur, d_{-1}, ... from step sizes h = [h_n, h_n-1, ...]."""
+    h_n, h_1 = h[0], h[1]
+    base = [(2 + h_n / h_1) / 2, -(h_n / h_1) / 2]
+    if order == 2:
+        return base
+    h_2 = h[2]
+    t1 = (1 - h_n / (3 * (h_n + h_1)) * (h_n * (h_n + h_1)) / (h_1 * (h_1 + h_2))) / 2
+    if order == 3:
+        return [base[0] + t1, base[1] - (1 + h_1 / h_2) * t1, t1 * h_1 / h_2]
+    h_3 = h[3]
+    t2 = (
+        ((1 - h_n / (3 * (h_n + h_1))) / 2 + (1 - h_n / (2 * (h_n + h_1))) * h_n / (6 * (h_n + h_1 + h_2)))
+        * (h_n * (h_n + h_1) * (h_n + h_1 + h_2))
+        / (h_1 * (h_1 + h_2) * (h_1 + h_2 + h_3))
+    )
+    ratio = h_1 * (h_1 + h_2) / (h_2 * (h_2 + h_3))
+    return [
+        base[0] + t1 + t2,
+        base[1] - (1 + h_1 / h_2) * t1 - (1 + (h_1 / h_2) + ratio) * t2,
+        t1 * h_1 / h_2 + ((h_1 / h_2) + ratio * (1 + h_2 / h_3)) * t2,
+        -t2 * ratio * h_1 / h_2,
+    ]
+
+
+def sample_ipndm_v(
+    model: Model, x: torch.Tensor, sigmas: torch.Tensor, seed: int | None, callback: Callback
+) -> torch.Tensor:
+    """sample_ipndm_v (max order 4): iPNDM with coefficients for uneven steps."""
+    s_in = _ones(x)
+    history: list[torch.Tensor] = []
+    for i in range(len(sigmas) - 1):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, t_cur * s_in)
+        _notify(callback, i, denoised, x)
+        d_cur = (x - denoised) / t_cur
+        order = min(4, i + 1)
+        if t_next == 0:
+            x_next = denoised
+        elif order == 1:
+            x_next = x + (t_next - t_cur) * d_cur
+        else:
+            h = [t_next - t_cur] + [sigmas[i - k] - sigmas[i - k - 1] for k in range(order - 1)]
+            coeffs = _ipndm_v_coefficients(h, order)  # type: ignore[arg-type]
+            terms = coeffs[0] * d_cur
+            for k in range(1, order):
+                terms = terms + coeffs[k] * history[-k]
+            x_next = x + (t_next - t_cur) * terms
+        history = (history + [d_cur])[-3:]
+        x = x_next
+    return x

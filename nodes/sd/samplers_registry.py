@@ -8,22 +8,27 @@ tree lives; on a CPU-only engine they are the same computation.
 from __future__ import annotations
 
 from nodes.sd import samplers as k
+from nodes.sd import samplers_cfg_pp as pp
 from nodes.sd import samplers_sde as sde
 from nodes.sd import uni_pc
 from nodes.sd.samplers import Sampler
 
 SAMPLERS: dict[str, Sampler] = {
     "euler": k.sample_euler,
+    "euler_cfg_pp": pp.sample_euler_cfg_pp,
     "euler_ancestral": k.sample_euler_ancestral,
+    "euler_ancestral_cfg_pp": pp.sample_euler_ancestral_cfg_pp,
     "heun": k.sample_heun,
     "heunpp2": k.sample_heunpp2,
     "dpm_2": k.sample_dpm_2,
     "dpm_2_ancestral": k.sample_dpm_2_ancestral,
     "lms": k.sample_lms,
     "dpmpp_2s_ancestral": k.sample_dpmpp_2s_ancestral,
+    "dpmpp_2s_ancestral_cfg_pp": pp.sample_dpmpp_2s_ancestral_cfg_pp,
     "dpmpp_sde": sde.sample_dpmpp_sde,
     "dpmpp_sde_gpu": sde.sample_dpmpp_sde,
     "dpmpp_2m": k.sample_dpmpp_2m,
+    "dpmpp_2m_cfg_pp": pp.sample_dpmpp_2m_cfg_pp,
     "dpmpp_2m_sde": sde.sample_dpmpp_2m_sde,
     "dpmpp_2m_sde_gpu": sde.sample_dpmpp_2m_sde,
     "dpmpp_2m_sde_heun": sde.sample_dpmpp_2m_sde_heun,
@@ -33,12 +38,15 @@ SAMPLERS: dict[str, Sampler] = {
     "ddpm": k.sample_ddpm,
     "lcm": k.sample_lcm,
     "ipndm": k.sample_ipndm,
+    "ipndm_v": k.sample_ipndm_v,
     "ddim": k.sample_euler,  # ComfyUI's "ddim" is k-diffusion euler (oracle pitfall 9)
     "uni_pc": uni_pc.sample_uni_pc,
     "uni_pc_bh2": uni_pc.sample_uni_pc_bh2,
 }
 
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
+
+CFG_PP = pp.CFG_PP  # samplers that need the uncond prediction even at cfg 1
 
 # comfy/samplers.py KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
 DISCARD_PENULTIMATE = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})

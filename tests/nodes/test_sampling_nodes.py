@@ -263,3 +263,12 @@ def test_node_declarations_match_comfyui() -> None:
     ]
     assert adv["input"]["required"]["end_at_step"][1]["default"] == 10000
     assert adv["display_name"] == "KSampler (Advanced)"
+
+
+def test_cfg_pp_samplers_run_the_uncond_pass_even_at_cfg_one(env: Environment, model: ModelHandle) -> None:
+    sizes, hook = count_batches(model)
+    try:
+        ksampler(env, model, cfg=1.0, sampler_name="euler_cfg_pp", steps=2)
+    finally:
+        hook.remove()
+    assert sizes == [2, 2]
