@@ -1,0 +1,177 @@
+"""Sampler overhead and seed-change re-runs on a full-size SD1.5-shaped UNet (860M parameters).
+
+1. KSampler time per step (256x256 -> latent 32x32, 4 steps, cfg 7, euler/normal) against a bare
+   batched UNet forward of the same shapes (batch 2: uncond + cond). Target: overhead <= 3 %.
+2. Through the executor: a cold run of model -> conditioning -> empty latent -> KSampler -> output,
+   then the same prompt with a new seed (only KSampler and its descendants re-run).
+
+The UNet is diffusers' `UNet2DConditionModel` with the standard SD1.5 config and random weights,
+fp32 on CPU; no weights are downloaded. In the executor part a bench-only node builds the model
+(random init stands in for loading a checkpoint) and another makes fixed random conditioning.
+Run: `python -m bench.sampling` (a few minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from bench import record, table
+from nodegraph.env import Environment
+from nodegraph.events import Event
+from nodegraph.executor import Executor
+from nodegraph.folders import Folders
+from nodegraph.node import Node, Output, Result, RunContext, Socket
+from nodegraph.registry import Registry
+from nodegraph.types import CONDITIONING, LATENT, MODEL
+from nodegraph.validate import validate_prompt
+from nodes.latent import EmptyLatentImage
+from nodes.sampling import KSampler
+from nodes.sd.handles import ModelHandle
+from nodes.sd.ksampler import SamplingRequest, sample
+
+STEPS, CFG, SIZE, REPEATS = 4, 7.0, 256, 3
+
+
+def sd15_unet() -> Any:
+    """SD1.5's UNet architecture (diffusers defaults are SD1.x's), random fp32 weights, eval mode."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64).eval()
+
+
+def conditioning(seed: int) -> list[list[Any]]:
+    return [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(seed)), {}]]
+
+
+def bare_forward_s(unet: Any) -> float:
+    """Median time of one batched UNet forward (batch 2), as the sampler calls it."""
+    x = torch.randn(2, 4, SIZE // 8, SIZE // 8)
+    context = torch.cat([conditioning(2)[0][0], conditioning(1)[0][0]])
+    t = torch.tensor([999.0, 999.0])
+    times = []
+    with torch.inference_mode():
+        unet(x, t, encoder_hidden_states=context, return_dict=False)  # warm-up
+        for _ in range(REPEATS * STEPS):
+            start = time.perf_counter()
+            unet(x, t, encoder_hidden_states=context, return_dict=False)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ksampler_step_s(unet: Any) -> float:
+    """Median over runs of KSampler's wall time divided by its steps."""
+    model = ModelHandle(unet=unet, source="bench", family="sd15")
+    latent = {"samples": torch.zeros(1, 4, SIZE // 8, SIZE // 8)}
+    times = []
+    for seed in range(REPEATS):
+        request = SamplingRequest(seed, STEPS, CFG, "euler", "normal")
+        start = time.perf_counter()
+        sample(model, conditioning(1), conditioning(2), latent, request)
+        times.append((time.perf_counter() - start) / STEPS)
+    return statistics.median(times)
+
+
+class BenchModel(Node):
+    """Bench only: build the full-size SD1.5 UNet (random init stands in for loading)."""
+
+    OUTPUTS = (Output(MODEL),)
+
+    def run(self, ctx: RunContext) -> tuple[ModelHandle]:
+        return (ModelHandle(unet=sd15_unet(), source="bench", family="sd15"),)
+
+
+class BenchConditioning(Node):
+    """Bench only: fixed random positive and negative conditioning."""
+
+    OUTPUTS = (Output(CONDITIONING, name="positive"), Output(CONDITIONING, name="negative"))
+
+    def run(self, ctx: RunContext) -> tuple[Any, Any]:
+        return conditioning(1), conditioning(2)
+
+
+class BenchSink(Node):
+    """Bench only: an output node that keeps the latent."""
+
+    OUTPUT_NODE = True
+    INPUTS = (Socket("samples", LATENT),)
+
+    def run(self, ctx: RunContext, samples: Any) -> Result:
+        return Result((), {"shape": list(samples["samples"].shape)})
+
+
+def prompt(seed: int) -> dict[str, Any]:
+    return {
+        "model": {"class_type": "BenchModel", "inputs": {}},
+        "cond": {"class_type": "BenchConditioning", "inputs": {}},
+        "latent": {
+            "class_type": "EmptyLatentImage",
+            "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1},
+        },
+        "ksampler": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["model", 0],
+                "seed": seed,
+                "steps": STEPS,
+                "cfg": CFG,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": ["cond", 0],
+                "negative": ["cond", 1],
+                "latent_image": ["latent", 0],
+                "denoise": 1.0,
+            },
+        },
+        "sink": {"class_type": "BenchSink", "inputs": {"samples": ["ksampler", 0]}},
+    }
+
+
+def executor_runs(base: Path) -> tuple[float, float, list[str]]:
+    """(cold run s, seed-change re-run s, nodes the re-run executed)."""
+    registry = Registry([BenchModel, BenchConditioning, EmptyLatentImage, KSampler, BenchSink])
+    env = Environment(Folders.at(base), preview_method="none")
+    executor = Executor(registry, env)
+    events: list[Event] = []
+
+    def run(seed: int) -> tuple[float, list[str]]:
+        checked = validate_prompt(prompt(seed), registry, env)
+        assert checked.ok, checked.error
+        start = time.perf_counter()
+        outcome = executor.execute(checked.prompt, f"bench-{seed}", events.append, outputs=checked.outputs)
+        assert outcome.status == "success", outcome.error
+        return time.perf_counter() - start, outcome.executed
+
+    cold, _ = run(1)
+    warm, executed = run(2)
+    return cold, warm, executed
+
+
+def main() -> None:
+    unet = sd15_unet()
+    params = sum(p.numel() for p in unet.parameters()) / 1e6
+    forward = bare_forward_s(unet)
+    step = ksampler_step_s(unet)
+    overhead = (step - forward) / forward * 100
+    with tempfile.TemporaryDirectory() as tmp:
+        cold, warm, executed = executor_runs(Path(tmp))
+    rows = [
+        [f"bare UNet forward, batch 2, latent {SIZE // 8}x{SIZE // 8}", f"{forward:.3f} s", "-"],
+        [f"KSampler per step ({STEPS} steps, cfg {CFG}, euler/normal)", f"{step:.3f} s", "-"],
+        ["KSampler overhead over the bare forward", f"{overhead:+.1f} %", "<= 3 %"],
+        ["executor: cold run (model build + sampling)", f"{cold:.2f} s", "-"],
+        [f"executor: seed-change re-run (ran {', '.join(sorted(executed))})", f"{warm:.2f} s", "-"],
+    ]
+    lines = [f"SD1.5 UNet, {params:.0f}M parameters, fp32 CPU, median of {REPEATS} runs:", ""]
+    lines += table(["measure", "result", "target"], rows)
+    print("\n".join(lines))
+    record("Sampling (issue 3)", lines)
+
+
+if __name__ == "__main__":
+    main()
