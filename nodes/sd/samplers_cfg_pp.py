@@ -12,7 +12,17 @@ import torch
 from nodes.sd.noise import default_noise_sampler
 from nodes.sd.samplers import Callback, Model, _notify, _ones, ancestral_step, to_d
 
-CFG_PP = frozenset({"euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp"})
+CFG_PP = frozenset(
+    {
+        "euler_cfg_pp",
+        "euler_ancestral_cfg_pp",
+        "dpmpp_2s_ancestral_cfg_pp",
+        "dpmpp_2m_cfg_pp",
+        "res_multistep_cfg_pp",
+        "res_multistep_ancestral_cfg_pp",
+        "gradient_estimation_cfg_pp",
+    }
+)
 
 
 def _uncond(model: Model) -> torch.Tensor:

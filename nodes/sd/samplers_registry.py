@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from nodes.sd import samplers as k
 from nodes.sd import samplers_cfg_pp as pp
+from nodes.sd import samplers_res as res
 from nodes.sd import samplers_sde as sde
 from nodes.sd import uni_pc
 from nodes.sd.samplers import Sampler
@@ -39,6 +40,12 @@ SAMPLERS: dict[str, Sampler] = {
     "lcm": k.sample_lcm,
     "ipndm": k.sample_ipndm,
     "ipndm_v": k.sample_ipndm_v,
+    "res_multistep": res.sample_res_multistep,
+    "res_multistep_cfg_pp": res.sample_res_multistep_cfg_pp,
+    "res_multistep_ancestral": res.sample_res_multistep_ancestral,
+    "res_multistep_ancestral_cfg_pp": res.sample_res_multistep_ancestral_cfg_pp,
+    "gradient_estimation": res.sample_gradient_estimation,
+    "gradient_estimation_cfg_pp": res.sample_gradient_estimation_cfg_pp,
     "ddim": k.sample_euler,  # ComfyUI's "ddim" is k-diffusion euler (oracle pitfall 9)
     "uni_pc": uni_pc.sample_uni_pc,
     "uni_pc_bh2": uni_pc.sample_uni_pc_bh2,

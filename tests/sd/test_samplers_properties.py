@@ -28,6 +28,10 @@ ODE_EXACT = (
     "dpmpp_2m",
     "dpmpp_2m_cfg_pp",
     "ipndm",
+    "res_multistep",
+    "res_multistep_cfg_pp",
+    "gradient_estimation",
+    "gradient_estimation_cfg_pp",
     "ddim",
 )
 COMFY_ORDER = (
