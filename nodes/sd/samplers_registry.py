@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from nodes.sd import samplers as k
 from nodes.sd import samplers_cfg_pp as pp
+from nodes.sd import samplers_deis as deis
 from nodes.sd import samplers_res as res
 from nodes.sd import samplers_sde as sde
 from nodes.sd import uni_pc
@@ -40,6 +41,7 @@ SAMPLERS: dict[str, Sampler] = {
     "lcm": k.sample_lcm,
     "ipndm": k.sample_ipndm,
     "ipndm_v": k.sample_ipndm_v,
+    "deis": deis.sample_deis,
     "res_multistep": res.sample_res_multistep,
     "res_multistep_cfg_pp": res.sample_res_multistep_cfg_pp,
     "res_multistep_ancestral": res.sample_res_multistep_ancestral,

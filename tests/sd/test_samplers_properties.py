@@ -15,6 +15,7 @@ import torch
 
 from nodes.sd.noise import BrownianTreeNoiseSampler, default_noise_sampler, prepare_noise
 from nodes.sd.samplers import lms_coefficient
+from nodes.sd.samplers_deis import deis_coefficients
 from nodes.sd.samplers_registry import DISCARD_PENULTIMATE, SAMPLER_NAMES, SAMPLERS
 from nodes.sd.schedules import sampler_sigmas, sd15_schedule
 
@@ -177,3 +178,12 @@ def test_ancestral_noise_generator_is_seeded_independently_of_the_global_one() -
     gen = torch.Generator().manual_seed(42)
     assert torch.equal(first, second) and torch.equal(first, torch.randn(1, 4, 8, 8, generator=gen))
     assert np.isfinite(first.numpy()).all()
+
+
+def test_deis_weights_integrate_dsigma() -> None:
+    """DEIS weights of one step sum to the step in sigma (the integrand is dsigma/dtau), up to quadrature."""
+    sigmas = _sigmas("deis", 6)
+    rows = deis_coefficients(sigmas)
+    for i, row in enumerate(rows[:-1]):
+        if row:
+            assert float(sum(row)) == pytest.approx(float(sigmas[i + 1] - sigmas[i]), rel=2e-3)
