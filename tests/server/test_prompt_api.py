@@ -8,47 +8,12 @@ import struct
 from typing import Any
 
 import pytest
-from aiohttp import WSMsgType
-from aiohttp.test_utils import TestClient
 
-from nodegraph.server import create_app
+from tests.server.clients import client_for as _client
+from tests.server.clients import collect_until_done, wait_done, wait_running
 from tests.server.stubs import RUNS, txt2img
 
 pytestmark = pytest.mark.asyncio
-
-
-async def _client(aiohttp_client: Any, engine: Any) -> TestClient:
-    return await aiohttp_client(create_app(engine))
-
-
-async def wait_done(client: TestClient, prompt_id: str, timeout: float = 10.0) -> dict[str, Any]:
-    """Poll `/history/{id}` until the prompt has left the queue."""
-    for _ in range(int(timeout / 0.02)):
-        body = await (await client.get(f"/history/{prompt_id}")).json()
-        entry = body.get(prompt_id)
-        if entry and entry["status"]["status_str"] not in ("pending", "running"):
-            return dict(entry)
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"prompt {prompt_id} did not finish")
-
-
-async def collect_until_done(ws: Any, prompt_id: str) -> list[Any]:
-    """Every frame up to and including `executing` with node null for `prompt_id`."""
-    frames: list[Any] = []
-    while True:
-        msg = await asyncio.wait_for(ws.receive(), 10)
-        if msg.type == WSMsgType.BINARY:
-            frames.append(msg.data)
-            continue
-        assert msg.type == WSMsgType.TEXT, msg
-        data = json.loads(msg.data)
-        frames.append(data)
-        if (
-            data["type"] == "executing"
-            and data["data"]["node"] is None
-            and data["data"]["prompt_id"] == prompt_id
-        ):
-            return frames
 
 
 async def test_post_prompt_runs_and_files_history(aiohttp_client: Any, engine: Any) -> None:
@@ -226,15 +191,12 @@ async def test_run_and_wait_returns_outputs(aiohttp_client: Any, engine: Any) ->
 
 async def test_history_tells_pending_running_and_unknown_apart(aiohttp_client: Any, engine: Any) -> None:
     client = await _client(aiohttp_client, engine)
-    slow = (await (await client.post("/prompt", json={"prompt": txt2img(steps=50, delay=0.02)})).json())[
+    slow = (await (await client.post("/prompt", json={"prompt": txt2img(steps=500, delay=0.01)})).json())[
         "prompt_id"
     ]
+    await wait_running(client, slow)
     queued = (await (await client.post("/prompt", json={"prompt": txt2img(seed=9)})).json())["prompt_id"]
-    for _ in range(200):
-        running = (await (await client.get(f"/history/{slow}")).json())[slow]
-        if running["status"]["status_str"] == "running":
-            break
-        await asyncio.sleep(0.01)
+    running = (await (await client.get(f"/history/{slow}")).json())[slow]
     assert running["status"] == {"status_str": "running", "completed": False, "messages": []}
     pending = (await (await client.get(f"/history/{queued}")).json())[queued]
     assert pending["status"]["status_str"] == "pending" and pending["outputs"] == {}
@@ -268,44 +230,6 @@ async def test_cancel_pending_and_running_by_id(aiohttp_client: Any, engine: Any
     assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
     assert await (await client.get(f"/history/{queued}")).json() == {}
     assert (await client.post("/prompt/unknown/cancel")).status == 404
-
-
-async def test_queue_delete_clear_and_interrupt_by_prompt_id(aiohttp_client: Any, engine: Any) -> None:
-    client = await _client(aiohttp_client, engine)
-    slow = (await (await client.post("/prompt", json={"prompt": txt2img(steps=500, delay=0.01)})).json())[
-        "prompt_id"
-    ]
-    ids = [
-        (await (await client.post("/prompt", json={"prompt": txt2img(seed=s)})).json())["prompt_id"]
-        for s in (10, 11, 12)
-    ]
-    await client.post("/queue", json={"delete": [ids[0]]})
-    pending = [i[1] for i in (await (await client.get("/queue")).json())["queue_pending"]]
-    assert ids[0] not in pending and ids[1] in pending
-    await client.post("/queue", json={"clear": True})
-    assert (await (await client.get("/queue")).json())["queue_pending"] == []
-    await client.post("/interrupt", json={"prompt_id": "some-other-id"})
-    await asyncio.sleep(0.1)
-    assert (await (await client.get("/queue")).json())["queue_running"]  # still running: another id
-    await client.post("/interrupt", json={"prompt_id": slow})
-    assert (await wait_done(client, slow))["status"]["status_str"] == "error"
-
-
-async def test_history_delete_clear_and_max_items(aiohttp_client: Any, engine: Any) -> None:
-    client = await _client(aiohttp_client, engine)
-    ids = []
-    for seed in range(3):
-        ids.append(
-            (await (await client.post("/prompt?wait=1", json={"prompt": txt2img(seed=seed)})).json())[
-                "prompt_id"
-            ]
-        )
-    assert list(await (await client.get("/history?max_items=2")).json()) == ids[1:]
-    assert list(await (await client.get("/history?max_items=1&offset=0")).json()) == ids[:1]
-    await client.post("/history", json={"delete": [ids[0]]})
-    assert list(await (await client.get("/history")).json()) == ids[1:]
-    await client.post("/history", json={"clear": True})
-    assert await (await client.get("/history")).json() == {}
 
 
 async def test_ui_workflow_is_accepted_and_kept_in_extra_pnginfo(aiohttp_client: Any, engine: Any) -> None:
@@ -359,40 +283,16 @@ async def test_sensitive_extra_data_is_not_shown(aiohttp_client: Any, engine: An
     assert "api_key_comfy_org" not in entry["prompt"][3]
 
 
-async def test_front_and_number_order_the_queue(aiohttp_client: Any, engine: Any) -> None:
-    client = await _client(aiohttp_client, engine)
-    slow = (await (await client.post("/prompt", json={"prompt": txt2img(steps=500, delay=0.01)})).json())[
-        "prompt_id"
-    ]
-    late = (await (await client.post("/prompt", json={"prompt": txt2img(seed=21)})).json())["prompt_id"]
-    early = (await (await client.post("/prompt", json={"prompt": txt2img(seed=22), "front": True})).json())[
-        "prompt_id"
-    ]
-    pending = [i[1] for i in (await (await client.get("/queue")).json())["queue_pending"]]
-    assert pending == [early, late]
-    await client.post(f"/prompt/{slow}/cancel")
-    await client.post("/queue", json={"clear": True})
-
-
-async def test_duplicate_prompt_id_is_refused_while_queued(aiohttp_client: Any, engine: Any) -> None:
-    client = await _client(aiohttp_client, engine)
-    slow = {"prompt": txt2img(steps=500, delay=0.01), "prompt_id": "mine"}
-    assert (await (await client.post("/prompt", json=slow)).json())["prompt_id"] == "mine"
-    again = await client.post("/prompt", json={"prompt": txt2img(), "prompt_id": "mine"})
-    assert again.status == 400 and (await again.json())["error"]["type"] == "duplicate_prompt_id"
-    await client.post("/prompt/mine/cancel")
-    await wait_done(client, "mine")
-
-
 async def test_reconnecting_client_hears_the_running_node(aiohttp_client: Any, engine: Any) -> None:
     client = await _client(aiohttp_client, engine)
     body = {"prompt": txt2img(steps=500, delay=0.01), "client_id": "back"}
+    first_socket = await client.ws_connect("/ws?clientId=back")
     pid = (await (await client.post("/prompt", json=body)).json())["prompt_id"]
-    for _ in range(200):
-        if (await (await client.get("/queue")).json())["queue_running"]:
+    while True:  # the sampler is running once its first progress arrives
+        message = json.loads((await asyncio.wait_for(first_socket.receive(), 30)).data)
+        if message["type"] == "progress":
             break
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.1)
+    await first_socket.close()  # a page reload: the same clientId reconnects
     ws = await client.ws_connect("/ws?clientId=back")
     first = json.loads((await ws.receive()).data)
     second = json.loads((await ws.receive()).data)
