@@ -51,7 +51,7 @@ class Worker:
         self.running_client: str | None = None
         self.current_node: str | None = None
         self._free_flags: tuple[bool, bool] | None = None
-        self._cancelled: str | None = None  # interrupted before the executor started it
+        self._cancelled: set[str] = set()  # interrupted before (or while) the executor runs them
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="nodegraph-worker", daemon=True)
 
@@ -66,12 +66,19 @@ class Worker:
         self._thread.join(timeout)
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
-        """Interrupt the running prompt (only if it is `prompt_id`, when given). True if one was."""
+        """Interrupt the running prompt (only if it is `prompt_id`, when given). True if one was.
+
+        A prompt the worker has taken but not yet handed to the executor counts as running: it is
+        marked here and stopped before its first node.
+        """
         running = self.running_id
-        if running is None or (prompt_id is not None and prompt_id != running):
+        target = prompt_id if prompt_id is not None else running
+        if target is None:
             return False
-        self._cancelled = running
-        self.executor.interrupt(running)
+        if target != running and self.store.state_of(target) != "running":
+            return False
+        self._cancelled.add(target)
+        self.executor.interrupt(target)
         return True
 
     def request_free(self, unload_models: bool, free_memory: bool) -> None:
@@ -110,7 +117,7 @@ class Worker:
     def _run(self, item: QueueItem) -> None:
         client = item.extra_data.get("client_id")
         client_id = str(client) if client is not None else None
-        self.running_id, self.running_client, self._cancelled = item.prompt_id, client_id, None
+        self.running_id, self.running_client = item.prompt_id, client_id
         self.broadcast_status()
         messages = PromptMessages(item.prompt_id)
 
@@ -121,6 +128,7 @@ class Worker:
                 self.hub.send_sync(message, client_id)
 
         status = self._execute(item, emit, messages)
+        self._cancelled.discard(item.prompt_id)
         if status != "success" and self._stop.is_set():
             # Stopped under it: keep it queued for the next start instead of filing an interruption.
             self.store.requeue(item.prompt_id)
@@ -137,7 +145,8 @@ class Worker:
         self.on_finished(item.prompt_id, entry)
 
     def _execute(self, item: QueueItem, emit: ev.Emit, messages: PromptMessages) -> str:
-        if self._cancelled == item.prompt_id:
+        if item.prompt_id in self._cancelled:
+            self._cancelled.discard(item.prompt_id)
             emit(ev.ExecutionInterrupted(item.prompt_id, None, None))
             return "interrupted"
         try:
