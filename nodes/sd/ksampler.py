@@ -128,7 +128,10 @@ def run_sampler(
     denoiser: Model = guider
     if "noise_mask" in latent:
         mask = _denoise_mask(latent["noise_mask"], samples.shape)
-        denoiser = _Inpaint(guider, mask, model_latent, noise)
+        inpaint_noise = noise
+        if request.sampler_name == "ddim":  # ComfyUI's ddim re-noises the kept region from seed + 1
+            inpaint_noise = torch.randn(noise.shape, generator=torch.manual_seed((request.seed + 1) % 2**64))
+        denoiser = _Inpaint(guider, mask, model_latent, inpaint_noise)
     sigma_max, sigma0 = float(schedule.sigma_max), float(sigmas[0])
     max_denoise = math.isclose(sigma_max, sigma0, rel_tol=1e-5) or sigma0 > sigma_max
     s0 = sigmas[0]

@@ -272,3 +272,17 @@ def test_cfg_pp_samplers_run_the_uncond_pass_even_at_cfg_one(env: Environment, m
     finally:
         hook.remove()
     assert sizes == [2, 2]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim"])
+def test_noise_mask_keeps_the_unmasked_region(env: Environment, model: ModelHandle, sampler: str) -> None:
+    start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    keep_all = ksampler(
+        env, model, sampler_name=sampler, latent_image={"samples": start, "noise_mask": torch.zeros(1, 8, 8)}
+    )
+    assert torch.allclose(keep_all, start, atol=1e-5)
+    free = ksampler(env, model, sampler_name=sampler, latent_image={"samples": start})
+    masked = ksampler(
+        env, model, sampler_name=sampler, latent_image={"samples": start, "noise_mask": torch.ones(1, 8, 8)}
+    )
+    assert torch.allclose(masked, free, atol=1e-4)
