@@ -17,6 +17,7 @@ from nodegraph.dynamic_prompts import dynamic_prompt
 from nodegraph.node import Combo, Input, Int, Node, String
 from nodegraph.png_text import PNG_SIGNATURE, png_text_chunks
 from nodegraph.registry import Registry
+from nodegraph.subgraphs import SubgraphError, flatten_subgraphs
 
 __all__ = ["LoadedWorkflow", "WorkflowError", "load_workflow", "png_text_chunks", "ui_to_api"]
 
@@ -163,11 +164,14 @@ def ui_to_api(workflow: dict[str, Any], registry: Registry) -> dict[str, Any]:
     nodes = workflow.get("nodes")
     if not isinstance(nodes, list):
         raise WorkflowError("the UI workflow has no 'nodes' list")
-    by_id: dict[str, dict[str, Any]] = {}
     for node in nodes:
         if not isinstance(node, dict) or "id" not in node or "type" not in node:
             raise WorkflowError(f"the UI workflow has a node without 'id' and 'type': {str(node)[:80]}")
-        by_id[str(node["id"])] = node
+    try:
+        workflow = flatten_subgraphs(workflow)
+    except (SubgraphError, TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        raise WorkflowError(f"the UI workflow's subgraphs are malformed: {exc}") from exc
+    by_id = {str(node["id"]): node for node in workflow["nodes"]}
     links = _parse_links(workflow.get("links") or [])
     resolver = _Resolver(by_id, links)
     prompt: dict[str, Any] = {}
@@ -180,11 +184,6 @@ def ui_to_api(workflow: dict[str, Any], registry: Registry) -> dict[str, Any]:
         ):
             continue
         cls = registry.get(class_type)
-        if cls is None and class_type in _subgraph_ids(workflow):
-            raise WorkflowError(
-                f"node {node_id} is a subgraph; nodegraph does not run subgraphs yet: "
-                "unpack it in the canvas (right-click > Unpack Subgraph) and save again"
-            )
         if cls is None:
             raise WorkflowError(
                 f"node {node_id} has type '{class_type}', which is not a known node; "
@@ -199,12 +198,6 @@ def ui_to_api(workflow: dict[str, Any], registry: Registry) -> dict[str, Any]:
                 f"node {node_id} ({class_type}) is malformed in the UI workflow: {exc!r}"
             ) from exc
     return prompt
-
-
-def _subgraph_ids(workflow: dict[str, Any]) -> set[str]:
-    definitions = workflow.get("definitions")
-    subgraphs = definitions.get("subgraphs") if isinstance(definitions, dict) else None
-    return {str(s.get("id")) for s in subgraphs or [] if isinstance(s, dict)}
 
 
 def _parse_links(raw: list[Any]) -> dict[int, _LinkRecord]:

@@ -230,12 +230,86 @@ def test_missing_widget_values_take_defaults() -> None:
     assert ui_to_api(workflow, registry())["1"]["inputs"] == {"value": 7, "mode": "a"}
 
 
-def test_subgraph_nodes_get_a_clear_error() -> None:
-    workflow = ui_workflow()
-    workflow["nodes"][5]["type"] = "5b7e0c2a-0000-4000-8000-000000000001"
-    workflow["definitions"] = {"subgraphs": [{"id": "5b7e0c2a-0000-4000-8000-000000000001"}]}
-    with pytest.raises(WorkflowError, match="node 3 is a subgraph"):
-        ui_to_api(workflow, registry())
+def link_obj(link_id: int, origin: int, oslot: int, target: int, tslot: int, kind: str) -> dict[str, Any]:
+    keys = ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")
+    return dict(zip(keys, (link_id, origin, oslot, target, tslot, kind), strict=True))
+
+
+SCALE_SUBGRAPH = {
+    "id": "sub-scale",
+    "name": "Scale it",
+    "inputs": [
+        {"name": "x", "type": "NUMBER", "linkIds": [101]},
+        {"name": "factor", "type": "FLOAT", "linkIds": [102]},
+    ],
+    "outputs": [{"name": "out", "type": "NUMBER", "linkIds": [103]}],
+    "nodes": [
+        ui_node(
+            1,
+            "Scale",
+            [inp("x", "NUMBER", 101), inp("factor", "FLOAT", 102, "factor")],
+            [out("NUMBER", [103])],
+            [1.0],
+        )
+    ],
+    "links": [
+        link_obj(101, -10, 0, 1, 0, "NUMBER"),
+        link_obj(102, -10, 1, 1, 1, "FLOAT"),
+        link_obj(103, 1, 0, -20, 0, "NUMBER"),
+    ],
+}
+
+
+def subgraph_workflow(instance_type: str = "sub-scale", mode: int = 0) -> dict[str, Any]:
+    """Source(1) -> [subgraph instance 5: Scale inside, factor promoted as a widget] -> Show(3)."""
+    nodes = [
+        ui_node(1, "Source", [], [out("NUMBER", [1])], [3, "fixed", "a"]),
+        ui_node(
+            5, instance_type, [inp("x", "NUMBER", 1), inp("factor", "FLOAT", None, "factor")], [], [2.0], mode
+        ),
+        ui_node(3, "Show", [inp("x", "NUMBER", 2)], [], []),
+    ]
+    nodes[1]["outputs"] = [out("NUMBER", [2])]
+    links = [[1, 1, 0, 5, 0, "NUMBER"], [2, 5, 0, 3, 0, "NUMBER"]]
+    return {"nodes": nodes, "links": links, "definitions": {"subgraphs": [SCALE_SUBGRAPH]}, "version": 0.4}
+
+
+def test_subgraph_instances_are_flattened_under_prefixed_ids() -> None:
+    prompt = ui_to_api(subgraph_workflow(), registry())
+    assert inputs_of(prompt) == {
+        "1": ("Source", {"value": 3, "mode": "a"}),
+        "5:1": ("Scale", {"x": ["1", 0], "factor": 2.0}),  # the promoted widget's value
+        "3": ("Show", {"x": ["5:1", 0]}),
+    }
+
+
+def test_nested_subgraphs() -> None:
+    workflow = subgraph_workflow("sub-outer")
+    outer = {
+        "id": "sub-outer",
+        "inputs": [{"name": "x", "type": "NUMBER"}, {"name": "factor", "type": "FLOAT"}],
+        "outputs": [{"name": "out", "type": "NUMBER"}],
+        "nodes": [ui_node(7, "sub-scale", [inp("x", "NUMBER", 11), inp("factor", "FLOAT", 12)], [], [])],
+        "links": [
+            link_obj(11, -10, 0, 7, 0, "NUMBER"),
+            link_obj(12, -10, 1, 7, 1, "FLOAT"),
+            link_obj(13, 7, 0, -20, 0, "NUMBER"),
+        ],
+    }
+    workflow["definitions"]["subgraphs"].append(outer)
+    prompt = ui_to_api(workflow, registry())
+    assert inputs_of(prompt)["5:7:1"] == ("Scale", {"x": ["1", 0], "factor": 2.0})
+    assert prompt["3"]["inputs"] == {"x": ["5:7:1", 0]}
+
+
+def test_muted_subgraph_unlinks_its_consumers() -> None:
+    prompt = ui_to_api(subgraph_workflow(mode=2), registry())
+    assert set(prompt) == {"1", "3"} and prompt["3"]["inputs"] == {}
+
+
+def test_bypassed_subgraph_passes_its_input_through() -> None:
+    prompt = ui_to_api(subgraph_workflow(mode=4), registry())
+    assert prompt["3"]["inputs"] == {"x": ["1", 0]}
 
 
 def test_malformed_ui_link_and_node() -> None:
