@@ -169,11 +169,13 @@ def _run_one(engine: Engine, path: Path, overrides: list[str], verbose: bool) ->
         reporter.close()
     if outcome.error is not None:
         raise CliError(f"{path}: {describe_error(outcome.error, verbose)}")
-    for written in written_files(outcome.outputs, engine.env.folders):
+    ran = {n: ui for n, ui in outcome.outputs.items() if n in outcome.executed}
+    for written in written_files(ran, engine.env.folders):
         print(written)
     elapsed = time.perf_counter() - started
-    ran, cached = len(outcome.executed), len(outcome.cached)
-    print(f"{path.name}: {ran} node(s) ran, {cached} cached, {elapsed:.1f} s", file=sys.stderr)
+    note = "" if ran else " (outputs unchanged since an earlier run: nothing new written)"
+    summary = f"{len(outcome.executed)} node(s) ran, {len(outcome.cached)} cached, {elapsed:.1f} s"
+    print(f"{path.name}: {summary}{note}", file=sys.stderr)
 
 
 def _load(engine: Engine, path: Path) -> LoadedWorkflow:

@@ -172,3 +172,11 @@ def test_build_engine_loads_the_default_extra_model_paths(tmp_path: Path) -> Non
     engine = app.build_engine(app.Settings(base_directory=tmp_path), STUBS)
     assert tmp_path / "extra" / "loras" in engine.env.folders.paths("loras")
     assert engine.registry.get("Source") is Source and engine.extra_routes == []
+
+
+def test_a_cached_rerun_writes_and_lists_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = workflow(tmp_path)
+    assert cli.main(["run", str(path), str(path), *base(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.split()) == 1  # only the first run wrote a file
+    assert "nothing new written" in captured.err
