@@ -13,7 +13,13 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from nodegraph.server import routes_files, routes_info, routes_prompt, routes_user
-from nodegraph.server.auth import cors_middleware, effective_token, origin_middleware, token_middleware
+from nodegraph.server.auth import (
+    cors_middleware,
+    effective_token,
+    loopback_host_middleware,
+    origin_middleware,
+    token_middleware,
+)
 from nodegraph.server.queue import PromptStore
 from nodegraph.server.replies import BadRequest, error
 from nodegraph.server.state import MAX_UPLOAD_SIZE, STATE, ServerState
@@ -99,6 +105,8 @@ def create_app(engine: Any, *, max_upload_size: int | None = None) -> web.Applic
     middlewares: list[Middleware] = [error_middleware, cors_middleware(cors) if cors else origin_middleware]
     if token is not None:
         middlewares.insert(0, token_middleware(token))
+    else:  # loopback only, no token: the Host check is what keeps rebinding pages out
+        middlewares.insert(0, loopback_host_middleware)
     app = web.Application(client_max_size=max_upload_size + (1 << 20), middlewares=middlewares)
     app[STATE] = st
     for table in (routes_prompt.routes, routes_files.routes, routes_info.routes, routes_user.routes):

@@ -118,6 +118,26 @@ async def origin_middleware(request: web.Request, handler: Handler) -> web.Strea
     return await handler(request)
 
 
+@web.middleware
+async def loopback_host_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Without a token, only loopback `Host` names are served: a DNS-rebinding page (evil.example
+    resolved to 127.0.0.1) sends its own name as Host and is refused before it can read anything."""
+    hostname = urlsplit(f"http://{request.host}").hostname or ""
+    if not is_loopback(hostname):
+        return web.json_response(
+            {
+                "error": {
+                    "type": "forbidden_host",
+                    "message": f"host {request.host!r} is not this machine's loopback address",
+                    "details": "open the server as http://127.0.0.1:<port>/ or http://localhost:<port>/",
+                    "extra_info": {},
+                }
+            },
+            status=403,
+        )
+    return await handler(request)
+
+
 def cors_middleware(allowed: str) -> Middleware:
     """ComfyUI's `--enable-cors-header [ORIGIN]`: answer cross-origin requests instead of refusing them.
 

@@ -221,3 +221,12 @@ async def test_cors_option_answers_cross_origin_requests(aiohttp_client: Any, tm
         "/prompt", headers={"Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST"}
     )
     assert pre.status == 200 and "POST" in pre.headers["Access-Control-Allow-Methods"]
+
+
+async def test_dns_rebinding_host_is_refused_on_loopback(aiohttp_client: Any, engine: Any) -> None:
+    client: TestClient = await aiohttp_client(create_app(engine))
+    rebound = {"Host": "evil.example:8188", "Origin": "http://evil.example:8188"}
+    assert (await client.get("/history", headers=rebound)).status == 403
+    assert (await client.post("/prompt", json={}, headers=rebound)).status == 403
+    for host in ("localhost:8188", "127.0.0.1", "[::1]:8188"):
+        assert (await client.get("/queue", headers={"Host": host})).status == 200, host
