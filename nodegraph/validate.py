@@ -252,19 +252,7 @@ class _Checker:
                 )
             ]
         if source not in self.prompt:
-            return [
-                error(
-                    "exception_during_inner_validation",
-                    "Exception when validating inner node",
-                    f"{inp.name}: linked node '{source}' does not exist in the prompt",
-                    input_name=inp.name,
-                    input_config=config,
-                    exception_message=f"node '{source}' not found",
-                    exception_type="KeyError",
-                    traceback=[],
-                    linked_node=value,
-                )
-            ]
+            return [_missing_source(inp, config, value)]
         source_cls = _cls(self.registry, self.prompt[source])
         if isinstance(slot, bool) or not isinstance(slot, (int, float)) or int(slot) != slot:
             return [
@@ -342,6 +330,21 @@ class _Checker:
         return [
             error("custom_validation_failed", "Custom validation failed for node", f"{names} - {message}")
         ]
+
+
+def _missing_source(inp: Input, config: Any, link: list[Any]) -> dict[str, Any]:
+    """A link to a node id the prompt does not have (ComfyUI fails on the KeyError; this names it)."""
+    return error(
+        "exception_during_inner_validation",
+        "Exception when validating inner node",
+        f"{inp.name}: linked node '{link[0]}' does not exist in the prompt",
+        input_name=inp.name,
+        input_config=config,
+        exception_message=f"node '{link[0]}' not found",
+        exception_type="KeyError",
+        traceback=[],
+        linked_node=link,
+    )
 
 
 def _cycles(graph: nx.DiGraph) -> list[set[str]]:
