@@ -28,13 +28,19 @@ def decode(vae: Any, latent: torch.Tensor) -> torch.Tensor:
         raise VaeInputError(
             f"the VAE needs a latent of shape [B, {channels}, h, w], got {list(latent.shape)}"
         )
+    parts = []
     with torch.inference_mode():
-        z = latent.to(torch.float32)
-        if getattr(vae, "post_quant_conv", None) is not None:
-            z = vae.post_quant_conv(z)
-        x = vae.decoder(z)
-        image = torch.clamp((x.float() + 1.0) / 2.0, min=0.0, max=1.0)
-    return image.movedim(1, -1).contiguous().clone()
+        for z in latent.to(torch.float32).split(_batch_chunk(latent.shape[2] * latent.shape[3])):
+            if getattr(vae, "post_quant_conv", None) is not None:
+                z = vae.post_quant_conv(z)
+            x = vae.decoder(z)
+            parts.append(torch.clamp((x.float() + 1.0) / 2.0, min=0.0, max=1.0))
+    return torch.cat(parts).movedim(1, -1).contiguous().clone()
+
+
+def _batch_chunk(latent_pixels: int) -> int:
+    """Images per VAE pass: one 512x512 image at a time (about 2 GB of activations), more when small."""
+    return max(1, (64 * 64) // max(latent_pixels, 1))
 
 
 def crop_to_multiple(pixels: torch.Tensor, multiple: int = 8) -> torch.Tensor:
@@ -58,10 +64,12 @@ def encode(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
         raise VaeInputError(
             f"an image of {pixels.shape[2]}x{pixels.shape[1]} is too small to encode (8x8 at least)"
         )
+    means = []
     with torch.inference_mode():
-        x = pixels.movedim(-1, 1).to(torch.float32) * 2.0 - 1.0
-        h = vae.encoder(x)
-        if getattr(vae, "quant_conv", None) is not None:
-            h = vae.quant_conv(h)
-        mean, _ = torch.chunk(h, 2, dim=1)
-    return mean.float().contiguous().clone()
+        batch = pixels.movedim(-1, 1).to(torch.float32) * 2.0 - 1.0
+        for x in batch.split(_batch_chunk(batch.shape[2] * batch.shape[3] // 64)):
+            h = vae.encoder(x)
+            if getattr(vae, "quant_conv", None) is not None:
+                h = vae.quant_conv(h)
+            means.append(torch.chunk(h, 2, dim=1)[0])
+    return torch.cat(means).float().contiguous().clone()

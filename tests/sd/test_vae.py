@@ -54,3 +54,12 @@ def test_pixel_space_vae_is_the_identity_up_to_range() -> None:
     latent = vae_math.encode(PixelSpaceVae(), pixels)
     assert latent.shape == (2, 3, 9, 5)
     assert torch.allclose(vae_math.decode(PixelSpaceVae(), latent), pixels, atol=1e-6)
+
+
+def test_a_batch_decodes_and_encodes_like_its_images_one_by_one(loaded_mini: LoadedCheckpoint) -> None:
+    latent = torch.randn(3, 4, 64, 64, generator=torch.Generator().manual_seed(2))[:, :, :12, :10]
+    images = vae_math.decode(loaded_mini.vae, latent)
+    assert images.shape == (3, 96, 80, 3)
+    assert torch.allclose(images[1:2], vae_math.decode(loaded_mini.vae, latent[1:2]), atol=1e-5)
+    latents = vae_math.encode(loaded_mini.vae, images)
+    assert torch.allclose(latents[2:], vae_math.encode(loaded_mini.vae, images[2:]), atol=1e-4)
