@@ -66,6 +66,7 @@ class ExecutionError(Event):
     traceback: tuple[str, ...] = ()
     executed: tuple[str, ...] = ()
     current_inputs: Mapping[str, Any] = field(default_factory=dict)
+    current_outputs: tuple[str, ...] = ()  # nodes whose outputs were available (cached or run) at the failure
 
 
 @dataclass(frozen=True)

@@ -321,6 +321,7 @@ class _PromptRun:
             traceback=lines,
             executed=tuple(self.outcome.executed),
             current_inputs={k: [_format_input(v)] for k, v in inputs.items()},
+            current_outputs=tuple(self.entries),
         )
         self.emit(event)
         self.outcome.status, self.outcome.error = "error", event

@@ -149,6 +149,7 @@ def test_exception_is_reported_and_does_not_poison_the_cache(executor: Executor)
     assert (err.node_id, err.node_type, err.exception_type) == ("6", "Fail", "ValueError")
     assert err.message == "asked to fail" and err.current_inputs == {"x": [6.0], "fail": [True]}
     assert "1" in err.executed and any("asked to fail" in line for line in err.traceback)
+    assert set(err.current_outputs) == set(err.executed) and "6" not in err.current_outputs
     assert not rec.of(ev.ExecutionSuccess)
     prompt["6"]["inputs"]["fail"] = False
     outcome = run(executor, prompt)
