@@ -180,6 +180,9 @@ def _decode(lora: LoraFile, module: Any, target: Target, stems: dict[str, str]) 
         if upd is None and bupd is None:
             out.failed[stem] = f"no adapter tensors among {sorted(parts)}"
             continue
+        if path + ".weight" in out.updates or path + ".bias" in out.updates:
+            out.failed[stem] = f"names {path} again, which another key of the file already patches"
+            continue
         if upd is not None:
             out.updates[path + ".weight"] = upd
         if bupd is not None:
