@@ -42,6 +42,7 @@ class Settings:
     cache_bytes: int = DEFAULT_MAX_BYTES
     enable_cors_header: str | None = None
     max_upload_size_mb: float = 100.0
+    front_end_root: Path | None = None
 
 
 @dataclass

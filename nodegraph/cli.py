@@ -27,6 +27,16 @@ from nodegraph.graph import LoadedWorkflow, WorkflowError, load_workflow
 from nodegraph.node import Hidden, InputValueError, Socket
 from nodegraph.validate import validate_prompt
 
+# `serve` flags copied into Settings when given (other commands do not define them).
+SERVE_SETTINGS = (
+    "listen",
+    "port",
+    "auth_token",
+    "enable_cors_header",
+    "max_upload_size_mb",
+    "front_end_root",
+)
+
 
 class CliError(Exception):
     """A failure the CLI reports as one paragraph (no traceback)."""
@@ -73,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8188)
     serve.add_argument("--auth-token", default=None, help="require this bearer token from clients")
     serve.add_argument("--enable-cors-header", nargs="?", const="*", default=None, metavar="ORIGIN")
+    serve.add_argument("--max-upload-size", dest="max_upload_size_mb", type=float, default=None, metavar="MB")
+    serve.add_argument("--front-end-root", type=Path, default=None, help="serve this canvas build instead")
     demo = _command(sub, "demo", "write the small demo models into the models folders", _cmd_demo)
     demo.add_argument("--force", action="store_true", help="rewrite them even if present")
     info = _command(
@@ -116,7 +128,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
     if args.base_directory is not None:
         settings.base_directory = args.base_directory
-    for name in ("listen", "port", "auth_token", "enable_cors_header"):
+    for name in SERVE_SETTINGS:
         if getattr(args, name, None) is not None:
             setattr(settings, name, getattr(args, name))
     return settings

@@ -159,9 +159,12 @@ def test_settings_from_flags(tmp_path: Path) -> None:
             "--output-directory",
             str(tmp_path),
             "--disable-metadata",
+            "--max-upload-size",
+            "5",
         ]
     )
     settings = cli.settings_from(args)
+    assert settings.max_upload_size_mb == 5.0 and settings.front_end_root is None
     assert (settings.port, settings.listen, settings.output_directory) == (9000, "0.0.0.0", tmp_path)
     assert settings.disable_metadata and settings.base_directory == Path.cwd()
 
