@@ -2,6 +2,19 @@
 
 `create_app(engine)` builds the application; `serve(engine)` runs it on the engine's settings
 (`listen`, `port`), printing the access token when one is needed.
+
+Where things are:
+    app.py           the application: middlewares, every route under `/` and `/api`, start/stop
+    routes_prompt.py /prompt (+ ?wait=true, /prompt/{id}/cancel), /queue, /history, /interrupt, /free
+    routes_files.py  /view, /upload/image, /upload/mask
+    routes_info.py   /object_info, /models, /embeddings, /system_stats, /features, /extensions ...
+    routes_user.py   /settings, /userdata, /v2/userdata, /users
+    queue.py         the SQLite queue and history (survive a restart)
+    worker.py        the executor thread: one prompt at a time, history, /free
+    messages.py      execution events -> ComfyUI websocket messages and binary previews
+    ws.py            /ws: clients, per-client outboxes, the thread -> event loop bridge
+    auth.py          access token, Origin and Host checks, CORS option
+    frontend.py      the canvas (owned by the canvas code): `/`, static files, extension URLs
 """
 
 from __future__ import annotations
