@@ -261,6 +261,10 @@ class _PromptRun:
         return list(nx.lexicographical_topological_sort(graph, key=rank))
 
     def _run_node(self, node_id: str, cls: type[Node], signature: str) -> bool:
+        hit = self.ex.cache.get(signature)
+        if hit is not None:  # an identical node earlier in this prompt made it (ComfyUI checks here too)
+            self._reuse(node_id, hit)
+            return True
         inputs: dict[str, Any] = {}
         try:
             if self.ex.interrupt_requested:
@@ -286,6 +290,13 @@ class _PromptRun:
             self.outcome.outputs[node_id] = dict(ui)
             self.emit(Executed(self.prompt_id, node_id, ui))
         return True
+
+    def _reuse(self, node_id: str, entry: CacheEntry) -> None:
+        self.entries[node_id] = entry
+        self.outcome.cached.append(node_id)
+        if entry.ui is not None:
+            self.outcome.outputs[node_id] = dict(entry.ui)
+            self.emit(Executed(self.prompt_id, node_id, entry.ui))
 
     def _inputs(self, node_id: str, cls: type[Node]) -> dict[str, Any]:
         given: dict[str, Any] = self.prompt[node_id]["inputs"]

@@ -259,3 +259,17 @@ def test_node_instances_are_kept_per_id_and_class(executor: Executor) -> None:
     prompt["2"]["inputs"]["factor"] = 5.0
     run(executor, prompt)
     assert executor.instance("2", registry().get("Scale")) is first  # type: ignore[arg-type]
+
+
+def test_identical_nodes_in_one_prompt_run_once(executor: Executor) -> None:
+    from engine_stubs import Source
+
+    prompt = chain_prompt()
+    prompt["6"] = {"class_type": "Source", "inputs": {"value": 3, "mode": "a"}}  # the same as node 1
+    prompt["7"] = {"class_type": "Show", "inputs": {"x": ["6", 0]}}
+    Source.RUNS[0] = 0
+    outcome = run(executor, prompt)
+    assert Source.RUNS[0] == 1 and outcome.status == "success"
+    ran = {"1", "6"} & set(outcome.executed)
+    assert len(ran) == 1 and ({"1", "6"} - ran) <= set(outcome.cached)  # one ran, its twin reused it
+    assert outcome.outputs["7"] == {"values": [3]} and outcome.outputs["5"] == {"values": [9.0]}
