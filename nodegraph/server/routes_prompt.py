@@ -92,6 +92,11 @@ def _validate(st: ServerState, body: dict[str, Any], extra_data: dict[str, Any])
     from nodegraph.validate import validate_prompt
 
     engine = st.engine
+    if not isinstance(body["prompt"], dict):
+        # load_workflow also takes file paths and text: from a request that would read server files.
+        return error(
+            400, "invalid_prompt", "prompt must be a JSON object (API or UI workflow)", node_errors={}
+        )
     try:
         loaded = load_workflow(body["prompt"], engine.registry)
     except Exception as exc:  # malformed workflow: a clear 400, never a traceback

@@ -230,3 +230,10 @@ async def test_dns_rebinding_host_is_refused_on_loopback(aiohttp_client: Any, en
     assert (await client.post("/prompt", json={}, headers=rebound)).status == 403
     for host in ("localhost:8188", "127.0.0.1", "[::1]:8188"):
         assert (await client.get("/queue", headers={"Host": host})).status == 200, host
+
+
+@pytest.mark.parametrize("value", ["/etc/passwd", "secret.txt", '{"1": {}}', ["1", 0], 5])
+async def test_prompt_must_be_an_object_never_a_path(aiohttp_client: Any, engine: Any, value: Any) -> None:
+    client: TestClient = await aiohttp_client(create_app(engine))
+    resp = await client.post("/prompt", json={"prompt": value})
+    assert resp.status == 400 and (await resp.json())["error"]["type"] == "invalid_prompt"
