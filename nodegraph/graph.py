@@ -45,6 +45,8 @@ def load_workflow(source: dict[str, Any] | str | bytes | Path, registry: Registr
 
     Args:
         source: an API or UI workflow dict, JSON text, a path to a .json or .png file, or file bytes.
+            A str that is not JSON text is read as a file path: give untrusted input (a request
+            body) as a dict or bytes, never as a str.
         registry: the node classes, needed to map a UI node's widget values onto input names.
 
     Raises:
