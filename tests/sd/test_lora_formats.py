@@ -142,6 +142,10 @@ def _check(
     unet, te = models
     stamp = file_stamp(path)
     modules = {"unet": unet, "te": te}
+    report = _report(path, models)  # every module of every format is matched and applied
+    counts = {t: len({n.rsplit(".", 1)[0] for n, (tt, _, _) in expect.items() if tt == t}) for t in modules}
+    assert (report.unet_modules, report.te_modules) == (counts["unet"], counts["te"])
+    assert report.complete and report.total_modules == report.matched, report.summary()
     base = {n: dict(modules[t].named_parameters())[n].detach().clone() for n, (t, _, _) in expect.items()}
     for target, s in (("unet", S_UNET), ("te", S_TE)):
         apply_stack(modules[target], [LoraRef(path, stamp, s, path.name)], target)  # type: ignore[arg-type]
