@@ -146,6 +146,7 @@ class Hub:
                 text = _text(message)  # encoded once for every socket
                 for client in targets:
                     self._offer(client, text)
+            await asyncio.sleep(0)  # let the senders drain between messages of a burst
 
     def _targets(self, message: Message | PreviewFrame, sid: str | None) -> list[Client]:
         if sid is not None:
