@@ -6,13 +6,15 @@ workflow that names the same unchanged file shares one copy of its weights.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Sequence
+from pathlib import Path
 from typing import Any
 
 from nodegraph.env import Environment
 from nodegraph.node import Combo, Node, Output, RunContext
 from nodegraph.types import CLIP, MODEL, VAE
-from nodes.sd.checkpoint import PixelSpaceVae, load_vae_file
+from nodes.sd.checkpoint import LoadedCheckpoint, PixelSpaceVae, load_vae_file
 from nodes.sd.handles import ClipHandle, ModelHandle, VaeHandle
 from nodes.sd.model_store import ModelStore, file_stamp
 from nodes.sd.tokenizer import default_tokenizer
@@ -23,6 +25,18 @@ PIXEL_SPACE = "pixel_space"
 def checkpoint_names(env: Environment) -> Sequence[str]:
     """The files in the `checkpoints` folder."""
     return env.folders.list("checkpoints")
+
+
+def diffusers_names(env: Environment) -> Sequence[str]:
+    """Folders under the `diffusers` directories holding a `model_index.json` (ComfyUI's DiffusersLoader)."""
+    found: set[str] = set()
+    for top in env.folders.paths("diffusers"):
+        if not top.is_dir():
+            continue
+        for root, _, files in os.walk(top, followlinks=True):
+            if "model_index.json" in files:
+                found.add(Path(root).relative_to(top).as_posix())
+    return sorted(found)
 
 
 def vae_names(env: Environment) -> Sequence[str]:
@@ -61,19 +75,40 @@ class CheckpointLoaderSimple(Node):
         return _stamp(env, "checkpoints", constants.get("ckpt_name"))
 
     def run(self, ctx: RunContext, ckpt_name: str) -> tuple[ModelHandle, ClipHandle, VaeHandle]:
-        env = ctx.env
-        path = env.folders.resolve("checkpoints", ckpt_name)
-        ckpt = model_store(env).checkpoint(path)
-        model = ModelHandle(unet=ckpt.unet, source=ckpt_name, family=ckpt.family)
-        clip = ClipHandle(
-            text_encoder=ckpt.text_encoder,
-            tokenizer=default_tokenizer(),
-            source=ckpt_name,
-            family=ckpt.family,
-            embedding_dirs=tuple(env.folders.paths("embeddings")),
-        )
-        vae = VaeHandle(vae=ckpt.vae, source=ckpt_name, scaling_factor=ckpt.vae.config.scaling_factor)
-        return model, clip, vae
+        path = ctx.env.folders.resolve("checkpoints", ckpt_name)
+        return _handles(ctx.env, model_store(ctx.env).checkpoint(path), ckpt_name)
+
+
+def _handles(
+    env: Environment, ckpt: LoadedCheckpoint, name: str
+) -> tuple[ModelHandle, ClipHandle, VaeHandle]:
+    model = ModelHandle(unet=ckpt.unet, source=name, family=ckpt.family)
+    clip = ClipHandle(
+        text_encoder=ckpt.text_encoder,
+        tokenizer=default_tokenizer(),
+        source=name,
+        family=ckpt.family,
+        embedding_dirs=tuple(env.folders.paths("embeddings")),
+    )
+    vae = VaeHandle(vae=ckpt.vae, source=name, scaling_factor=ckpt.vae.config.scaling_factor)
+    return model, clip, vae
+
+
+class DiffusersLoader(Node):
+    """Load an SD1.x diffusers pipeline folder (unet/, vae/, text_encoder/) from models/diffusers."""
+
+    DISPLAY_NAME = "DiffusersLoader"
+    CATEGORY = "advanced/loaders/deprecated"
+    INPUTS = (Combo("model_path", choices=diffusers_names),)
+    OUTPUTS = (Output(MODEL), Output(CLIP), Output(VAE))
+
+    @classmethod
+    def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
+        return _stamp(env, "diffusers", constants.get("model_path"))
+
+    def run(self, ctx: RunContext, model_path: str) -> tuple[ModelHandle, ClipHandle, VaeHandle]:
+        folder = ctx.env.folders.resolve("diffusers", model_path)
+        return _handles(ctx.env, model_store(ctx.env).checkpoint(folder), model_path)
 
 
 class VAELoader(Node):
@@ -97,4 +132,4 @@ class VAELoader(Node):
         return (VaeHandle(vae=vae, source=vae_name, scaling_factor=vae.config.scaling_factor),)
 
 
-NODES: tuple[type[Node], ...] = (CheckpointLoaderSimple, VAELoader)
+NODES: tuple[type[Node], ...] = (CheckpointLoaderSimple, VAELoader, DiffusersLoader)

@@ -135,3 +135,14 @@ def test_store_loads_a_file_once_when_asked_from_two_threads(tmp_path: Path) -> 
 def test_model_store_is_one_service_per_environment(env: Environment) -> None:
     assert model_store(env) is model_store(env)
     assert isinstance(model_store(env), ModelStore)
+
+
+def test_diffusers_loader_lists_pipeline_folders_and_explains_a_broken_one(env: Environment) -> None:
+    from nodes.loaders import DiffusersLoader
+
+    pipe = env.folders.paths("diffusers")[0] / "vendor" / "my_sd15"
+    pipe.mkdir(parents=True)
+    (pipe / "model_index.json").write_text("{}")
+    assert DiffusersLoader.info(env)["input"]["required"]["model_path"][0] == ["vendor/my_sd15"]
+    with pytest.raises(CheckpointError, match="'my_sd15' is not a diffusers folder: unet/config.json"):
+        DiffusersLoader().run(FakeContext(env), "vendor/my_sd15")
