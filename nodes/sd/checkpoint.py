@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import weakref
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -172,6 +173,19 @@ class LoadedCheckpoint:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+# module -> {LDM key: parameter name}; weak, so a dropped checkpoint is freed. Values hold no module.
+_LDM_NAMES: weakref.WeakKeyDictionary[Any, dict[str, str]] = weakref.WeakKeyDictionary()
+
+
+def ldm_names(module: Any) -> dict[str, str] | None:
+    """{original LDM key: parameter name} for a UNet, VAE or text encoder loaded from a single file.
+
+    What a checkpoint writer needs from a handle (`handle.unet`, `clip.text_encoder`, `vae.vae`)
+    to save in the original layout; None for modules not loaded from an LDM file (diffusers folders).
+    """
+    return _LDM_NAMES.get(module)
+
+
 def load_checkpoint(path: Path) -> LoadedCheckpoint:
     """Load an SD1.x checkpoint file or diffusers folder.
 
@@ -207,6 +221,8 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     ldm_keys = {ldm: ("unet", p) for p, ldm in unet_map.items()}
     ldm_keys |= {ldm: ("vae", p) for p, ldm in vae_map.items()}
     ldm_keys |= {ldm: ("te", p) for p, ldm in te_map.items()}
+    for module, mapping in ((unet, unet_map), (vae, vae_map), (te, te_map)):
+        _LDM_NAMES[module] = {ldm: p for p, ldm in mapping.items()}
     meta = source.metadata() if isinstance(source, SafetensorsSource) else {}
     return LoadedCheckpoint(path, family, unet, te, vae, ldm_keys, meta)
 

@@ -208,3 +208,17 @@ def test_a_folder_without_configs_is_not_a_diffusers_folder(tmp_path: Path) -> N
     (tmp_path / "unet").mkdir()
     with pytest.raises(CheckpointError, match="unet/config.json is missing"):
         load_checkpoint(tmp_path)
+
+
+def test_ldm_names_are_found_from_the_modules_alone(loaded_mini: LoadedCheckpoint) -> None:
+    from nodes.sd.checkpoint import ldm_names
+
+    te = ldm_names(loaded_mini.text_encoder)
+    assert te is not None and te["cond_stage_model.transformer.text_model.final_layer_norm.weight"] == (
+        "final_layer_norm.weight"
+    )
+    unet = ldm_names(loaded_mini.unet)
+    assert unet is not None and unet["model.diffusion_model.input_blocks.0.0.weight"] == "conv_in.weight"
+    vae = ldm_names(loaded_mini.vae)
+    assert vae is not None and len(unet) + len(vae) + len(te) == len(loaded_mini.ldm_keys)
+    assert ldm_names(torch.nn.Linear(1, 1)) is None
