@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -30,11 +28,11 @@ from typing import Any
 
 import aiohttp
 
+from bench import record
 from nodegraph.node import Int, Node, Output, Result, RunContext, Socket
 from nodegraph.types import IMAGE, LATENT
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-HEADING = "## Server (issue 5)"
+AREA = "Server (issue 5)"
 TIME_LIMIT_S = 300.0
 
 
@@ -278,19 +276,6 @@ async def real_phase(checkpoint: Path, size: int, steps: int) -> dict[str, float
     }
 
 
-def record(lines: list[str]) -> None:
-    """Append under this area's heading in RESULTS.md, leaving the other sections as they are."""
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    block = "\n".join(lines) + "\n"
-    if HEADING not in text:
-        RESULTS.write_text(text.rstrip("\n") + f"\n\n{HEADING}\n\n{block}", encoding="utf-8")
-        return
-    start = text.index(HEADING) + len(HEADING)
-    nxt = text.find("\n## ", start)
-    end = len(text) if nxt < 0 else nxt
-    RESULTS.write_text(text[:end].rstrip("\n") + f"\n\n{block}" + text[end:], encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=50)
@@ -307,11 +292,9 @@ def main() -> None:
         serve(Path(where[0]), Path(where[1]), real=bool(args.serve_real))
         return
     load, stats = asyncio.run(run(args.clients, args.prompts))
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        f"`python -m bench.load --clients {args.clients} --prompts {args.prompts}` — {when}, {machine}; "
-        "server in a child process on loopback, stub nodes (4 sampler steps × 2 ms CPU each)",
+        f"`python -m bench.load --clients {args.clients} --prompts {args.prompts}`: server in a child "
+        "process on loopback, stub nodes (4 sampler steps × 2 ms CPU each)",
         "",
         "| measure | value |",
         "| --- | --- |",
@@ -338,7 +321,7 @@ def main() -> None:
             lines.append("| note | the real prompt did not succeed |")
     print("\n".join(lines))
     if not args.no_record:
-        record(lines)
+        record(AREA, lines)
 
 
 if __name__ == "__main__":
