@@ -37,7 +37,8 @@ def serve(engine: Any) -> None:
     """
     settings = getattr(engine, "settings", None)
     listen = str(getattr(settings, "listen", "127.0.0.1") or "127.0.0.1")
-    port = int(getattr(settings, "port", 8188) or 8188)
+    port_setting = getattr(settings, "port", None)
+    port = 8188 if port_setting is None else int(port_setting)  # 0 asks the OS for a free port
     app = create_app(engine)
     hosts = [h.strip() for h in listen.split(",") if h.strip()]
     token = app[STATE].token

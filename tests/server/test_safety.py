@@ -237,3 +237,22 @@ async def test_prompt_must_be_an_object_never_a_path(aiohttp_client: Any, engine
     client: TestClient = await aiohttp_client(create_app(engine))
     resp = await client.post("/prompt", json={"prompt": value})
     assert resp.status == 400 and (await resp.json())["error"]["type"] == "invalid_prompt"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestWarning")
+def test_serve_prints_the_token_and_listens_where_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aiohttp import web
+
+    from nodegraph import server
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(web, "run_app", lambda app, **kw: seen.update(kw, app=app))
+    server.serve(make_engine(tmp_path, listen="0.0.0.0,::"))
+    out = capsys.readouterr().out
+    token = seen["app"][STATE].token
+    assert token and f"access token: {token}" in out and f"Bearer {token}" in out
+    assert seen["host"] == ["0.0.0.0", "::"] and seen["port"] == 0
+    server.serve(make_engine(tmp_path / "b"))
+    assert "access token" not in capsys.readouterr().out and seen["host"] == ["127.0.0.1"]
