@@ -197,3 +197,15 @@ async def test_view_metadata_reads_the_safetensors_header(aiohttp_client: Any, e
     meta = await client.get("/view_metadata/loras?filename=l.safetensors")
     assert await meta.json() == {"ss_network_dim": "4"}
     assert (await client.get("/view_metadata/loras?filename=missing.safetensors")).status == 404
+
+
+async def test_engine_extra_routes_are_served_under_both_prefixes(aiohttp_client: Any, engine: Any) -> None:
+    from aiohttp import web
+
+    async def ping(request: web.Request) -> web.Response:
+        return web.json_response({"pong": request.path})
+
+    engine.extra_routes = [web.get("/nodegraph/ping", ping)]
+    client = await _client(aiohttp_client, engine)
+    assert await (await client.get("/nodegraph/ping")).json() == {"pong": "/nodegraph/ping"}
+    assert await (await client.get("/api/nodegraph/ping")).json() == {"pong": "/api/nodegraph/ping"}
