@@ -67,7 +67,9 @@ def load_lora(
     return model, clip, report
 
 
-_STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
+def _strength(name: str, tooltip: str | None = None) -> Float:
+    """ComfyUI's LoRA strength widget: 1.0 in [-100, 100], step 0.01."""
+    return Float(name, 1.0, min=-100.0, max=100.0, step=0.01, tooltip=tooltip)
 
 
 class LoraLoader(Node):
@@ -79,8 +81,10 @@ class LoraLoader(Node):
         Socket("model", socket_type=MODEL, tooltip="The diffusion model the LoRA will be applied to."),
         Socket("clip", socket_type=CLIP, tooltip="The CLIP model the LoRA will be applied to."),
         Combo("lora_name", choices=lora_names, tooltip="The name of the LoRA."),
-        Float("strength_model", **_STRENGTH, tooltip="How strongly to modify the diffusion model."),
-        Float("strength_clip", **_STRENGTH, tooltip="How strongly to modify the CLIP model."),
+        _strength(
+            "strength_model", "How strongly to modify the diffusion model. This value can be negative."
+        ),
+        _strength("strength_clip", "How strongly to modify the CLIP model. This value can be negative."),
     )
     OUTPUTS = (
         Output(MODEL, tooltip="The modified diffusion model."),
@@ -115,7 +119,7 @@ class LoraLoaderModelOnly(Node):
     INPUTS = (
         Socket("model", socket_type=MODEL),
         Combo("lora_name", choices=lora_names),
-        Float("strength_model", **_STRENGTH),
+        _strength("strength_model"),
     )
     OUTPUTS = (Output(MODEL),)
 
