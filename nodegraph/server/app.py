@@ -70,7 +70,7 @@ def _mirror(app: web.Application, defs: Iterable[web.AbstractRouteDef]) -> None:
             route.register(app.router)
             continue
         for prefix in ("", "/api"):
-            app.router.add_route(route.method, prefix + route.path, route.handler, **route.kwargs)
+            web.RouteDef(route.method, prefix + route.path, route.handler, route.kwargs).register(app.router)
 
 
 def create_app(engine: Any, *, max_upload_size: int | None = None) -> web.Application:
