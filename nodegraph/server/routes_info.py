@@ -136,7 +136,7 @@ def system_stats(engine: Any) -> dict[str, Any]:
     device = str(getattr(getattr(engine, "settings", None), "device", None) or "cpu")
     return {
         "system": {
-            "os": os.name if sys.platform != "linux" else "posix",
+            "os": os.name,
             "ram_total": total,
             "ram_free": free,
             "comfyui_version": f"nodegraph {__version__}",
