@@ -55,9 +55,11 @@ class Coverage:
             text += f", {self.skipped_te} text-encoder modules not applied by a model-only loader"
         if self.unmatched:
             shown = ", ".join(self.unmatched[:_SHOWN]) + (" ..." if len(self.unmatched) > _SHOWN else "")
-            text += f"; {len(self.unmatched)} keys did not match: {shown}"
+            n = len(self.unmatched)
+            text += f"; {n} {'key' if n == 1 else 'keys'} did not match: {shown}"
         if self.failed:
-            text += f"; {len(self.failed)} modules could not apply: {'; '.join(self.failed[:3])}"
+            n = len(self.failed)
+            text += f"; {n} {'module' if n == 1 else 'modules'} could not apply: {'; '.join(self.failed[:3])}"
         return text
 
     def as_dict(self) -> dict[str, Any]:
@@ -126,7 +128,7 @@ def check(report: Coverage, checkpoint: str, model_family: str) -> str | None:
         raise LoraMismatchError(
             f"{report.lora} is {_a(family_name(report.family))} LoRA; the checkpoint {checkpoint} is "
             f"{family_name(model_family)}. Pick a LoRA made for {family_name(model_family)} "
-            f"(or a {family_name(report.family)} checkpoint)."
+            f"(or {_a(family_name(report.family))} checkpoint)."
         )
     if report.matched == 0:
         what = (
