@@ -78,3 +78,23 @@ async def test_duplicate_prompt_id_is_refused_while_queued(aiohttp_client: Any, 
     assert again.status == 400 and (await again.json())["error"]["type"] == "duplicate_prompt_id"
     await client.post("/prompt/mine/cancel")
     await wait_done(client, "mine")
+
+
+async def test_run_and_wait_reports_timeout_and_cancel(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    body = {"prompt": txt2img(steps=500, delay=0.01), "prompt_id": "long"}
+    timed_out = await client.post("/prompt?wait=true&timeout=0.1", json=body)
+    assert timed_out.status == 202 and (await timed_out.json())["status"] == "timeout"
+    waiting = asyncio.ensure_future(
+        client.post("/prompt?wait=true", json={"prompt": txt2img(seed=77), "prompt_id": "queued"})
+    )
+    await wait_running(client, "long")
+    for _ in range(100):
+        if [i[1] for i in (await (await client.get("/queue")).json())["queue_pending"]] == ["queued"]:
+            break
+        await asyncio.sleep(0.01)
+    await client.post("/queue", json={"delete": ["queued"]})
+    cancelled = await (await waiting).json()
+    assert cancelled["status"] == "cancelled" and cancelled["outputs"] == {} and cancelled["images"] == []
+    await client.post("/prompt/long/cancel")
+    await wait_done(client, "long")
