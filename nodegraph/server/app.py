@@ -134,6 +134,11 @@ def _add_frontend(app: web.Application, engine: Any) -> None:
 async def _startup(app: web.Application) -> None:
     st = app[STATE]
     st.loop = asyncio.get_running_loop()
+    warm_up = getattr(st.engine, "warm_up", None)
+    if callable(warm_up):
+        # First-time imports of model libraries hold the GIL for up to a second at a time; done
+        # here, before the socket listens, they cannot stall a request during the first model load.
+        await asyncio.to_thread(warm_up)
     await st.hub.start()
     if st.store.recovered:
         log.warning(

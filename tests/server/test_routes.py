@@ -209,3 +209,13 @@ async def test_engine_extra_routes_are_served_under_both_prefixes(aiohttp_client
     client = await _client(aiohttp_client, engine)
     assert await (await client.get("/nodegraph/ping")).json() == {"pong": "/nodegraph/ping"}
     assert await (await client.get("/api/nodegraph/ping")).json() == {"pong": "/api/nodegraph/ping"}
+
+
+async def test_engine_warm_up_runs_before_the_first_request(aiohttp_client: Any, engine: Any) -> None:
+    import threading
+
+    calls: list[str] = []
+    engine.warm_up = lambda: calls.append(threading.current_thread().name)
+    client = await _client(aiohttp_client, engine)
+    assert len(calls) == 1 and calls[0] != threading.main_thread().name  # on a thread, not the loop
+    assert (await client.get("/prompt")).status == 200
