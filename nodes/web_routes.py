@@ -2,7 +2,8 @@
 
 `GET /nodegraph/loras` lists every LoRA with its trigger words, base model and rank;
 `GET /nodegraph/lora_info?name=` gives one; `GET /nodegraph/lora_preview?name=` sends the preview
-image stored beside the file. Names go through `Folders.resolve`, so no request leaves the loras folder.
+image stored beside the file; `GET /nodegraph/default_workflow` is the first-start graph on the
+installed models. Names go through `Folders.resolve`, so no request leaves the loras folder.
 Reading a LoRA's description never loads its tensors: only the safetensors header and small sidecar files.
 """
 
@@ -19,6 +20,8 @@ from aiohttp import web
 
 from nodegraph.env import Environment
 from nodegraph.folders import ModelNotFoundError, PathEscapeError
+from nodegraph.server.frontend import web_dir
+from nodes.sd import demo
 
 PREVIEW_SUFFIXES = (".preview.png", ".png", ".preview.jpeg", ".preview.jpg", ".jpg", ".jpeg", ".webp", ".gif")
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit on the header size
@@ -137,6 +140,36 @@ def describe_lora(name: str, path: Path) -> dict[str, Any]:
     return info
 
 
+def _prefer(names: list[str], demo_first: bool) -> str | None:
+    """The first name of the wanted kind (the demo's own files, or the user's), else the first at all."""
+    wanted = [n for n in names if (Path(n).name.startswith("nodegraph_demo")) == demo_first]
+    return (wanted or names or [None])[0]
+
+
+def default_workflow(env: Environment) -> dict[str, Any]:
+    """The canvas's first-start graph (web/default_workflow.json) set to the models this server has.
+
+    A user's own checkpoint comes first. On the random-weight demo checkpoint (`make run` on a fresh
+    machine) the image is noise whatever its size, so the graph asks for 128x128 in 8 steps, which
+    a CPU finishes in seconds rather than minutes.
+    """
+    graph: dict[str, Any] = json.loads((web_dir() / "default_workflow.json").read_text(encoding="utf-8"))
+    checkpoint = _prefer(env.folders.list("checkpoints"), demo_first=False)
+    on_demo = checkpoint == demo.CHECKPOINT_NAME
+    lora = _prefer(env.folders.list("loras"), demo_first=on_demo)
+    for node in graph["nodes"]:
+        values = node.get("widgets_values")
+        if node["type"] == "CheckpointLoaderSimple" and checkpoint:
+            values[0] = checkpoint
+        elif node["type"] == "LoraLoader" and lora:
+            values[0] = lora
+        elif node["type"] == "EmptyLatentImage" and on_demo:
+            values[0:2] = [128, 128]
+        elif node["type"] == "KSampler" and on_demo:
+            values[2] = 8  # [seed, control_after_generate, steps, cfg, sampler, scheduler, denoise]
+    return graph
+
+
 def _resolve(env: Environment, request: web.Request) -> tuple[str, Path]:
     name = request.query.get("name", "")
     if not name:
@@ -172,10 +205,14 @@ def routes(env: Environment) -> list[web.RouteDef]:
             raise web.HTTPNotFound(text=f"no preview image beside LoRA {name!r}")
         return web.FileResponse(image)
 
+    async def workflow(_: web.Request) -> web.Response:
+        return web.json_response(default_workflow(env))
+
     # Plain `web.route` (not `web.get`, which adds HEAD via an `allow_head` keyword) so that the server
     # can re-register each RouteDef under `/` and `/api` with `router.add_route`.
     return [
         web.route("GET", "/nodegraph/loras", loras),
         web.route("GET", "/nodegraph/lora_info", lora_info),
         web.route("GET", "/nodegraph/lora_preview", lora_preview),
+        web.route("GET", "/nodegraph/default_workflow", workflow),
     ]

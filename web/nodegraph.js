@@ -21,7 +21,9 @@ const warnings = new Map(); // node id (string) -> {message, details}
 async function installDefaultGraph() {
   const holder = window.comfyAPI?.defaultGraph?.defaultGraph;
   if (!holder) return;
-  const response = await fetch(new URL("./default_workflow.json", import.meta.url));
+  // The server's copy names the installed models; the static file is the same graph without that.
+  let response = await api.fetchApi("/nodegraph/default_workflow");
+  if (!response.ok) response = await fetch(new URL("./default_workflow.json", import.meta.url));
   if (!response.ok) throw new Error(`default workflow: HTTP ${response.status}`);
   const ours = await response.json();
   for (const key of Object.keys(holder)) delete holder[key];

@@ -17,6 +17,7 @@ from nodegraph.env import Environment
 from nodegraph.folders import Folders
 from nodegraph.server import frontend
 from nodes import web_routes
+from nodes.sd import demo
 
 WEB = Path(__file__).resolve().parents[2] / "web"
 
@@ -136,3 +137,29 @@ def test_default_workflow_links_agree_with_both_ends() -> None:
     assert nodes[model_link[1]]["type"] == "LoraLoader"  # the sampler samples the LoRA-patched model
     assert graph["last_link_id"] == max(link[0] for link in graph["links"])
     assert graph["last_node_id"] == max(nodes)
+
+
+def _names_in(graph: dict[str, object], node_type: str) -> list[object]:
+    nodes = graph["nodes"]
+    assert isinstance(nodes, list)
+    return next(n["widgets_values"] for n in nodes if n["type"] == node_type)
+
+
+def test_default_workflow_names_the_installed_models_and_sizes_for_the_demo(tmp_path: Path) -> None:
+    env = Environment(Folders.at(tmp_path))
+    ckpts, loras = tmp_path / "models" / "checkpoints", tmp_path / "models" / "loras"
+    ckpts.mkdir(parents=True)
+    loras.mkdir(parents=True)
+    for name in (demo.CHECKPOINT_NAME, *demo.LORA_NAMES):
+        (ckpts if "sd15" in name else loras).joinpath(name).write_bytes(b"")
+    (loras / "a_style.safetensors").write_bytes(b"")
+    on_demo = web_routes.default_workflow(env)
+    assert _names_in(on_demo, "CheckpointLoaderSimple") == [demo.CHECKPOINT_NAME]
+    assert _names_in(on_demo, "LoraLoader")[0] == demo.LORA_NAMES[0]  # the demo's LoRA fits the demo model
+    assert _names_in(on_demo, "EmptyLatentImage")[:2] == [128, 128] and _names_in(on_demo, "KSampler")[2] == 8
+
+    (ckpts / "dreamshaper_8.safetensors").write_bytes(b"")  # a user's own model wins over the demo
+    own = web_routes.default_workflow(env)
+    assert _names_in(own, "CheckpointLoaderSimple") == ["dreamshaper_8.safetensors"]
+    assert _names_in(own, "LoraLoader")[0] == "a_style.safetensors"
+    assert _names_in(own, "EmptyLatentImage")[:2] == [512, 512] and _names_in(own, "KSampler")[2] == 20
