@@ -17,19 +17,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
-from nodegraph.app import Settings, build_engine
 from nodegraph.events import Event, ExecutionError
-from nodegraph.node import Node, Result, RunContext, Socket
-from nodegraph.types import IMAGE
 from nodegraph.validate import validate_prompt
-from nodes import all_nodes
 from nodes.sd.latent_ops import load_latent_file
 
 ORACLE = Path(__file__).resolve().parents[3] / "shared" / "oracle"
 WORKFLOWS = sorted(p.stem for p in (ORACLE / "workflows").glob("*.json"))
-CAPTURED: dict[str, np.ndarray] = {}
 
 # The oracle's suggested gates (README "Suggested gates")
 LATENT_PSNR_MIN = 110.0
@@ -37,19 +31,6 @@ LATENT_REL_MAX = 3e-5
 IMAGE_MAX_ABS = 3e-5
 PNG_MAX_LEVELS = 1
 PNG_FRACTION_MAX = 0.005
-
-
-class ParityCapture(Node):
-    """Test only: keep the decoded float image before SaveImage quantises it."""
-
-    CATEGORY = "_for_testing"
-    OUTPUT_NODE = True
-    INPUTS = (Socket("images", IMAGE),)
-    OUTPUTS = ()
-
-    def run(self, ctx: RunContext, images: torch.Tensor) -> Result:
-        CAPTURED[ctx.node_id] = images.detach().float().cpu().numpy()
-        return Result((), None)
 
 
 def _compare_refs() -> ModuleType:
@@ -60,27 +41,7 @@ def _compare_refs() -> ModuleType:
     return module
 
 
-@pytest.fixture(scope="module")
-def engine_base(tmp_path_factory: pytest.TempPathFactory, mini_checkpoint: Path, mini_loras: Path) -> Path:
-    base = tmp_path_factory.mktemp("parity")
-    (base / "models" / "checkpoints").mkdir(parents=True)
-    (base / "models" / "loras").mkdir(parents=True)
-    (base / "input").mkdir()
-    (base / "models" / "checkpoints" / "mini_sd15.safetensors").symlink_to(mini_checkpoint)
-    for lora in mini_loras.glob("*.safetensors"):
-        (base / "models" / "loras" / lora.name).symlink_to(lora)
-    shutil.copy(ORACLE / "workflows" / "init_64.png", base / "input" / "init_64.png")
-    return base
-
-
-@pytest.fixture(scope="module")
-def engine(engine_base: Path) -> Any:
-    return build_engine(
-        Settings(base_directory=engine_base, preview_method="none"), [*all_nodes(), ParityCapture]
-    )
-
-
-def run_workflow(engine: Any, name: str, out_dir: Path) -> None:
+def run_workflow(engine: Any, name: str, out_dir: Path, captured: dict[str, np.ndarray]) -> None:
     """Run one oracle workflow and write image.png, image_float.npy and latent.npy into out_dir."""
     prompt = json.loads((ORACLE / "workflows" / f"{name}.json").read_text())
     prompt["capture"] = {"class_type": "ParityCapture", "inputs": {"images": ["decode", 0]}}
@@ -93,7 +54,7 @@ def run_workflow(engine: Any, name: str, out_dir: Path) -> None:
     errors = [e for e in events if isinstance(e, ExecutionError)]
     assert outcome.status == "success", errors or outcome
     out_dir.mkdir(parents=True)
-    np.save(out_dir / "image_float.npy", CAPTURED["capture"])
+    np.save(out_dir / "image_float.npy", captured["capture"])
     image = outcome.outputs["save_image"]["images"][0]
     output = engine.env.folders.output_dir
     shutil.copy(output / image["subfolder"] / image["filename"], out_dir / "image.png")
@@ -108,8 +69,10 @@ def test_every_oracle_workflow_is_tested() -> None:
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS)
-def test_workflow_matches_comfyui(engine: Any, workflow: str, tmp_path: Path) -> None:
-    run_workflow(engine, workflow, tmp_path / workflow)
+def test_workflow_matches_comfyui(
+    engine: Any, captured: dict[str, np.ndarray], workflow: str, tmp_path: Path
+) -> None:
+    run_workflow(engine, workflow, tmp_path / workflow, captured)
     result = _compare_refs().compare_dir(str(ORACLE / "refs" / workflow), str(tmp_path / workflow))
     print(workflow, {k: round(v, 9) if isinstance(v, float) else v for k, v in result.items()})
     for key in ("latent_psnr", "latent_max_rel", "image_max_abs", "png_max_abs_levels"):

@@ -1,0 +1,58 @@
+"""Shared parity fixtures: one engine on the oracle's generated model files, with a capture node."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from nodegraph.app import Settings, build_engine
+from nodegraph.node import Node, Result, RunContext, Socket
+from nodegraph.types import IMAGE
+from nodes import all_nodes
+
+ORACLE = Path(__file__).resolve().parents[3] / "shared" / "oracle"
+CAPTURED: dict[str, np.ndarray] = {}
+
+
+class ParityCapture(Node):
+    """Test only: keep the decoded float image before SaveImage quantises it."""
+
+    CATEGORY = "_for_testing"
+    OUTPUT_NODE = True
+    INPUTS = (Socket("images", IMAGE),)
+    OUTPUTS = ()
+
+    def run(self, ctx: RunContext, images: torch.Tensor) -> Result:
+        CAPTURED[ctx.node_id] = images.detach().float().cpu().numpy()
+        return Result((), None)
+
+
+@pytest.fixture(scope="session")
+def engine_base(tmp_path_factory: pytest.TempPathFactory, mini_checkpoint: Path, mini_loras: Path) -> Path:
+    base = tmp_path_factory.mktemp("parity")
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "loras").mkdir(parents=True)
+    (base / "input").mkdir()
+    (base / "models" / "checkpoints" / "mini_sd15.safetensors").symlink_to(mini_checkpoint)
+    for lora in mini_loras.glob("*.safetensors"):
+        (base / "models" / "loras" / lora.name).symlink_to(lora)
+    shutil.copy(ORACLE / "workflows" / "init_64.png", base / "input" / "init_64.png")
+    return base
+
+
+@pytest.fixture(scope="session")
+def engine(engine_base: Path) -> Any:
+    return build_engine(
+        Settings(base_directory=engine_base, preview_method="none"), [*all_nodes(), ParityCapture]
+    )
+
+
+@pytest.fixture(scope="session")
+def captured() -> dict[str, np.ndarray]:
+    """The float images ParityCapture nodes saw, by node id."""
+    return CAPTURED
