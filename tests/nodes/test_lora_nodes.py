@@ -162,13 +162,29 @@ def test_partly_matched_lora_gives_one_warning_with_counts(ctx: Ctx, handles: An
 
 
 def test_wrong_family_is_refused_naming_both_files(ctx: Ctx, handles: Any) -> None:
-    name = _write_variant(ctx, "sdxl_thing.safetensors", {}, {"ss_base_model_version": "sdxl_base_v1-0"})
+    # An SDXL-shaped file whose first-level names also exist in SD1.5 (so some keys would map).
+    stem = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q"
+    sd = {
+        f"{stem}.lora_down.weight": torch.zeros(4, 640),
+        f"{stem}.lora_up.weight": torch.zeros(640, 4),
+        "lora_unet_mid_block_resnets_0_conv1.lora_down.weight": torch.zeros(4, 1280, 3, 3),
+        "lora_unet_mid_block_resnets_0_conv1.lora_up.weight": torch.zeros(1280, 4, 1, 1),
+    }
+    name = "sdxl_thing.safetensors"
+    save_file(sd, str(_loras(ctx) / name), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
     with pytest.raises(
         LoraMismatchError,
         match=r"sdxl_thing\.safetensors is an SDXL LoRA; the checkpoint "
         r"mini_sd15\.safetensors is SD1\.5",
     ):
         LoraLoader().run(ctx, *handles, name, 1.0, 1.0)
+
+
+def test_mislabelled_metadata_is_overruled_by_keys_that_fit(ctx: Ctx, handles: Any) -> None:
+    name = _write_variant(ctx, "labelled_xl.safetensors", {}, {"ss_base_model_version": "sdxl_base_v1-0"})
+    model, _ = LoraLoader().run(ctx, *handles, name, 1.0, 1.0)
+    assert len(model.loras) == 1 and len(ctx.warnings) == 1
+    assert "metadata calls it an SDXL LoRA, but its keys fit this SD1.5 checkpoint" in ctx.warnings[0][0]
 
 
 def test_sdxl_keys_without_metadata_are_recognised(ctx: Ctx, handles: Any) -> None:

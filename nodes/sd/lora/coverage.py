@@ -36,6 +36,15 @@ class Coverage:
     skipped_te: int  # text-encoder modules a model-only load does not apply
     unmatched: tuple[str, ...]  # stems and keys that name nothing in this model
     failed: tuple[str, ...]  # "stem: why" for modules that matched but could not apply
+    key_family: str | None = None  # the family the key names and shapes suggest
+
+    @property
+    def family_text(self) -> str:
+        """ "SD1.5, from keys", or both readings when metadata and keys disagree."""
+        text = f"{family_name(self.family)}, from {self.family_source}"
+        if self.family_source == "metadata" and self.key_family not in (None, self.family):
+            text += f"; its keys look {family_name(str(self.key_family))}"
+        return text
 
     @property
     def matched(self) -> int:
@@ -47,7 +56,7 @@ class Coverage:
 
     def summary(self) -> str:
         text = (
-            f"LoRA {self.lora} ({family_name(self.family)}, from {self.family_source}): "
+            f"LoRA {self.lora} ({self.family_text}): "
             f"{self.matched} of {self.total_modules} modules matched "
             f"({self.unet_modules} UNet, {self.te_modules} text encoder)"
         )
@@ -67,6 +76,7 @@ class Coverage:
             "lora": self.lora,
             "family": self.family,
             "family_source": self.family_source,
+            "key_family": self.key_family,
             "total_modules": self.total_modules,
             "matched": self.matched,
             "unet_modules": self.unet_modules,
@@ -102,6 +112,7 @@ def coverage(lora: LoraFile, name: str, unet: Decoded | None, te: Decoded | None
         lora=name,
         family=lora.family,
         family_source=lora.family_source,
+        key_family=lora.key_family,
         total_modules=len(lora.groups),
         unet_modules=um,
         te_modules=tm,
@@ -124,11 +135,18 @@ def _a(name: str) -> str:
 
 def check(report: Coverage, checkpoint: str, model_family: str) -> str | None:
     """Raise `LoraMismatchError` when the LoRA cannot apply; return a warning when it applies in part."""
+    mislabelled = report.key_family == model_family and report.matched > 0 and not report.unmatched
+    if mislabelled and not compatible(report.family, model_family):
+        # The keys and shapes fit this model exactly: trust them over a wrong metadata label.
+        return (
+            f"{report.summary()}. Its metadata calls it {_a(family_name(report.family))} LoRA, but its "
+            f"keys fit this {family_name(model_family)} checkpoint, so it was applied."
+        )
     if not compatible(report.family, model_family):
         raise LoraMismatchError(
             f"{report.lora} is {_a(family_name(report.family))} LoRA; the checkpoint {checkpoint} is "
             f"{family_name(model_family)}. Pick a LoRA made for {family_name(model_family)} "
-            f"(or {_a(family_name(report.family))} checkpoint)."
+            f"(or {_a(family_name(report.family))} checkpoint). Family read from its {report.family_source}."
         )
     if report.matched == 0:
         what = (

@@ -74,6 +74,7 @@ class LoraFile:
     family: str
     family_source: str
     nbytes: int
+    key_family: str | None = None  # what the key names and shapes alone say
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -110,7 +111,8 @@ def _parse(path: Path, stamp: tuple[int, int]) -> LoraFile:
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     family, source = families.detect(meta, shapes)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    return LoraFile(path, stamp, groups, sorted(unknown), meta, family, source, nbytes)
+    key_family = families.from_keys(shapes)
+    return LoraFile(path, stamp, groups, sorted(unknown), meta, family, source, nbytes, key_family)
 
 
 _FILES: _Lru[LoraFile] = _Lru(1 << 30, lambda f: f.nbytes)
