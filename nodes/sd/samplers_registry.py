@@ -10,6 +10,7 @@ from __future__ import annotations
 from nodes.sd import samplers as k
 from nodes.sd import samplers_cfg_pp as pp
 from nodes.sd import samplers_deis as deis
+from nodes.sd import samplers_dpm as dpm
 from nodes.sd import samplers_res as res
 from nodes.sd import samplers_sde as sde
 from nodes.sd import uni_pc
@@ -25,6 +26,8 @@ SAMPLERS: dict[str, Sampler] = {
     "dpm_2": k.sample_dpm_2,
     "dpm_2_ancestral": k.sample_dpm_2_ancestral,
     "lms": k.sample_lms,
+    "dpm_fast": dpm.sample_dpm_fast,
+    "dpm_adaptive": dpm.sample_dpm_adaptive,
     "dpmpp_2s_ancestral": k.sample_dpmpp_2s_ancestral,
     "dpmpp_2s_ancestral_cfg_pp": pp.sample_dpmpp_2s_ancestral_cfg_pp,
     "dpmpp_sde": sde.sample_dpmpp_sde,

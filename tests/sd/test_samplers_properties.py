@@ -84,8 +84,13 @@ def test_constant_prediction_ends_on_it(name: str) -> None:
     end = c
     if name.startswith("uni_pc"):  # UniPC stops at sigma 0.001 (its lambda is infinite at 0)
         end = c + (x_t - c) / torch.sqrt(1 + sigmas[0] ** 2) * 0.001
+    if name in ("dpm_fast", "dpm_adaptive"):  # DPM-Solver stops at the last positive sigma
+        end = c + (x_t - c) * sigmas[-2] / sigmas[0]
     assert torch.allclose(out, end, atol=2e-4), float((out - end).abs().max())
-    assert steps == list(range(len(sigmas) - 1))
+    if name != "dpm_adaptive":  # the adaptive solver reports the steps it chose
+        assert steps == list(range(len(steps))) and 0 < len(steps) <= len(sigmas) - 1
+    if name not in ("dpm_fast", "dpm_adaptive"):
+        assert len(steps) == len(sigmas) - 1
 
 
 @pytest.mark.parametrize("name", ODE_EXACT)
@@ -187,3 +192,19 @@ def test_deis_weights_integrate_dsigma() -> None:
     for i, row in enumerate(rows[:-1]):
         if row:
             assert float(sum(row)) == pytest.approx(float(sigmas[i + 1] - sigmas[i]), rel=2e-3)
+
+
+@pytest.mark.parametrize("steps", [3, 8, 9])
+def test_dpm_fast_spends_exactly_the_step_budget(steps: int) -> None:
+    sigmas = _sigmas("dpm_fast", steps)
+    calls: list[float] = []
+    c = torch.zeros(1, 4, 8, 8)
+
+    def model(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        calls.append(float(s[0]))
+        return c
+
+    SAMPLERS["dpm_fast"](model, torch.ones(1, 4, 8, 8) * sigmas[0], sigmas, None, None)
+    assert len(calls) == steps
+    assert calls[0] == pytest.approx(float(sigmas[0]), rel=1e-5)
+    assert min(calls) >= float(sigmas[-2]) * (1 - 1e-5)  # never evaluated below the last positive sigma
