@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,9 @@ class Engine:
     registry: Registry
     executor: Executor
     extra_routes: list[Any] = field(default_factory=list)
+    # Imports the heavy model libraries up front; the server runs it on a thread before listening,
+    # so first-time imports inside the worker never hold the GIL while requests wait.
+    warm_up: Callable[[], None] | None = None
 
 
 def build_folders(settings: Settings) -> Folders:
@@ -90,13 +93,16 @@ def build_engine(settings: Settings, nodes: Iterable[type[Node]] | None = None) 
         folders, disable_metadata=settings.disable_metadata, preview_method=settings.preview_method
     )
     routes: list[Any] = []
+    warm_up: Callable[[], None] | None = None
     if nodes is None:
         # imports torch: only now, never when nodegraph is imported (and not followed by mypy --strict)
-        nodes = importlib.import_module("nodes").all_nodes()
+        package = importlib.import_module("nodes")
+        nodes = package.all_nodes()
         routes = _extra_routes(env)
+        warm_up = getattr(package, "warm_up", None)
     registry = Registry(nodes)
     executor = Executor(registry, env, max_entries=settings.cache_entries, max_bytes=settings.cache_bytes)
-    return Engine(settings, env, registry, executor, routes)
+    return Engine(settings, env, registry, executor, routes, warm_up)
 
 
 def _extra_routes(env: Environment) -> list[Any]:

@@ -18,3 +18,14 @@ def routes(env: object) -> list[object]:
     from nodes import web_routes
 
     return list(web_routes.routes(env))
+
+
+def warm_up() -> None:
+    """Import the model libraries now (seconds of work), so the first prompt does not pay for it
+    inside the server's worker thread while holding the GIL."""
+    import diffusers  # noqa: F401
+    import transformers  # noqa: F401
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel  # noqa: F401
+
+    from nodes.sd import checkpoint, convert  # noqa: F401
