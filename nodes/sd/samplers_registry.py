@@ -11,6 +11,7 @@ from nodes.sd import samplers as k
 from nodes.sd import samplers_cfg_pp as pp
 from nodes.sd import samplers_deis as deis
 from nodes.sd import samplers_dpm as dpm
+from nodes.sd import samplers_er as er
 from nodes.sd import samplers_res as res
 from nodes.sd import samplers_sde as sde
 from nodes.sd import uni_pc
@@ -51,6 +52,8 @@ SAMPLERS: dict[str, Sampler] = {
     "res_multistep_ancestral_cfg_pp": res.sample_res_multistep_ancestral_cfg_pp,
     "gradient_estimation": res.sample_gradient_estimation,
     "gradient_estimation_cfg_pp": res.sample_gradient_estimation_cfg_pp,
+    "er_sde": er.sample_er_sde,
+    "seeds_2": er.sample_seeds_2,
     "ddim": k.sample_euler,  # ComfyUI's "ddim" is k-diffusion euler (oracle pitfall 9)
     "uni_pc": uni_pc.sample_uni_pc,
     "uni_pc_bh2": uni_pc.sample_uni_pc_bh2,
