@@ -54,6 +54,7 @@ SAMPLERS: dict[str, Sampler] = {
     "gradient_estimation_cfg_pp": res.sample_gradient_estimation_cfg_pp,
     "er_sde": er.sample_er_sde,
     "seeds_2": er.sample_seeds_2,
+    "seeds_3": er.sample_seeds_3,
     "ddim": k.sample_euler,  # ComfyUI's "ddim" is k-diffusion euler (oracle pitfall 9)
     "uni_pc": uni_pc.sample_uni_pc,
     "uni_pc_bh2": uni_pc.sample_uni_pc_bh2,
