@@ -27,11 +27,13 @@ def oracle_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def mini_checkpoint(oracle_dir: Path) -> Path:
-    """The oracle's SD1.5-shaped random checkpoint (original LDM single file, fp16), made by its own script."""
+    """The oracle's random SD1.5-shaped checkpoint (original LDM single file, fp16), made by its script."""
     path = CACHE / "mini_sd15.safetensors"
     if not path.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        _generate("make_mini_sd15.py", path)
+        partial = path.with_suffix(".partial")  # an interrupted run must not leave a truncated cache
+        _generate("make_mini_sd15.py", partial)
+        partial.rename(path)
     return path
 
 
