@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/nodegraph demo
+	$(BIN)/nodegraph demo --if-no-checkpoint
 
 # The main job: serve the canvas on the demo model (writes the demo model first if no checkpoint exists).
 run: install demo

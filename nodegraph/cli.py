@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--front-end-root", type=Path, default=None, help="serve this canvas build instead")
     demo = _command(sub, "demo", "write the small demo models into the models folders", _cmd_demo)
     demo.add_argument("--force", action="store_true", help="rewrite them even if present")
+    demo.add_argument(
+        "--if-no-checkpoint", action="store_true", help="do nothing when models/checkpoints has a checkpoint"
+    )
     info = _command(
         sub, "lora-info", "describe LoRA files: format, base model, rank, coverage", _cmd_lora_info
     )
@@ -279,6 +282,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         write_demo_models = importlib.import_module("nodes.sd.demo").write_demo_models
     except ModuleNotFoundError as exc:
         raise _missing("nodes.sd.demo", exc, "the demo model writer") from exc
+    checkpoints = engine.env.folders.list("checkpoints")
+    if args.if_no_checkpoint and checkpoints and not args.force:
+        print(f"nodegraph demo: {len(checkpoints)} checkpoint(s) present, demo models not written")
+        return 0
     write_demo_models(engine.env.folders, force=args.force)
     return 0
 
