@@ -24,7 +24,7 @@ def latent_to_rgb(x0: torch.Tensor) -> Image.Image:
     latent = x0[0].detach().float().cpu()  # [4, h, w]
     rgb = torch.einsum("chw,cr->hwr", latent, SD15_RGB_FACTORS)
     pixels = (((rgb + 1.0) / 2.0).clamp(0, 1) * 255).to(torch.uint8).numpy()
-    return Image.fromarray(pixels, mode="RGB")
+    return Image.fromarray(pixels)  # uint8 [h, w, 3] is RGB
 
 
 def preview_jpeg(x0: torch.Tensor, quality: int = 95) -> bytes:
