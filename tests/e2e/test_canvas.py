@@ -232,6 +232,17 @@ def test_queued_prompt_shows_progress_and_the_output_image(canvas: Session) -> N
     assert "workflow" in canvas.prompts[-1]["extra_data"]["extra_pnginfo"]
 
 
+def test_queue_panel_lists_the_finished_prompt_with_its_image(canvas: Session) -> None:
+    page = canvas.page
+    page.click(".queue-tab-button")
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('.task-output-image')]
+                 .some(i => i.complete && i.naturalWidth === 64)"""
+    )
+    assert page.locator(".task-item").count() >= 1
+    page.click(".queue-tab-button")  # close the sidebar again
+
+
 def test_coverage_warning_shows_on_the_node_and_as_a_toast(canvas: Session) -> None:
     page = canvas.page
     lora = node_of(canvas, "LoraLoader")["id"]
