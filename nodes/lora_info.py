@@ -99,8 +99,9 @@ def _tag_words(meta: dict[str, str]) -> list[str]:
 
 
 def trigger_words(meta: dict[str, str], side: dict[str, Any]) -> list[str]:
-    """Sidecar activation text / trained words first, then the training set's top tags."""
-    words: list[str] = []
+    """The stated trigger phrase, sidecar activation text / trained words, then the top training tags."""
+    # The SAI ModelSpec metadata's optional trigger phrase, comma-separated.
+    words = [w.strip() for w in meta.get("modelspec.trigger_phrase", "").split(",") if w.strip()]
     activation = side.get("activation text")
     if isinstance(activation, str):
         words += [w.strip() for w in activation.split(",") if w.strip()]

@@ -133,7 +133,7 @@ def test_lora_panel_shows_facts_and_a_trigger_word_click_edits_the_positive_prom
     page = canvas.page
     page.wait_for_function("() => document.querySelectorAll('.nodegraph-word').length === 2", timeout=15_000)
     assert page.locator(".nodegraph-word").all_inner_texts() == ["cattail style", "red chair"]
-    assert "SD1.x" in page.inner_text(".nodegraph-facts") and "rank 4" in page.inner_text(".nodegraph-facts")
+    assert "SD1.5" in page.inner_text(".nodegraph-facts") and "rank 4" in page.inner_text(".nodegraph-facts")
     page.wait_for_function("() => document.querySelector('.nodegraph-preview').naturalWidth === 32")
     positive, negative = canvas.js(
         """() => app.graph.nodes.filter(n => n.type === 'CLIPTextEncode')

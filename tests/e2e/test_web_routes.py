@@ -57,9 +57,9 @@ async def test_lora_list_reads_trigger_words_rank_and_base_model(aiohttp_client,
     assert set(listed) == {"a.safetensors", "sub/b.safetensors", "c.safetensors", "d.safetensors"}
     assert listed["a.safetensors"]["trigger_words"] == ["cattail style", "red chair"]
     assert listed["a.safetensors"]["rank"] == 4 and listed["sub/b.safetensors"]["rank"] == 8
-    assert listed["a.safetensors"]["base_model"] == "SD1.x"  # from the 768-wide cross-attention keys
+    assert listed["a.safetensors"]["base_model"] == "SD1.5"  # from the 768-wide cross-attention keys
     assert listed["sub/b.safetensors"]["trigger_words"][:2] == ["bottle", "galaxy"]  # summed over datasets
-    assert listed["c.safetensors"]["trigger_words"] == ["zxc person", "smiling"]
+    assert listed["c.safetensors"]["trigger_words"] == ["zxc person, smiling"]  # one CivitAI entry, one chip
     assert listed["a.safetensors"]["preview_url"] == "/nodegraph/lora_preview?name=a.safetensors"
     assert listed["c.safetensors"]["preview_url"] is None
     assert "error" in listed["d.safetensors"] and listed["d.safetensors"]["trigger_words"] == []
