@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     median, best = statistics.median(seconds), min(seconds)
     rows = [
         [f"cold load to drawn graph ({len(loads)} loads)", f"median {median:.2f} s, best {best:.2f} s"],
-        ["requests / bytes per cold load", f"{loads[0][1]} / {loads[0][2] / 1e6:.1f} MB (no compression)"],
+        ["requests / bytes per cold load", f"{loads[0][1]} / {loads[0][2] / 1e6:.1f} MB on the wire (gzip)"],
         ["Run to image, demo model 128x128 8 steps, first run (loads the models)", f"{first:.1f} s"],
         ["Run to image, same graph again (models loaded, new seed)", f"{second:.1f} s"],
     ]  # fmt: skip

@@ -163,3 +163,19 @@ def test_default_workflow_names_the_installed_models_and_sizes_for_the_demo(tmp_
     assert _names_in(own, "CheckpointLoaderSimple") == ["dreamshaper_8.safetensors"]
     assert _names_in(own, "LoraLoader")[0] == "a_style.safetensors"
     assert _names_in(own, "EmptyLatentImage")[:2] == [512, 512] and _names_in(own, "KSampler")[2] == 20
+
+
+@pytest.mark.asyncio
+async def test_frontend_text_files_go_out_gzipped_when_accepted(aiohttp_client) -> None:  # type: ignore[no-untyped-def]
+    app = web.Application()
+    frontend.add_frontend_routes(app, None)
+    client = await aiohttp_client(app)
+    original = (frontend.frontend_root() / "scripts" / "app.js").read_bytes()
+    zipped = await client.get("/scripts/app.js", headers={"Accept-Encoding": "gzip"})
+    assert zipped.headers["Content-Encoding"] == "gzip" and zipped.content_type == "text/javascript"
+    assert await zipped.read() == original  # the client undoes the gzip
+    plain = await client.get("/scripts/app.js", headers={"Accept-Encoding": "identity"})
+    assert "Content-Encoding" not in plain.headers and await plain.read() == original
+    assert (await client.get("/assets/../../__init__.py")).status == 404
+    assert (await client.get("/%2e%2e/__init__.py")).status == 404
+    assert (await client.get("/no/such/file.js")).status == 404
