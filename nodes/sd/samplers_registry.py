@@ -13,6 +13,7 @@ from nodes.sd import samplers_deis as deis
 from nodes.sd import samplers_dpm as dpm
 from nodes.sd import samplers_er as er
 from nodes.sd import samplers_res as res
+from nodes.sd import samplers_sa as sa
 from nodes.sd import samplers_sde as sde
 from nodes.sd import uni_pc
 from nodes.sd.samplers import Sampler
@@ -55,6 +56,8 @@ SAMPLERS: dict[str, Sampler] = {
     "er_sde": er.sample_er_sde,
     "seeds_2": er.sample_seeds_2,
     "seeds_3": er.sample_seeds_3,
+    "sa_solver": sa.sample_sa_solver,
+    "sa_solver_pece": sa.sample_sa_solver_pece,
     "ddim": k.sample_euler,  # ComfyUI's "ddim" is k-diffusion euler (oracle pitfall 9)
     "uni_pc": uni_pc.sample_uni_pc,
     "uni_pc_bh2": uni_pc.sample_uni_pc_bh2,

@@ -17,6 +17,7 @@ from nodes.sd.noise import BrownianTreeNoiseSampler, default_noise_sampler, prep
 from nodes.sd.samplers import lms_coefficient
 from nodes.sd.samplers_deis import deis_coefficients
 from nodes.sd.samplers_registry import DISCARD_PENULTIMATE, SAMPLER_NAMES, SAMPLERS
+from nodes.sd.samplers_sa import _b_coeffs
 from nodes.sd.schedules import sampler_sigmas, sd15_schedule
 
 ODE_EXACT = (
@@ -208,3 +209,15 @@ def test_dpm_fast_spends_exactly_the_step_budget(steps: int) -> None:
     assert len(calls) == steps
     assert calls[0] == pytest.approx(float(sigmas[0]), rel=1e-5)
     assert min(calls) >= float(sigmas[-2]) * (1 - 1e-5)  # never evaluated below the last positive sigma
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+@pytest.mark.parametrize("tau", [0.0, 1.0])
+def test_sa_solver_weights_reproduce_a_constant_prediction(order: int, tau: float) -> None:
+    """Weights on a constant x0 must sum to 1 - exp(-(1 + tau^2) h): the exact exponential integral."""
+    sigmas = _sigmas("sa_solver", 8).double()
+    lambdas = sigmas[:-1].log().neg()
+    i = 5
+    b = _b_coeffs(sigmas[i + 1], lambdas[i - order + 1 : i + 1], lambdas[i], lambdas[i + 1], tau)
+    h = lambdas[i + 1] - lambdas[i]
+    assert float(b.sum()) == pytest.approx(float(-torch.expm1(-(1 + tau**2) * h)), rel=1e-8)
