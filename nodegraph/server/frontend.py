@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import mimetypes
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,11 @@ EXTENSION_FILES = ("nodegraph.js",)
 
 
 def web_dir() -> Path:
-    """The repository's `web/` folder with our extension modules (beside the `nodegraph` package)."""
-    return Path(__file__).resolve().parents[2] / "web"
+    """Our extension modules: the checkout's `web/` beside the package (source and editable installs),
+    else `<prefix>/share/nodegraph/web` where a wheel's data-files put it."""
+    checkout = Path(__file__).resolve().parents[2] / "web"
+    installed = Path(sys.prefix) / "share" / "nodegraph" / "web"
+    return checkout if checkout.is_dir() or not installed.is_dir() else installed
 
 
 def extension_urls() -> list[str]:
