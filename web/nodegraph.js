@@ -245,6 +245,9 @@ app.registerExtension({
     api.addEventListener("nodegraph.warning", onWarning);
     api.addEventListener("execution_start", onExecutionStart);
   },
+  async afterConfigureGraph() {
+    warnings.clear(); // they belong to the graph that ran; node ids repeat across workflows
+  },
   async addCustomNodeDefs(defs) {
     addPlaceholderLoaders(defs);
   },

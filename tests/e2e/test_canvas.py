@@ -271,8 +271,12 @@ def test_workflow_saves_to_the_server_and_reopens(canvas: Session) -> None:
     with urllib.request.urlopen(canvas.url + "/api/userdata/workflows%2Fe2e_lora.json") as reply:
         saved = json.load(reply)
     assert "LoraLoader" in [n["type"] for n in saved["nodes"]]
+    warn = "() => window.comfyAPI.api.api.dispatchCustomEvent('nodegraph.warning', {node: '1', message: 'm'})"
+    canvas.js(warn)
+    assert canvas.js("() => window.nodegraph.warnings.size") == 1
     canvas.js("() => app.extensionManager.command.execute('Comfy.NewBlankWorkflow')")
     page.wait_for_function("() => app.graph.nodes.length === 0")
+    assert canvas.js("() => window.nodegraph.warnings.size") == 0  # warnings belong to the graph that ran
     page.click(".workflows-tab-button, button[aria-label*='Workflows']")
     page.click(".p-tree >> text=e2e_lora")
     page.wait_for_function("() => app.graph.nodes.some(n => n.type === 'LoraLoader')")
