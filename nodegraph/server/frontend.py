@@ -33,8 +33,8 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "Comfy.Notification.ShowVersionUpdates": False,
     # Keep node text readable when zoomed out (the default 8 draws grey boxes below ~60 % zoom).
     "LiteGraph.Canvas.MinFontSizeForLOD": 1,
-    # Our combo lists come from the model folders; a file the graph names but the folder lacks is
-    # reported by validation with the node and input, so the extra dialog adds nothing.
+    # That dialog offers to download the files a shared workflow names from outside hosts; here a
+    # missing file is reported by validation instead, naming the node and the input.
     "Comfy.Workflow.ShowMissingModelsWarning": False,
 }
 
