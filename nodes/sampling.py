@@ -55,6 +55,8 @@ def run_ksampler(
     """Shared by both nodes: validate, sample, and say which input was wrong when it fails."""
     if model is None or not hasattr(model, "unet"):
         raise ValueError("model: expected a MODEL from a checkpoint loader")
+    if getattr(model, "family", "sd15") != "sd15":
+        raise ValueError(f"model: {model.source} is a {model.family} model; the samplers support SD1.x only")
     _check_latent(latent)
     try:
         return (sample(model, positive, negative, latent, request, _progress(ctx)),)

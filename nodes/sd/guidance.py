@@ -47,8 +47,17 @@ def _percent_to_sigma(schedule: DiscreteSchedule, percent: float) -> float:
     return float(schedule.sigma(torch.tensor((1.0 - percent) * 999.0)))
 
 
-def cond_entries(conditioning: Any, schedule: DiscreteSchedule, what: str) -> list[CondEntry]:
-    """Read a CONDITIONING value (ComfyUI's list of [tensor, options]) into entries."""
+def cond_entries(
+    conditioning: Any, schedule: DiscreteSchedule, what: str, width: int | None = None
+) -> list[CondEntry]:
+    """Read a CONDITIONING value (ComfyUI's list of [tensor, options]) into entries.
+
+    Args:
+        conditioning: the value on the link.
+        schedule: the model's noise levels (for start/end percent).
+        what: "positive" or "negative", for messages.
+        width: the UNet's cross-attention width, to reject another model family's embeddings.
+    """
     if not isinstance(conditioning, (list, tuple)):
         raise ConditioningError(
             f"{what}: expected CONDITIONING (a list of [embedding, options]), got "
@@ -63,6 +72,11 @@ def cond_entries(conditioning: Any, schedule: DiscreteSchedule, what: str) -> li
         if tensor.dim() != 3:
             raise ConditioningError(
                 f"{what}: embedding must be [batch, tokens, channels], got {list(tensor.shape)}"
+            )
+        if width is not None and tensor.shape[-1] != width:
+            raise ConditioningError(
+                f"{what}: embedding width {tensor.shape[-1]} does not fit this model (it expects {width}); "
+                "encode the prompt with the CLIP from the same checkpoint"
             )
         entries.append(
             CondEntry(

@@ -117,11 +117,12 @@ def run_sampler(
     if sigmas is None or sigmas.shape[-1] == 0:
         return samples  # nothing to sample: ComfyUI returns the input latent as is
     model_latent = samples * SD15_SCALE if torch.count_nonzero(samples) > 0 else samples
+    width = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
     guider = CFGDenoiser(
         unet,
         schedule,
-        cond_entries(positive, schedule, "positive"),
-        cond_entries(negative, schedule, "negative"),
+        cond_entries(positive, schedule, "positive", width),
+        cond_entries(negative, schedule, "negative", width),
         request.cfg,
         keep_uncond=request.sampler_name in CFG_PP,
     )

@@ -231,6 +231,8 @@ def test_bad_inputs_name_the_input(env: Environment, model: ModelHandle) -> None
         ksampler(env, model, positive="a cat")
     with pytest.raises(ValueError, match="model"):
         ksampler(env, None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="negative: embedding width 768"):
+        ksampler(env, model, negative=[[torch.zeros(1, 77, 768), {}]])
 
 
 @pytest.mark.parametrize("name", samplers_registry.SAMPLER_NAMES)
