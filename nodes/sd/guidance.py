@@ -73,6 +73,11 @@ def cond_entries(
             raise ConditioningError(
                 f"{what}: embedding must be [batch, tokens, channels], got {list(tensor.shape)}"
             )
+        unsupported = sorted(k for k in ("area", "mask", "control", "gligen") if opts.get(k) is not None)
+        if unsupported:
+            raise ConditioningError(
+                f"{what}: conditioning with {', '.join(unsupported)} is not supported yet"
+            )
         if width is not None and tensor.shape[-1] != width:
             raise ConditioningError(
                 f"{what}: embedding width {tensor.shape[-1]} does not fit this model (it expects {width}); "
