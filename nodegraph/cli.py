@@ -114,6 +114,10 @@ def _command(sub: Any, name: str, help_text: str, handler: Any) -> argparse.Argu
     parser.add_argument(
         "--disable-metadata", action="store_true", help="save files without workflow metadata"
     )
+    parser.add_argument(
+        "--preview-method", choices=("auto", "latent2rgb", "none"), default="auto",
+        help="sampler previews sent while sampling (ComfyUI's flag; taesd falls back to latent2rgb)",
+    )  # fmt: skip
     parser.add_argument("--verbose", action="store_true", help="log more, and show tracebacks")
     return parser
 
@@ -127,6 +131,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         user_directory=args.user_directory,
         extra_model_paths_config=list(args.extra_model_paths_config),
         disable_metadata=args.disable_metadata,
+        preview_method=args.preview_method,
         verbose=args.verbose,
     )
     if args.base_directory is not None:
