@@ -37,7 +37,7 @@ from nodes.sampling import KSampler
 from nodes.sd.handles import ModelHandle
 from nodes.sd.ksampler import SamplingRequest, sample
 
-STEPS, CFG, SIZE, REPEATS = 4, 7.0, 256, 2
+STEPS, CFG, SIZE, REPEATS = 4, 7.0, 256, 4
 
 
 def sd15_unet() -> Any:
