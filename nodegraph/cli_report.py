@@ -22,7 +22,7 @@ HINTS = {
     "invalid_input_type": "give a value of the input's type",
     "value_smaller_than_min": "use a value within the input's range",
     "value_bigger_than_max": "use a value within the input's range",
-    "value_not_in_list": "pick one of the listed values (model files go in their models folder)",
+    "value_not_in_list": "pick one of the listed values",
     "dependency_cycle": "remove a link so that no node depends on itself",
 }
 PROMPT_HINTS = {
@@ -83,6 +83,8 @@ def describe_validation(checked: Validation, prompt: Mapping[str, Any]) -> list[
             name = (err.get("extra_info") or {}).get("input_name")
             where = f"node {node_id} ({entry['class_type']})" + (f", input '{name}'" if name else "")
             hint = HINTS.get(err["type"], "")
+            if err["type"] == "value_not_in_list" and _names_a_file(err.get("details", "")):
+                hint += "; model files go in their models folder, images in the input folder"
             detail = f": {err['details']}" if err.get("details") else ""
             lines.append(f"{where}: {err['message']}{detail}" + (f" ({hint})" if hint else ""))
     return lines
@@ -110,3 +112,9 @@ def written_files(outputs: Mapping[str, Mapping[str, Any]], folders: Folders) ->
             for item in items:
                 if isinstance(item, dict) and item.get("type") == "output" and "filename" in item:
                     yield folders.output_dir / str(item.get("subfolder") or "") / str(item["filename"])
+
+
+def _names_a_file(details: str) -> bool:
+    """Whether a not-in-list value looks like a file name (a checkpoint, LoRA or image)."""
+    value = details.split(": ", 1)[-1].split("'")[1] if "'" in details else ""
+    return "." in value.rsplit("/", 1)[-1]
