@@ -7,9 +7,31 @@ from nodegraph.node import Node
 
 def all_nodes() -> list[type[Node]]:
     """The node classes, in the order the canvas lists them."""
-    from nodes import conditioning, image, latent, loaders, lora, sampling
+    from nodes import (
+        conditioning,
+        conditioning_extra,
+        image,
+        image_ops,
+        inpaint,
+        latent,
+        latent_extra,
+        loaders,
+        lora,
+        sampling,
+    )
 
-    modules = (loaders, lora, conditioning, sampling, latent, image)
+    modules = (
+        loaders,
+        lora,
+        conditioning,
+        conditioning_extra,
+        sampling,
+        latent,
+        latent_extra,
+        inpaint,
+        image,
+        image_ops,
+    )
     return [cls for module in modules for cls in module.NODES]
 
 

@@ -1,0 +1,153 @@
+"""Mask and inpaint nodes: SetLatentNoiseMask, VAEEncodeForInpaint, LoadImageMask (ComfyUI nodes.py).
+
+A MASK is float32 `[B, H, W]` (or `[H, W]`), 1 where the image is to be repainted. KSampler
+honours a latent's "noise_mask" (nodes/sd/ksampler.py), so these nodes only build it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Hashable
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from nodegraph.env import Environment
+from nodegraph.folders import PathEscapeError
+from nodegraph.node import Combo, Int, Node, Output, RunContext, Socket
+from nodegraph.types import IMAGE, LATENT, MASK, VAE
+from nodes.image import ImageFileError, annotated_path, input_images
+from nodes.sd import vae as vae_math
+from nodes.sd.handles import VaeHandle
+
+DOWNSCALE = 8  # SD1.5 VAE: one latent pixel per 8x8 image pixels
+
+
+class SetLatentNoiseMask(Node):
+    """Only the masked part of the latent is sampled; the rest is kept."""
+
+    DISPLAY_NAME = "Set Latent Noise Mask"
+    CATEGORY = "latent/inpaint"
+    INPUTS = (Socket("samples", LATENT), Socket("mask", MASK))
+    OUTPUTS = (Output(LATENT),)
+
+    def run(self, ctx: RunContext, samples: dict[str, Any], mask: torch.Tensor) -> tuple[dict[str, Any]]:
+        out = dict(samples)
+        out["noise_mask"] = mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))
+        return (out,)
+
+
+def inpaint_pixels(
+    pixels: torch.Tensor, mask: torch.Tensor, grow_mask_by: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixels to encode, noise mask) as VAEEncodeForInpaint prepares them.
+
+    Pixels are centre-cropped to multiples of 8, the mask is resized bilinear to the pixel size,
+    masked pixels (mask rounded) become 0.5 grey, and the noise mask is the rounded mask grown by a
+    `grow_mask_by` square kernel.
+    """
+    h = (pixels.shape[1] // DOWNSCALE) * DOWNSCALE
+    w = (pixels.shape[2] // DOWNSCALE) * DOWNSCALE
+    mask = torch.nn.functional.interpolate(
+        mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1])).float(),
+        size=(pixels.shape[1], pixels.shape[2]),
+        mode="bilinear",
+    )
+    pixels = pixels.clone()
+    if pixels.shape[1] != h or pixels.shape[2] != w:
+        y0 = (pixels.shape[1] % DOWNSCALE) // 2
+        x0 = (pixels.shape[2] % DOWNSCALE) // 2
+        pixels = pixels[:, y0 : h + y0, x0 : w + x0, :]
+        mask = mask[:, :, y0 : h + y0, x0 : w + x0]
+    if grow_mask_by == 0:
+        grown = mask
+    else:
+        kernel = torch.ones((1, 1, grow_mask_by, grow_mask_by))
+        padding = math.ceil((grow_mask_by - 1) / 2)
+        grown = torch.clamp(torch.nn.functional.conv2d(mask.round(), kernel, padding=padding), 0, 1)
+    keep = (1.0 - mask.round()).squeeze(1)
+    for i in range(3):
+        pixels[:, :, :, i] -= 0.5
+        pixels[:, :, :, i] *= keep
+        pixels[:, :, :, i] += 0.5
+    return pixels, grown[:, :, :h, :w].round()
+
+
+class VAEEncodeForInpaint(Node):
+    """Encode an image for inpainting: the masked area is greyed out and becomes the latent's noise mask."""
+
+    DISPLAY_NAME = "VAE Encode (for Inpainting)"
+    CATEGORY = "latent/inpaint"
+    INPUTS = (
+        Socket("pixels", IMAGE),
+        Socket("vae", VAE),
+        Socket("mask", MASK),
+        Int("grow_mask_by", 6, min=0, max=64, step=1),
+    )
+    OUTPUTS = (Output(LATENT),)
+
+    def run(
+        self, ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle, mask: torch.Tensor, grow_mask_by: int
+    ) -> tuple[dict[str, Any]]:
+        prepared, noise_mask = inpaint_pixels(pixels, mask, grow_mask_by)
+        return ({"samples": vae_math.encode(vae.vae, prepared), "noise_mask": noise_mask},)
+
+
+MASK_CHANNELS = ("alpha", "red", "green", "blue")
+
+
+def load_mask_file(path: Any, name: str, channel: str) -> torch.Tensor:
+    """`[1, H, W]` from one channel of the image (alpha inverted); zeros `[1, 64, 64]` if it lacks it."""
+    try:
+        img = ImageOps.exif_transpose(Image.open(path)) or Image.open(path)
+        if img.getbands() != ("R", "G", "B", "A"):
+            if img.mode == "I":
+                img = img.point(lambda v: v * (1 / 255))
+            img = img.convert("RGBA")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageFileError(
+            f"'{name}' is not an image that can be read ({exc}); pick a PNG, JPEG or WebP file"
+        ) from exc
+    band = channel[0].upper()
+    if band not in img.getbands():
+        return torch.zeros((1, 64, 64), dtype=torch.float32)
+    mask = torch.from_numpy(np.array(img.getchannel(band)).astype(np.float32) / 255.0)
+    if band == "A":
+        mask = 1.0 - mask
+    return mask.unsqueeze(0)
+
+
+class LoadImageMask(Node):
+    """Load one channel of an image from the input folder as a mask (alpha is inverted)."""
+
+    DISPLAY_NAME = "Load Image (as Mask)"
+    CATEGORY = "mask"
+    INPUTS = (
+        Combo("image", choices=input_images, image_upload=True),
+        Combo("channel", choices=MASK_CHANNELS),
+    )
+    OUTPUTS = (Output(MASK),)
+
+    @classmethod
+    def check_inputs(cls, env: Environment, image: Any = None) -> str | None:
+        try:
+            exists = isinstance(image, str) and annotated_path(env, image).is_file()
+        except PathEscapeError:
+            exists = False
+        return None if exists else f"Invalid image file: {image}"
+
+    @classmethod
+    def fingerprint(cls, env: Environment, image: Any = None) -> Hashable:
+        try:
+            return hashlib.sha256(annotated_path(env, str(image)).read_bytes()).hexdigest()
+        except (OSError, PathEscapeError):
+            return None
+
+    def run(self, ctx: RunContext, image: str, channel: str) -> tuple[torch.Tensor]:
+        return (load_mask_file(annotated_path(ctx.env, image), image, channel),)
+
+
+NODES: tuple[type[Node], ...] = (SetLatentNoiseMask, VAEEncodeForInpaint, LoadImageMask)

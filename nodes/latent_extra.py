@@ -1,0 +1,235 @@
+"""Latent nodes: LatentUpscaleBy, LatentFromBatch, RepeatLatentBatch, LatentComposite, LatentBlend,
+LatentCrop, LatentRotate, LatentFlip (ComfyUI nodes.py: ids, inputs and arithmetic).
+
+Every node returns a new dict (a shallow copy keeping "noise_mask" and "batch_index" unless the node
+changes them) and never modifies the tensors it was given.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from nodegraph.node import MAX_RESOLUTION, Combo, Float, Int, Node, Output, RunContext, Socket
+from nodegraph.types import LATENT
+from nodes.sd.latent_ops import UPSCALE_METHODS, common_upscale
+
+Latent = dict[str, Any]
+
+
+class LatentUpscaleBy(Node):
+    """Resize a latent image by a factor (each side rounded to whole latent pixels)."""
+
+    DISPLAY_NAME = "Upscale Latent By"
+    CATEGORY = "latent"
+    INPUTS = (
+        Socket("samples", LATENT),
+        Combo("upscale_method", choices=UPSCALE_METHODS),
+        Float("scale_by", 1.5, min=0.01, max=8.0, step=0.01),
+    )
+    OUTPUTS = (Output(LATENT),)
+
+    def run(self, ctx: RunContext, samples: Latent, upscale_method: str, scale_by: float) -> tuple[Latent]:
+        t: torch.Tensor = samples["samples"]
+        width, height = round(t.shape[-1] * scale_by), round(t.shape[-2] * scale_by)
+        out = dict(samples)
+        out["samples"] = common_upscale(t, width, height, upscale_method, "disabled")
+        return (out,)
+
+
+def _masks_for_batch(masks: torch.Tensor, batch: int) -> torch.Tensor:
+    """Repeat a shorter mask batch to cover `batch` items (ComfyUI's cycling rule)."""
+    if masks.shape[0] < batch:
+        masks = masks.repeat(math.ceil(batch / masks.shape[0]), 1, 1, 1)[:batch]
+    return masks
+
+
+class LatentFromBatch(Node):
+    """Take `length` latents starting at `batch_index`; their noise stays that of their batch position."""
+
+    DISPLAY_NAME = "Latent From Batch"
+    CATEGORY = "latent/batch"
+    INPUTS = (
+        Socket("samples", LATENT),
+        Int("batch_index", 0, min=0, max=63),
+        Int("length", 1, min=1, max=64),
+    )
+    OUTPUTS = (Output(LATENT),)
+
+    def run(self, ctx: RunContext, samples: Latent, batch_index: int, length: int) -> tuple[Latent]:
+        out = dict(samples)
+        s_in: torch.Tensor = samples["samples"]
+        batch_index = min(s_in.shape[0] - 1, batch_index)
+        length = min(s_in.shape[0] - batch_index, length)
+        out["samples"] = s_in[batch_index : batch_index + length].clone()
+        if "noise_mask" in samples:
+            masks: torch.Tensor = samples["noise_mask"]
+            if masks.shape[0] == 1:
+                out["noise_mask"] = masks.clone()
+            else:
+                masks = _masks_for_batch(masks, s_in.shape[0])
+                out["noise_mask"] = masks[batch_index : batch_index + length].clone()
+        if "batch_index" in samples:
+            out["batch_index"] = list(samples["batch_index"][batch_index : batch_index + length])
+        else:
+            out["batch_index"] = list(range(batch_index, batch_index + length))
+        return (out,)
+
+
+class RepeatLatentBatch(Node):
+    """Repeat a latent batch `amount` times; repeated items get noise of new batch positions."""
+
+    DISPLAY_NAME = "Repeat Latent Batch"
+    CATEGORY = "latent/batch"
+    INPUTS = (Socket("samples", LATENT), Int("amount", 1, min=1, max=64))
+    OUTPUTS = (Output(LATENT),)
+
+    def run(self, ctx: RunContext, samples: Latent, amount: int) -> tuple[Latent]:
+        out = dict(samples)
+        s_in: torch.Tensor = samples["samples"]
+        out["samples"] = s_in.repeat((amount, 1, 1, 1))
+        if "noise_mask" in samples and samples["noise_mask"].shape[0] > 1:
+            # ComfyUI computes the cycled masks and then repeats the original ones; kept as is
+            out["noise_mask"] = samples["noise_mask"].repeat((amount, 1, 1, 1))
+        if "batch_index" in samples:
+            indices = list(samples["batch_index"])
+            offset = max(indices) - min(indices) + 1
+            out["batch_index"] = indices + [x + i * offset for i in range(1, amount) for x in indices]
+        return (out,)
+
+
+class LatentComposite(Node):
+    """Paste `samples_from` into `samples_to` at (x, y) pixels, optionally feathering the inner edges."""
+
+    DISPLAY_NAME = "Latent Composite"
+    CATEGORY = "latent"
+    INPUTS = (
+        Socket("samples_to", LATENT),
+        Socket("samples_from", LATENT),
+        Int("x", 0, min=0, max=MAX_RESOLUTION, step=8),
+        Int("y", 0, min=0, max=MAX_RESOLUTION, step=8),
+        Int("feather", 0, min=0, max=MAX_RESOLUTION, step=8),
+    )
+    OUTPUTS = (Output(LATENT),)
+
+    def run(
+        self, ctx: RunContext, samples_to: Latent, samples_from: Latent, x: int, y: int, feather: int
+    ) -> tuple[Latent]:
+        x, y, feather = x // 8, y // 8, feather // 8
+        out = dict(samples_to)
+        to: torch.Tensor = samples_to["samples"]
+        s = to.clone()
+        src: torch.Tensor = samples_from["samples"][:, :, : to.shape[2] - y, : to.shape[3] - x]
+        h, w = src.shape[2], src.shape[3]
+        if feather == 0:
+            s[:, :, y : y + h, x : x + w] = src
+        else:
+            mask = torch.ones_like(src)
+            for t in range(feather):
+                ramp = (1.0 / feather) * (t + 1)
+                if y != 0:
+                    mask[:, :, t : 1 + t, :] *= ramp
+                if y + h < to.shape[2]:
+                    mask[:, :, h - 1 - t : h - t, :] *= ramp
+                if x != 0:
+                    mask[:, :, :, t : 1 + t] *= ramp
+                if x + w < to.shape[3]:
+                    mask[:, :, :, w - 1 - t : w - t] *= ramp
+            region = s[:, :, y : y + h, x : x + w]
+            s[:, :, y : y + h, x : x + w] = src * mask + region * (torch.ones_like(mask) - mask)
+        out["samples"] = s
+        return (out,)
+
+
+class LatentBlend(Node):
+    """Blend two latents: samples1·blend_factor + samples2·(1 − blend_factor)."""
+
+    DISPLAY_NAME = "Latent Blend"
+    CATEGORY = "_for_testing"
+    INPUTS = (
+        Socket("samples1", LATENT),
+        Socket("samples2", LATENT),
+        Float("blend_factor", 0.5, min=0, max=1, step=0.01),
+    )
+    OUTPUTS = (Output(LATENT),)
+
+    def run(self, ctx: RunContext, samples1: Latent, samples2: Latent, blend_factor: float) -> tuple[Latent]:
+        out = dict(samples1)
+        a: torch.Tensor = samples1["samples"]
+        b: torch.Tensor = samples2["samples"]
+        if a.shape != b.shape:
+            b = common_upscale(b, a.shape[3], a.shape[2], "bicubic", "center")
+        out["samples"] = a * blend_factor + b * (1 - blend_factor)
+        return (out,)
+
+
+class LatentCrop(Node):
+    """Crop a latent to width × height pixels at (x, y); the origin stays at least 64 pixels from the edge."""
+
+    DISPLAY_NAME = "Crop Latent"
+    CATEGORY = "latent/transform"
+    INPUTS = (
+        Socket("samples", LATENT),
+        Int("width", 512, min=64, max=MAX_RESOLUTION, step=8),
+        Int("height", 512, min=64, max=MAX_RESOLUTION, step=8),
+        Int("x", 0, min=0, max=MAX_RESOLUTION, step=8),
+        Int("y", 0, min=0, max=MAX_RESOLUTION, step=8),
+    )
+    OUTPUTS = (Output(LATENT),)
+
+    def run(self, ctx: RunContext, samples: Latent, width: int, height: int, x: int, y: int) -> tuple[Latent]:
+        out = dict(samples)
+        t: torch.Tensor = samples["samples"]
+        x, y = min(x // 8, t.shape[3] - 8), min(y // 8, t.shape[2] - 8)
+        out["samples"] = t[:, :, y : y + height // 8, x : x + width // 8]
+        return (out,)
+
+
+class LatentRotate(Node):
+    """Rotate a latent clockwise by 90, 180 or 270 degrees."""
+
+    DISPLAY_NAME = "Rotate Latent"
+    CATEGORY = "latent/transform"
+    INPUTS = (
+        Socket("samples", LATENT),
+        Combo("rotation", choices=("none", "90 degrees", "180 degrees", "270 degrees")),
+    )
+    OUTPUTS = (Output(LATENT),)
+
+    def run(self, ctx: RunContext, samples: Latent, rotation: str) -> tuple[Latent]:
+        turns = {"90": 1, "180": 2, "270": 3}.get(rotation.split(" ")[0], 0)
+        out = dict(samples)
+        out["samples"] = torch.rot90(samples["samples"], k=turns, dims=[3, 2])
+        return (out,)
+
+
+class LatentFlip(Node):
+    """Flip a latent vertically (x-axis) or horizontally (y-axis)."""
+
+    DISPLAY_NAME = "Flip Latent"
+    CATEGORY = "latent/transform"
+    INPUTS = (
+        Socket("samples", LATENT),
+        Combo("flip_method", choices=("x-axis: vertically", "y-axis: horizontally")),
+    )
+    OUTPUTS = (Output(LATENT),)
+
+    def run(self, ctx: RunContext, samples: Latent, flip_method: str) -> tuple[Latent]:
+        out = dict(samples)
+        dim = 2 if flip_method.startswith("x") else 3
+        out["samples"] = torch.flip(samples["samples"], dims=[dim])
+        return (out,)
+
+
+NODES: tuple[type[Node], ...] = (
+    LatentUpscaleBy,
+    LatentFromBatch,
+    RepeatLatentBatch,
+    LatentComposite,
+    LatentBlend,
+    LatentCrop,
+    LatentRotate,
+    LatentFlip,
+)
