@@ -101,20 +101,22 @@ MASK_CHANNELS = ("alpha", "red", "green", "blue")
 
 def load_mask_file(path: Any, name: str, channel: str) -> torch.Tensor:
     """`[1, H, W]` from one channel of the image (alpha inverted); zeros `[1, 64, 64]` if it lacks it."""
+    band = channel[0].upper()
     try:
-        img = ImageOps.exif_transpose(Image.open(path)) or Image.open(path)
+        img = Image.open(path)
+        img = ImageOps.exif_transpose(img) or img
         if img.getbands() != ("R", "G", "B", "A"):
             if img.mode == "I":
                 img = img.point(lambda v: v * (1 / 255))
             img = img.convert("RGBA")
+        if band not in img.getbands():
+            return torch.zeros((1, 64, 64), dtype=torch.float32)
+        values = np.array(img.getchannel(band)).astype(np.float32) / 255.0
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageFileError(
             f"'{name}' is not an image that can be read ({exc}); pick a PNG, JPEG or WebP file"
         ) from exc
-    band = channel[0].upper()
-    if band not in img.getbands():
-        return torch.zeros((1, 64, 64), dtype=torch.float32)
-    mask = torch.from_numpy(np.array(img.getchannel(band)).astype(np.float32) / 255.0)
+    mask = torch.from_numpy(values)
     if band == "A":
         mask = 1.0 - mask
     return mask.unsqueeze(0)

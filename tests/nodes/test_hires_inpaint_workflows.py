@@ -130,3 +130,41 @@ def test_inpaint_workflow_keeps_the_unmasked_latent(engine: Any) -> None:
     outside[2:6, 2:6] = False
     assert np.allclose(sampled[0][:, outside], encoded[0][:, outside], atol=1e-4)
     assert not np.allclose(sampled[0][:, 3:5, 3:5], encoded[0][:, 3:5, 3:5], atol=1e-2)
+
+
+def test_timestep_ranges_switch_prompts_during_sampling(engine: Any) -> None:
+    """Prompt A for the first half and prompt B for the second differs from A or B alone."""
+
+    def run(positive: list[Any], name: str) -> np.ndarray:
+        prompt = common() | {
+            "other": {"class_type": "CLIPTextEncode", "inputs": {"text": "a dog", "clip": ["ckpt", 1]}},
+            "early": {
+                "class_type": "ConditioningSetTimestepRange",
+                "inputs": {"conditioning": ["pos", 0], "start": 0.0, "end": 0.5},
+            },
+            "late": {
+                "class_type": "ConditioningSetTimestepRange",
+                "inputs": {"conditioning": ["other", 0], "start": 0.5, "end": 1.0},
+            },
+            "both": {
+                "class_type": "ConditioningCombine",
+                "inputs": {"conditioning_1": ["early", 0], "conditioning_2": ["late", 0]},
+            },
+            "latent": {
+                "class_type": "EmptyLatentImage",
+                "inputs": {"width": 64, "height": 64, "batch_size": 1},
+            },
+            "sample": sampler(["latent", 0], 1.0, 4),
+            "save": {
+                "class_type": "SaveLatent",
+                "inputs": {"samples": ["sample", 0], "filename_prefix": name},
+            },
+        }
+        prompt["sample"]["inputs"] = prompt["sample"]["inputs"] | {"positive": positive, "steps": 4}
+        outputs = execute(engine, prompt, name)
+        return load_latent_file(saved_file(engine, outputs["save"]["latents"][0])).numpy()
+
+    switched = run(["both", 0], "latents/switched")
+    only_a, only_b = run(["pos", 0], "latents/only_a"), run(["other", 0], "latents/only_b")
+    assert np.isfinite(switched).all()
+    assert not np.allclose(switched, only_a, atol=1e-4) and not np.allclose(switched, only_b, atol=1e-4)

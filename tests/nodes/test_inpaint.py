@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from models_context import FakeContext
 from PIL import Image
 
 from nodegraph.env import Environment
+from nodes.image import ImageFileError
 from nodes.inpaint import LoadImageMask, SetLatentNoiseMask, VAEEncodeForInpaint, inpaint_pixels
 from nodes.loaders import CheckpointLoaderSimple
 
@@ -94,3 +96,9 @@ def test_load_image_mask_channels(env: Environment, ctx: FakeContext) -> None:
     assert LoadImageMask.check_inputs(env, image="m.png") is None
     assert LoadImageMask.check_inputs(env, image="missing.png") == "Invalid image file: missing.png"
     assert LoadImageMask.fingerprint(env, image="m.png") != LoadImageMask.fingerprint(env, image="g.png")
+
+
+def test_load_image_mask_that_is_not_an_image_names_the_file(env: Environment, ctx: FakeContext) -> None:
+    (Path(env.folders.input_dir) / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ImageFileError, match="'bad.png'"):
+        LoadImageMask().run(ctx, "bad.png", "alpha")
