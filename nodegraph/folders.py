@@ -149,7 +149,9 @@ class Folders:
         if cached and cached[0] == stamp:
             return list(cached[1])
         names = sorted(set(_walk_files(dirs, self.extensions(folder))))
-        self._list_cache[folder] = (tuple(_dir_stamps(dirs)), names)
+        # keyed by the stamps taken *before* the scan: a file added during it changes them, so the
+        # next call rescans instead of serving a list that misses it
+        self._list_cache[folder] = (stamp, names)
         return list(names)
 
     def resolve(self, folder: str, name: str) -> Path:

@@ -109,13 +109,19 @@ async def test_upload_refuses_escapes(
         "/userdata/..%5C..%5Csecret.txt",
     ],
 )
-async def test_userdata_refuses_escapes(aiohttp_client: Any, engine: Any, secret: Path, path: str) -> None:
+async def test_userdata_refuses_escapes(
+    aiohttp_client: Any, engine: Any, secret: Path, tmp_path: Path, path: str
+) -> None:
+    # the user root is user/default: one `..` lands in user/, two in the base directory
+    near = tmp_path / "user" / "secret.txt"
+    near.parent.mkdir(parents=True, exist_ok=True)
+    near.write_text("do not serve")
     client: TestClient = await aiohttp_client(create_app(engine))
     got = await client.get(raw(path))
     assert got.status in (400, 403, 404) and "do not serve" not in await got.text()
     posted = await client.post(raw(path), data=b"overwritten")
     assert posted.status in (400, 403, 404)
-    assert secret.read_text() == "do not serve"
+    assert secret.read_text() == "do not serve" and near.read_text() == "do not serve"
     listing = await client.get(raw("/userdata?dir=..%2F.."))
     assert listing.status in (403, 404)
 
@@ -205,12 +211,13 @@ async def test_request_size_limits(aiohttp_client: Any, tmp_path: Path) -> None:
 async def test_model_names_stay_in_their_folder(
     aiohttp_client: Any, engine: Any, tmp_path: Path, name: str
 ) -> None:
-    (tmp_path / "secret.safetensors").write_bytes(
-        b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"__metadata__":{}}'
-    )
+    # a readable safetensors header two levels above models/checkpoints: an escape would serve it
+    header = b'{"__metadata__":{"k":"leaked"}}'
+    (tmp_path / "secret.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
     client: TestClient = await aiohttp_client(create_app(engine))
     resp = await client.get(raw(f"/view_metadata/checkpoints?filename={name}"))
-    assert resp.status in (403, 404)
+    assert resp.status in (400, 403, 404) and "leaked" not in await resp.text()
 
 
 async def test_cors_option_answers_cross_origin_requests(aiohttp_client: Any, tmp_path: Path) -> None:
