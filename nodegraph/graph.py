@@ -297,11 +297,17 @@ def _widget_values(node_id: str, node: dict[str, Any], cls: type[Node]) -> dict[
         raise WorkflowError(f"node {node_id} ({cls.NODE_ID}): widgets_values must be a list or an object")
     values: dict[str, Any] = {}
     pos = 0
+    # The frontend's Comfy.UploadImage extension appends the upload button as the *last required*
+    # input (`required.upload = ...`), so its value sits after every required widget.
+    uploads = 0
     for inp in _in_input_order(widgets):
+        if inp.optional:
+            pos, uploads = pos + uploads, 0
         value = raw[pos] if pos < len(raw) else inp.default_value()
         if value is not None:  # a widget the file predates and with no default: validation reports it
             values[inp.name] = value
         pos += 1 + _extra_widgets(inp)
+        uploads += isinstance(inp, Combo) and inp.image_upload
     return values
 
 
@@ -313,8 +319,6 @@ def _extra_widgets(inp: Input) -> int:
     """Frontend-only widgets that follow an input's widget in `widgets_values`."""
     if isinstance(inp, Int) and inp.control_after_generate:
         return 1  # the "control_after_generate" combo: fixed / increment / decrement / randomize
-    if isinstance(inp, Combo) and inp.image_upload:
-        return 1  # the upload button's value
     return 0
 
 

@@ -104,12 +104,6 @@ def test_load_image_mask_that_is_not_an_image_names_the_file(env: Environment, c
         LoadImageMask().run(ctx, "bad.png", "alpha")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nodegraph/graph.py reads the image-upload widget value right after `image`; the frontend "
-    "saves it after all required widgets (LoadImageMask: [file, channel, 'image']). Drop this marker "
-    "once graph.py skips upload slots after the required widgets.",
-)
 def test_ui_workflow_load_image_mask_keeps_its_channel() -> None:
     from nodegraph.graph import ui_to_api
     from nodegraph.registry import Registry
