@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from nodegraph.app import Settings, build_engine
@@ -88,12 +89,27 @@ def test_hires_fix_workflow(engine: Any) -> None:
         "second": sampler(["upscale", 0], 0.5, 2),
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["second", 0], "vae": ["ckpt", 2]}},
         "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "hires"}},
+        "keep_upscaled": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["upscale", 0], "filename_prefix": "latents/hires_up"},
+        },
+        "keep_second": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["second", 0], "filename_prefix": "latents/hires_second"},
+        },
     }
     outputs = execute(engine, prompt, "hires")
     (entry,) = outputs["save"]["images"]
     with Image.open(saved_file(engine, entry)) as image:
         assert image.size == (96, 96)
-        assert np.isfinite(np.asarray(image, dtype=np.float32)).all()
+    (up_entry,) = outputs["keep_upscaled"]["latents"]
+    (second_entry,) = outputs["keep_second"]["latents"]
+    upscaled = load_latent_file(saved_file(engine, up_entry))
+    second = load_latent_file(saved_file(engine, second_entry))
+    assert upscaled.shape == second.shape == (1, 4, 12, 12)
+    assert torch.isfinite(second).all()
+    # the second pass (denoise 0.5) re-samples the upscaled latent rather than passing it through
+    assert (second - upscaled).abs().mean() > 1e-3 * upscaled.abs().mean()
 
 
 def test_inpaint_workflow_keeps_the_unmasked_latent(engine: Any) -> None:
