@@ -81,6 +81,24 @@ def annotated_path(env: Environment, image: str) -> Path:
     return safe_join(directory, name)
 
 
+def input_image_problem(env: Environment, image: Any) -> str | None:
+    """Why an image name from a prompt cannot be loaded (ComfyUI accepts any existing file, also
+    `name [output]` annotations, so the combo membership check is not enough), or None."""
+    try:
+        exists = isinstance(image, str) and annotated_path(env, image).is_file()
+    except PathEscapeError:
+        exists = False
+    return None if exists else f"Invalid image file: {image}"
+
+
+def input_image_hash(env: Environment, image: Any) -> Hashable:
+    """The file's sha256: a changed image re-runs its loader (ComfyUI's IS_CHANGED)."""
+    try:
+        return hashlib.sha256(annotated_path(env, str(image)).read_bytes()).hexdigest()
+    except (OSError, PathEscapeError):
+        return None
+
+
 class LoadImage(Node):
     """Load an image from the input folder; the mask is 1 where the image is transparent."""
 
@@ -91,18 +109,11 @@ class LoadImage(Node):
 
     @classmethod
     def check_inputs(cls, env: Environment, image: Any = None) -> str | None:
-        try:
-            exists = isinstance(image, str) and annotated_path(env, image).is_file()
-        except PathEscapeError:
-            exists = False
-        return None if exists else f"Invalid image file: {image}"
+        return input_image_problem(env, image)
 
     @classmethod
     def fingerprint(cls, env: Environment, image: Any = None) -> Hashable:
-        try:
-            return hashlib.sha256(annotated_path(env, str(image)).read_bytes()).hexdigest()
-        except (OSError, PathEscapeError):
-            return None
+        return input_image_hash(env, image)
 
     def run(self, ctx: RunContext, image: str) -> tuple[torch.Tensor, torch.Tensor]:
         return load_image_file(annotated_path(ctx.env, image), image)

@@ -6,7 +6,6 @@ honours a latent's "noise_mask" (nodes/sd/ksampler.py), so these nodes only buil
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Hashable
 from typing import Any
@@ -16,10 +15,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nodegraph.env import Environment
-from nodegraph.folders import PathEscapeError
 from nodegraph.node import Combo, Int, Node, Output, RunContext, Socket
 from nodegraph.types import IMAGE, LATENT, MASK, VAE
-from nodes.image import ImageFileError, annotated_path, input_images
+from nodes.image import ImageFileError, annotated_path, input_image_hash, input_image_problem, input_images
 from nodes.sd import vae as vae_math
 from nodes.sd.handles import VaeHandle
 
@@ -135,18 +133,11 @@ class LoadImageMask(Node):
 
     @classmethod
     def check_inputs(cls, env: Environment, image: Any = None) -> str | None:
-        try:
-            exists = isinstance(image, str) and annotated_path(env, image).is_file()
-        except PathEscapeError:
-            exists = False
-        return None if exists else f"Invalid image file: {image}"
+        return input_image_problem(env, image)
 
     @classmethod
     def fingerprint(cls, env: Environment, image: Any = None) -> Hashable:
-        try:
-            return hashlib.sha256(annotated_path(env, str(image)).read_bytes()).hexdigest()
-        except (OSError, PathEscapeError):
-            return None
+        return input_image_hash(env, image)
 
     def run(self, ctx: RunContext, image: str, channel: str) -> tuple[torch.Tensor]:
         return (load_mask_file(annotated_path(ctx.env, image), image, channel),)
