@@ -12,7 +12,7 @@ from PIL import Image
 
 from nodegraph.node import MAX_RESOLUTION, Combo, Float, Int, Node, Output, RunContext, Socket
 from nodegraph.types import IMAGE
-from nodes.sd.latent_ops import CROP_METHODS, common_upscale
+from nodes.sd.latent_ops import CROP_METHODS, center_crop, common_upscale
 
 IMAGE_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
 
@@ -37,20 +37,9 @@ def upscale_image(image: torch.Tensor, width: int, height: int, method: str, cro
     samples = image.movedim(-1, 1)
     if method == "lanczos":
         # crop exactly as common_upscale does, then resample with Pillow
-        cropped = _center_crop(samples, width, height) if crop == "center" else samples
+        cropped = center_crop(samples, width, height) if crop == "center" else samples
         return lanczos(cropped, width, height).movedim(1, -1)
     return common_upscale(samples, width, height, method, crop).movedim(1, -1)
-
-
-def _center_crop(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    old_w, old_h = samples.shape[-1], samples.shape[-2]
-    old_aspect, new_aspect = old_w / old_h, width / height
-    x = y = 0
-    if old_aspect > new_aspect:
-        x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-    return samples.narrow(-2, y, old_h - y * 2).narrow(-1, x, old_w - x * 2)
 
 
 class ImageScale(Node):

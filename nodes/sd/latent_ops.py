@@ -15,17 +15,22 @@ CROP_METHODS = ("disabled", "center")
 LATENT_FORMAT_KEY = "latent_format_version_0"
 
 
+def center_crop(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Crop [..., H, W] around the centre to the aspect ratio of width x height (common_upscale's crop)."""
+    old_w, old_h = samples.shape[-1], samples.shape[-2]
+    old_aspect, new_aspect = old_w / old_h, width / height
+    x = y = 0
+    if old_aspect > new_aspect:
+        x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+    return samples.narrow(-2, y, old_h - y * 2).narrow(-1, x, old_w - x * 2)
+
+
 def common_upscale(samples: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
     """Resize [B,C,H,W] to (height, width), optionally centre-cropping to the target aspect first."""
     if crop == "center":
-        old_w, old_h = samples.shape[-1], samples.shape[-2]
-        old_aspect, new_aspect = old_w / old_h, width / height
-        x = y = 0
-        if old_aspect > new_aspect:
-            x = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-        elif old_aspect < new_aspect:
-            y = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-        samples = samples.narrow(-2, y, old_h - y * 2).narrow(-1, x, old_w - x * 2)
+        samples = center_crop(samples, width, height)
     if method == "bislerp":
         return bislerp(samples, width, height)
     return torch.nn.functional.interpolate(samples, size=(height, width), mode=method)
