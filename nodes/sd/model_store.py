@@ -62,20 +62,26 @@ class ModelStore:
                 self._entries.move_to_end(key)
                 return found
             key_lock = self._key_locks.setdefault(key, threading.Lock())
-        with key_lock:
+        try:
+            with key_lock:
+                with self._lock:
+                    found = self._entries.get(key)
+                    if found is not None:
+                        return found
+                loaded = self._loader(resolved)
+                with self._lock:
+                    self.loads += 1
+                    self._forget_older_versions(key)
+                    self._entries[key] = loaded
+                    while len(self._entries) > self.capacity:
+                        self._entries.popitem(last=False)
+                return loaded
+        finally:
+            # Also when the loader raises: a failed load leaves no lock behind. Only our own lock
+            # is dropped; a waiter that arrived after an earlier pop may have made a fresh one.
             with self._lock:
-                found = self._entries.get(key)
-                if found is not None:
-                    return found
-            loaded = self._loader(resolved)
-            with self._lock:
-                self.loads += 1
-                self._forget_older_versions(key)
-                self._entries[key] = loaded
-                while len(self._entries) > self.capacity:
-                    self._entries.popitem(last=False)
-                self._key_locks.pop(key, None)
-            return loaded
+                if self._key_locks.get(key) is key_lock:
+                    del self._key_locks[key]
 
     def _forget_older_versions(self, key: StoreKey) -> None:
         for other in [k for k in self._entries if k[0] == key[0] and k != key]:

@@ -132,6 +132,25 @@ def test_store_loads_a_file_once_when_asked_from_two_threads(tmp_path: Path) -> 
     assert len(calls) == 1 and results[0] is results[1] is results[2]
 
 
+def test_a_failed_load_leaves_no_lock_behind_and_a_later_load_works(tmp_path: Path) -> None:
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(b"1")
+    attempts: list[Path] = []
+
+    def loader(p: Path) -> Any:
+        attempts.append(p)
+        if len(attempts) == 1:
+            raise CheckpointError("broken on the first read")
+        return object()
+
+    store = ModelStore(loader=loader)
+    with pytest.raises(CheckpointError, match="first read"):
+        store.checkpoint(path)
+    assert store._key_locks == {} and store.loaded() == [] and store.loads == 0
+    loaded = store.checkpoint(path)
+    assert store.checkpoint(path) is loaded and len(attempts) == 2 and store._key_locks == {}
+
+
 def test_model_store_is_one_service_per_environment(env: Environment) -> None:
     assert model_store(env) is model_store(env)
     assert isinstance(model_store(env), ModelStore)
