@@ -247,7 +247,7 @@ class CheckpointSave(Node):
             for key, value in (extra_pnginfo or {}).items():
                 meta[key] = json.dumps(value)
         with (
-            patched(model.unet, model.loras, target="unet"),
+            patched(model.unet, model.loras, target="unet", exact=True),
             patched(clip.text_encoder, clip.loras, target="te"),
         ):
             state = ldm_state_dict(model.unet, clip.text_encoder, vae.vae)

@@ -1,16 +1,24 @@
 """Where LoRA weights are actually changed: inside the consumer (sampler, text encoder), exactly.
 
-`patched(module, loras, target)` makes `module`'s weights those of the LoRA stack `loras`:
+`patched(module, loras, target)` makes `module` compute with the LoRA stack `loras`:
 
-1. Each module keeps a state: the stack now applied, the signature applied to each parameter and
-   an exact backup (in the storage dtype) of every parameter a stack touches.
-2. Same stack as applied: nothing to do. The weights are left patched on exit, so the next run
+1. Each module keeps a state: the stack its weights hold ("fused"), the signature fused into each
+   parameter, an exact backup (in the storage dtype) of every parameter a stack touches, and the
+   stack it computes with, which differs from the fused one while a strength is being changed.
+2. Same stack as before: nothing to do. The weights are left patched on exit, so the next run
    with the same stack is free; another stack (a handle without LoRAs included) changes them.
-3. Otherwise each parameter whose patch list changed is rebuilt from its backup, never by
+3. A strength change of low-rank LoRAs already fused into the UNet (same files, same order, no
+   strength 0) rewrites no weight: each affected layer gets a runtime branch adding
+   `(s_new − s_fused)·scale·up(down(x))` to its output, so the change costs O(layers), not
+   O(weights). When the same stack is asked for again ("the user stopped changing it"), or
+   `exact=True` (CheckpointSave), the branches are dropped and the weights rebuilt as in 4, so
+   settled runs compute with ComfyUI's merged weights exactly and pay nothing per step.
+4. Otherwise each parameter whose patch list changed is rebuilt from its backup, never by
    subtracting: `W = base + Σ s_i·ΔW_i` in fp32, in load order, using the cached decoded updates
    (a strength change re-reads no file). For the text encoder the sum is rounded to fp16 once
-   (ComfyUI's convention: TE weights are stored in fp16). Parameters no longer touched are
-   restored from their backup and the backup dropped.
+   (ComfyUI's convention: TE weights are stored in fp16), which is also why the text encoder
+   never uses branches. Parameters no longer touched are restored from their backup and the
+   backup dropped.
 
 So after any sequence of stacks, an empty stack leaves every weight bit-identical to the file's.
 """
@@ -25,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F  # noqa: N812 - torch's own convention
 
 from nodes.sd.handles import LoraRef
 from nodes.sd.lora.formats import LowRank, Update
@@ -35,12 +44,56 @@ _Sig = tuple[tuple[str, tuple[int, int], float], ...]
 _LOCK = threading.RLock()  # one worker thread today; the lock keeps a second one from half-patching
 
 
+class _Branch:
+    """Unfused low-rank terms added to one layer's output: `out += Σ c·up(down(x))`."""
+
+    def __init__(self, layer: torch.nn.Module, terms: list[tuple[LowRank, float]]) -> None:
+        self.terms = terms
+        self.handle = layer.register_forward_hook(self)
+
+    def __call__(self, layer: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        for update, coeff in self.terms:
+            down, up = update.down.to(x.device, x.dtype), update.up.to(x.device, x.dtype)
+            if isinstance(layer, torch.nn.Conv2d):
+                kernel = down.view(down.shape[0], layer.in_channels, *layer.kernel_size)
+                h = F.conv2d(x, kernel, None, layer.stride, layer.padding, layer.dilation)
+                out = out + F.conv2d(h * coeff, up.view(*up.shape, 1, 1))
+                continue
+            h = F.linear(x, down) * coeff
+            if out.is_contiguous():  # addmm into the output: no output-sized temporary
+                out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
+            else:
+                out = out + F.linear(h, up)
+        return out
+
+
+def _branchable(layer: torch.nn.Module) -> bool:
+    if isinstance(layer, torch.nn.Linear):
+        return True
+    return (
+        isinstance(layer, torch.nn.Conv2d)
+        and layer.groups == 1
+        and layer.padding_mode == "zeros"
+        and not isinstance(layer.padding, str)
+    )
+
+
 @dataclass
 class _State:
     params: dict[str, torch.nn.Parameter]
     backups: dict[str, torch.Tensor] = field(default_factory=dict)
     applied: dict[str, _Sig] = field(default_factory=dict)
-    stack: _Sig = ()
+    fused: _Sig = ()  # the stack the weights hold
+    stack: _Sig = ()  # the stack the module computes with: fused weights plus branches
+    last: _Sig | None = None  # the stack asked for by the previous call
+    branches: list[_Branch] = field(default_factory=list)
+
+    def drop_branches(self) -> None:
+        for branch in self.branches:
+            branch.handle.remove()
+        self.branches.clear()
+        self.stack = self.fused
 
 
 _STATES: weakref.WeakKeyDictionary[Any, _State] = weakref.WeakKeyDictionary()
@@ -105,23 +158,57 @@ def _wanted(
 
 
 def _restore_all(state: _State) -> None:
+    state.drop_branches()
     for name, base in state.backups.items():
         state.params[name].data.copy_(base)
     state.backups.clear()
     state.applied.clear()
-    state.stack = ()
+    state.fused = state.stack = ()
+    state.last = None
 
 
-def apply_stack(module: Any, loras: Sequence[LoraRef], target: Target) -> int:
-    """Make `module`'s weights those of `loras`; returns how many parameters were rewritten."""
+def apply_stack(module: Any, loras: Sequence[LoraRef], target: Target, *, exact: bool = False) -> int:
+    """Make `module` compute with `loras`; returns how many parameters were rewritten.
+
+    `exact`: the weights themselves must hold the stack (no runtime branches), e.g. to save them.
+    """
     active = [r for r in loras if r.strength != 0.0]
     stack: _Sig = tuple((str(r.path), r.stamp, r.strength) for r in active)
     state = _state(module)
-    if state.stack == stack:
-        return 0
     # inference_mode(False): backups made under an executor's inference mode must stay normal tensors.
     with _LOCK, torch.inference_mode(False), torch.no_grad():
+        settled, state.last = state.last == stack, stack
+        if state.stack == stack and not (state.branches and (exact or settled)):
+            return 0
+        if stack == state.fused:
+            state.drop_branches()
+            return 0
+        if not exact and not settled and target == "unet" and _branch(state, module, active, stack):
+            return 0
+        state.drop_branches()
         return _change(state, module, active, stack, target)
+
+
+def _branch(state: _State, module: Any, active: list[LoraRef], stack: _Sig) -> bool:
+    """Express a strength change of the fused LoRAs as runtime branches; False when it cannot be."""
+    if not state.fused or [f[:2] for f in state.fused] != [s[:2] for s in stack]:
+        return False  # not the same files in the same order: an add, a removal or a swap
+    terms: dict[str, list[tuple[LowRank, float]]] = {}
+    for ref, (_, _, old) in zip(active, state.fused, strict=True):
+        if ref.strength == old:
+            continue
+        for name, update in decoded(ref.path, ref.stamp, module, "unet").updates.items():
+            path, _, kind = name.rpartition(".")
+            if kind != "weight" or not isinstance(update, LowRank):
+                return False  # dense, DoRA or bias updates are rebuilt exactly instead
+            terms.setdefault(path, []).append((update, (ref.strength - old) * update.scale))
+    layers = {path: module.get_submodule(path) for path in terms}
+    if not all(_branchable(layer) for layer in layers.values()):
+        return False
+    state.drop_branches()
+    state.branches = [_Branch(layers[path], t) for path, t in terms.items()]
+    state.stack = stack
+    return True
 
 
 def _change(state: _State, module: Any, active: list[LoraRef], stack: _Sig, target: Target) -> int:
@@ -142,7 +229,7 @@ def _change(state: _State, module: Any, active: list[LoraRef], stack: _Sig, targ
             _rebuild(param, state.backups[name], [(u, s) for u, s, _ in patches], target)
             state.applied[name] = sig
             rewritten += 1
-        state.stack = stack
+        state.fused = state.stack = stack
         return rewritten
     except BaseException:
         _restore_all(state)  # never leave a half-patched model behind
@@ -150,19 +237,26 @@ def _change(state: _State, module: Any, active: list[LoraRef], stack: _Sig, targ
 
 
 def restore(module: Any) -> None:
-    """Put every weight of `module` back to its base value (a no-op when nothing is patched)."""
+    """Put every weight of `module` back to its base value and drop its branches."""
     with _LOCK:
         state = _STATES.get(module)
         if state is not None:
             _restore_all(state)
 
 
-@contextmanager
-def patched(module: Any, loras: Sequence[LoraRef], *, target: Literal["unet", "te"]) -> Iterator[Any]:
-    """Apply `loras` (in order) to `module`'s weights for the duration of the block.
+def branched(module: Any) -> int:
+    """How many layers of `module` run with a runtime branch now (0 once the stack is fused)."""
+    state = _STATES.get(module)
+    return len(state.branches) if state is not None else 0
 
-    The weights stay patched afterwards until another stack is asked for; use `restore` to drop them.
+
+@contextmanager
+def patched(module: Any, loras: Sequence[LoraRef], *, target: Target, exact: bool = False) -> Iterator[Any]:
+    """Make `module` compute with `loras` (in order) for the duration of the block.
+
+    It keeps doing so afterwards until another stack is asked for; use `restore` to drop them.
+    `exact=True` fuses the stack into the weights (no runtime branches), for code that reads them.
     """
     with _LOCK:
-        apply_stack(module, loras, target)
+        apply_stack(module, loras, target, exact=exact)
         yield module

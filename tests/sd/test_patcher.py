@@ -94,7 +94,9 @@ def test_only_affected_weights_are_rewritten(models: Any, mini_loras: Path) -> N
         assert apply_stack(unet, [a], "unet") == len(keys_a)
         assert apply_stack(unet, [a], "unet") == 0  # same stack: free
         assert apply_stack(unet, [a, b], "unet") == len(keys_b)  # a-only weights are left alone
-        assert apply_stack(unet, [a, _ref(mini_loras, "mini_lora_b", 0.3)], "unet") == len(keys_b)
+        b03 = _ref(mini_loras, "mini_lora_b", 0.3)
+        assert apply_stack(unet, [a, b03], "unet") == 0  # a strength change: runtime branches
+        assert apply_stack(unet, [a, b03], "unet") == len(keys_b)  # asked again: b's keys fused
         assert apply_stack(unet, [a], "unet") == len(keys_b)  # b's keys recomputed or restored
     finally:
         restore(unet)
