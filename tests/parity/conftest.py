@@ -56,3 +56,11 @@ def engine(engine_base: Path) -> Any:
 def captured() -> dict[str, np.ndarray]:
     """The float images ParityCapture nodes saw, by node id."""
     return CAPTURED
+
+
+@pytest.fixture
+def fresh_engine(engine_base: Path) -> Any:
+    """A second engine on the same files: its own cache and its own loaded checkpoint."""
+    return build_engine(
+        Settings(base_directory=engine_base, preview_method="none"), [*all_nodes(), ParityCapture]
+    )

@@ -82,3 +82,33 @@ def test_workflow_matches_comfyui(
     assert result["image_max_abs"] <= IMAGE_MAX_ABS, result
     assert result["png_max_abs_levels"] <= PNG_MAX_LEVELS, result
     assert result["png_frac_pixels_differ"] < PNG_FRACTION_MAX, result
+
+
+@pytest.mark.parametrize("changed", ["strength_model", "both"])
+def test_lora_workflow_after_a_strength_change_matches_comfyui(
+    fresh_engine: Any, engine_base: Path, captured: dict[str, np.ndarray], tmp_path: Path, changed: str
+) -> None:
+    """The oracle LoRA workflow run right after another strength (its own engine, so nothing is
+    cached): the UNet computes through runtime branches, and still lands inside the gates."""
+    from nodes.loaders import model_store
+    from nodes.sd.patcher import branched
+
+    engine = fresh_engine
+    prompt = json.loads((ORACLE / "workflows" / "lora_single_a.json").read_text())
+    before = json.loads(json.dumps(prompt))
+    before["lora1"]["inputs"]["strength_model"] = 0.35
+    if changed == "both":
+        before["lora1"]["inputs"]["strength_clip"] = -0.6
+    checked = validate_prompt(before, engine.registry, engine.env)
+    outcome = engine.executor.execute(checked.prompt, "before", lambda e: None, outputs=checked.outputs)
+    assert outcome.status == "success"
+    unet = model_store(engine.env).checkpoint(engine_base / "models/checkpoints/mini_sd15.safetensors").unet
+    assert branched(unet) == 0  # the first application is fused, as ComfyUI merges it
+    run_workflow(engine, "lora_single_a", tmp_path / "after", captured)
+    assert branched(unet) > 0  # the strength change ran through runtime branches
+    result = _compare_refs().compare_dir(str(ORACLE / "refs" / "lora_single_a"), str(tmp_path / "after"))
+    print(changed, {k: round(v, 9) if isinstance(v, float) else v for k, v in result.items()})
+    assert result["latent_psnr"] >= LATENT_PSNR_MIN, result
+    assert result["latent_max_rel"] <= LATENT_REL_MAX, result
+    assert result["image_max_abs"] <= IMAGE_MAX_ABS, result
+    assert result["png_max_abs_levels"] <= PNG_MAX_LEVELS, result
