@@ -18,6 +18,7 @@ def all_nodes() -> list[type[Node]]:
         loaders,
         lora,
         sampling,
+        vae_tiled,
     )
 
     modules = (
@@ -30,6 +31,7 @@ def all_nodes() -> list[type[Node]]:
         latent_extra,
         inpaint,
         image,
+        vae_tiled,
         image_ops,
     )
     return [cls for module in modules for cls in module.NODES]
