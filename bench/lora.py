@@ -48,7 +48,8 @@ TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 def build_models() -> tuple[Any, Any]:
-    """SD1.5's UNet (diffusers default config) and CLIP-L text model, random, fp32 (TE fp16-rounded)."""
+    """SD1.5's UNet (diffusers default config) and CLIP-L text model, random, fp32 holding fp16 values
+    (what the checkpoint loader makes of an fp16 checkpoint file, the common Civitai/HF form)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -64,13 +65,12 @@ def build_models() -> tuple[Any, Any]:
                 max_position_embeddings=77,
             )
         )
-    for model, rounded in ((unet, False), (te, True)):
+    for model in (unet, te):
         model.to_empty(device="cpu")
         for p in model.parameters():
             p.requires_grad_(False)
             p.normal_(0, 0.02)
-            if rounded:
-                p.copy_(p.half().float())
+            p.copy_(p.half().float())
     return unet.eval(), te.eval()
 
 
@@ -219,29 +219,82 @@ def comfy_style(
     return run, cleanup
 
 
-def measure(unet: Any, te: Any, a: Path, b: Path) -> list[list[str]]:
+def unet_step(unet: Any, repeats: int = 3) -> float:
+    """Median CPU seconds of one batched (cond + uncond) UNet forward on a 32x32 latent (256 px)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((2, 4, 32, 32), generator=gen)
+    ctx = torch.randn((2, 77, 768), generator=gen)
+    t = torch.tensor([500.0, 500.0])
+    times = []
+    with torch.inference_mode():
+        unet(x, t, ctx)  # warm-up
+        for _ in range(repeats):
+            t0 = time.process_time()
+            unet(x, t, ctx)
+            times.append(time.process_time() - t0)
+    return statistics.median(times)
+
+
+def measure(unet: Any, te: Any, a: Path, b: Path) -> tuple[list[list[str]], list[list[str]]]:
     pairs = [(unet, "unet"), (te, "te")]
 
     def ref(path: Path, s: float) -> LoraRef:
         return LoraRef(path, file_stamp(path), s, path.name)
 
-    def stack(*refs: LoraRef) -> Callable[[], None]:
-        return lambda: [apply_stack(m, list(refs), t) for m, t in pairs]  # type: ignore[arg-type,func-returntype]
+    def stack(*refs: LoraRef, exact: bool = False) -> Callable[[], None]:
+        return lambda: [apply_stack(m, list(refs), t, exact=exact) for m, t in pairs]  # type: ignore[arg-type,func-returntype]
 
     def reset() -> None:
         restore(unet)
         restore(te)
         clear_caches()
 
+    strengths = iter([0.5, 0.75] * 100)
+
+    def change(unet_changes: bool, te_changes: bool) -> tuple[Callable[[], None], Callable[[], None]]:
+        """A strength change of LoRA a from a settled (fused) stack, of the UNet and/or TE strength."""
+        state: dict[str, float] = {}
+
+        def setup() -> None:
+            stack(a1, exact=True)()
+            state["s"] = next(strengths)
+
+        def run() -> None:
+            apply_stack(unet, [ref(a, state["s"] if unet_changes else 1.0)], "unet")
+            apply_stack(te, [ref(a, state["s"] if te_changes else 1.0)], "te")
+
+        return setup, run
+
     a1, b1 = ref(a, 1.0), ref(b, 0.8)
     reset()
     first = _time(stack(a1), reset)
-    strengths = iter([0.5, 0.75] * 10)
-    change = _time(lambda: stack(ref(a, next(strengths)))())
-    from_file = _time(lambda: stack(ref(a, next(strengths)))(), clear_caches)
-    add_b = _time(stack(a1, b1), stack(a1))
-    remove_b = _time(stack(a1), stack(a1, b1))
-    remove_all = _time(stack(), stack(a1))
+    setup, run = change(True, True)
+    both = _time(run, setup)
+    setup, run = change(True, False)
+    unet_only = _time(run, setup)
+    setup, run = change(False, True)
+    te_only = _time(run, setup)
+    settle_state: dict[str, LoraRef] = {}
+
+    def settle_setup() -> None:
+        stack(a1, exact=True)()
+        settle_state["r"] = ref(a, next(strengths))
+        apply_stack(unet, [settle_state["r"]], "unet")  # branches, as after a strength change
+
+    settle = _time(lambda: apply_stack(unet, [settle_state["r"]], "unet"), settle_setup)
+
+    def from_file_setup() -> None:
+        stack(a1, exact=True)()
+        clear_caches()
+
+    from_file = _time(lambda: stack(ref(a, next(strengths)), exact=True)(), from_file_setup)
+    add_b = _time(stack(a1, b1), stack(a1, exact=True))
+    remove_b = _time(stack(a1), stack(a1, b1, exact=True))
+    remove_all = _time(stack(), stack(a1, exact=True))
+    stack(a1, exact=True)()
+    fused_step = unet_step(unet)
+    apply_stack(unet, [ref(a, 0.5)], "unet")
+    branch_step = unet_step(unet)
     reset()
     comfy_run, comfy_cleanup = comfy_style(pairs, a1)
     comfy = _time(lambda: comfy_run(next(strengths)))
@@ -251,6 +304,8 @@ def measure(unet: Any, te: Any, a: Path, b: Path) -> list[list[str]]:
     b_keys = {k for m, t in pairs for k in decoded(b, b1.stamp, m, t).updates}  # type: ignore[arg-type]
     floors = {
         "a": _time(_floor(a_jobs)),
+        "a_unet": _time(_floor(_jobs([(unet, "unet")], [a1]))),
+        "a_te": _time(_floor(_jobs([(te, "te")], [a1]))),
         "ab": _time(_floor(_jobs(pairs, [a1, b1], b_keys))),
         "a_on_b": _time(_floor(_jobs(pairs, [a1], b_keys))),
         "copy_a": _time(_floor(a_jobs, with_product=False)),
@@ -259,10 +314,13 @@ def measure(unet: Any, te: Any, a: Path, b: Path) -> list[list[str]]:
     del a_jobs
     rows = []
     for label, (secs, peak), floor in (
-        ("first application (read, decode, patch)", first, "a"),
-        ("strength change", change, "a"),
-        ("strength change, re-applied from the file", from_file, "a"),
-        ("strength change, ComfyUI-style (restore, re-read, materialise ΔW)", comfy, "a"),
+        ("first application (read, decode, fuse)", first, "a"),
+        ("strength change, UNet and TE (e.g. an A1111 tag)", both, "a"),
+        ("strength change, UNet only (strength_model)", unet_only, "a_unet"),
+        ("strength change, TE only (strength_clip)", te_only, "a_te"),
+        ("same stack asked again: UNet branches fused", settle, "a_unet"),
+        ("re-applied from the file (read, decode, rewrite UNet + TE)", from_file, "a"),
+        ("ComfyUI-style (restore, re-read, materialise ΔW)", comfy, "a"),
         ("second LoRA added", add_b, "ab"),
         ("second LoRA removed", remove_b, "a_on_b"),
         ("all LoRAs removed", remove_all, "copy_a"),
@@ -271,17 +329,25 @@ def measure(unet: Any, te: Any, a: Path, b: Path) -> list[list[str]]:
         rows.append(
             [
                 label,
-                f"{secs * 1e3:.0f} ms",
+                f"{secs * 1e3:.1f} ms",
                 f"{f_secs * 1e3:.0f} ms",
-                f"{secs / f_secs:.2f}×",
+                f"{secs / f_secs:.3f}×",
                 f"{peak / 2**20:.0f} MiB",
                 f"{peak / touched:.2f}×",
             ]
         )
-    rows.append(["re-apply from file / strength change", f"{from_file[0] / change[0]:.1f}×", "", "", "", ""])
-    rows.append(["ComfyUI-style / strength change", f"{comfy[0] / change[0]:.1f}×", "", "", "", ""])
-    rows.append([f"touched weights (LoRA a): {touched / 2**20:.0f} MiB fp32", "", "", "", "", ""])
-    return rows
+    ratios = [
+        ["re-applied from the file / strength change, UNet and TE", f"{from_file[0] / both[0]:.1f}×"],
+        ["re-applied from the file / strength change, UNet only", f"{from_file[0] / unet_only[0]:.0f}×"],
+        ["re-applied from the file / strength change, TE only", f"{from_file[0] / te_only[0]:.1f}×"],
+        ["ComfyUI-style / strength change, UNet and TE", f"{comfy[0] / both[0]:.1f}×"],
+        [
+            "UNet forward (256 px, batch 2): fused / with branches",
+            f"{fused_step:.2f} s / {branch_step:.2f} s (+{(branch_step / fused_step - 1) * 100:.1f} %)",
+        ],
+        [f"touched weights (LoRA a): {touched / 2**20:.0f} MiB fp32", ""],
+    ]
+    return rows, ratios
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -295,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     n_a = write_lora(a, unet, te, 32, UNET_TARGETS, range(12))
     n_b = write_lora(b, unet, te, 16, ("to_q", "to_k", "to_v"), range(6))
     load_before = os.getloadavg()[0]
-    rows = measure(unet, te, a, b)
+    rows, ratios = measure(unet, te, a, b)
     load = f"Load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
     load += " (shared 2-core machine); times are process CPU time with one torch thread."
     headers = ["phase (median of 3)", "CPU time", "floor", "time/floor", "peak RSS growth", "RSS/touched"]
@@ -306,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
         load,
         "",
         *table(headers, rows),
+        "",
+        *table(["comparison", "figure"], ratios),
     ]
     print("\n".join(lines))
     if not args.no_record:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
 
 from nodes.sd.handles import LoraRef
-from nodes.sd.lora.formats import LowRank, Update
+from nodes.sd.lora.formats import Dense, LowRank, Update
 from nodes.sd.lora.loader import decoded
 
 Target = Literal["unet", "te"]
@@ -112,37 +112,67 @@ def _rebuild(
 ) -> None:
     """param = base + Σ patches, in fp32, rounded to fp16 once for the text encoder."""
     w = param.data
-    first, s0 = patches[0]
-    if w.dtype == torch.float32 and base.dtype == torch.float32 and isinstance(first, LowRank):
-        # One pass: read base, write W, plus the rank-r product (the benchmark's floor).
-        out = w.view(w.shape[0], -1)
-        torch.addmm(base.view(w.shape[0], -1), first.up, first.down, alpha=s0 * first.scale, out=out)
-        rest = patches[1:]
-        work = w
-    else:
-        work = w if w.dtype == torch.float32 else torch.empty(w.shape, dtype=torch.float32)
-        work.copy_(base)
-        rest = patches
-    for update, strength in rest:
+    if w.dtype == torch.float32 and all(isinstance(u, LowRank | Dense) for u, _ in patches):
+        _rebuild_rows(w, base, patches, target)
+        return
+    work = w if w.dtype == torch.float32 else torch.empty(w.shape, dtype=torch.float32)
+    work.copy_(base)
+    for update, strength in patches:
         update.apply(work, strength)
     if target == "te":
-        _round_fp16(work)
+        flat = work.view(-1)
+        for start in range(0, flat.numel(), _CHUNK):
+            _round_fp16(flat[start : start + _CHUNK])
     if work is not w:
         w.copy_(work)
 
 
-_CHUNK = 1 << 16  # elements per rounding step: the fp16 scratch stays in cache, nothing is allocated
+_CHUNK = 1 << 17  # elements per step of a rebuild: a block of rows stays in cache between its steps
 _SCRATCH = torch.empty(_CHUNK, dtype=torch.float16)
 
 
-def _round_fp16(work: torch.Tensor) -> None:
-    """Round an fp32 tensor to fp16 precision in place (ComfyUI stores the text encoder in fp16)."""
-    flat = work.view(-1)
-    for start in range(0, flat.numel(), _CHUNK):
-        part = flat[start : start + _CHUNK]
-        half = _SCRATCH[: part.numel()]
-        half.copy_(part)
-        part.copy_(half)
+def _rebuild_rows(
+    w: torch.Tensor, base: torch.Tensor, patches: list[tuple[Update, float]], target: Target
+) -> None:
+    """The same sum, a block of output rows at a time: the base is read once (in its backup dtype,
+    fp16 for a checkpoint stored in fp16), the weight written once, and the products, the sums
+    and the fp16 rounding happen while the block is in cache. Row-local updates only."""
+    rows, base_rows = w.view(w.shape[0], -1), base.view(w.shape[0], -1)
+    step = max(1, _CHUNK // rows.shape[1])
+    factors = [
+        (u.up, u.down, s * u.scale)
+        if isinstance(u, LowRank)
+        else (u.raw.reshape(w.shape[0], -1), None, s * u.scale)
+        for u, s in patches
+        if isinstance(u, LowRank | Dense)
+    ]
+    for r0 in range(0, rows.shape[0], step):
+        part = rows[r0 : r0 + step]
+        part.copy_(base_rows[r0 : r0 + step])
+        for left, right, alpha in factors:
+            if right is None:
+                part.add_(left[r0 : r0 + step], alpha=alpha)
+            else:
+                part.addmm_(left[r0 : r0 + step], right, alpha=alpha)
+        if target == "te":
+            _round_fp16(part.view(-1))
+
+
+def _round_fp16(part: torch.Tensor) -> None:
+    """Round (at most _CHUNK) fp32 values to fp16 precision in place, through the cached scratch."""
+    half = _SCRATCH[: part.numel()]
+    half.copy_(part)
+    part.copy_(half)
+
+
+def _backup(weight: torch.Tensor) -> torch.Tensor:
+    """An exact copy in the narrowest dtype that holds it: fp16 when every value is fp16-exact (a
+    checkpoint stored in fp16, as almost all are; half the memory and half the reads), else its own."""
+    if weight.dtype == torch.float32:
+        half = weight.half()
+        if torch.equal(half.float(), weight):
+            return half
+    return weight.clone()
 
 
 def _wanted(
@@ -225,7 +255,7 @@ def _change(state: _State, module: Any, active: list[LoraRef], stack: _Sig, targ
                 continue
             param = state.params[name]
             if name not in state.backups:
-                state.backups[name] = param.data.clone()
+                state.backups[name] = _backup(param.data)
             _rebuild(param, state.backups[name], [(u, s) for u, s, _ in patches], target)
             state.applied[name] = sig
             rewritten += 1
