@@ -17,8 +17,10 @@
    subtracting: `W = base + Σ s_i·ΔW_i` in fp32, in load order, using the cached decoded updates
    (a strength change re-reads no file). For the text encoder the sum is rounded to fp16 once
    (ComfyUI's convention: TE weights are stored in fp16), which is also why the text encoder
-   never uses branches. Parameters no longer touched are restored from their backup and the
-   backup dropped.
+   never uses branches; instead, while one LoRA's text-encoder strength is being changed, its
+   unscaled ΔW is kept, so each further change is one add per weight, not a rank-r product.
+   Parameters no longer touched are restored from their backup and the backup dropped. Backups
+   are kept in fp16 when the weights hold fp16 values (half the memory and half the reads).
 
 So after any sequence of stacks, an empty stack leaves every weight bit-identical to the file's.
 """
@@ -88,6 +90,10 @@ class _State:
     stack: _Sig = ()  # the stack the module computes with: fused weights plus branches
     last: _Sig | None = None  # the stack asked for by the previous call
     branches: list[_Branch] = field(default_factory=list)
+    # Text encoder: the unscaled ΔW of the one LoRA whose strength alone changed last, kept while it
+    # stays in the stack, so each further change of it is an add per weight, not a rank-r product.
+    held_lora: tuple[str, tuple[int, int]] | None = None
+    held: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def drop_branches(self) -> None:
         for branch in self.branches:
@@ -107,62 +113,81 @@ def _state(module: Any) -> _State:
     return state
 
 
+# Per patch, for a text-encoder low-rank update of the LoRA whose strength is being adjusted: where
+# its unscaled ΔW is kept, and whether it is already there (else this rebuild fills it).
+_Keep = tuple[torch.Tensor, bool] | None
+
+
 def _rebuild(
-    param: torch.Tensor, base: torch.Tensor, patches: list[tuple[Update, float]], target: Target
+    param: torch.Tensor,
+    base: torch.Tensor,
+    patches: list[tuple[Update, float]],
+    target: Target,
+    keeps: list[_Keep] | None = None,
 ) -> None:
     """param = base + Σ patches, in fp32, rounded to fp16 once for the text encoder."""
     w = param.data
     if w.dtype == torch.float32 and all(isinstance(u, LowRank | Dense) for u, _ in patches):
-        _rebuild_rows(w, base, patches, target)
+        _rebuild_rows(w, base, patches, target, keeps or [None] * len(patches))
         return
     work = w if w.dtype == torch.float32 else torch.empty(w.shape, dtype=torch.float32)
     work.copy_(base)
     for update, strength in patches:
         update.apply(work, strength)
     if target == "te":
-        flat = work.view(-1)
-        for start in range(0, flat.numel(), _CHUNK):
-            _round_fp16(flat[start : start + _CHUNK])
+        _round_fp16(work.view(-1))
     if work is not w:
         w.copy_(work)
 
 
 _CHUNK = 1 << 17  # elements per step of a rebuild: a block of rows stays in cache between its steps
-_SCRATCH = torch.empty(_CHUNK, dtype=torch.float16)
+_HALF = torch.empty(_CHUNK, dtype=torch.float16)
+_DELTA = torch.empty(_CHUNK, dtype=torch.float32)
 
 
 def _rebuild_rows(
-    w: torch.Tensor, base: torch.Tensor, patches: list[tuple[Update, float]], target: Target
+    w: torch.Tensor,
+    base: torch.Tensor,
+    patches: list[tuple[Update, float]],
+    target: Target,
+    keeps: list[_Keep],
 ) -> None:
     """The same sum, a block of output rows at a time: the base is read once (in its backup dtype,
     fp16 for a checkpoint stored in fp16), the weight written once, and the products, the sums
-    and the fp16 rounding happen while the block is in cache. Row-local updates only."""
+    and the fp16 rounding happen while the block is in cache. Row-local updates only.
+
+    UNet: `W += (s·scale)·up@down` as one addmm. Text encoder: ComfyUI's order, `ΔW = up@down`
+    then `W += (s·scale)·ΔW`, so that a kept ΔW (see `_State.held`) gives the very same sum."""
     rows, base_rows = w.view(w.shape[0], -1), base.view(w.shape[0], -1)
     step = max(1, _CHUNK // rows.shape[1])
-    factors = [
-        (u.up, u.down, s * u.scale)
-        if isinstance(u, LowRank)
-        else (u.raw.reshape(w.shape[0], -1), None, s * u.scale)
-        for u, s in patches
-        if isinstance(u, LowRank | Dense)
-    ]
     for r0 in range(0, rows.shape[0], step):
         part = rows[r0 : r0 + step]
         part.copy_(base_rows[r0 : r0 + step])
-        for left, right, alpha in factors:
-            if right is None:
-                part.add_(left[r0 : r0 + step], alpha=alpha)
+        for (update, strength), keep in zip(patches, keeps, strict=True):
+            alpha = strength * update.scale  # type: ignore[attr-defined]
+            if isinstance(update, Dense):
+                part.add_(update.raw.reshape(w.shape[0], -1)[r0 : r0 + step], alpha=alpha)
+            elif target != "te":
+                part.addmm_(update.up[r0 : r0 + step], update.down, alpha=alpha)  # type: ignore[attr-defined]
+            elif keep is not None and keep[1]:
+                part.add_(keep[0][r0 : r0 + step], alpha=alpha)
             else:
-                part.addmm_(left[r0 : r0 + step], right, alpha=alpha)
+                out = _DELTA[: part.numel()] if part.numel() <= _CHUNK else torch.empty(part.numel())
+                delta = torch.mm(update.up[r0 : r0 + step], update.down, out=out.view(part.shape))  # type: ignore[attr-defined]
+                if keep is not None:
+                    keep[0][r0 : r0 + step].copy_(delta)
+                part.add_(delta, alpha=alpha)
         if target == "te":
             _round_fp16(part.view(-1))
 
 
-def _round_fp16(part: torch.Tensor) -> None:
-    """Round (at most _CHUNK) fp32 values to fp16 precision in place, through the cached scratch."""
-    half = _SCRATCH[: part.numel()]
-    half.copy_(part)
-    part.copy_(half)
+def _round_fp16(flat: torch.Tensor) -> None:
+    """Round fp32 values to fp16 precision in place, through a small cached fp16 scratch."""
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start : start + _CHUNK]
+        half = _HALF[: part.numel()]
+        half.copy_(part)
+        part.copy_(half)
 
 
 def _backup(weight: torch.Tensor) -> torch.Tensor:
@@ -189,6 +214,7 @@ def _wanted(
 
 def _restore_all(state: _State) -> None:
     state.drop_branches()
+    state.held_lora, state.held = None, {}
     for name, base in state.backups.items():
         state.params[name].data.copy_(base)
     state.backups.clear()
@@ -216,7 +242,19 @@ def apply_stack(module: Any, loras: Sequence[LoraRef], target: Target, *, exact:
         if not exact and not settled and target == "unet" and _branch(state, module, active, stack):
             return 0
         state.drop_branches()
+        if target == "te":
+            _hold(state, stack)
         return _change(state, module, active, stack, target)
+
+
+def _hold(state: _State, stack: _Sig) -> None:
+    """Choose the text-encoder LoRA whose ΔW is kept: the one whose strength alone just changed."""
+    files = [s[:2] for s in stack]
+    changed = [s[:2] for s, f in zip(stack, state.fused, strict=False) if s != f]
+    if files == [f[:2] for f in state.fused] and len(changed) == 1 and changed[0] != state.held_lora:
+        state.held_lora, state.held = changed[0], {}
+    elif state.held_lora not in files:
+        state.held_lora, state.held = None, {}
 
 
 def _branch(state: _State, module: Any, active: list[LoraRef], stack: _Sig) -> bool:
@@ -256,7 +294,8 @@ def _change(state: _State, module: Any, active: list[LoraRef], stack: _Sig, targ
             param = state.params[name]
             if name not in state.backups:
                 state.backups[name] = _backup(param.data)
-            _rebuild(param, state.backups[name], [(u, s) for u, s, _ in patches], target)
+            keeps = _keeps(state, name, patches, param) if target == "te" else None
+            _rebuild(param, state.backups[name], [(u, s) for u, s, _ in patches], target, keeps)
             state.applied[name] = sig
             rewritten += 1
         state.fused = state.stack = stack
@@ -264,6 +303,23 @@ def _change(state: _State, module: Any, active: list[LoraRef], stack: _Sig, targ
     except BaseException:
         _restore_all(state)  # never leave a half-patched model behind
         raise
+
+
+def _keeps(
+    state: _State, name: str, patches: list[tuple[Update, float, Any]], param: torch.Tensor
+) -> list[_Keep]:
+    """Per patch of one text-encoder parameter: the kept ΔW of the held LoRA, if any, and whether
+    it is filled (decided once per parameter: a LoRA twice in the stack fills it twice, the same)."""
+    ready = name in state.held
+    out: list[_Keep] = []
+    for update, _, ident in patches:
+        if not isinstance(update, LowRank) or ident[:2] != state.held_lora:
+            out.append(None)
+            continue
+        if name not in state.held:
+            state.held[name] = torch.empty((param.shape[0], param[0].numel()), dtype=torch.float32)
+        out.append((state.held[name], ready))
+    return out
 
 
 def restore(module: Any) -> None:

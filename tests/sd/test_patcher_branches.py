@@ -166,3 +166,46 @@ def test_restore_after_branches_leaves_the_file_weights(models: Any, files: dict
     assert branched(unet) > 0
     restore(unet)
     assert branched(unet) == 0 and _hooks(unet) == 0 and _same(unet, base)
+
+
+def test_te_strength_changes_reuse_the_kept_delta_and_equal_a_fresh_application(
+    models: Any, mini_loras: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, te = models
+    base = _snapshot(te)
+    a, b = mini_loras / "mini_lora_a.safetensors", mini_loras / "mini_lora_b.safetensors"
+    sequence = [
+        [_ref(a, 1.0), _ref(b, 0.5)],
+        [_ref(a, 0.3), _ref(b, 0.5)],  # a adjusted: its ΔW is kept
+        [_ref(a, -0.7), _ref(b, 0.5)],  # ... and reused
+        [_ref(a, -0.7), _ref(b, 1.4)],  # b adjusted: the kept ΔW switches to b
+        [_ref(a, 2.0), _ref(a, 0.5)],  # the same LoRA twice
+        [_ref(b, 0.5)],
+    ]
+    try:
+        for stack in sequence:
+            apply_stack(te, stack, "te")
+            got = _snapshot(te)
+            restore(te)
+            apply_stack(te, stack, "te")  # a fresh application
+            assert _same(te, got), stack
+            restore(te)
+            for earlier in sequence[: sequence.index(stack) + 1]:  # back to the state in the sequence
+                apply_stack(te, earlier, "te")
+        restore(te)
+        apply_stack(te, [_ref(a, 1.0)], "te")
+        apply_stack(te, [_ref(a, 0.5)], "te")  # fills the kept ΔW
+        calls: list[int] = []
+        real_mm = torch.mm
+        monkeypatch.setattr(torch, "mm", lambda *x, **k: calls.append(1) or real_mm(*x, **k))
+        apply_stack(te, [_ref(a, -0.25)], "te")
+        monkeypatch.undo()
+        assert calls == []  # no rank-r product: the kept ΔW was added
+        got = _snapshot(te)
+        restore(te)
+        apply_stack(te, [_ref(a, -0.25)], "te")
+        assert _same(te, got)
+    finally:
+        monkeypatch.undo()
+        restore(te)
+    assert _same(te, base)
