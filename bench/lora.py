@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from bench import record, table
 from nodes.sd.handles import LoraRef
 from nodes.sd.lora.loader import clear_caches, decoded, file_stamp
-from nodes.sd.patcher import apply_stack, restore
+from nodes.sd.patcher import apply_stack, held_bytes, restore
 
 OUT = Path(__file__).resolve().parent / "out"
 UNET_TARGETS = (
@@ -274,6 +274,13 @@ def measure(unet: Any, te: Any, a: Path, b: Path) -> tuple[list[list[str]], list
     unet_only = _time(run, setup)
     setup, run = change(False, True)
     te_only = _time(run, setup)
+    held = held_bytes(unet) + held_bytes(te)  # backups of both + the TE ΔW kept for LoRA a
+
+    def te_first_setup() -> None:
+        reset()
+        stack(a1)()
+
+    te_first = _time(lambda: apply_stack(te, [ref(a, next(strengths))], "te"), te_first_setup)
     settle_state: dict[str, LoraRef] = {}
 
     def settle_setup() -> None:
@@ -318,6 +325,7 @@ def measure(unet: Any, te: Any, a: Path, b: Path) -> tuple[list[list[str]], list
         ("strength change, UNet and TE (e.g. an A1111 tag)", both, "a"),
         ("strength change, UNet only (strength_model)", unet_only, "a_unet"),
         ("strength change, TE only (strength_clip)", te_only, "a_te"),
+        ("first TE strength change after applying (keeps ΔW)", te_first, "a_te"),
         ("same stack asked again: UNet branches fused", settle, "a_unet"),
         ("re-applied from the file (read, decode, rewrite UNet + TE)", from_file, "a"),
         ("ComfyUI-style (restore, re-read, materialise ΔW)", comfy, "a"),
@@ -346,6 +354,10 @@ def measure(unet: Any, te: Any, a: Path, b: Path) -> tuple[list[list[str]], list
             f"{fused_step:.2f} s / {branch_step:.2f} s (+{(branch_step / fused_step - 1) * 100:.1f} %)",
         ],
         [f"touched weights (LoRA a): {touched / 2**20:.0f} MiB fp32", ""],
+        [
+            "held by the patcher while adjusting (backups + kept TE ΔW)",
+            f"{held / 2**20:.0f} MiB = {held / touched:.2f}× touched",
+        ],
     ]
     return rows, ratios
 

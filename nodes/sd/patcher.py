@@ -330,6 +330,15 @@ def restore(module: Any) -> None:
             _restore_all(state)
 
 
+def held_bytes(module: Any) -> int:
+    """Bytes the patcher holds for `module`: exact backups plus any kept text-encoder ΔW."""
+    state = _STATES.get(module)
+    if state is None:
+        return 0
+    tensors = [*state.backups.values(), *state.held.values()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def branched(module: Any) -> int:
     """How many layers of `module` run with a runtime branch now (0 once the stack is fused)."""
     state = _STATES.get(module)

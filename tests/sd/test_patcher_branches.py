@@ -11,7 +11,7 @@ from lora_fixtures import kohya, loha, mini_models, write
 
 from nodes.sd.handles import LoraRef
 from nodes.sd.lora.loader import decoded, file_stamp
-from nodes.sd.patcher import apply_stack, branched, patched, restore
+from nodes.sd.patcher import apply_stack, branched, held_bytes, patched, restore
 
 # Linear, 3x3 conv, stride-2 conv (downsampler), 1x1 conv and a conv with its own padding.
 MODULES = [
@@ -209,3 +209,33 @@ def test_te_strength_changes_reuse_the_kept_delta_and_equal_a_fresh_application(
         monkeypatch.undo()
         restore(te)
     assert _same(te, base)
+
+
+def test_backups_of_fp16_valued_weights_are_fp16_and_restore_exactly(
+    models: Any, files: dict[str, Path]
+) -> None:
+    unet, _ = models
+    restore(unet)
+    base = _snapshot(unet)
+    params = dict(unet.named_parameters())
+    keys = decoded(files["locon"], file_stamp(files["locon"]), unet, "unet").updates
+    try:
+        apply_stack(unet, [_ref(files["locon"], 1.0)], "unet")
+        # The mini checkpoint is stored in fp16: every backup is exact in half the bytes.
+        assert held_bytes(unet) == sum(params[k].numel() * 2 for k in keys)
+        restore(unet)
+        with torch.no_grad():
+            params[MODULES[0] + ".weight"].mul_(1 + 1e-6)  # a weight that no longer holds fp16 values
+        off = params[MODULES[0] + ".weight"].detach().clone()
+        apply_stack(unet, [_ref(files["locon"], 1.0)], "unet")
+        assert (
+            held_bytes(unet)
+            == sum(params[k].numel() * 2 for k in keys) + params[MODULES[0] + ".weight"].numel() * 2
+        )
+        restore(unet)
+        assert torch.equal(params[MODULES[0] + ".weight"], off)  # kept in fp32, restored exactly
+    finally:
+        with torch.no_grad():
+            params[MODULES[0] + ".weight"].copy_(base[MODULES[0] + ".weight"])
+        restore(unet)
+    assert _same(unet, base)
