@@ -59,8 +59,8 @@ def captured() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture
-def fresh_engine(engine_base: Path) -> Any:
-    """A second engine on the same files: its own cache and its own loaded checkpoint."""
-    return build_engine(
+def make_engine(engine_base: Path) -> Any:
+    """Builds further engines on the same files, each with its own cache and loaded checkpoint."""
+    return lambda: build_engine(
         Settings(base_directory=engine_base, preview_method="none"), [*all_nodes(), ParityCapture]
     )

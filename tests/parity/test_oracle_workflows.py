@@ -86,14 +86,14 @@ def test_workflow_matches_comfyui(
 
 @pytest.mark.parametrize("changed", ["strength_model", "both"])
 def test_lora_workflow_after_a_strength_change_matches_comfyui(
-    fresh_engine: Any, engine_base: Path, captured: dict[str, np.ndarray], tmp_path: Path, changed: str
+    make_engine: Any, engine_base: Path, captured: dict[str, np.ndarray], tmp_path: Path, changed: str
 ) -> None:
     """The oracle LoRA workflow run right after another strength (its own engine, so nothing is
     cached): the UNet computes through runtime branches, and still lands inside the gates."""
     from nodes.loaders import model_store
     from nodes.sd.patcher import branched
 
-    engine = fresh_engine
+    engine = make_engine()
     prompt = json.loads((ORACLE / "workflows" / "lora_single_a.json").read_text())
     before = json.loads(json.dumps(prompt))
     before["lora1"]["inputs"]["strength_model"] = 0.35
@@ -112,3 +112,40 @@ def test_lora_workflow_after_a_strength_change_matches_comfyui(
     assert result["latent_max_rel"] <= LATENT_REL_MAX, result
     assert result["image_max_abs"] <= IMAGE_MAX_ABS, result
     assert result["png_max_abs_levels"] <= PNG_MAX_LEVELS, result
+
+
+def _latent(engine: Any, prompt: dict[str, Any], name: str) -> np.ndarray:
+    checked = validate_prompt(prompt, engine.registry, engine.env)
+    assert checked.ok, (checked.error, checked.node_errors)
+    outcome = engine.executor.execute(checked.prompt, name, lambda e: None, outputs=checked.outputs)
+    assert outcome.status == "success", outcome.error
+    saved = outcome.outputs["save_latent"]["latents"][0]
+    return load_latent_file(engine.env.folders.output_dir / saved["subfolder"] / saved["filename"]).numpy()
+
+
+def test_strength_changes_never_reload_and_settle_to_a_fresh_application(
+    make_engine: Any, engine_base: Path
+) -> None:
+    """Through the executor: a strength change reloads nothing and runs on branches; the next run
+    with the same strengths (another seed) fuses them and gives a fresh engine's exact latent."""
+    from nodes.loaders import model_store
+    from nodes.sd.patcher import branched
+
+    prompt = json.loads((ORACLE / "workflows" / "lora_single_a.json").read_text())
+
+    def at(strength: float, seed: int) -> dict[str, Any]:
+        p = json.loads(json.dumps(prompt))
+        p["lora1"]["inputs"]["strength_model"] = strength
+        p["ksampler"]["inputs"]["seed"] = seed
+        return p
+
+    engine = make_engine()
+    store = model_store(engine.env)
+    unet = store.checkpoint(engine_base / "models/checkpoints/mini_sd15.safetensors").unet
+    _latent(engine, at(0.35, 1), "first")
+    _latent(engine, at(-0.8, 1), "changed")
+    assert branched(unet) > 0
+    settled = _latent(engine, at(-0.8, 2), "settled")
+    assert branched(unet) == 0
+    assert store.loads == 1  # the checkpoint was read once
+    assert np.array_equal(settled, _latent(make_engine(), at(-0.8, 2), "fresh"))
