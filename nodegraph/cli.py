@@ -4,6 +4,7 @@
     nodegraph validate FILE ...
     nodegraph nodes [--json]
     nodegraph serve | demo | lora-info
+    nodegraph train-lora --checkpoint NAME --data DIR --output NAME [--steps N | --epochs N]
 
 Every failure ends in one paragraph naming the file, node and input and what to do; the traceback
 only with --verbose. Exit status: 0 success, 1 failure, 2 bad command line, 130 Ctrl-C.
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("files", nargs="+", metavar="FILE_OR_NAME")
     info.add_argument("--json", action="store_true")
+    _train_parser(sub)
     return parser
 
 
@@ -306,3 +308,89 @@ def _cmd_lora_info(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         raise _missing("nodes.lora_info", exc, "lora-info") from exc
     return int(lora_info_main(args.files, engine.env.folders, args.json))
+
+
+# --------------------------------------------------------------------------------------------
+# train-lora
+
+
+def _train_parser(sub: Any) -> None:
+    train = _command(
+        sub, "train-lora", "train an SD1.x LoRA on a kohya-style folder (10_name/ with images + .txt)",
+        _cmd_train_lora,
+    )  # fmt: skip
+    train.add_argument("--checkpoint", required=True, help="an SD1.x checkpoint in models/checkpoints")
+    train.add_argument(
+        "--data", required=True, type=Path,
+        help="a folder of N_caption subfolders (N = repeats per epoch) holding images and .txt captions",
+    )  # fmt: skip
+    train.add_argument("--output", required=True, help="the LoRA's name: models/loras/NAME.safetensors")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps in all")
+    length.add_argument("--epochs", type=int, default=None, help="passes over the data (default 1)")
+    train.add_argument("--rank", type=int, default=16, help="LoRA rank (network dim)")
+    train.add_argument(
+        "--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/rank"
+    )
+    train.add_argument("--lr", type=float, default=1e-4, help="learning rate (AdamW)")
+    train.add_argument("--batch-size", type=int, default=1)
+    train.add_argument("--resolution", type=int, default=512, help="square training size, a multiple of 8")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--train-text-encoder", action="store_true", help="also adapt CLIP's attention and MLP"
+    )
+    train.add_argument("--text-encoder-lr", type=float, default=None, help="its learning rate (default --lr)")
+    train.add_argument("--save-every-n-epochs", type=int, default=None, metavar="N")
+    train.add_argument("--save-precision", choices=("fp16", "bf16", "fp32"), default="fp16")
+    train.add_argument("--caption-extension", default=".txt")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing LoRA of that name")
+
+
+def _cmd_train_lora(args: argparse.Namespace) -> int:
+    """Bad input (a missing file, a bad folder, an existing output) exits 2 with one paragraph."""
+    try:
+        written = _train_lora(args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+def _train_lora(args: argparse.Namespace) -> list[Path]:
+    from tqdm import tqdm
+
+    engine = _engine(args, with_nodes=False)
+    try:
+        run = importlib.import_module("nodes.train.run")
+        options = importlib.import_module("nodes.train.trainer").TrainOptions(
+            rank=args.rank, alpha=args.alpha, learning_rate=args.lr, text_encoder_lr=args.text_encoder_lr,
+            train_text_encoder=args.train_text_encoder, batch_size=args.batch_size,
+            resolution=args.resolution, seed=args.seed,
+        )  # fmt: skip
+    except ModuleNotFoundError as exc:
+        raise _missing("nodes.train.run", exc, "train-lora") from exc
+    request = run.TrainRequest(
+        checkpoint=args.checkpoint, data=args.data, output=args.output, options=options, steps=args.steps,
+        epochs=args.epochs, save_every_n_epochs=args.save_every_n_epochs,
+        save_precision=args.save_precision, caption_extension=args.caption_extension,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    bar: Any = None
+
+    def progress(step: int, total: int, loss: float) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="train-lora", file=sys.stderr, dynamic_ncols=True)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.update(step - bar.n)
+
+    try:
+        written: list[Path] = run.train_lora(engine.env.folders, request, progress)
+        return written
+    except run.TrainError as exc:
+        raise CliError(str(exc)) from exc
+    finally:
+        if bar is not None:
+            bar.close()

@@ -1,0 +1,1 @@
+"""LoRA training on kohya-style folders (`nodegraph train-lora`): dataset, adapters, trainer, saving."""

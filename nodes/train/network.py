@@ -1,0 +1,143 @@
+"""LoRA modules for training, as kohya's `networks/lora.py` `LoRAModule` builds them.
+
+Each adapted layer gets `down` (in -> rank) and `up` (rank -> out), initialised kohya's way (down
+Kaiming-uniform with a=sqrt(5), up zeros, so training starts from the unchanged model), and adds
+`up(down(x)) * alpha / rank` to the layer's output through a forward hook (the base weights are
+never touched). 1x1 convolutions (SD1.x `proj_in`/`proj_out`) get 1x1 convolutions.
+
+Names are kohya's: `lora_unet_` + the diffusers module path with `.` -> `_`, and
+`lora_te_text_model_` + the CLIP module path, which is what the LoRA loader maps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+# Modules inside each UNet transformer (kohya: Linear and 1x1 Conv2d in Transformer2DModel).
+UNET_TARGETS = (
+    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+    "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
+)  # fmt: skip
+TE_TARGETS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "mlp.fc1",
+    "mlp.fc2",
+)
+
+
+class LoRAModule(nn.Module):
+    """One low-rank adapter: `out += up(down(x)) * multiplier * alpha / rank`."""
+
+    def __init__(self, name: str, layer: nn.Module, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.lora_name = name
+        self.rank = rank
+        if isinstance(layer, nn.Conv2d):
+            if layer.kernel_size != (1, 1):
+                raise ValueError(f"{name}: only 1x1 convolutions are adapted, not {layer.kernel_size}")
+            self.lora_down: nn.Module = nn.Conv2d(layer.in_channels, rank, 1, bias=False)
+            self.lora_up: nn.Module = nn.Conv2d(rank, layer.out_channels, 1, bias=False)
+        elif isinstance(layer, nn.Linear):
+            self.lora_down = nn.Linear(layer.in_features, rank, bias=False)
+            self.lora_up = nn.Linear(rank, layer.out_features, bias=False)
+        else:
+            raise ValueError(f"{name}: cannot adapt a {type(layer).__name__}")
+        alpha = float(rank) if not alpha else float(alpha)
+        self.scale = alpha / rank
+        self.register_buffer("alpha", torch.tensor(alpha))
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.multiplier = 1.0
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lora_up(self.lora_down(x))
+        return out * (self.multiplier * self.scale)
+
+
+class LoRANetwork(nn.Module):
+    """The adapters of one model (UNet and, optionally, text encoder), hooked into its layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unet_loras = nn.ModuleList()
+        self.te_loras = nn.ModuleList()
+        self._hooks: list[Any] = []
+        self._targets: dict[str, nn.Module] = {}
+
+    @classmethod
+    def create(cls, unet: nn.Module, text_encoder: nn.Module | None, rank: int, alpha: float) -> LoRANetwork:
+        """Adapters on the UNet's transformer layers and, when `text_encoder` is given, its CLIP layers."""
+        if rank < 1:
+            raise ValueError(f"rank {rank} must be at least 1")
+        net = cls()
+        for path, layer in unet.named_modules():
+            if ".attentions." in f".{path}" and f".{path}".endswith(tuple("." + t for t in UNET_TARGETS)):
+                net._add(net.unet_loras, LoRAModule(unet_lora_name(path), layer, rank, alpha), layer)
+        for path, layer in text_encoder.named_modules() if text_encoder is not None else ():
+            if isinstance(layer, nn.Linear) and ".layers." in path and path.endswith(TE_TARGETS):
+                net._add(net.te_loras, LoRAModule(te_lora_name(path), layer, rank, alpha), layer)
+        return net
+
+    def _add(self, into: nn.ModuleList, lora: LoRAModule, layer: nn.Module) -> None:
+        into.append(lora)
+        self._targets[lora.lora_name] = layer  # a plain dict: the adapted layer is not our submodule
+
+    def apply_to(self) -> None:
+        """Hook every adapter into its layer (idempotent)."""
+        self.remove()
+        for lora in self.loras():
+            layer = self._targets[lora.lora_name]
+            self._hooks.append(layer.register_forward_hook(_hook(lora)))
+
+    def remove(self) -> None:
+        """Unhook every adapter: the model computes exactly as before."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def loras(self) -> Iterator[LoRAModule]:
+        for module in (*self.unet_loras, *self.te_loras):
+            assert isinstance(module, LoRAModule)
+            yield module
+
+    def param_groups(self, unet_lr: float, te_lr: float | None) -> list[dict[str, Any]]:
+        groups: list[dict[str, Any]] = [{"params": list(self.unet_loras.parameters()), "lr": unet_lr}]
+        if len(self.te_loras):
+            groups.append({"params": list(self.te_loras.parameters()), "lr": te_lr or unet_lr})
+        return groups
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """kohya keys: `<lora_name>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
+        out: dict[str, torch.Tensor] = {}
+        for lora in self.loras():
+            out[f"{lora.lora_name}.lora_down.weight"] = lora.lora_down.weight.detach()
+            out[f"{lora.lora_name}.lora_up.weight"] = lora.lora_up.weight.detach()
+            out[f"{lora.lora_name}.alpha"] = lora.alpha.detach()
+        return out
+
+
+def _hook(lora: LoRAModule) -> Any:
+    def hook(layer: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        return out + lora.delta(args[0])
+
+    return hook
+
+
+def unet_lora_name(path: str) -> str:
+    """`down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in` (kohya)."""
+    return "lora_unet_" + path.replace(".", "_")
+
+
+def te_lora_name(path: str) -> str:
+    """`text_model.encoder.layers.0.mlp.fc1` (with or without `text_model.`) -> `lora_te_text_model_...`."""
+    full = path if path.startswith("text_model.") else f"text_model.{path}"
+    return "lora_te_" + full.replace(".", "_")

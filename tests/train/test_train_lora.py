@@ -1,0 +1,221 @@
+"""`nodegraph train-lora`: kohya-style folders in, a kohya LoRA out that our loader reads back whole."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from nodegraph.cli import main
+from nodegraph.folders import Folders
+from nodes.lora_info import lora_info
+from nodes.sd.checkpoint import LoadedCheckpoint, load_checkpoint
+from nodes.sd.handles import LoraRef
+from nodes.sd.lora.coverage import check, coverage
+from nodes.sd.lora.loader import decoded, file_stamp, read_lora
+from nodes.sd.patcher import patched, restore
+from nodes.train.dataset import DatasetError, load_dataset
+from nodes.train.network import LoRANetwork
+from nodes.train.run import TrainError, TrainRequest, train_lora
+from nodes.train.trainer import LATENT_SCALE, LoraTrainer, TrainOptions
+
+FOLDER = "5_mychar woman"
+CAPTIONS = {"img0": "mychar, smiling", "img1": "mychar, red hair"}  # img2, img3 use the folder's caption
+
+
+def _images(folder: Path, count: int, seed: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        # smooth colour ramps plus noise: something a VAE encodes to varied latents
+        ramp = np.linspace(0, 255, 64, dtype=np.float32)
+        base = np.stack(
+            [ramp[None, :].repeat(64, 0), ramp[:, None].repeat(64, 1), np.full((64, 64), 40.0 * i)], -1
+        )
+        pixels = np.clip(base + rng.normal(0, 20, (64, 64, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+
+
+def _base(root: Path, mini_checkpoint: Path) -> Path:
+    (root / "models" / "checkpoints").mkdir(parents=True)
+    (root / "models" / "loras").mkdir(parents=True)
+    (root / "models" / "checkpoints" / "mini.safetensors").symlink_to(mini_checkpoint)
+    return root
+
+
+@pytest.fixture(scope="module")
+def models(mini_checkpoint: Path) -> LoadedCheckpoint:
+    return load_checkpoint(mini_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    _images(root / FOLDER, 4)
+    for stem, caption in CAPTIONS.items():
+        (root / FOLDER / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, mini_checkpoint: Path, models: LoadedCheckpoint,
+            data_dir: Path) -> Path:  # fmt: skip
+    base = _base(tmp_path_factory.mktemp("base"), mini_checkpoint)
+    options = TrainOptions(rank=4, alpha=2, learning_rate=1e-3, resolution=64, seed=1)
+    request = TrainRequest("mini.safetensors", data_dir, "mychar", options, steps=4)
+    seen: list[tuple[int, int]] = []
+    written = train_lora(Folders.at(base), request, lambda s, n, loss: seen.append((s, n)), models=models)
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert written == [base / "models" / "loras" / "mychar.safetensors"]
+    return written[0]
+
+
+def test_trained_file_loads_whole_as_an_sd15_lora(trained: Path, models: LoadedCheckpoint) -> None:
+    stamp = file_stamp(trained)
+    lora = read_lora(trained, stamp)
+    unet = decoded(trained, stamp, models.unet, "unet")
+    report = coverage(lora, trained.name, unet, decoded(trained, stamp, models.text_encoder, "te"))
+    # mini UNet: 4 one-block transformers (down 0, mid, up 1 twice); 12 adapted layers each
+    assert report.complete and report.matched == report.total_modules == report.unet_modules == 48
+    assert report.family == "sd15" and report.key_family == "sd15"
+    assert check(report, "mini.safetensors", "sd15") is None
+    with safe_open(str(trained), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+        assert f.get_tensor(next(iter(keys))).dtype == torch.float16
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight" in keys
+    assert "lora_unet_up_blocks_1_attentions_0_proj_out.alpha" in keys
+    assert json.loads(meta["ss_dataset_dirs"]) == {FOLDER: {"n_repeats": 5, "img_count": 4}}
+    assert json.loads(meta["ss_tag_frequency"]) == {
+        FOLDER: {"mychar": 2, "smiling": 1, "red hair": 1, "mychar woman": 2}
+    }
+    assert meta["ss_num_train_images"] == "20" and meta["ss_steps"] == "4" and meta["ss_epoch"] == "1"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    info = lora_info(trained)
+    assert "mychar" in info["trigger_words"]
+    assert (info["family"], info["rank"], info["alpha"], info["title"]) == ("sd15", 4, 2.0, "mychar")
+
+
+def test_up_weights_leave_zero_and_the_lora_changes_the_unet(trained: Path, models: LoadedCheckpoint) -> None:
+    fresh = LoRANetwork.create(models.unet, None, rank=4, alpha=2)
+    assert all(float(m.lora_up.weight.detach().abs().max()) == 0.0 for m in fresh.loras())
+    with safe_open(str(trained), framework="pt") as f:
+        ups = [f.get_tensor(k) for k in f.keys() if k.endswith("lora_up.weight")]  # noqa: SIM118
+    assert ups and all(float(u.abs().max()) > 0.0 for u in ups)
+
+    gen = torch.Generator().manual_seed(3)
+    x, cond = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 77, 768, generator=gen)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        plain = models.unet(x, t, encoder_hidden_states=cond).sample
+        ref = LoraRef(trained, file_stamp(trained), 1.0, trained.name)
+        try:
+            with patched(models.unet, [ref], target="unet") as unet:
+                adapted = unet(x, t, encoder_hidden_states=cond).sample
+        finally:
+            restore(models.unet)  # the patcher keeps a stack until told otherwise; later tests share it
+        after = models.unet(x, t, encoder_hidden_states=cond).sample
+    assert float((adapted - plain).abs().max()) > 1e-4
+    assert torch.equal(after, plain)
+
+
+def test_loss_on_a_fixed_batch_falls_when_overfitting_one_image(
+    tmp_path: Path, models: LoadedCheckpoint
+) -> None:
+    _images(tmp_path / "1_mychar", 1, seed=5)
+    dataset = load_dataset(tmp_path)
+    trainer = LoraTrainer(models, dataset, TrainOptions(rank=4, alpha=4, learning_rate=1e-3, resolution=64))
+    sample = dataset.samples[0]
+    gen = torch.Generator().manual_seed(0)
+    latents = (trainer.moments(sample)[0] * LATENT_SCALE).expand(4, -1, -1, -1)
+    cond = trainer.text([sample.caption] * 4)
+    noise = torch.randn(latents.shape, generator=gen)
+    timesteps = torch.tensor([50, 300, 600, 900])
+    x, t = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([10])
+    with torch.no_grad():
+        base_out = models.unet(x, t, encoder_hidden_states=cond[:1]).sample
+        before = float(trainer.loss(latents, cond, noise, timesteps))
+    try:
+        trainer.run(30)
+        with torch.no_grad():
+            after = float(trainer.loss(latents, cond, noise, timesteps))
+    finally:
+        trainer.close()
+    assert trainer.step == 30
+    assert after < 0.8 * before, (before, after)
+    with torch.no_grad():  # unhooked: the checkpoint's UNet computes exactly as before training
+        assert torch.equal(models.unet(x, t, encoder_hidden_states=cond[:1]).sample, base_out)
+
+
+def test_a_folder_without_a_repeat_prefix_is_named(tmp_path: Path) -> None:
+    _images(tmp_path / "5_good", 1)
+    _images(tmp_path / "mychar", 1)
+    with pytest.raises(DatasetError, match="'mychar'.*no repeat prefix"):
+        load_dataset(tmp_path)
+
+
+def test_a_folder_without_images_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "3_empty").mkdir()
+    (tmp_path / "3_empty" / "notes.txt").write_text("x")
+    with pytest.raises(DatasetError, match="holds no images"):
+        load_dataset(tmp_path)
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset(tmp_path / "missing")
+
+
+def test_an_unreadable_image_is_named_before_training(
+    tmp_path: Path, mini_checkpoint: Path, models: LoadedCheckpoint
+) -> None:
+    _images(tmp_path / "data" / "2_x", 1)
+    (tmp_path / "data" / "2_x" / "broken.jpg").write_bytes(b"not an image at all")
+    base = _base(tmp_path / "base", mini_checkpoint)
+    request = TrainRequest(
+        "mini.safetensors", tmp_path / "data", "broken", TrainOptions(resolution=64), steps=1
+    )
+    with pytest.raises(TrainError, match=r"broken\.jpg"):
+        train_lora(Folders.at(base), request, models=models)
+    assert not list((base / "models" / "loras").iterdir())
+
+
+def test_cli_trains_writes_the_file_and_refuses_to_overwrite(
+    tmp_path: Path, mini_checkpoint: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = _base(tmp_path, mini_checkpoint)
+    argv = ["train-lora", "--base-directory", str(base), "--checkpoint", "mini.safetensors",
+            "--data", str(data_dir), "--output", "clichar", "--steps", "2", "--rank", "2",
+            "--resolution", "64", "--save-precision", "bf16"]  # fmt: skip
+    assert main(argv) == 0
+    out = base / "models" / "loras" / "clichar.safetensors"
+    assert str(out) in capsys.readouterr().out
+    with safe_open(str(out), framework="pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.bfloat16  # noqa: SIM118
+    stamp = out.stat().st_mtime_ns
+    assert main(argv) == 2
+    assert "already exists" in capsys.readouterr().err and out.stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in out.parent.iterdir()) == ["clichar.safetensors"]  # no partial file
+
+
+@pytest.mark.parametrize("name", ["../escaped", "sub/../../escaped", "/tmp/escaped"])
+def test_cli_refuses_an_output_outside_the_loras_folder(
+    tmp_path: Path, mini_checkpoint: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    base = _base(tmp_path, mini_checkpoint)
+    argv = ["train-lora", "--base-directory", str(base), "--checkpoint", "mini.safetensors",
+            "--data", str(data_dir), "--output", name, "--steps", "1", "--resolution", "64"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--output" in err and "Traceback" not in err
+    assert not (base / "models" / "escaped.safetensors").exists()
+
+
+def test_cli_names_a_missing_checkpoint(tmp_path: Path, mini_checkpoint: Path, data_dir: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    base = _base(tmp_path, mini_checkpoint)
+    argv = ["train-lora", "--base-directory", str(base), "--checkpoint", "nope.safetensors",
+            "--data", str(data_dir), "--output", "x", "--steps", "1", "--resolution", "64"]  # fmt: skip
+    assert main(argv) == 2
+    assert "nope.safetensors" in capsys.readouterr().err
