@@ -1,27 +1,35 @@
 """Classifier-free guidance around a diffusers UNet, as ComfyUI computes it.
 
-Sources: comfy/samplers.py (`sampling_function`, `calc_cond_batch`, `cfg_function`),
+Sources: comfy/samplers.py (`sampling_function`, `calc_cond_batch`, `get_area_and_mult`,
+`resolve_areas_and_cond_masks_multidim`, `create_cond_with_same_area_if_none`, `cfg_function`),
 comfy/conds.py (`CONDCrossAttn.concat`), comfy/model_base.py (`BaseModel._apply_model`) and
 comfy/model_sampling.py (EPS). One call of `CFGDenoiser` is one step's denoised prediction:
 
-1. Every conditioning entry is its own prediction (ConditioningCombine gives two entries);
-   entries outside their start/end percent are skipped.
-2. Entries are batched uncond-first in one UNet call; different token lengths are repeated to
-   their least common multiple, which leaves attention unchanged.
-3. Per side, predictions are averaged weighted by strength (counts start at 1e-37).
-4. CFG mixes the x0 predictions: uncond + (cond - uncond) * cfg; at cfg 1 no uncond pass runs.
+1. When sampling starts (per latent size): "percentage" areas become latent pixels, masks are
+   resized to the latent (bilinear), "mask bounds" masks get their bounding box as area, and every
+   area entry of one side gets a twin on the other side (same area, that side's embedding).
+2. Every conditioning entry is its own prediction (ConditioningCombine gives two entries);
+   entries outside their start/end percent are skipped. An area entry predicts on its crop.
+3. Entries whose crops have the same shape are batched uncond-first in one UNet call; different
+   token lengths are repeated to their least common multiple, which leaves attention unchanged.
+4. Per side, out = sum(pred * mult) / sum(mult) with counts starting at 1e-37; mult is the
+   strength, times the mask, or for an area without mask a linear ramp at its inner edges.
+5. CFG mixes the x0 predictions: uncond + (cond - uncond) * cfg; at cfg 1 no uncond pass runs.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from nodes.sd.schedules import DiscreteSchedule
+
+Area = tuple[int, int, int, int]  # ComfyUI's order, in latent pixels: (height, width, y, x)
+AREA_FEATHER = 8  # get_area_and_mult's `fuzz`: the ramp at an area's inner edges, in latent pixels
 
 
 class ConditioningError(ValueError):
@@ -30,12 +38,20 @@ class ConditioningError(ValueError):
 
 @dataclass(frozen=True)
 class CondEntry:
-    """One conditioning entry: token embeddings [1, T, C], its weight and its active sigma range."""
+    """One conditioning entry: token embeddings [1, T, C], its weight and its active sigma range.
+
+    `area` is (h, w, y, x) in latent pixels or ("percentage", h, w, y, x) as fractions; `mask` is
+    [B, H, W] at any size until the sampler resolves it against the latent (see `resolve_entry`).
+    """
 
     cross_attn: torch.Tensor
     strength: float = 1.0
     sigma_start: float = math.inf  # active while sigma_end <= sigma <= sigma_start
     sigma_end: float = 0.0
+    area: tuple[Any, ...] | None = None
+    mask: torch.Tensor | None = None
+    mask_strength: float = 1.0
+    set_area_to_bounds: bool = False
 
 
 def _percent_to_sigma(schedule: DiscreteSchedule, percent: float) -> float:
@@ -45,6 +61,34 @@ def _percent_to_sigma(schedule: DiscreteSchedule, percent: float) -> float:
     if percent >= 1.0:
         return 0.0
     return float(schedule.sigma(torch.tensor((1.0 - percent) * 999.0)))
+
+
+def _read_area(value: Any, what: str) -> tuple[Any, ...] | None:
+    """Check an "area" option: (h, w, y, x) integers or ("percentage", h, w, y, x) fractions."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) and len(value) == 5 and value[0] == "percentage":
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value[1:]):
+            return ("percentage", *(float(v) for v in value[1:]))
+    elif isinstance(value, (list, tuple)) and len(value) == 4:
+        if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            return tuple(value)
+    raise ConditioningError(
+        f"{what}: conditioning area must be (height, width, y, x) in latent pixels or "
+        f'("percentage", height, width, y, x), got {value!r}; set it with ConditioningSetArea'
+    )
+
+
+def _read_mask(value: Any, what: str) -> torch.Tensor | None:
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor) or value.dim() not in (2, 3) or value.numel() == 0:
+        shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ConditioningError(
+            f"{what}: conditioning mask must be a MASK [batch, height, width], got {shape}; "
+            "set it with ConditioningSetMask"
+        )
+    return value
 
 
 def cond_entries(
@@ -73,7 +117,7 @@ def cond_entries(
             raise ConditioningError(
                 f"{what}: embedding must be [batch, tokens, channels], got {list(tensor.shape)}"
             )
-        unsupported = sorted(k for k in ("area", "mask", "control", "gligen") if opts.get(k) is not None)
+        unsupported = sorted(k for k in ("control", "gligen") if opts.get(k) is not None)
         if unsupported:
             raise ConditioningError(
                 f"{what}: conditioning with {', '.join(unsupported)} is not supported yet"
@@ -89,9 +133,139 @@ def cond_entries(
                 strength=float(opts.get("strength", 1.0)),
                 sigma_start=_percent_to_sigma(schedule, float(opts.get("start_percent", 0.0))),
                 sigma_end=_percent_to_sigma(schedule, float(opts.get("end_percent", 1.0))),
+                area=_read_area(opts.get("area"), what),
+                mask=_read_mask(opts.get("mask"), what),
+                mask_strength=float(opts.get("mask_strength", 1.0)),
+                set_area_to_bounds=bool(opts.get("set_area_to_bounds", False)),
             )
         )
     return entries
+
+
+def _mask_bounds(mask: torch.Tensor) -> Area:
+    """The "mask bounds" area: the bounding box of any nonzero mask pixel, at least 8x8."""
+    bounds = torch.amax(torch.abs(mask), dim=0)
+    ys, xs = torch.where(bounds != 0)
+    if ys.numel() == 0:
+        return (8, 8, 0, 0)  # an all-zero mask: the smallest area, whose weight is zero anyway
+    y, x = int(ys.min()), int(xs.min())
+    return (max(8, int(ys.max()) - y + 1), max(8, int(xs.max()) - x + 1), y, x)
+
+
+def resolve_entry(entry: CondEntry, height: int, width: int) -> CondEntry:
+    """resolve_areas_and_cond_masks_multidim for one entry and a latent of height x width."""
+    area = entry.area
+    if area is not None and area[0] == "percentage":
+        _, h, w, y, x = area
+        area = (max(1, round(h * height)), max(1, round(w * width)), round(y * height), round(x * width))
+    mask = entry.mask
+    if mask is not None:
+        mask = mask.unsqueeze(0) if mask.dim() == 2 else mask
+        if tuple(mask.shape[1:]) != (height, width):
+            # comfy.utils.common_upscale(..., "bilinear", "none"): plain interpolate, no antialias
+            mask = torch.nn.functional.interpolate(
+                mask.unsqueeze(1).float(), size=(height, width), mode="bilinear"
+            ).squeeze(1)
+        if entry.set_area_to_bounds:
+            area = _mask_bounds(mask)
+    if area is entry.area and mask is entry.mask and not entry.set_area_to_bounds:
+        return entry
+    return replace(entry, area=area, mask=mask, set_area_to_bounds=False)
+
+
+def _area_inside(inner: tuple[Any, ...], outer: tuple[Any, ...]) -> bool:
+    return (
+        inner[2] >= outer[2]
+        and inner[3] >= outer[3]
+        and inner[0] + inner[2] <= outer[0] + outer[2]
+        and inner[1] + inner[3] <= outer[1] + outer[3]
+    )
+
+
+def _add_twin(side: list[CondEntry], entry: CondEntry) -> None:
+    """create_cond_with_same_area_if_none: give `side` an entry with `entry`'s area (and mask,
+    strength, range) but the embedding of that side's smallest entry covering it."""
+    if entry.area is None:
+        return
+    smallest: CondEntry | None = None
+    for other in side:
+        if other.area is None:
+            smallest = other if smallest is None else smallest
+        elif _area_inside(entry.area, other.area):
+            if smallest is None or smallest.area is None:
+                smallest = other
+            elif smallest.area[0] * smallest.area[1] > other.area[0] * other.area[1]:
+                smallest = other
+    if smallest is None or (smallest.area is not None and tuple(smallest.area) == tuple(entry.area)):
+        return
+    side.append(replace(entry, cross_attn=smallest.cross_attn))
+
+
+def prepare_sides(
+    positive: Sequence[CondEntry], negative: Sequence[CondEntry], height: int, width: int
+) -> tuple[list[CondEntry], list[CondEntry]]:
+    """process_conds: resolve areas and masks for the latent size, then pair areas across sides."""
+    pos = [resolve_entry(e, height, width) for e in positive]
+    neg = [resolve_entry(e, height, width) for e in negative]
+    for entry in list(pos):
+        _add_twin(neg, entry)
+    for entry in list(neg):
+        _add_twin(pos, entry)
+    return pos, neg
+
+
+@dataclass(frozen=True)
+class _Job:
+    """get_area_and_mult's result: what one entry contributes where."""
+
+    input_x: torch.Tensor
+    mult: torch.Tensor | float
+    area: Area | None
+    cross_attn: torch.Tensor
+    side: int
+
+
+def _feather(mult: torch.Tensor, area: Area, full: Sequence[int]) -> None:
+    """Linear ramp over up to 8 latent pixels at each edge of the area that is inside the latent."""
+    for dim in range(2):
+        size, offset = area[dim], area[2 + dim]
+        ramp = min(AREA_FEATHER, mult.shape[2 + dim] // 4)
+        for t in range(ramp):
+            if offset != 0:
+                mult.narrow(2 + dim, t, 1).mul_((1.0 / ramp) * (t + 1))
+            if size + offset < full[dim]:
+                mult.narrow(2 + dim, size - 1 - t, 1).mul_((1.0 / ramp) * (t + 1))
+
+
+def _job(entry: CondEntry, x: torch.Tensor, side: int) -> _Job:
+    """get_area_and_mult: the crop of x this entry predicts on and its weight there."""
+    full = x.shape[2:]
+    entry = resolve_entry(entry, full[0], full[1])
+    area: Area | None = None
+    input_x = x
+    if entry.area is not None:
+        h, w, y, left = (int(v) for v in entry.area)
+        if y >= full[0] or left >= full[1]:
+            raise ConditioningError(
+                f"conditioning area at x={left * 8}, y={y * 8} (pixels) lies outside the "
+                f"{full[1] * 8}x{full[0] * 8} image; move it inside (ConditioningSetArea x/y)"
+            )
+        area = (min(full[0] - y, h), min(full[1] - left, w), y, left)
+        input_x = x[:, :, y : y + area[0], left : left + area[1]]
+    if entry.mask is None and area is None:
+        return _Job(input_x, entry.strength, None, entry.cross_attn, side)  # a plain entry
+    if entry.mask is not None:
+        mask = entry.mask[: input_x.shape[0]]
+        if area is not None:
+            mask = mask[:, area[2] : area[2] + area[0], area[3] : area[3] + area[1]]
+        mask = (mask * entry.mask_strength).unsqueeze(1)
+        mask = mask.repeat(input_x.shape[0] // mask.shape[0], input_x.shape[1], 1, 1)
+    else:
+        mask = torch.ones_like(input_x)
+    mult = mask.to(input_x.dtype) * entry.strength
+    if entry.mask is None and area is not None:
+        _feather(mult, area, full)
+    return _Job(input_x, mult, area, entry.cross_attn, side)
 
 
 def _can_concat(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -140,6 +314,7 @@ class CFGDenoiser:
         self.negative = negative
         self.cfg = cfg
         self.uncond_denoised: torch.Tensor | None = None  # kept for CFG++ samplers
+        self._sides: dict[tuple[int, int], tuple[list[CondEntry], list[CondEntry]]] = {}
 
     def apply_model(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """BaseModel._apply_model for EPS: scale the input, integer timestep, x - sigma * eps."""
@@ -152,9 +327,17 @@ class CFGDenoiser:
         ].float()
         return x - eps * s
 
+    def sides_for(self, height: int, width: int) -> tuple[list[CondEntry], list[CondEntry]]:
+        """The positive and negative entries resolved for a latent of this size (computed once)."""
+        key = (height, width)
+        if key not in self._sides:
+            self._sides[key] = prepare_sides(self.positive, self.negative, height, width)
+        return self._sides[key]
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         skip_uncond = math.isclose(self.cfg, 1.0) and not self.keep_uncond
-        cond, uncond = self.predict(x, sigma, [self.positive, [] if skip_uncond else self.negative])
+        positive, negative = self.sides_for(x.shape[2], x.shape[3])
+        cond, uncond = self.predict(x, sigma, [positive, [] if skip_uncond else negative])
         self.uncond_denoised = uncond
         if skip_uncond:
             return cond
@@ -163,10 +346,10 @@ class CFGDenoiser:
     def predict(
         self, x: torch.Tensor, sigma: torch.Tensor, sides: list[list[CondEntry]]
     ) -> list[torch.Tensor]:
-        """calc_cond_batch: the strength-weighted mean prediction of each side's active entries."""
+        """calc_cond_batch: per side, the mult-weighted mean prediction of its active entries."""
         level = float(sigma.max())
         to_run = [
-            (entry, side)
+            _job(entry, x, side)
             for side, entries in enumerate(sides)
             for entry in entries
             if entry.sigma_end <= level <= entry.sigma_start
@@ -174,14 +357,24 @@ class CFGDenoiser:
         outs = [torch.zeros_like(x) for _ in sides]
         counts = [torch.ones_like(x) * 1e-37 for _ in sides]
         while to_run:
-            first = to_run[0][0].cross_attn
+            first = to_run[0]
             # ComfyUI pops matching chunks from the back, so the batch runs in reverse order
-            picked = [i for i in range(len(to_run)) if _can_concat(to_run[i][0].cross_attn, first)][::-1]
+            picked = [
+                i
+                for i, job in enumerate(to_run)
+                if job.input_x.shape == first.input_x.shape and _can_concat(job.cross_attn, first.cross_attn)
+            ][::-1]
             chunk = [to_run.pop(i) for i in picked]
             batch = x.shape[0]
-            context = _concat_cross_attn([_repeat_to_batch(e.cross_attn, batch) for e, _ in chunk])
-            result = self.apply_model(torch.cat([x] * len(chunk)), torch.cat([sigma] * len(chunk)), context)
-            for (entry, side), pred in zip(chunk, result.chunk(len(chunk)), strict=True):
-                outs[side] += pred * entry.strength
-                counts[side] += entry.strength
+            context = _concat_cross_attn([_repeat_to_batch(job.cross_attn, batch) for job in chunk])
+            inputs = torch.cat([job.input_x for job in chunk])
+            result = self.apply_model(inputs, torch.cat([sigma] * len(chunk)), context)
+            for job, pred in zip(chunk, result.chunk(len(chunk)), strict=True):
+                out, count = outs[job.side], counts[job.side]
+                if job.area is not None:
+                    h, w, y, left = job.area
+                    out = out[:, :, y : y + h, left : left + w]
+                    count = count[:, :, y : y + h, left : left + w]
+                out += pred * job.mult
+                count += job.mult
         return [out / count for out, count in zip(outs, counts, strict=True)]
