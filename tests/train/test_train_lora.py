@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,15 @@ def _base(root: Path, mini_checkpoint: Path) -> Path:
     (root / "models" / "loras").mkdir(parents=True)
     (root / "models" / "checkpoints" / "mini.safetensors").symlink_to(mini_checkpoint)
     return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """These tensors are tiny: on a shared 2-core machine torch's second thread mostly spins waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +229,66 @@ def test_cli_names_a_missing_checkpoint(tmp_path: Path, mini_checkpoint: Path, d
             "--data", str(data_dir), "--output", "x", "--steps", "1", "--resolution", "64"]  # fmt: skip
     assert main(argv) == 2
     assert "nope.safetensors" in capsys.readouterr().err
+
+
+def test_text_encoder_adapters_are_saved_with_kohya_names_and_load_whole(
+    tmp_path: Path, mini_checkpoint: Path, models: LoadedCheckpoint, data_dir: Path
+) -> None:
+    base = _base(tmp_path, mini_checkpoint)
+    options = TrainOptions(rank=2, alpha=1, resolution=64, train_text_encoder=True, text_encoder_lr=5e-5)
+    request = TrainRequest("mini.safetensors", data_dir, "withte", options, steps=2, save_precision="fp32")
+    (path,) = train_lora(Folders.at(base), request, models=models)
+    stamp = file_stamp(path)
+    te = decoded(path, stamp, models.text_encoder, "te")
+    report = coverage(read_lora(path, stamp), path.name, decoded(path, stamp, models.unet, "unet"), te)
+    assert report.complete and report.unet_modules == 48 and report.te_modules == 12 * 6
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        assert "lora_te_text_model_encoder_layers_11_mlp_fc2.lora_up.weight" in set(f.keys())  # noqa: SIM118
+        te_ups = [f.get_tensor(k) for k in f.keys() if k.startswith("lora_te_") and "lora_up" in k]  # noqa: SIM118
+    assert all(float(u.abs().max()) > 0 for u in te_ups)  # the text encoder's adapters were trained
+    assert meta["ss_network_train_unet_only"] == "False" and meta["ss_text_encoder_lr"] == "5e-05"
+
+
+def test_save_every_n_epochs_writes_kohya_numbered_files(
+    tmp_path: Path, mini_checkpoint: Path, models: LoadedCheckpoint, data_dir: Path
+) -> None:
+    base = _base(tmp_path, mini_checkpoint)
+    options = TrainOptions(rank=2, alpha=2, resolution=64, batch_size=10)  # 20 images/epoch: 2 steps
+    request = TrainRequest("mini.safetensors", data_dir, "ep", options, epochs=3, save_every_n_epochs=1)
+    written = train_lora(Folders.at(base), request, models=models)
+    assert [p.name for p in written] == ["ep-000001.safetensors", "ep-000002.safetensors", "ep.safetensors"]
+    epochs = []
+    for path in written:
+        with safe_open(str(path), framework="pt") as f:
+            epochs.append((f.metadata()["ss_epoch"], f.metadata()["ss_steps"]))
+    assert epochs == [("1", "2"), ("2", "4"), ("3", "6")]
+    with pytest.raises(TrainError, match="ep-000001.safetensors' already exists"):
+        train_lora(Folders.at(base), request, models=models)
+
+
+def test_an_interrupt_leaves_no_file(
+    tmp_path: Path, mini_checkpoint: Path, models: LoadedCheckpoint, data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    base = _base(tmp_path, mini_checkpoint)
+    loras = base / "models" / "loras"
+    request = TrainRequest("mini.safetensors", data_dir, "cut", TrainOptions(rank=2, resolution=64), steps=3)
+
+    def interrupt(step: int, total: int, loss: float) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(Folders.at(base), request, interrupt, models=models)
+    assert not list(loras.iterdir())
+
+    import safetensors.torch
+
+    def half_written(tensors: object, filename: str, metadata: object = None) -> None:
+        Path(filename).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(Folders.at(base), request, models=models)
+    assert not list(loras.iterdir())
