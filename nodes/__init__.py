@@ -9,6 +9,7 @@ def all_nodes() -> list[type[Node]]:
     """The node classes, in the order the canvas lists them."""
     from nodes import (
         conditioning,
+        conditioning_area,
         conditioning_extra,
         image,
         image_ops,
@@ -17,6 +18,7 @@ def all_nodes() -> list[type[Node]]:
         latent_extra,
         loaders,
         lora,
+        outpaint,
         sampling,
         vae_tiled,
     )
@@ -26,6 +28,7 @@ def all_nodes() -> list[type[Node]]:
         lora,
         conditioning,
         conditioning_extra,
+        conditioning_area,
         sampling,
         latent,
         latent_extra,
@@ -33,6 +36,7 @@ def all_nodes() -> list[type[Node]]:
         image,
         vae_tiled,
         image_ops,
+        outpaint,
     )
     return [cls for module in modules for cls in module.NODES]
 
