@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from nodes.sd.checkpoint import LoadedCheckpoint
 from nodes.sd.schedules import sd15_schedule
-from nodes.sd.text_encoder import run_clip
 from nodes.sd.tokenizer import ClipTokenizer, default_tokenizer
 from nodes.train.dataset import Dataset, Sample, check_resolution, load_image
 from nodes.train.network import LoRANetwork
@@ -123,17 +122,23 @@ class LoraTrainer:
         return (mean + std * eps) * LATENT_SCALE
 
     def text(self, captions: list[str]) -> torch.Tensor:
-        """CLIP hidden states `[B, 77, 768]`; kept per caption unless the text encoder is trained."""
-        te = self.models.text_encoder
+        """CLIP hidden states `[B, 77, 768]`; kept per caption unless the text encoder is trained.
+
+        transformers' own forward, as kohya calls it (on CPU it gives `run_clip`'s numbers exactly,
+        and unlike `run_clip` it builds its attention mask on the model's device).
+        """
         if self.options.train_text_encoder:
-            sequences = [token_ids(c, self.tokenizer) for c in captions]
-            return run_clip(te, sequences, None)[1]
+            return self._encode(captions)
         missing = [c for c in dict.fromkeys(captions) if c not in self._texts]
         if missing:
             with torch.no_grad():
-                hidden = run_clip(te, [token_ids(c, self.tokenizer) for c in missing], None)[1]
-            self._texts |= dict(zip(missing, hidden, strict=True))
+                self._texts |= dict(zip(missing, self._encode(missing), strict=True))
         return torch.stack([self._texts[c] for c in captions])
+
+    def _encode(self, captions: list[str]) -> torch.Tensor:
+        ids = torch.tensor([token_ids(c, self.tokenizer) for c in captions], device=self.device)
+        hidden: torch.Tensor = self.models.text_encoder(input_ids=ids).last_hidden_state
+        return hidden
 
     # ---------------------------------------------------------------- loss and steps
 

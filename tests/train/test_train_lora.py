@@ -292,3 +292,19 @@ def test_an_interrupt_leaves_no_file(
     with pytest.raises(KeyboardInterrupt):
         train_lora(Folders.at(base), request, models=models)
     assert not list(loras.iterdir())
+
+
+def test_a_seed_gives_the_same_lora_and_another_seed_another(
+    tmp_path: Path, mini_checkpoint: Path, models: LoadedCheckpoint, data_dir: Path
+) -> None:
+    base = _base(tmp_path, mini_checkpoint)
+    tensors = []
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        options = TrainOptions(rank=2, resolution=64, learning_rate=1e-3, seed=seed)
+        request = TrainRequest("mini.safetensors", data_dir, name, options, steps=2)
+        (path,) = train_lora(Folders.at(base), request, models=models)
+        with safe_open(str(path), framework="pt") as f:
+            tensors.append({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    a, b, c = tensors
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
