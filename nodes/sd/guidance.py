@@ -152,7 +152,7 @@ def _mask_bounds(mask: torch.Tensor) -> Area:
     return (max(8, int(ys.max()) - y + 1), max(8, int(xs.max()) - x + 1), y, x)
 
 
-def resolve_entry(entry: CondEntry, height: int, width: int) -> CondEntry:
+def resolve_entry(entry: CondEntry, height: int, width: int, device: torch.device | None = None) -> CondEntry:
     """resolve_areas_and_cond_masks_multidim for one entry and a latent of height x width."""
     area = entry.area
     if area is not None and area[0] == "percentage":
@@ -161,6 +161,8 @@ def resolve_entry(entry: CondEntry, height: int, width: int) -> CondEntry:
     mask = entry.mask
     if mask is not None:
         mask = mask.unsqueeze(0) if mask.dim() == 2 else mask
+        if device is not None and mask.device != device:
+            mask = mask.to(device)
         if tuple(mask.shape[1:]) != (height, width):
             # comfy.utils.common_upscale(..., "bilinear", "none"): plain interpolate, no antialias
             mask = torch.nn.functional.interpolate(
@@ -168,7 +170,7 @@ def resolve_entry(entry: CondEntry, height: int, width: int) -> CondEntry:
             ).squeeze(1)
         if entry.set_area_to_bounds:
             area = _mask_bounds(mask)
-    if area is entry.area and mask is entry.mask and not entry.set_area_to_bounds:
+    if area is entry.area and mask is entry.mask and not entry.set_area_to_bounds:  # nothing to do
         return entry
     return replace(entry, area=area, mask=mask, set_area_to_bounds=False)
 
@@ -202,11 +204,15 @@ def _add_twin(side: list[CondEntry], entry: CondEntry) -> None:
 
 
 def prepare_sides(
-    positive: Sequence[CondEntry], negative: Sequence[CondEntry], height: int, width: int
+    positive: Sequence[CondEntry],
+    negative: Sequence[CondEntry],
+    height: int,
+    width: int,
+    device: torch.device | None = None,
 ) -> tuple[list[CondEntry], list[CondEntry]]:
     """process_conds: resolve areas and masks for the latent size, then pair areas across sides."""
-    pos = [resolve_entry(e, height, width) for e in positive]
-    neg = [resolve_entry(e, height, width) for e in negative]
+    pos = [resolve_entry(e, height, width, device) for e in positive]
+    neg = [resolve_entry(e, height, width, device) for e in negative]
     for entry in list(pos):
         _add_twin(neg, entry)
     for entry in list(neg):
@@ -240,7 +246,7 @@ def _feather(mult: torch.Tensor, area: Area, full: Sequence[int]) -> None:
 def _job(entry: CondEntry, x: torch.Tensor, side: int) -> _Job:
     """get_area_and_mult: the crop of x this entry predicts on and its weight there."""
     full = x.shape[2:]
-    entry = resolve_entry(entry, full[0], full[1])
+    entry = resolve_entry(entry, full[0], full[1], x.device)
     area: Area | None = None
     input_x = x
     if entry.area is not None:
@@ -256,6 +262,11 @@ def _job(entry: CondEntry, x: torch.Tensor, side: int) -> _Job:
         return _Job(input_x, entry.strength, None, entry.cross_attn, side)  # a plain entry
     if entry.mask is not None:
         mask = entry.mask[: input_x.shape[0]]
+        if input_x.shape[0] % mask.shape[0]:
+            raise ConditioningError(
+                f"a conditioning mask batch of {mask.shape[0]} does not divide the latent batch of "
+                f"{input_x.shape[0]}; give ConditioningSetMask one mask or one per latent"
+            )
         if area is not None:
             mask = mask[:, area[2] : area[2] + area[0], area[3] : area[3] + area[1]]
         mask = (mask * entry.mask_strength).unsqueeze(1)
@@ -314,7 +325,7 @@ class CFGDenoiser:
         self.negative = negative
         self.cfg = cfg
         self.uncond_denoised: torch.Tensor | None = None  # kept for CFG++ samplers
-        self._sides: dict[tuple[int, int], tuple[list[CondEntry], list[CondEntry]]] = {}
+        self._sides: dict[tuple[Any, ...], tuple[list[CondEntry], list[CondEntry]]] = {}
 
     def apply_model(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """BaseModel._apply_model for EPS: scale the input, integer timestep, x - sigma * eps."""
@@ -327,16 +338,18 @@ class CFGDenoiser:
         ].float()
         return x - eps * s
 
-    def sides_for(self, height: int, width: int) -> tuple[list[CondEntry], list[CondEntry]]:
+    def sides_for(
+        self, height: int, width: int, device: torch.device | None = None
+    ) -> tuple[list[CondEntry], list[CondEntry]]:
         """The positive and negative entries resolved for a latent of this size (computed once)."""
-        key = (height, width)
+        key = (height, width, device)
         if key not in self._sides:
-            self._sides[key] = prepare_sides(self.positive, self.negative, height, width)
+            self._sides[key] = prepare_sides(self.positive, self.negative, height, width, device)
         return self._sides[key]
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         skip_uncond = math.isclose(self.cfg, 1.0) and not self.keep_uncond
-        positive, negative = self.sides_for(x.shape[2], x.shape[3])
+        positive, negative = self.sides_for(x.shape[2], x.shape[3], x.device)
         cond, uncond = self.predict(x, sigma, [positive, [] if skip_uncond else negative])
         self.uncond_denoised = uncond
         if skip_uncond:

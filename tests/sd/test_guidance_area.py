@@ -211,6 +211,11 @@ def test_bad_areas_and_masks_are_clear_errors(unet: Any, embeddings: dict, x: to
         cond_entries([[embeddings["a"], {"mask": "x"}]], schedule, "negative")
     with pytest.raises(ConditioningError, match="control is not supported yet"):
         cond_entries([[embeddings["a"], {"control": object()}]], schedule, "positive")
+    (two_masks,) = ConditioningSetMask().run(
+        CTX, [[embeddings["a"], {}]], torch.ones(2, 8, 8), 1.0, "default"
+    )
+    with pytest.raises(ConditioningError, match="mask batch of 2 does not divide the latent batch of 3"):
+        denoiser(unet, two_masks, [[embeddings["neg"], {}]], 1.0)(x.repeat(3, 1, 1, 1), SIGMA.repeat(3))
     (outside,) = ConditioningSetArea().run(CTX, [[embeddings["a"], {}]], 64, 64, 512, 0, 1.0)
     with pytest.raises(ConditioningError, match="outside the 256x128 image"):
         denoiser(unet, outside, [[embeddings["neg"], {}]], 1.0)(x, SIGMA)
