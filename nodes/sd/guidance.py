@@ -29,6 +29,7 @@ import torch
 from nodes.sd.schedules import DiscreteSchedule
 
 Area = tuple[int, int, int, int]  # ComfyUI's order, in latent pixels: (height, width, y, x)
+_SIDES = ("positive", "negative")  # CFGDenoiser's order of sides, for messages
 AREA_FEATHER = 8  # get_area_and_mult's `fuzz`: the ramp at an area's inner edges, in latent pixels
 
 
@@ -71,7 +72,8 @@ def _read_area(value: Any, what: str) -> tuple[Any, ...] | None:
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value[1:]):
             return ("percentage", *(float(v) for v in value[1:]))
     elif isinstance(value, (list, tuple)) and len(value) == 4:
-        if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        if ints and value[0] > 0 and value[1] > 0:
             return tuple(value)
     raise ConditioningError(
         f"{what}: conditioning area must be (height, width, y, x) in latent pixels or "
@@ -253,6 +255,7 @@ def _job(entry: CondEntry, x: torch.Tensor, side: int) -> _Job:
         h, w, y, left = (int(v) for v in entry.area)
         if y >= full[0] or left >= full[1]:
             raise ConditioningError(
+                f"{_SIDES[side] if side < 2 else 'conditioning'}: "
                 f"conditioning area at x={left * 8}, y={y * 8} (pixels) lies outside the "
                 f"{full[1] * 8}x{full[0] * 8} image; move it inside (ConditioningSetArea x/y)"
             )
@@ -264,6 +267,7 @@ def _job(entry: CondEntry, x: torch.Tensor, side: int) -> _Job:
         mask = entry.mask[: input_x.shape[0]]
         if input_x.shape[0] % mask.shape[0]:
             raise ConditioningError(
+                f"{_SIDES[side] if side < 2 else 'conditioning'}: "
                 f"a conditioning mask batch of {mask.shape[0]} does not divide the latent batch of "
                 f"{input_x.shape[0]}; give ConditioningSetMask one mask or one per latent"
             )

@@ -207,6 +207,8 @@ def test_bad_areas_and_masks_are_clear_errors(unet: Any, embeddings: dict, x: to
     schedule = sd15_schedule()
     with pytest.raises(ConditioningError, match="positive: conditioning area must be"):
         cond_entries([[embeddings["a"], {"area": (1, 2)}]], schedule, "positive")
+    with pytest.raises(ConditioningError, match="positive: conditioning area must be"):
+        cond_entries([[embeddings["a"], {"area": (0, 8, 0, 0)}]], schedule, "positive")
     with pytest.raises(ConditioningError, match="negative: conditioning mask must be a MASK"):
         cond_entries([[embeddings["a"], {"mask": "x"}]], schedule, "negative")
     with pytest.raises(ConditioningError, match="control is not supported yet"):
@@ -214,8 +216,13 @@ def test_bad_areas_and_masks_are_clear_errors(unet: Any, embeddings: dict, x: to
     (two_masks,) = ConditioningSetMask().run(
         CTX, [[embeddings["a"], {}]], torch.ones(2, 8, 8), 1.0, "default"
     )
-    with pytest.raises(ConditioningError, match="mask batch of 2 does not divide the latent batch of 3"):
+    with pytest.raises(
+        ConditioningError,
+        match="positive: a conditioning mask batch of 2 does not divide the latent batch of 3",
+    ):
         denoiser(unet, two_masks, [[embeddings["neg"], {}]], 1.0)(x.repeat(3, 1, 1, 1), SIGMA.repeat(3))
     (outside,) = ConditioningSetArea().run(CTX, [[embeddings["a"], {}]], 64, 64, 512, 0, 1.0)
-    with pytest.raises(ConditioningError, match="outside the 256x128 image"):
+    with pytest.raises(
+        ConditioningError, match="positive: conditioning area at x=512, y=0 .* outside the 256x128 image"
+    ):
         denoiser(unet, outside, [[embeddings["neg"], {}]], 1.0)(x, SIGMA)
