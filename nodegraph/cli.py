@@ -377,20 +377,28 @@ def _train_lora(args: argparse.Namespace) -> list[Path]:
         save_precision=args.save_precision, caption_extension=args.caption_extension,
         overwrite=args.overwrite,
     )  # fmt: skip
-    bar: Any = None
+    bars: dict[str, Any] = {}
+
+    def bar(name: str, total: int) -> Any:
+        if name not in bars:
+            for other in bars.values():
+                other.close()
+            bars[name] = tqdm(total=total, desc=name, file=sys.stderr, dynamic_ncols=True)
+        return bars[name]
+
+    def encoding(done: int, total: int) -> None:
+        bar("encoding images", total).update(done - bar("encoding images", total).n)
 
     def progress(step: int, total: int, loss: float) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc="train-lora", file=sys.stderr, dynamic_ncols=True)
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        bar.update(step - bar.n)
+        steps = bar("train-lora", total)
+        steps.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        steps.update(step - steps.n)
 
     try:
-        written: list[Path] = run.train_lora(engine.env.folders, request, progress)
+        written: list[Path] = run.train_lora(engine.env.folders, request, progress, encoding=encoding)
         return written
     except run.TrainError as exc:
         raise CliError(str(exc)) from exc
     finally:
-        if bar is not None:
-            bar.close()
+        for each in bars.values():
+            each.close()

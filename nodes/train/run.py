@@ -23,7 +23,8 @@ from nodes.train.save import (
 )
 from nodes.train.trainer import LoraTrainer, TrainOptions
 
-Progress = Callable[[int, int, float], None]
+Progress = Callable[[int, int, float], None]  # (step, total steps, loss)
+Encoding = Callable[[int, int], None]  # (images encoded, images)
 
 
 class TrainError(ValueError):
@@ -51,14 +52,18 @@ def train_lora(
     request: TrainRequest,
     progress: Progress | None = None,
     models: LoadedCheckpoint | None = None,
+    encoding: Encoding | None = None,
 ) -> list[Path]:
     """Train and save; returns the files written (intermediate epochs first, the final file last).
+
+    Every image is read and VAE-encoded before the first step (`encoding` reports it), so a bad
+    image is found before any training time is spent.
 
     Raises:
         TrainError: a problem with the inputs, found before any training step where possible.
     """
     try:
-        return _train(folders, request, progress, models)
+        return _train(folders, request, progress, models, encoding)
     except (DatasetError, OutputError, CheckpointError, PathEscapeError, FileNotFoundError) as exc:
         raise TrainError(str(exc)) from exc
 
@@ -79,7 +84,11 @@ def _check(request: TrainRequest) -> None:
 
 
 def _train(
-    folders: Folders, request: TrainRequest, progress: Progress | None, models: LoadedCheckpoint | None
+    folders: Folders,
+    request: TrainRequest,
+    progress: Progress | None,
+    models: LoadedCheckpoint | None,
+    encoding: Encoding | None,
 ) -> list[Path]:
     _check(request)
     started = time.time()
@@ -110,8 +119,10 @@ def _train(
     trainer = LoraTrainer(models, dataset, opts)
     written: list[Path] = []
     try:
-        for sample in dataset.samples:
+        for i, sample in enumerate(dataset.samples, 1):
             trainer.moments(sample)  # encode (and so check) every image before the first step
+            if encoding is not None:
+                encoding(i, len(dataset.samples))
 
         def on_epoch(epoch: int, step: int) -> None:
             if every and epoch % every == 0:

@@ -79,7 +79,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory, mini_checkpoint: Path, mod
     options = TrainOptions(rank=4, alpha=2, learning_rate=1e-3, resolution=64, seed=1)
     request = TrainRequest("mini.safetensors", data_dir, "mychar", options, steps=4)
     seen: list[tuple[int, int]] = []
-    written = train_lora(Folders.at(base), request, lambda s, n, loss: seen.append((s, n)), models=models)
+    encoded: list[tuple[int, int]] = []
+    written = train_lora(
+        Folders.at(base), request, lambda s, n, loss: seen.append((s, n)), models=models,
+        encoding=lambda i, n: encoded.append((i, n)),
+    )  # fmt: skip
+    assert encoded == [(1, 4), (2, 4), (3, 4), (4, 4)]  # every image, before the first step
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert written == [base / "models" / "loras" / "mychar.safetensors"]
     return written[0]
