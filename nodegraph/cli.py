@@ -347,13 +347,8 @@ def _train_parser(sub: Any) -> None:
 
 
 def _cmd_train_lora(args: argparse.Namespace) -> int:
-    """Bad input (a missing file, a bad folder, an existing output) exits 2 with one paragraph."""
-    try:
-        written = _train_lora(args)
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for path in written:
+    """Bad input (a missing file, a bad folder, an existing output) is one paragraph, exit 1."""
+    for path in _train_lora(args):
         print(path)
     return 0
 
