@@ -231,8 +231,8 @@ def test_bad_inputs_name_the_input(env: Environment, model: ModelHandle) -> None
         ksampler(env, model, positive="a cat")
     with pytest.raises(ValueError, match="model"):
         ksampler(env, None)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="positive: conditioning with area is not supported"):
-        ksampler(env, model, positive=[[cond(1)[0][0], {"area": (8, 8, 0, 0)}]])
+    with pytest.raises(ValueError, match="positive: conditioning with control is not supported"):
+        ksampler(env, model, positive=[[cond(1)[0][0], {"control": object()}]])
     with pytest.raises(ValueError, match="negative: embedding width 768"):
         ksampler(env, model, negative=[[torch.zeros(1, 77, 768), {}]])
 
