@@ -26,6 +26,7 @@ CONDITIONING = SocketType("CONDITIONING")
 LATENT = SocketType("LATENT")
 IMAGE = SocketType("IMAGE")
 MASK = SocketType("MASK")
+UPSCALE_MODEL = SocketType("UPSCALE_MODEL")
 
 # Widget types: values that are usually typed into the node, but may also arrive by link.
 INT = SocketType("INT")

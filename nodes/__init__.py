@@ -20,6 +20,7 @@ def all_nodes() -> list[type[Node]]:
         lora,
         outpaint,
         sampling,
+        upscale_model,
         vae_tiled,
     )
 
@@ -37,6 +38,7 @@ def all_nodes() -> list[type[Node]]:
         vae_tiled,
         image_ops,
         outpaint,
+        upscale_model,
     )
     return [cls for module in modules for cls in module.NODES]
 
