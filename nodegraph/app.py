@@ -43,6 +43,8 @@ class Settings:
     enable_cors_header: str | None = None
     max_upload_size_mb: float = 100.0
     front_end_root: Path | None = None
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    precision: str = "auto"  # auto (fp16 on a GPU, fp32 on the CPU), fp32, fp16, bf16
 
 
 @dataclass
@@ -90,7 +92,11 @@ def build_engine(settings: Settings, nodes: Iterable[type[Node]] | None = None) 
     """
     folders = build_folders(settings)
     env = Environment(
-        folders, disable_metadata=settings.disable_metadata, preview_method=settings.preview_method
+        folders,
+        disable_metadata=settings.disable_metadata,
+        preview_method=settings.preview_method,
+        device=settings.device,
+        precision=settings.precision,
     )
     routes: list[Any] = []
     warm_up: Callable[[], None] | None = None

@@ -124,6 +124,21 @@ def _command(sub: Any, name: str, help_text: str, handler: Any) -> argparse.Argu
         "--preview-method", choices=("auto", "latent2rgb", "none"), default="auto",
         help="sampler previews sent while sampling (ComfyUI's flag; taesd falls back to latent2rgb)",
     )  # fmt: skip
+    hardware = parser.add_argument_group("device and precision")
+    hardware.add_argument(
+        "--device",
+        default="auto",
+        help="where models compute: auto (a GPU if torch has one), cpu, cuda, cuda:N, mps",
+    )
+    hardware.add_argument(
+        "--cpu", action="store_const", const="cpu", dest="device", help="same as --device cpu"
+    )
+    hardware.add_argument(
+        "--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+        help="UNet and text encoder precision: auto = fp16 on a GPU, fp32 on the CPU",
+    )  # fmt: skip
+    hardware.add_argument("--force-fp32", action="store_const", const="fp32", dest="precision")
+    hardware.add_argument("--force-fp16", action="store_const", const="fp16", dest="precision")
     parser.add_argument("--verbose", action="store_true", help="log more, and show tracebacks")
     return parser
 
@@ -139,6 +154,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         disable_metadata=args.disable_metadata,
         preview_method=args.preview_method,
         verbose=args.verbose,
+        device=getattr(args, "device", "auto"),
+        precision=getattr(args, "precision", "auto"),
     )
     if args.base_directory is not None:
         settings.base_directory = args.base_directory
@@ -149,6 +166,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def _engine(args: argparse.Namespace, *, with_nodes: bool = True) -> Engine:
+    if with_nodes:
+        _check_device(args)
     try:
         return build_engine(settings_from(args), None if with_nodes else ())
     except ValueError as exc:  # an unreadable extra_model_paths.yaml
@@ -157,6 +176,21 @@ def _engine(args: argparse.Namespace, *, with_nodes: bool = True) -> Engine:
         if args.verbose:
             raise
         raise CliError(f"the node packages failed to load ({exc}); --verbose shows the traceback") from exc
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    """A device or precision that cannot be had is a startup error, not a failed first prompt."""
+    device, precision = getattr(args, "device", "auto"), getattr(args, "precision", "auto")
+    if (device, precision) == ("auto", "auto"):
+        return
+    try:
+        module = importlib.import_module("nodes.sd.device")
+    except ImportError:
+        return  # the node packages' own import error is reported by build_engine
+    try:
+        module.make_placement(device, precision)
+    except module.DeviceError as exc:
+        raise CliError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------------------

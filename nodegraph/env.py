@@ -23,6 +23,8 @@ class Environment:
     folders: Folders
     disable_metadata: bool = False
     preview_method: str = "auto"
+    device: str = "auto"
+    precision: str = "auto"
     services: dict[type, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -13,6 +13,7 @@ import torch
 
 from nodegraph.node import Int, Node, Output, RunContext, Socket, String
 from nodegraph.types import CLIP, CONDITIONING
+from nodes.sd.device import on_device
 from nodes.sd.embeddings import EmbeddingError, find_embedding_file, load_embedding
 from nodes.sd.handles import ClipHandle
 from nodes.sd.prompt import tokenize
@@ -57,6 +58,7 @@ class CLIPTextEncode(Node):
         tokenized = tokenize(text, clip.tokenizer, lookup)
         for name in tokenized.missing_embeddings:
             ctx.warn(f"embedding:{name} does not exist, ignoring", {"embedding": name})
+        on_device(ctx.env, clip.text_encoder, "text_encoder")
         cond, pooled = encode_prompt(clip, tokenized, warn=ctx.warn)
         return ([[cond, {"pooled_output": pooled}]],)
 

@@ -26,6 +26,7 @@ from nodegraph.folders import PathEscapeError, safe_join
 from nodegraph.node import Combo, Hidden, Node, Output, Result, RunContext, Socket, String
 from nodegraph.types import IMAGE, LATENT, MASK, VAE
 from nodes.sd import vae as vae_math
+from nodes.sd.device import on_device
 from nodes.sd.handles import VaeHandle
 
 PREVIEW_CHARS = "abcdefghijklmnopqrstupvxyz"  # sic: ComfyUI's literal string (no "w", two "p")
@@ -47,7 +48,7 @@ class VAEDecode(Node):
     OUTPUTS = (Output(IMAGE, tooltip="The decoded image."),)
 
     def run(self, ctx: RunContext, samples: dict[str, Any], vae: VaeHandle) -> tuple[torch.Tensor]:
-        return (vae_math.decode(vae.vae, samples["samples"]),)
+        return (vae_math.decode(on_device(ctx.env, vae.vae, "vae"), samples["samples"]),)
 
 
 class VAEEncode(Node):
@@ -59,7 +60,7 @@ class VAEEncode(Node):
     OUTPUTS = (Output(LATENT),)
 
     def run(self, ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle) -> tuple[dict[str, Any]]:
-        return ({"samples": vae_math.encode(vae.vae, pixels)},)
+        return ({"samples": vae_math.encode(on_device(ctx.env, vae.vae, "vae"), pixels)},)
 
 
 # --------------------------------------------------------------------------------------------

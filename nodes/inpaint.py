@@ -19,6 +19,7 @@ from nodegraph.node import Combo, Int, Node, Output, RunContext, Socket
 from nodegraph.types import IMAGE, LATENT, MASK, VAE
 from nodes.image import ImageFileError, annotated_path, input_image_hash, input_image_problem, input_images
 from nodes.sd import vae as vae_math
+from nodes.sd.device import on_device
 from nodes.sd.handles import VaeHandle
 
 DOWNSCALE = 8  # SD1.5 VAE: one latent pixel per 8x8 image pixels
@@ -91,7 +92,12 @@ class VAEEncodeForInpaint(Node):
         self, ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle, mask: torch.Tensor, grow_mask_by: int
     ) -> tuple[dict[str, Any]]:
         prepared, noise_mask = inpaint_pixels(pixels, mask, grow_mask_by)
-        return ({"samples": vae_math.encode(vae.vae, prepared), "noise_mask": noise_mask},)
+        return (
+            {
+                "samples": vae_math.encode(on_device(ctx.env, vae.vae, "vae"), prepared),
+                "noise_mask": noise_mask,
+            },
+        )
 
 
 MASK_CHANNELS = ("alpha", "red", "green", "blue")

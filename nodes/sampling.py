@@ -13,6 +13,7 @@ import torch
 
 from nodegraph.node import MAX_SEED, Combo, Float, Int, Node, Output, Preview, RunContext, Socket
 from nodegraph.types import CONDITIONING, LATENT, MODEL
+from nodes.sd.device import placement
 from nodes.sd.guidance import ConditioningError
 from nodes.sd.ksampler import SamplingRequest, StepCallback, sample
 from nodes.sd.preview import preview_jpeg
@@ -59,7 +60,8 @@ def run_ksampler(
         raise ValueError(f"model: {model.source} is a {model.family} model; the samplers support SD1.x only")
     _check_latent(latent)
     try:
-        return (sample(model, positive, negative, latent, request, _progress(ctx)),)
+        where = placement(ctx.env)
+        return (sample(model, positive, negative, latent, request, _progress(ctx), where),)
     except ConditioningError as exc:
         raise ValueError(str(exc)) from exc
 

@@ -14,6 +14,7 @@ import torch
 from nodegraph.node import Int, Node, Output, RunContext, Socket
 from nodegraph.types import IMAGE, LATENT, VAE
 from nodes.sd import vae_tiled
+from nodes.sd.device import on_device
 from nodes.sd.handles import VaeHandle
 
 
@@ -66,7 +67,7 @@ class VAEDecodeTiled(Node):
             overlap = tile_size // 4
         tile = tile_size // vae_tiled.DOWNSCALE
         image = vae_tiled.decode_tiled(
-            vae.vae,
+            on_device(ctx.env, vae.vae, "vae"),
             samples["samples"],
             tile_x=tile,
             tile_y=tile,
@@ -102,7 +103,12 @@ class VAEEncodeTiled(Node):
     ) -> tuple[dict[str, Any]]:
         # ComfyUI passes encode sizes in image pixels and does not clamp the overlap here.
         latent = vae_tiled.encode_tiled(
-            vae.vae, pixels, tile_x=tile_size, tile_y=tile_size, overlap=overlap, progress=_progress(ctx)
+            on_device(ctx.env, vae.vae, "vae"),
+            pixels,
+            tile_x=tile_size,
+            tile_y=tile_size,
+            overlap=overlap,
+            progress=_progress(ctx),
         )
         return ({"samples": latent},)
 

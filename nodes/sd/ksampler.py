@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from nodes.sd.device import Placement, place
 from nodes.sd.guidance import CFGDenoiser, cond_entries
 from nodes.sd.noise import prepare_noise
 from nodes.sd.patcher import patched
@@ -101,6 +102,18 @@ class _Inpaint:
         return self.model(x, sigma) * self.mask + self.latent * self.keep
 
 
+def _to(conditioning: Any, device: torch.device) -> Any:
+    """CONDITIONING with its embeddings on `device` (options, masks included, are moved later)."""
+    if device.type == "cpu" or not isinstance(conditioning, (list, tuple)):
+        return conditioning
+    return [
+        [item[0].to(device), *item[1:]]
+        if isinstance(item, (list, tuple)) and item and isinstance(item[0], torch.Tensor)
+        else item
+        for item in conditioning
+    ]
+
+
 def run_sampler(
     unet: Any,
     positive: Any,
@@ -108,14 +121,23 @@ def run_sampler(
     latent: dict[str, Any],
     request: SamplingRequest,
     on_step: StepCallback | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
-    """Sample with a UNet that is already patched; returns the new latent samples (unscaled)."""
+    """Sample with a UNet that is already patched; returns the new latent samples (unscaled, CPU).
+
+    The noise is drawn on the CPU (as ComfyUI does) and, like the latent, the sigmas and the
+    conditioning, moved to `device` (the UNet's) for sampling.
+    """
+    device = device or torch.device("cpu")
     schedule = sd15_schedule()
     samples: torch.Tensor = latent["samples"].float()
-    noise = initial_noise(latent, request)
+    noise = initial_noise(latent, request).to(device)
     sigmas = sigmas_for(request, schedule)
     if sigmas is None or sigmas.shape[-1] == 0:
         return samples  # nothing to sample: ComfyUI returns the input latent as is
+    sigmas = sigmas.to(device)
+    positive, negative = _to(positive, device), _to(negative, device)
+    samples = samples.to(device)
     model_latent = samples * SD15_SCALE if torch.count_nonzero(samples) > 0 else samples
     width = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
     guider = CFGDenoiser(
@@ -128,10 +150,11 @@ def run_sampler(
     )
     denoiser: Model = guider
     if "noise_mask" in latent:
-        mask = _denoise_mask(latent["noise_mask"], samples.shape)
+        mask = _denoise_mask(latent["noise_mask"], samples.shape).to(device)
         inpaint_noise = noise
         if request.sampler_name == "ddim":  # ComfyUI's ddim re-noises the kept region from seed + 1
-            inpaint_noise = torch.randn(noise.shape, generator=torch.manual_seed((request.seed + 1) % 2**64))
+            generator = torch.manual_seed((request.seed + 1) % 2**64)
+            inpaint_noise = torch.randn(noise.shape, generator=generator).to(device)
         denoiser = _Inpaint(guider, mask, model_latent, inpaint_noise)
     sigma_max, sigma0 = float(schedule.sigma_max), float(sigmas[0])
     max_denoise = math.isclose(sigma_max, sigma0, rel_tol=1e-5) or sigma0 > sigma_max
@@ -145,7 +168,7 @@ def run_sampler(
             on_step(i, total, denoised)
 
     result = SAMPLERS[request.sampler_name](denoiser, x, sigmas, request.seed, callback)
-    return result.to(torch.float32) / SD15_SCALE
+    return result.to(torch.float32).cpu() / SD15_SCALE
 
 
 def sample(
@@ -155,10 +178,14 @@ def sample(
     latent: dict[str, Any],
     request: SamplingRequest,
     on_step: StepCallback | None = None,
+    where: Placement | None = None,
 ) -> dict[str, Any]:
     """common_ksampler: patch the model's LoRAs in, sample, and return a new LATENT dict."""
+    if where is not None:
+        place(model.unet, where.device, where.unet)
     with patched(model.unet, model.loras, target="unet") as unet, torch.inference_mode():
-        samples = run_sampler(unet, positive, negative, latent, request, on_step)
+        device = next(unet.parameters()).device
+        samples = run_sampler(unet, positive, negative, latent, request, on_step, device)
     out = dict(latent)
     out["samples"] = samples
     return out

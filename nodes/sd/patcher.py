@@ -52,11 +52,20 @@ class _Branch:
     def __init__(self, layer: torch.nn.Module, terms: list[tuple[LowRank, float]]) -> None:
         self.terms = terms
         self.handle = layer.register_forward_hook(self)
+        self._factors: dict[tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def factors(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(down, up) of each term on x's device in x's dtype, converted once."""
+        key = (x.device, x.dtype)
+        found = self._factors.get(key)
+        if found is None:
+            found = [(u.down.to(x.device, x.dtype), u.up.to(x.device, x.dtype)) for u, _ in self.terms]
+            self._factors[key] = found
+        return found
 
     def __call__(self, layer: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        for update, coeff in self.terms:
-            down, up = update.down.to(x.device, x.dtype), update.up.to(x.device, x.dtype)
+        for (_, coeff), (down, up) in zip(self.terms, self.factors(x), strict=True):
             if isinstance(layer, torch.nn.Conv2d):
                 kernel = down.view(down.shape[0], layer.in_channels, *layer.kernel_size)
                 h = F.conv2d(x, kernel, None, layer.stride, layer.padding, layer.dilation)
@@ -127,10 +136,13 @@ def _rebuild(
 ) -> None:
     """param = base + Σ patches, in fp32, rounded to fp16 once for the text encoder."""
     w = param.data
-    if w.dtype == torch.float32 and all(isinstance(u, LowRank | Dense) for u, _ in patches):
+    on_cpu = w.device.type == "cpu" and w.dtype == torch.float32
+    if on_cpu and all(isinstance(u, LowRank | Dense) for u, _ in patches):
         _rebuild_rows(w, base, patches, target, keeps or [None] * len(patches))
         return
-    work = w if w.dtype == torch.float32 else torch.empty(w.shape, dtype=torch.float32)
+    # Elsewhere (an fp16 UNet, a GPU) the sum is made on the CPU in fp32, where the decoded updates
+    # live, and cast once into the weight (ComfyUI's convention for fp16 weights).
+    work = w if on_cpu else torch.empty(w.shape, dtype=torch.float32)
     work.copy_(base)
     for update, strength in patches:
         update.apply(work, strength)

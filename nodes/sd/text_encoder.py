@@ -36,6 +36,7 @@ def encode_prompt(
         sequences.append([tok.bos, tok.eos] + [tok.pad] * (len(sequences[0]) - 2))
     with torch.inference_mode(), patched(clip.text_encoder, clip.loras, target="te") as te:
         hidden, last = run_clip(te, sequences, clip.layer_idx, warn)
+        hidden, last = hidden.cpu().float(), last.cpu().float()  # ComfyUI: conds are fp32
     pooled = last[0:1, _first_end(sequences[0], clip.tokenizer.eos)]
     outputs = []
     for k, chunk_tokens in enumerate(chunks):
@@ -73,11 +74,11 @@ def input_embeddings(te: Any, sequences: Sequence[Sequence[Any]], warn: Warn | N
     rows: list[torch.Tensor] = []
     for seq in sequences:
         ids = [t if isinstance(t, int) else pad for t in seq]
-        emb = table[torch.tensor(ids)].clone()
+        emb = table[torch.tensor(ids, device=table.device)].clone()
         for i, t in enumerate(seq):
             if isinstance(t, int):
                 continue
-            vector = torch.as_tensor(t, dtype=emb.dtype).reshape(-1)
+            vector = torch.as_tensor(t, dtype=emb.dtype, device=emb.device).reshape(-1)
             if vector.shape[0] != width:
                 if warn is not None:
                     warn(f"an embedding has width {vector.shape[0]}, this CLIP needs {width}; it was ignored")
@@ -94,7 +95,8 @@ def run_clip(
     x = te.embeddings(inputs_embeds=input_embeddings(te, sequences, warn))
     length = x.shape[1]
     # ComfyUI's causal mask: -finfo.max above the diagonal (not -inf), added to the attention scores.
-    mask = torch.full((length, length), -torch.finfo(x.dtype).max, dtype=x.dtype).triu_(1)[None, None]
+    mask = torch.full((length, length), -torch.finfo(x.dtype).max, dtype=x.dtype, device=x.device)
+    mask = mask.triu_(1)[None, None]
     layers = te.encoder.layers
     pick = _hidden_index(layer_idx, len(layers))
     selected = None

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from nodes.sd.checkpoint import PixelSpaceVae
+from nodes.sd.device import where
 
 
 class VaeInputError(ValueError):
@@ -29,12 +30,14 @@ def decode(vae: Any, latent: torch.Tensor) -> torch.Tensor:
             f"the VAE needs a latent of shape [B, {channels}, h, w], got {list(latent.shape)}"
         )
     parts = []
+    device, dtype = where(vae)
     with torch.inference_mode():
         for z in latent.to(torch.float32).split(_batch_chunk(latent.shape[2] * latent.shape[3])):
+            z = z.to(device, dtype)
             if getattr(vae, "post_quant_conv", None) is not None:
                 z = vae.post_quant_conv(z)
             x = vae.decoder(z)
-            parts.append(torch.clamp((x.float() + 1.0) / 2.0, min=0.0, max=1.0))
+            parts.append(torch.clamp((x.cpu().float() + 1.0) / 2.0, min=0.0, max=1.0))
     return torch.cat(parts).movedim(1, -1).contiguous().clone()
 
 
@@ -65,11 +68,12 @@ def encode(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
             f"an image of {pixels.shape[2]}x{pixels.shape[1]} is too small to encode (8x8 at least)"
         )
     means = []
+    device, dtype = where(vae)
     with torch.inference_mode():
         batch = pixels.movedim(-1, 1).to(torch.float32) * 2.0 - 1.0
         for x in batch.split(_batch_chunk(batch.shape[2] * batch.shape[3] // 64)):
-            h = vae.encoder(x)
+            h = vae.encoder(x.to(device, dtype))
             if getattr(vae, "quant_conv", None) is not None:
                 h = vae.quant_conv(h)
-            means.append(torch.chunk(h, 2, dim=1)[0])
+            means.append(torch.chunk(h, 2, dim=1)[0].cpu())
     return torch.cat(means).float().contiguous().clone()

@@ -17,6 +17,7 @@ import torch
 
 from nodes.sd import vae as vae_math
 from nodes.sd.checkpoint import PixelSpaceVae
+from nodes.sd.device import where
 
 TileFunction = Callable[[torch.Tensor], torch.Tensor]
 Progress = Callable[[], None]
@@ -140,11 +141,14 @@ def decode_tiled(
             f"the VAE needs a latent of shape [B, {channels}, h, w], got {list(latent.shape)}"
         )
 
+    device, dtype = where(vae)
+
     def decode_tile(z: torch.Tensor) -> torch.Tensor:
+        z = z.to(device, dtype)
         if getattr(vae, "post_quant_conv", None) is not None:
             z = vae.post_quant_conv(z)
         decoded: torch.Tensor = vae.decoder(z)
-        return decoded
+        return decoded.cpu().float()
 
     shapes = _three_shapes(tile_x, tile_y, decode=True)
     tick = _ticker(progress, latent.shape[0] * tile_count(latent.shape[2], latent.shape[3], shapes, overlap))
@@ -176,11 +180,13 @@ def encode_tiled(
             f"an image of {pixels.shape[2]}x{pixels.shape[1]} is too small to encode (8x8 at least)"
         )
 
+    device, dtype = where(vae)
+
     def encode_tile(x: torch.Tensor) -> torch.Tensor:
-        h = vae.encoder(x * 2.0 - 1.0)
+        h = vae.encoder((x * 2.0 - 1.0).to(device, dtype))
         if getattr(vae, "quant_conv", None) is not None:
             h = vae.quant_conv(h)
-        return torch.chunk(h, 2, dim=1)[0]  # the posterior mean
+        return torch.chunk(h, 2, dim=1)[0].cpu().float()  # the posterior mean
 
     shapes = _three_shapes(tile_x, tile_y, decode=False)
     tick = _ticker(progress, pixels.shape[0] * tile_count(pixels.shape[1], pixels.shape[2], shapes, overlap))

@@ -71,12 +71,12 @@ def ldm_state_dict(
     """The three modules' current weights as an original SD1.x single-file state dict in `dtype`."""
     out: dict[str, torch.Tensor] = {}
     for name, p in unet.named_parameters():
-        out[unet_key(name, unet.config)] = p.detach().to(dtype).contiguous()
+        out[unet_key(name, unet.config)] = p.detach().to("cpu", dtype).contiguous()
     for name, p in text_encoder.named_parameters():
-        out[te_key(name)] = p.detach().to(dtype).contiguous()
+        out[te_key(name)] = p.detach().to("cpu", dtype).contiguous()
     levels = len(vae.config.block_out_channels)
     for name, p in vae.named_parameters():
-        t = p.detach().to(dtype)
+        t = p.detach().to("cpu", dtype)
         if ".mid_block.attentions." in name and name.endswith(".weight") and t.dim() == 2:
             t = t[:, :, None, None]  # LDM stores these projections as 1x1 convs
         out[vae_key(name, levels)] = t.contiguous()
