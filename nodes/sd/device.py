@@ -100,7 +100,8 @@ def place(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
     with _LOCK, torch.inference_mode(False), torch.no_grad():
         first = next(module.parameters())
         if first.device != device or first.dtype != dtype:
-            module.to(device=device, dtype=dtype)
+            # torch's own `to`: diffusers' override warns about casting, which is what we mean to do
+            torch.nn.Module.to(module, device=device, dtype=dtype)
     return module
 
 

@@ -61,6 +61,6 @@ def captured() -> dict[str, np.ndarray]:
 @pytest.fixture
 def make_engine(engine_base: Path) -> Any:
     """Builds further engines on the same files, each with its own cache and loaded checkpoint."""
-    return lambda: build_engine(
-        Settings(base_directory=engine_base, preview_method="none"), [*all_nodes(), ParityCapture]
+    return lambda **settings: build_engine(
+        Settings(base_directory=engine_base, preview_method="none", **settings), [*all_nodes(), ParityCapture]
     )
