@@ -8,11 +8,13 @@
 The UNet is diffusers' `UNet2DConditionModel` with the standard SD1.5 config and random weights,
 fp32 on CPU; no weights are downloaded. In the executor part a bench-only node builds the model
 (random init stands in for loading a checkpoint) and another makes fixed random conditioning.
-Run: `python -m bench.sampling` (a few minutes on 2 cores).
+Run: `python -m bench.sampling` (a few minutes on 2 cores); on a GPU, e.g.
+`python -m bench.sampling --device cuda --precision fp16` (the executor part stays on the CPU).
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import statistics
 import tempfile
@@ -34,6 +36,7 @@ from nodegraph.types import CONDITIONING, LATENT, MODEL
 from nodegraph.validate import validate_prompt
 from nodes.latent import EmptyLatentImage
 from nodes.sampling import KSampler
+from nodes.sd.device import make_placement, place
 from nodes.sd.handles import ModelHandle
 from nodes.sd.ksampler import SamplingRequest, sample
 
@@ -52,16 +55,25 @@ def conditioning(seed: int) -> list[list[Any]]:
 
 def bare_forward_s(unet: Any, count: int = STEPS) -> float:
     """Fastest of `count` batched UNet forwards (batch 2), as the sampler calls it."""
-    x = torch.randn(2, 4, SIZE // 8, SIZE // 8)
-    context = torch.cat([conditioning(2)[0][0], conditioning(1)[0][0]])
-    t = torch.tensor([999.0, 999.0])
+    first = next(unet.parameters())
+    x = torch.randn(2, 4, SIZE // 8, SIZE // 8).to(first.device, first.dtype)
+    context = torch.cat([conditioning(2)[0][0], conditioning(1)[0][0]]).to(first.device, first.dtype)
+    t = torch.tensor([999.0, 999.0], device=first.device)
     times = []
     with torch.inference_mode():
         for _ in range(count):
+            _sync(first.device)
             start = time.perf_counter()
             unet(x, t, encoder_hidden_states=context, return_dict=False)
+            _sync(first.device)
             times.append(time.perf_counter() - start)
     return min(times)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock times measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def ksampler_step_s(unet: Any, seed: int) -> tuple[float, float]:
@@ -74,8 +86,18 @@ def ksampler_step_s(unet: Any, seed: int) -> tuple[float, float]:
     latent = {"samples": torch.zeros(1, 4, SIZE // 8, SIZE // 8)}
     inside: list[float] = []
     started: list[float] = []
-    pre = unet.register_forward_pre_hook(lambda m, a: started.append(time.perf_counter()))
-    post = unet.register_forward_hook(lambda m, a, o: inside.append(time.perf_counter() - started.pop()))
+    device = next(unet.parameters()).device
+
+    def before(m: Any, a: Any) -> None:
+        _sync(device)
+        started.append(time.perf_counter())
+
+    def after(m: Any, a: Any, o: Any) -> None:
+        _sync(device)
+        inside.append(time.perf_counter() - started.pop())
+
+    pre = unet.register_forward_pre_hook(before)
+    post = unet.register_forward_hook(after)
     try:
         request = SamplingRequest(seed, STEPS, CFG, "euler", "normal")
         start = time.perf_counter()
@@ -177,8 +199,13 @@ def executor_runs(base: Path) -> tuple[float, float, list[str]]:
     return min(colds), min(warms), executed
 
 
-def main() -> None:
-    unet = sd15_unet()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    args = parser.parse_args(argv)
+    where = make_placement(args.device, args.precision)
+    unet = place(sd15_unet(), where.device, where.unet)
     params = sum(p.numel() for p in unet.parameters()) / 1e6
     forward, step, outside = interleaved(unet)
     print(
@@ -187,8 +214,6 @@ def main() -> None:
     overhead = (step - forward) / forward * 100
     del unet  # the executor part builds its own model; two 3.4 GB copies do not fit beside other work
     gc.collect()
-    with tempfile.TemporaryDirectory() as tmp:
-        cold, warm, executed = executor_runs(Path(tmp))
     rows = [
         [f"bare UNet forward, batch 2, latent {SIZE // 8}x{SIZE // 8}", f"{forward:.3f} s", "-"],
         [f"KSampler per step ({STEPS} steps, cfg {CFG}, euler/normal)", f"{step:.3f} s", "-"],
@@ -198,10 +223,20 @@ def main() -> None:
             f"{outside * 100:.2f} %",
             "<= 3 %",
         ],
-        ["executor: cold run (model build + sampling)", f"{cold:.2f} s", "-"],
-        [f"executor: seed-change re-run (ran {', '.join(sorted(executed))})", f"{warm:.2f} s", "-"],
     ]
-    lines = [f"SD1.5 UNet, {params:.0f}M parameters, fp32 CPU, fastest of {REPEATS} alternating runs:", ""]
+    if where.device.type == "cpu":
+        with tempfile.TemporaryDirectory() as tmp:
+            cold, warm, executed = executor_runs(Path(tmp))
+        rows += [
+            ["executor: cold run (model build + sampling)", f"{cold:.2f} s", "-"],
+            [f"executor: seed-change re-run (ran {', '.join(sorted(executed))})", f"{warm:.2f} s", "-"],
+        ]
+    precision = str(where.unet).removeprefix("torch.")
+    lines = [
+        f"SD1.5 UNet, {params:.0f}M parameters, {precision} on {where.device}, "
+        f"fastest of {REPEATS} alternating runs:",
+        "",
+    ]
     lines += table(["measure", "result", "target"], rows)
     print("\n".join(lines))
     record("Sampling (issue 3)", lines)
