@@ -48,14 +48,15 @@ class DiscreteSchedule:
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The integer index of the nearest training sigma (in log space): what the UNet is given."""
-        dists = sigma.log() - self.log_sigmas[:, None]
+        dists = sigma.log() - self.log_sigmas.to(sigma.device)[:, None]  # the table follows sigma's device
         return dists.abs().argmin(dim=0).view(sigma.shape)
 
     def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
         """Sigma at a fractional timestep: log-sigma interpolated linearly between table entries."""
         t = torch.clamp(timestep.float(), min=0, max=len(self.sigmas) - 1)
         low, high, w = t.floor().long(), t.ceil().long(), t.frac()
-        return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
+        log_sigmas = self.log_sigmas.to(t.device)
+        return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
 
 
 @lru_cache(maxsize=4)
