@@ -1,9 +1,10 @@
 """Nodes: UpscaleModelLoader and ImageUpscaleWithModel (ComfyUI's `comfy_extras/nodes_upscale_model.py`).
 
 Only ESRGAN-family (RRDBNet) models are understood (`nodes/sd/esrgan.py`); ComfyUI reads more
-architectures through spandrel. The upscale runs on 512-pixel tiles overlapping by 32 and blended
-with ComfyUI's feathered weights (`nodes/sd/vae_tiled.tiled_scale`), the tile halving on an
-out-of-memory error down to 128, as ComfyUI does.
+architectures through spandrel. The model computes on the engine's device (`nodes/sd/device.py`)
+in fp32. The upscale runs on 512-pixel tiles overlapping by 32, blended with ComfyUI's feathered
+weights (`nodes/sd/vae_tiled.tiled_scale`), the tile halving on an out-of-memory error down to
+128, as ComfyUI does.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from nodegraph.env import Environment
 from nodegraph.node import Combo, Node, Output, RunContext, Socket
 from nodegraph.types import IMAGE, UPSCALE_MODEL
 from nodes.sd import vae_tiled
+from nodes.sd.device import place, placement
 from nodes.sd.esrgan import UpscaleModel, UpscaleModelError, load_upscale_model
 from nodes.sd.model_store import file_stamp
 
@@ -74,7 +76,10 @@ class ImageUpscaleWithModel(Node):
                 f"ImageUpscaleWithModel: '{upscale_model.source}' takes an image of shape "
                 f"[B, H, W, {channels}], got {list(image.shape)}"
             )
-        # 2. [B, H, W, C] -> [B, C, H, W], tiled upscale, clamp, back.
+        # 2. The model on the engine's device, in fp32 (ComfyUI feeds it `a.float()`); the image
+        #    stays on the CPU and only tiles travel.
+        place(upscale_model.net, placement(ctx.env).device, torch.float32)
+        # 3. [B, H, W, C] -> [B, C, H, W], tiled upscale, clamp, back.
         upscaled = upscale_tiled(upscale_model, image.movedim(-1, -3), _progress(ctx))
         result = torch.clamp(upscaled.movedim(-3, -1), min=0.0, max=1.0)
         if alpha is not None:
