@@ -43,12 +43,16 @@ def serve(engine: Any) -> None:
     hosts = [h.strip() for h in listen.split(",") if h.strip()]
     token = app[STATE].token
     shown = hosts[0] if hosts[0] not in ("0.0.0.0", "::") else "127.0.0.1"
-    print(f"nodegraph serving on http://{shown}:{port}/ (listening on {', '.join(hosts)})", flush=True)
-    if token is not None:
-        print(f"access token: {token}", flush=True)
-        print(
-            f"open http://{shown}:{port}/?token={token} once in the browser; scripts send "
-            f"'Authorization: Bearer {token}'",
-            flush=True,
-        )
-    web.run_app(app, host=hosts, port=port, print=None, access_log=None)
+
+    def announce(_aiohttp_message: str) -> None:
+        """Called by aiohttp once the sockets listen (after the warm-up): scripts may wait for it."""
+        print(f"nodegraph serving on http://{shown}:{port}/ (listening on {', '.join(hosts)})", flush=True)
+        if token is not None:
+            print(f"access token: {token}", flush=True)
+            print(
+                f"open http://{shown}:{port}/?token={token} once in the browser; scripts send "
+                f"'Authorization: Bearer {token}'",
+                flush=True,
+            )
+
+    web.run_app(app, host=hosts, port=port, print=announce, access_log=None)
