@@ -1,7 +1,10 @@
-"""Mask and inpaint nodes: SetLatentNoiseMask, VAEEncodeForInpaint, LoadImageMask (ComfyUI nodes.py).
+"""Mask and inpaint nodes: SetLatentNoiseMask, VAEEncodeForInpaint, InpaintModelConditioning,
+LoadImageMask (ComfyUI nodes.py).
 
 A MASK is float32 `[B, H, W]` (or `[H, W]`), 1 where the image is to be repainted. KSampler
-honours a latent's "noise_mask" (nodes/sd/ksampler.py), so these nodes only build it.
+honours a latent's "noise_mask" and, for an inpainting checkpoint (9-channel UNet), the
+conditioning's "concat_latent_image" / "concat_mask" (nodes/sd/ksampler.py), so these nodes only
+build them.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nodegraph.env import Environment
-from nodegraph.node import Combo, Int, Node, Output, RunContext, Socket
-from nodegraph.types import IMAGE, LATENT, MASK, VAE
+from nodegraph.node import Boolean, Combo, Int, Node, Output, RunContext, Socket
+from nodegraph.types import CONDITIONING, IMAGE, LATENT, MASK, VAE
+from nodes.conditioning_area import Conditioning, set_values
 from nodes.image import ImageFileError, annotated_path, input_image_hash, input_image_problem, input_images
 from nodes.sd import vae as vae_math
 from nodes.sd.device import on_device
@@ -100,6 +104,77 @@ class VAEEncodeForInpaint(Node):
         )
 
 
+def grey_masked(pixels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """InpaintModelConditioning's pixel step: (masked pixels cropped to multiples of 8, mask [B,1,H,W]).
+
+    The mask is resized bilinear to the pixel size; pixels and mask are centre-cropped to multiples
+    of 8; pixels under the rounded mask become 0.5 grey: (p - 0.5) * (1 - round(mask)) + 0.5.
+    """
+    if pixels.ndim != 4 or mask.ndim not in (2, 3, 4) or mask.numel() == 0:
+        raise ValueError(
+            f"InpaintModelConditioning: expected pixels [B, H, W, C] and a MASK [B, H, W], got "
+            f"{list(pixels.shape)} and {list(mask.shape)}; connect a LoadImage IMAGE and a MASK"
+        )
+    mask = torch.nn.functional.interpolate(
+        mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1])).float(),
+        size=(pixels.shape[1], pixels.shape[2]),
+        mode="bilinear",
+    )
+    h = (pixels.shape[1] // DOWNSCALE) * DOWNSCALE
+    w = (pixels.shape[2] // DOWNSCALE) * DOWNSCALE
+    y0 = (pixels.shape[1] % DOWNSCALE) // 2
+    x0 = (pixels.shape[2] % DOWNSCALE) // 2
+    pixels = pixels[:, y0 : y0 + h, x0 : x0 + w, :].clone()
+    mask = mask[:, :, y0 : y0 + h, x0 : x0 + w]
+    keep = (1.0 - mask.round()).squeeze(1).unsqueeze(-1)
+    pixels[:, :, :, :3] = (pixels[:, :, :, :3] - 0.5) * keep + 0.5
+    return pixels, mask
+
+
+class InpaintModelConditioning(Node):
+    """Prepare prompts and latent for an inpainting model: the masked image and mask go with each prompt."""
+
+    CATEGORY = "conditioning/inpaint"
+    INPUTS = (
+        Socket("positive", CONDITIONING),
+        Socket("negative", CONDITIONING),
+        Socket("vae", VAE),
+        Socket("pixels", IMAGE),
+        Socket("mask", MASK),
+        Boolean(
+            "noise_mask",
+            True,
+            tooltip="Add a noise mask to the latent so sampling will only happen within the mask. "
+            "Might improve results or completely break things depending on the model.",
+        ),
+    )
+    OUTPUTS = (
+        Output(CONDITIONING, "positive"),
+        Output(CONDITIONING, "negative"),
+        Output(LATENT, "latent"),
+    )
+
+    def run(
+        self,
+        ctx: RunContext,
+        positive: Conditioning,
+        negative: Conditioning,
+        vae: VaeHandle,
+        pixels: torch.Tensor,
+        mask: torch.Tensor,
+        noise_mask: bool,
+    ) -> tuple[Conditioning, Conditioning, dict[str, Any]]:
+        masked, mask = grey_masked(pixels, mask)
+        model = on_device(ctx.env, vae.vae, "vae")
+        concat_latent = vae_math.encode(model, masked)
+        orig_latent = vae_math.encode(model, pixels)
+        latent: dict[str, Any] = {"samples": orig_latent}
+        if noise_mask:
+            latent["noise_mask"] = mask
+        values = {"concat_latent_image": concat_latent, "concat_mask": mask}
+        return (set_values(positive, values), set_values(negative, values), latent)
+
+
 MASK_CHANNELS = ("alpha", "red", "green", "blue")
 
 
@@ -149,4 +224,9 @@ class LoadImageMask(Node):
         return (load_mask_file(annotated_path(ctx.env, image), image, channel),)
 
 
-NODES: tuple[type[Node], ...] = (SetLatentNoiseMask, VAEEncodeForInpaint, LoadImageMask)
+NODES: tuple[type[Node], ...] = (
+    SetLatentNoiseMask,
+    VAEEncodeForInpaint,
+    InpaintModelConditioning,
+    LoadImageMask,
+)

@@ -47,7 +47,8 @@ class _Ref:
 
 
 def detect_family(name: str, keys: Iterable[str], shape_of: ShapeOf) -> str:
-    """ "sd15" for an SD1.x checkpoint; otherwise raise `UnsupportedCheckpointError` naming what it is."""
+    """ "sd15" for an SD1.x checkpoint, inpainting ones included; otherwise raise
+    `UnsupportedCheckpointError` naming what it is."""
     keyset = set(keys)
     supported = "nodegraph supports SD1.x checkpoints for now"
     if (
@@ -68,11 +69,9 @@ def detect_family(name: str, keys: Iterable[str], shape_of: ShapeOf) -> str:
     proj_in = [k for k in keyset if k.endswith("proj_in.weight") and k.startswith(UNET_PREFIX)]
     if context == 1024 or (proj_in and len(shape_of(proj_in[0])) == 2):
         raise UnsupportedCheckpointError(f"'{name}' is an SD2.x checkpoint; {supported}")
-    if in_channels == 9:
-        raise UnsupportedCheckpointError(
-            f"'{name}' is an SD1.x inpainting checkpoint (9 input channels); {supported}"
-        )
-    if in_channels != 4 or context != 768:
+    # 9 input channels: an SD1.x inpainting UNet (latent + mask + masked-image latent); it stays "sd15"
+    # for LoRAs, and the sampler sees `unet.config.in_channels == 9` (nodes/sd/ksampler.py).
+    if in_channels not in (4, 9) or context != 768:
         raise UnsupportedCheckpointError(
             f"'{name}' has an unknown UNet ({in_channels} input channels, context {context}); {supported}"
         )

@@ -15,12 +15,16 @@ comfy/model_sampling.py (EPS). One call of `CFGDenoiser` is one step's denoised 
 4. Per side, out = sum(pred * mult) / sum(mult) with counts starting at 1e-37; mult is the
    strength, times the mask, or for an area without mask a linear ramp at its inner edges.
 5. CFG mixes the x0 predictions: uncond + (cond - uncond) * cfg; at cfg 1 no uncond pass runs.
+
+An inpainting UNet (9 input channels) also gets each entry's `c_concat` (mask + masked-image
+latent, built by the caller's `concat_for`, see nodes/sd/ksampler.py) appended to its input
+channels: cropped to the entry's area, repeated to the batch, batched like the embeddings.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,6 +47,8 @@ class CondEntry:
 
     `area` is (h, w, y, x) in latent pixels or ("percentage", h, w, y, x) as fractions; `mask` is
     [B, H, W] at any size until the sampler resolves it against the latent (see `resolve_entry`).
+    `concat_latent_image` / `concat_mask` are InpaintModelConditioning's options (an inpainting
+    model's input); `concat` is the c_concat built from them for one latent shape.
     """
 
     cross_attn: torch.Tensor
@@ -53,6 +59,9 @@ class CondEntry:
     mask: torch.Tensor | None = None
     mask_strength: float = 1.0
     set_area_to_bounds: bool = False
+    concat_latent_image: torch.Tensor | None = None
+    concat_mask: torch.Tensor | None = None
+    concat: torch.Tensor | None = None
 
 
 def _percent_to_sigma(schedule: DiscreteSchedule, percent: float) -> float:
@@ -89,6 +98,19 @@ def _read_mask(value: Any, what: str) -> torch.Tensor | None:
         raise ConditioningError(
             f"{what}: conditioning mask must be a MASK [batch, height, width], got {shape}; "
             "set it with ConditioningSetMask"
+        )
+    return value
+
+
+def _read_tensor(value: Any, name: str, dims: tuple[int, ...], what: str) -> torch.Tensor | None:
+    """An optional tensor option (concat_latent_image, concat_mask) of one of the given ranks."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor) or value.dim() not in dims or value.numel() == 0:
+        shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ConditioningError(
+            f"{what}: conditioning option {name!r} must be a tensor of rank {' or '.join(map(str, dims))}, "
+            f"got {shape}; set it with InpaintModelConditioning"
         )
     return value
 
@@ -139,6 +161,10 @@ def cond_entries(
                 mask=_read_mask(opts.get("mask"), what),
                 mask_strength=float(opts.get("mask_strength", 1.0)),
                 set_area_to_bounds=bool(opts.get("set_area_to_bounds", False)),
+                concat_latent_image=_read_tensor(
+                    opts.get("concat_latent_image"), "concat_latent_image", (4,), what
+                ),
+                concat_mask=_read_tensor(opts.get("concat_mask"), "concat_mask", (2, 3, 4), what),
             )
         )
     return entries
@@ -202,7 +228,8 @@ def _add_twin(side: list[CondEntry], entry: CondEntry) -> None:
                 smallest = other
     if smallest is None or (smallest.area is not None and tuple(smallest.area) == tuple(entry.area)):
         return
-    side.append(replace(entry, cross_attn=smallest.cross_attn))
+    # ComfyUI copies the covering entry's model conds: its embedding and its c_concat
+    side.append(replace(entry, cross_attn=smallest.cross_attn, concat=smallest.concat))
 
 
 def prepare_sides(
@@ -231,6 +258,7 @@ class _Job:
     area: Area | None
     cross_attn: torch.Tensor
     side: int
+    concat: torch.Tensor | None = None  # c_concat for input_x (an inpainting UNet's extra channels)
 
 
 def _feather(mult: torch.Tensor, area: Area, full: Sequence[int]) -> None:
@@ -261,8 +289,13 @@ def _job(entry: CondEntry, x: torch.Tensor, side: int) -> _Job:
             )
         area = (min(full[0] - y, h), min(full[1] - left, w), y, left)
         input_x = x[:, :, y : y + area[0], left : left + area[1]]
+    concat = entry.concat
+    if concat is not None:  # CONDNoiseShape.process_cond: crop to the area, repeat to the batch
+        if area is not None:
+            concat = concat[:, :, area[2] : area[2] + area[0], area[3] : area[3] + area[1]]
+        concat = _repeat_to_batch(concat, input_x.shape[0])
     if entry.mask is None and area is None:
-        return _Job(input_x, entry.strength, None, entry.cross_attn, side)  # a plain entry
+        return _Job(input_x, entry.strength, None, entry.cross_attn, side, concat)  # a plain entry
     if entry.mask is not None:
         mask = entry.mask[: input_x.shape[0]]
         if input_x.shape[0] % mask.shape[0]:
@@ -280,7 +313,7 @@ def _job(entry: CondEntry, x: torch.Tensor, side: int) -> _Job:
     mult = mask.to(input_x.dtype) * entry.strength
     if entry.mask is None and area is not None:
         _feather(mult, area, full)
-    return _Job(input_x, mult, area, entry.cross_attn, side)
+    return _Job(input_x, mult, area, entry.cross_attn, side, concat)
 
 
 def _can_concat(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -310,8 +343,16 @@ def _repeat_to_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t
 
 
+ConcatFor = Callable[[CondEntry, torch.Size, torch.device], torch.Tensor]
+"""(entry, latent shape, device) -> the entry's c_concat [B, C, H, W] (model_base.concat_cond)."""
+
+
 class CFGDenoiser:
-    """`denoiser(x, sigma_batch) -> x0`: the guided denoised prediction of an EPS UNet."""
+    """`denoiser(x, sigma_batch) -> x0`: the guided denoised prediction of an EPS UNet.
+
+    `concat_for`, given for an inpainting UNet, builds each entry's extra input channels once per
+    latent shape (before areas are paired across sides, as ComfyUI's process_conds does).
+    """
 
     def __init__(
         self,
@@ -321,8 +362,10 @@ class CFGDenoiser:
         negative: list[CondEntry],
         cfg: float,
         keep_uncond: bool = False,
+        concat_for: ConcatFor | None = None,
     ) -> None:
         self.unet = unet
+        self.concat_for = concat_for
         self.keep_uncond = keep_uncond  # CFG++ samplers need the uncond pass even at cfg 1
         self.schedule = schedule
         self.positive = positive
@@ -331,10 +374,19 @@ class CFGDenoiser:
         self.uncond_denoised: torch.Tensor | None = None  # kept for CFG++ samplers
         self._sides: dict[tuple[Any, ...], tuple[list[CondEntry], list[CondEntry]]] = {}
 
-    def apply_model(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """BaseModel._apply_model for EPS: scale the input, integer timestep, x - sigma * eps."""
+    def apply_model(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        context: torch.Tensor,
+        concat: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """BaseModel._apply_model for EPS: scale the input, append c_concat, integer timestep,
+        x - sigma * eps."""
         s = sigma.reshape(sigma.shape[:1] + (1,) * (x.ndim - 1))
         xc = x / (s**2 + 1.0) ** 0.5
+        if concat is not None:
+            xc = torch.cat([xc, concat.to(xc.dtype)], dim=1)
         t = self.schedule.timestep(sigma).float()
         dtype = next(self.unet.parameters()).dtype
         eps = self.unet(xc.to(dtype), t, encoder_hidden_states=context.to(dtype), return_dict=False)[
@@ -343,17 +395,23 @@ class CFGDenoiser:
         return x - eps * s
 
     def sides_for(
-        self, height: int, width: int, device: torch.device | None = None
+        self, height: int, width: int, device: torch.device | None = None, batch: int = 1
     ) -> tuple[list[CondEntry], list[CondEntry]]:
         """The positive and negative entries resolved for a latent of this size (computed once)."""
-        key = (height, width, device)
+        key = (height, width, device, batch)
         if key not in self._sides:
-            self._sides[key] = prepare_sides(self.positive, self.negative, height, width, device)
+            positive, negative = self.positive, self.negative
+            if self.concat_for is not None:
+                shape = torch.Size((batch, 4, height, width))
+                where = device or torch.device("cpu")
+                positive = [replace(e, concat=self.concat_for(e, shape, where)) for e in positive]
+                negative = [replace(e, concat=self.concat_for(e, shape, where)) for e in negative]
+            self._sides[key] = prepare_sides(positive, negative, height, width, device)
         return self._sides[key]
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         skip_uncond = math.isclose(self.cfg, 1.0) and not self.keep_uncond
-        positive, negative = self.sides_for(x.shape[2], x.shape[3], x.device)
+        positive, negative = self.sides_for(x.shape[2], x.shape[3], x.device, x.shape[0])
         cond, uncond = self.predict(x, sigma, [positive, [] if skip_uncond else negative])
         self.uncond_denoised = uncond
         if skip_uncond:
@@ -379,13 +437,17 @@ class CFGDenoiser:
             picked = [
                 i
                 for i, job in enumerate(to_run)
-                if job.input_x.shape == first.input_x.shape and _can_concat(job.cross_attn, first.cross_attn)
+                if job.input_x.shape == first.input_x.shape
+                and _can_concat(job.cross_attn, first.cross_attn)
+                and (job.concat is None) == (first.concat is None)
             ][::-1]
             chunk = [to_run.pop(i) for i in picked]
             batch = x.shape[0]
             context = _concat_cross_attn([_repeat_to_batch(job.cross_attn, batch) for job in chunk])
             inputs = torch.cat([job.input_x for job in chunk])
-            result = self.apply_model(inputs, torch.cat([sigma] * len(chunk)), context)
+            concats = [job.concat for job in chunk if job.concat is not None]
+            concat = torch.cat(concats) if concats else None
+            result = self.apply_model(inputs, torch.cat([sigma] * len(chunk)), context, concat)
             for job, pred in zip(chunk, result.chunk(len(chunk)), strict=True):
                 out, count = outs[job.side], counts[job.side]
                 if job.area is not None:

@@ -9,6 +9,9 @@ Sources: nodes.py `common_ksampler`, comfy/sample.py, comfy/samplers.py (`KSampl
 4. x_T = latent + noise * sqrt(1 + sigma_0^2) at full denoise (sigma_0 ~ sigma_max), else noise * sigma_0.
 5. The sampler runs inside the LoRA patch context and inference mode.
 6. The result leaves model space (/ 0.18215).
+
+An inpainting UNet (9 input channels) gets model_base.BaseModel.concat_cond's extra channels per
+conditioning entry (`InpaintConcat`); a 4-channel UNet ignores those options, as in ComfyUI.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Any
 import torch
 
 from nodes.sd.device import Placement, place
-from nodes.sd.guidance import CFGDenoiser, cond_entries
+from nodes.sd.guidance import CFGDenoiser, ConcatFor, CondEntry, cond_entries
+from nodes.sd.latent_ops import common_upscale
 from nodes.sd.noise import prepare_noise
 from nodes.sd.patcher import patched
 from nodes.sd.samplers import Model
@@ -29,6 +33,9 @@ from nodes.sd.samplers_registry import CFG_PP, DISCARD_PENULTIMATE, SAMPLERS
 from nodes.sd.schedules import DiscreteSchedule, sampler_sigmas, sd15_schedule, split_sigmas
 
 SD15_SCALE = 0.18215
+INPAINT_IN_CHANNELS = 9  # an SD1.x inpainting UNet: latent (4) + mask (1) + masked-image latent (4)
+# latent_formats.SD15 blank_inpaint_image_like: a grey (0.5) image in SD1.x latent space (scaled)
+BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, total steps, x0 in model space)
 
@@ -102,6 +109,58 @@ class _Inpaint:
         return self.model(x, sigma) * self.mask + self.latent * self.keep
 
 
+def resize_to_batch_size(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """comfy.utils.resize_to_batch_size: pick (not repeat) items spread evenly over the batch."""
+    have = t.shape[0]
+    if have == batch:
+        return t
+    if batch <= 1:
+        return t[:batch]
+    if batch < have:
+        scale = (have - 1) / (batch - 1)
+        picks = [min(round(i * scale), have - 1) for i in range(batch)]
+    else:
+        scale = have / batch
+        picks = [min(math.floor((i + 0.5) * scale), have - 1) for i in range(batch)]
+    return t[picks]
+
+
+@dataclass(frozen=True)
+class InpaintConcat:
+    """BaseModel.concat_cond for an inpainting UNet (concat keys "mask", "masked_image").
+
+    `latent_image` is the KSampler's latent in model space; `denoise_mask` its prepared noise mask
+    ([B, C, h, w], see `_denoise_mask`) or None.
+    """
+
+    latent_image: torch.Tensor
+    denoise_mask: torch.Tensor | None
+
+    def __call__(self, entry: CondEntry, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """The entry's c_concat for a latent of `shape`: cat([mask, masked-image latent])."""
+        batch, height, width = shape[0], shape[-2], shape[-1]
+        # 1. The entry's own mask wins over the latent's noise mask; its image over the latent.
+        mask = entry.concat_mask if entry.concat_mask is not None else self.denoise_mask
+        image = self.latent_image
+        if entry.concat_latent_image is not None:
+            image = entry.concat_latent_image.to(device, torch.float32) * SD15_SCALE  # process_latent_in
+        if tuple(image.shape[1:]) != (shape[1], height, width):
+            image = common_upscale(image.float(), width, height, "bilinear", "center")
+        image = resize_to_batch_size(image, batch)
+        if mask is None:  # 2. no mask anywhere: everything is to be painted, on a blank image
+            blank = torch.tensor(BLANK_INPAINT_LATENT, device=device).reshape(1, -1, 1, 1)
+            return torch.cat([torch.ones((batch, 1, height, width), device=device), blank.expand(shape)], 1)
+        # 3. One mask channel at latent size, rounded, spread over the batch.
+        mask = mask.to(device, torch.float32)
+        if mask.dim() == 4:
+            mask = mask[:, :1]
+        mask = mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))
+        if tuple(mask.shape[-2:]) != (height, width):
+            mask = common_upscale(mask, width, height, "bilinear", "center")
+        mask = resize_to_batch_size(mask.round(), batch)
+        return torch.cat([mask, image.to(device, torch.float32)], dim=1)
+
+
 def _to(conditioning: Any, device: torch.device) -> Any:
     """CONDITIONING with its embeddings on `device` (options, masks included, are moved later)."""
     if device.type == "cpu" or not isinstance(conditioning, (list, tuple)):
@@ -139,7 +198,12 @@ def run_sampler(
     positive, negative = _to(positive, device), _to(negative, device)
     samples = samples.to(device)
     model_latent = samples * SD15_SCALE if torch.count_nonzero(samples) > 0 else samples
-    width = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
+    config = getattr(unet, "config", None)
+    width = getattr(config, "cross_attention_dim", None)
+    mask = _denoise_mask(latent["noise_mask"], samples.shape).to(device) if "noise_mask" in latent else None
+    concat_for: ConcatFor | None = None
+    if getattr(config, "in_channels", 4) == INPAINT_IN_CHANNELS:
+        concat_for = InpaintConcat(model_latent, mask)
     guider = CFGDenoiser(
         unet,
         schedule,
@@ -147,10 +211,10 @@ def run_sampler(
         cond_entries(negative, schedule, "negative", width),
         request.cfg,
         keep_uncond=request.sampler_name in CFG_PP,
+        concat_for=concat_for,
     )
     denoiser: Model = guider
-    if "noise_mask" in latent:
-        mask = _denoise_mask(latent["noise_mask"], samples.shape).to(device)
+    if mask is not None:
         inpaint_noise = noise
         if request.sampler_name == "ddim":  # ComfyUI's ddim re-noises the kept region from seed + 1
             generator = torch.manual_seed((request.seed + 1) % 2**64)

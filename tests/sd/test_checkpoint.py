@@ -74,7 +74,7 @@ def _ldm_keys(mini_checkpoint: Path) -> dict[str, tuple[int, ...]]:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
-def test_sdxl_sd2_and_inpaint_are_refused_by_name(mini_checkpoint: Path) -> None:
+def test_sdxl_and_sd2_are_refused_by_name_inpainting_is_sd15(mini_checkpoint: Path) -> None:
     shapes = _ldm_keys(mini_checkpoint)
     sdxl = {**shapes, "conditioner.embedders.0.transformer.text_model.x": (1,)}
     with pytest.raises(convert.UnsupportedCheckpointError, match="'a.safetensors' is an SDXL checkpoint"):
@@ -83,8 +83,10 @@ def test_sdxl_sd2_and_inpaint_are_refused_by_name(mini_checkpoint: Path) -> None
     with pytest.raises(convert.UnsupportedCheckpointError, match="SD2.x"):
         convert.detect_family("b.safetensors", sd2, sd2.__getitem__)
     inpaint = {**shapes, "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}
-    with pytest.raises(convert.UnsupportedCheckpointError, match="inpainting"):
-        convert.detect_family("c.safetensors", inpaint, inpaint.__getitem__)
+    assert convert.detect_family("c.safetensors", inpaint, inpaint.__getitem__) == "sd15"
+    odd = {**shapes, "model.diffusion_model.input_blocks.0.0.weight": (320, 8, 3, 3)}
+    with pytest.raises(convert.UnsupportedCheckpointError, match="'e.safetensors' has an unknown UNet"):
+        convert.detect_family("e.safetensors", odd, odd.__getitem__)
     assert convert.detect_family("d.safetensors", shapes, shapes.__getitem__) == "sd15"
 
 
