@@ -25,8 +25,10 @@ from nodegraph.events import Event
 from nodegraph.validate import validate_prompt
 from nodes import all_nodes
 from nodes.conditioning import CLIPTextEncode
+from nodes.conditioning_area import ConditioningSetArea
 from nodes.image import VAEEncode
 from nodes.inpaint import InpaintModelConditioning, VAEEncodeForInpaint
+from nodes.latent import EmptyLatentImage
 from nodes.loaders import CheckpointLoaderSimple
 from nodes.sampling import KSampler
 from nodes.sd import vae as vae_math
@@ -159,6 +161,39 @@ def test_no_mask_gives_ones_and_the_blank_latent(ctx: FakeContext, conv_inputs: 
     assert x.shape == (1, 9, 8, 8)  # cfg 1: the cond pass only
     torch.testing.assert_close(x[:, 4:5], torch.ones(1, 1, 8, 8))
     torch.testing.assert_close(x[:, 5:], BLANK.expand(1, 4, 8, 8))
+
+
+def test_an_area_entry_gets_its_crop_of_the_concat(ctx: FakeContext, conv_inputs: Any) -> None:
+    (model, clip, vae), seen = conv_inputs
+    positive, negative = prompts(ctx, clip)
+    pixels, mask = pixels_and_mask()
+    pos, neg, latent = InpaintModelConditioning().run(ctx, positive, negative, vae, pixels, mask, True)
+    (pos,) = ConditioningSetArea().run(ctx, pos, 32, 32, 16, 8, 1.0)  # latent rows 1..5, columns 2..6
+    sample(ctx, model, pos, neg, latent)
+    full = torch.cat([mask_at_latent(mask), pos[0][1]["concat_latent_image"] * SCALE], dim=1)
+    crops = [x for x in seen if x.shape[-2:] == (4, 4)]
+    assert [x.shape for x in crops] == [torch.Size((2, 9, 4, 4))]  # the area entry and its negative twin
+    for item in crops[0]:
+        torch.testing.assert_close(item[4:].unsqueeze(0), full[:, :, 1:5, 2:6], rtol=1e-5, atol=1e-5)
+
+
+def test_a_concat_of_another_size_is_centre_cropped_and_resized(ctx: FakeContext, conv_inputs: Any) -> None:
+    (model, clip, vae), seen = conv_inputs
+    positive, negative = prompts(ctx, clip)
+    pixels = torch.rand((1, 96, 64, 3), generator=torch.Generator().manual_seed(4))
+    mask = torch.zeros((1, 96, 64))
+    mask[0, 30:70, 8:40] = 1.0
+    pos, neg, _ = InpaintModelConditioning().run(ctx, positive, negative, vae, pixels, mask, True)
+    (empty,) = EmptyLatentImage().run(ctx, 64, 64, 2)  # 8x8, a batch of two; no noise mask
+    sample(ctx, model, pos, neg, empty)
+    (x,) = seen
+    # common_upscale(..., "bilinear", "center"): 12x8 latent rows 2..10, 96x64 mask rows 16..80
+    image = pos[0][1]["concat_latent_image"][:, :, 2:10, :] * SCALE
+    small = torch.nn.functional.interpolate(mask[:, None, 16:80, :], size=(8, 8), mode="bilinear").round()
+    expected = torch.cat([small, image], dim=1)
+    assert x.shape == (4, 9, 8, 8)
+    for item in x:
+        torch.testing.assert_close(item[4:].unsqueeze(0), expected, rtol=1e-5, atol=1e-5)
 
 
 def comfy_inpaint_model_conditioning(
@@ -299,3 +334,12 @@ def test_inpaint_workflow_with_an_inpainting_checkpoint_writes_a_png(engine: Any
     path = Path(engine.env.folders.output_dir) / entry["subfolder"] / entry["filename"]
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (64, 64)
+
+
+def test_a_bad_concat_option_is_a_clear_error(ctx: FakeContext, conv_inputs: Any) -> None:
+    (model, clip, _), _ = conv_inputs
+    positive, negative = prompts(ctx, clip)
+    bad = [[positive[0][0], {**positive[0][1], "concat_latent_image": torch.zeros(4, 8, 8)}]]
+    (empty,) = EmptyLatentImage().run(ctx, 64, 64, 1)
+    with pytest.raises(ValueError, match="positive: conditioning option 'concat_latent_image' must be"):
+        sample(ctx, model, bad, negative, empty)
