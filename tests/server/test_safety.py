@@ -255,7 +255,12 @@ def test_serve_prints_the_token_and_listens_where_told(
     from nodegraph import server
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(web, "run_app", lambda app, **kw: seen.update(kw, app=app))
+
+    def run_app(app: Any, **kw: Any) -> None:
+        seen.update(kw, app=app)
+        kw["print"]("======== Running on ...")  # aiohttp's call once the sockets listen
+
+    monkeypatch.setattr(web, "run_app", run_app)
     server.serve(make_engine(tmp_path, listen="0.0.0.0,::"))
     out = capsys.readouterr().out
     token = seen["app"][STATE].token
