@@ -390,6 +390,9 @@ def _cmd_train_lora(args: argparse.Namespace) -> int:
 def _train_lora(args: argparse.Namespace) -> list[Path]:
     from tqdm import tqdm
 
+    if getattr(args, "precision", "auto") not in ("auto", "fp32"):
+        raise CliError(f"train-lora trains in fp32; --precision {args.precision} is not supported")
+    _check_device(args)
     engine = _engine(args, with_nodes=False)
     try:
         run = importlib.import_module("nodes.train.run")
@@ -404,7 +407,7 @@ def _train_lora(args: argparse.Namespace) -> list[Path]:
         checkpoint=args.checkpoint, data=args.data, output=args.output, options=options, steps=args.steps,
         epochs=args.epochs, save_every_n_epochs=args.save_every_n_epochs,
         save_precision=args.save_precision, caption_extension=args.caption_extension,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, device=args.device,
     )  # fmt: skip
     bars: dict[str, Any] = {}
 

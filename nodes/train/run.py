@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nodegraph.folders import Folders, PathEscapeError
 from nodes.sd.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+from nodes.sd.device import DeviceError, resolve_device
 from nodes.train.dataset import DatasetError, check_resolution, load_dataset
 from nodes.train.save import (
     SAVE_DTYPES,
@@ -45,6 +46,7 @@ class TrainRequest:
     save_precision: str = "fp16"
     caption_extension: str = ".txt"
     overwrite: bool = False
+    device: str = "auto"  # as the engine's --device: auto (a GPU when torch has one), cpu, cuda:N, mps
 
 
 def train_lora(
@@ -91,6 +93,10 @@ def _train(
     encoding: Encoding | None,
 ) -> list[Path]:
     _check(request)
+    try:
+        device = resolve_device(request.device)
+    except DeviceError as exc:
+        raise TrainError(str(exc)) from exc
     started = time.time()
     final = lora_path(folders, request.output)
     dataset = load_dataset(request.data, request.caption_extension)
@@ -116,7 +122,7 @@ def _train(
         num_epochs=num_epochs, tag_frequency=tag_frequency, dataset_dirs=dataset_dirs,
         num_train_images=dataset.num_train_images, started_at=started,
     )  # fmt: skip
-    trainer = LoraTrainer(models, dataset, opts)
+    trainer = LoraTrainer(models, dataset, opts, device)
     written: list[Path] = []
     try:
         for i, sample in enumerate(dataset.samples, 1):

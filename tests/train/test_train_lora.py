@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -313,3 +314,33 @@ def test_a_seed_gives_the_same_lora_and_another_seed_another(
     a, b, c = tensors
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_cli_device_flags_reach_the_trainer(
+    tmp_path: Path,
+    mini_checkpoint: Path,
+    data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import nodes.train.run as run
+
+    base = _base(tmp_path, mini_checkpoint)
+    argv = ["train-lora", "--base-directory", str(base), "--checkpoint", "mini.safetensors",
+            "--data", str(data_dir), "--output", "dev", "--steps", "1", "--resolution", "64"]  # fmt: skip
+    seen: list[torch.device] = []
+    real = run.LoraTrainer
+
+    def trainer(*args: Any, **kwargs: Any) -> Any:
+        seen.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "LoraTrainer", trainer)
+    assert main([*argv, "--cpu"]) == 0
+    assert seen == [torch.device("cpu")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*argv, "--overwrite", "--device", "cuda"]) == 1
+    assert "sees no CUDA GPU" in capsys.readouterr().err
+    assert main([*argv, "--overwrite", "--precision", "fp16"]) == 1
+    assert "trains in fp32" in capsys.readouterr().err
+    assert len(seen) == 1  # neither refused run reached the trainer
