@@ -204,12 +204,15 @@ def _round_fp16(flat: torch.Tensor) -> None:
 
 def _backup(weight: torch.Tensor) -> torch.Tensor:
     """An exact copy in the narrowest dtype that holds it: fp16 when every value is fp16-exact (a
-    checkpoint stored in fp16, as almost all are; half the memory and half the reads), else its own."""
+    checkpoint stored in fp16, as almost all are; half the memory and half the reads), else its own.
+    Always in CPU memory, as ComfyUI keeps its backups on the offload device: a GPU's memory is
+    the scarce one, and rebuilds there are summed on the CPU anyway."""
+    weight = weight.detach()
     if weight.dtype == torch.float32:
-        half = weight.half()
-        if torch.equal(half.float(), weight):
+        half = weight.to("cpu", torch.float16)
+        if torch.equal(half.to(weight.device, torch.float32), weight):
             return half
-    return weight.clone()
+    return weight.to("cpu", copy=True)
 
 
 def _wanted(
@@ -306,7 +309,8 @@ def _change(state: _State, module: Any, active: list[LoraRef], stack: _Sig, targ
             param = state.params[name]
             if name not in state.backups:
                 state.backups[name] = _backup(param.data)
-            keeps = _keeps(state, name, patches, param) if target == "te" else None
+            rows = param.device.type == "cpu" and param.dtype == torch.float32  # where a kept ΔW is used
+            keeps = _keeps(state, name, patches, param) if target == "te" and rows else None
             _rebuild(param, state.backups[name], [(u, s) for u, s, _ in patches], target, keeps)
             state.applied[name] = sig
             rewritten += 1
