@@ -78,9 +78,19 @@ class ImageUpscaleWithModel(Node):
             )
         # 2. The model on the engine's device, in fp32 (ComfyUI feeds it `a.float()`); the image
         #    stays on the CPU and only tiles travel.
+        #    Afterwards it goes back to the CPU (ComfyUI does the same): the cached loader output
+        #    would otherwise keep it in GPU memory beside the diffusion models.
         place(upscale_model.net, placement(ctx.env).device, torch.float32)
-        # 3. [B, H, W, C] -> [B, C, H, W], tiled upscale, clamp, back.
-        upscaled = upscale_tiled(upscale_model, image.movedim(-1, -3), _progress(ctx))
+        try:
+            # 3. [B, H, W, C] -> [B, C, H, W], tiled upscale, clamp, back.
+            upscaled = upscale_tiled(upscale_model, image.movedim(-1, -3), _progress(ctx))
+        except torch.OutOfMemoryError as exc:
+            raise UpscaleModelError(
+                f"ImageUpscaleWithModel: not enough device memory to upscale a {image.shape[2]}x"
+                f"{image.shape[1]} image with '{upscale_model.source}', even in {SMALLEST_TILE} px tiles"
+            ) from exc
+        finally:
+            place(upscale_model.net, torch.device("cpu"), torch.float32)
         result = torch.clamp(upscaled.movedim(-3, -1), min=0.0, max=1.0)
         if alpha is not None:
             size = (result.shape[1], result.shape[2])

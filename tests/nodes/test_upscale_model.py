@@ -373,3 +373,21 @@ def test_decode_upscale_save_workflow(tmp_path: Path, mini_checkpoint: Path) -> 
     run(events)
     cached = next(e for e in events if isinstance(e, ExecutionCached)).nodes
     assert {"up_model", "upscale"} <= set(cached)
+
+
+def test_out_of_memory_even_in_small_tiles_is_a_clear_error(ctx: FakeContext, upscale_dir: Path) -> None:
+    model = load(ctx, write(upscale_dir, "oom.safetensors", basicsr_state(2, seed=3)))
+    sizes: list[int] = []
+
+    def no_memory(module: Any, args: Any) -> None:
+        sizes.append(args[0].shape[-1])
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    hook = model.net.register_forward_pre_hook(no_memory)
+    try:
+        with pytest.raises(UpscaleModelError, match=r"not enough device memory .*oom\.safetensors"):
+            ImageUpscaleWithModel().run(ctx, model, torch.rand(1, 600, 600, 3))
+    finally:
+        hook.remove()
+    assert sizes == [512, 256, 128]  # the tile halves down to the smallest before giving up
+    assert next(model.net.parameters()).device.type == "cpu"  # the model is back on the CPU
