@@ -21,7 +21,15 @@ Conditioning = list[list[Any]]
 
 def set_values(conditioning: Conditioning, values: dict[str, Any]) -> Conditioning:
     """A new conditioning whose entries carry `values` in copies of their option dicts."""
-    return [[cond, {**options, **values}] for cond, options in conditioning]
+    out = []
+    for item in conditioning if isinstance(conditioning, (list, tuple)) else [None]:
+        if not isinstance(item, (list, tuple)) or not item or not isinstance(item[0], torch.Tensor):
+            raise ValueError(
+                "conditioning: an entry is not [embedding, options]; connect a CLIPTextEncode output"
+            )
+        options = item[1] if len(item) > 1 and isinstance(item[1], dict) else {}
+        out.append([item[0], {**options, **values}])
+    return out
 
 
 def _strength() -> Float:

@@ -115,6 +115,12 @@ def grey_masked(pixels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
             f"InpaintModelConditioning: expected pixels [B, H, W, C] and a MASK [B, H, W], got "
             f"{list(pixels.shape)} and {list(mask.shape)}; connect a LoadImage IMAGE and a MASK"
         )
+    masks = mask.reshape((-1, mask.shape[-2], mask.shape[-1])).shape[0]
+    if masks not in (1, pixels.shape[0]):
+        raise ValueError(
+            f"InpaintModelConditioning: mask: {masks} masks for {pixels.shape[0]} images; "
+            "give one mask, or one per image"
+        )
     mask = torch.nn.functional.interpolate(
         mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1])).float(),
         size=(pixels.shape[1], pixels.shape[2]),

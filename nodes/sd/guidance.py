@@ -64,6 +64,19 @@ class CondEntry:
     concat: torch.Tensor | None = None
 
 
+def _number(opts: dict[str, Any], key: str, default: float, what: str) -> float:
+    """A numeric conditioning option, or an error naming it and the side."""
+    value = opts.get(key, default)
+    try:
+        if isinstance(value, (str, bytes, bool)):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ConditioningError(
+            f"{what}: conditioning option {key!r} must be a number, got {value!r}"
+        ) from None
+
+
 def _percent_to_sigma(schedule: DiscreteSchedule, percent: float) -> float:
     """comfy ModelSamplingDiscrete.percent_to_sigma."""
     if percent <= 0.0:
@@ -154,12 +167,12 @@ def cond_entries(
         entries.append(
             CondEntry(
                 cross_attn=tensor,
-                strength=float(opts.get("strength", 1.0)),
-                sigma_start=_percent_to_sigma(schedule, float(opts.get("start_percent", 0.0))),
-                sigma_end=_percent_to_sigma(schedule, float(opts.get("end_percent", 1.0))),
+                strength=_number(opts, "strength", 1.0, what),
+                sigma_start=_percent_to_sigma(schedule, _number(opts, "start_percent", 0.0, what)),
+                sigma_end=_percent_to_sigma(schedule, _number(opts, "end_percent", 1.0, what)),
                 area=_read_area(opts.get("area"), what),
                 mask=_read_mask(opts.get("mask"), what),
-                mask_strength=float(opts.get("mask_strength", 1.0)),
+                mask_strength=_number(opts, "mask_strength", 1.0, what),
                 set_area_to_bounds=bool(opts.get("set_area_to_bounds", False)),
                 concat_latent_image=_read_tensor(
                     opts.get("concat_latent_image"), "concat_latent_image", (4,), what

@@ -226,3 +226,29 @@ def test_bad_areas_and_masks_are_clear_errors(unet: Any, embeddings: dict, x: to
         ConditioningError, match="positive: conditioning area at x=512, y=0 .* outside the 256x128 image"
     ):
         denoiser(unet, outside, [[embeddings["neg"], {}]], 1.0)(x, SIGMA)
+
+
+def test_bad_option_values_and_entries_name_what_is_wrong() -> None:
+    import pytest as _pytest
+
+    from nodes.conditioning_area import set_values
+    from nodes.inpaint import grey_masked
+    from nodes.sd.guidance import ConditioningError, cond_entries
+    from nodes.sd.schedules import sd15_schedule
+
+    cond = torch.zeros(1, 77, 768)
+    with _pytest.raises(
+        ConditioningError, match=r"negative: conditioning option 'strength' must be a number, got 'x'"
+    ):
+        cond_entries([[cond, {"strength": "x"}]], sd15_schedule(), "negative")
+    with _pytest.raises(ConditioningError, match="start_percent"):
+        cond_entries([[cond, {"start_percent": None}]], sd15_schedule(), "positive")
+    assert (
+        cond_entries([[cond, {"strength": torch.tensor(0.5)}]], sd15_schedule(), "positive")[0].strength
+        == 0.5
+    )
+    assert set_values([[cond]], {"strength": 2.0})[0][1] == {"strength": 2.0}  # an entry without options
+    with _pytest.raises(ValueError, match="conditioning: an entry is not"):
+        set_values([["not a tensor", {}]], {"strength": 2.0})
+    with _pytest.raises(ValueError, match="mask: 3 masks for 2 images"):
+        grey_masked(torch.rand(2, 64, 64, 3), torch.rand(3, 64, 64))
