@@ -30,236 +30,27 @@ from typing import Any
 
 import torch
 
+from nodes.sd.cond_entries import (  # re-exported: the sampler's public names stay here
+    AREA_FEATHER,
+    SIDES,
+    Area,
+    CondEntry,
+    ConditioningError,
+    cond_entries,
+    prepare_sides,
+    resolve_entry,
+)
 from nodes.sd.schedules import DiscreteSchedule
 
-Area = tuple[int, int, int, int]  # ComfyUI's order, in latent pixels: (height, width, y, x)
-_SIDES = ("positive", "negative")  # CFGDenoiser's order of sides, for messages
-AREA_FEATHER = 8  # get_area_and_mult's `fuzz`: the ramp at an area's inner edges, in latent pixels
-
-
-class ConditioningError(ValueError):
-    """A CONDITIONING value the sampler cannot use."""
-
-
-@dataclass(frozen=True)
-class CondEntry:
-    """One conditioning entry: token embeddings [1, T, C], its weight and its active sigma range.
-
-    `area` is (h, w, y, x) in latent pixels or ("percentage", h, w, y, x) as fractions; `mask` is
-    [B, H, W] at any size until the sampler resolves it against the latent (see `resolve_entry`).
-    `concat_latent_image` / `concat_mask` are InpaintModelConditioning's options (an inpainting
-    model's input); `concat` is the c_concat built from them for one latent shape.
-    """
-
-    cross_attn: torch.Tensor
-    strength: float = 1.0
-    sigma_start: float = math.inf  # active while sigma_end <= sigma <= sigma_start
-    sigma_end: float = 0.0
-    area: tuple[Any, ...] | None = None
-    mask: torch.Tensor | None = None
-    mask_strength: float = 1.0
-    set_area_to_bounds: bool = False
-    concat_latent_image: torch.Tensor | None = None
-    concat_mask: torch.Tensor | None = None
-    concat: torch.Tensor | None = None
-
-
-def _number(opts: dict[str, Any], key: str, default: float, what: str) -> float:
-    """A numeric conditioning option, or an error naming it and the side."""
-    value = opts.get(key, default)
-    try:
-        if isinstance(value, (str, bytes, bool)):
-            raise TypeError
-        return float(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise ConditioningError(
-            f"{what}: conditioning option {key!r} must be a number, got {value!r}"
-        ) from None
-
-
-def _percent_to_sigma(schedule: DiscreteSchedule, percent: float) -> float:
-    """comfy ModelSamplingDiscrete.percent_to_sigma."""
-    if percent <= 0.0:
-        return 999999999.9
-    if percent >= 1.0:
-        return 0.0
-    return float(schedule.sigma(torch.tensor((1.0 - percent) * 999.0)))
-
-
-def _read_area(value: Any, what: str) -> tuple[Any, ...] | None:
-    """Check an "area" option: (h, w, y, x) integers or ("percentage", h, w, y, x) fractions."""
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)) and len(value) == 5 and value[0] == "percentage":
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value[1:]):
-            return ("percentage", *(float(v) for v in value[1:]))
-    elif isinstance(value, (list, tuple)) and len(value) == 4:
-        ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
-        if ints and value[0] > 0 and value[1] > 0:
-            return tuple(value)
-    raise ConditioningError(
-        f"{what}: conditioning area must be (height, width, y, x) in latent pixels or "
-        f'("percentage", height, width, y, x), got {value!r}; set it with ConditioningSetArea'
-    )
-
-
-def _read_mask(value: Any, what: str) -> torch.Tensor | None:
-    if value is None:
-        return None
-    if not isinstance(value, torch.Tensor) or value.dim() not in (2, 3) or value.numel() == 0:
-        shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ConditioningError(
-            f"{what}: conditioning mask must be a MASK [batch, height, width], got {shape}; "
-            "set it with ConditioningSetMask"
-        )
-    return value
-
-
-def _read_tensor(value: Any, name: str, dims: tuple[int, ...], what: str) -> torch.Tensor | None:
-    """An optional tensor option (concat_latent_image, concat_mask) of one of the given ranks."""
-    if value is None:
-        return None
-    if not isinstance(value, torch.Tensor) or value.dim() not in dims or value.numel() == 0:
-        shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ConditioningError(
-            f"{what}: conditioning option {name!r} must be a tensor of rank {' or '.join(map(str, dims))}, "
-            f"got {shape}; set it with InpaintModelConditioning"
-        )
-    return value
-
-
-def cond_entries(
-    conditioning: Any, schedule: DiscreteSchedule, what: str, width: int | None = None
-) -> list[CondEntry]:
-    """Read a CONDITIONING value (ComfyUI's list of [tensor, options]) into entries.
-
-    Args:
-        conditioning: the value on the link.
-        schedule: the model's noise levels (for start/end percent).
-        what: "positive" or "negative", for messages.
-        width: the UNet's cross-attention width, to reject another model family's embeddings.
-    """
-    if not isinstance(conditioning, (list, tuple)):
-        raise ConditioningError(
-            f"{what}: expected CONDITIONING (a list of [embedding, options]), got "
-            f"{type(conditioning).__name__}; connect a CLIPTextEncode output"
-        )
-    entries = []
-    for item in conditioning:
-        if not isinstance(item, (list, tuple)) or len(item) < 1 or not isinstance(item[0], torch.Tensor):
-            raise ConditioningError(f"{what}: a conditioning entry is not [embedding tensor, options]")
-        tensor = item[0]
-        opts = item[1] if len(item) > 1 and isinstance(item[1], dict) else {}
-        if tensor.dim() != 3:
-            raise ConditioningError(
-                f"{what}: embedding must be [batch, tokens, channels], got {list(tensor.shape)}"
-            )
-        unsupported = sorted(k for k in ("control", "gligen") if opts.get(k) is not None)
-        if unsupported:
-            raise ConditioningError(
-                f"{what}: conditioning with {', '.join(unsupported)} is not supported yet"
-            )
-        if width is not None and tensor.shape[-1] != width:
-            raise ConditioningError(
-                f"{what}: embedding width {tensor.shape[-1]} does not fit this model (it expects {width}); "
-                "encode the prompt with the CLIP from the same checkpoint"
-            )
-        entries.append(
-            CondEntry(
-                cross_attn=tensor,
-                strength=_number(opts, "strength", 1.0, what),
-                sigma_start=_percent_to_sigma(schedule, _number(opts, "start_percent", 0.0, what)),
-                sigma_end=_percent_to_sigma(schedule, _number(opts, "end_percent", 1.0, what)),
-                area=_read_area(opts.get("area"), what),
-                mask=_read_mask(opts.get("mask"), what),
-                mask_strength=_number(opts, "mask_strength", 1.0, what),
-                set_area_to_bounds=bool(opts.get("set_area_to_bounds", False)),
-                concat_latent_image=_read_tensor(
-                    opts.get("concat_latent_image"), "concat_latent_image", (4,), what
-                ),
-                concat_mask=_read_tensor(opts.get("concat_mask"), "concat_mask", (2, 3, 4), what),
-            )
-        )
-    return entries
-
-
-def _mask_bounds(mask: torch.Tensor) -> Area:
-    """The "mask bounds" area: the bounding box of any nonzero mask pixel, at least 8x8."""
-    bounds = torch.amax(torch.abs(mask), dim=0)
-    ys, xs = torch.where(bounds != 0)
-    if ys.numel() == 0:
-        return (8, 8, 0, 0)  # an all-zero mask: the smallest area, whose weight is zero anyway
-    y, x = int(ys.min()), int(xs.min())
-    return (max(8, int(ys.max()) - y + 1), max(8, int(xs.max()) - x + 1), y, x)
-
-
-def resolve_entry(entry: CondEntry, height: int, width: int, device: torch.device | None = None) -> CondEntry:
-    """resolve_areas_and_cond_masks_multidim for one entry and a latent of height x width."""
-    area = entry.area
-    if area is not None and area[0] == "percentage":
-        _, h, w, y, x = area
-        area = (max(1, round(h * height)), max(1, round(w * width)), round(y * height), round(x * width))
-    mask = entry.mask
-    if mask is not None:
-        mask = mask.unsqueeze(0) if mask.dim() == 2 else mask
-        if device is not None and mask.device != device:
-            mask = mask.to(device)
-        if tuple(mask.shape[1:]) != (height, width):
-            # comfy.utils.common_upscale(..., "bilinear", "none"): plain interpolate, no antialias
-            mask = torch.nn.functional.interpolate(
-                mask.unsqueeze(1).float(), size=(height, width), mode="bilinear"
-            ).squeeze(1)
-        if entry.set_area_to_bounds:
-            area = _mask_bounds(mask)
-    if area is entry.area and mask is entry.mask and not entry.set_area_to_bounds:  # nothing to do
-        return entry
-    return replace(entry, area=area, mask=mask, set_area_to_bounds=False)
-
-
-def _area_inside(inner: tuple[Any, ...], outer: tuple[Any, ...]) -> bool:
-    return (
-        inner[2] >= outer[2]
-        and inner[3] >= outer[3]
-        and inner[0] + inner[2] <= outer[0] + outer[2]
-        and inner[1] + inner[3] <= outer[1] + outer[3]
-    )
-
-
-def _add_twin(side: list[CondEntry], entry: CondEntry) -> None:
-    """create_cond_with_same_area_if_none: give `side` an entry with `entry`'s area (and mask,
-    strength, range) but the embedding of that side's smallest entry covering it."""
-    if entry.area is None:
-        return
-    smallest: CondEntry | None = None
-    for other in side:
-        if other.area is None:
-            smallest = other if smallest is None else smallest
-        elif _area_inside(entry.area, other.area):
-            if smallest is None or smallest.area is None:
-                smallest = other
-            elif smallest.area[0] * smallest.area[1] > other.area[0] * other.area[1]:
-                smallest = other
-    if smallest is None or (smallest.area is not None and tuple(smallest.area) == tuple(entry.area)):
-        return
-    # ComfyUI copies the covering entry's model conds: its embedding and its c_concat
-    side.append(replace(entry, cross_attn=smallest.cross_attn, concat=smallest.concat))
-
-
-def prepare_sides(
-    positive: Sequence[CondEntry],
-    negative: Sequence[CondEntry],
-    height: int,
-    width: int,
-    device: torch.device | None = None,
-) -> tuple[list[CondEntry], list[CondEntry]]:
-    """process_conds: resolve areas and masks for the latent size, then pair areas across sides."""
-    pos = [resolve_entry(e, height, width, device) for e in positive]
-    neg = [resolve_entry(e, height, width, device) for e in negative]
-    for entry in list(pos):
-        _add_twin(neg, entry)
-    for entry in list(neg):
-        _add_twin(pos, entry)
-    return pos, neg
+__all__ = [
+    "AREA_FEATHER",
+    "CFGDenoiser",
+    "CondEntry",
+    "ConditioningError",
+    "cond_entries",
+    "prepare_sides",
+    "resolve_entry",
+]
 
 
 @dataclass(frozen=True)
@@ -296,7 +87,7 @@ def _job(entry: CondEntry, x: torch.Tensor, side: int) -> _Job:
         h, w, y, left = (int(v) for v in entry.area)
         if y >= full[0] or left >= full[1]:
             raise ConditioningError(
-                f"{_SIDES[side] if side < 2 else 'conditioning'}: "
+                f"{SIDES[side] if side < 2 else 'conditioning'}: "
                 f"conditioning area at x={left * 8}, y={y * 8} (pixels) lies outside the "
                 f"{full[1] * 8}x{full[0] * 8} image; move it inside (ConditioningSetArea x/y)"
             )
@@ -313,7 +104,7 @@ def _job(entry: CondEntry, x: torch.Tensor, side: int) -> _Job:
         mask = entry.mask[: input_x.shape[0]]
         if input_x.shape[0] % mask.shape[0]:
             raise ConditioningError(
-                f"{_SIDES[side] if side < 2 else 'conditioning'}: "
+                f"{SIDES[side] if side < 2 else 'conditioning'}: "
                 f"a conditioning mask batch of {mask.shape[0]} does not divide the latent batch of "
                 f"{input_x.shape[0]}; give ConditioningSetMask one mask or one per latent"
             )

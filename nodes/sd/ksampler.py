@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
+from nodes.sd.cond_entries import CondEntry, cond_entries
 from nodes.sd.device import Placement, place
-from nodes.sd.guidance import CFGDenoiser, ConcatFor, CondEntry, cond_entries
+from nodes.sd.guidance import CFGDenoiser, ConcatFor
 from nodes.sd.latent_ops import common_upscale
 from nodes.sd.noise import prepare_noise
 from nodes.sd.patcher import patched

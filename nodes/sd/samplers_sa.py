@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from nodes.sd.guidance import _percent_to_sigma
+from nodes.sd.cond_entries import percent_to_sigma
 from nodes.sd.noise import default_noise_sampler
 from nodes.sd.samplers import Callback, Model, _notify, _ones
 from nodes.sd.schedules import sd15_schedule
@@ -55,7 +55,7 @@ def _sa_solver(
     s_in = _ones(x)
     lambdas = sigmas.log().neg()
     schedule = sd15_schedule()
-    start, end = _percent_to_sigma(schedule, 0.2), _percent_to_sigma(schedule, 0.8)
+    start, end = percent_to_sigma(schedule, 0.2), percent_to_sigma(schedule, 0.8)
 
     def tau_func(sigma: torch.Tensor) -> float:
         return 1.0 if start >= sigma.item() >= end else 0.0
