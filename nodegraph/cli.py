@@ -23,8 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from nodegraph import cli_train
 from nodegraph.app import Engine, Settings, build_engine
-from nodegraph.cli_report import Reporter, describe_error, describe_validation, written_files
+from nodegraph.cli_report import CliError, Reporter, describe_error, describe_validation, written_files
 from nodegraph.graph import LoadedWorkflow, WorkflowError, load_workflow
 from nodegraph.node import Hidden, InputValueError, Socket
 from nodegraph.validate import validate_prompt
@@ -38,10 +39,6 @@ SERVE_SETTINGS = (
     "max_upload_size_mb",
     "front_end_root",
 )
-
-
-class CliError(Exception):
-    """A failure the CLI reports as one paragraph (no traceback)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -353,84 +350,18 @@ def _train_parser(sub: Any) -> None:
         sub, "train-lora", "train an SD1.x LoRA on a kohya-style folder (10_name/ with images + .txt)",
         _cmd_train_lora,
     )  # fmt: skip
-    train.add_argument("--checkpoint", required=True, help="an SD1.x checkpoint in models/checkpoints")
-    train.add_argument(
-        "--data", required=True, type=Path,
-        help="a folder of N_caption subfolders (N = repeats per epoch) holding images and .txt captions",
-    )  # fmt: skip
-    train.add_argument("--output", required=True, help="the LoRA's name: models/loras/NAME.safetensors")
-    length = train.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps in all")
-    length.add_argument("--epochs", type=int, default=None, help="passes over the data (default 1)")
-    train.add_argument("--rank", type=int, default=16, help="LoRA rank (network dim)")
-    train.add_argument(
-        "--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/rank"
-    )
-    train.add_argument("--lr", type=float, default=1e-4, help="learning rate (AdamW)")
-    train.add_argument("--batch-size", type=int, default=1)
-    train.add_argument("--resolution", type=int, default=512, help="square training size, a multiple of 8")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument(
-        "--train-text-encoder", action="store_true", help="also adapt CLIP's attention and MLP"
-    )
-    train.add_argument("--text-encoder-lr", type=float, default=None, help="its learning rate (default --lr)")
-    train.add_argument("--save-every-n-epochs", type=int, default=None, metavar="N")
-    train.add_argument("--save-precision", choices=("fp16", "bf16", "fp32"), default="fp16")
-    train.add_argument("--caption-extension", default=".txt")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing LoRA of that name")
+    cli_train.add_arguments(train)
 
 
 def _cmd_train_lora(args: argparse.Namespace) -> int:
     """Bad input (a missing file, a bad folder, an existing output) is one paragraph, exit 1."""
-    for path in _train_lora(args):
-        print(path)
-    return 0
-
-
-def _train_lora(args: argparse.Namespace) -> list[Path]:
-    from tqdm import tqdm
-
     if getattr(args, "precision", "auto") not in ("auto", "fp32"):
         raise CliError(f"train-lora trains in fp32; --precision {args.precision} is not supported")
     _check_device(args)
-    engine = _engine(args, with_nodes=False)
     try:
-        run = importlib.import_module("nodes.train.run")
-        options = importlib.import_module("nodes.train.trainer").TrainOptions(
-            rank=args.rank, alpha=args.alpha, learning_rate=args.lr, text_encoder_lr=args.text_encoder_lr,
-            train_text_encoder=args.train_text_encoder, batch_size=args.batch_size,
-            resolution=args.resolution, seed=args.seed,
-        )  # fmt: skip
+        written = cli_train.train_lora(args, _engine(args, with_nodes=False))
     except ModuleNotFoundError as exc:
         raise _missing("nodes.train.run", exc, "train-lora") from exc
-    request = run.TrainRequest(
-        checkpoint=args.checkpoint, data=args.data, output=args.output, options=options, steps=args.steps,
-        epochs=args.epochs, save_every_n_epochs=args.save_every_n_epochs,
-        save_precision=args.save_precision, caption_extension=args.caption_extension,
-        overwrite=args.overwrite, device=args.device,
-    )  # fmt: skip
-    bars: dict[str, Any] = {}
-
-    def bar(name: str, total: int) -> Any:
-        if name not in bars:
-            for other in bars.values():
-                other.close()
-            bars[name] = tqdm(total=total, desc=name, file=sys.stderr, dynamic_ncols=True)
-        return bars[name]
-
-    def encoding(done: int, total: int) -> None:
-        bar("encoding images", total).update(done - bar("encoding images", total).n)
-
-    def progress(step: int, total: int, loss: float) -> None:
-        steps = bar("train-lora", total)
-        steps.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        steps.update(step - steps.n)
-
-    try:
-        written: list[Path] = run.train_lora(engine.env.folders, request, progress, encoding=encoding)
-        return written
-    except run.TrainError as exc:
-        raise CliError(str(exc)) from exc
-    finally:
-        for each in bars.values():
-            each.close()
+    for path in written:
+        print(path)
+    return 0

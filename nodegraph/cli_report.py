@@ -13,6 +13,11 @@ from nodegraph import events as ev
 from nodegraph.folders import Folders
 from nodegraph.validate import Validation
 
+
+class CliError(Exception):
+    """A failure the CLI reports as one paragraph (no traceback)."""
+
+
 # What to do about each validation error type, appended to its line.
 HINTS = {
     "required_input_missing": "connect it or give it a value",
