@@ -115,7 +115,7 @@ def upscale_tiled(
             total = pixels.shape[0] * vae_tiled.tile_count(
                 pixels.shape[2], pixels.shape[3], [(tile, tile)], OVERLAP
             )
-            tick = _ticker(progress, total)
+            tick = vae_tiled.ticker(progress, total)
             try:
                 return vae_tiled.tiled_scale(
                     pixels.float(),
@@ -130,18 +130,6 @@ def upscale_tiled(
                 tile //= 2
                 if tile < SMALLEST_TILE:
                     raise
-
-
-def _ticker(progress: Callable[[int, int], None] | None, total: int) -> Callable[[], None] | None:
-    if progress is None:
-        return None
-    done = [0]
-
-    def tick() -> None:
-        done[0] += 1
-        progress(done[0], total)
-
-    return tick
 
 
 def _progress(ctx: RunContext) -> Callable[[int, int], None]:

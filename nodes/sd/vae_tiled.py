@@ -151,7 +151,7 @@ def decode_tiled(
         return decoded.cpu().float()
 
     shapes = _three_shapes(tile_x, tile_y, decode=True)
-    tick = _ticker(progress, latent.shape[0] * tile_count(latent.shape[2], latent.shape[3], shapes, overlap))
+    tick = ticker(progress, latent.shape[0] * tile_count(latent.shape[2], latent.shape[3], shapes, overlap))
     with torch.inference_mode():
         z = latent.to(torch.float32)
         a, b, c = (tiled_scale(z, decode_tile, s, overlap, DOWNSCALE, 3, tick) for s in shapes)
@@ -189,7 +189,7 @@ def encode_tiled(
         return torch.chunk(h, 2, dim=1)[0].cpu().float()  # the posterior mean
 
     shapes = _three_shapes(tile_x, tile_y, decode=False)
-    tick = _ticker(progress, pixels.shape[0] * tile_count(pixels.shape[1], pixels.shape[2], shapes, overlap))
+    tick = ticker(progress, pixels.shape[0] * tile_count(pixels.shape[1], pixels.shape[2], shapes, overlap))
     channels = vae.config.latent_channels
     with torch.inference_mode():
         x = pixels.movedim(-1, 1).to(torch.float32)
@@ -198,7 +198,7 @@ def encode_tiled(
     return samples.contiguous().clone()
 
 
-def _ticker(progress: Callable[[int, int], None] | None, total: int) -> Progress | None:
+def ticker(progress: Callable[[int, int], None] | None, total: int) -> Progress | None:
     """A no-argument callback that reports one more finished tile of `total`."""
     if progress is None:
         return None

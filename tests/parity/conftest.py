@@ -64,3 +64,22 @@ def make_engine(engine_base: Path) -> Any:
     return lambda **settings: build_engine(
         Settings(base_directory=engine_base, preview_method="none", **settings), [*all_nodes(), ParityCapture]
     )
+
+
+def run_for_latent(engine: Any, prompt: dict[str, Any], name: str) -> np.ndarray:
+    """Validate and execute `prompt`; the latent its `save_latent` node wrote."""
+    from nodegraph.validate import validate_prompt
+    from nodes.sd.latent_ops import load_latent_file
+
+    checked = validate_prompt(prompt, engine.registry, engine.env)
+    assert checked.ok, (checked.error, checked.node_errors)
+    outcome = engine.executor.execute(checked.prompt, name, lambda e: None, outputs=checked.outputs)
+    assert outcome.status == "success", outcome.error
+    saved = outcome.outputs["save_latent"]["latents"][0]
+    return load_latent_file(engine.env.folders.output_dir / saved["subfolder"] / saved["filename"]).numpy()
+
+
+@pytest.fixture
+def latent_of() -> Any:
+    """`run_for_latent`, for tests that run several prompts."""
+    return run_for_latent

@@ -114,17 +114,8 @@ def test_lora_workflow_after_a_strength_change_matches_comfyui(
     assert result["png_max_abs_levels"] <= PNG_MAX_LEVELS, result
 
 
-def _latent(engine: Any, prompt: dict[str, Any], name: str) -> np.ndarray:
-    checked = validate_prompt(prompt, engine.registry, engine.env)
-    assert checked.ok, (checked.error, checked.node_errors)
-    outcome = engine.executor.execute(checked.prompt, name, lambda e: None, outputs=checked.outputs)
-    assert outcome.status == "success", outcome.error
-    saved = outcome.outputs["save_latent"]["latents"][0]
-    return load_latent_file(engine.env.folders.output_dir / saved["subfolder"] / saved["filename"]).numpy()
-
-
 def test_strength_changes_never_reload_and_settle_to_a_fresh_application(
-    make_engine: Any, engine_base: Path
+    make_engine: Any, engine_base: Path, latent_of: Any
 ) -> None:
     """Through the executor: a strength change reloads nothing and runs on branches; the next run
     with the same strengths (another seed) fuses them and gives a fresh engine's exact latent."""
@@ -142,10 +133,10 @@ def test_strength_changes_never_reload_and_settle_to_a_fresh_application(
     engine = make_engine()
     store = model_store(engine.env)
     unet = store.checkpoint(engine_base / "models/checkpoints/mini_sd15.safetensors").unet
-    _latent(engine, at(0.35, 1), "first")
-    _latent(engine, at(-0.8, 1), "changed")
+    latent_of(engine, at(0.35, 1), "first")
+    latent_of(engine, at(-0.8, 1), "changed")
     assert branched(unet) > 0
-    settled = _latent(engine, at(-0.8, 2), "settled")
+    settled = latent_of(engine, at(-0.8, 2), "settled")
     assert branched(unet) == 0
     assert store.loads == 1  # the checkpoint was read once
-    assert np.array_equal(settled, _latent(make_engine(), at(-0.8, 2), "fresh"))
+    assert np.array_equal(settled, latent_of(make_engine(), at(-0.8, 2), "fresh"))

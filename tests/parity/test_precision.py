@@ -12,10 +12,8 @@ import pytest
 import torch
 
 from nodegraph.cli import main
-from nodegraph.validate import validate_prompt
 from nodes.loaders import model_store
 from nodes.sd.device import DeviceError, make_placement
-from nodes.sd.latent_ops import load_latent_file
 from nodes.sd.lora.loader import decoded, file_stamp
 from nodes.sd.patcher import branched
 
@@ -67,19 +65,10 @@ def test_a_missing_gpu_is_a_startup_error(
     assert "sees no CUDA GPU" in err and "--cpu" in err and "Traceback" not in err
 
 
-def _run(engine: Any, prompt: dict[str, Any], name: str) -> np.ndarray:
-    checked = validate_prompt(prompt, engine.registry, engine.env)
-    assert checked.ok, (checked.error, checked.node_errors)
-    outcome = engine.executor.execute(checked.prompt, name, lambda e: None, outputs=checked.outputs)
-    assert outcome.status == "success", outcome.error
-    saved = outcome.outputs["save_latent"]["latents"][0]
-    return load_latent_file(engine.env.folders.output_dir / saved["subfolder"] / saved["filename"]).numpy()
-
-
-def test_a_lora_workflow_in_bf16(make_engine: Any, engine_base: Path, mini_loras: Path) -> None:
+def test_a_lora_workflow_in_bf16(make_engine: Any, engine_base: Path, latent_of: Any) -> None:
     engine = make_engine(precision="bf16")
     prompt = json.loads((ORACLE / "workflows" / "lora_single_a.json").read_text())
-    latent = _run(engine, prompt, "bf16")
+    latent = latent_of(engine, prompt, "bf16")
     models = model_store(engine.env).checkpoint(engine_base / "models/checkpoints/mini_sd15.safetensors")
     dtypes = {next(m.parameters()).dtype for m in (models.unet, models.text_encoder, models.vae)}
     assert dtypes == {torch.bfloat16}
@@ -108,5 +97,5 @@ def test_a_lora_workflow_in_bf16(make_engine: Any, engine_base: Path, mini_loras
     assert torch.equal(dict(models.unet.named_parameters())[name].detach(), want)
     # A strength change runs on branches in bf16 too.
     prompt["lora1"]["inputs"]["strength_model"] = 0.25
-    changed = _run(engine, prompt, "bf16-changed")
+    changed = latent_of(engine, prompt, "bf16-changed")
     assert branched(models.unet) > 0 and np.isfinite(changed).all() and not np.array_equal(changed, latent)
