@@ -44,7 +44,8 @@ def vae_names(env: Environment) -> Sequence[str]:
     return [*env.folders.list("vae"), PIXEL_SPACE]
 
 
-def _stamp(env: Environment, folder: str, name: Any) -> Hashable:
+def file_fingerprint(env: Environment, folder: str, name: Any) -> Hashable:
+    """A model file's stamp for a loader's fingerprint (None for a bad name: validation reports it)."""
     try:
         return file_stamp(env.folders.resolve(folder, str(name)))
     except (OSError, ValueError):
@@ -72,7 +73,7 @@ class CheckpointLoaderSimple(Node):
 
     @classmethod
     def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
-        return _stamp(env, "checkpoints", constants.get("ckpt_name"))
+        return file_fingerprint(env, "checkpoints", constants.get("ckpt_name"))
 
     def run(self, ctx: RunContext, ckpt_name: str) -> tuple[ModelHandle, ClipHandle, VaeHandle]:
         path = ctx.env.folders.resolve("checkpoints", ckpt_name)
@@ -104,7 +105,7 @@ class DiffusersLoader(Node):
 
     @classmethod
     def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
-        return _stamp(env, "diffusers", constants.get("model_path"))
+        return file_fingerprint(env, "diffusers", constants.get("model_path"))
 
     def run(self, ctx: RunContext, model_path: str) -> tuple[ModelHandle, ClipHandle, VaeHandle]:
         folder = ctx.env.folders.resolve("diffusers", model_path)
@@ -122,7 +123,7 @@ class VAELoader(Node):
     @classmethod
     def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
         name = constants.get("vae_name")
-        return None if name == PIXEL_SPACE else _stamp(env, "vae", name)
+        return None if name == PIXEL_SPACE else file_fingerprint(env, "vae", name)
 
     def run(self, ctx: RunContext, vae_name: str) -> tuple[VaeHandle]:
         if vae_name == PIXEL_SPACE:

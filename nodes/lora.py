@@ -15,6 +15,7 @@ from typing import Any
 from nodegraph.env import Environment
 from nodegraph.node import Combo, Float, Hidden, Node, Output, Result, RunContext, Socket, String
 from nodegraph.types import CLIP, MODEL, STRING, VAE
+from nodes.loaders import file_fingerprint
 from nodes.sd.handles import ClipHandle, LoraRef, ModelHandle, VaeHandle
 from nodes.sd.lora.coverage import Coverage, check, coverage
 from nodes.sd.lora.loader import decoded, file_stamp, read_lora
@@ -24,13 +25,6 @@ from nodes.sd.lora.tags import LoraTag, parse_tags, resolve_tag
 def lora_names(env: Environment) -> Sequence[str]:
     """The files in the `loras` folder (the LoRA combo's choices)."""
     return env.folders.list("loras")
-
-
-def _stamp_of(env: Environment, name: Any) -> Hashable:
-    try:
-        return file_stamp(env.folders.resolve("loras", str(name)))
-    except (OSError, ValueError):
-        return None  # validation reports the missing file
 
 
 def load_lora(
@@ -109,7 +103,7 @@ class LoraLoader(Node):
 
     @classmethod
     def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
-        return _stamp_of(env, constants.get("lora_name"))
+        return file_fingerprint(env, "loras", constants.get("lora_name"))
 
 
 class LoraLoaderModelOnly(Node):
@@ -135,7 +129,7 @@ class LoraLoaderModelOnly(Node):
 
     @classmethod
     def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
-        return _stamp_of(env, constants.get("lora_name"))
+        return file_fingerprint(env, "loras", constants.get("lora_name"))
 
 
 class LoraTagLoader(Node):

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from nodegraph.env import Environment
 from nodegraph.node import Combo, Node, Output, RunContext, Socket
 from nodegraph.types import IMAGE, UPSCALE_MODEL
+from nodes.loaders import file_fingerprint
 from nodes.sd import vae_tiled
 from nodes.sd.device import place, placement
 from nodes.sd.esrgan import UpscaleModel, UpscaleModelError, load_upscale_model
-from nodes.sd.model_store import file_stamp
 
 FOLDER = "upscale_models"
 TILE = 512
@@ -46,10 +46,7 @@ class UpscaleModelLoader(Node):
     @classmethod
     def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
         # The file's stamp: an unchanged file is served from the output cache, a replaced one reloads.
-        try:
-            return file_stamp(env.folders.resolve(FOLDER, str(constants.get("model_name"))))
-        except (OSError, ValueError):
-            return None  # validation reports the bad name; nothing to fingerprint
+        return file_fingerprint(env, FOLDER, constants.get("model_name"))
 
     def run(self, ctx: RunContext, model_name: str) -> tuple[UpscaleModel]:
         path = ctx.env.folders.resolve(FOLDER, model_name)
