@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     from playwright.sync_api import sync_playwright
 
     from nodegraph.folders import Folders
-    from nodes.sd.demo import write_demo_models
+    from nodes.demo import write_demo_models
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)

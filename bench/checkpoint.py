@@ -62,7 +62,7 @@ def ensure_checkpoint() -> float:
     """Write the full-size random checkpoint if absent; return the seconds spent."""
     if CKPT.exists():
         return 0.0
-    from nodes.sd.demo import UNET_FULL, write_checkpoint
+    from nodes.demo import UNET_FULL, write_checkpoint
 
     t = time.perf_counter()
     write_checkpoint(CKPT, unet=UNET_FULL, seed="nodegraph-bench")

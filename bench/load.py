@@ -99,7 +99,7 @@ def serve(base: Path, port_file: Path, real: bool = False) -> None:
     """Child process: a server over the bench nodes (or the real ones) on 127.0.0.1, port to `port_file`."""
     from aiohttp import web
 
-    from nodegraph.app import Settings, build_engine
+    from nodegraph.engine import Settings, build_engine
     from nodegraph.server import create_app
 
     stubs = None if real else [BenchSeed, BenchSampler, BenchSave]

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from nodegraph import cli_train
-from nodegraph.app import Engine, Settings, build_engine
 from nodegraph.cli_report import CliError, Reporter, describe_error, describe_validation, written_files
+from nodegraph.engine import Engine, Settings, build_engine
 from nodegraph.graph import LoadedWorkflow, WorkflowError, load_workflow
 from nodegraph.node import Hidden, InputValueError, Socket
 from nodegraph.validate import validate_prompt
@@ -321,9 +321,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     engine = _engine(args, with_nodes=False)
     try:
-        write_demo_models = importlib.import_module("nodes.sd.demo").write_demo_models
+        write_demo_models = importlib.import_module("nodes.demo").write_demo_models
     except ModuleNotFoundError as exc:
-        raise _missing("nodes.sd.demo", exc, "the demo model writer") from exc
+        raise _missing("nodes.demo", exc, "the demo model writer") from exc
     checkpoints = engine.env.folders.list("checkpoints")
     if args.if_no_checkpoint and checkpoints and not args.force:
         print(f"nodegraph demo: {len(checkpoints)} checkpoint(s) present, demo models not written")

@@ -10,8 +10,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from nodegraph.app import Engine
 from nodegraph.cli_report import CliError
+from nodegraph.engine import Engine
 
 
 def add_arguments(train: argparse.ArgumentParser) -> None:

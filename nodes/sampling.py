@@ -17,7 +17,7 @@ from nodes.sd.device import placement
 from nodes.sd.guidance import ConditioningError
 from nodes.sd.ksampler import SamplingRequest, StepCallback, sample
 from nodes.sd.preview import preview_jpeg
-from nodes.sd.samplers_registry import SAMPLER_NAMES
+from nodes.sd.samplers import SAMPLER_NAMES
 from nodes.sd.schedules import SCHEDULER_NAMES
 
 _TIP_CFG = (

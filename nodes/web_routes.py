@@ -19,8 +19,7 @@ from aiohttp import web
 from nodegraph.env import Environment
 from nodegraph.folders import ModelNotFoundError, PathEscapeError
 from nodegraph.server.frontend import web_dir
-from nodes import lora_info
-from nodes.sd import demo
+from nodes import demo, lora_info
 from nodes.sd.lora.family import family_name
 
 

@@ -77,7 +77,7 @@ def create_app(engine: Any, *, max_upload_size: int | None = None) -> web.Applic
     """The server for `engine`: its queue file under the user directory, its worker thread, every route.
 
     Args:
-        engine: the built engine (`nodegraph.app.build_engine`): settings, env, registry, executor.
+        engine: the built engine (`nodegraph.engine.build_engine`): settings, env, registry, executor.
         max_upload_size: the largest upload or request body, in bytes (default: the settings'
             `max_upload_size_mb`, else 100 MB).
     """

@@ -29,8 +29,8 @@ from nodes.sd.guidance import CFGDenoiser, ConcatFor
 from nodes.sd.latent_ops import common_upscale
 from nodes.sd.noise import prepare_noise
 from nodes.sd.patcher import patched
-from nodes.sd.samplers import Model
-from nodes.sd.samplers_registry import CFG_PP, DISCARD_PENULTIMATE, SAMPLERS
+from nodes.sd.samplers import CFG_PP, DISCARD_PENULTIMATE, SAMPLERS
+from nodes.sd.samplers.k_diffusion import Model
 from nodes.sd.schedules import DiscreteSchedule, sampler_sigmas, sd15_schedule, split_sigmas
 
 SD15_SCALE = 0.18215

@@ -16,8 +16,7 @@ from PIL import Image
 from nodegraph.env import Environment
 from nodegraph.folders import Folders
 from nodegraph.server import frontend
-from nodes import web_routes
-from nodes.sd import demo
+from nodes import demo, web_routes
 
 WEB = Path(__file__).resolve().parents[2] / "web"
 

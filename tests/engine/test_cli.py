@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 from engine_stubs import STUBS, Source
 
-from nodegraph import app, cli
+from nodegraph import cli
+from nodegraph import engine as engine_module
 
 
 @pytest.fixture(autouse=True)
 def stub_engine(monkeypatch: pytest.MonkeyPatch) -> None:
-    def build(settings: app.Settings, nodes: Any = None) -> app.Engine:
-        return app.build_engine(settings, STUBS)
+    def build(settings: engine_module.Settings, nodes: Any = None) -> engine_module.Engine:
+        return engine_module.build_engine(settings, STUBS)
 
     monkeypatch.setattr(cli, "build_engine", build)
 
@@ -172,7 +173,7 @@ def test_settings_from_flags(tmp_path: Path) -> None:
 def test_build_engine_loads_the_default_extra_model_paths(tmp_path: Path) -> None:
     (tmp_path / "extra").mkdir()
     (tmp_path / "extra_model_paths.yaml").write_text("mine:\n  base_path: extra\n  loras: loras\n")
-    engine = app.build_engine(app.Settings(base_directory=tmp_path), STUBS)
+    engine = engine_module.build_engine(engine_module.Settings(base_directory=tmp_path), STUBS)
     assert tmp_path / "extra" / "loras" in engine.env.folders.paths("loras")
     assert engine.registry.get("Source") is Source and engine.extra_routes == []
 

@@ -16,7 +16,7 @@ import torch
 from models_context import FakeContext
 from PIL import Image
 
-from nodegraph.app import Settings, build_engine
+from nodegraph.engine import Settings, build_engine
 from nodegraph.env import Environment
 from nodegraph.events import Event
 from nodegraph.validate import validate_prompt

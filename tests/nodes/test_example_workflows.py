@@ -10,7 +10,7 @@ from PIL import Image
 
 from nodegraph.cli import main
 from nodegraph.folders import Folders
-from nodes.sd.demo import write_demo_models
+from nodes.demo import write_demo_models
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nodegraph.app import Settings, build_engine
+from nodegraph.engine import Settings, build_engine
 from nodegraph.events import Event
 from nodegraph.validate import validate_prompt
 from nodes import all_nodes

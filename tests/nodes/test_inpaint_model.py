@@ -20,7 +20,7 @@ from models_context import FakeContext
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from nodegraph.app import Settings, build_engine
+from nodegraph.engine import Settings, build_engine
 from nodegraph.events import Event
 from nodegraph.validate import validate_prompt
 from nodes import all_nodes

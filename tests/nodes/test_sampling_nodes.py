@@ -13,7 +13,7 @@ from nodegraph.env import Environment
 from nodegraph.folders import Folders
 from nodegraph.node import Interrupted, Preview
 from nodes.sampling import KSampler, KSamplerAdvanced
-from nodes.sd import samplers_registry
+from nodes.sd import samplers as samplers_registry
 from nodes.sd.handles import ModelHandle
 
 WIDTH = 32  # context width of the tiny UNet

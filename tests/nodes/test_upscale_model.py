@@ -15,7 +15,7 @@ from models_context import FakeContext
 from PIL import Image
 from safetensors.torch import save_file
 
-from nodegraph.app import Settings, build_engine
+from nodegraph.engine import Settings, build_engine
 from nodegraph.env import Environment
 from nodegraph.events import Event, ExecutionCached
 from nodegraph.folders import Folders

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from nodegraph.app import Settings, build_engine
+from nodegraph.engine import Settings, build_engine
 from nodegraph.node import Node, Result, RunContext, Socket
 from nodegraph.types import IMAGE
 from nodes import all_nodes

@@ -9,8 +9,7 @@ import pytest
 from safetensors import safe_open
 
 from nodegraph.folders import Folders
-from nodes.sd.checkpoint import load_checkpoint
-from nodes.sd.demo import (
+from nodes.demo import (
     CHECKPOINT_NAME,
     INPUT_IMAGE_NAME,
     LORA_NAMES,
@@ -19,6 +18,7 @@ from nodes.sd.demo import (
     write_demo_models,
     write_lora,
 )
+from nodes.sd.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")

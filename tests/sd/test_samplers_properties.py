@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from nodes.sd.noise import BrownianTreeNoiseSampler, default_noise_sampler, prepare_noise
-from nodes.sd.samplers import lms_coefficient
-from nodes.sd.samplers_deis import deis_coefficients
-from nodes.sd.samplers_registry import DISCARD_PENULTIMATE, SAMPLER_NAMES, SAMPLERS
-from nodes.sd.samplers_sa import _b_coeffs
+from nodes.sd.samplers import DISCARD_PENULTIMATE, SAMPLER_NAMES, SAMPLERS
+from nodes.sd.samplers.deis import deis_coefficients
+from nodes.sd.samplers.k_diffusion import lms_coefficient
+from nodes.sd.samplers.sa_solver import _b_coeffs
 from nodes.sd.schedules import sampler_sigmas, sd15_schedule
 
 ODE_EXACT = (

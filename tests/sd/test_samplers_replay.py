@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nodes.sd.noise import prepare_noise
-from nodes.sd.samplers_registry import SAMPLERS
+from nodes.sd.samplers import SAMPLERS
 
 REFS = Path(__file__).resolve().parents[3] / "shared" / "oracle" / "refs"
 SCALE = 0.18215

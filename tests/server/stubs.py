@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from nodegraph.app import Engine, Settings, build_engine
+from nodegraph.engine import Engine, Settings, build_engine
 from nodegraph.node import Float, Int, Node, Output, Preview, Result, RunContext, Socket, String
 from nodegraph.types import IMAGE, LATENT
 

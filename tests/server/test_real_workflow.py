@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from nodegraph.app import Settings, build_engine
+from nodegraph.engine import Settings, build_engine
 from tests.server.live import LiveServer
 from tests.server.test_live_client import run_like_a_script
 

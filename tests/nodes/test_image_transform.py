@@ -1,4 +1,4 @@
-"""Image nodes from nodes/image_ops.py: sizes, crop, Lanczos against Pillow, colours, declarations."""
+"""Image nodes from nodes/image_transform.py: sizes, crop, Lanczos against Pillow, colours, declarations."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from models_context import FakeContext
 from PIL import Image
 
 from nodegraph.env import Environment
-from nodes.image_ops import EmptyImage, ImageBatch, ImageInvert, ImageScale, ImageScaleBy
+from nodes.image_transform import EmptyImage, ImageBatch, ImageInvert, ImageScale, ImageScaleBy
 
 METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
 

@@ -7,16 +7,13 @@ tree lives; on a CPU-only engine they are the same computation.
 
 from __future__ import annotations
 
-from nodes.sd import samplers as k
-from nodes.sd import samplers_cfg_pp as pp
-from nodes.sd import samplers_deis as deis
-from nodes.sd import samplers_dpm as dpm
-from nodes.sd import samplers_er as er
-from nodes.sd import samplers_res as res
-from nodes.sd import samplers_sa as sa
-from nodes.sd import samplers_sde as sde
-from nodes.sd import uni_pc
-from nodes.sd.samplers import Sampler
+from nodes.sd.samplers import cfg_pp as pp
+from nodes.sd.samplers import deis, dpm, sde, uni_pc
+from nodes.sd.samplers import er_sde as er
+from nodes.sd.samplers import k_diffusion as k
+from nodes.sd.samplers import res_multistep as res
+from nodes.sd.samplers import sa_solver as sa
+from nodes.sd.samplers.k_diffusion import Sampler
 
 SAMPLERS: dict[str, Sampler] = {
     "euler": k.sample_euler,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from nodes.sd.noise import default_noise_sampler
-from nodes.sd.samplers import Callback, Model, _notify, _ones, ancestral_step, to_d
+from nodes.sd.samplers.k_diffusion import Callback, Model, _notify, _ones, ancestral_step, to_d
 
 CFG_PP = frozenset(
     {

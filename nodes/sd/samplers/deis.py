@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nodes.sd.samplers import Callback, Model, _notify, _ones
+from nodes.sd.samplers.k_diffusion import Callback, Model, _notify, _ones
 
 
 def _edm_to_t(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from nodes.sd.samplers import Callback, Model
+from nodes.sd.samplers.k_diffusion import Callback, Model
 
 
 def _log_alpha(sigma: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Latent nodes from nodes/latent_extra.py: shapes, values against plain tensor arithmetic, declarations."""
+"""Latent nodes (latent_transform.py, latent_batch.py): shapes, values vs tensor arithmetic, declarations."""
 
 from __future__ import annotations
 
@@ -9,15 +9,14 @@ import torch
 from models_context import FakeContext
 
 from nodegraph.env import Environment
-from nodes.latent_extra import (
+from nodes.latent_batch import LatentFromBatch, RepeatLatentBatch
+from nodes.latent_transform import (
     LatentBlend,
     LatentComposite,
     LatentCrop,
     LatentFlip,
-    LatentFromBatch,
     LatentRotate,
     LatentUpscaleBy,
-    RepeatLatentBatch,
 )
 from nodes.sd.noise import prepare_noise
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from nodes.sd.noise import default_noise_sampler
-from nodes.sd.samplers import Callback, Model, _notify, _ones
+from nodes.sd.samplers.k_diffusion import Callback, Model, _notify, _ones
 
 
 def _er_noise_scaler(x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from nodes.sd.noise import brownian_noise_sampler
-from nodes.sd.samplers import Callback, Model, _notify, _ones, ancestral_step
+from nodes.sd.samplers.k_diffusion import Callback, Model, _notify, _ones, ancestral_step
 
 
 def sample_dpmpp_sde(

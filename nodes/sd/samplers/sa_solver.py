@@ -12,7 +12,7 @@ import torch
 
 from nodes.sd.cond_entries import percent_to_sigma
 from nodes.sd.noise import default_noise_sampler
-from nodes.sd.samplers import Callback, Model, _notify, _ones
+from nodes.sd.samplers.k_diffusion import Callback, Model, _notify, _ones
 from nodes.sd.schedules import sd15_schedule
 
 

@@ -6,7 +6,7 @@ import torch
 from models_context import FakeContext
 
 from nodegraph.env import Environment
-from nodes.conditioning_extra import ConditioningAverage, ConditioningConcat, ConditioningSetTimestepRange
+from nodes.conditioning_combine import ConditioningAverage, ConditioningConcat, ConditioningSetTimestepRange
 from nodes.sd.guidance import cond_entries
 from nodes.sd.schedules import sd15_schedule
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from nodes.sd.noise import default_noise_sampler
-from nodes.sd.samplers import Callback, Model, _notify, _ones, ancestral_step, to_d
-from nodes.sd.samplers_cfg_pp import _uncond
+from nodes.sd.samplers.cfg_pp import _uncond
+from nodes.sd.samplers.k_diffusion import Callback, Model, _notify, _ones, ancestral_step, to_d
 
 
 def _phi1(t: torch.Tensor) -> torch.Tensor:

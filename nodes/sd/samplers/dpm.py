@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from nodes.sd.samplers import Callback, Model
+from nodes.sd.samplers.k_diffusion import Callback, Model
 
 EpsCache = dict[str, torch.Tensor]
 
