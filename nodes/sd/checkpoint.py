@@ -24,11 +24,11 @@ import torch
 from nodes.sd import convert
 from nodes.sd.convert import UnsupportedCheckpointError
 
+# The reader lives in safetensors_file; re-exported here where loaders have always found it.
+from nodes.sd.safetensors_file import CheckpointError as CheckpointError
+from nodes.sd.safetensors_file import SafetensorsSource as SafetensorsSource
+
 TE_ROUND_DTYPE = torch.float16
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be read or built; the message names the file and what to do."""
 
 
 class TensorSource(Protocol):
@@ -39,73 +39,6 @@ class TensorSource(Protocol):
     def shape(self, key: str) -> tuple[int, ...]: ...
 
     def get(self, key: str) -> torch.Tensor: ...
-
-
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}  # fmt: skip
-
-
-class SafetensorsSource:
-    """A .safetensors file read one tensor at a time with plain reads.
-
-    Not memory-mapped on purpose: pages of a mapped file count in the process's RSS for as long as
-    the mapping lives, which during a load doubled the peak (mapped fp16 file + fp32 modules).
-    Reading each tensor into a transient buffer keeps the peak at the modules' size plus one tensor.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if size < 8 or n > size - 8:
-                    raise ValueError("the header does not fit in the file")
-                header = json.loads(f.read(n))
-            self._start = 8 + n
-            self._meta = header.pop("__metadata__", None) or {}
-            self._entries: dict[str, dict[str, Any]] = header
-            end = max((e["data_offsets"][1] for e in header.values()), default=0)
-            if any(e["dtype"] not in _DTYPES for e in header.values()):
-                raise ValueError("unknown tensor dtype")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(
-                f"'{path.name}' is not a readable .safetensors file ({exc}); it may be truncated or not "
-                "a model at all: download it again"
-            ) from exc
-        if self._start + end > size:
-            raise CheckpointError(
-                f"'{path.name}' is truncated: its header promises {self._start + end} bytes, the file has "
-                f"{size}; download it again"
-            )
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._entries[key]["shape"])
-
-    def get(self, key: str) -> torch.Tensor:
-        entry = self._entries[key]
-        begin, end = entry["data_offsets"]
-        dtype, shape = _DTYPES[entry["dtype"]], tuple(entry["shape"])
-        if end - begin != math.prod(shape) * dtype.itemsize:
-            raise CheckpointError(
-                f"'{self.path.name}': tensor {key} has a size that does not match its shape"
-            )
-        buffer = bytearray(end - begin)
-        with open(self.path, "rb") as f:
-            f.seek(self._start + begin)
-            f.readinto(buffer)
-        if not buffer:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
-
-    def metadata(self) -> dict[str, str]:
-        return {str(k): str(v) for k, v in self._meta.items()}
 
 
 class DictSource:
