@@ -118,8 +118,9 @@ def _command(sub: Any, name: str, help_text: str, handler: Any) -> argparse.Argu
         "--disable-metadata", action="store_true", help="save files without workflow metadata"
     )
     parser.add_argument(
-        "--preview-method", choices=("auto", "latent2rgb", "none"), default="auto",
-        help="sampler previews sent while sampling (ComfyUI's flag; taesd falls back to latent2rgb)",
+        "--preview-method", choices=("auto", "latent2rgb", "taesd", "none"), default="none",
+        help="sampler previews sent while sampling (ComfyUI's flag and default; taesd falls back to "
+        "latent2rgb). A client may still ask for them per prompt: the canvas does",
     )  # fmt: skip
     hardware = parser.add_argument_group("device and precision")
     hardware.add_argument(

@@ -36,7 +36,7 @@ class Settings:
     listen: str = "127.0.0.1"
     port: int = 8188
     auth_token: str | None = None
-    preview_method: str = "auto"
+    preview_method: str = "none"
     verbose: bool = False
     cache_entries: int = DEFAULT_MAX_ENTRIES
     cache_bytes: int = DEFAULT_MAX_BYTES

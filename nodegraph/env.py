@@ -22,7 +22,7 @@ class Environment:
 
     folders: Folders
     disable_metadata: bool = False
-    preview_method: str = "auto"
+    preview_method: str = "none"
     device: str = "auto"
     precision: str = "auto"
     services: dict[type, Any] = field(default_factory=dict)

@@ -38,7 +38,7 @@ from nodegraph.events import (
     NodeWarning,
     Progress,
 )
-from nodegraph.node import Hidden, Interrupted, Node, Preview, Result
+from nodegraph.node import Hidden, Interrupted, Node, Preview, Result, preview_method_for
 from nodegraph.registry import Registry
 from nodegraph.types import EXTRA_PNGINFO, PROMPT, UNIQUE_ID
 from nodegraph.validate import dependency_graph, qualified_name
@@ -67,9 +67,13 @@ class NodeOutputError(RuntimeError):
 class _Context:
     """The `RunContext` a node gets: progress, interrupt checks and warnings for one node."""
 
-    def __init__(self, executor: Executor, prompt_id: str, node_id: str, emit: Emit) -> None:
+    def __init__(
+        self, executor: Executor, prompt_id: str, node_id: str, emit: Emit, preview_method: str
+    ) -> None:
         self.node_id = node_id
         self.env = executor.env
+        # This prompt's preview method (`preview_method_for`): "none" means build no previews.
+        self.preview_method = preview_method
         self._executor = executor
         self._prompt_id = prompt_id
         self._emit = emit
@@ -185,6 +189,7 @@ class _PromptRun:
         self.prompt_id = prompt_id
         self.emit = emit
         self.extra_data = extra_data
+        self.preview_method = preview_method_for(extra_data, executor.env.preview_method)
         self.entries: dict[str, CacheEntry] = {}
         self.outcome = Outcome("success")
 
@@ -272,7 +277,9 @@ class _PromptRun:
             self.emit(Executing(self.prompt_id, node_id, cls.NODE_ID))
             inputs = self._inputs(node_id, cls)
             node = self.ex.instance(node_id, cls)
-            result = node.run(_Context(self.ex, self.prompt_id, node_id, self.emit), **inputs)
+            result = node.run(
+                _Context(self.ex, self.prompt_id, node_id, self.emit, self.preview_method), **inputs
+            )
             outputs, ui = _split_result(cls, result)
         except Interrupted:
             event = ExecutionInterrupted(self.prompt_id, node_id, cls.NODE_ID, tuple(self.outcome.executed))

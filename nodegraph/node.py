@@ -109,6 +109,20 @@ class Preview:
     data: bytes
 
 
+PREVIEW_METHODS = ("none", "auto", "latent2rgb", "taesd")
+
+
+def preview_method_for(extra_data: Mapping[str, Any], server_method: str) -> str:
+    """The preview method of one prompt: the client's `extra_data.preview_method` (the canvas sends its
+    "Live preview method" setting there) unless absent or "default", else the server's `--preview-method`.
+
+    ComfyUI sends no preview frames unless one of the two asks for them; a client that never asked
+    (a script reading every binary frame as an output image) gets none.
+    """
+    asked = extra_data.get("preview_method")
+    return asked if isinstance(asked, str) and asked in PREVIEW_METHODS else server_method
+
+
 class RunContext(Protocol):
     """What a running node may ask of the engine."""
 

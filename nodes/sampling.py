@@ -30,9 +30,12 @@ _TIP_CFG = (
 def _progress(ctx: RunContext) -> StepCallback:
     """Report each step to the engine (which also raises Interrupted), with a preview when enabled."""
 
+    # The prompt's own method (the client may ask for previews the server does not send by default).
+    method = getattr(ctx, "preview_method", ctx.env.preview_method)
+
     def on_step(i: int, total: int, x0: torch.Tensor) -> None:
         preview = None
-        if ctx.env.preview_method != "none":
+        if method != "none":
             preview = Preview("image/jpeg", preview_jpeg(x0))
         ctx.progress(i + 1, total, preview)
 

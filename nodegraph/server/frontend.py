@@ -36,6 +36,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     # That dialog offers to download the files a shared workflow names from outside hosts; here a
     # missing file is reported by validation instead, naming the node and the input.
     "Comfy.Workflow.ShowMissingModelsWarning": False,
+    # The canvas asks for live sampler previews with each prompt (`extra_data.preview_method`); the
+    # server sends none to clients that did not ask (ComfyUI's `--preview-method none` default).
+    "Comfy.Execution.PreviewMethod": "auto",
 }
 
 # The frontend's ~20 MB of JS/CSS shrink to ~4 MB gzipped, in ~0.4 s of CPU once per server; worth

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from nodegraph import events as ev
-from nodegraph.server.messages import Message, PromptMessages
+from nodegraph.node import preview_method_for
+from nodegraph.server.messages import Message, PreviewFrame, PromptMessages
 from nodegraph.server.queue import PromptStore, QueueItem
 from nodegraph.server.ws import Hub
 
@@ -120,12 +121,16 @@ class Worker:
         self.running_id, self.running_client = item.prompt_id, client_id
         self.broadcast_status()
         messages = PromptMessages(item.prompt_id)
+        server_method = str(getattr(getattr(self.executor, "env", None), "preview_method", "none"))
+        # ComfyUI sends binary previews only when the server or this prompt's client asked for them.
+        previews = preview_method_for(item.extra_data, server_method) != "none"
 
         def emit(event: ev.Event) -> None:
             if isinstance(event, ev.Executing):
                 self.current_node = event.node
             for message in messages.translate(event):
-                self.hub.send_sync(message, client_id)
+                if previews or not isinstance(message, PreviewFrame):
+                    self.hub.send_sync(message, client_id)
 
         status = self._execute(item, emit, messages)
         self._cancelled.discard(item.prompt_id)

@@ -78,9 +78,9 @@ async def test_websocket_messages_follow_the_prompt(aiohttp_client: Any, engine:
     await ws.send_str(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
     flags = json.loads((await ws.receive()).data)
     assert flags["type"] == "feature_flags" and flags["data"]["supports_preview_metadata"] is True
-    pid = (await (await client.post("/prompt", json={"prompt": txt2img(steps=3), "client_id": "me"})).json())[
-        "prompt_id"
-    ]
+    # The canvas asks for previews with its "Live preview method" setting; the server sends none by default.
+    body = {"prompt": txt2img(steps=3), "client_id": "me", "extra_data": {"preview_method": "auto"}}
+    pid = (await (await client.post("/prompt", json=body)).json())["prompt_id"]
     frames = await collect_until_done(ws, pid)
     texts = [f for f in frames if isinstance(f, dict)]
     kinds = [f["type"] for f in texts]
@@ -115,12 +115,31 @@ async def test_preview_without_metadata_flag_is_type_1(aiohttp_client: Any, engi
     client = await _client(aiohttp_client, engine)
     ws = await client.ws_connect("/ws?clientId=old")
     await ws.receive()
-    pid = (await (await client.post("/prompt", json={"prompt": txt2img(), "client_id": "old"})).json())[
-        "prompt_id"
-    ]
+    body = {"prompt": txt2img(), "client_id": "old", "extra_data": {"preview_method": "latent2rgb"}}
+    pid = (await (await client.post("/prompt", json=body)).json())["prompt_id"]
     frames = await collect_until_done(ws, pid)
     binary = [f for f in frames if isinstance(f, bytes)]
     assert struct.unpack(">II", binary[0][:8]) == (1, 1) and binary[0][8:10] == b"\xff\xd8"
+
+
+async def test_no_preview_frames_unless_the_server_or_the_client_asked(
+    aiohttp_client: Any, tmp_path: Any
+) -> None:
+    """A client that never asked gets text messages only (ComfyUI's `--preview-method none` default);
+    `"default"` means the server's method; the server's `--preview-method` turns them on for everyone."""
+    from tests.server.stubs import make_engine
+
+    for method, asked, expected in (("none", None, 0), ("none", "default", 0), ("auto", None, 1)):
+        engine = make_engine(tmp_path / f"{method}-{asked}", preview_method=method)
+        client = await _client(aiohttp_client, engine)
+        ws = await client.ws_connect("/ws?clientId=script")
+        await ws.receive()
+        extra = {} if asked is None else {"preview_method": asked}
+        body = {"prompt": txt2img(), "client_id": "script", "extra_data": extra}
+        pid = (await (await client.post("/prompt", json=body)).json())["prompt_id"]
+        frames = await collect_until_done(ws, pid)
+        assert len([f for f in frames if isinstance(f, bytes)]) == expected, (method, asked)
+        await ws.close()
 
 
 async def test_messages_go_only_to_the_prompts_client(aiohttp_client: Any, engine: Any) -> None:
