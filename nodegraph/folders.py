@@ -47,6 +47,17 @@ class PathEscapeError(ValueError):
     """A user-supplied name tried to leave its folder."""
 
 
+class InvalidNameError(PathEscapeError):
+    """A user-supplied name no file system can hold: too long, too deep, or not encodable."""
+
+
+# POSIX file systems hold 255 bytes per name and 4096 per path; deeper than 32 folders is no
+# real layout (a 2,000-level name once created ~1,000 folders before failing).
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4096
+MAX_NAME_PARTS = 32
+
+
 class ModelNotFoundError(FileNotFoundError):
     """A model name does not exist in any directory of its folder."""
 
@@ -63,7 +74,23 @@ def check_relative_name(name: str) -> str:
     parts = [p for p in candidate.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts) or not parts:
         raise PathEscapeError(f"file name {name!r} leaves its folder")
+    _check_fits(name, parts)
     return "/".join(parts)
+
+
+def _check_fits(name: str, parts: list[str]) -> None:
+    """Refuse names the file system would refuse with an OSError (a server error, not the client's)."""
+    shown = name if len(name) <= 80 else name[:60] + "..."
+    try:
+        sizes = [len(os.fsencode(p)) for p in parts]
+    except UnicodeEncodeError as exc:
+        raise InvalidNameError(f"file name {shown!r} has characters no file name can hold") from exc
+    if any(ch < " " or ch == "\x7f" for ch in name):
+        raise InvalidNameError(f"file name {shown!r} has control characters")
+    if max(sizes) > MAX_NAME_BYTES or sum(sizes) + len(sizes) > MAX_PATH_BYTES:
+        raise InvalidNameError(f"file name {shown!r} is too long (at most {MAX_NAME_BYTES} bytes a part)")
+    if len(parts) > MAX_NAME_PARTS:
+        raise InvalidNameError(f"file name {shown!r} nests deeper than {MAX_NAME_PARTS} folders")
 
 
 def safe_join(base: Path, name: str, *, follow_symlinks: bool = False) -> Path:

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps, ImageSequence, PngImagePlugin, UnidentifiedImag
 
 from nodegraph.env import Environment
 from nodegraph.folders import PathEscapeError, safe_join
+from nodegraph.images import ImageBudgetError, open_checked
 from nodegraph.node import Combo, Hidden, Node, Output, Result, RunContext, Socket, String
 from nodegraph.types import IMAGE, LATENT, MASK, VAE
 from nodes.sd import vae as vae_math
@@ -123,8 +124,10 @@ class LoadImage(Node):
 def load_image_file(path: Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(IMAGE `[F, H, W, 3]`, MASK `[F, H, W]` or `[1, 64, 64]` zeros) from every frame of the same size."""
     try:
-        img = Image.open(path)
+        img = open_checked(path, name)
         frames = [_frame(ImageOps.exif_transpose(f) or f) for f in ImageSequence.Iterator(img)]
+    except ImageBudgetError as exc:
+        raise ImageFileError(str(exc)) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageFileError(
             f"'{name}' is not an image that can be read ({exc}); pick a PNG, JPEG or WebP file"

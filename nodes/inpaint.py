@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ImageOps, UnidentifiedImageError
 
 from nodegraph.env import Environment
+from nodegraph.images import ImageBudgetError, open_checked
 from nodegraph.node import Boolean, Combo, Int, Node, Output, RunContext, Socket
 from nodegraph.types import CONDITIONING, IMAGE, LATENT, MASK, VAE
 from nodes.conditioning_area import Conditioning, set_values
@@ -188,7 +189,7 @@ def load_mask_file(path: Any, name: str, channel: str) -> torch.Tensor:
     """`[1, H, W]` from one channel of the image (alpha inverted); zeros `[1, 64, 64]` if it lacks it."""
     band = channel[0].upper()
     try:
-        img = Image.open(path)
+        img = open_checked(path, name, frames=False)
         img = ImageOps.exif_transpose(img) or img
         if img.getbands() != ("R", "G", "B", "A"):
             if img.mode == "I":
@@ -197,6 +198,8 @@ def load_mask_file(path: Any, name: str, channel: str) -> torch.Tensor:
         if band not in img.getbands():
             return torch.zeros((1, 64, 64), dtype=torch.float32)
         values = np.array(img.getchannel(band)).astype(np.float32) / 255.0
+    except ImageBudgetError as exc:
+        raise ImageFileError(str(exc)) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageFileError(
             f"'{name}' is not an image that can be read ({exc}); pick a PNG, JPEG or WebP file"

@@ -5,23 +5,26 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
+from aiohttp.web_protocol import RequestPayloadError
 
 from nodegraph.server import routes_files, routes_info, routes_prompt, routes_user
 from nodegraph.server.auth import (
     cors_middleware,
     effective_token,
     loopback_host_middleware,
-    origin_middleware,
+    origin_check,
     token_middleware,
 )
 from nodegraph.server.queue import PromptStore
-from nodegraph.server.replies import BadRequest, error
+from nodegraph.server.replies import BadRequest, error, storage_error, undecodable
 from nodegraph.server.state import MAX_UPLOAD_SIZE, STATE, ServerState
 from nodegraph.server.worker import Worker
 from nodegraph.server.ws import Hub
@@ -33,21 +36,39 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bad requests get their prepared 400; a handler bug gets a 500 with a message, not a traceback."""
+    """Bad requests get their prepared 4xx; a storage fault its own status; a handler bug a 500
+    with a message, not a traceback."""
     try:
         return await handler(request)
     except BadRequest as exc:
         return exc.response
     except web.HTTPException:
         raise
+    except (HttpProcessingError, RequestPayloadError) as exc:  # unreadable body: encoding, framing
+        return undecodable(exc)
+    except (OSError, sqlite3.OperationalError) as exc:
+        known = storage_error(exc, request.path)
+        if known is not None:
+            log.warning("%s %s: %s", request.method, request.path, exc)
+            return known
+        return _bug(request, exc)
     except Exception as exc:
-        log.exception("%s %s failed", request.method, request.path)
-        return error(
-            500,
-            "server_error",
-            f"{request.method} {request.path} failed: {exc}",
-            "this is a bug in nodegraph; the server log has the details",
-        )
+        return _bug(request, exc)
+
+
+def _bug(request: web.Request, exc: Exception) -> web.Response:
+    log.exception("%s %s failed", request.method, request.path, exc_info=exc)
+    return error(
+        500,
+        "server_error",
+        f"{request.method} {request.path} failed: {exc}",
+        "this is a bug in nodegraph; the server log has the details",
+    )
+
+
+async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
+    """Browsers must take every Content-Type as sent: a sniffed upload could turn into a page."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
 
 
 def _free(engine: Any) -> Callable[[bool, bool], None]:
@@ -101,13 +122,17 @@ def create_app(engine: Any, *, max_upload_size: int | None = None) -> web.Applic
     holder.append(st)
     hub.on_connect = worker.on_connect
 
-    cors = getattr(settings, "enable_cors_header", None)
-    middlewares: list[Middleware] = [error_middleware, cors_middleware(cors) if cors else origin_middleware]
-    if token is not None:
-        middlewares.insert(0, token_middleware(token))
-    else:  # loopback only, no token: the Host check is what keeps rebinding pages out
-        middlewares.insert(0, loopback_host_middleware)
+    cors = getattr(settings, "enable_cors_header", None) or None
+    middlewares: list[Middleware] = [
+        # loopback only, no token: the Host check is what keeps rebinding pages out
+        token_middleware(token) if token is not None else loopback_host_middleware,
+        error_middleware,
+        origin_check(cors),  # the Origin check stays; only the configured origin is let through
+    ]
+    if cors:  # outermost: the allowed origin's preflights are answered before the token check
+        middlewares.insert(0, cors_middleware(cors))
     app = web.Application(client_max_size=max_upload_size + (1 << 20), middlewares=middlewares)
+    app.on_response_prepare.append(_nosniff)
     app[STATE] = st
     for table in (routes_prompt.routes, routes_files.routes, routes_info.routes, routes_user.routes):
         _mirror(app, table)

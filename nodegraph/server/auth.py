@@ -97,25 +97,44 @@ def same_origin(origin: str, host: str, request_scheme: str) -> bool:
         return False
 
 
-@web.middleware
-async def origin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """403 for cross-site state changes and websocket upgrades (an absent Origin is a script: allowed)."""
-    is_upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
-    if request.method not in SAFE_METHODS or is_upgrade:
-        origin = request.headers.get("Origin")
-        if origin is not None and not same_origin(origin, request.host, request.scheme):
-            return web.json_response(
-                {
-                    "error": {
-                        "type": "forbidden_origin",
-                        "message": f"origin {origin!r} refused: not this server ({request.host})",
-                        "details": "open the canvas from this server's own address",
-                        "extra_info": {},
-                    }
-                },
-                status=403,
-            )
-    return await handler(request)
+def _forbidden_origin(request: web.Request, origin: str) -> web.Response:
+    return web.json_response(
+        {
+            "error": {
+                "type": "forbidden_origin",
+                "message": f"origin {origin!r} refused: not this server ({request.host})",
+                "details": "open the canvas from this server's own address",
+                "extra_info": {},
+            }
+        },
+        status=403,
+    )
+
+
+def origin_check(allowed: str | None = None) -> Middleware:
+    """403 for cross-site state changes and websocket upgrades (an absent Origin is a script: allowed).
+
+    Args:
+        allowed: one more origin to accept (`--enable-cors-header ORIGIN`), `*` for any.
+    """
+
+    @web.middleware
+    async def check_origin(request: web.Request, handler: Handler) -> web.StreamResponse:
+        is_upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        if request.method not in SAFE_METHODS or is_upgrade:
+            origin = request.headers.get("Origin")
+            if (
+                origin is not None
+                and not same_origin(origin, request.host, request.scheme)
+                and not cors_allows(allowed, origin)
+            ):
+                return _forbidden_origin(request, origin)
+        return await handler(request)
+
+    return check_origin
+
+
+origin_middleware = origin_check(None)
 
 
 @web.middleware
@@ -138,22 +157,36 @@ async def loopback_host_middleware(request: web.Request, handler: Handler) -> we
     return await handler(request)
 
 
-def cors_middleware(allowed: str) -> Middleware:
-    """ComfyUI's `--enable-cors-header [ORIGIN]`: answer cross-origin requests instead of refusing them.
+def cors_allows(allowed: str | None, origin: str | None) -> bool:
+    """Whether `origin` is the one `--enable-cors-header` named (`*`: any)."""
+    if not allowed or not origin:
+        return False
+    return allowed == "*" or origin.rstrip("/").lower() == allowed.rstrip("/").lower()
 
-    The user opted in, so the origin check is replaced by CORS headers for `allowed` (`*` = any).
+
+def cors_middleware(allowed: str) -> Middleware:
+    """ComfyUI's `--enable-cors-header [ORIGIN]`: CORS headers for that origin (`*` = any) only.
+
+    Outermost, so a preflight from the allowed origin is answered before the token check (a browser
+    never sends credentials on a preflight). Requests from any other origin get no CORS headers and
+    still meet the Origin check (`origin_check(allowed)`), which lets only the allowed one through.
     """
 
     @web.middleware
     async def add_cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if not cors_allows(allowed, origin):
+            return await handler(request)
         if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
             response: web.StreamResponse = web.Response(status=200)
         else:
             response = await handler(request)
-        response.headers["Access-Control-Allow-Origin"] = allowed
+        response.headers["Access-Control-Allow-Origin"] = "*" if allowed == "*" else str(origin)
         response.headers["Access-Control-Allow-Methods"] = "POST, GET, DELETE, PUT, OPTIONS, PATCH"
         response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
-        response.headers["Access-Control-Allow-Credentials"] = "true"
+        if allowed != "*":  # browsers refuse credentials with a wildcard origin
+            response.headers["Access-Control-Allow-Credentials"] = "true"
+            response.headers["Vary"] = "Origin"
         return response
 
     return add_cors

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import sqlite3
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
-from nodegraph.server.state import MAX_JSON_SIZE, state
+from nodegraph.server.state import MAX_JSON_DEPTH, MAX_JSON_SIZE, state
 
 
 def error(status: int, kind: str, message: str, details: str = "", **extra: Any) -> web.Response:
@@ -26,21 +30,114 @@ class BadRequest(Exception):
         self.response = response
 
 
-async def read_json(request: web.Request, *, default: Any = None) -> Any:
-    """The request's JSON body; an empty body gives `default`. Raises BadRequest (400/413)."""
-    limit = min(MAX_JSON_SIZE, state(request).max_upload_size)
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, up to `limit` bytes. Raises BadRequest (400 undecodable, 413 too large).
+
+    Reads until the end of the body, however it arrives (Content-Length or chunked, in one segment
+    or many slow ones): `content.read(n)` alone returns what is buffered so far, which truncated
+    bodies that crossed a real network (D1).
+    """
     if request.content_length is not None and request.content_length > limit:
-        raise BadRequest(error(413, "request_too_large", f"request body over {limit} bytes"))
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise BadRequest(error(413, "request_too_large", f"request body over {limit} bytes"))
+        raise BadRequest(too_large(limit))
+    data = bytearray()
+    try:
+        while chunk := await request.content.readany():
+            data += chunk
+            if len(data) > limit:  # a chunked or compressed body has no Content-Length to refuse up front
+                raise BadRequest(too_large(limit))
+    except (HttpProcessingError, RequestPayloadError) as exc:  # bad gzip, unknown encoding, framing
+        raise BadRequest(undecodable(exc)) from exc
+    return bytes(data)
+
+
+def too_large(limit: int) -> web.Response:
+    return error(413, "request_too_large", f"request body over {limit} bytes", "send a smaller body")
+
+
+def undecodable(exc: Exception) -> web.Response:
+    message = getattr(exc, "message", None) or str(exc)
+    response = error(
+        400,
+        "undecodable_body",
+        f"the request body cannot be decoded: {message}",
+        "send it plain or with Content-Encoding gzip or deflate",
+        node_errors={},
+    )
+    response.force_close()  # the rest of the body cannot be read either: no keep-alive after it
+    return response
+
+
+def json_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True if `value` nests deeper than `limit` (iterative: a deep value must not recurse here)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def parse_json(raw: bytes, what: str = "the request body") -> Any:
+    """JSON from bytes, nesting at most MAX_JSON_DEPTH; raises BadRequest with a 400 that says why."""
+    try:
+        value = json.loads(raw)
+    except RecursionError as exc:
+        raise BadRequest(_deep(what)) from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        response = error(400, "invalid_json", f"{what} is not valid JSON", str(exc), node_errors={})
+        raise BadRequest(response) from exc
+    if json_too_deep(value):
+        raise BadRequest(_deep(what))
+    return value
+
+
+def _deep(what: str) -> web.Response:
+    return error(400, "invalid_json", f"{what} nests deeper than {MAX_JSON_DEPTH} levels", "", node_errors={})
+
+
+async def read_json(request: web.Request, *, default: Any = None) -> Any:
+    """The request's whole JSON body; an empty body gives `default`. Raises BadRequest (400/413)."""
+    raw = await read_body(request, min(MAX_JSON_SIZE, state(request).max_upload_size))
     if not raw.strip():
         return default
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        response = error(400, "invalid_json", "the request body is not valid JSON", str(exc), node_errors={})
-        raise BadRequest(response) from exc
+    return parse_json(raw)
+
+
+_STORAGE = {
+    errno.ENAMETOOLONG: (400, "name_too_long", "a file name is too long for the file system"),
+    errno.EILSEQ: (400, "invalid_filename", "a file name has bytes the file system refuses"),
+    errno.EISDIR: (409, "is_a_folder", "the target is a folder, not a file"),
+    errno.ENOTDIR: (409, "not_a_folder", "a folder in the path is a file"),
+    errno.EEXIST: (409, "exists", "the target already exists"),
+    errno.ENOTEMPTY: (409, "exists", "the target is a folder that is not empty"),
+    errno.EROFS: (403, "read_only", "the server's folder is read-only"),
+    errno.EACCES: (403, "read_only", "the server may not write there (permissions)"),
+    errno.EPERM: (403, "read_only", "the server may not write there (permissions)"),
+    errno.ENOSPC: (507, "insufficient_storage", "the server's disk is full"),
+    errno.EDQUOT: (507, "insufficient_storage", "the server's disk quota is used up"),
+}
+
+
+def storage_error(exc: BaseException, where: str) -> web.Response | None:
+    """The 4xx/507 answer for a file-system fault on `where`, or None if it is not one we know.
+
+    A full disk is the server's state, not a bug (507 Insufficient Storage); a name too long, a
+    file where a folder should be, a read-only folder are the request's or the setup's (4xx).
+    """
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        if "full" in text:
+            return error(507, "insufficient_storage", "the server's disk is full (queue database)", str(exc))
+        if "readonly" in text or "read-only" in text:
+            return error(403, "read_only", "the queue database is read-only", str(exc))
+        return None
+    if not isinstance(exc, OSError) or exc.errno not in _STORAGE:
+        return None
+    status, kind, message = _STORAGE[exc.errno]
+    return error(status, kind, f"{message} ({where})", exc.strerror or str(exc))
 
 
 def jsonable(value: Any) -> Any:

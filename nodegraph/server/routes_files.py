@@ -8,6 +8,7 @@ the time a handler sees it, so encoded forms meet the same checks.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import io
 import json
@@ -15,15 +16,40 @@ import mimetypes
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
 
-from nodegraph.folders import DATA_FOLDERS, PathEscapeError, safe_join
-from nodegraph.server.replies import BadRequest, error, flag
+from nodegraph.folders import DATA_FOLDERS, InvalidNameError, PathEscapeError, safe_join
+from nodegraph.images import ImageBudgetError, open_checked
+from nodegraph.server.replies import BadRequest, error, flag, storage_error, too_large
 from nodegraph.server.state import state
 
 routes = web.RouteTableDef()
-_UNSAFE_TYPES = ("text/html", "text/javascript", "application/javascript", "text/css")
+# Types a browser shows without running anything: served inline. Everything else (SVG, HTML,
+# XHTML, XML, XSL, JS, PDF, unknown) goes out as an attachment of its own type or as bytes, so a
+# planted file can never run script in this server's origin with the user's cookie (D6).
+INLINE_TYPES = frozenset(
+    {
+        "image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/avif",
+        "image/x-ms-bmp", "image/tiff", "video/mp4", "video/webm", "video/quicktime", "audio/mpeg",
+        "audio/wav", "audio/x-wav", "audio/ogg", "audio/flac", "audio/x-flac", "audio/webm",
+        "application/json", "text/plain", "text/css", "text/csv", "model/gltf-binary",
+    }
+)  # fmt: skip
+_ACTIVE = ("html", "xml", "svg", "javascript", "ecmascript", "xsl")
+
+
+def served_headers(name: str) -> dict[str, str]:
+    """Content-Type and Content-Disposition for serving a stored file called `name`."""
+    mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    plain = "".join(c for c in name if " " <= c < "\x7f" and c not in '"\\')
+    names = f"filename=\"{plain}\"; filename*=UTF-8''{quote(name, safe='', errors='replace')}"
+    if mime in INLINE_TYPES:
+        return {"Content-Type": mime, "Content-Disposition": f"inline; {names}"}
+    if any(word in mime for word in _ACTIVE):
+        mime = "application/octet-stream"  # not even a download may be opened as a page
+    return {"Content-Type": mime, "Content-Disposition": f"attachment; {names}"}
 
 
 def data_file(request: web.Request, filename: str, kind: str, subfolder: str) -> Path | web.Response:
@@ -41,6 +67,8 @@ def data_file(request: web.Request, filename: str, kind: str, subfolder: str) ->
         path = safe_join(folder, os.path.basename(filename))
         if path.is_symlink() or (subfolder and folder.is_symlink()):
             raise PathEscapeError(f"{filename!r} is a symbolic link")
+    except InvalidNameError as exc:
+        return error(400, "invalid_filename", "that file name is not allowed", str(exc))
     except (PathEscapeError, ValueError) as exc:
         return error(403, "path_escape", "that path leaves its folder", str(exc))
     if not path.is_file():
@@ -64,25 +92,17 @@ async def view(request: web.Request) -> web.StreamResponse:
     if preview or channel in ("rgb", "a"):
         try:
             data, mime = await asyncio.to_thread(_reencode, found, preview, channel)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SyntaxError) as exc:  # ImageBudgetError is a ValueError
             return error(415, "not_an_image", f"{found.name} cannot be re-encoded", str(exc))
-        return web.Response(body=data, content_type=mime, headers=_disposition(found.name))
-    mime = mimetypes.guess_type(found.name)[0] or "application/octet-stream"
-    if mime in _UNSAFE_TYPES:
-        mime = "application/octet-stream"
-    headers = {**_disposition(found.name), "Content-Type": mime}
-    return web.FileResponse(found, headers=headers)
-
-
-def _disposition(name: str) -> dict[str, str]:
-    safe = name.replace('"', "").replace("\r", "").replace("\n", "")
-    return {"Content-Disposition": f'filename="{safe}"'}
+        name = os.path.splitext(found.name)[0] + "." + mime.split("/")[1]
+        return web.Response(body=data, headers=served_headers(name))
+    return web.FileResponse(found, headers=served_headers(found.name))
 
 
 def _reencode(path: Path, preview: str | None, channel: str) -> tuple[bytes, str]:
     from PIL import Image
 
-    with Image.open(path) as opened:
+    with open_checked(path, path.name, frames=False) as opened:
         img: Image.Image = opened
         if channel == "rgb":
             img = opened.convert("RGB")
@@ -105,22 +125,39 @@ def _reencode(path: Path, preview: str | None, channel: str) -> tuple[bytes, str
 
 
 async def _upload_fields(request: web.Request) -> dict[str, Any]:
-    """The multipart fields: text values as str, the image as (filename, bytes)."""
-    fields: dict[str, Any] = {}
+    """The multipart fields, read to the end: text values as str, the image as (filename, bytes).
+
+    Bounded in total (not only per part: eight 90 MB text parts once took 720 MB, D8); a body that
+    is not well-formed multipart is a 400 naming what is wrong.
+    """
     if not request.content_type.startswith("multipart/"):
         raise BadRequest(error(400, "no_file", "send the image as multipart/form-data with a field 'image'"))
-    reader = await request.multipart()
     limit = state(request).max_upload_size
     if request.content_length is not None and request.content_length > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+        raise BadRequest(too_large(limit))
+    try:
+        return await _read_parts(await request.multipart(), limit)
+    except (ValueError, AssertionError, LookupError, TypeError) as exc:
+        # aiohttp's multipart reader signals a missing boundary, a cut body or bad headers this way
+        raise BadRequest(
+            error(400, "malformed_multipart", "the body is not valid multipart/form-data", str(exc))
+        ) from exc
+
+
+async def _read_parts(reader: MultipartReader, limit: int) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    total = 0
     while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader) or part.name is None:
-            continue
+        if not isinstance(part, BodyPartReader):
+            raise ValueError("nested multipart bodies are not accepted")
         data = bytearray()
         while chunk := await part.read_chunk():
             data += chunk
-            if len(data) > limit:  # a chunked body has no Content-Length to refuse up front
-                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(data))
+            total += len(chunk)
+            if total > limit:  # a chunked body has no Content-Length to refuse up front
+                raise BadRequest(too_large(limit))
+        if part.name is None or part.name in fields:
+            continue  # nameless parts are skipped; the first of repeated names counts
         fields[part.name] = (
             (part.filename, bytes(data)) if part.filename is not None else data.decode("utf-8", "replace")
         )
@@ -148,9 +185,23 @@ def _target(request: web.Request, fields: dict[str, Any]) -> tuple[Path, str, st
     return path, filename, subfolder, kind, data
 
 
+def _budget_problem(data: bytes, filename: str) -> str | None:
+    """Why an uploaded image is over the pixel budget, from its header; None if it is not (or is
+    not an image Pillow knows: ComfyUI stores any file)."""
+    try:
+        with open_checked(io.BytesIO(data), filename):
+            return None
+    except ImageBudgetError as exc:
+        return str(exc)
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
 def _store(path: Path, data: bytes, overwrite: bool) -> Path:
     """Write `data`; without overwrite an existing different file gets ' (i)' before the extension."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "the upload's name is a folder", path.name)
     if not overwrite:
         stem, ext = os.path.splitext(path.name)
         i = 1
@@ -170,7 +221,10 @@ async def upload_image(request: web.Request) -> web.Response:
     target = _target(request, fields)
     if isinstance(target, web.Response):
         return target
-    path, _, subfolder, kind, data = target
+    path, filename, subfolder, kind, data = target
+    problem = await asyncio.to_thread(_budget_problem, data, filename)
+    if problem is not None:
+        return error(413, "image_too_large", problem)
     saved = await asyncio.to_thread(_store, path, data, flag(fields.get("overwrite")))
     return web.json_response({"name": saved.name, "subfolder": subfolder, "type": kind})
 
@@ -196,21 +250,29 @@ async def upload_mask(request: web.Request) -> web.Response:
         return original
     try:
         saved = await asyncio.to_thread(_merge_mask, original, data, path, flag(fields.get("overwrite")))
-    except OSError as exc:
+    except ImageBudgetError as exc:
+        return error(400, "invalid_mask", str(exc))
+    except (OSError, ValueError, SyntaxError) as exc:
+        if storage_error(exc, "upload") is not None:
+            raise
         return error(400, "not_an_image", "the mask or the original is not an image", str(exc))
     return web.json_response({"name": saved.name, "subfolder": subfolder, "type": kind})
 
 
 def _merge_mask(original: Path, mask_bytes: bytes, path: Path, overwrite: bool) -> Path:
-    from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    with Image.open(original) as img:
+    with open_checked(original, original.name, frames=False) as img:
         info = PngInfo()
         for key, value in getattr(img, "text", {}).items():
             info.add_text(key, value)
         rgba = img.convert("RGBA")
-    with Image.open(io.BytesIO(mask_bytes)) as mask:
+    with open_checked(io.BytesIO(mask_bytes), "the mask", frames=False) as mask:
+        if mask.size != rgba.size:
+            raise ImageBudgetError(
+                f"the mask is {mask.size[0]}x{mask.size[1]} pixels but {original.name} is "
+                f"{rgba.size[0]}x{rgba.size[1]}; draw the mask on the same image"
+            )
         rgba.putalpha(mask.convert("RGBA").getchannel("A"))
     out = io.BytesIO()
     rgba.save(out, format="PNG", compress_level=4, pnginfo=info)

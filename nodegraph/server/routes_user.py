@@ -11,13 +11,15 @@ import json
 import os
 import shutil
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from nodegraph.folders import PathEscapeError, safe_join
-from nodegraph.server.replies import error, flag, read_json
+from nodegraph.folders import InvalidNameError, PathEscapeError, safe_join
+from nodegraph.server.replies import error, flag, read_body, read_json
+from nodegraph.server.routes_files import served_headers
 from nodegraph.server.routes_info import frontend_module
 from nodegraph.server.state import state
 
@@ -49,7 +51,7 @@ def _read_settings(root: Path) -> dict[str, Any]:
     defaults = dict(getattr(module, "DEFAULT_SETTINGS", {}) or {})
     try:
         stored = json.loads((root / SETTINGS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         stored = {}
     return defaults | (stored if isinstance(stored, dict) else {})
 
@@ -59,7 +61,7 @@ def _update_settings(root: Path, changes: dict[str, Any]) -> None:
         path = root / SETTINGS_FILE
         try:
             stored = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             stored = {}
         stored = (stored if isinstance(stored, dict) else {}) | changes
         root.mkdir(parents=True, exist_ok=True)
@@ -169,12 +171,9 @@ def _file_or_error(request: web.Request, key: str = "file") -> Path | web.Respon
     try:
         return _user_path(request, name)
     except PathEscapeError as exc:
-        return error(
-            403 if "\x00" not in name else 400,
-            "path_escape",
-            "that file is outside your user folder",
-            str(exc),
-        )
+        if isinstance(exc, InvalidNameError) or "\x00" in name:
+            return error(400, "invalid_filename", "that file name is not allowed", str(exc))
+        return error(403, "path_escape", "that file is outside your user folder", str(exc))
 
 
 @routes.get("/userdata/{file}")
@@ -184,7 +183,7 @@ async def get_userdata(request: web.Request) -> web.StreamResponse:
         return path
     if not path.is_file():
         return error(404, "not_found", f"no file {request.match_info['file']!r} in the user folder")
-    return web.FileResponse(path)
+    return web.FileResponse(path, headers=served_headers(path.name))
 
 
 @routes.post("/userdata/{file}")
@@ -197,14 +196,18 @@ async def post_userdata(request: web.Request) -> web.Response:
         return error(
             409, "exists", f"{request.match_info['file']!r} exists; pass overwrite=true to replace it"
         )
-    limit = state(request).max_upload_size
-    data = await request.content.read(limit + 1)
-    if len(data) > limit:
-        return error(413, "request_too_large", f"file over {limit} bytes")
+    if path.is_dir():
+        return error(409, "is_a_folder", f"{request.match_info['file']!r} is a folder in the user folder")
+    data = await read_body(request, state(request).max_upload_size)
 
     def write() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        tmp = path.with_name(f".{uuid.uuid4().hex}.partial")
+        try:  # never a half-written file where the old one was (a full disk stops mid-write)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     await asyncio.to_thread(write)
     root = user_root(request)
@@ -234,6 +237,8 @@ async def move_userdata(request: web.Request) -> web.Response:
         return dest
     if not source.is_file():
         return error(404, "not_found", f"no file {request.match_info['file']!r} in the user folder")
+    if dest.is_dir():  # shutil.move would move the file into it and answer the folder's name
+        return error(409, "is_a_folder", f"{request.match_info['dest']!r} is a folder in the user folder")
     if dest.exists() and not flag(request.query.get("overwrite"), default=True):
         return error(
             409, "exists", f"{request.match_info['dest']!r} exists; pass overwrite=true to replace it"

@@ -14,6 +14,8 @@ from nodegraph.server.ws import Hub
 
 MAX_UPLOAD_SIZE = 100 * 1024 * 1024
 MAX_JSON_SIZE = 32 * 1024 * 1024
+# A canvas workflow nests about 10 levels; deeper JSON is refused before anything recurses on it.
+MAX_JSON_DEPTH = 100
 
 
 @dataclass

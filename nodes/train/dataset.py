@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from nodegraph.images import open_checked
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _FOLDER = re.compile(r"^(\d+)_(.+)$")
 
@@ -138,7 +140,7 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
         DatasetError: naming the file when it cannot be read as an image.
     """
     try:
-        with Image.open(path) as img:
+        with open_checked(path, str(path), frames=False) as img:
             img.load()
             rgb = img.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError) as exc:

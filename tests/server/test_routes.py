@@ -39,7 +39,8 @@ async def test_view_serves_and_reencodes(aiohttp_client: Any, engine: Any) -> No
     client = await _client(aiohttp_client, engine)
     plain = await client.get("/view?filename=a.png&subfolder=sub&type=output")
     assert plain.status == 200 and plain.headers["Content-Type"] == "image/png"
-    assert plain.headers["Content-Disposition"] == 'filename="a.png"'
+    assert plain.headers["Content-Disposition"].startswith('inline; filename="a.png"')
+    assert plain.headers["X-Content-Type-Options"] == "nosniff"
     assert await plain.read() == (output / "sub" / "a.png").read_bytes()
     annotated = await client.get(
         "/view", params={"filename": "a.png [output]", "subfolder": "sub", "type": "input"}
