@@ -15,7 +15,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestPayloadError
 
-from nodegraph.server import routes_files, routes_info, routes_prompt, routes_user
+from nodegraph.server import routes_files, routes_info, routes_jobs, routes_prompt, routes_user
 from nodegraph.server.auth import (
     cors_middleware,
     effective_token,
@@ -134,7 +134,8 @@ def create_app(engine: Any, *, max_upload_size: int | None = None) -> web.Applic
     app = web.Application(client_max_size=max_upload_size + (1 << 20), middlewares=middlewares)
     app.on_response_prepare.append(_nosniff)
     app[STATE] = st
-    for table in (routes_prompt.routes, routes_files.routes, routes_info.routes, routes_user.routes):
+    tables = (routes_prompt, routes_files, routes_info, routes_user, routes_jobs)
+    for table in (module.routes for module in tables):
         _mirror(app, table)
     app.router.add_get("/ws", hub.handle)
     app.router.add_get("/api/ws", hub.handle)

@@ -45,6 +45,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 # it for anyone not on loopback (aiohttp's static route never compresses).
 COMPRESSIBLE = frozenset({".js", ".css", ".json", ".html", ".svg", ".map", ".txt"})
 
+CANVAS_USER_FOLDERS = ("workflows", "subgraphs")
+CANVAS_USER_FILES = {"user.css": "", "comfy.templates.json": "[]"}
+
 # Entry modules the frontend imports, in this order (helpers they import are not listed).
 EXTENSION_FILES = ("nodegraph.js",)
 
@@ -132,6 +135,18 @@ def _static_handler(root: Path) -> Any:
     return static_file
 
 
+def _seed_user_files(user: Path) -> None:
+    """The folders and files the canvas reads at every start, so a first start sees empty ones
+    rather than 404s: the workflow and subgraph folders, the user stylesheet, the old-style
+    user template list. Existing ones are left as they are."""
+    for folder in CANVAS_USER_FOLDERS:
+        (user / folder).mkdir(parents=True, exist_ok=True)
+    for name, text in CANVAS_USER_FILES.items():
+        path = user / name
+        if not path.exists():
+            path.write_text(text)
+
+
 def add_frontend_routes(app: web.Application, engine: object) -> None:
     """Serve the canvas: `/`, our extensions, an empty template list and the frontend's static files.
 
@@ -157,7 +172,14 @@ def add_frontend_routes(app: web.Application, engine: object) -> None:
         # The template browser stays empty: the default graph is ours (web/default_workflow.json).
         return web.json_response([], headers=NO_CACHE)
 
+    async def user_css(_: web.Request) -> web.StreamResponse:
+        # The canvas asks for a user stylesheet at every start; none is an empty sheet, not a 404.
+        return web.Response(text="", content_type="text/css", headers=NO_CACHE)
+
+    _seed_user_files(Path(engine.env.folders.user_dir) / "default")  # type: ignore[attr-defined]
+
     app.router.add_get("/", index)
+    app.router.add_get("/user.css", user_css)
     app.router.add_get(EXTENSION_PREFIX + "/{name:.+}", extension_file)
     app.router.add_get("/templates/index.json", templates_index)
     # Last: every other GET path is a file of the frontend (the API routes are registered before).

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nodegraph.server.jobs import duration, history_job
+
 MAXIMUM_HISTORY_SIZE = 10000
 SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 
@@ -39,6 +41,20 @@ CREATE TABLE IF NOT EXISTS history (
     entry TEXT NOT NULL
 );
 """
+# `/api/jobs` columns: the job record and its sort and filter keys, so listing 10,000 entries
+# reads small rows through an index instead of parsing every entry's prompt and workflow.
+_JOB_COLUMNS = {
+    "job": "TEXT",
+    "status": "TEXT",
+    "create_time": "INTEGER",
+    "duration": "INTEGER",
+    "workflow_id": "TEXT",
+}
+_JOB_INDEXES = """
+CREATE INDEX IF NOT EXISTS history_created ON history (create_time, seq);
+CREATE INDEX IF NOT EXISTS history_status ON history (status, create_time, seq);
+"""
+SORT_COLUMNS = {"created_at": "COALESCE(create_time, 0)", "execution_duration": "COALESCE(duration, 0)"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +94,7 @@ class PromptStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._add_job_columns()
         self._cond = threading.Condition()
         self._closed = False
         row = self._db.execute("SELECT MAX(number) FROM queue").fetchone()
@@ -182,7 +199,9 @@ class PromptStore:
                 self._db.execute("DELETE FROM queue WHERE prompt_id=?", (prompt_id,))
                 self._db.execute("DELETE FROM history WHERE prompt_id=?", (prompt_id,))
                 self._db.execute(
-                    "INSERT INTO history (prompt_id, entry) VALUES (?, ?)", (prompt_id, _dumps(entry))
+                    "INSERT INTO history (prompt_id, entry, job, status, create_time, duration, workflow_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (prompt_id, _dumps(entry), *_job_row(prompt_id, entry)),
                 )
                 self._db.execute(  # an index range on seq, not a scan of the whole history
                     "DELETE FROM history WHERE seq <= "
@@ -230,6 +249,71 @@ class PromptStore:
         status = {"status_str": str(row[0]), "completed": False, "messages": []}
         return {"prompt": item.as_list(), "outputs": {}, "status": status}
 
+    # ---------------------------------------------------------------- jobs (`/api/jobs`)
+
+    def job_keys(
+        self,
+        statuses: Iterable[str],
+        workflow_id: str | None,
+        sort_by: str,
+        descending: bool,
+        limit: int | None,
+    ) -> list[tuple[int, int, str]]:
+        """(sort key, seq, prompt_id) of the first `limit` finished jobs in that order."""
+        where, args = self._job_filter(statuses, workflow_id)
+        order = "DESC" if descending else "ASC"
+        query = (
+            f"SELECT {SORT_COLUMNS[sort_by]}, seq, prompt_id FROM history {where} "
+            f"ORDER BY {SORT_COLUMNS[sort_by]} {order}, seq ASC LIMIT ?"
+        )
+        with self._cond:
+            rows = self._db.execute(query, (*args, -1 if limit is None else limit)).fetchall()
+        return [(int(k), int(seq), str(pid)) for k, seq, pid in rows]
+
+    def job_count(self, statuses: Iterable[str], workflow_id: str | None) -> int:
+        where, args = self._job_filter(statuses, workflow_id)
+        with self._cond:
+            return int(self._db.execute(f"SELECT COUNT(*) FROM history {where}", args).fetchone()[0])
+
+    def jobs(self, prompt_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The stored job records of finished prompts, by id."""
+        found: dict[str, dict[str, Any]] = {}
+        with self._cond:
+            for start in range(0, len(prompt_ids), 500):
+                chunk = prompt_ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT prompt_id, job FROM history WHERE prompt_id IN ({marks})", chunk
+                ).fetchall()
+                found.update((str(pid), json.loads(job)) for pid, job in rows)
+        return found
+
+    @staticmethod
+    def _job_filter(statuses: Iterable[str], workflow_id: str | None) -> tuple[str, tuple[Any, ...]]:
+        wanted = tuple(statuses)
+        clauses = [f"status IN ({','.join('?' * len(wanted))})"] if wanted else ["0"]
+        args: tuple[Any, ...] = wanted
+        if workflow_id:
+            clauses.append("workflow_id = ?")
+            args += (workflow_id,)
+        return "WHERE " + " AND ".join(clauses), args
+
+    def _add_job_columns(self) -> None:
+        """Add the job columns to a queue file written before they existed, and fill them in."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(history)")}
+        for name, kind in _JOB_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE history ADD COLUMN {name} {kind}")
+        self._db.executescript(_JOB_INDEXES)
+        for prompt_id, entry in self._db.execute(
+            "SELECT prompt_id, entry FROM history WHERE job IS NULL"
+        ).fetchall():
+            self._db.execute(
+                "UPDATE history SET job=?, status=?, create_time=?, duration=?, workflow_id=? "
+                "WHERE prompt_id=?",
+                (*_job_row(str(prompt_id), json.loads(entry)), prompt_id),
+            )
+
     def delete_history(self, prompt_ids: Iterable[str]) -> None:
         with self._cond:
             for pid in prompt_ids:
@@ -270,6 +354,12 @@ class PromptStore:
                 self._db.execute("UPDATE queue SET state='pending' WHERE prompt_id=?", (prompt_id,))
                 requeued.append(str(prompt_id))
         return requeued
+
+
+def _job_row(prompt_id: str, entry: dict[str, Any]) -> tuple[str, str, Any, int, Any]:
+    """(job JSON, status, create_time, duration, workflow_id) for the history's job columns."""
+    job = history_job(prompt_id, entry)
+    return _dumps(job), job["status"], job.get("create_time"), duration(job), job.get("workflow_id")
 
 
 def crashed_entry(item: QueueItem) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import uuid
 from typing import Any
 from urllib.parse import urlencode
@@ -42,6 +43,9 @@ async def post_prompt(request: web.Request) -> web.Response:
         return error(400, "invalid_prompt", "extra_data must be a JSON object", node_errors={})
     if "client_id" in body:
         extra_data["client_id"] = body["client_id"]
+    if "comfy_usage_source" not in extra_data and request.headers.get("Comfy-Usage-Source"):
+        extra_data["comfy_usage_source"] = request.headers["Comfy-Usage-Source"]
+    extra_data["create_time"] = int(time.time() * 1000)  # ComfyUI's job creation time, in ms
     number = _number(body)
     future: asyncio.Future[dict[str, Any]] | None = None
     if flag(request.query.get("wait")):  # registered before queueing, so a fast finish is not missed

@@ -46,8 +46,17 @@ class ServerState:
                 pass
 
     def features(self) -> dict[str, Any]:
-        """`/features` and the websocket `feature_flags` reply."""
-        return {"supports_preview_metadata": True, "max_upload_size": self.max_upload_size}
+        """`/features` and the websocket `feature_flags` reply: ComfyUI's core flags
+        (comfy_api/feature_flags.py) as far as nodegraph honours them. No ComfyUI-Manager, no
+        `/api/assets` database and no model-type tags in `/object_info`, so those say False."""
+        return {
+            "supports_preview_metadata": True,
+            "supports_model_type_tags": False,
+            "max_upload_size": self.max_upload_size,
+            "extension": {"manager": {"supports_v4": False}},
+            "node_replacements": True,
+            "assets": False,
+        }
 
 
 STATE: web.AppKey[ServerState] = web.AppKey("nodegraph_state", ServerState)
