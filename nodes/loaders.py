@@ -90,6 +90,7 @@ def _handles(
         source=name,
         family=ckpt.family,
         embedding_dirs=tuple(env.folders.paths("embeddings")),
+        text_encoder_2=ckpt.text_encoder_2,
     )
     vae = VaeHandle(vae=ckpt.vae, source=name, scaling_factor=ckpt.vae.config.scaling_factor)
     return model, clip, vae

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,3 +46,39 @@ def mini_loras(oracle_dir: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         _generate("make_mini_lora.py", folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def mini_sdxl_checkpoint(oracle_dir: Path) -> Path:
+    """The oracle's random SDXL-family checkpoint (SGM single file, fp16, 2.3 GB), made by its script."""
+    path = CACHE / "mini_sdxl.safetensors"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        _generate("make_mini_sdxl.py", partial)
+        partial.rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mini_sdxl_loras(oracle_dir: Path) -> Path:
+    """A folder with the oracle's kohya SDXL LoRA mini_sdxl_lora.safetensors."""
+    folder = CACHE / "sdxl_loras"
+    if not (folder / "mini_sdxl_lora.safetensors").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / "partial"
+        partial.mkdir(exist_ok=True)
+        _generate("make_mini_sdxl_lora.py", partial)
+        (partial / "mini_sdxl_lora.safetensors").rename(folder / "mini_sdxl_lora.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sdxl_store(mini_sdxl_checkpoint: Path) -> Any:
+    """One model store for the whole session with the mini SDXL checkpoint loaded once (about 4.6 GB
+    as fp32 modules). Engines that run SDXL share it: `engine.env.services[ModelStore] = sdxl_store`."""
+    from nodes.sd.model_store import ModelStore
+
+    store = ModelStore(capacity=3)
+    store.checkpoint(mini_sdxl_checkpoint)
+    return store

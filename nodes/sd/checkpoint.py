@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from nodes.sd import convert
+from nodes.sd import convert, convert_sdxl
 from nodes.sd.convert import UnsupportedCheckpointError
 
 # The reader lives in safetensors_file; re-exported here where loaders have always found it.
@@ -91,10 +91,13 @@ def open_source(path: Path) -> TensorSource:
 
 @dataclass(eq=False)
 class LoadedCheckpoint:
-    """The three modules of one checkpoint, shared (read-only) by every handle made from it.
+    """The modules of one checkpoint, shared (read-only) by every handle made from it.
 
     `ldm_keys` maps each original LDM key to (component, parameter name), component being "unet",
-    "vae" or "te", so a merged model can be written back in the original layout.
+    "vae", "te" or (SDXL bigG) "te2", so a merged model can be written back in the original layout.
+    bigG's keys are views of open_clip keys (`...in_proj_weight#q`, `...text_projection#T`, see
+    nodes/sd/convert_sdxl.py). SDXL base: `text_encoder` CLIP-L, `text_encoder_2` bigG; refiner:
+    `text_encoder` None.
     """
 
     path: Path
@@ -104,6 +107,7 @@ class LoadedCheckpoint:
     vae: Any
     ldm_keys: dict[str, tuple[str, str]] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    text_encoder_2: Any = None
 
 
 # module -> {LDM key: parameter name}; weak, so a dropped checkpoint is freed. Values hold no module.
@@ -120,7 +124,7 @@ def ldm_names(module: Any) -> dict[str, str] | None:
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:
-    """Load an SD1.x checkpoint file or diffusers folder.
+    """Load an SD1.x or SDXL-family checkpoint file or diffusers folder.
 
     Raises:
         CheckpointError: unreadable file, unsupported model family (the message names it), or a
@@ -133,6 +137,10 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
         raise CheckpointError(f"checkpoint '{path}' does not exist; put it in models/checkpoints")
     source = open_source(path)
     keys = source.keys()
+    if convert_sdxl.is_sdxl(keys):
+        from nodes.sd.checkpoint_sdxl import load_sdxl
+
+        return load_sdxl(path, source)
     try:
         family = convert.detect_family(path.name, keys, source.shape)
         unet_cfg = convert.unet_config(path.name, keys, source.shape)
@@ -213,7 +221,7 @@ def assign_weights(
     unexpected = sorted(set(key_map) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"'{name}': its {component} does not match an SD1.x layout "
+            f"'{name}': its {component} does not match its model layout "
             f"(missing {_few(missing)}, unexpected {_few(unexpected)}); the file is incomplete or"
             " another model type"
         )
@@ -224,7 +232,7 @@ def assign_weights(
         if tensor.numel() != math.prod(want):
             raise CheckpointError(
                 f"'{name}': {ldm_key} has shape {tuple(tensor.shape)}, the {component} needs {want}; "
-                "the file is not a consistent SD1.x checkpoint"
+                "the file is not a consistent checkpoint"
             )
         state[pname] = cast(tensor.reshape(want))
     module.load_state_dict(state, strict=True, assign=True)
@@ -317,12 +325,18 @@ def load_diffusers_folder(path: Path) -> LoadedCheckpoint:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    if (path / "text_encoder_2" / "config.json").is_file():
+        from nodes.sd.checkpoint_sdxl import load_sdxl_folder
+
+        return load_sdxl_folder(path)
     for sub in ("unet", "vae", "text_encoder"):
         if not (path / sub / "config.json").is_file():
             raise CheckpointError(f"'{path.name}' is not a diffusers folder: {sub}/config.json is missing")
     unet_cfg = read_json(path / "unet" / "config.json")
     if unet_cfg.get("cross_attention_dim") != 768 or unet_cfg.get("use_linear_projection"):
-        raise CheckpointError(f"'{path.name}' is not an SD1.x model; nodegraph supports SD1.x for now")
+        raise CheckpointError(
+            f"'{path.name}' is neither an SD1.x nor an SDXL-family model; nodegraph supports those only"
+        )
     try:
         with torch.inference_mode(False):
             unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)

@@ -50,12 +50,12 @@ def detect_family(name: str, keys: Iterable[str], shape_of: ShapeOf) -> str:
     """ "sd15" for an SD1.x checkpoint, inpainting ones included; otherwise raise
     `UnsupportedCheckpointError` naming what it is."""
     keyset = set(keys)
-    supported = "nodegraph supports SD1.x checkpoints for now"
+    supported = "nodegraph supports SD1.x and SDXL-family checkpoints"
     if (
         any(k.startswith("conditioner.embedders.") for k in keyset)
         or f"{UNET_PREFIX}label_emb.0.0.weight" in keyset
     ):
-        raise UnsupportedCheckpointError(f"'{name}' is an SDXL checkpoint; {supported}")
+        raise UnsupportedCheckpointError(f"'{name}' is an SDXL checkpoint; load it with load_checkpoint")
     if f"{UNET_PREFIX}input_blocks.0.0.weight" not in keyset:
         raise UnsupportedCheckpointError(
             f"'{name}' is not a Stable Diffusion checkpoint: {_what_is_it(keyset)}"
@@ -84,14 +84,38 @@ def detect_family(name: str, keys: Iterable[str], shape_of: ShapeOf) -> str:
     return "sd15"
 
 
+# Marker keys of other model families (with or without ComfyUI's `model.diffusion_model.` prefix).
+_OTHER_FAMILIES = (
+    ("double_blocks.0.img_attn.qkv.weight", "a Flux model"),
+    ("joint_blocks.0.x_block.attn.qkv.weight", "a Stable Diffusion 3 model"),
+    ("transformer_blocks.0.attn.add_q_proj.weight", "an SD3/Flux-style diffusers transformer"),
+    ("down_blocks.0.0.channelwise.0.weight", "a Stable Cascade model"),
+    ("blocks.0.cross_attn.q.weight", "a video or DiT model (Wan/PixArt-style)"),
+    ("x_embedder.proj.weight", "a DiT model (PixArt/Hunyuan/AuraFlow-style)"),
+    ("cap_embedder.0.weight", "a Lumina model"),
+)
+
+
 def _what_is_it(keys: set[str]) -> str:
+    for marker, what in _OTHER_FAMILIES:
+        if any(k.endswith(marker) for k in keys):
+            return f"it is {what}; nodegraph runs SD1.x and SDXL-family checkpoints only"
+    if any(
+        k.startswith(("text_model.encoder.layers.", "transformer.resblocks.", "encoder.block."))
+        or ".transformer.resblocks." in k
+        for k in keys
+    ):
+        return (
+            "it is a text encoder alone (CLIP/OpenCLIP/T5 weights, no UNet, no VAE); nodegraph needs a full "
+            "checkpoint in models/checkpoints"
+        )
     if any(".lora_down." in k or ".lora_A." in k or k.startswith(("lora_unet_", "lora_te")) for k in keys):
         return "it is a LoRA; put it in models/loras and use a Load LoRA node"
     if any(
         k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks."))
         for k in keys
     ):
-        return "it is a VAE; put it in models/vae and use a Load VAE node"
+        return "it is a VAE (SD/SDXL VAE weights only); put it in models/vae and use a Load VAE node"
     if any(k in ("string_to_param", "emb_params", "clip_l") or k.startswith("string_to_param") for k in keys):
         return "it is a textual-inversion embedding; put it in models/embeddings and write embedding:<name>"
     return f"no {UNET_PREFIX}* UNet keys found; pick an SD1.x checkpoint"
@@ -110,27 +134,21 @@ def _max_index(keys: set[str], prefix: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def unet_config(name: str, keys: Iterable[str], shape_of: ShapeOf) -> dict[str, Any]:
-    """A `UNet2DConditionModel` config for an SD1.x LDM UNet of any depth, read from key names and shapes."""
+def unet_config(
+    name: str, keys: Iterable[str], shape_of: ShapeOf, head_channels: int | None = None
+) -> dict[str, Any]:
+    """A `UNet2DConditionModel` config for an LDM UNet of any depth, read from key names and shapes.
+
+    `head_channels` None: SD1.x's 8 heads at every width; 64: SDXL's 64-channel heads (heads = width / 64).
+    Transformer depths are read per res block on both sides (SSD-1B and Vega shapes included); a
+    `label_emb` gives SDXL's added size conditioning (`text_time`, 256 per size value).
+    """
     keyset = {k[len(UNET_PREFIX) :] for k in keys if k.startswith(UNET_PREFIX)}
 
     def shape(key: str) -> Shape:
         return shape_of(UNET_PREFIX + key)
 
-    levels: list[list[int]] = [[]]  # transformer depth of each res block, per level
-    channels: list[int] = []
-    for n in range(1, _max_index(keyset, "input_blocks.")):
-        if f"input_blocks.{n}.0.op.weight" in keyset:
-            levels.append([])
-            continue
-        if not levels[-1]:
-            channels.append(shape(f"input_blocks.{n}.0.out_layers.3.weight")[0])
-        levels[-1].append(_max_index(keyset, f"input_blocks.{n}.1.transformer_blocks."))
-    per_level = {len(level) for level in levels}
-    if len(per_level) != 1 or any(len(set(level)) != 1 for level in levels):
-        raise UnsupportedCheckpointError(
-            f"'{name}' has a UNet with uneven blocks per level; it cannot be built"
-        )
+    levels, channels = _input_levels(name, keyset, shape)
     depths = [level[0] for level in levels]
     mid_depth = _max_index(keyset, "middle_block.1.transformer_blocks.")
     if mid_depth == 0:
@@ -140,20 +158,74 @@ def unet_config(name: str, keys: Iterable[str], shape_of: ShapeOf) -> dict[str, 
     if depths[-1] not in (0, mid_depth):
         # diffusers gives the middle block the last level's depth; a different one has no diffusers form.
         raise UnsupportedCheckpointError(f"'{name}': last-level and middle transformer depths differ")
-    return {
-        "sample_size": 64,
+    per_level = len(levels[0])
+    reverse = _output_depths(name, keyset, len(levels), per_level) or [
+        [d] * (per_level + 1) for d in reversed(depths)
+    ]  # no output keys to read (a shape probe): the usual mirror of the input side
+    up_depths = [max(level) for level in reverse]
+    heads: Any = 8 if head_channels is None else tuple(c // head_channels for c in channels)
+    config: dict[str, Any] = {
+        "sample_size": 128 if head_channels else 64,
         "in_channels": shape("input_blocks.0.0.weight")[1],
         "out_channels": shape("out.2.weight")[0],
         "block_out_channels": tuple(channels),
-        "layers_per_block": per_level.pop(),
+        "layers_per_block": per_level,
         "down_block_types": tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths),
-        "up_block_types": tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depths)),
+        "up_block_types": tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in up_depths),
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "transformer_layers_per_block": tuple(d or mid_depth for d in depths),
         "cross_attention_dim": _context_dim({UNET_PREFIX + k for k in keyset}, shape_of),
-        "attention_head_dim": 8,  # SD1.x: 8 heads at every level (diffusers' name for it is historical)
-        "use_linear_projection": False,
+        "attention_head_dim": heads,  # diffusers' historical name: the number of heads
+        "use_linear_projection": any(len(shape(k)) == 2 for k in keyset if k.endswith("proj_in.weight")),
     }
+    if reverse != [[d] * (per_level + 1) for d in reversed(depths)]:
+        config["reverse_transformer_layers_per_block"] = tuple(
+            tuple(d or 1 for d in level) for level in reverse
+        )
+    if "label_emb.0.0.weight" in keyset:
+        config |= {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": SIZE_EMBED_DIM,
+            "projection_class_embeddings_input_dim": shape("label_emb.0.0.weight")[1],
+        }
+    return config
+
+
+SIZE_EMBED_DIM = 256  # each SDXL size/crop/score value becomes a 256-wide sinusoid (ComfyUI Timestep(256))
+
+
+def _input_levels(
+    name: str, keyset: set[str], shape: Callable[[str], Shape]
+) -> tuple[list[list[int]], list[int]]:
+    """Transformer depth of each input res block, grouped by level, and each level's width."""
+    levels: list[list[int]] = [[]]
+    channels: list[int] = []
+    for n in range(1, _max_index(keyset, "input_blocks.")):
+        if f"input_blocks.{n}.0.op.weight" in keyset:
+            levels.append([])
+            continue
+        if not levels[-1]:
+            channels.append(shape(f"input_blocks.{n}.0.out_layers.3.weight")[0])
+        levels[-1].append(_max_index(keyset, f"input_blocks.{n}.1.transformer_blocks."))
+    if len({len(level) for level in levels}) != 1 or any(len(set(level)) != 1 for level in levels):
+        raise UnsupportedCheckpointError(
+            f"'{name}' has a UNet with uneven blocks per level; it cannot be built"
+        )
+    return levels, channels
+
+
+def _output_depths(name: str, keyset: set[str], levels: int, per_level: int) -> list[list[int]]:
+    """Transformer depth of each output res block, per up level (deepest level first)."""
+    count = _max_index(keyset, "output_blocks.")
+    if count == 0:
+        return []
+    if count != levels * (per_level + 1):
+        raise UnsupportedCheckpointError(
+            f"'{name}' has {count} UNet output blocks, expected {levels * (per_level + 1)}; "
+            "it cannot be built"
+        )
+    depths = [_max_index(keyset, f"output_blocks.{n}.1.transformer_blocks.") for n in range(count)]
+    return [depths[i : i + per_level + 1] for i in range(0, count, per_level + 1)]
 
 
 def vae_config(name: str, shape_of: ShapeOf) -> dict[str, Any]:
@@ -174,9 +246,11 @@ def vae_config(name: str, shape_of: ShapeOf) -> dict[str, Any]:
     }
 
 
-def clip_config(keys: Iterable[str], shape_of: ShapeOf) -> dict[str, Any]:
-    """A `CLIPTextConfig` for the CLIP-L text tower: width and depth read from the file."""
-    te = te_key_map(keys)
+def clip_config(keys: Iterable[str], shape_of: ShapeOf, te: dict[str, str] | None = None) -> dict[str, Any]:
+    """A `CLIPTextConfig` for the CLIP-L text tower: width and depth read from the file.
+
+    `te` is the parameter -> file key map (`te_key_map(keys)` when not given: the SD1.x layout)."""
+    te = te if te is not None else te_key_map(keys)
     vocab, width = shape_of(te["embeddings.token_embedding.weight"])
     layers = _max_index(set(te), "encoder.layers.")
     return {
@@ -204,7 +278,8 @@ def unet_key_map(keys: Iterable[str], shape_of: ShapeOf, config: dict[str, Any])
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     refs = _refs((k for k in keys if k.startswith(UNET_PREFIX)), shape_of)
-    converted = convert_ldm_unet_checkpoint(refs, {"layers_per_block": config["layers_per_block"]})
+    wanted = {k: config[k] for k in ("layers_per_block", "addition_embed_type") if k in config}
+    converted = convert_ldm_unet_checkpoint(refs, wanted)
     return {name: ref.key for name, ref in converted.items() if isinstance(ref, _Ref)}
 
 

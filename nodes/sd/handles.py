@@ -29,7 +29,7 @@ class ModelHandle:
 
     unet: Any
     source: str  # checkpoint file name, for messages
-    family: str  # "sd15"
+    family: str  # "sd15", "sdxl" (SDXL base family: Pony, Illustrious, SSD-1B, Vega ...), "sdxl_refiner"
     loras: tuple[LoraRef, ...] = ()
 
     def with_lora(self, lora: LoraRef) -> ModelHandle:
@@ -38,17 +38,23 @@ class ModelHandle:
 
 @dataclass(frozen=True, eq=False)
 class ClipHandle:
-    """CLIP: a text encoder (transformers `CLIPTextModel`, fp32 storage of fp16-rounded weights),
-    its tokenizer, the embeddings folders, CLIP skip and its LoRA list."""
+    """CLIP: the text encoder(s) (fp32 storage of fp16-rounded weights), the tokenizer, the
+    embeddings folders, CLIP skip and the LoRA list.
+
+    SD1.x: `text_encoder` is CLIP-L (transformers `CLIPTextModel`). SDXL base: `text_encoder` CLIP-L
+    and `text_encoder_2` OpenCLIP bigG (`CLIPTextModelWithProjection`); the refiner: bigG alone
+    (`text_encoder` None). `tokenizer` is CLIP-L's (bigG's is the same BPE, padded with 0)."""
 
     text_encoder: Any
     tokenizer: Any
     source: str
     family: str
     embedding_dirs: tuple[Path, ...] = ()
-    layer_idx: int | None = None  # None = last layer; -2 = CLIP skip 2 (CLIPSetLastLayer)
+    # None = the family's default (SD1.x last layer, SDXL penultimate); -n = CLIPSetLastLayer(-n)
+    layer_idx: int | None = None
     loras: tuple[LoraRef, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    text_encoder_2: Any = None
 
     def with_lora(self, lora: LoraRef) -> ClipHandle:
         return replace(self, loras=self.loras + (lora,))
