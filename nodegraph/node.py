@@ -167,11 +167,13 @@ class Node:
             cls.NODE_ID = cls.__name__
         _check_declaration(cls)
 
-    def run(self, ctx: RunContext, **inputs: Any) -> tuple[Any, ...] | Result:
+    # ctx is positional-only and *args is there so that mypy accepts every node's narrower
+    # `run(self, ctx, model: ModelHandle, ...)` as an override; the executor passes inputs by name.
+    def run(self, ctx: RunContext, /, *args: Any, **inputs: Any) -> tuple[Any, ...] | Result:
         raise NotImplementedError
 
     @classmethod
-    def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
+    def fingerprint(cls, env: Environment, /, *args: Any, **constants: Any) -> Hashable:
         """Something that changes when the node's outside world does (a file's contents).
 
         Called with the constant inputs only (linked inputs are absent). The default, None,
@@ -180,7 +182,7 @@ class Node:
         return None
 
     @classmethod
-    def check_inputs(cls, env: Environment, **constants: Any) -> str | None:
+    def check_inputs(cls, env: Environment, /, *args: Any, **constants: Any) -> str | None:
         """Extra validation of constant inputs; return a message to reject them."""
         return None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from nodegraph.env import Environment
 from nodegraph.node import Node
 
 
@@ -45,7 +46,7 @@ def all_nodes() -> list[type[Node]]:
     return [cls for module in modules for cls in module.NODES]
 
 
-def routes(env: object) -> list[object]:
+def routes(env: Environment) -> list[object]:
     """Extra HTTP routes the canvas extension needs (LoRA metadata), as aiohttp RouteDefs."""
     from nodes import web_routes
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,7 +280,7 @@ def write_demo_models(folders: Folders, force: bool = False) -> list[Path]:
     """
     ckpt = folders.paths("checkpoints")[0] / CHECKPOINT_NAME
     loras = folders.paths("loras")[0]
-    jobs = [
+    jobs: list[tuple[Path, Callable[[Path], Path]]] = [
         (ckpt, lambda p: write_checkpoint(p)),
         (loras / LORA_NAMES[0], lambda p: write_lora(p, "a", rank=4, alpha=4.0)),
         (loras / LORA_NAMES[1], lambda p: write_lora(p, "b", rank=8, alpha=4.0)),

@@ -49,7 +49,8 @@ def describe_lora(name: str, path: Path) -> dict[str, Any]:
 def _prefer(names: list[str], demo_first: bool) -> str | None:
     """The first name of the wanted kind (the demo's own files, or the user's), else the first at all."""
     wanted = [n for n in names if (Path(n).name.startswith("nodegraph_demo")) == demo_first]
-    return (wanted or names or [None])[0]
+    candidates = wanted or names
+    return candidates[0] if candidates else None
 
 
 def default_workflow(env: Environment) -> dict[str, Any]:

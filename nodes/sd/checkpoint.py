@@ -344,7 +344,9 @@ def load_diffusers_folder(path: Path) -> LoadedCheckpoint:
             te = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"'{path.name}': the diffusers folder cannot be loaded ({exc})") from exc
-    for module in (unet, vae, te):
+    # transformers types PreTrainedModel.to as a wrapped method mypy cannot call; all three are nn.Modules
+    modules: tuple[torch.nn.Module, ...] = (unet, vae, te)
+    for module in modules:
         module.to(torch.float32).eval().requires_grad_(False)
     with torch.no_grad():
         for param in te.parameters():

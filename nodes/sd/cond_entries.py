@@ -203,7 +203,7 @@ def resolve_entry(entry: CondEntry, height: int, width: int, device: torch.devic
 
 
 def _area_inside(inner: tuple[Any, ...], outer: tuple[Any, ...]) -> bool:
-    return (
+    return bool(
         inner[2] >= outer[2]
         and inner[3] >= outer[3]
         and inner[0] + inner[2] <= outer[0] + outer[2]

@@ -83,9 +83,10 @@ def make_placement(device_name: str = "auto", precision: str = "auto") -> Placem
 
 def placement(env: Any) -> Placement:
     """The engine's placement (an environment service, resolved once)."""
-    return env.service(
+    found: Placement = env.service(
         Placement, lambda e: make_placement(getattr(e, "device", "auto"), getattr(e, "precision", "auto"))
-    )  # type: ignore[no-any-return]
+    )
+    return found
 
 
 def place(module: Any, device: torch.device, dtype: torch.dtype) -> Any:

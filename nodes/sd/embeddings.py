@@ -84,11 +84,12 @@ def _read(path: Path) -> Any:
 def _extract(data: Any, path: Path) -> torch.Tensor:
     if isinstance(data, dict):
         if "string_to_param" in data and isinstance(data["string_to_param"], dict):
-            return next(iter(data["string_to_param"].values()))  # type: ignore[no-any-return]
+            first: torch.Tensor = next(iter(data["string_to_param"].values()))
+            return first
         if EMBEDDING_KEY in data and isinstance(data[EMBEDDING_KEY], torch.Tensor):
             return data[EMBEDDING_KEY]  # type: ignore[no-any-return]
         if "emb_params" in data and isinstance(data["emb_params"], torch.Tensor):
-            return data["emb_params"]  # type: ignore[no-any-return]
+            return data["emb_params"]
         bundled = [
             v for k, v in data.items() if str(k).startswith("bundle_emb.") and isinstance(v, torch.Tensor)
         ]

@@ -193,9 +193,9 @@ class CFGDenoiser:
             xc = torch.cat([xc, concat.to(xc.dtype)], dim=1)
         t = self.schedule.timestep(sigma).float()
         dtype = next(self.unet.parameters()).dtype
-        eps = self.unet(xc.to(dtype), t, encoder_hidden_states=context.to(dtype), return_dict=False)[
-            0
-        ].float()
+        eps: torch.Tensor = self.unet(
+            xc.to(dtype), t, encoder_hidden_states=context.to(dtype), return_dict=False
+        )[0].float()
         return x - eps * s
 
     def sides_for(

@@ -33,7 +33,8 @@ def common_upscale(samples: torch.Tensor, width: int, height: int, method: str, 
         samples = center_crop(samples, width, height)
     if method == "bislerp":
         return bislerp(samples, width, height)
-    return torch.nn.functional.interpolate(samples, size=(height, width), mode=method)
+    resized: torch.Tensor = torch.nn.functional.interpolate(samples, size=(height, width), mode=method)
+    return resized
 
 
 def _slerp(b1: torch.Tensor, b2: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -48,7 +49,7 @@ def _slerp(b1: torch.Tensor, b2: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     dot = (b1_n * b2_n).sum(1)
     omega = torch.acos(dot)
     so = torch.sin(omega)
-    res = (torch.sin((1.0 - r.squeeze(1)) * omega) / so).unsqueeze(1) * b1_n
+    res: torch.Tensor = (torch.sin((1.0 - r.squeeze(1)) * omega) / so).unsqueeze(1) * b1_n
     res = res + (torch.sin(r.squeeze(1) * omega) / so).unsqueeze(1) * b2_n
     res *= (b1_norms * (1.0 - r) + b2_norms * r).expand(-1, c)
     # same or opposite directions: plain copy or linear interpolation

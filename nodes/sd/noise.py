@@ -75,7 +75,7 @@ class BrownianTreeNoiseSampler:
         with warnings.catch_warnings():
             # torchsde warns when a query equals t1 up to float32 rounding (sigma_max itself); harmless
             warnings.filterwarnings("ignore", message="Should have tb<=t1")
-            w = self.tree(lo.detach().cpu().float(), hi.detach().cpu().float())
+            w: torch.Tensor = self.tree(lo.detach().cpu().float(), hi.detach().cpu().float())
         w = w.to(device=device, dtype=dtype) * (self.sign * sign)
         return w / (t1 - t0).abs().sqrt()
 

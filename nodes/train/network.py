@@ -37,6 +37,8 @@ TE_TARGETS = (
 class LoRAModule(nn.Module):
     """One low-rank adapter: `out += up(down(x)) * multiplier * alpha / rank`."""
 
+    alpha: torch.Tensor  # a registered buffer (saved as `<name>.alpha`)
+
     def __init__(self, name: str, layer: nn.Module, rank: int, alpha: float) -> None:
         super().__init__()
         self.lora_name = name
@@ -44,8 +46,8 @@ class LoRAModule(nn.Module):
         if isinstance(layer, nn.Conv2d):
             if layer.kernel_size != (1, 1):
                 raise ValueError(f"{name}: only 1x1 convolutions are adapted, not {layer.kernel_size}")
-            self.lora_down: nn.Module = nn.Conv2d(layer.in_channels, rank, 1, bias=False)
-            self.lora_up: nn.Module = nn.Conv2d(rank, layer.out_channels, 1, bias=False)
+            self.lora_down: nn.Conv2d | nn.Linear = nn.Conv2d(layer.in_channels, rank, 1, bias=False)
+            self.lora_up: nn.Conv2d | nn.Linear = nn.Conv2d(rank, layer.out_channels, 1, bias=False)
         elif isinstance(layer, nn.Linear):
             self.lora_down = nn.Linear(layer.in_features, rank, bias=False)
             self.lora_up = nn.Linear(rank, layer.out_features, bias=False)

@@ -26,7 +26,7 @@ CFG_PP = frozenset(
 
 
 def _uncond(model: Model) -> torch.Tensor:
-    uncond = getattr(model, "uncond_denoised", None)
+    uncond: torch.Tensor | None = getattr(model, "uncond_denoised", None)
     if uncond is None:
         raise RuntimeError("a CFG++ sampler needs a guider that keeps the unconditional prediction")
     return uncond

@@ -194,7 +194,7 @@ def sample_lms(
         else:
             order = min(i + 1, 4)
             coeffs = [lms_coefficient(order, sigmas_np, i, j) for j in range(order)]  # type: ignore[arg-type]
-            x = x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=False))  # type: ignore[assignment]
+            x = x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=False))
     return x
 
 

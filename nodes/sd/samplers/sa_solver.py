@@ -40,7 +40,7 @@ def _b_coeffs(
 ) -> torch.Tensor:
     """compute_stochastic_adams_b_coeffs: Lagrange-basis integrals from a Vandermonde solve."""
     n = lambdas.shape[0]
-    integrals = torch.linalg.solve(
+    integrals: torch.Tensor = torch.linalg.solve(
         torch.vander(lambdas, n, increasing=True).T, _exponential_coeffs(lambda_s, lambda_t, n, tau)
     )
     return sigma_next * lambda_t.exp() * integrals
@@ -80,7 +80,7 @@ def _sa_solver(
         else:
             b = _b_coeffs(sigmas[i], lambdas[i - c_order + 1 : i + 1], lambdas[i - 1], lambdas[i], tau_t)
             corr = torch.tensordot(torch.stack(preds[-c_order:], dim=1), b, dims=([1], [0]))
-            x = sigmas[i] / sigmas[i - 1] * (-(tau_t**2) * h).exp() * x + corr  # type: ignore[operator]
+            x = sigmas[i] / sigmas[i - 1] * torch.exp(-(tau_t**2) * torch.as_tensor(h)) * x + corr
             if tau_t > 0:
                 x = x + noise
             if pece:
