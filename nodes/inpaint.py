@@ -189,7 +189,7 @@ def load_mask_file(path: Any, name: str, channel: str) -> torch.Tensor:
     """`[1, H, W]` from one channel of the image (alpha inverted); zeros `[1, 64, 64]` if it lacks it."""
     band = channel[0].upper()
     try:
-        img: Image.Image = open_checked(path, name, frames=False)
+        img = open_checked(path, name, frames=False)
         img = ImageOps.exif_transpose(img) or img
         if img.getbands() != ("R", "G", "B", "A"):
             if img.mode == "I":
