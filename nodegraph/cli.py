@@ -357,7 +357,10 @@ def _train_parser(sub: Any) -> None:
 def _cmd_train_lora(args: argparse.Namespace) -> int:
     """Bad input (a missing file, a bad folder, an existing output) is one paragraph, exit 1."""
     if getattr(args, "precision", "auto") not in ("auto", "fp32"):
-        raise CliError(f"train-lora trains in fp32; --precision {args.precision} is not supported")
+        raise CliError(
+            f"train-lora keeps the model in fp32; --precision {args.precision} is not supported "
+            "(use --mixed_precision fp16 or bf16 to compute in half precision)"
+        )
     _check_device(args)
     try:
         written = cli_train.train_lora(args, _engine(args, with_nodes=False))

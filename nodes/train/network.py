@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Modules inside each UNet transformer (kohya: Linear and 1x1 Conv2d in Transformer2DModel).
@@ -24,6 +25,8 @@ UNET_TARGETS = (
     "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
     "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
 )  # fmt: skip
+# kohya's UNET_TARGET_REPLACE_MODULE_CONV2D_3X3: blocks whose layers LoCon adapts
+CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TE_TARGETS = (
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -39,14 +42,18 @@ class LoRAModule(nn.Module):
 
     alpha: torch.Tensor  # a registered buffer (saved as `<name>.alpha`)
 
-    def __init__(self, name: str, layer: nn.Module, rank: int, alpha: float) -> None:
+    def __init__(
+        self, name: str, layer: nn.Module, rank: int, alpha: float, dropout: float | None = None
+    ) -> None:
         super().__init__()
         self.lora_name = name
         self.rank = rank
+        self.dropout = dropout
         if isinstance(layer, nn.Conv2d):
-            if layer.kernel_size != (1, 1):
-                raise ValueError(f"{name}: only 1x1 convolutions are adapted, not {layer.kernel_size}")
-            self.lora_down: nn.Conv2d | nn.Linear = nn.Conv2d(layer.in_channels, rank, 1, bias=False)
+            # kohya: down copies the layer's kernel, stride and padding (LoCon for 3x3); up is 1x1
+            self.lora_down: nn.Conv2d | nn.Linear = nn.Conv2d(
+                layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, bias=False
+            )
             self.lora_up: nn.Conv2d | nn.Linear = nn.Conv2d(rank, layer.out_channels, 1, bias=False)
         elif isinstance(layer, nn.Linear):
             self.lora_down = nn.Linear(layer.in_features, rank, bias=False)
@@ -61,7 +68,10 @@ class LoRAModule(nn.Module):
         self.multiplier = 1.0
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.lora_up(self.lora_down(x))
+        lx = self.lora_down(x)
+        if self.dropout and self.training:  # kohya's network_dropout: on the down output
+            lx = F.dropout(lx, p=self.dropout)
+        out: torch.Tensor = self.lora_up(lx)
         return out * (self.multiplier * self.scale)
 
 
@@ -76,18 +86,74 @@ class LoRANetwork(nn.Module):
         self._targets: dict[str, nn.Module] = {}
 
     @classmethod
-    def create(cls, unet: nn.Module, text_encoder: nn.Module | None, rank: int, alpha: float) -> LoRANetwork:
-        """Adapters on the UNet's transformer layers and, when `text_encoder` is given, its CLIP layers."""
+    def create(
+        cls,
+        unet: nn.Module,
+        text_encoder: nn.Module | None,
+        rank: int,
+        alpha: float,
+        conv_rank: int | None = None,
+        conv_alpha: float | None = None,
+        dropout: float | None = None,
+    ) -> LoRANetwork:
+        """Adapters as kohya's `LoRANetwork.create_modules`.
+
+        UNet: every Linear and 1x1 Conv2d inside a transformer; with `conv_rank` (LoCon) also the
+        layers of ResNet blocks and down/up-samplers (3x3 convolutions with `conv_rank`/`conv_alpha`,
+        default alpha 1 as kohya). Text encoder (when given): CLIP attention and MLP projections.
+        """
         if rank < 1:
             raise ValueError(f"rank {rank} must be at least 1")
         net = cls()
         for path, layer in unet.named_modules():
             if ".attentions." in f".{path}" and f".{path}".endswith(tuple("." + t for t in UNET_TARGETS)):
-                net._add(net.unet_loras, LoRAModule(unet_lora_name(path), layer, rank, alpha), layer)
+                net._add(net.unet_loras, LoRAModule(unet_lora_name(path), layer, rank, alpha, dropout), layer)
+        if conv_rank:
+            for path, block in unet.named_modules():
+                if type(block).__name__ not in CONV_BLOCKS:
+                    continue
+                for child, layer in block.named_modules():
+                    if isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1):
+                        r, a = conv_rank, 1.0 if conv_alpha is None else conv_alpha
+                    elif isinstance(layer, nn.Linear | nn.Conv2d):
+                        r, a = rank, alpha
+                    else:
+                        continue
+                    name = unet_lora_name(f"{path}.{child}")
+                    net._add(net.unet_loras, LoRAModule(name, layer, r, a, dropout), layer)
         for path, layer in text_encoder.named_modules() if text_encoder is not None else ():
             if isinstance(layer, nn.Linear) and ".layers." in path and path.endswith(TE_TARGETS):
-                net._add(net.te_loras, LoRAModule(te_lora_name(path), layer, rank, alpha), layer)
+                net._add(net.te_loras, LoRAModule(te_lora_name(path), layer, rank, alpha, dropout), layer)
         return net
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> int:
+        """Start from a saved LoRA (kohya's `--network_weights`, which loads with strict=False).
+
+        Modules the file lacks keep their fresh init; returns how many were loaded.
+
+        Raises:
+            ValueError: no module matched (another model), or a shape differs (another rank).
+        """
+        loaded = 0
+        with torch.no_grad():
+            for lora in self.loras():
+                keys = [f"{lora.lora_name}.{p}" for p in ("lora_down.weight", "lora_up.weight", "alpha")]
+                if not all(k in tensors for k in keys):
+                    continue
+                for key, mine in zip(
+                    keys, (lora.lora_down.weight, lora.lora_up.weight, lora.alpha), strict=True
+                ):
+                    if tuple(tensors[key].shape) != tuple(mine.shape):
+                        raise ValueError(
+                            f"{key}: shape {tuple(tensors[key].shape)} in the file, {tuple(mine.shape)} here "
+                            "(another rank or model)"
+                        )
+                    mine.copy_(tensors[key])
+                lora.scale = float(lora.alpha) / lora.rank
+                loaded += 1
+        if not loaded:
+            raise ValueError("none of its modules matches this model's adapters")
+        return loaded
 
     def _add(self, into: nn.ModuleList, lora: LoRAModule, layer: nn.Module) -> None:
         into.append(lora)

@@ -74,17 +74,21 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, mini_checkpoint: Path, models: LoadedCheckpoint,
-            data_dir: Path) -> Path:  # fmt: skip
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, mini_checkpoint: Path, models: LoadedCheckpoint, data_dir: Path
+) -> Path:
     base = _base(tmp_path_factory.mktemp("base"), mini_checkpoint)
     options = TrainOptions(rank=4, alpha=2, learning_rate=1e-3, resolution=64, seed=1)
     request = TrainRequest("mini.safetensors", data_dir, "mychar", options, steps=4)
     seen: list[tuple[int, int]] = []
     encoded: list[tuple[int, int]] = []
     written = train_lora(
-        Folders.at(base), request, lambda s, n, loss: seen.append((s, n)), models=models,
+        Folders.at(base),
+        request,
+        lambda s, n, loss: seen.append((s, n)),
+        models=models,
         encoding=lambda i, n: encoded.append((i, n)),
-    )  # fmt: skip
+    )
     assert encoded == [(1, 4), (2, 4), (3, 4), (4, 4)]  # every image, before the first step
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert written == [base / "models" / "loras" / "mychar.safetensors"]
@@ -96,8 +100,10 @@ def test_trained_file_loads_whole_as_an_sd15_lora(trained: Path, models: LoadedC
     lora = read_lora(trained, stamp)
     unet = decoded(trained, stamp, models.unet, "unet")
     report = coverage(lora, trained.name, unet, decoded(trained, stamp, models.text_encoder, "te"))
-    # mini UNet: 4 one-block transformers (down 0, mid, up 1 twice); 12 adapted layers each
-    assert report.complete and report.matched == report.total_modules == report.unet_modules == 48
+    # mini UNet: 4 one-block transformers (down 0, mid, up 1 twice); 12 adapted layers each; the
+    # text encoder is trained by default, as kohya: 12 layers x 6 projections
+    assert report.complete and report.matched == report.total_modules == 48 + 72
+    assert report.unet_modules == 48 and report.te_modules == 72
     assert report.family == "sd15" and report.key_family == "sd15"
     assert check(report, "mini.safetensors", "sd15") is None
     with safe_open(str(trained), framework="pt") as f:
@@ -144,7 +150,8 @@ def test_loss_on_a_fixed_batch_falls_when_overfitting_one_image(
 ) -> None:
     _images(tmp_path / "1_mychar", 1, seed=5)
     dataset = load_dataset(tmp_path)
-    trainer = LoraTrainer(models, dataset, TrainOptions(rank=4, alpha=4, learning_rate=1e-3, resolution=64))
+    options = TrainOptions(rank=4, alpha=4, learning_rate=1e-3, resolution=64, train_text_encoder=False)
+    trainer = LoraTrainer(models, dataset, options)
     sample = dataset.samples[0]
     gen = torch.Generator().manual_seed(0)
     latents = (trainer.moments(sample)[0] * LATENT_SCALE).expand(4, -1, -1, -1)
@@ -201,9 +208,26 @@ def test_cli_trains_writes_the_file_and_refuses_to_overwrite(
     tmp_path: Path, mini_checkpoint: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     base = _base(tmp_path, mini_checkpoint)
-    argv = ["train-lora", "--base-directory", str(base), "--checkpoint", "mini.safetensors",
-            "--data", str(data_dir), "--output", "clichar", "--steps", "2", "--rank", "2",
-            "--resolution", "64", "--save-precision", "bf16"]  # fmt: skip
+    argv = [
+        "train-lora",
+        "--base-directory",
+        str(base),
+        "--checkpoint",
+        "mini.safetensors",
+        "--data",
+        str(data_dir),
+        "--output",
+        "clichar",
+        "--steps",
+        "2",
+        "--rank",
+        "2",
+        "--resolution",
+        "64",
+        "--save-precision",
+        "bf16",
+        "--unet-only",
+    ]
     assert main(argv) == 0
     out = base / "models" / "loras" / "clichar.safetensors"
     assert str(out) in capsys.readouterr().out
@@ -220,19 +244,46 @@ def test_cli_refuses_an_output_outside_the_loras_folder(
     tmp_path: Path, mini_checkpoint: Path, data_dir: Path, capsys: pytest.CaptureFixture[str], name: str
 ) -> None:
     base = _base(tmp_path, mini_checkpoint)
-    argv = ["train-lora", "--base-directory", str(base), "--checkpoint", "mini.safetensors",
-            "--data", str(data_dir), "--output", name, "--steps", "1", "--resolution", "64"]  # fmt: skip
+    argv = [
+        "train-lora",
+        "--base-directory",
+        str(base),
+        "--checkpoint",
+        "mini.safetensors",
+        "--data",
+        str(data_dir),
+        "--output",
+        name,
+        "--steps",
+        "1",
+        "--resolution",
+        "64",
+    ]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "--output" in err and "Traceback" not in err
     assert not (base / "models" / "escaped.safetensors").exists()
 
 
-def test_cli_names_a_missing_checkpoint(tmp_path: Path, mini_checkpoint: Path, data_dir: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_cli_names_a_missing_checkpoint(
+    tmp_path: Path, mini_checkpoint: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     base = _base(tmp_path, mini_checkpoint)
-    argv = ["train-lora", "--base-directory", str(base), "--checkpoint", "nope.safetensors",
-            "--data", str(data_dir), "--output", "x", "--steps", "1", "--resolution", "64"]  # fmt: skip
+    argv = [
+        "train-lora",
+        "--base-directory",
+        str(base),
+        "--checkpoint",
+        "nope.safetensors",
+        "--data",
+        str(data_dir),
+        "--output",
+        "x",
+        "--steps",
+        "1",
+        "--resolution",
+        "64",
+    ]
     assert main(argv) == 1
     assert "nope.safetensors" in capsys.readouterr().err
 
@@ -253,14 +304,16 @@ def test_text_encoder_adapters_are_saved_with_kohya_names_and_load_whole(
         assert "lora_te_text_model_encoder_layers_11_mlp_fc2.lora_up.weight" in set(f.keys())  # noqa: SIM118
         te_ups = [f.get_tensor(k) for k in f.keys() if k.startswith("lora_te_") and "lora_up" in k]  # noqa: SIM118
     assert all(float(u.abs().max()) > 0 for u in te_ups)  # the text encoder's adapters were trained
-    assert meta["ss_network_train_unet_only"] == "False" and meta["ss_text_encoder_lr"] == "5e-05"
+    assert "ss_network_train_unet_only" not in meta and meta["ss_text_encoder_lr"] == "5e-05"
 
 
 def test_save_every_n_epochs_writes_kohya_numbered_files(
     tmp_path: Path, mini_checkpoint: Path, models: LoadedCheckpoint, data_dir: Path
 ) -> None:
     base = _base(tmp_path, mini_checkpoint)
-    options = TrainOptions(rank=2, alpha=2, resolution=64, batch_size=10)  # 20 images/epoch: 2 steps
+    options = TrainOptions(
+        rank=2, alpha=2, resolution=64, batch_size=10, train_text_encoder=False
+    )  # 2 steps/epoch
     request = TrainRequest("mini.safetensors", data_dir, "ep", options, epochs=3, save_every_n_epochs=1)
     written = train_lora(Folders.at(base), request, models=models)
     assert [p.name for p in written] == ["ep-000001.safetensors", "ep-000002.safetensors", "ep.safetensors"]
@@ -279,7 +332,13 @@ def test_an_interrupt_leaves_no_file(
 ) -> None:  # fmt: skip
     base = _base(tmp_path, mini_checkpoint)
     loras = base / "models" / "loras"
-    request = TrainRequest("mini.safetensors", data_dir, "cut", TrainOptions(rank=2, resolution=64), steps=3)
+    request = TrainRequest(
+        "mini.safetensors",
+        data_dir,
+        "cut",
+        TrainOptions(rank=2, resolution=64, train_text_encoder=False),
+        steps=3,
+    )
 
     def interrupt(step: int, total: int, loss: float) -> None:
         raise KeyboardInterrupt
@@ -306,7 +365,7 @@ def test_a_seed_gives_the_same_lora_and_another_seed_another(
     base = _base(tmp_path, mini_checkpoint)
     tensors = []
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        options = TrainOptions(rank=2, resolution=64, learning_rate=1e-3, seed=seed)
+        options = TrainOptions(rank=2, resolution=64, learning_rate=1e-3, seed=seed, train_text_encoder=False)
         request = TrainRequest("mini.safetensors", data_dir, name, options, steps=2)
         (path,) = train_lora(Folders.at(base), request, models=models)
         with safe_open(str(path), framework="pt") as f:
@@ -326,8 +385,22 @@ def test_cli_device_flags_reach_the_trainer(
     import nodes.train.run as run
 
     base = _base(tmp_path, mini_checkpoint)
-    argv = ["train-lora", "--base-directory", str(base), "--checkpoint", "mini.safetensors",
-            "--data", str(data_dir), "--output", "dev", "--steps", "1", "--resolution", "64"]  # fmt: skip
+    argv = [
+        "train-lora",
+        "--base-directory",
+        str(base),
+        "--checkpoint",
+        "mini.safetensors",
+        "--data",
+        str(data_dir),
+        "--output",
+        "dev",
+        "--steps",
+        "1",
+        "--resolution",
+        "64",
+        "--unet-only",
+    ]
     seen: list[torch.device] = []
     real = run.LoraTrainer
 
@@ -342,5 +415,5 @@ def test_cli_device_flags_reach_the_trainer(
     assert main([*argv, "--overwrite", "--device", "cuda"]) == 1
     assert "sees no CUDA GPU" in capsys.readouterr().err
     assert main([*argv, "--overwrite", "--precision", "fp16"]) == 1
-    assert "trains in fp32" in capsys.readouterr().err
+    assert "keeps the model in fp32" in capsys.readouterr().err
     assert len(seen) == 1  # neither refused run reached the trainer

@@ -1,0 +1,235 @@
+"""kohya's rules without a model: buckets, regularisation balancing, captions, options, schedules, files."""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nodegraph import train_config
+from nodegraph.folders import Folders
+from nodes.sd.tokenizer import default_tokenizer
+from nodes.train.buckets import Buckets, batches_per_epoch, bucket_info, bucket_resolutions
+from nodes.train.captions import CaptionOptions, chunked_ids, join_chunks, process_caption
+from nodes.train.dataset import DatasetError, load_dataset
+from nodes.train.logs import LossRecorder, crc32c, event_bytes, record
+from nodes.train.optim import OptimizerError, make_scheduler
+from nodes.train.request import from_values
+from nodes.train.save import OutputError, lora_path, save_lora
+
+
+def _image(path: Path, size: tuple[int, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (120, 30, 200)).save(path)
+
+
+# (max_reso, min, max, steps, no_upscale, image size) -> (bucket, resized size), as kohya's
+# BucketManager.select_bucket at sd-scripts 48d368f computes them (run on these inputs).
+KOHYA_BUCKETS = [
+    ((512, 512), 256, 1024, 64, False, (96, 80), (576, 448), (576, 480)),
+    ((512, 512), 256, 1024, 64, False, (64, 128), (320, 704), (352, 704)),
+    ((512, 512), 256, 1024, 64, False, (1024, 683), (640, 384), (640, 427)),
+    ((512, 512), 256, 1024, 64, False, (300, 301), (512, 512), (512, 514)),
+    ((512, 512), 256, 1024, 64, False, (77, 333), (256, 1024), (256, 1107)),
+    ((128, 128), 64, 256, 32, False, (1920, 1080), (160, 96), (171, 96)),
+    ((512, 512), 256, 1024, 64, True, (1024, 683), (576, 384), (576, 384)),
+    ((512, 512), 256, 1024, 64, True, (300, 301), (256, 256), (300, 301)),
+    ((768, 512), 320, 1024, 64, False, (640, 480), (704, 512), (704, 528)),
+    ((768, 512), 320, 1024, 64, False, (2000, 500), (1024, 320), (1280, 320)),
+]
+
+
+@pytest.mark.parametrize("case", KOHYA_BUCKETS)
+def test_buckets_put_each_image_where_kohya_does(case: tuple) -> None:  # type: ignore[type-arg]
+    max_reso, lo, hi, steps, no_upscale, size, bucket, resized = case
+    assert Buckets(max_reso, True, lo, hi, steps, no_upscale).select(*size)[:2] == (bucket, resized)
+
+
+def test_bucket_resolutions_are_kohyas_list() -> None:
+    resos = bucket_resolutions((512, 512), 256, 1024, 64)
+    # kohya's make_bucket_resolutions((512, 512), 256, 1024, 64) at 48d368f: 17 sizes, sorted
+    assert (
+        resos[:4] == [(256, 832), (256, 896), (256, 960), (256, 1024)]
+        and resos[-1] == (1024, 256)
+        and len(resos) == 17
+    )
+    assert (512, 512) in resos and all(w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 for w, h in resos)
+
+
+def _guide(tmp_path: Path, reg_count: int) -> tuple[Path, Path]:
+    for i in range(10):
+        _image(tmp_path / "img" / "6_lisabp woman" / f"{i}.png", (64, 64))
+    for i in range(reg_count):
+        _image(tmp_path / "reg" / "1_woman" / f"r{i:03d}.png", (64, 64))
+    return tmp_path / "img", tmp_path / "reg"
+
+
+def test_regularisation_images_double_the_steps_as_in_kohya(tmp_path: Path) -> None:
+    img, reg = _guide(tmp_path, 204)  # the guide's example: 204 reg images, only 60 used per epoch
+    plain, with_reg = load_dataset(img), load_dataset(img, reg_root=reg)
+    assert plain.num_train_images == with_reg.num_train_images == 60 and with_reg.num_reg_images == 204
+    buckets = Buckets((512, 512))
+    assert batches_per_epoch(plain.balanced_items(), buckets, 1) == 60
+    assert batches_per_epoch(with_reg.balanced_items(), buckets, 1) == 120  # x2
+    assert batches_per_epoch(with_reg.balanced_items(), buckets, 4) == 30
+    assert len(with_reg.epoch_items()) == 120
+    assert sum(1 for s in with_reg.epoch_items() if s.is_reg) == 60
+    assert with_reg.dataset_dirs(reg=True) == {"1_woman": {"n_repeats": 1, "img_count": 204}}
+
+
+def test_few_regularisation_images_are_repeated_round_robin(tmp_path: Path) -> None:
+    img, reg = _guide(tmp_path, 7)  # 60 training images: 7 reg images grow to 9,9,9,9,8,8,8
+    items = load_dataset(img, reg_root=reg).balanced_items()
+    assert [r for s, r in items if s.is_reg] == [9, 9, 9, 9, 8, 8, 8]
+
+
+def test_bucket_info_counts_repeats_like_kohya(tmp_path: Path) -> None:
+    _image(tmp_path / "d" / "2_x" / "a.png", (96, 80))
+    _image(tmp_path / "d" / "2_x" / "b.png", (64, 128))
+    info = bucket_info(load_dataset(tmp_path / "d").balanced_items(), Buckets((512, 512)))
+    assert info is not None and info["buckets"] == {
+        0: {"resolution": (320, 704), "count": 2},
+        1: {"resolution": (576, 448), "count": 2},
+    }
+    assert math.isclose(float(info["mean_img_ar_error"]), (abs(576 / 448 - 1.2) + abs(320 / 704 - 0.5)) / 2)
+
+
+def test_dataset_mistakes_have_clear_messages(tmp_path: Path) -> None:
+    _image(tmp_path / "img" / "5_zzkx cube" / "a.png", (64, 64))
+    with pytest.raises(DatasetError, match="point --train_data_dir/--data at its parent"):
+        load_dataset(tmp_path / "img" / "5_zzkx cube")
+    _image(tmp_path / "zero" / "0_zzkx" / "a.png", (64, 64))
+    with pytest.raises(DatasetError, match="'0_zzkx'.* has 0 repeats.*at least 1"):
+        load_dataset(tmp_path / "zero")
+    _image(tmp_path / "bare" / "5_" / "a.png", (64, 64))
+    (tmp_path / "bare" / "sample_images").mkdir()  # no images: ignored, as kohya does
+    bare = load_dataset(tmp_path / "bare")
+    assert bare.samples[0].caption == "" and bare.missing_captions == [tmp_path / "bare" / "5_" / "a.png"]
+
+
+def test_captions_lose_a_bom_and_an_empty_caption_file_is_an_error(tmp_path: Path) -> None:
+    folder = tmp_path / "d" / "1_cls"
+    _image(folder / "a.png", (64, 64))
+    (folder / "a.txt").write_bytes("\ufeffzzkx, red\nsecond line\n".encode())
+    dataset = load_dataset(tmp_path / "d")
+    assert dataset.samples[0].caption == "zzkx, red" and "zzkx" in dataset.tag_frequency()["1_cls"]
+    (folder / "a.txt").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"a\.txt' is empty"):
+        load_dataset(tmp_path / "d")
+
+
+def test_a_corrupt_image_is_found_when_the_folder_is_read(tmp_path: Path) -> None:
+    _image(tmp_path / "d" / "1_x" / "a.png", (64, 64))
+    (tmp_path / "d" / "1_x" / "b.png").write_bytes((tmp_path / "d" / "1_x" / "a.png").read_bytes()[:120])
+    with pytest.raises(DatasetError, match=r"b\.png' cannot be read"):
+        load_dataset(tmp_path / "d")
+
+
+def test_caption_shuffle_keeps_tokens_and_drops_as_asked() -> None:
+    rng = __import__("random").Random(3)
+    opts = CaptionOptions(shuffle_caption=True, keep_tokens=1)
+    seen = {process_caption("zzkx, a, b, c, d", opts, rng, 1) for _ in range(30)}
+    assert len(seen) > 3 and all(
+        s.startswith("zzkx, ") and sorted(s.split(", ")[1:]) == list("abcd") for s in seen
+    )
+    assert process_caption("zzkx, a", CaptionOptions(caption_dropout_every_n_epochs=2), rng, 2) == ""
+    assert (
+        process_caption("zzkx, a", CaptionOptions(caption_tag_dropout_rate=1.0, keep_tokens=1), rng, 1)
+        == "zzkx"
+    )
+
+
+def test_long_captions_are_chunked_as_kohya_for_150_tokens() -> None:
+    tok = default_tokenizer()
+    chunks = chunked_ids("a " * 100, tok, 150)
+    assert len(chunks) == 2 and all(len(c) == 77 and c[0] == tok.bos for c in chunks)
+    hidden = torch.arange(2 * 77, dtype=torch.float32).view(2, 77, 1)
+    joined = join_chunks(hidden, 2)
+    # first BOS, 75 of each chunk, the last chunk's final position: 152 positions
+    assert (
+        joined.shape == (1, 152, 1)
+        and joined[0, 0, 0] == 0
+        and joined[0, 76, 0] == 78
+        and joined[0, -1, 0] == 153
+    )
+
+
+def test_schedules_follow_warmup_and_cosine() -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1.0)
+    sched = make_scheduler("cosine", opt, 0.2, 10)  # a fraction: int(0.2 * 10) = 2 warmup steps
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    expected = [0.0, 0.5] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]
+    assert np.allclose(lrs, expected)
+    with pytest.raises(OptimizerError, match="constant takes no warmup"):
+        make_scheduler("constant", opt, 5, 10)
+
+
+def test_options_come_from_flags_a_kohya_toml_and_defaults_in_that_order(tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(
+        '[model]\npretrained_model_name_or_path = "v1-5.safetensors"\n'
+        '[dataset]\ntrain_data_dir = "img"\nreg_data_dir = "reg"\nresolution = "512,768"\n'
+        '[training]\noutput_name = "lisa"\nlearning_rate = 0.0001\nlr_scheduler = "cosine"\n'
+        'network_dim = 8\nnetwork_alpha = 1\nxformers = true\nnetwork_args = ["conv_dim=4"]\n',
+        encoding="utf-8",
+    )
+    parser = __import__("argparse").ArgumentParser()
+    train_config.add_arguments(parser)
+    args = parser.parse_args(
+        ["--config_file", str(config), "--learning-rate", "5e-4", "--unet-only", "--steps", "3"]
+    )
+    values, ignored = train_config.resolve(train_config.explicit(args), train_config.load_toml(config))
+    assert ignored == ["xformers"]
+    request = from_values(values)
+    assert (request.checkpoint, request.output, request.steps) == ("v1-5.safetensors", "lisa", 3)
+    o = request.options
+    assert (o.learning_rate, o.lr_scheduler, o.rank, o.alpha, o.size) == (5e-4, "cosine", 8, 1.0, (512, 768))
+    assert (o.train_text_encoder, o.enable_bucket, o.conv_dim, o.conv_alpha) == (False, True, 4, None)
+    assert request.network_args == {"conv_dim": "4"} and request.reg_data == Path("reg")
+    with pytest.raises(train_config.ConfigError, match="lr_scheduler.*'cosin'"):
+        train_config.resolve({"lr_scheduler": "cosin"})
+
+
+def test_an_empty_or_odd_output_name_is_refused(tmp_path: Path) -> None:
+    folders = Folders.at(tmp_path)
+    for bad in ("", " ", ".", ".hidden", "x/", "a/b", "name.", "tab\there"):
+        with pytest.raises(OutputError, match="--output"):
+            lora_path(folders, bad)
+    assert lora_path(folders, "lisa").name == "lisa.safetensors"
+
+
+def test_saved_files_are_readable_by_others(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        save_lora({"a.alpha": torch.ones(())}, {"k": "v"}, tmp_path / "x.safetensors", "fp16")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_event_records_are_framed_as_tensorboard_reads_them() -> None:
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    data = record(event_bytes(1.5, 7, {"loss/current": 0.25}))
+    (length,) = struct.unpack("<Q", data[:8])
+    body = data[12 : 12 + length]
+    assert struct.unpack("<d", body[1:9])[0] == 1.5 and body[9:11] == b"\x10\x07"
+    assert b"loss/current" in body and struct.pack("<f", 0.25) in body and len(data) == 16 + length
+
+
+def test_the_moving_average_is_kohyas() -> None:
+    rec = LossRecorder()
+    for step, loss in enumerate([1.0, 2.0, 3.0]):
+        rec.add(0, step, loss)
+    rec.add(1, 0, 4.0)  # the second epoch replaces its first step's loss
+    assert rec.moving_average == pytest.approx(3.0)
