@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +51,10 @@ class LoRAModule(nn.Module):
         self.dropout = dropout
         if isinstance(layer, nn.Conv2d):
             # kohya: down copies the layer's kernel, stride and padding (LoCon for 3x3); up is 1x1
+            kernel, stride = cast(tuple[int, int], layer.kernel_size), cast(tuple[int, int], layer.stride)
+            padding = cast(tuple[int, int], layer.padding)
             self.lora_down: nn.Conv2d | nn.Linear = nn.Conv2d(
-                layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, bias=False
+                layer.in_channels, rank, kernel, stride, padding, bias=False
             )
             self.lora_up: nn.Conv2d | nn.Linear = nn.Conv2d(rank, layer.out_channels, 1, bias=False)
         elif isinstance(layer, nn.Linear):
