@@ -22,6 +22,7 @@ def all_nodes() -> list[type[Node]]:
         lora,
         outpaint,
         sampling,
+        train_node,
         upscale_model,
         vae_tiled,
     )
@@ -42,6 +43,7 @@ def all_nodes() -> list[type[Node]]:
         image_transform,
         outpaint,
         upscale_model,
+        train_node,
     )
     return [cls for module in modules for cls in module.NODES]
 

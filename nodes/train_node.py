@@ -1,0 +1,177 @@
+"""Node: TrainLora — a kohya LoRA training run as a queued prompt (canvas and API).
+
+The run is `nodes.train.run.train_lora`, the same as `nodegraph train-lora`: the dataset is a
+folder under the input directory (`input/lisa/img/6_lisabp woman/...`), the options default to
+the kohya_ss GUI's where nodegraph has them (rank 8, alpha 1, cosine, 1e-4, buckets on, latent
+cache on), and any other kohya option can be given in `extra_options` as `--name value` text.
+Progress is the prompt's progress (the websocket's `progress` messages, one per optimizer step);
+an interrupt stops the run after the current step, keeping every epoch file already saved. The
+finished LoRA is in the loras folder at once (lists re-scan it); the node shows the loss plot and
+the last sample images, which the history keeps.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from nodegraph import train_config
+from nodegraph.env import Environment
+from nodegraph.node import Boolean, Combo, Float, Int, Node, Output, Result, RunContext, String
+from nodegraph.types import STRING
+
+NONE = "none"
+_NUMBERED = re.compile(r"^\d+_")
+
+
+def dataset_folders(env: Environment) -> Sequence[str]:
+    """Folders under input/ (3 levels deep at most) that hold `N_name` subfolders: kohya datasets."""
+    root = env.folders.data_dir("input")
+    found: list[str] = []
+    for current, dirs, _files in os.walk(root) if root.is_dir() else ():
+        depth = len(Path(current).relative_to(root).parts)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < 3 else []
+        if depth and any(_NUMBERED.match(d) for d in dirs):
+            found.append(Path(current).relative_to(root).as_posix())
+    return found or [NONE]
+
+
+def _reg_folders(env: Environment) -> Sequence[str]:
+    return [NONE, *[f for f in dataset_folders(env) if f != NONE]]
+
+
+def _checkpoints(env: Environment) -> Sequence[str]:
+    return env.folders.list("checkpoints")
+
+
+def extra_flags(text: str) -> dict[str, Any]:
+    """`--name value` / `--switch` text (kohya command-line style) -> {name: value}."""
+    out: dict[str, Any] = {}
+    words = shlex.split(text)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if not word.startswith("--"):
+            raise ValueError(f"extra_options: expected --name, got {word!r}")
+        name = word[2:].replace("-", "_")
+        if i + 1 < len(words) and not words[i + 1].startswith("--"):
+            out[name], i = words[i + 1], i + 2
+        else:
+            out[name], i = True, i + 1
+    return out
+
+
+class TrainLora(Node):
+    """Train a kohya-format SD1.x LoRA on a dataset folder under input/, as `nodegraph train-lora` does."""
+
+    DISPLAY_NAME = "Train LoRA (kohya)"
+    CATEGORY = "training"
+    OUTPUT_NODE = True
+    NOT_IDEMPOTENT = True
+    INPUTS = (
+        Combo("ckpt_name", choices=_checkpoints, tooltip="The SD1.x checkpoint to train on."),
+        Combo("dataset", choices=dataset_folders, tooltip="A folder under input/ with N_name subfolders."),
+        Combo("reg_dataset", choices=_reg_folders, tooltip="Regularisation folder (1_class/), or none."),
+        String("output_name", "my_lora", tooltip="The LoRA's name: models/loras/NAME.safetensors."),
+        Int("epochs", 1, min=1, max=10000),
+        Int("save_every_n_epochs", 1, min=0, max=10000, tooltip="0: only the final file."),
+        Int("network_dim", 8, min=1, max=1024),
+        Float("network_alpha", 1.0, min=0.0, max=1024.0, step=0.5),
+        Float("learning_rate", 1e-4, min=1e-8, max=1.0, step=1e-5, round=1e-8),
+        Combo("lr_scheduler", choices=train_config.SCHEDULERS, default="cosine"),
+        Combo("optimizer_type", choices=train_config.OPTIMIZERS, default="AdamW"),
+        Int("train_batch_size", 1, min=1, max=256),
+        String("resolution", "512,512", tooltip="W,H: the bucket area."),
+        Combo("mixed_precision", choices=("no", "fp16", "bf16"), default="no"),
+        Boolean("train_unet_only", False),
+        Int("seed", 0, min=0, max=2**32 - 1),
+        String("sample_prompts", "", multiline=True, tooltip="kohya prompt lines (--n --w --h --d --l --s)."),
+        Int("sample_every_n_epochs", 1, min=0, max=10000),
+        String("extra_options", "", multiline=True, tooltip="More kohya options: --noise_offset 0.05 ..."),
+    )
+    OUTPUTS = (Output(STRING, name="lora_name"),)
+
+    def run(self, ctx: RunContext, /, **inputs: Any) -> Result:
+        from nodes.train.request import from_values
+        from nodes.train.run import TrainError, TrainHooks, train_lora
+
+        folders = ctx.env.folders
+        given = self._options(ctx.env, inputs)
+        try:
+            values, _ = train_config.resolve(given)
+            request = from_values(values, device=getattr(ctx.env, "device", "auto") or "auto")
+        except train_config.ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        samples: list[list[Path]] = []
+        hooks = TrainHooks(sampled=samples.append, notice=lambda text: ctx.warn(text))
+        try:
+            written = train_lora(folders, request, lambda s, n, _loss: ctx.progress(s, n), hooks=hooks)
+        except TrainError as exc:
+            raise ValueError(str(exc)) from exc
+        final = written[-1]
+        out_dir = folders.data_dir("output")
+        shown = [out_dir / final.stem / "loss.png", *(samples[-1] if samples else [])]
+        images = [
+            {"filename": p.name, "subfolder": p.parent.relative_to(out_dir).as_posix(), "type": "output"}
+            for p in shown
+            if p.is_file()
+        ]
+        return Result(outputs=(final.name,), ui={"images": images, "text": [str(p.name) for p in written]})
+
+    @staticmethod
+    def _options(env: Environment, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The node's widgets as kohya-named options (extra_options first, the widgets over them)."""
+        from nodes.train.save import OutputError, check_output_name
+
+        try:
+            check_output_name(str(inputs["output_name"]))  # before anything is written under its name
+        except OutputError as exc:
+            raise ValueError(f"output_name: {exc}") from exc
+        root = env.folders.data_dir("input")
+        given = extra_flags(str(inputs.get("extra_options") or ""))
+        prompts = str(inputs.get("sample_prompts") or "").strip()
+        given |= {
+            "pretrained_model_name_or_path": inputs["ckpt_name"],
+            "train_data_dir": _under(root, inputs["dataset"], "dataset"),
+            "output_name": inputs["output_name"],
+            "max_train_epochs": inputs["epochs"],
+            "save_every_n_epochs": inputs["save_every_n_epochs"] or None,
+            "network_dim": inputs["network_dim"],
+            "network_alpha": inputs["network_alpha"],
+            "learning_rate": inputs["learning_rate"],
+            "lr_scheduler": inputs["lr_scheduler"],
+            "optimizer_type": inputs["optimizer_type"],
+            "train_batch_size": inputs["train_batch_size"],
+            "resolution": inputs["resolution"],
+            "mixed_precision": inputs["mixed_precision"],
+            "network_train_unet_only": inputs["train_unet_only"],
+            "seed": inputs["seed"],
+            "cache_latents": given.get("cache_latents", True),  # the kohya_ss GUI's default
+        }
+        if inputs.get("reg_dataset", NONE) != NONE:
+            given["reg_data_dir"] = _under(root, inputs["reg_dataset"], "reg_dataset")
+        if prompts:
+            out = env.folders.data_dir("output") / str(inputs["output_name"]).strip()
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "prompts.txt").write_text(prompts + "\n", encoding="utf-8")
+            given["sample_prompts"] = out / "prompts.txt"
+            given["sample_every_n_epochs"] = inputs["sample_every_n_epochs"] or None
+        return given
+
+
+def _under(root: Path, name: str, input_name: str) -> Path:
+    from nodegraph.folders import PathEscapeError, safe_join
+
+    if name == NONE:
+        raise ValueError(f"{input_name}: put a kohya dataset folder (with 10_name/ subfolders) under {root}")
+    try:
+        return safe_join(root, name)
+    except PathEscapeError as exc:
+        raise ValueError(f"{input_name}: {exc}") from exc
+
+
+NODES: list[type[Node]] = [TrainLora]
