@@ -37,6 +37,7 @@ SERVE_SETTINGS = (
     "auth_token",
     "enable_cors_header",
     "max_upload_size_mb",
+    "max_queue_size",
     "front_end_root",
 )
 
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--auth-token", default=None, help="require this bearer token from clients")
     serve.add_argument("--enable-cors-header", nargs="?", const="*", default=None, metavar="ORIGIN")
     serve.add_argument("--max-upload-size", dest="max_upload_size_mb", type=float, default=None, metavar="MB")
+    serve.add_argument(
+        "--max-queue-size", type=int, default=None, metavar="N", help="refuse prompts past N queued"
+    )
     serve.add_argument("--front-end-root", type=Path, default=None, help="serve this canvas build instead")
     demo = _command(sub, "demo", "write the small demo models into the models folders", _cmd_demo)
     demo.add_argument("--force", action="store_true", help="rewrite them even if present")

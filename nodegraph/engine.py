@@ -42,6 +42,7 @@ class Settings:
     cache_bytes: int = DEFAULT_MAX_BYTES
     enable_cors_header: str | None = None
     max_upload_size_mb: float = 100.0
+    max_queue_size: int | None = None  # pending + running prompts; None: no cap
     front_end_root: Path | None = None
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     precision: str = "auto"  # auto (fp16 on a GPU, fp32 on the CPU), fp32, fp16, bf16

@@ -17,7 +17,7 @@ from nodegraph.dynamic_prompts import dynamic_prompt
 from nodegraph.node import Combo, Input, Int, Node, String
 from nodegraph.png_text import PNG_SIGNATURE, png_text_chunks
 from nodegraph.registry import Registry
-from nodegraph.subgraphs import SubgraphError, flatten_subgraphs
+from nodegraph.subgraphs import MAX_EXPANDED_NODES, SubgraphError, flatten_subgraphs
 
 __all__ = ["LoadedWorkflow", "WorkflowError", "load_workflow", "png_text_chunks", "ui_to_api"]
 
@@ -121,6 +121,8 @@ def _api_copy(prompt: dict[str, Any], origin: str) -> dict[str, Any]:
     """A copy of an API prompt, checked for shape (names the node that is not a node object)."""
     if not prompt:
         raise WorkflowError(f"{origin} has no nodes")
+    if len(prompt) > MAX_EXPANDED_NODES:
+        raise WorkflowError(f"{origin} has {len(prompt):,} nodes, over {MAX_EXPANDED_NODES:,}")
     out: dict[str, Any] = {}
     for node_id, node in prompt.items():
         if not isinstance(node, dict):
@@ -166,6 +168,8 @@ def ui_to_api(workflow: dict[str, Any], registry: Registry) -> dict[str, Any]:
     nodes = workflow.get("nodes")
     if not isinstance(nodes, list):
         raise WorkflowError("the UI workflow has no 'nodes' list")
+    if len(nodes) > MAX_EXPANDED_NODES:
+        raise WorkflowError(f"the UI workflow has {len(nodes):,} nodes, over {MAX_EXPANDED_NODES:,}")
     for node in nodes:
         if not isinstance(node, dict) or "id" not in node or "type" not in node:
             raise WorkflowError(f"the UI workflow has a node without 'id' and 'type': {str(node)[:80]}")

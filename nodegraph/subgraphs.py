@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import copy
 import itertools
+import time
 from typing import Any
 
 SUBGRAPH_INPUT_ID = -10
 SUBGRAPH_OUTPUT_ID = -20
 MUTED = 2
 MAX_DEPTH = 32
+# Work budget of one workflow (D2: a 460-byte definition holding itself twice doubled at every
+# level and hung the server). Counted before expanding anything; the clock guards what is left.
+MAX_EXPANDED_NODES = 10_000
+MAX_EXPAND_SECONDS = 10.0
 
 
 class SubgraphError(ValueError):
@@ -29,6 +34,8 @@ def flatten_subgraphs(workflow: dict[str, Any]) -> dict[str, Any]:
     definitions = {str(d.get("id")): d for d in _definitions(workflow)}
     if not definitions or not any(str(n.get("type")) in definitions for n in workflow.get("nodes") or []):
         return workflow
+    expanded_size(workflow.get("nodes") or [], definitions)
+    deadline = time.monotonic() + MAX_EXPAND_SECONDS
     flat = copy.deepcopy(workflow)
     flat["links"] = [_as_array(link) for link in flat.get("links") or []]
     counter = itertools.count(max((link[0] for link in flat["links"]), default=0) + 1)
@@ -37,8 +44,39 @@ def flatten_subgraphs(workflow: dict[str, Any]) -> dict[str, Any]:
         if not instances:
             return flat
         for instance in instances:
+            if time.monotonic() > deadline:
+                raise SubgraphError(f"expanding the subgraphs took over {MAX_EXPAND_SECONDS:g} s")
             _expand(flat, instance, definitions[str(instance["type"])], counter)
     raise SubgraphError(f"subgraphs nest deeper than {MAX_DEPTH} levels (a subgraph contains itself?)")
+
+
+def expanded_size(nodes: list[Any], definitions: dict[str, dict[str, Any]]) -> int:
+    """How many nodes `nodes` become once every subgraph is expanded; raises SubgraphError if a
+    subgraph contains itself (by id, at any depth) or the count passes MAX_EXPANDED_NODES."""
+    sizes: dict[str, int] = {}
+
+    def size_of(def_id: str, path: tuple[str, ...]) -> int:
+        if def_id in path:
+            chain = " -> ".join((*path[path.index(def_id) :], def_id))
+            raise SubgraphError(f"subgraph {def_id} contains itself ({chain})")
+        if len(path) >= MAX_DEPTH:
+            raise SubgraphError(f"subgraphs nest deeper than {MAX_DEPTH} levels")
+        if def_id not in sizes:
+            sizes[def_id] = count(definitions[def_id].get("nodes") or [], (*path, def_id))
+        return sizes[def_id]
+
+    def count(inner: list[Any], path: tuple[str, ...]) -> int:
+        total = 0
+        for node in inner:
+            kind = str(node.get("type")) if isinstance(node, dict) else ""
+            total += size_of(kind, path) if kind in definitions and node.get("mode") != 4 else 1
+            if total > MAX_EXPANDED_NODES:
+                raise SubgraphError(
+                    f"the workflow expands to more than {MAX_EXPANDED_NODES:,} nodes; split it up"
+                )
+        return total
+
+    return count(nodes, ())
 
 
 def _definitions(workflow: dict[str, Any]) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from typing import Any
 from nodegraph.folders import Folders
 from nodes.sd.lora import family as families
 from nodes.sd.lora.suffixes import split_key
+from nodes.sd.safetensors_file import MAX_HEADER_DEPTH, json_depth_ok
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own header size limit
 MAX_TAGS = 10
@@ -54,9 +55,14 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         (size,) = struct.unpack("<Q", raw)
         if size > MAX_HEADER:
             raise ValueError(f"{path.name} has an implausible header size; is it a .safetensors file?")
-        header = json.loads(f.read(size))
+        raw = f.read(size)
+    if not json_depth_ok(raw, MAX_HEADER_DEPTH):  # json.loads would recurse into a RecursionError
+        raise ValueError(f"{path.name} has a header nested deeper than {MAX_HEADER_DEPTH} levels")
+    header = json.loads(raw)
     if not isinstance(header, dict):
         raise ValueError(f"{path.name} has no JSON object header")
+    if not isinstance(header.get("__metadata__", {}), dict):
+        raise ValueError(f"{path.name} has a __metadata__ that is not an object")
     return header, 8 + size
 
 

@@ -9,6 +9,7 @@ LoRA descriptions come from `nodes.lora_info` (the safetensors header and sideca
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ def describe_lora(name: str, path: Path) -> dict[str, Any]:
     info["preview_url"] = f"/nodegraph/lora_preview?name={quote(name)}" if preview else None
     try:
         described = lora_info.lora_info(path)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - one unreadable file is reported in its entry, never
+        # allowed to take the whole picker down (a crafted header once made the list a 500)
         info["error"] = f"cannot read {path.name}: {exc}"
         return info
     family = str(described.get("family") or "unknown")
@@ -92,18 +94,22 @@ def _resolve(env: Environment, request: web.Request) -> tuple[str, Path]:
 def routes(env: Environment) -> list[web.RouteDef]:
     """The canvas extension's routes (the server mounts them under `/` and `/api`)."""
 
-    async def loras(_: web.Request) -> web.Response:
+    def describe_all() -> list[dict[str, Any]]:
         out = []
         for name in env.folders.list("loras"):
             try:
                 out.append(describe_lora(name, env.folders.resolve("loras", name)))
             except (PathEscapeError, FileNotFoundError):
                 continue  # removed between listing and reading
-        return web.json_response(out)
+        return out
+
+    async def loras(_: web.Request) -> web.Response:
+        # Every header is read from disk: off the event loop, which must keep answering.
+        return web.json_response(await asyncio.to_thread(describe_all))
 
     async def one_lora(request: web.Request) -> web.Response:
         name, path = _resolve(env, request)
-        return web.json_response(describe_lora(name, path))
+        return web.json_response(await asyncio.to_thread(describe_lora, name, path))
 
     async def lora_preview(request: web.Request) -> web.StreamResponse:
         name, path = _resolve(env, request)

@@ -23,6 +23,7 @@ from nodegraph.server.auth import (
     origin_check,
     token_middleware,
 )
+from nodegraph.server.housekeeping import clear_temp, trim_temp
 from nodegraph.server.queue import PromptStore
 from nodegraph.server.replies import BadRequest, error, storage_error, undecodable
 from nodegraph.server.state import MAX_UPLOAD_SIZE, STATE, ServerState
@@ -117,8 +118,10 @@ def create_app(engine: Any, *, max_upload_size: int | None = None) -> web.Applic
         hub,
         lambda pid, entry: holder[0].resolve_from_thread(pid, entry),
         _free(engine),
+        lambda: trim_temp(Path(engine.env.folders.temp_dir)),
     )
     st = ServerState(engine, store, hub, worker, token, max_upload_size=max_upload_size)
+    st.max_queue = getattr(settings, "max_queue_size", None) or None
     holder.append(st)
     hub.on_connect = worker.on_connect
 
@@ -165,6 +168,7 @@ async def _startup(app: web.Application) -> None:
         # First-time imports of model libraries hold the GIL for up to a second at a time; done
         # here, before the socket listens, they cannot stall a request during the first model load.
         await asyncio.to_thread(warm_up)
+    await asyncio.to_thread(clear_temp, Path(st.engine.env.folders.temp_dir))
     await st.hub.start()
     if st.store.recovered:
         log.warning(
@@ -184,4 +188,6 @@ async def _cleanup(app: web.Application) -> None:
     for waiters in st.waiters.values():
         for future in waiters:
             future.cancel()
+    st.validator.shutdown(wait=False, cancel_futures=True)
     st.store.close()
+    await asyncio.to_thread(clear_temp, Path(st.engine.env.folders.temp_dir))

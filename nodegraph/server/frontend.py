@@ -162,7 +162,10 @@ def add_frontend_routes(app: web.Application, engine: object) -> None:
 
     async def extension_file(request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        path = (extensions / name).resolve()
+        try:  # a NUL or an over-long name is refused like any other unknown file (was a 500)
+            path = safe_join(extensions, name, follow_symlinks=True).resolve()
+        except PathEscapeError as exc:
+            raise web.HTTPNotFound(text=f"no nodegraph extension file {name!r}") from exc
         # Only plain files directly inside web/ (and its sub-folders); nothing outside it.
         if extensions.resolve() not in path.parents or not path.is_file():
             raise web.HTTPNotFound(text=f"no nodegraph extension file {name!r}")

@@ -11,6 +11,7 @@ was already retried once (it may be what killed the process), it goes to the his
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import Any
 
 from nodegraph.server.jobs import duration, history_job
 
+log = logging.getLogger(__name__)
 MAXIMUM_HISTORY_SIZE = 10000
 SENSITIVE_EXTRA_DATA_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 
@@ -78,6 +80,24 @@ def public_extra_data(extra_data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in extra_data.items() if k not in SENSITIVE_EXTRA_DATA_KEYS}
 
 
+def _connect(path: Path | None) -> sqlite3.Connection:
+    """Open (None: in memory), set up and check the database; raises DatabaseError if damaged."""
+    db = sqlite3.connect(
+        ":memory:" if path is None else str(path), check_same_thread=False, isolation_level=None
+    )
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        problem = db.execute("PRAGMA quick_check").fetchone()
+        if problem is None or problem[0] != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {problem and problem[0]}")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 def _dumps(value: Any) -> str:
     # Node UI outputs should be JSON already; `default=str` keeps a stray object from losing a history entry.
     return json.dumps(value, default=str)
@@ -88,12 +108,10 @@ class PromptStore:
 
     def __init__(self, path: Path | str, *, max_history: int = MAXIMUM_HISTORY_SIZE) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_history = max_history
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self.moved_aside: Path | None = None
+        self._unsaved: dict[str, dict[str, Any]] = {}  # history the disk refused (full): kept here
+        self._db = self._open()
         self._add_job_columns()
         self._cond = threading.Condition()
         self._closed = False
@@ -101,6 +119,39 @@ class PromptStore:
         hist = self._db.execute("SELECT COUNT(*) FROM history").fetchone()
         self._counter = int(max(row[0] or 0, 0)) + int(hist[0]) + 1
         self.recovered = self._recover()
+
+    def _open(self) -> sqlite3.Connection:
+        """The database; a damaged one is moved aside (named in the log) and a new one started,
+        and where even that cannot be written, an in-memory queue keeps the server up (D9)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return _connect(self.path)
+        except (sqlite3.DatabaseError, OSError) as exc:
+            if "locked" in str(exc):  # a good file another server holds: never moved aside
+                raise RuntimeError(f"the queue database {self.path} is in use by another process") from exc
+            damage = exc
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        try:
+            self.path.rename(aside)
+            for extra in ("-wal", "-shm"):
+                side = self.path.with_name(self.path.name + extra)
+                if side.exists():
+                    side.rename(aside.with_name(aside.name + extra))
+            self.moved_aside = aside
+            log.error(
+                "the queue database %s cannot be used (%s); moved it aside to %s and started an "
+                "empty queue and history (the old file is kept for recovery)",
+                self.path, damage, aside,
+            )  # fmt: skip
+            return _connect(self.path)
+        except (sqlite3.DatabaseError, OSError) as exc:
+            log.error(
+                "the queue database %s cannot be used (%s) nor moved aside (%s); the queue and history "
+                "live in memory until the server stops: fix the file or the folder's permissions",
+                self.path, damage, exc,
+            )  # fmt: skip
+            return _connect(None)
 
     # ---------------------------------------------------------------- queue
 
@@ -147,12 +198,22 @@ class PromptStore:
         return self._items("WHERE state='pending' ORDER BY number, seq")
 
     def running(self) -> list[QueueItem]:
-        return self._items("WHERE state='running' ORDER BY seq")
+        return [
+            i for i in self._items("WHERE state='running' ORDER BY seq") if i.prompt_id not in self._unsaved
+        ]
 
     def remaining(self) -> int:
         """Pending plus running, ComfyUI's `queue_remaining`."""
         with self._cond:
-            return int(self._db.execute("SELECT COUNT(*) FROM queue").fetchone()[0])
+            count = int(self._db.execute("SELECT COUNT(*) FROM queue").fetchone()[0])
+            ghosts = [(p,) for p in self._unsaved]
+            if ghosts:
+                count -= sum(
+                    1
+                    for g in ghosts
+                    if self._db.execute("SELECT 1 FROM queue WHERE prompt_id=?", g).fetchone()
+                )
+            return count
 
     def state_of(self, prompt_id: str) -> str | None:
         """'pending', 'running', 'done' (in history) or None for an id never seen (or deleted)."""
@@ -192,7 +253,27 @@ class PromptStore:
             )
 
     def finish(self, prompt_id: str, entry: dict[str, Any]) -> None:
-        """Move a running prompt to the history (one transaction) and trim the oldest entries."""
+        """Move a running prompt to the history and trim the oldest entries.
+
+        If the disk refuses (full), the entry is kept in memory and shown by the history routes,
+        and the prompt leaves the queue all the same: never a ghost left "running" (D10). The
+        kept entries are written with the next history write that succeeds.
+        """
+        with self._cond:
+            try:
+                for pid, kept in list(self._unsaved.items()):
+                    self._write_history(pid, kept)
+                    del self._unsaved[pid]
+                self._write_history(prompt_id, entry)
+            except sqlite3.Error:
+                self._unsaved[prompt_id] = entry
+                try:  # a delete needs little space; if even that fails, the filters below hide it
+                    self._db.execute("DELETE FROM queue WHERE prompt_id=?", (prompt_id,))
+                except sqlite3.Error:
+                    pass
+                raise
+
+    def _write_history(self, prompt_id: str, entry: dict[str, Any]) -> None:
         with self._cond:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -229,10 +310,13 @@ class PromptStore:
                 rows = self._db.execute(
                     "SELECT prompt_id, entry FROM history ORDER BY seq LIMIT ? OFFSET ?", (limit, offset or 0)
                 ).fetchall()
-        return {str(pid): json.loads(entry) for pid, entry in rows}
+            found = {str(pid): json.loads(entry) for pid, entry in rows}
+            return found | dict(self._unsaved)
 
     def history_entry(self, prompt_id: str) -> dict[str, Any] | None:
         with self._cond:
+            if prompt_id in self._unsaved:
+                return dict(self._unsaved[prompt_id])
             row = self._db.execute("SELECT entry FROM history WHERE prompt_id=?", (prompt_id,)).fetchone()
         return None if row is None else dict(json.loads(row[0]))
 

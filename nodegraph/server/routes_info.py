@@ -86,8 +86,8 @@ async def view_metadata(request: web.Request) -> web.Response:
         meta = await asyncio.to_thread(_safetensors_metadata, path)
     except PathEscapeError as exc:
         return error(403, "path_escape", "that model name leaves its folder", str(exc))
-    except (ModelNotFoundError, OSError, ValueError) as exc:
-        return error(404, "not_found", f"no readable model {name!r}", str(exc))
+    except (ModelNotFoundError, OSError, ValueError, RecursionError) as exc:  # deep JSON: Recursion
+        return error(404, "not_found", f"no readable model {name!r}", str(exc) or type(exc).__name__)
     if meta is None:
         return error(404, "not_found", f"{name} has no metadata")
     return web.json_response(meta)

@@ -8,6 +8,7 @@ removes a pending prompt or interrupts a running one.
 from __future__ import annotations
 
 import asyncio
+import math
 import sqlite3
 import time
 import uuid
@@ -22,6 +23,7 @@ from nodegraph.server.state import ServerState, state
 
 routes = web.RouteTableDef()
 DEFAULT_WAIT_S = 3600.0
+MAX_QUERY_INT = 2**31 - 1  # SQLite takes 64-bit integers; larger ones were an OverflowError (500)
 
 
 @routes.get("/prompt")
@@ -53,7 +55,8 @@ async def post_prompt(request: web.Request) -> web.Response:
         st.waiters.setdefault(prompt_id, []).append(future)
     # One trip to a thread for validation and the insert: each trip costs a GIL hand-off while
     # the worker computes, which is what POST latency under load is made of.
-    accepted = await asyncio.to_thread(_accept, st, body, extra_data, prompt_id, number)
+    loop = asyncio.get_running_loop()
+    accepted = await loop.run_in_executor(st.validator, _accept, st, body, extra_data, prompt_id, number)
     if isinstance(accepted, web.Response):
         if future is not None:
             st.waiters.get(prompt_id, []).remove(future)
@@ -70,6 +73,14 @@ def _accept(
     st: ServerState, body: dict[str, Any], extra_data: dict[str, Any], prompt_id: str, number: float | None
 ) -> tuple[QueueItem, Any] | web.Response:
     """Validate and queue; the queued item and node errors, or the 400 response."""
+    if st.max_queue is not None and st.store.remaining() >= st.max_queue:
+        return error(
+            429,
+            "queue_full",
+            f"the queue holds {st.max_queue} prompts, the server's limit (--max-queue-size)",
+            "wait for some to finish, then queue again",
+            node_errors={},
+        )
     checked = _validate(st, body, extra_data)
     if isinstance(checked, web.Response):
         return checked
@@ -84,10 +95,21 @@ def _accept(
 
 
 def _number(body: dict[str, Any]) -> float | None:
+    """The optional queue position; finite only (an Infinity once broke every client's JSON.parse)."""
+    raw = body.get("number")
+    if raw is None:
+        return None
     try:
-        return float(body["number"]) if body.get("number") is not None else None
-    except (TypeError, ValueError) as exc:
-        raise BadRequest(error(400, "invalid_prompt", "number must be a number", str(exc))) from exc
+        number = float(raw)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise BadRequest(
+            error(400, "invalid_prompt", "number must be a number", str(exc), node_errors={})
+        ) from exc
+    if not math.isfinite(number):
+        raise BadRequest(
+            error(400, "invalid_prompt", f"number must be finite, not {raw!r}", "", node_errors={})
+        )
+    return number
 
 
 def _validate(st: ServerState, body: dict[str, Any], extra_data: dict[str, Any]) -> Any:
@@ -136,6 +158,7 @@ async def _wait(
         timeout = float(request.query.get("timeout", DEFAULT_WAIT_S))
     except ValueError:
         timeout = DEFAULT_WAIT_S
+    timeout = min(max(timeout, 0.0), DEFAULT_WAIT_S) if math.isfinite(timeout) else DEFAULT_WAIT_S
     try:
         entry = await asyncio.wait_for(asyncio.shield(future), timeout)
     except asyncio.TimeoutError:
@@ -210,6 +233,8 @@ async def get_history(request: web.Request) -> web.Response:
         offset = int(request.query["offset"]) if "offset" in request.query else None
     except ValueError:
         return error(400, "invalid_request", "max_items and offset must be integers")
+    if any(v is not None and not 0 <= v <= MAX_QUERY_INT for v in (max_items, offset)):
+        return error(400, "invalid_request", f"max_items and offset must be between 0 and {MAX_QUERY_INT}")
     return web.json_response(await asyncio.to_thread(state(request).store.history, max_items, offset))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,12 @@ class ServerState:
     max_upload_size: int = MAX_UPLOAD_SIZE
     waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop | None = None
+    # Prompt validation runs here, not on the default pool that every other route's file and
+    # database work uses: heavy prompts then queue behind each other instead of starving /queue.
+    validator: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="nodegraph-validate")
+    )
+    max_queue: int | None = None
 
     def resolve_waiters(self, prompt_id: str, result: dict[str, Any]) -> None:
         """Wake every run-and-wait request for `prompt_id` (call on the event loop)."""

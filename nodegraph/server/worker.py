@@ -42,7 +42,9 @@ class Worker:
         hub: Hub,
         on_finished: Finished,
         free: Callable[[bool, bool], None],
+        after: Callable[[], None] | None = None,
     ) -> None:
+        self.after = after  # housekeeping after each prompt (temp previews)
         self.store = store
         self.executor = executor
         self.hub = hub
@@ -142,8 +144,13 @@ class Worker:
         entry = history_entry(item, messages, status)
         try:
             self.store.finish(item.prompt_id, entry)
-        except Exception:
-            log.exception("could not save the history of prompt %s", item.prompt_id)
+        except Exception as exc:  # the store keeps it in memory and takes it off the queue
+            log.error("could not save the history of prompt %s: %s", item.prompt_id, exc)
+        if self.after is not None:
+            try:
+                self.after()
+            except Exception:
+                log.exception("housekeeping after prompt %s failed", item.prompt_id)
         self.running_id = self.running_client = self.current_node = None
         self.hub.send_sync(messages.done(), client_id)
         self.broadcast_status()
