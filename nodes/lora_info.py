@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from nodegraph.folders import Folders
+from nodes.sd.header_json import MAX_HEADER_DEPTH, json_depth_ok
 from nodes.sd.lora import family as families
 from nodes.sd.lora.suffixes import split_key
-from nodes.sd.safetensors_file import MAX_HEADER_DEPTH, json_depth_ok
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own header size limit
 MAX_TAGS = 10

@@ -16,8 +16,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from nodes.sd.header_json import MAX_HEADER_DEPTH, json_depth_ok
 
 
 class CheckpointError(ValueError):
@@ -32,30 +33,6 @@ DTYPES = {
 
 # The Rust reader's limit; real SD/SDXL headers are 50-300 KB.
 MAX_HEADER_SIZE = 100 * 1024 * 1024
-# Nesting allowed in a header: {name: {"shape": [..]}} is depth 3; `__metadata__` is flat strings.
-MAX_HEADER_DEPTH = 4
-
-
-def json_depth_ok(raw: bytes, limit: int) -> bool:
-    """False if the JSON text nests deeper than `limit` (checked on the bytes, before json.loads
-    recurses: a 100,000-deep header would otherwise be a RecursionError). Vectorised: a crafted
-    100 MB header must not cost minutes of Python loop either."""
-    # Without escaped backslashes and quotes, quotes alternate open/close, and brackets count
-    # only outside strings (pairs are consumed left to right, as JSON reads escapes).
-    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
-    depth = quotes = 0
-    for start in range(0, len(text), 1 << 20):
-        chunk = np.frombuffer(text[start : start + (1 << 20)], dtype=np.uint8)
-        is_quote = chunk == 0x22
-        outside = ((np.cumsum(is_quote) + quotes) & 1) == 0
-        quotes += int(is_quote.sum())
-        opens = outside & ((chunk == 0x5B) | (chunk == 0x7B))
-        closes = outside & ((chunk == 0x5D) | (chunk == 0x7D))
-        levels = np.cumsum(opens.astype(np.int32) - closes.astype(np.int32)) + depth
-        if levels.size and int(levels.max()) > limit:
-            return False
-        depth = int(levels[-1]) if levels.size else depth
-    return True
 
 
 def read_header(path: Path) -> tuple[int, dict[str, Any], int]:
