@@ -67,17 +67,28 @@ def undecodable(exc: Exception) -> web.Response:
     return response
 
 
-def json_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
-    """True if `value` nests deeper than `limit` (iterative: a deep value must not recurse here)."""
+def json_problem(value: Any, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """Why a parsed JSON value cannot be used, or None: nesting deeper than `limit`, or a lone
+    UTF-16 surrogate (`"\\ud800"` is valid JSON but no UTF-8 text, file name or database can hold
+    it). Iterative: a deep value must not recurse here."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text"
+        elif isinstance(item, (dict, list)):
             if depth > limit:
-                return True
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
-    return False
+                return f"nests deeper than {limit} levels"
+            if isinstance(item, dict):
+                stack.extend((k, depth) for k in item)
+                stack.extend((v, depth + 1) for v in item.values())
+            else:
+                stack.extend((v, depth + 1) for v in item)
+    return None
 
 
 def parse_json(raw: bytes, what: str = "the request body") -> Any:
@@ -85,17 +96,18 @@ def parse_json(raw: bytes, what: str = "the request body") -> Any:
     try:
         value = json.loads(raw)
     except RecursionError as exc:
-        raise BadRequest(_deep(what)) from exc
+        raise BadRequest(_refused(what, f"nests deeper than {MAX_JSON_DEPTH} levels")) from exc
     except (ValueError, UnicodeDecodeError) as exc:
         response = error(400, "invalid_json", f"{what} is not valid JSON", str(exc), node_errors={})
         raise BadRequest(response) from exc
-    if json_too_deep(value):
-        raise BadRequest(_deep(what))
+    problem = json_problem(value)
+    if problem is not None:
+        raise BadRequest(_refused(what, problem))
     return value
 
 
-def _deep(what: str) -> web.Response:
-    return error(400, "invalid_json", f"{what} nests deeper than {MAX_JSON_DEPTH} levels", "", node_errors={})
+def _refused(what: str, problem: str) -> web.Response:
+    return error(400, "invalid_json", f"{what} {problem}", "", node_errors={})
 
 
 async def read_json(request: web.Request, *, default: Any = None) -> Any:

@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from nodegraph.server.memory_budget import memory_errors
 from nodegraph.server.queue import QueueItem
 from nodegraph.server.replies import BadRequest, error, flag, jsonable, read_json
 from nodegraph.server.state import ServerState, state
@@ -148,6 +149,11 @@ def _validate(st: ServerState, body: dict[str, Any], extra_data: dict[str, Any])
             "extra_info": {},
         }
         return web.json_response({"error": body_err, "node_errors": jsonable(result.node_errors)}, status=400)
+    too_big = memory_errors(result.prompt)
+    if too_big:
+        first = next(iter(too_big.values()))["errors"][0]["message"]
+        err = {"type": "prompt_outputs_failed_validation", "message": first, "details": "", "extra_info": {}}
+        return web.json_response({"error": err, "node_errors": too_big}, status=400)
     return result.prompt, [str(o) for o in result.outputs], result.node_errors
 
 

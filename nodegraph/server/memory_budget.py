@@ -1,0 +1,78 @@
+"""A prompt's big tensors estimated against free memory before it is queued (D7).
+
+EmptyLatentImage 16384x16384 x64 or EmptyImage 16384x16384 are legal inputs; allocated on a
+machine with less free memory they get the server OOM-killed (and the restart retried the same
+prompt). Any node with integer `width` and `height` inputs makes images of that size, `batch_size`
+(or `amount`, `length`) of them; decoded to float32 RGB that is what the prompt will hold at least
+once. A prompt whose estimate is over the memory available is refused naming the node.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+BYTES_PER_PIXEL = 3 * 4  # float32 RGB, ComfyUI's IMAGE
+BATCH_INPUTS = ("batch_size", "amount", "length")
+
+
+def available_memory() -> int | None:
+    """Bytes the process can still allocate: MemAvailable, bounded by a cgroup limit if any."""
+    found: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        try:
+            found.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    try:  # cgroup v2: what is left under memory.max
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def estimate(prompt: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(node id, what, bytes) for every node that makes images of a given size."""
+    found = []
+    for node_id, node in prompt.items():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        if not isinstance(inputs, dict):
+            continue
+        width, height = _int(inputs.get("width")), _int(inputs.get("height"))
+        if width is None or height is None:
+            continue
+        batch = next((b for b in (_int(inputs.get(k)) for k in BATCH_INPUTS) if b is not None), 1)
+        size = max(width, 0) * max(height, 0) * max(batch, 1) * BYTES_PER_PIXEL
+        found.append((str(node_id), f"{batch} x {width}x{height}", size))
+    return found
+
+
+def memory_errors(prompt: dict[str, Any], available: int | None = None) -> dict[str, Any]:
+    """ComfyUI-shaped node_errors for nodes whose images cannot fit in the available memory."""
+    free = available_memory() if available is None else available
+    if free is None:
+        return {}
+    errors: dict[str, Any] = {}
+    for node_id, what, size in estimate(prompt):
+        if size <= free:
+            continue
+        message = (
+            f"{what} images need about {size / 2**30:.1f} GiB as float32, more than the "
+            f"{free / 2**30:.1f} GiB of memory free; use a smaller size or batch"
+        )
+        error = {"type": "out_of_memory", "message": message, "details": "", "extra_info": {}}
+        class_type = prompt[node_id].get("class_type") if isinstance(prompt[node_id], dict) else None
+        errors[node_id] = {"errors": [error], "dependent_outputs": [], "class_type": class_type}
+    return errors
