@@ -22,7 +22,7 @@ else:  # Python 3.10
     import tomli as tomllib
 
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor")
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy")
 
 
 class ConfigError(ValueError):
