@@ -20,6 +20,7 @@ from nodes.sd.handles import ClipHandle, LoraRef, ModelHandle, VaeHandle
 from nodes.sd.lora.coverage import Coverage, check, coverage
 from nodes.sd.lora.loader import decoded, file_stamp, read_lora
 from nodes.sd.lora.tags import LoraTag, parse_tags, resolve_tag
+from nodes.sd.patcher import te_targets
 
 
 def lora_names(env: Environment) -> Sequence[str]:
@@ -46,8 +47,9 @@ def load_lora(
     stamp = file_stamp(path)
     lora = read_lora(path, stamp)
     unet_dec = decoded(path, stamp, model.unet, "unet") if model is not None else None
-    te_dec = decoded(path, stamp, clip.text_encoder, "te") if clip is not None else None
-    report = coverage(lora, name, unet_dec, te_dec)
+    te_decs = {t: decoded(path, stamp, m, t) for m, t in te_targets(clip)} if clip is not None else {}
+    te2_dec = te_decs.get("te2", te_decs.get("te_g"))
+    report = coverage(lora, name, unet_dec, te_decs.get("te"), te2_dec)
     base = model if model is not None else clip
     assert base is not None
     warning = check(report, base.source, base.family)
@@ -225,7 +227,7 @@ class CheckpointSave(Node):
 
         from nodes.image import save_path
         from nodes.sd.lora.ldm_export import ldm_state_dict
-        from nodes.sd.patcher import patched
+        from nodes.sd.patcher import patched, patched_clip
 
         folder, stem, counter, _ = save_path(filename_prefix, ctx.env.folders.output_dir, 0, 0)
         path = folder / f"{stem}_{counter:05}_.safetensors"
@@ -242,7 +244,7 @@ class CheckpointSave(Node):
                 meta[key] = json.dumps(value)
         with (
             patched(model.unet, model.loras, target="unet", exact=True),
-            patched(clip.text_encoder, clip.loras, target="te"),
+            patched_clip(clip),
         ):
             state = ldm_state_dict(model.unet, clip.text_encoder, vae.vae)
         save_file(state, str(path), metadata=meta)

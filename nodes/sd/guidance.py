@@ -40,6 +40,7 @@ from nodes.sd.cond_entries import (  # re-exported: the sampler's public names s
     prepare_sides,
     resolve_entry,
 )
+from nodes.sd.model_sampling import EPS, ModelSampling
 from nodes.sd.schedules import DiscreteSchedule
 
 __all__ = [
@@ -167,8 +168,10 @@ class CFGDenoiser:
         cfg: float,
         keep_uncond: bool = False,
         concat_for: ConcatFor | None = None,
+        sampling: ModelSampling = EPS,
     ) -> None:
         self.unet = unet
+        self.sampling = sampling
         self.concat_for = concat_for
         self.keep_uncond = keep_uncond  # CFG++ samplers need the uncond pass even at cfg 1
         self.schedule = schedule
@@ -185,8 +188,8 @@ class CFGDenoiser:
         context: torch.Tensor,
         concat: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """BaseModel._apply_model for EPS: scale the input, append c_concat, integer timestep,
-        x - sigma * eps."""
+        """BaseModel._apply_model: scale the input, append c_concat, integer timestep, then the
+        model sampling's denoised formula (eps: x - sigma * eps)."""
         s = sigma.reshape(sigma.shape[:1] + (1,) * (x.ndim - 1))
         xc = x / (s**2 + 1.0) ** 0.5
         if concat is not None:
@@ -196,7 +199,7 @@ class CFGDenoiser:
         eps: torch.Tensor = self.unet(
             xc.to(dtype), t, encoder_hidden_states=context.to(dtype), return_dict=False
         )[0].float()
-        return x - eps * s
+        return self.sampling.denoised(sigma, eps, x)
 
     def sides_for(
         self, height: int, width: int, device: torch.device | None = None, batch: int = 1

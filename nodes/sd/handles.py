@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from nodes.sd.model_sampling import EPS, ModelSampling
+
 
 @dataclass(frozen=True)
 class LoraRef:
@@ -31,6 +33,7 @@ class ModelHandle:
     source: str  # checkpoint file name, for messages
     family: str  # "sd15", "sdxl" (SDXL base family: Pony, Illustrious, SSD-1B, Vega ...), "sdxl_refiner"
     loras: tuple[LoraRef, ...] = ()
+    sampling: ModelSampling = EPS  # eps / v-prediction / LCM / x0, zero terminal SNR (ModelSamplingDiscrete)
 
     def with_lora(self, lora: LoraRef) -> ModelHandle:
         return replace(self, loras=self.loras + (lora,))

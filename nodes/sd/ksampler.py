@@ -27,11 +27,12 @@ from nodes.sd.cond_entries import CondEntry, cond_entries
 from nodes.sd.device import Placement, place
 from nodes.sd.guidance import CFGDenoiser, ConcatFor
 from nodes.sd.latent_ops import common_upscale
+from nodes.sd.model_sampling import EPS, ModelSampling
 from nodes.sd.noise import prepare_noise
 from nodes.sd.patcher import patched
 from nodes.sd.samplers import CFG_PP, DISCARD_PENULTIMATE, SAMPLERS
 from nodes.sd.samplers.k_diffusion import Model
-from nodes.sd.schedules import DiscreteSchedule, sampler_sigmas, sd15_schedule, split_sigmas
+from nodes.sd.schedules import DiscreteSchedule, sampler_sigmas, split_sigmas
 
 SD15_SCALE = 0.18215
 INPAINT_IN_CHANNELS = 9  # an SD1.x inpainting UNet: latent (4) + mask (1) + masked-image latent (4)
@@ -182,14 +183,17 @@ def run_sampler(
     request: SamplingRequest,
     on_step: StepCallback | None = None,
     device: torch.device | None = None,
+    sampling: ModelSampling = EPS,
 ) -> torch.Tensor:
     """Sample with a UNet that is already patched; returns the new latent samples (unscaled, CPU).
+
+    `sampling`: the model's parameterisation and sigma table (the MODEL handle's).
 
     The noise is drawn on the CPU (as ComfyUI does) and, like the latent, the sigmas and the
     conditioning, moved to `device` (the UNet's) for sampling.
     """
     device = device or torch.device("cpu")
-    schedule = sd15_schedule()
+    schedule = sampling.schedule
     samples: torch.Tensor = latent["samples"].float()
     noise = initial_noise(latent, request).to(device)
     sigmas = sigmas_for(request, schedule)
@@ -213,6 +217,7 @@ def run_sampler(
         request.cfg,
         keep_uncond=request.sampler_name in CFG_PP,
         concat_for=concat_for,
+        sampling=sampling,
     )
     denoiser: Model = guider
     if mask is not None:
@@ -250,7 +255,7 @@ def sample(
         place(model.unet, where.device, where.unet)
     with patched(model.unet, model.loras, target="unet") as unet, torch.inference_mode():
         device = next(unet.parameters()).device
-        samples = run_sampler(unet, positive, negative, latent, request, on_step, device)
+        samples = run_sampler(unet, positive, negative, latent, request, on_step, device, model.sampling)
     out = dict(latent)
     out["samples"] = samples
     return out

@@ -32,16 +32,15 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
 
-from nodes.sd.handles import LoraRef
+from nodes.sd.handles import ClipHandle, LoraRef
 from nodes.sd.lora.formats import Dense, LowRank, Update
-from nodes.sd.lora.loader import decoded
+from nodes.sd.lora.loader import Target, decoded
 
-Target = Literal["unet", "te"]
 _Sig = tuple[tuple[str, tuple[int, int], float], ...]
 _LOCK = threading.RLock()  # one worker thread today; the lock keeps a second one from half-patching
 
@@ -146,7 +145,7 @@ def _rebuild(
     work.copy_(base)
     for update, strength in patches:
         update.apply(work, strength)
-    if target == "te":
+    if target != "unet":
         _round_fp16(work.view(-1))
     if work is not w:
         w.copy_(work)
@@ -179,7 +178,7 @@ def _rebuild_rows(
             alpha = strength * update.scale  # type: ignore[attr-defined]
             if isinstance(update, Dense):
                 part.add_(update.raw.reshape(w.shape[0], -1)[r0 : r0 + step], alpha=alpha)
-            elif target != "te":
+            elif target == "unet":
                 part.addmm_(update.up[r0 : r0 + step], update.down, alpha=alpha)  # type: ignore[attr-defined]
             elif keep is not None and keep[1]:
                 part.add_(keep[0][r0 : r0 + step], alpha=alpha)
@@ -189,7 +188,7 @@ def _rebuild_rows(
                 if keep is not None:
                     keep[0][r0 : r0 + step].copy_(delta)
                 part.add_(delta, alpha=alpha)
-        if target == "te":
+        if target != "unet":
             _round_fp16(part.view(-1))
 
 
@@ -257,7 +256,7 @@ def apply_stack(module: Any, loras: Sequence[LoraRef], target: Target, *, exact:
         if not exact and not settled and target == "unet" and _branch(state, module, active, stack):
             return 0
         state.drop_branches()
-        if target == "te":
+        if target != "unet":
             _hold(state, stack)
         return _change(state, module, active, stack, target)
 
@@ -310,7 +309,7 @@ def _change(state: _State, module: Any, active: list[LoraRef], stack: _Sig, targ
             if name not in state.backups:
                 state.backups[name] = _backup(param.data)
             rows = param.device.type == "cpu" and param.dtype == torch.float32  # where a kept ΔW is used
-            keeps = _keeps(state, name, patches, param) if target == "te" and rows else None
+            keeps = _keeps(state, name, patches, param) if target != "unet" and rows else None
             _rebuild(param, state.backups[name], [(u, s) for u, s, _ in patches], target, keeps)
             state.applied[name] = sig
             rewritten += 1
@@ -371,3 +370,27 @@ def patched(module: Any, loras: Sequence[LoraRef], *, target: Target, exact: boo
     with _LOCK:
         apply_stack(module, loras, target, exact=exact)
         yield module
+
+
+def te_targets(clip: ClipHandle) -> list[tuple[Any, Target]]:
+    """The text encoders of a CLIP handle with the LoRA naming each answers to.
+
+    SD1.x: CLIP-L ("te"). SDXL: CLIP-L ("te") and bigG ("te2", `lora_te2_*`). The refiner's bigG
+    alone answers to first-encoder names (`lora_te_*`, `text_encoder.*`), as in ComfyUI ("te_g").
+    """
+    out: list[tuple[Any, Target]] = []
+    if clip.text_encoder is not None:
+        out.append((clip.text_encoder, "te"))
+    second = getattr(clip, "text_encoder_2", None)
+    if second is not None:
+        out.append((second, "te2" if clip.text_encoder is not None else "te_g"))
+    return out
+
+
+@contextmanager
+def patched_clip(clip: ClipHandle) -> Iterator[ClipHandle]:
+    """Make every text encoder of `clip` compute with its LoRA stack (see `patched`)."""
+    with _LOCK:
+        for module, target in te_targets(clip):
+            apply_stack(module, clip.loras, target)
+        yield clip

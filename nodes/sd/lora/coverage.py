@@ -37,6 +37,11 @@ class Coverage:
     unmatched: tuple[str, ...]  # stems and keys that name nothing in this model
     failed: tuple[str, ...]  # "stem: why" for modules that matched but could not apply
     key_family: str | None = None  # the family the key names and shapes suggest
+    # SDXL's second text encoder (OpenCLIP bigG); `te_*` then count CLIP-L (the refiner: bigG in te2)
+    te2_modules: int = 0
+    te2_weights: int = 0
+    te2_biases: int = 0
+    two_encoders: bool = False
 
     @property
     def family_text(self) -> str:
@@ -48,7 +53,12 @@ class Coverage:
 
     @property
     def matched(self) -> int:
-        return self.unet_modules + self.te_modules
+        return self.unet_modules + self.te_modules + self.te2_modules
+
+    def _te_text(self) -> str:
+        if self.two_encoders:
+            return f"{self.te_modules} CLIP-L, {self.te2_modules} CLIP-G text encoder"
+        return f"{self.te_modules + self.te2_modules} text encoder"
 
     @property
     def complete(self) -> bool:
@@ -58,7 +68,7 @@ class Coverage:
         text = (
             f"LoRA {self.lora} ({self.family_text}): "
             f"{self.matched} of {self.total_modules} modules matched "
-            f"({self.unet_modules} UNet, {self.te_modules} text encoder)"
+            f"({self.unet_modules} UNet, {self._te_text()})"
         )
         if self.skipped_te:
             text += f", {self.skipped_te} text-encoder modules not applied by a model-only loader"
@@ -85,6 +95,9 @@ class Coverage:
             "unet_biases": self.unet_biases,
             "te_weights": self.te_weights,
             "te_biases": self.te_biases,
+            "te2_modules": self.te2_modules,
+            "te2_weights": self.te2_weights,
+            "te2_biases": self.te2_biases,
             "skipped_te": self.skipped_te,
             "unmatched": list(self.unmatched),
             "failed": list(self.failed),
@@ -98,16 +111,24 @@ def _counts(dec: Decoded | None) -> tuple[int, int, int]:
     return dec.modules, weights, len(dec.updates) - weights
 
 
-def coverage(lora: LoraFile, name: str, unet: Decoded | None, te: Decoded | None) -> Coverage:
-    """The report for `lora` decoded against a UNet and/or a text encoder (None: not loaded)."""
-    matched = (unet.matched if unet else set()) | (te.matched if te else set())
+def coverage(
+    lora: LoraFile, name: str, unet: Decoded | None, te: Decoded | None, te2: Decoded | None = None
+) -> Coverage:
+    """The report for `lora` decoded against a UNet and/or text encoders (None: not loaded).
+
+    `te2`: SDXL's bigG beside the CLIP-L `te`, or the refiner's bigG alone (with `te` None).
+    """
+    parts = [d for d in (unet, te, te2) if d is not None]
+    matched = set().union(*(d.matched for d in parts))
     rest = [s for s in lora.groups if s not in matched]
-    skipped = [s for s in rest if te is None and s.startswith(TE_PREFIXES)]
+    no_te = te is None and te2 is None
+    skipped = [s for s in rest if no_te and s.startswith(TE_PREFIXES)]
     unmatched = sorted(set(rest) - set(skipped)) + lora.unknown_keys
-    unmatched += (unet.unused if unet else []) + (te.unused if te else [])
-    failed = {**(unet.failed if unet else {}), **(te.failed if te else {})}
+    unmatched += [key for d in parts for key in d.unused]
+    failed = {k: v for d in parts for k, v in d.failed.items()}
     um, uw, ub = _counts(unet)
     tm, tw, tb = _counts(te)
+    t2m, t2w, t2b = _counts(te2)
     return Coverage(
         lora=name,
         family=lora.family,
@@ -120,6 +141,10 @@ def coverage(lora: LoraFile, name: str, unet: Decoded | None, te: Decoded | None
         unet_biases=ub,
         te_weights=tw,
         te_biases=tb,
+        te2_modules=t2m,
+        te2_weights=t2w,
+        te2_biases=t2b,
+        two_encoders=te is not None and te2 is not None,
         skipped_te=len(skipped),
         unmatched=tuple(unmatched),
         failed=tuple(f"{k}: {v}" for k, v in sorted(failed.items())),

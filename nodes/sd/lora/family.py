@@ -12,6 +12,7 @@ FAMILY_NAMES = {
     "sd15": "SD1.5",
     "sd2": "SD2",
     "sdxl": "SDXL",
+    "sdxl_refiner": "SDXL refiner",
     "sd3": "SD3",
     "flux": "Flux",
     "unknown": "unknown-family",
@@ -27,8 +28,9 @@ _MODELSPEC = (
     ("stable-diffusion-3", "sd3"),
     ("flux", "flux"),
 )
-# text-encoder / cross-attention width -> family (CLIP-L 768, OpenCLIP-H 1024, SDXL 2048)
-_CONTEXT = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
+# text-encoder / cross-attention width -> family (CLIP-L 768, OpenCLIP-H 1024, SDXL 2048, the SDXL
+# refiner's bigG alone 1280)
+_CONTEXT = {768: "sd15", 1024: "sd2", 2048: "sdxl", 1280: "sdxl_refiner"}
 
 
 def family_name(family: str) -> str:

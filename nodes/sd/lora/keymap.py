@@ -28,6 +28,9 @@ _FIXED = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    # SDXL's added (pooled text + size) embedding: `label_emb.0` is a Sequential(Linear, SiLU, Linear).
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 
 
@@ -133,23 +136,34 @@ def unet_stems(unet: Any) -> dict[str, str]:
     return stems
 
 
-def te_stems(text_encoder: Any) -> dict[str, str]:
+# Which LoRA prefixes name which text encoder (ComfyUI's `model_lora_keys_clip`):
+# "te" is CLIP-L (SD1.x, or SDXL's first encoder); "te2" is SDXL's OpenCLIP bigG beside a CLIP-L;
+# "te_g" is a bigG alone (the SDXL refiner), which kohya and diffusers name like a first encoder.
+_TE_PREFIXES = {
+    "te": (("lora_te_", "lora_te1_"), ("text_encoder.",), "clip_l"),
+    "te2": (("lora_te2_",), ("text_encoder_2.",), "clip_g"),
+    "te_g": (("lora_te_", "lora_prior_te_"), ("text_encoder.",), "clip_g"),
+}
+
+
+def te_stems(text_encoder: Any, which: str = "te") -> dict[str, str]:
     """Every stem a LoRA may use for a CLIP text-encoder module -> the module path.
 
-    transformers >= 5 has no `text_model.` level in the module names; older versions do. The
-    stems are built on the `text_model.`-qualified name either way. Unlike ComfyUI, norms and
-    every other module are mapped too, so LyCORIS `train_norm` TE keys apply.
+    `which`: "te" (CLIP-L), "te2" (SDXL's bigG) or "te_g" (the refiner's bigG alone). transformers
+    >= 5 has no `text_model.` level in `CLIPTextModel`'s module names (it has in
+    `CLIPTextModelWithProjection`'s, and older versions always do); the stems are built on the
+    `text_model.`-qualified name either way, and bigG's `text_projection` sits outside it
+    (`lora_te2_text_projection`, OneTrainer). Unlike ComfyUI, norms and every other module are
+    mapped too, so LyCORIS `train_norm` TE keys apply.
     """
+    flat_prefixes, dotted_prefixes, generic = _TE_PREFIXES[which]
     stems: dict[str, str] = {}
     for path, _ in module_params(text_encoder):
-        full = path if path.startswith("text_model.") else f"text_model.{path}"
+        top = path.startswith("text_model.") or path == "text_projection"
+        full = path if top else f"text_model.{path}"
         flat = full.replace(".", "_")
-        for stem in (
-            f"lora_te_{flat}",
-            f"lora_te1_{flat}",
-            f"text_encoder.{full}",
-            f"text_encoders.clip_l.transformer.{full}",
-            f"text_encoders.clip_l.{full}",
-        ):
+        names = [f"{p}{flat}" for p in flat_prefixes] + [f"{p}{full}" for p in dotted_prefixes]
+        names += [f"text_encoders.{generic}.transformer.{full}", f"text_encoders.{generic}.{full}"]
+        for stem in names:
             stems[stem] = path
     return stems

@@ -22,7 +22,8 @@ from nodes.sd.lora.formats import FormatError, Update, bias_update, used_parts, 
 from nodes.sd.lora.keymap import te_stems, unet_stems
 from nodes.sd.lora.suffixes import split_key
 
-Target = Literal["unet", "te"]
+# "unet"; "te" a CLIP-L (SD1.x, SDXL's first encoder); "te2" SDXL's bigG; "te_g" a bigG alone (refiner)
+Target = Literal["unet", "te", "te2", "te_g"]
 V = TypeVar("V")
 TE_PREFIXES = ("lora_te", "text_encoder", "lora_prior_te")
 
@@ -150,17 +151,18 @@ class Decoded:
         return sum(u.nbytes for u in self.updates.values())
 
 
-_STEMS: weakref.WeakKeyDictionary[Any, tuple[int, dict[str, str]]] = weakref.WeakKeyDictionary()
+_STEMS: weakref.WeakKeyDictionary[Any, dict[Target, tuple[int, dict[str, str]]]] = weakref.WeakKeyDictionary()
 _DECODED: _Lru[Decoded] = _Lru(2 << 30, lambda d: d.nbytes)
 
 
 def _stems_of(module: Any, target: Target) -> tuple[int, dict[str, str]]:
-    """(structure signature, stem map) of a module, computed once per module."""
-    found = _STEMS.get(module)
+    """(structure signature, stem map) of a module as `target`, computed once per module and target."""
+    per_target = _STEMS.setdefault(module, {})
+    found = per_target.get(target)
     if found is None:
-        sig = hash(tuple((n, tuple(p.shape)) for n, p in module.named_parameters()))
-        found = (sig, unet_stems(module) if target == "unet" else te_stems(module))
-        _STEMS[module] = found
+        sig = hash((target, tuple((n, tuple(p.shape)) for n, p in module.named_parameters())))
+        found = (sig, unet_stems(module) if target == "unet" else te_stems(module, target))
+        per_target[target] = found
     return found
 
 
