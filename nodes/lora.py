@@ -226,29 +226,51 @@ class CheckpointSave(Node):
         from safetensors.torch import save_file
 
         from nodes.image import save_path
-        from nodes.sd.lora.ldm_export import ldm_state_dict
+        from nodes.sd.lora.ldm_export import ldm_state_dict, sgm_state_dict
         from nodes.sd.patcher import patched, patched_clip
 
         folder, stem, counter, _ = save_path(filename_prefix, ctx.env.folders.output_dir, 0, 0)
         path = folder / f"{stem}_{counter:05}_.safetensors"
+        clip_g = getattr(clip, "text_encoder_2", None)
         meta = {
             "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": "stable-diffusion-v1",
+            "modelspec.architecture": _architecture(model, clip_g is not None and clip.text_encoder is None),
             "modelspec.implementation": "sgm",
             "modelspec.title": f"{stem} {counter}",
+            "modelspec.predict_key": "v" if model.sampling.prediction == "v_prediction" else "epsilon",
         }
         if not ctx.env.disable_metadata:
             if prompt is not None:
                 meta["prompt"] = json.dumps(prompt)
             for key, value in (extra_pnginfo or {}).items():
                 meta[key] = json.dumps(value)
-        with (
-            patched(model.unet, model.loras, target="unet", exact=True),
-            patched_clip(clip),
-        ):
-            state = ldm_state_dict(model.unet, clip.text_encoder, vae.vae)
+        with patched(model.unet, model.loras, target="unet", exact=True), patched_clip(clip):
+            if clip_g is not None:
+                state = sgm_state_dict(model.unet, clip.text_encoder, clip_g, vae.vae)
+            else:
+                state = ldm_state_dict(model.unet, clip.text_encoder, vae.vae)
+        state |= _sampling_markers(model)
         save_file(state, str(path), metadata=meta)
         return Result((), None)
+
+
+def _architecture(model: ModelHandle, refiner: bool) -> str:
+    """ModelSpec architecture, as ComfyUI's CheckpointSave writes it."""
+    if model.family.startswith("sdxl"):
+        return "stable-diffusion-xl-v1-refiner" if refiner else "stable-diffusion-xl-v1-base"
+    return "stable-diffusion-v1"
+
+
+def _sampling_markers(model: ModelHandle) -> dict[str, Any]:
+    """The marker keys a v-prediction (zero-terminal-SNR) checkpoint declares itself with (ComfyUI's)."""
+    import torch
+
+    if model.sampling.prediction != "v_prediction":
+        return {}
+    out = {"v_pred": torch.tensor([])}
+    if model.sampling.zsnr:
+        out["ztsnr"] = torch.tensor([])
+    return out
 
 
 NODES: tuple[type[Node], ...] = (LoraLoader, LoraLoaderModelOnly, LoraTagLoader, CheckpointSave)

@@ -1,8 +1,12 @@
-"""diffusers/transformers parameter names -> original single-file LDM checkpoint keys, for CheckpointSave.
+"""diffusers/transformers parameter names -> original single-file LDM/SGM checkpoint keys, for CheckpointSave.
 
-The UNet map comes from `keymap.diffusers_to_ldm` (any depth); the VAE map is the SD VAE's fixed
-layout, where the mid-block attention's linear projections are stored as 1x1 convolutions; the
-text encoder keeps its Hugging Face names under `cond_stage_model.transformer.text_model.`.
+The UNet map comes from `keymap.diffusers_to_ldm` (any depth, SDXL's `label_emb` included); the VAE
+map is the SD VAE's fixed layout, where the mid-block attention's linear projections are stored as
+1x1 convolutions. SD1.x's text encoder keeps its Hugging Face names under
+`cond_stage_model.transformer.text_model.`; SDXL (SGM layout) puts CLIP-L under
+`conditioner.embedders.0.transformer.text_model.` and OpenCLIP bigG back in open_clip's names under
+`conditioner.embedders.1.model.` (the refiner: `embedders.0.model.`): q, k, v fused into
+`attn.in_proj_*`, and `text_projection` stored transposed (open_clip computes `x @ P`).
 """
 
 from __future__ import annotations
@@ -69,15 +73,86 @@ def ldm_state_dict(
     unet: Any, text_encoder: Any, vae: Any, dtype: torch.dtype = torch.float16
 ) -> dict[str, Any]:
     """The three modules' current weights as an original SD1.x single-file state dict in `dtype`."""
+    out = _unet_and_vae(unet, vae, dtype)
+    for name, p in text_encoder.named_parameters():
+        out[te_key(name)] = p.detach().to("cpu", dtype).contiguous()
+    return out
+
+
+SGM_CLIP_L = "conditioner.embedders.0.transformer.text_model."
+_OPENCLIP = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+_LOGIT_SCALE = 4.60517  # ln(100), as real SDXL files store it (unused for text conditioning)
+
+
+def _openclip_key(name: str) -> str | None:
+    """open_clip name of a transformers bigG parameter (None for q/k/v, which are fused)."""
+    inner = name[len("text_model.") :] if name.startswith("text_model.") else name
+    fixed = {
+        "embeddings.token_embedding.weight": "token_embedding.weight",
+        "embeddings.position_embedding.weight": "positional_embedding",
+        "final_layer_norm.weight": "ln_final.weight",
+        "final_layer_norm.bias": "ln_final.bias",
+    }
+    if inner in fixed:
+        return fixed[inner]
+    parts = inner.split(".")  # encoder.layers.N.<module>.<param>
+    if parts[:2] != ["encoder", "layers"]:
+        raise ExportError(f"bigG parameter {name} has no open_clip name")
+    module, param = ".".join(parts[3:-1]), parts[-1]
+    if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        return None
+    return f"transformer.resblocks.{parts[2]}.{_OPENCLIP[module]}.{param}"
+
+
+def openclip_state_dict(clip_g: Any, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A transformers `CLIPTextModelWithProjection` as open_clip keys under `prefix`, in `dtype`."""
+    params = {n: p.detach() for n, p in clip_g.named_parameters()}
+    out: dict[str, torch.Tensor] = {}
+    for name, p in params.items():
+        if name == "text_projection.weight":
+            out[prefix + "text_projection"] = p.t().to("cpu", dtype).contiguous()
+            continue
+        key = _openclip_key(name)
+        if key is not None:
+            out[prefix + key] = p.to("cpu", dtype).contiguous()
+        elif ".q_proj." in name:  # fuse q, k, v once, at q
+            kind = name.rsplit(".", 1)[1]
+            stem = name[: -len(f"q_proj.{kind}")]
+            fused = torch.cat([params[f"{stem}{x}_proj.{kind}"] for x in "qkv"], dim=0)
+            layer = name.split("encoder.layers.")[1].split(".")[0]
+            out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = fused.to("cpu", dtype)
+    out[prefix + "logit_scale"] = torch.tensor(_LOGIT_SCALE, dtype=dtype)
+    return out
+
+
+def _unet_and_vae(unet: Any, vae: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, p in unet.named_parameters():
         out[unet_key(name, unet.config)] = p.detach().to("cpu", dtype).contiguous()
-    for name, p in text_encoder.named_parameters():
-        out[te_key(name)] = p.detach().to("cpu", dtype).contiguous()
     levels = len(vae.config.block_out_channels)
     for name, p in vae.named_parameters():
         t = p.detach().to("cpu", dtype)
         if ".mid_block.attentions." in name and name.endswith(".weight") and t.dim() == 2:
             t = t[:, :, None, None]  # LDM stores these projections as 1x1 convs
         out[vae_key(name, levels)] = t.contiguous()
+    return out
+
+
+def sgm_state_dict(
+    unet: Any, clip_l: Any, clip_g: Any, vae: Any, dtype: torch.dtype = torch.float16
+) -> dict[str, torch.Tensor]:
+    """An SDXL (SGM layout) single-file state dict; `clip_l` None for the refiner (bigG at embedders.0)."""
+    out = _unet_and_vae(unet, vae, dtype)
+    if clip_l is not None:
+        for name, p in clip_l.named_parameters():
+            inner = name[len("text_model.") :] if name.startswith("text_model.") else name
+            out[SGM_CLIP_L + inner] = p.detach().to("cpu", dtype).contiguous()
+    g_prefix = "conditioner.embedders.1.model." if clip_l is not None else "conditioner.embedders.0.model."
+    out |= openclip_state_dict(clip_g, g_prefix, dtype)
     return out

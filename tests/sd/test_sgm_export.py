@@ -1,0 +1,82 @@
+"""CheckpointSave's SDXL layout (SGM): every tensor back under the names the oracle generator writes.
+
+Small SDXL-structured modules are exported with `sgm_state_dict`; the oracle's own maps
+(`unet_ldm_to_diffusers`, `clip_g_openclip_to_hf`: LDM/open_clip -> diffusers/transformers, with
+q/k/v row slices and the transposed projection) read every tensor back, independently of the export.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from sdxl_lora_fixtures import SMALL_UNET, oracle_sdxl, small_models
+
+from nodes.lora import _sampling_markers
+from nodes.sd.handles import ModelHandle
+from nodes.sd.lora.ldm_export import SGM_CLIP_L, sgm_state_dict
+from nodes.sd.model_sampling import ModelSampling
+
+
+@pytest.fixture(scope="module")
+def vae() -> Any:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    return AutoencoderKL(
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
+
+
+def _hf_from_openclip(oracle: Path, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """transformers bigG tensors rebuilt from open_clip keys with the oracle's map."""
+    x = oracle_sdxl(oracle)
+    # The oracle's map is written for embedders.1; the refiner's bigG sits at embedders.0.
+    state = {x.CLIP_G_PREFIX + k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    out: dict[str, torch.Tensor] = {}
+    for key, targets in x.clip_g_openclip_to_hf().items():
+        if key not in state:
+            continue
+        for name, rows, transpose in targets:
+            t = state[key].t() if transpose else state[key]
+            out[name] = t[rows[0] : rows[1]] if rows else t
+    return out
+
+
+@pytest.mark.parametrize("refiner", [False, True])
+def test_sgm_layout_round_trips_through_the_oracle_maps(refiner: bool, oracle_dir: Path, vae: Any) -> None:
+    unet, clip_l, clip_g = small_models(oracle_dir)
+    state = sgm_state_dict(unet, None if refiner else clip_l, clip_g, vae)
+    assert all(t.dtype == torch.float16 for t in state.values())
+    ldm_to_dif = oracle_sdxl(oracle_dir).unet_ldm_to_diffusers(SMALL_UNET)
+    unet_params = dict(unet.named_parameters())
+    unet_keys = {k for k in state if k.startswith("model.diffusion_model.")}
+    assert unet_keys == {"model.diffusion_model." + k for k in ldm_to_dif}
+    for k, d in ldm_to_dif.items():
+        assert torch.equal(state["model.diffusion_model." + k], unet_params[d].half()), k
+    prefix = "conditioner.embedders.0.model." if refiner else "conditioner.embedders.1.model."
+    g = _hf_from_openclip(oracle_dir, state, prefix)
+    g_params = dict(clip_g.named_parameters())
+    assert set(g) == set(g_params)
+    assert all(torch.equal(g[n], p.half()) for n, p in g_params.items())
+    assert state[prefix + "logit_scale"].float().item() == pytest.approx(4.6052, abs=1e-3)
+    l_keys = {k for k in state if k.startswith(SGM_CLIP_L)}
+    if refiner:
+        assert not l_keys
+    else:
+        want = {SGM_CLIP_L + n: p.half() for n, p in clip_l.named_parameters()}
+        assert l_keys == set(want) and all(torch.equal(state[k], v) for k, v in want.items())
+    assert any(k.startswith("first_stage_model.decoder.") for k in state)
+
+
+def test_v_prediction_markers() -> None:
+    plain = ModelHandle(None, "x", "sdxl")
+    assert _sampling_markers(plain) == {}
+    marked = _sampling_markers(ModelHandle(None, "x", "sdxl", sampling=ModelSampling("v_prediction", True)))
+    assert set(marked) == {"v_pred", "ztsnr"}
