@@ -16,6 +16,7 @@ from nodegraph.node import Combo, Node, Output, RunContext
 from nodegraph.types import CLIP, MODEL, VAE
 from nodes.sd.checkpoint import LoadedCheckpoint, PixelSpaceVae, load_vae_file
 from nodes.sd.handles import ClipHandle, ModelHandle, VaeHandle
+from nodes.sd.model_sampling import EPS, checkpoint_sampling
 from nodes.sd.model_store import ModelStore, file_stamp
 from nodes.sd.tokenizer import default_tokenizer
 
@@ -83,7 +84,10 @@ class CheckpointLoaderSimple(Node):
 def _handles(
     env: Environment, ckpt: LoadedCheckpoint, name: str
 ) -> tuple[ModelHandle, ClipHandle, VaeHandle]:
-    model = ModelHandle(unet=ckpt.unet, source=name, family=ckpt.family)
+    # SDXL v-prediction checkpoints (NoobAI-XL v-pred ...) say so by marker keys and are sampled as such
+    # without a node; ComfyUI reads the markers for the SDXL base class only (supported_models.SDXL).
+    sampling = checkpoint_sampling(ckpt.path) if ckpt.family == "sdxl" else EPS
+    model = ModelHandle(unet=ckpt.unet, source=name, family=ckpt.family, sampling=sampling)
     clip = ClipHandle(
         text_encoder=ckpt.text_encoder,
         tokenizer=default_tokenizer(),

@@ -126,11 +126,31 @@ def _civitai_family(side: dict[str, Any]) -> str | None:
         ("sdxl", "sdxl"),
         ("pony", "sdxl"),
         ("illustrious", "sdxl"),
+        ("noob", "sdxl"),
         ("sd3", "sd3"),
         ("flux", "flux"),
     ):
         if base.startswith(prefix):
             return fam
+    return None
+
+
+# SDXL-family bases users pick LoRAs by; matched in the name of the model a LoRA was trained on.
+SDXL_BASES = (("pony", "Pony"), ("illustrious", "Illustrious"), ("noob", "NoobAI"))
+
+
+def sdxl_base(meta: dict[str, str], side: dict[str, Any]) -> str | None:
+    """Pony / Illustrious / NoobAI when the training metadata or the Civitai sidecar says so."""
+    sources = (
+        meta.get("ss_sd_model_name", ""),
+        meta.get("ss_base_model_version", ""),
+        meta.get("modelspec.base_model", ""),
+        str(side.get("baseModel") or ""),
+    )
+    for text in sources:
+        for mark, name in SDXL_BASES:
+            if mark in text.lower():
+                return name
     return None
 
 
@@ -212,6 +232,7 @@ def lora_info(path: Path) -> dict[str, Any]:
     fam, source = families.detect(meta, shapes)
     if fam == "unknown" and _civitai_family(side):
         fam, source = str(_civitai_family(side)), "sidecar"
+    variant = sdxl_base(meta, side) if fam == "sdxl" else None
     stems = {split[0] for split in map(split_key, header) if split is not None}
     return info | {
         "title": meta.get("ss_output_name") or meta.get("modelspec.title") or path.stem,
@@ -223,6 +244,7 @@ def lora_info(path: Path) -> dict[str, Any]:
         or side.get("baseModel")
         or side.get("sd version"),
         "trained_on": meta.get("ss_sd_model_name"),
+        "sdxl_base": variant,
         "rank": int(meta["ss_network_dim"]) if meta.get("ss_network_dim", "").isdigit() else _rank(header),
         "alpha": _alpha(path, header, start, meta),
         "modules": len(stems),
@@ -251,6 +273,8 @@ def _resolve(name: str, folders: Folders) -> Path:
 def _text(info: dict[str, Any]) -> str:
     lines = [f"{info['file']}: {info['title']}"]
     fam = families.family_name(info["family"])
+    if info.get("sdxl_base"):
+        fam += f" ({info['sdxl_base']})"
     lines.append(
         f"  family:        {fam} (from {info['family_source']}); base model: {info.get('base_model') or '-'}"
     )

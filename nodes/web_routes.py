@@ -41,6 +41,9 @@ def describe_lora(name: str, path: Path) -> dict[str, Any]:
     info["base_model"] = (
         family_name(family) if family != "unknown" else described.get("base_model") or "unknown"
     )
+    if described.get("sdxl_base"):
+        info["base_model"] += f" ({described['sdxl_base']})"
+    info["family"] = family  # the canvas marks the LoRAs that fit the connected checkpoint's family
     info["rank"] = described.get("rank")
     info["alpha"] = described.get("alpha")
     info["format"] = described.get("format")

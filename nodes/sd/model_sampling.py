@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -133,3 +134,24 @@ def unsupported_marker(keys: Collection[str]) -> str | None:
     if "edm_vpred.sigma_max" in keys:
         return "a continuous-EDM v-prediction checkpoint (edm_vpred.sigma_max key)"
     return None
+
+
+def checkpoint_sampling(path: Path) -> ModelSampling:
+    """The sampling a checkpoint file declares by its marker keys (read from the safetensors header).
+
+    Raises ValueError, naming the file, for a continuous-schedule (EDM) checkpoint. Diffusers folders
+    and pickled checkpoints declare nothing here (ComfyUI reads no marker from them): eps.
+    """
+    if not path.is_file() or path.suffix.lower() not in (".safetensors", ".sft"):
+        return EPS
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    problem = unsupported_marker(keys)
+    if problem is not None:
+        raise ValueError(
+            f"'{path.name}' is {problem}; nodegraph samples discrete-schedule models only "
+            "(eps or v-prediction, optionally zero terminal SNR)"
+        )
+    return from_checkpoint_keys(keys)

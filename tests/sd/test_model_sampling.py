@@ -17,6 +17,7 @@ from nodes.sd.handles import ModelHandle
 from nodes.sd.model_sampling import (
     EPS,
     ModelSampling,
+    checkpoint_sampling,
     discrete_schedule,
     from_checkpoint_keys,
     unsupported_marker,
@@ -86,6 +87,23 @@ def test_checkpoint_markers() -> None:
     assert unsupported_marker({"v_pred"}) is None
     assert "edm_vpred" in str(unsupported_marker({"edm_vpred.sigma_max", "edm_vpred.sigma_min"}))
     assert "EDM" in str(unsupported_marker({"edm_mean", "edm_std"}))
+
+
+def test_checkpoint_file_markers_are_read_from_the_header(tmp_path: Any) -> None:
+    from safetensors.torch import save_file
+
+    def write(name: str, keys: list[str]) -> Any:
+        path = tmp_path / name
+        save_file({k: torch.tensor([]) for k in keys} | {"model.diffusion_model.x": torch.ones(1)}, str(path))
+        return path
+
+    assert checkpoint_sampling(write("plain.safetensors", [])) == EPS
+    assert checkpoint_sampling(write("noob.safetensors", ["v_pred", "ztsnr"])) == ModelSampling(
+        "v_prediction", True
+    )
+    with pytest.raises(ValueError, match="'pg.safetensors' is an EDM"):
+        checkpoint_sampling(write("pg.safetensors", ["edm_mean", "edm_std"]))
+    assert checkpoint_sampling(tmp_path) == EPS  # a diffusers folder declares nothing
 
 
 def test_node_sets_the_sampling_and_keeps_weights_and_loras(tmp_path: Any) -> None:

@@ -45,7 +45,10 @@ def _hf_from_openclip(oracle: Path, state: dict[str, torch.Tensor], prefix: str)
             continue
         for name, rows, transpose in targets:
             t = state[key].t() if transpose else state[key]
-            out[name] = t[rows[0] : rows[1]] if rows else t
+            if rows:  # the oracle's slices are for bigG's width: take the same third of this one
+                third, h = rows[0] // (rows[1] - rows[0]), t.shape[0] // 3
+                t = t[third * h : (third + 1) * h]
+            out[name] = t
     return out
 
 
