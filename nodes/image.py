@@ -159,7 +159,12 @@ def _frame(frame: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def save_path(prefix: str, output_dir: Path, width: int, height: int) -> tuple[Path, str, int, str]:
-    """(folder, file stem, first counter, subfolder): ComfyUI's `get_save_image_path`."""
+    """(folder, file stem, first counter, subfolder): ComfyUI's `get_save_image_path`.
+
+    A backslash separates folders as on Windows: kept in a file name, `..\\x_00001_.png` was saved
+    but never servable (`/view` refuses backslashes), and `..\\` must meet the escape check.
+    """
+    prefix = prefix.replace("\\", "/")
     if "%" in prefix:
         now = time.localtime()
         for token, value in (

@@ -50,3 +50,13 @@ def test_frames_count_against_the_batch_budget(tmp_path: Path, monkeypatch: pyte
     assert image.shape == (8, 32, 32, 3) and mask.shape[0] == 8
     single = load_mask_file(many, "many.gif", "red")  # a mask reads one frame: not over
     assert single.shape == (1, 32, 32)
+
+
+def test_backslashes_in_a_save_prefix_are_folders(tmp_path: Path) -> None:
+    from nodegraph.folders import PathEscapeError
+    from nodes.image import save_path
+
+    folder, stem, _, subfolder = save_path("sub\\pic", tmp_path, 8, 8)
+    assert folder == (tmp_path / "sub").resolve() and stem == "pic" and subfolder == "sub"
+    with pytest.raises(PathEscapeError):  # was saved as '..\\x_00001_.png', which /view refuses
+        save_path("..\\x", tmp_path, 8, 8)
