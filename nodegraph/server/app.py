@@ -15,7 +15,15 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestPayloadError
 
-from nodegraph.server import routes_files, routes_info, routes_jobs, routes_prompt, routes_user
+from nodegraph.server import (
+    routes_a1111,
+    routes_files,
+    routes_images,
+    routes_info,
+    routes_jobs,
+    routes_prompt,
+    routes_user,
+)
 from nodegraph.server.auth import (
     cors_middleware,
     effective_token,
@@ -137,7 +145,7 @@ def create_app(engine: Any, *, max_upload_size: int | None = None) -> web.Applic
     app = web.Application(client_max_size=max_upload_size + (1 << 20), middlewares=middlewares)
     app.on_response_prepare.append(_nosniff)
     app[STATE] = st
-    tables = (routes_prompt, routes_files, routes_info, routes_user, routes_jobs)
+    tables = (routes_prompt, routes_files, routes_info, routes_user, routes_jobs, routes_a1111, routes_images)
     for table in (module.routes for module in tables):
         _mirror(app, table)
     app.router.add_get("/ws", hub.handle)

@@ -53,6 +53,9 @@ class Worker:
         self.running_id: str | None = None
         self.running_client: str | None = None
         self.current_node: str | None = None
+        # The running prompt's latest step and preview, for polling clients (A1111's /progress).
+        self.step: tuple[int, int] | None = None
+        self.preview: Any = None
         self._free_flags: tuple[bool, bool] | None = None
         self._cancelled: set[str] = set()  # interrupted before (or while) the executor runs them
         self._stop = threading.Event()
@@ -121,6 +124,7 @@ class Worker:
         client = item.extra_data.get("client_id")
         client_id = str(client) if client is not None else None
         self.running_id, self.running_client = item.prompt_id, client_id
+        self.step = self.preview = None
         self.broadcast_status()
         messages = PromptMessages(item.prompt_id)
         server_method = str(getattr(getattr(self.executor, "env", None), "preview_method", "none"))
@@ -130,6 +134,9 @@ class Worker:
         def emit(event: ev.Event) -> None:
             if isinstance(event, ev.Executing):
                 self.current_node = event.node
+            elif isinstance(event, ev.Progress):
+                self.step = (event.value, event.max)
+                self.preview = event.preview or self.preview
             for message in messages.translate(event):
                 if previews or not isinstance(message, PreviewFrame):
                     self.hub.send_sync(message, client_id)

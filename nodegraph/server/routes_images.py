@@ -1,0 +1,291 @@
+"""Image generation for A1111 clients (`/sdapi/v1/txt2img`, `/sdapi/v1/img2img`) and OpenAI
+clients (`/v1/images/generations`), on the same mapping: request -> ComfyUI graph -> queue -> PNGs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from nodegraph.server import a1111
+from nodegraph.server.a1111 import A1111Error, Job
+from nodegraph.server.replies import read_json
+from nodegraph.server.routes_a1111 import (
+    API,
+    VERSION,
+    _refuse,
+    decode_image,
+    read_options,
+    resolve_checkpoint,
+    sha256_of,
+)
+from nodegraph.server.routes_prompt import _accept
+from nodegraph.server.state import ServerState, state
+
+routes = web.RouteTableDef()
+WAIT_S = 3600.0
+
+
+def _int(body: dict[str, Any], key: str, default: int, low: int = 1) -> int:
+    try:
+        raw = body.get(key)
+        value = int(raw if raw is not None else default)
+    except (TypeError, ValueError) as exc:
+        raise A1111Error(f"{key}: expected an integer, got {body.get(key)!r}") from exc
+    if value < low:
+        raise A1111Error(f"{key}: must be at least {low}, got {value}")
+    return value
+
+
+def _float(body: dict[str, Any], key: str, default: float) -> float:
+    try:
+        raw = body.get(key)
+        return float(raw if raw is not None else default)
+    except (TypeError, ValueError) as exc:
+        raise A1111Error(f"{key}: expected a number, got {body.get(key)!r}") from exc
+
+
+def build_job(st: ServerState, body: dict[str, Any], init_image: str | None = None) -> Job:
+    """A1111's request fields (with `override_settings`) as a `Job`; raises A1111Error naming the field."""
+    options = read_options(st)
+    overrides = body.get("override_settings") or {}
+    if not isinstance(overrides, dict):
+        raise A1111Error("override_settings: expected an object")
+    checkpoint = overrides.get("sd_model_checkpoint") or options["sd_model_checkpoint"]
+    if not checkpoint:
+        raise A1111Error("sd_model_checkpoint: the checkpoints folder is empty")
+    sampler, scheduler = a1111.sampler_and_scheduler(
+        str(body.get("sampler_name") or body.get("sampler_index") or "Euler"), body.get("scheduler")
+    )
+    seed = _int(body, "seed", -1, low=-1)
+    width, height = _int(body, "width", 512, 8), _int(body, "height", 512, 8)
+    job = Job(
+        prompt=str(body.get("prompt") or ""),
+        negative=str(body.get("negative_prompt") or ""),
+        steps=_int(body, "steps", 50),
+        cfg=_float(body, "cfg_scale", 7.0),
+        sampler=sampler,
+        scheduler=scheduler,
+        seed=random.randrange(4294967294) if seed == -1 else seed,
+        width=width // 8 * 8,
+        height=height // 8 * 8,
+        batch_size=_int(body, "batch_size", 1),
+        checkpoint=resolve_checkpoint(st, str(checkpoint)),
+        clip_skip=max(
+            1, int(overrides.get("CLIP_stop_at_last_layers") or options["CLIP_stop_at_last_layers"])
+        ),
+        init_image=init_image,
+        save=bool(body.get("save_images")),
+    )
+    if init_image is not None:
+        job.denoise = _float(body, "denoising_strength", 0.75)
+    elif body.get("enable_hr"):
+        job.denoise = _float(body, "denoising_strength", 0.7)
+        job.hires = {
+            "size": a1111.hires_size(body, job.width, job.height),
+            "steps": int(body.get("hr_second_pass_steps") or 0),
+            "upscaler": str(body.get("hr_upscaler") or "Latent"),
+        }
+    return job
+
+
+def _save_init_image(st: ServerState, raw: Any) -> str:
+    """The first init image, written once into the input folder under its content hash."""
+    from PIL import Image
+
+    if not isinstance(raw, str) or not raw:
+        raise A1111Error("init_images: send at least one base64-encoded image")
+    try:
+        data = decode_image(raw)
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (OSError, ValueError) as exc:
+        raise A1111Error(f"init_images: not a readable image ({exc})") from exc
+    name = f"a1111_{hashlib.sha256(data).hexdigest()[:16]}.png"
+    path = Path(st.engine.env.folders.input_dir) / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(io.BytesIO(data)) as image:
+            partial = path.with_suffix(".partial")
+            image.save(partial, format="PNG")
+            partial.replace(path)
+    return name
+
+
+async def run_jobs(st: ServerState, job: Job, n_iter: int) -> list[tuple[Job, dict[str, Any]]]:
+    """Queue `n_iter` graphs (seeds advance by the batch size, as A1111's do) and wait for all."""
+    runs = []
+    for n in range(n_iter):
+        this = Job(**{**job.__dict__, "seed": job.seed + n * job.batch_size})
+        prompt_id = str(uuid.uuid4())
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        st.waiters.setdefault(prompt_id, []).append(future)
+        # A client id no socket has: previews (asked for, for /progress) go to nobody.
+        extra = {
+            "client_id": f"a1111-{prompt_id}",
+            "preview_method": "auto",
+            "create_time": int(time.time() * 1000),
+        }
+        accepted = await asyncio.to_thread(_accept, st, {"prompt": this.graph()}, extra, prompt_id, None)
+        if isinstance(accepted, web.Response):
+            st.waiters.get(prompt_id, []).remove(future)
+            raise A1111Error(f"the graph for this request is invalid: {accepted.text}")
+        st.worker.broadcast_status()
+        runs.append((this, future))
+    results = []
+    for this, future in runs:
+        entry = await asyncio.wait_for(asyncio.shield(future), WAIT_S)
+        results.append((this, entry))
+    return results
+
+
+def _images(st: ServerState, job: Job, entry: dict[str, Any]) -> list[tuple[bytes, str]]:
+    """The run's images as PNG bytes with A1111's "parameters" chunk, and their infotexts."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    status = (entry or {}).get("status", {})
+    if status.get("status_str") != "success":
+        reason = _failure(status)
+        if reason == "interrupted":
+            return []  # A1111 answers an interrupted job with the images it has: none here
+        raise RuntimeError(reason)
+    folders = st.engine.env.folders
+    roots = {"output": folders.output_dir, "temp": folders.temp_dir}
+    ckpt = folders.resolve("checkpoints", job.checkpoint)
+    model_hash = sha256_of(ckpt)[:10]
+    lora_hashes = {}
+    for name in a1111.lora_names(job.prompt):
+        path = _lora_path(st, name)
+        if path is not None:
+            lora_hashes[name] = sha256_of(path)[:12]
+    text = a1111.infotext(job, job.seed, model_hash, lora_hashes, VERSION)
+    out = []
+    for image in entry.get("outputs", {}).get("9", {}).get("images", []):
+        path = Path(roots[image.get("type", "output")]) / image.get("subfolder", "") / image["filename"]
+        info = PngInfo()
+        info.add_text("parameters", text)
+        buffer = io.BytesIO()
+        with Image.open(path) as loaded:
+            loaded.save(buffer, format="PNG", pnginfo=info)
+        out.append((buffer.getvalue(), text))
+    return out
+
+
+def _lora_path(st: ServerState, name: str) -> Path | None:
+    folders = st.engine.env.folders
+    for candidate in folders.list("loras"):
+        stem = candidate.rsplit(".", 1)[0]
+        if name in (candidate, stem) or Path(stem).name == name:
+            return Path(folders.resolve("loras", candidate))
+    return None
+
+
+def _failure(status: dict[str, Any]) -> str:
+    for kind, data in status.get("messages", []):
+        if kind == "execution_error":
+            return f"{data.get('node_type')} (node {data.get('node_id')}): {data.get('exception_message')}"
+        if kind == "execution_interrupted":
+            return "interrupted"
+    return "the prompt did not finish"
+
+
+async def generate(request: web.Request, img2img: bool) -> web.Response:
+    st = state(request)
+    body = await read_json(request, default={})
+    if not isinstance(body, dict):
+        return _refuse(422, "expected a JSON object")
+    try:
+        if img2img and body.get("mask"):
+            raise A1111Error("mask: inpainting through the A1111 API is not supported yet; use the canvas")
+        init = None
+        if img2img:
+            images = body.get("init_images")
+            init = await asyncio.to_thread(
+                _save_init_image, st, images[0] if isinstance(images, list) and images else None
+            )
+        job = await asyncio.to_thread(build_job, st, body, init)
+        results = await run_jobs(st, job, _int(body, "n_iter", 1))
+        pngs = []
+        for this, entry in results:
+            pngs += await asyncio.to_thread(_images, st, this, entry)
+    except A1111Error as exc:
+        return _refuse(422, str(exc))
+    except RuntimeError as exc:
+        return _refuse(500, f"the generation failed: {exc}")
+    seeds = [this.seed for this, _ in results for _ in range(this.batch_size)]
+    model_hash = a1111.parse_infotext(pngs[0][1]).get("Model hash") if pngs else None
+    info: dict[str, Any] = {
+        "prompt": job.prompt, "all_prompts": [job.prompt] * len(pngs), "negative_prompt": job.negative,
+        "all_negative_prompts": [job.negative] * len(pngs), "seed": job.seed, "all_seeds": seeds,
+        "subseed": -1, "all_subseeds": [-1] * len(pngs), "subseed_strength": 0, "width": job.width,
+        "height": job.height, "sampler_name": body.get("sampler_name") or "Euler", "cfg_scale": job.cfg,
+        "steps": job.steps, "batch_size": job.batch_size, "restore_faces": False,
+        "sd_model_name": job.checkpoint.rsplit(".", 1)[0], "sd_model_hash": model_hash,
+        "denoising_strength": job.denoise, "clip_skip": job.clip_skip, "extra_generation_params": {},
+        "index_of_first_image": 0, "infotexts": [t for _, t in pngs], "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "is_using_inpainting_conditioning": False, "version": VERSION,
+    }  # fmt: skip
+    parameters = {k: v for k, v in body.items() if k != "init_images"}
+    return web.json_response(
+        {
+            "images": [base64.b64encode(p).decode() for p, _ in pngs],
+            "parameters": parameters,
+            "info": json.dumps(info),
+        }
+    )
+
+
+@routes.post(API + "/txt2img")
+async def txt2img(request: web.Request) -> web.Response:
+    return await generate(request, img2img=False)
+
+
+@routes.post(API + "/img2img")
+async def img2img(request: web.Request) -> web.Response:
+    return await generate(request, img2img=True)
+
+
+@routes.post("/v1/images/generations")
+async def openai_generations(request: web.Request) -> web.Response:
+    """OpenAI's image generation (`prompt`, `n`, `size`, `model` = a checkpoint, `response_format`
+    b64_json) on the same mapping, with the A1111 options' defaults for everything else."""
+    st = state(request)
+    body = await read_json(request, default={})
+    if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+        return _openai_error(400, "prompt: a string is required")
+    try:
+        width, _, height = str(body.get("size") or "512x512").partition("x")
+        a1111_body: dict[str, Any] = {
+            "prompt": body["prompt"], "width": int(width), "height": int(height), "steps": 20,
+            "batch_size": int(body.get("n") or 1), "sampler_name": "Euler", "seed": -1,
+        }  # fmt: skip
+        if body.get("model") and body["model"] not in ("dall-e-2", "dall-e-3", "gpt-image-1"):
+            a1111_body["override_settings"] = {"sd_model_checkpoint": body["model"]}
+        if body.get("response_format", "b64_json") != "b64_json":
+            raise A1111Error("response_format: only b64_json is served (nodegraph keeps no public URLs)")
+        job = await asyncio.to_thread(build_job, st, a1111_body)
+        results = await run_jobs(st, job, 1)
+        pngs = await asyncio.to_thread(_images, st, results[0][0], results[0][1])
+    except (A1111Error, ValueError) as exc:
+        return _openai_error(400, str(exc))
+    except RuntimeError as exc:
+        return _openai_error(500, f"the generation failed: {exc}")
+    data = [{"b64_json": base64.b64encode(png).decode(), "revised_prompt": job.prompt} for png, _ in pngs]
+    return web.json_response({"created": int(time.time()), "data": data})
+
+
+def _openai_error(status: int, message: str) -> web.Response:
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+    return web.json_response({"error": error}, status=status)

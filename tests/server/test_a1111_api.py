@@ -1,0 +1,139 @@
+"""AUTOMATIC1111's API on the real SD nodes: the image equals the equivalent ComfyUI graph's image.
+
+Uses the mini SD1.5 checkpoint and LoRAs at 64x64 and 2 steps; `webuiapi` from PyPI is used unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import webuiapi
+from PIL import Image
+
+from nodegraph.engine import Settings, build_engine
+from nodegraph.server.a1111 import parse_infotext, sampler_and_scheduler
+from tests.server.live import LiveServer, http_json, wait_history
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, mini_checkpoint: Path, mini_loras: Path
+) -> Iterator[LiveServer]:
+    base = tmp_path_factory.mktemp("a1111")
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "loras").mkdir(parents=True)
+    os.symlink(mini_checkpoint, base / "models" / "checkpoints" / "mini.safetensors")
+    os.symlink(mini_loras / "mini_lora_a.safetensors", base / "models" / "loras" / "mini_lora_a.safetensors")
+    engine = build_engine(Settings(base_directory=base, port=0))
+    engine.warm_up()  # torch's first import, before the live server's 30 s start limit
+    with LiveServer(engine) as live:
+        yield live
+
+
+def comfy_graph(seed: int, prompt: str, lora: tuple[float, float] | None) -> dict[str, Any]:
+    """What a ComfyUI user builds for the same settings: LoraLoader instead of the prompt tag."""
+    model, clip = ["4", 0], ["4", 1]
+    loader = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "mini.safetensors"}}
+    graph: dict[str, Any] = {"4": loader}
+    if lora is not None:
+        graph["10"] = {"class_type": "LoraLoader", "inputs": {
+            "model": model, "clip": clip, "lora_name": "mini_lora_a.safetensors",
+            "strength_model": lora[1], "strength_clip": lora[0]}}  # fmt: skip
+        model, clip = ["10", 0], ["10", 1]
+    graph.update({
+        "3": {"class_type": "KSampler", "inputs": {
+            "seed": seed, "steps": 2, "cfg": 6.5, "sampler_name": "dpmpp_2m", "scheduler": "karras",
+            "denoise": 1.0, "model": model, "positive": ["6", 0], "negative": ["7", 0],
+            "latent_image": ["5", 0]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": clip}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": clip}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "comfy", "images": ["8", 0]}},
+    })  # fmt: skip
+    return graph
+
+
+def comfy_pixels(server: LiveServer, graph: dict[str, Any]) -> np.ndarray:
+    pid = http_json(server.address, "/prompt", {"prompt": graph})["prompt_id"]
+    image = wait_history(server.address, pid, timeout=300)["outputs"]["9"]["images"][0]
+    path = server.engine.env.folders.output_dir / image["subfolder"] / image["filename"]
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_names_map_as_a1111_spells_them() -> None:
+    assert sampler_and_scheduler("DPM++ 2M Karras", None) == ("dpmpp_2m", "karras")
+    assert sampler_and_scheduler("Euler a", "Automatic") == ("euler_ancestral", "normal")
+    assert sampler_and_scheduler("DDIM", None) == ("ddim", "ddim_uniform")
+    assert sampler_and_scheduler("DPM++ 2M", "sgm_uniform") == ("dpmpp_2m", "sgm_uniform")
+    with pytest.raises(ValueError, match="sampler_name"):
+        sampler_and_scheduler("PLMS", None)
+
+
+def test_txt2img_with_lora_tags_equals_the_comfyui_graph(server: LiveServer) -> None:
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    prompt = "a red chair <lora:mini_lora_a:0.8:0.6>"
+    result = api.txt2img(
+        prompt=prompt, negative_prompt="blurry", seed=1234, steps=2, cfg_scale=6.5, width=64, height=64,
+        sampler_name="DPM++ 2M", scheduler="Karras",
+    )  # fmt: skip
+    assert len(result.images) == 1
+    ours = np.asarray(result.images[0].convert("RGB"))
+    theirs = comfy_pixels(server, comfy_graph(1234, "a red chair", (0.8, 0.6)))
+    assert np.array_equal(ours, theirs)
+    assert not np.array_equal(ours, comfy_pixels(server, comfy_graph(1234, "a red chair", None)))
+    # A1111's infotext, with the LoRA's short hash, in the response and in the PNG.
+    lora_file = server.engine.env.folders.resolve("loras", "mini_lora_a.safetensors")
+    lora_hash = hashlib.sha256(lora_file.read_bytes())
+    fields = parse_infotext(result.info["infotexts"][0])
+    assert fields["Prompt"] == prompt and fields["Negative prompt"] == "blurry"
+    assert fields["Steps"] == "2" and fields["Sampler"] == "DPM++ 2M" and fields["Schedule type"] == "Karras"
+    assert fields["Seed"] == "1234" and fields["Size-1"] == "64"
+    assert fields["Lora hashes"] == f"mini_lora_a: {lora_hash.hexdigest()[:12]}"
+    raw = base64.b64decode(result.json["images"][0])
+    assert Image.open(io.BytesIO(raw)).info["parameters"] == result.info["infotexts"][0]
+    assert api.png_info(result.images[0]).info == result.info["infotexts"][0]
+
+
+def test_img2img_options_models_loras_and_interrupt(server: LiveServer) -> None:
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    assert [m["title"] for m in api.get_sd_models()][0].startswith("mini.safetensors")
+    assert [lora["name"] for lora in api.get_loras()] == ["mini_lora_a"]
+    assert "DPM++ 2M" in api.util_get_sampler_names() and "karras" in api.util_get_scheduler_names()
+    api.set_options({"sd_model_checkpoint": "mini", "CLIP_stop_at_last_layers": 2})
+    options = api.get_options()
+    assert options["sd_model_checkpoint"] == "mini.safetensors" and options["CLIP_stop_at_last_layers"] == 2
+    init = Image.new("RGB", (64, 64), (200, 40, 40))
+    result = api.img2img(images=[init], prompt="a red chair", seed=7, steps=2, width=64, height=64,
+                         denoising_strength=0.5, sampler_name="Euler")  # fmt: skip
+    assert result.images[0].size == (64, 64)
+    fields = parse_infotext(result.info["infotexts"][0])
+    assert fields["Denoising strength"] == "0.5" and fields["Clip skip"] == "2"
+    api.set_options({"CLIP_stop_at_last_layers": 1})
+    bad = api.session.post(f"{api.baseurl}/txt2img", json={"sampler_name": "PLMS", "steps": 2})
+    assert bad.status_code == 422 and "sampler_name" in bad.json()["detail"]
+    api.interrupt()  # nothing running: a no-op, as in A1111
+    progress = api.get_progress()
+    assert progress["progress"] == 0.0 and progress["state"]["job_count"] == 0
+
+
+def test_openai_image_generation_on_the_same_mapping(server: LiveServer) -> None:
+    import requests
+
+    url = f"http://{server.address}/v1/images/generations"
+    reply = requests.post(url, json={"prompt": "a red chair", "size": "64x64", "model": "mini"}, timeout=600)
+    assert reply.status_code == 200, reply.text
+    image = Image.open(io.BytesIO(base64.b64decode(reply.json()["data"][0]["b64_json"])))
+    assert image.size == (64, 64) and "Steps: 20" in image.info["parameters"]
+    refused = requests.post(url, json={"prompt": "x", "response_format": "url"}, timeout=60)
+    assert refused.status_code == 400 and "b64_json" in refused.json()["error"]["message"]
