@@ -35,6 +35,7 @@ SERVE_SETTINGS = (
     "listen",
     "port",
     "auth_token",
+    "api_auth",
     "enable_cors_header",
     "max_upload_size_mb",
     "max_queue_size",
@@ -85,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", default="127.0.0.1", help="address(es) to listen on, comma-separated")
     serve.add_argument("--port", type=int, default=8188)
     serve.add_argument("--auth-token", default=None, help="require this bearer token from clients")
+    serve.add_argument(
+        "--api-auth", default=None, metavar="USER:PASSWORD[,...]",
+        help="HTTP Basic auth for the A1111 (/sdapi/v1) and OpenAI (/v1/images) routes, as A1111's flag",
+    )  # fmt: skip
     serve.add_argument("--enable-cors-header", nargs="?", const="*", default=None, metavar="ORIGIN")
     serve.add_argument("--max-upload-size", dest="max_upload_size_mb", type=float, default=None, metavar="MB")
     serve.add_argument(

@@ -36,6 +36,7 @@ class Settings:
     listen: str = "127.0.0.1"
     port: int = 8188
     auth_token: str | None = None
+    api_auth: str | None = None  # "user:password[,...]": HTTP Basic for the A1111/OpenAI routes
     preview_method: str = "none"
     verbose: bool = False
     cache_entries: int = DEFAULT_MAX_ENTRIES

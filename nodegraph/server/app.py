@@ -24,6 +24,7 @@ from nodegraph.server import (
     routes_prompt,
     routes_user,
 )
+from nodegraph.server.api_auth import parse_credentials, with_api_auth
 from nodegraph.server.auth import (
     cors_middleware,
     effective_token,
@@ -134,9 +135,13 @@ def create_app(engine: Any, *, max_upload_size: int | None = None) -> web.Applic
     hub.on_connect = worker.on_connect
 
     cors = getattr(settings, "enable_cors_header", None) or None
+    # loopback only, no token: the Host check is what keeps rebinding pages out
+    access = token_middleware(token) if token is not None else loopback_host_middleware
+    api_auth = getattr(settings, "api_auth", None)
+    if isinstance(api_auth, str) and api_auth:
+        access = with_api_auth(access, parse_credentials(api_auth), token is not None)
     middlewares: list[Middleware] = [
-        # loopback only, no token: the Host check is what keeps rebinding pages out
-        token_middleware(token) if token is not None else loopback_host_middleware,
+        access,
         error_middleware,
         origin_check(cors),  # the Origin check stays; only the configured origin is let through
     ]
