@@ -27,6 +27,11 @@ LATENT = SocketType("LATENT")
 IMAGE = SocketType("IMAGE")
 MASK = SocketType("MASK")
 UPSCALE_MODEL = SocketType("UPSCALE_MODEL")
+# Custom sampling's pieces (comfy_extras/nodes_custom_sampler.py) and ControlNet
+SIGMAS = SocketType("SIGMAS")
+SAMPLER = SocketType("SAMPLER")
+GUIDER = SocketType("GUIDER")
+NOISE = SocketType("NOISE")
 
 # Widget types: values that are usually typed into the node, but may also arrive by link.
 INT = SocketType("INT")

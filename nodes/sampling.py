@@ -27,7 +27,7 @@ _TIP_CFG = (
 )
 
 
-def _progress(ctx: RunContext) -> StepCallback:
+def progress(ctx: RunContext) -> StepCallback:
     """Report each step to the engine (which also raises Interrupted), with a preview when enabled."""
 
     # The prompt's own method (the client may ask for previews the server does not send by default).
@@ -42,7 +42,7 @@ def _progress(ctx: RunContext) -> StepCallback:
     return on_step
 
 
-def _check_latent(latent: Any) -> None:
+def check_latent(latent: Any) -> None:
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if not isinstance(samples, torch.Tensor) or samples.dim() != 4:
         raise ValueError("latent_image: expected a LATENT with 'samples' [batch, 4, height/8, width/8]")
@@ -53,18 +53,23 @@ def _check_latent(latent: Any) -> None:
         )
 
 
-def run_ksampler(
-    ctx: RunContext, model: Any, positive: Any, negative: Any, latent: Any, request: SamplingRequest
-) -> tuple[dict[str, Any]]:
-    """Shared by both nodes: validate, sample, and say which input was wrong when it fails."""
+def check_model(model: Any) -> None:
+    """A MODEL the samplers can use, or an error naming the input."""
     if model is None or not hasattr(model, "unet"):
         raise ValueError("model: expected a MODEL from a checkpoint loader")
     if getattr(model, "family", "sd15") != "sd15":
         raise ValueError(f"model: {model.source} is a {model.family} model; the samplers support SD1.x only")
-    _check_latent(latent)
+
+
+def run_ksampler(
+    ctx: RunContext, model: Any, positive: Any, negative: Any, latent: Any, request: SamplingRequest
+) -> tuple[dict[str, Any]]:
+    """Shared by both nodes: validate, sample, and say which input was wrong when it fails."""
+    check_model(model)
+    check_latent(latent)
     try:
         where = placement(ctx.env)
-        return (sample(model, positive, negative, latent, request, _progress(ctx), where),)
+        return (sample(model, positive, negative, latent, request, progress(ctx), where),)
     except ConditioningError as exc:
         raise ValueError(str(exc)) from exc
 

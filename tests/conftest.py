@@ -82,3 +82,26 @@ def sdxl_store(mini_sdxl_checkpoint: Path) -> Any:
     store = ModelStore(capacity=3)
     store.checkpoint(mini_sdxl_checkpoint)
     return store
+
+
+def _cached(name: str, script: str, *args: str) -> Path:
+    """A generated oracle model file in the shared cache, made atomically when missing."""
+    path = CACHE / name
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        _generate(script, partial, *args)
+        partial.rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mini_checkpoint_seed1(oracle_dir: Path) -> Path:
+    """The oracle's second mini SD1.5 checkpoint (`--seed 1`), model2 of its merge workflows."""
+    return _cached("mini_sd15_seed1.safetensors", "make_mini_sd15.py", "--seed", "1")
+
+
+@pytest.fixture(scope="session")
+def mini_controlnet(oracle_dir: Path) -> Path:
+    """The oracle's SD1.5 ControlNet shaped for the mini UNet (original `control_*` layout)."""
+    return _cached("mini_controlnet.safetensors", "make_mini_controlnet.py")

@@ -23,15 +23,16 @@ from typing import Any
 
 import torch
 
-from nodes.sd.cond_entries import CondEntry, cond_entries
+from nodes.sd.cond_entries import CondEntry
 from nodes.sd.device import Placement, place
 from nodes.sd.guidance import CFGDenoiser, ConcatFor
+from nodes.sd.guiders import CFGGuide, Guide
 from nodes.sd.latent_ops import common_upscale
 from nodes.sd.model_sampling import EPS, ModelSampling
 from nodes.sd.noise import prepare_noise
 from nodes.sd.patcher import patched
 from nodes.sd.samplers import CFG_PP, DISCARD_PENULTIMATE, SAMPLERS
-from nodes.sd.samplers.k_diffusion import Model
+from nodes.sd.samplers.k_diffusion import Model, Sampler
 from nodes.sd.schedules import DiscreteSchedule, sampler_sigmas, split_sigmas
 
 SD15_SCALE = 0.18215
@@ -163,18 +164,6 @@ class InpaintConcat:
         return torch.cat([mask, image.to(device, torch.float32)], dim=1)
 
 
-def _to(conditioning: Any, device: torch.device) -> Any:
-    """CONDITIONING with its embeddings on `device` (options, masks included, are moved later)."""
-    if device.type == "cpu" or not isinstance(conditioning, (list, tuple)):
-        return conditioning
-    return [
-        [item[0].to(device), *item[1:]]
-        if isinstance(item, (list, tuple)) and item and isinstance(item[0], torch.Tensor)
-        else item
-        for item in conditioning
-    ]
-
-
 def run_sampler(
     unet: Any,
     positive: Any,
@@ -185,45 +174,68 @@ def run_sampler(
     device: torch.device | None = None,
     sampling: ModelSampling = EPS,
 ) -> torch.Tensor:
-    """Sample with a UNet that is already patched; returns the new latent samples (unscaled, CPU).
+    """Sample with a UNet that is already patched; returns the new latent samples (unscaled, CPU)."""
+    noise = initial_noise(latent, request)
+    sigmas = sigmas_for(request, sampling.schedule)
+    if sigmas is None or sigmas.shape[-1] == 0:
+        samples: torch.Tensor = latent["samples"]
+        return samples.float()  # nothing to sample: ComfyUI returns the input latent as is
+    guide = CFGGuide(positive, negative, request.cfg)
+    sampler = SAMPLERS[request.sampler_name]
+    return run_guided(
+        unet,
+        guide,
+        latent,
+        noise,
+        sigmas,
+        request.sampler_name,
+        sampler,
+        request.seed,
+        on_step,
+        device,
+        sampling,
+    )
+
+
+def run_guided(
+    unet: Any,
+    guide: Guide,
+    latent: dict[str, Any],
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    sampler_name: str,
+    sampler: Sampler,
+    seed: int,
+    on_step: StepCallback | None = None,
+    device: torch.device | None = None,
+    sampling: ModelSampling = EPS,
+) -> torch.Tensor:
+    """CFGGuider.sample with a UNet that is already patched: the latent, noise and sigmas given.
 
     `sampling`: the model's parameterisation and sigma table (the MODEL handle's).
 
     The noise is drawn on the CPU (as ComfyUI does) and, like the latent, the sigmas and the
-    conditioning, moved to `device` (the UNet's) for sampling.
+    conditioning, moved to `device` (the UNet's) for sampling. Returns unscaled CPU samples.
     """
     device = device or torch.device("cpu")
     schedule = sampling.schedule
     samples: torch.Tensor = latent["samples"].float()
-    noise = initial_noise(latent, request).to(device)
-    sigmas = sigmas_for(request, schedule)
-    if sigmas is None or sigmas.shape[-1] == 0:
-        return samples  # nothing to sample: ComfyUI returns the input latent as is
-    sigmas = sigmas.to(device)
-    positive, negative = _to(positive, device), _to(negative, device)
+    if sigmas.shape[-1] == 0:
+        return samples
+    noise, sigmas = noise.to(device), sigmas.to(device)
     samples = samples.to(device)
     model_latent = samples * SD15_SCALE if torch.count_nonzero(samples) > 0 else samples
     config = getattr(unet, "config", None)
-    width = getattr(config, "cross_attention_dim", None)
     mask = _denoise_mask(latent["noise_mask"], samples.shape).to(device) if "noise_mask" in latent else None
     concat_for: ConcatFor | None = None
     if getattr(config, "in_channels", 4) == INPAINT_IN_CHANNELS:
         concat_for = InpaintConcat(model_latent, mask)
-    guider = CFGDenoiser(
-        unet,
-        schedule,
-        cond_entries(positive, schedule, "positive", width),
-        cond_entries(negative, schedule, "negative", width),
-        request.cfg,
-        keep_uncond=request.sampler_name in CFG_PP,
-        concat_for=concat_for,
-        sampling=sampling,
-    )
+    guider = guide.denoiser(unet, sampling, device, sampler_name in CFG_PP, concat_for)
     denoiser: Model = guider
     if mask is not None:
         inpaint_noise = noise
-        if request.sampler_name == "ddim":  # ComfyUI's ddim re-noises the kept region from seed + 1
-            generator = torch.manual_seed((request.seed + 1) % 2**64)
+        if sampler_name == "ddim":  # ComfyUI's ddim re-noises the kept region from seed + 1
+            generator = torch.manual_seed((seed + 1) % 2**64)
             inpaint_noise = torch.randn(noise.shape, generator=generator).to(device)
         denoiser = _Inpaint(guider, mask, model_latent, inpaint_noise)
     sigma_max, sigma0 = float(schedule.sigma_max), float(sigmas[0])
@@ -237,7 +249,7 @@ def run_sampler(
         if on_step is not None:
             on_step(i, total, denoised)
 
-    result = SAMPLERS[request.sampler_name](denoiser, x, sigmas, request.seed, callback)
+    result: torch.Tensor = sampler(denoiser, x, sigmas, seed, callback)
     return result.to(torch.float32).cpu() / SD15_SCALE
 
 

@@ -66,6 +66,14 @@ def make_engine(engine_base: Path) -> Any:
     )
 
 
+@pytest.fixture(scope="session")
+def parity_engine_for() -> Any:
+    """Builds an engine (with the capture node) on another base directory."""
+    return lambda base: build_engine(
+        Settings(base_directory=base, preview_method="none"), [*all_nodes(), ParityCapture]
+    )
+
+
 def run_for_latent(engine: Any, prompt: dict[str, Any], name: str) -> np.ndarray:
     """Validate and execute `prompt`; the latent its `save_latent` node wrote."""
     from nodegraph.validate import validate_prompt

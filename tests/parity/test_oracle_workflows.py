@@ -41,9 +41,11 @@ def _compare_refs() -> ModuleType:
     return module
 
 
-def run_workflow(engine: Any, name: str, out_dir: Path, captured: dict[str, np.ndarray]) -> None:
+def run_workflow(
+    engine: Any, name: str, out_dir: Path, captured: dict[str, np.ndarray], folder: str = "workflows"
+) -> None:
     """Run one oracle workflow and write image.png, image_float.npy and latent.npy into out_dir."""
-    prompt = json.loads((ORACLE / "workflows" / f"{name}.json").read_text())
+    prompt = json.loads((ORACLE / folder / f"{name}.json").read_text())
     prompt["capture"] = {"class_type": "ParityCapture", "inputs": {"images": ["decode", 0]}}
     checked = validate_prompt(prompt, engine.registry, engine.env)
     assert checked.ok, (checked.error, checked.node_errors)

@@ -29,6 +29,8 @@ def ancestral_step(
     sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigma_down, sigma_up): where to step deterministically and how much fresh noise to add."""
+    if not eta:
+        return sigma_to, sigma_to * 0.0
     sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
     sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
     return sigma_down, sigma_up
@@ -57,20 +59,27 @@ def sample_euler(
 
 
 def sample_euler_ancestral(
-    model: Model, x: torch.Tensor, sigmas: torch.Tensor, seed: int | None, callback: Callback
+    model: Model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    seed: int | None,
+    callback: Callback,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
 ) -> torch.Tensor:
-    """sample_euler_ancestral (eta = 1, s_noise = 1)."""
+    """sample_euler_ancestral (KSampler: eta = 1, s_noise = 1; SamplerEulerAncestral sets them)."""
     noise = default_noise_sampler(x, seed)
     s_in = _ones(x)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
-        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1])
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         _notify(callback, i, denoised, x)
         if sigma_down == 0:
             x = denoised
         else:
             d = to_d(x, sigmas[i], denoised)
-            x = x + d * (sigma_down - sigmas[i]) + noise(sigmas[i], sigmas[i + 1]) * 1.0 * sigma_up
+            x = x + d * (sigma_down - sigmas[i]) + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
 
 
@@ -176,9 +185,15 @@ def lms_coefficient(order: int, t: list[float], i: int, j: int) -> float:
 
 
 def sample_lms(
-    model: Model, x: torch.Tensor, sigmas: torch.Tensor, seed: int | None, callback: Callback
+    model: Model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    seed: int | None,
+    callback: Callback,
+    *,
+    order: int = 4,
 ) -> torch.Tensor:
-    """sample_lms (order 4): linear multistep on the stored derivatives."""
+    """sample_lms (KSampler: order 4; SamplerLMS sets it): linear multistep on the stored derivatives."""
     s_in = _ones(x)
     # numpy float32 values, as k-diffusion passes sigmas.cpu().numpy() to quad
     sigmas_np = sigmas.detach().cpu().numpy()
@@ -186,27 +201,34 @@ def sample_lms(
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
         ds.append(to_d(x, sigmas[i], denoised))
-        if len(ds) > 4:
+        if len(ds) > order:
             ds.pop(0)
         _notify(callback, i, denoised, x)
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            order = min(i + 1, 4)
-            coeffs = [lms_coefficient(order, sigmas_np, i, j) for j in range(order)]  # type: ignore[arg-type]
+            cur = min(i + 1, order)
+            coeffs = [lms_coefficient(cur, sigmas_np, i, j) for j in range(cur)]  # type: ignore[arg-type]
             x = x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=False))
     return x
 
 
 def sample_dpmpp_2s_ancestral(
-    model: Model, x: torch.Tensor, sigmas: torch.Tensor, seed: int | None, callback: Callback
+    model: Model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    seed: int | None,
+    callback: Callback,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
 ) -> torch.Tensor:
-    """sample_dpmpp_2s_ancestral (eta = 1)."""
+    """sample_dpmpp_2s_ancestral (KSampler: eta = 1, s_noise = 1)."""
     noise = default_noise_sampler(x, seed)
     s_in = _ones(x)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
-        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1])
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         _notify(callback, i, denoised, x)
         if sigma_down == 0:
             x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
@@ -218,7 +240,7 @@ def sample_dpmpp_2s_ancestral(
             denoised_2 = model(x_2, s.neg().exp() * s_in)
             x = (t_next.neg().exp() / t.neg().exp()) * x - (-h).expm1() * denoised_2
         if sigmas[i + 1] > 0:
-            x = x + noise(sigmas[i], sigmas[i + 1]) * 1.0 * sigma_up
+            x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
 
 

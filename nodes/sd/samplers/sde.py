@@ -14,14 +14,23 @@ from nodes.sd.samplers.k_diffusion import Callback, Model, _notify, _ones, ances
 
 
 def sample_dpmpp_sde(
-    model: Model, x: torch.Tensor, sigmas: torch.Tensor, seed: int | None, callback: Callback
+    model: Model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    seed: int | None,
+    callback: Callback,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    r: float = 0.5,
 ) -> torch.Tensor:
-    """sample_dpmpp_sde (eta = 1, r = 1/2): two model calls per step, noise from a Brownian tree."""
+    """sample_dpmpp_sde (KSampler: eta = 1, s_noise = 1, r = 1/2): two model calls per step, noise
+    from a Brownian tree."""
     if len(sigmas) <= 1:
         return x
     noise = brownian_noise_sampler(x, sigmas, seed)
     s_in = _ones(x)
-    r, fac = 0.5, 1.0
+    fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
         _notify(callback, i, denoised, x)
@@ -36,29 +45,35 @@ def sample_dpmpp_sde(
         alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
         alpha_t = sigmas[i + 1] * lambda_t.exp()
         # 1. step to the midpoint (in lambda), with ancestral noise
-        sd, su = ancestral_step(lambda_s.neg().exp(), lambda_s_1.neg().exp())
+        sd, su = ancestral_step(lambda_s.neg().exp(), lambda_s_1.neg().exp(), eta)
         h_ = sd.log().neg() - lambda_s
         x_2 = (alpha_s_1 / alpha_s) * (-h_).exp() * x - alpha_s_1 * (-h_).expm1() * denoised
-        x_2 = x_2 + alpha_s_1 * noise(sigmas[i], sigma_s_1) * 1.0 * su
+        x_2 = x_2 + alpha_s_1 * noise(sigmas[i], sigma_s_1) * s_noise * su
         denoised_2 = model(x_2, sigma_s_1 * s_in)
         # 2. full step using the midpoint prediction
-        sd, su = ancestral_step(lambda_s.neg().exp(), lambda_t.neg().exp())
+        sd, su = ancestral_step(lambda_s.neg().exp(), lambda_t.neg().exp(), eta)
         h_ = sd.log().neg() - lambda_s
         denoised_d = (1 - fac) * denoised + fac * denoised_2
         x = (alpha_t / alpha_s) * (-h_).exp() * x - alpha_t * (-h_).expm1() * denoised_d
-        x = x + alpha_t * noise(sigmas[i], sigmas[i + 1]) * 1.0 * su
+        x = x + alpha_t * noise(sigmas[i], sigmas[i + 1]) * s_noise * su
     return x
 
 
 def _dpmpp_multistep_sde(
-    model: Model, x: torch.Tensor, sigmas: torch.Tensor, seed: int | None, callback: Callback, solver: str
+    model: Model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    seed: int | None,
+    callback: Callback,
+    solver: str,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
 ) -> torch.Tensor:
-    """sample_dpmpp_2m_sde (solver "midpoint" / "heun") and sample_dpmpp_3m_sde (solver "3m"), eta = 1."""
+    """sample_dpmpp_2m_sde (solver "midpoint" / "heun") and sample_dpmpp_3m_sde (solver "3m")."""
     if len(sigmas) <= 1:
         return x
     noise = brownian_noise_sampler(x, sigmas, seed)
     s_in = _ones(x)
-    eta = 1.0
     denoised_1: torch.Tensor | None = None
     denoised_2: torch.Tensor | None = None
     h: torch.Tensor | None = None
@@ -76,8 +91,9 @@ def _dpmpp_multistep_sde(
             alpha_t = sigmas[i + 1] * lambda_t.exp()
             x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
             x = _history_correction(x, solver, denoised, denoised_1, denoised_2, h, h_1, h_2, h_eta, alpha_t)
-            noise_scale = sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * 1.0
-            x = x + noise(sigmas[i], sigmas[i + 1]) * noise_scale
+            if eta > 0 and s_noise > 0:
+                noise_scale = sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+                x = x + noise(sigmas[i], sigmas[i + 1]) * noise_scale
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
     return x
@@ -116,21 +132,42 @@ def _history_correction(
 
 
 def sample_dpmpp_2m_sde(
-    model: Model, x: torch.Tensor, sigmas: torch.Tensor, seed: int | None, callback: Callback
+    model: Model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    seed: int | None,
+    callback: Callback,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
 ) -> torch.Tensor:
     """sample_dpmpp_2m_sde, midpoint solver."""
-    return _dpmpp_multistep_sde(model, x, sigmas, seed, callback, "midpoint")
+    return _dpmpp_multistep_sde(model, x, sigmas, seed, callback, "midpoint", eta, s_noise)
 
 
 def sample_dpmpp_2m_sde_heun(
-    model: Model, x: torch.Tensor, sigmas: torch.Tensor, seed: int | None, callback: Callback
+    model: Model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    seed: int | None,
+    callback: Callback,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
 ) -> torch.Tensor:
     """sample_dpmpp_2m_sde_heun: the Heun solver variant."""
-    return _dpmpp_multistep_sde(model, x, sigmas, seed, callback, "heun")
+    return _dpmpp_multistep_sde(model, x, sigmas, seed, callback, "heun", eta, s_noise)
 
 
 def sample_dpmpp_3m_sde(
-    model: Model, x: torch.Tensor, sigmas: torch.Tensor, seed: int | None, callback: Callback
+    model: Model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    seed: int | None,
+    callback: Callback,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
 ) -> torch.Tensor:
     """sample_dpmpp_3m_sde: third order from two earlier predictions."""
-    return _dpmpp_multistep_sde(model, x, sigmas, seed, callback, "3m")
+    return _dpmpp_multistep_sde(model, x, sigmas, seed, callback, "3m", eta, s_noise)

@@ -1,0 +1,162 @@
+"""Guiders: what a sampler's model call predicts, from which conditioning (the GUIDER socket).
+
+Sources: comfy/samplers.py `CFGGuider` and comfy_extras/nodes_custom_sampler.py `Guider_Basic`,
+`Guider_DualCFG`. A guide is a value (conditioning and scales); `denoiser(...)` builds the
+callable the sampler uses, once the UNet, its device and the latent are known.
+
+* `CFGGuide`: KSampler's guidance, `uncond + (cond − uncond)·cfg`.
+* `BasicGuide`: the positive only (cfg 1, no uncond pass).
+* `DualCFGGuide`: three sides run in ComfyUI's order [negative, middle, positive];
+  regular: `cfg(middle, negative, cfg2) + (positive − middle)·cfg1` (with ComfyUI's cfg-1
+  shortcuts: cfg2 ≈ 1 drops the negative pass, and cfg1 ≈ 1 too drops the middle one);
+  nested: `negative + cfg2·(cfg(positive, middle, cfg1) − negative)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from nodes.sd.cond_entries import cond_entries, prepare_sides
+from nodes.sd.guidance import CFGDenoiser, ConcatFor
+from nodes.sd.model_sampling import ModelSampling
+
+
+def on_device(conditioning: Any, device: torch.device) -> Any:
+    """CONDITIONING with its embeddings on `device` (options, masks included, are moved later)."""
+    if device.type == "cpu" or not isinstance(conditioning, (list, tuple)):
+        return conditioning
+    return [
+        [item[0].to(device), *item[1:]]
+        if isinstance(item, (list, tuple)) and item and isinstance(item[0], torch.Tensor)
+        else item
+        for item in conditioning
+    ]
+
+
+class Guide(Protocol):
+    """A GUIDER value: builds the sampler's denoiser for one UNet."""
+
+    def denoiser(
+        self,
+        unet: Any,
+        sampling: ModelSampling,
+        device: torch.device,
+        keep_uncond: bool,
+        concat_for: ConcatFor | None,
+    ) -> CFGDenoiser:
+        """The denoiser (x, sigma) -> guided x0 prediction."""
+
+
+def _width(unet: Any) -> int | None:
+    return getattr(getattr(unet, "config", None), "cross_attention_dim", None)
+
+
+@dataclass(frozen=True)
+class CFGGuide:
+    """CFGGuider: positive and negative conditioning mixed with one cfg scale."""
+
+    positive: Any
+    negative: Any
+    cfg: float
+
+    def denoiser(
+        self,
+        unet: Any,
+        sampling: ModelSampling,
+        device: torch.device,
+        keep_uncond: bool,
+        concat_for: ConcatFor | None,
+    ) -> CFGDenoiser:
+        width, schedule = _width(unet), sampling.schedule
+        return CFGDenoiser(
+            unet,
+            schedule,
+            cond_entries(on_device(self.positive, device), schedule, "positive", width),
+            cond_entries(on_device(self.negative, device), schedule, "negative", width),
+            self.cfg,
+            keep_uncond=keep_uncond,
+            concat_for=concat_for,
+            sampling=sampling,
+        )
+
+
+@dataclass(frozen=True)
+class BasicGuide:
+    """Guider_Basic: the conditioning alone, as a cfg-1 CFGGuider without a negative."""
+
+    conditioning: Any
+
+    def denoiser(
+        self,
+        unet: Any,
+        sampling: ModelSampling,
+        device: torch.device,
+        keep_uncond: bool,
+        concat_for: ConcatFor | None,
+    ) -> CFGDenoiser:
+        schedule = sampling.schedule
+        entries = cond_entries(on_device(self.conditioning, device), schedule, "conditioning", _width(unet))
+        return CFGDenoiser(
+            unet, schedule, entries, [], 1.0, keep_uncond=False, concat_for=concat_for, sampling=sampling
+        )
+
+
+class _DualDenoiser(CFGDenoiser):
+    """Guider_DualCFG.predict_noise."""
+
+    def __init__(self, middle: list[Any], cfg2: float, nested: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.middle, self.cfg2, self.nested = middle, cfg2, nested
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        positive, negative = self.sides_for(x.shape[2], x.shape[3], x.device, x.shape[0])
+        middle = prepare_sides(self.middle, [], x.shape[2], x.shape[3], x.device)[0]
+        cfg1, cfg2 = self.cfg, self.cfg2
+        if self.nested:
+            neg, mid, pos = self.predict(x, sigma, [negative, middle, positive])
+            text = mid + (pos - mid) * cfg1
+            return neg + cfg2 * (text - neg)
+        if math.isclose(cfg2, 1.0):  # ComfyUI's cfg-1 optimisation: skip passes that cancel out
+            negative = []
+            if math.isclose(cfg1, 1.0):
+                middle = []
+        neg, mid, pos = self.predict(x, sigma, [negative, middle, positive])
+        return neg + (mid - neg) * cfg2 + (pos - mid) * cfg1
+
+
+@dataclass(frozen=True)
+class DualCFGGuide:
+    """Guider_DualCFG: two positive prompts and a negative, with two scales."""
+
+    cond1: Any
+    cond2: Any
+    negative: Any
+    cfg_conds: float
+    cfg_cond2_negative: float
+    nested: bool
+
+    def denoiser(
+        self,
+        unet: Any,
+        sampling: ModelSampling,
+        device: torch.device,
+        keep_uncond: bool,
+        concat_for: ConcatFor | None,
+    ) -> CFGDenoiser:
+        width, schedule = _width(unet), sampling.schedule
+        return _DualDenoiser(
+            [e for e in cond_entries(on_device(self.cond2, device), schedule, "cond2", width)],
+            self.cfg_cond2_negative,
+            self.nested,
+            unet=unet,
+            schedule=schedule,
+            positive=cond_entries(on_device(self.cond1, device), schedule, "cond1", width),
+            negative=cond_entries(on_device(self.negative, device), schedule, "negative", width),
+            cfg=self.cfg_conds,
+            concat_for=concat_for,
+            sampling=sampling,
+        )
