@@ -21,6 +21,7 @@ def all_nodes() -> list[type[Node]]:
         latent_transform,
         loaders,
         lora,
+        merge,
         model_advanced,
         outpaint,
         sampling,
@@ -33,6 +34,7 @@ def all_nodes() -> list[type[Node]]:
     modules = (
         loaders,
         lora,
+        merge,
         conditioning,
         conditioning_combine,
         conditioning_area,

@@ -214,16 +214,38 @@ def _backup(weight: torch.Tensor) -> torch.Tensor:
     return weight.to("cpu", copy=True)
 
 
+def _updates(ref: Any, module: Any, target: Target) -> dict[str, Update]:
+    """A patch's updates per parameter: a LoRA file's (decoded, cached) or a merge's."""
+    if hasattr(ref, "updates"):  # nodes.sd.merge.MergeRef: model2's weights, read when applied
+        found: dict[str, Update] = ref.updates(module, target)
+        return found
+    return decoded(ref.path, ref.stamp, module, target).updates
+
+
 def _wanted(
     module: Any, loras: Sequence[LoraRef], target: Target
 ) -> dict[str, list[tuple[Update, float, Any]]]:
     wanted: dict[str, list[tuple[Update, float, Any]]] = {}
     for ref in loras:
-        dec = decoded(ref.path, ref.stamp, module, target)
         ident = (str(ref.path), ref.stamp, ref.strength)
-        for name, update in dec.updates.items():
+        for name, update in _updates(ref, module, target).items():
             wanted.setdefault(name, []).append((update, ref.strength, ident))
     return wanted
+
+
+def base_weight(module: Any, name: str) -> torch.Tensor:
+    """Parameter `name` of `module` as loaded, whatever stack its weights hold now."""
+    state = _STATES.get(module)
+    if state is not None and name in state.backups:
+        return state.backups[name]
+    return dict(module.named_parameters())[name].detach()
+
+
+def patch_list(
+    module: Any, loras: Sequence[LoraRef], target: Target, name: str
+) -> list[tuple[Update, float]]:
+    """The updates a stack makes to one parameter, in order (a merge reads model2's weight so)."""
+    return [(u, s) for u, s, _ in _wanted(module, loras, target).get(name, [])]
 
 
 def _restore_all(state: _State) -> None:
@@ -275,6 +297,8 @@ def _branch(state: _State, module: Any, active: list[LoraRef], stack: _Sig) -> b
     """Express a strength change of the fused LoRAs as runtime branches; False when it cannot be."""
     if not state.fused or [f[:2] for f in state.fused] != [s[:2] for s in stack]:
         return False  # not the same files in the same order: an add, a removal or a swap
+    if any(hasattr(ref, "updates") for ref in active):
+        return False  # a merge scales the weights: a LoRA's change is no longer a plain sum
     terms: dict[str, list[tuple[LowRank, float]]] = {}
     for ref, (_, _, old) in zip(active, state.fused, strict=True):
         if ref.strength == old:

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_sampling_nodes import FakeContext, cond, ksampler, latent, model  # noqa: F401 - fixture
+from diffusers import UNet2DConditionModel
+from test_sampling_nodes import WIDTH, FakeContext, cond, ksampler, latent
 
 from nodegraph.env import Environment
 from nodegraph.folders import Folders
@@ -17,6 +18,23 @@ from nodes import custom_sampling as cs
 from nodes import sigmas as sn
 from nodes.sd.handles import ModelHandle
 from nodes.sd.schedules import sd15_schedule
+
+
+@pytest.fixture(scope="module")
+def model() -> ModelHandle:
+    """test_sampling_nodes' tiny random UNet (2 levels, 32/64 channels)."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=WIDTH,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
+    return ModelHandle(unet=unet, source="tiny", family="sd15")
 
 
 @pytest.fixture
