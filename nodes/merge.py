@@ -41,7 +41,8 @@ def merge_model(node: str, model1: Any, model2: Any, **kw: Any) -> ModelHandle:
     """model1 with a merge patch from model2 (kw: `constant` or `ratios`, see MergeRef)."""
     _check_models(model1, model2)
     ref = MergeRef(model2.unet, tuple(model2.loras), "unet", f"{node}({model2.source})", **kw)
-    return replace(model1, loras=model1.loras + (ref,))
+    merged: ModelHandle = replace(model1, loras=model1.loras + (ref,))
+    return merged
 
 
 def merge_clip(node: str, clip1: Any, clip2: Any, strength_patch: float, strength_model: float) -> ClipHandle:
@@ -53,7 +54,8 @@ def merge_clip(node: str, clip1: Any, clip2: Any, strength_patch: float, strengt
         raise ValueError(f"clip2: {clip2.source} is a {clip2.family} text encoder; clip1 is {clip1.family}")
     constant = (strength_patch, strength_model)
     ref = MergeRef(clip2.text_encoder, tuple(clip2.loras), "te", f"{node}({clip2.source})", constant=constant)
-    return replace(clip1, loras=clip1.loras + (ref,))
+    merged: ClipHandle = replace(clip1, loras=clip1.loras + (ref,))
+    return merged
 
 
 class ModelMergeSimple(Node):

@@ -22,11 +22,13 @@ import itertools
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from nodes.sd.lora.ldm_export import UNET_PREFIX, ExportError, unet_key
+
+Target = Literal["unet", "te"]
 
 # CLIPMerge* skip these keys (ComfyUI: "position_ids" and "logit_scale" are not merged)
 CLIP_SKIPPED = (".position_ids", ".logit_scale")
@@ -79,7 +81,7 @@ class MergeRef:
 
     other: Any  # model2's module
     other_patches: tuple[Any, ...]  # model2's own LoRAs / merges, applied to W2 first
-    target: str  # "unet" or "te"
+    target: Target
     name: str  # for messages, e.g. "ModelMergeSimple(mini_sd15_seed1.safetensors)"
     constant: tuple[float, float] | None = None  # (strength_patch, strength_model)
     ratios: tuple[tuple[str, float], ...] = ()
@@ -111,7 +113,7 @@ class MergeRef:
                 ratio, longest = value, len(prefix)
         return 1.0 - ratio, ratio
 
-    def updates(self, module: Any, target: str) -> dict[str, MergeUpdate]:
+    def updates(self, module: Any, target: Target) -> dict[str, MergeUpdate]:
         """The patch of each parameter of `module` that model2 has with the same shape."""
         theirs = dict(self.other.named_parameters())
         out: dict[str, MergeUpdate] = {}

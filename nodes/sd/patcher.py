@@ -238,7 +238,8 @@ def base_weight(module: Any, name: str) -> torch.Tensor:
     state = _STATES.get(module)
     if state is not None and name in state.backups:
         return state.backups[name]
-    return dict(module.named_parameters())[name].detach()
+    param: torch.Tensor = dict(module.named_parameters())[name]
+    return param.detach()
 
 
 def patch_list(
