@@ -8,7 +8,10 @@ count without decoding pixels, so each image is refused before decoding when one
 
 from __future__ import annotations
 
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # Pillow is imported where an image is read, not with the package
+    from PIL import Image as PILImage
 
 # 8192 x 8192: bigger than any SD resolution; as float32 RGB 805 MB.
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -20,7 +23,7 @@ class ImageBudgetError(ValueError):
     """An image declares more pixels than the budget; the message names it and the limit."""
 
 
-def open_checked(source: str | Any | IO[bytes], name: str, *, frames: bool = True) -> Any:
+def open_checked(source: str | Any | IO[bytes], name: str, *, frames: bool = True) -> PILImage.Image:
     """The opened (not decoded) PIL image, after checking its declared size against the budget.
 
     Args:
@@ -50,7 +53,7 @@ def open_checked(source: str | Any | IO[bytes], name: str, *, frames: bool = Tru
     return img
 
 
-def check_budget(img: Any, name: str, *, frames: bool = True) -> None:
+def check_budget(img: PILImage.Image, name: str, *, frames: bool = True) -> None:
     """Raise ImageBudgetError if `img` (opened, not decoded) is over the pixel budget."""
     width, height = img.size
     if width * height > MAX_IMAGE_PIXELS:
