@@ -6,12 +6,16 @@ Latents travel unscaled (the LATENT value is what the VAE's encoder gives; the s
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 
 from nodes.sd.checkpoint import PixelSpaceVae
-from nodes.sd.device import where
+from nodes.sd.device import place, where
+
+# VAEs whose half-precision decode gave NaN/inf once (SDXL's VAE overflows in fp16): decoded in fp32 since.
+_UPCAST: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 class VaeInputError(ValueError):
@@ -30,15 +34,28 @@ def decode(vae: Any, latent: torch.Tensor) -> torch.Tensor:
             f"the VAE needs a latent of shape [B, {channels}, h, w], got {list(latent.shape)}"
         )
     parts = []
-    device, dtype = where(vae)
+    if vae in _UPCAST:
+        place(vae, where(vae)[0], torch.float32)
     with torch.inference_mode():
         for z in latent.to(torch.float32).split(_batch_chunk(latent.shape[2] * latent.shape[3])):
-            z = z.to(device, dtype)
-            if getattr(vae, "post_quant_conv", None) is not None:
-                z = vae.post_quant_conv(z)
-            x = vae.decoder(z)
+            x = _decode_chunk(vae, z)
+            if where(vae)[1] in (torch.float16, torch.bfloat16) and not torch.isfinite(x).all():
+                # ComfyUI's fallback: a half-precision decode that overflowed is redone in fp32 (and the
+                # VAE stays fp32 for later decodes), never returned as NaN pixels.
+                _UPCAST.add(vae)
+                place(vae, where(vae)[0], torch.float32)
+                x = _decode_chunk(vae, z)
             parts.append(torch.clamp((x.cpu().float() + 1.0) / 2.0, min=0.0, max=1.0))
     return torch.cat(parts).movedim(1, -1).contiguous().clone()
+
+
+def _decode_chunk(vae: Any, z: torch.Tensor) -> torch.Tensor:
+    device, dtype = where(vae)
+    z = z.to(device, dtype)
+    if getattr(vae, "post_quant_conv", None) is not None:
+        z = vae.post_quant_conv(z)
+    out: torch.Tensor = vae.decoder(z)
+    return out
 
 
 def _batch_chunk(latent_pixels: int) -> int:
