@@ -52,11 +52,13 @@ _JOB_COLUMNS = {
     "duration": "INTEGER",
     "workflow_id": "TEXT",
 }
+# Covering indexes: a listing reads only index pages, never the rows (whose entries are large).
 _JOB_INDEXES = """
-CREATE INDEX IF NOT EXISTS history_created ON history (create_time, seq);
-CREATE INDEX IF NOT EXISTS history_status ON history (status, create_time, seq);
+CREATE INDEX IF NOT EXISTS history_jobs_created ON history (status, create_time, prompt_id, workflow_id);
+CREATE INDEX IF NOT EXISTS history_jobs_duration ON history (status, duration, prompt_id, workflow_id);
 """
-SORT_COLUMNS = {"created_at": "COALESCE(create_time, 0)", "execution_duration": "COALESCE(duration, 0)"}
+# Plain columns (an expression would keep SQLite from reading them in index order); NULL sorts as 0.
+SORT_COLUMNS = {"created_at": "create_time", "execution_duration": "duration"}
 
 
 @dataclass(frozen=True)
@@ -352,7 +354,7 @@ class PromptStore:
         )
         with self._cond:
             rows = self._db.execute(query, (*args, -1 if limit is None else limit)).fetchall()
-        return [(int(k), int(seq), str(pid)) for k, seq, pid in rows]
+        return [(int(k or 0), int(seq), str(pid)) for k, seq, pid in rows]
 
     def job_count(self, statuses: Iterable[str], workflow_id: str | None) -> int:
         where, args = self._job_filter(statuses, workflow_id)
