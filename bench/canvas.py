@@ -124,7 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         ["Run to image, demo model 128x128 8 steps, first run (loads the models)", f"{first:.1f} s"],
         ["Run to image, same graph again (models loaded, new seed)", f"{second:.1f} s"],
     ]  # fmt: skip
-    lines = ["`python -m bench.canvas` — headless chromium, server in a child process, frontend 1.27.10", ""]
+    from nodegraph.server.frontend import FRONTEND_VERSION
+
+    head = "`python -m bench.canvas` — headless chromium, server in a child process, frontend"
+    lines = [f"{head} {FRONTEND_VERSION}", ""]
     lines += table(["measure", "value"], rows)
     print("\n".join(lines))
     if not args.no_record:
