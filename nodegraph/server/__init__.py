@@ -9,6 +9,12 @@ Where things are:
     routes_files.py  /view, /upload/image, /upload/mask
     routes_info.py   /object_info, /models, /embeddings, /system_stats, /features, /extensions ...
     routes_user.py   /settings, /userdata, /v2/userdata, /users
+    routes_jobs.py   /api/jobs (list, detail, cancel) over jobs.py's records; /global_subgraphs,
+                     /node_replacements, /models/download (refused: offline)
+    a1111.py         A1111 requests -> ComfyUI graphs (names, hires, LoRA tags), infotext
+    routes_a1111.py  /sdapi/v1 options, models, loras, samplers, progress, interrupt, png-info
+    routes_images.py /sdapi/v1/txt2img, /sdapi/v1/img2img, OpenAI /v1/images/generations
+    api_auth.py      --api-auth: HTTP Basic on the A1111/OpenAI routes
     queue.py         the SQLite queue and history (survive a restart)
     worker.py        the executor thread: one prompt at a time, history, /free
     messages.py      execution events -> ComfyUI websocket messages and binary previews
