@@ -1,10 +1,13 @@
 """The output cache: node outputs keyed by an input signature, bounded by entries and by bytes.
 
 A node's signature is a digest of its class, its fingerprint (ComfyUI's IS_CHANGED), its constant
-inputs and the signatures of the nodes its links come from. Node ids are not part of it, so the
-same subgraph in another workflow (or under other ids) hits the cache; a changed widget changes
-the signature of that node and of everything downstream, and nothing else. Non-idempotent nodes
-and nodes that read their own id add the id, so they are never shared between nodes.
+inputs and the keys of the outputs its links read. An output's key is its node's signature, or,
+when the output declares `depends_on`, a digest of only those inputs: LoraLoader's CLIP output
+keeps its key when `strength_model` changes, so the text encoders downstream stay cached. Node
+ids are not part of either, so the same subgraph in another workflow (or under other ids) hits
+the cache; a changed widget changes that node and what depends on the outputs it changes, and
+nothing else. Non-idempotent nodes and nodes that read their own id add the id, so they are
+never shared between nodes.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 from nodegraph.env import Environment
-from nodegraph.node import Hidden, Node
+from nodegraph.node import Hidden, Node, Output
+from nodegraph.prompt_graph import PromptGraph, PromptNode
 from nodegraph.types import UNIQUE_ID
 from nodegraph.validate import call_with_constants
 
@@ -155,12 +159,12 @@ def _class_flags(cls: type[Node]) -> tuple[bool, bool]:
     return flags
 
 
-def fingerprint_of(cls: type[Node], env: Environment, node_id: str, inputs: dict[str, Any]) -> str:
+def fingerprint_of(cls: type[Node], env: Environment, node_id: str, constants: Mapping[str, Any]) -> str:
     """The node's fingerprint as text; NaN or a failing fingerprint gives a one-off value (always re-run)."""
     if not _class_flags(cls)[1]:
         return ""
     try:
-        value = call_with_constants(cls.fingerprint, env, inputs)
+        value = call_with_constants(cls.fingerprint, env, constants)
     except Exception:  # ComfyUI treats a failing IS_CHANGED as "changed"; the node itself will report
         log.warning("fingerprint of node %s (%s) failed; it will run", node_id, cls.NODE_ID, exc_info=True)
         return uuid.uuid4().hex
@@ -169,30 +173,63 @@ def fingerprint_of(cls: type[Node], env: Environment, node_id: str, inputs: dict
     return repr(value)
 
 
-def node_signatures(
-    prompt: dict[str, Any], order: Iterable[str], classes: Mapping[str, type[Node]], env: Environment
-) -> dict[str, str]:
-    """The signature of every node in `order` (which lists sources before their consumers).
+@dataclass(frozen=True)
+class NodeKeys:
+    """A node's cache keys: `node` finds its own cache entry, `outputs[i]` is what a consumer of
+    output i puts in its signature (`node` and the slot, unless the output declares `depends_on`)."""
+
+    node: str
+    outputs: tuple[str, ...]
+
+
+def _digest(parts: list[Any]) -> str:
+    text = json.dumps(parts, sort_keys=True, default=repr)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def node_keys(graph: PromptGraph, env: Environment) -> dict[str, NodeKeys]:
+    """The cache keys of every node in `graph.order` (sources before their consumers).
 
     Args:
-        prompt: the validated API prompt.
-        order: node ids in topological order.
-        classes: node id -> node class.
+        graph: the parsed prompt (`Validation.graph`).
         env: passed to the nodes' fingerprints.
     """
-    signatures: dict[str, str] = {}
-    for node_id in order:
-        cls = classes[node_id]
-        inputs: dict[str, Any] = prompt[node_id]["inputs"]
-        parts: list[Any] = [cls.NODE_ID, fingerprint_of(cls, env, node_id, inputs)]
+    keys: dict[str, NodeKeys] = {}
+    for node_id in graph.order:
+        node = graph.nodes[node_id]
+        cls = node.cls
+        own: list[Any] = [cls.NODE_ID, fingerprint_of(cls, env, node_id, node.constants)]
         if cls.NOT_IDEMPOTENT or _class_flags(cls)[0]:
-            parts.append(node_id)
-        for name in sorted(inputs):
-            value = inputs[name]
-            if isinstance(value, list) and len(value) == 2 and value[0] in signatures:
-                parts.append([name, "link", signatures[value[0]], value[1]])
-            else:
-                parts.append([name, value])
-        text = json.dumps(parts, sort_keys=True, default=repr)
-        signatures[node_id] = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-    return signatures
+            own.append(node_id)
+        values: dict[str, Any] = dict(node.constants)
+        for name, link in node.links.items():
+            values[name] = ["link", keys[link.source].outputs[link.slot]]
+        signature = _digest([*own, *([name, values[name]] for name in sorted(values))])
+        outputs = tuple(
+            f"{signature}/{slot}"
+            if out.depends_on is None
+            else _digest([*own, "output", slot, *_parts(out, node, values)])
+            for slot, out in enumerate(cls.OUTPUTS)
+        )
+        keys[node_id] = NodeKeys(signature, outputs)
+    return keys
+
+
+def _parts(out: Output, node: PromptNode, values: Mapping[str, Any]) -> list[Any]:
+    """The key parts of one output with `depends_on`: each input it names, or f(value) for (name, f)."""
+    parts: list[Any] = []
+    for entry in out.depends_on or ():
+        name, derive = (entry, None) if isinstance(entry, str) else entry
+        value = values.get(name)
+        if derive is not None and name in node.constants:
+            try:
+                value = ["derived", derive(value)]
+            except Exception:  # a derivation that fails counts the whole value: never a wrong hit
+                log.warning("depends_on of %s.%s failed", node.cls.NODE_ID, name, exc_info=True)
+        parts.append([name, value])
+    return parts
+
+
+def node_signatures(graph: PromptGraph, env: Environment) -> dict[str, str]:
+    """The signature of every node of `graph` (the key of its own cache entry)."""
+    return {node_id: keys.node for node_id, keys in node_keys(graph, env).items()}

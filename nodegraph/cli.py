@@ -172,11 +172,26 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def node_package() -> Any:
+    """The `nodes` package's entry API (all_nodes, routes, warm_up, device_problem, ...).
+
+    The CLI is the composition root: this is the one arrow from `nodegraph` into `nodes`
+    (`tests/engine/test_layers.py`). Imported by name, when a command needs it, because it imports
+    torch (and so that `mypy --strict` on the engine does not follow it).
+    """
+    return importlib.import_module("nodes")
+
+
 def _engine(args: argparse.Namespace, *, with_nodes: bool = True) -> Engine:
     if with_nodes:
         _check_device(args)
     try:
-        return build_engine(settings_from(args), None if with_nodes else ())
+        if not with_nodes:
+            return build_engine(settings_from(args), ())
+        package = node_package()
+        return build_engine(
+            settings_from(args), package.all_nodes(), routes=package.routes, warm_up=package.warm_up
+        )
     except ValueError as exc:  # an unreadable extra_model_paths.yaml
         raise CliError(str(exc)) from exc
     except ImportError as exc:
@@ -191,13 +206,12 @@ def _check_device(args: argparse.Namespace) -> None:
     if (device, precision) == ("auto", "auto"):
         return
     try:
-        module = importlib.import_module("nodes.sd.device")
+        package = node_package()
     except ImportError:
-        return  # the node packages' own import error is reported by build_engine
-    try:
-        module.make_placement(device, precision)
-    except module.DeviceError as exc:
-        raise CliError(str(exc)) from exc
+        return  # the node packages' own import error is reported when the engine is built
+    problem = package.device_problem(device, precision)
+    if problem is not None:
+        raise CliError(problem)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,12 +239,13 @@ def _run_one(engine: Engine, path: Path, overrides: list[str], verbose: bool) ->
     problems = describe_validation(checked, loaded.prompt)
     if problems:
         raise CliError(f"{path} is not valid:\n" + "\n".join(f"  {line}" for line in problems))
+    assert checked.graph is not None  # no problems: some output is valid
     extra = {"extra_pnginfo": {"workflow": loaded.workflow}} if loaded.workflow is not None else {}
     reporter = Reporter(verbose)
     started = time.perf_counter()
     try:
         outcome = engine.executor.execute(
-            checked.prompt, path.name, reporter, extra_data=extra, outputs=checked.outputs
+            checked.graph, path.name, reporter, extra_data=extra, outputs=checked.outputs
         )
     finally:
         reporter.close()
@@ -331,9 +346,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     engine = _engine(args, with_nodes=False)
     try:
-        write_demo_models = importlib.import_module("nodes.demo").write_demo_models
+        write_demo_models = node_package().write_demo_models
     except ModuleNotFoundError as exc:
-        raise _missing("nodes.demo", exc, "the demo model writer") from exc
+        raise _missing("nodes", exc, "the demo model writer") from exc
     checkpoints = engine.env.folders.list("checkpoints")
     if args.if_no_checkpoint and checkpoints and not args.force:
         print(f"nodegraph demo: {len(checkpoints)} checkpoint(s) present, demo models not written")
@@ -345,10 +360,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_lora_info(args: argparse.Namespace) -> int:
     engine = _engine(args, with_nodes=False)
     try:
-        lora_info_main = importlib.import_module("nodes.lora_info").main
+        lora_info = node_package().lora_info
     except ModuleNotFoundError as exc:
-        raise _missing("nodes.lora_info", exc, "lora-info") from exc
-    return int(lora_info_main(args.files, engine.env.folders, args.json))
+        raise _missing("nodes", exc, "lora-info") from exc
+    return int(lora_info(args.files, engine.env.folders, args.json))
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,9 +387,9 @@ def _cmd_train_lora(args: argparse.Namespace) -> int:
         )
     _check_device(args)
     try:
-        written = cli_train.train_lora(args, _engine(args, with_nodes=False))
+        written = cli_train.train_lora(args, _engine(args, with_nodes=False), node_package().training())
     except ModuleNotFoundError as exc:
-        raise _missing("nodes.train.run", exc, "train-lora") from exc
+        raise _missing("nodes.train", exc, "train-lora") from exc
     for path in written:
         print(path)
     return 0

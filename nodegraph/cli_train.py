@@ -1,12 +1,12 @@
 """`nodegraph train-lora`: its flags (kohya's names, nodegraph's older ones), a config file, progress bars.
 
-The training itself is `nodes/train/`, imported only when the command runs (torch).
+The training itself is `nodes/train/`, reached through the `nodes` package's entry API
+(`nodes.training()`) only when the command runs (torch).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,15 +41,16 @@ def resolved(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def train_lora(args: argparse.Namespace, engine: Engine) -> list[Path]:
+def train_lora(args: argparse.Namespace, engine: Engine, training: tuple[Any, Any]) -> list[Path]:
     """Train as the flags say; returns the files written. Bad input raises CliError.
 
-    Raises:
-        ModuleNotFoundError: the training package is missing (the caller names it).
+    Args:
+        args: the parsed flags.
+        engine: for its folders.
+        training: the trainer's modules (`run`, `request`) from the `nodes` package's entry API.
     """
     values = resolved(args)
-    run = importlib.import_module("nodes.train.run")  # torch: only when the command runs
-    request_mod = importlib.import_module("nodes.train.request")
+    run, request_mod = training  # torch: imported by the `nodes` entry API only when the command runs
     try:
         request = request_mod.from_values(values, device=args.device)
     except train_config.ConfigError as exc:

@@ -1,12 +1,12 @@
 """Settings and the engine they build: folders -> environment -> registry -> executor, in that order.
 
-`build_engine` is the one place an engine is assembled; the CLI and the server both call it.
-The node modules (which import torch) are imported here, inside the function, never at import.
+`build_engine` is the one place an engine is assembled. It takes the node classes from its caller:
+the composition root (`nodegraph.cli`, for `run`, `serve` ...) gets them from the `nodes` package,
+tests pass stubs. The engine itself never imports `nodes` (`tests/engine/test_layers.py`).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -84,13 +84,20 @@ def build_folders(settings: Settings) -> Folders:
     return folders
 
 
-def build_engine(settings: Settings, nodes: Iterable[type[Node]] | None = None) -> Engine:
-    """Assemble an engine from settings.
+def build_engine(
+    settings: Settings,
+    nodes: Iterable[type[Node]],
+    *,
+    routes: Callable[[Environment], Iterable[Any]] | None = None,
+    warm_up: Callable[[], None] | None = None,
+) -> Engine:
+    """Assemble an engine from settings and node classes.
 
     Args:
         settings: directories, flags and cache bounds.
-        nodes: the node classes; default every node nodegraph ships (`nodes.all_nodes()`) together
-            with their HTTP routes (`nodes.routes(env)`). Given explicitly, no extra routes are added.
+        nodes: the node classes (`nodes.all_nodes()` for every node nodegraph ships).
+        routes: extra HTTP routes the node package serves, made from the environment.
+        warm_up: imports the node package's heavy libraries (the server runs it before listening).
     """
     folders = build_folders(settings)
     env = Environment(
@@ -100,30 +107,7 @@ def build_engine(settings: Settings, nodes: Iterable[type[Node]] | None = None) 
         device=settings.device,
         precision=settings.precision,
     )
-    routes: list[Any] = []
-    warm_up: Callable[[], None] | None = None
-    if nodes is None:
-        # imports torch: only now, never when nodegraph is imported (and not followed by mypy --strict)
-        package = importlib.import_module("nodes")
-        nodes = package.all_nodes()
-        routes = _extra_routes(env)
-        warm_up = getattr(package, "warm_up", None)
     registry = Registry(nodes)
     executor = Executor(registry, env, max_entries=settings.cache_entries, max_bytes=settings.cache_bytes)
-    return Engine(settings, env, registry, executor, routes, warm_up)
-
-
-def _extra_routes(env: Environment) -> list[Any]:
-    """HTTP routes the node packages add (`nodes.routes(env)`), when that hook exists."""
-    try:
-        package = importlib.import_module("nodes")
-    except ImportError:
-        return []
-    hook = getattr(package, "routes", None)
-    if hook is None:
-        return []
-    try:
-        return list(hook(env))
-    except ImportError as exc:  # the canvas extension's module is not written yet
-        log.info("no extra routes: %s", exc)
-        return []
+    extra = list(routes(env)) if routes is not None else []
+    return Engine(settings, env, registry, executor, extra, warm_up)

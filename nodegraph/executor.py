@@ -2,7 +2,8 @@
 
 One prompt at a time, from one worker thread. The flow of `execute`:
 
-1. The nodes the requested outputs depend on, and their signatures (`cache.node_signatures`).
+1. The parsed prompt (`Validation.graph`: nodes, links, dependency graph, order) and every node's
+   signature (`cache.node_signatures`).
 2. Nodes whose signature is cached are done; walking back from the outputs, only uncached nodes
    (and their uncached ancestors) are scheduled.
 3. Scheduled nodes run in topological order (networkx), output nodes first among the ready ones,
@@ -39,9 +40,10 @@ from nodegraph.events import (
     Progress,
 )
 from nodegraph.node import Hidden, Interrupted, Node, Preview, Result, preview_method_for
+from nodegraph.prompt_graph import PromptGraph, parse_node
 from nodegraph.registry import Registry
 from nodegraph.types import EXTRA_PNGINFO, PROMPT, UNIQUE_ID
-from nodegraph.validate import dependency_graph, qualified_name
+from nodegraph.validate import qualified_name
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +134,7 @@ class Executor:
 
     def execute(
         self,
-        prompt: dict[str, Any],
+        prompt: PromptGraph | Mapping[str, Any],
         prompt_id: str,
         emit: Emit,
         *,
@@ -142,18 +144,20 @@ class Executor:
         """Run a validated prompt.
 
         Args:
-            prompt: the coerced prompt from `validate_prompt`.
+            prompt: `Validation.graph`; or a prompt validated earlier as ComfyUI's dict (one read
+                back from the queue), which is parsed here.
             prompt_id: reported in every event.
             emit: receives the events, on this thread.
             extra_data: the request's extra data; `extra_pnginfo` feeds EXTRA_PNGINFO inputs.
-            outputs: the output node ids to run (validation's `outputs`); default all output nodes.
+            outputs: the output node ids to run (validation's `outputs`); default the graph's
+                targets, or every output node of a dict.
         """
         with self._state_lock:
             self._running = prompt_id
             self._interrupt.clear()
         try:
-            run = _PromptRun(self, prompt, prompt_id, emit, extra_data or {})
-            return run.execute(outputs)
+            run = _PromptRun(self, prompt_id, emit, extra_data or {})
+            return run.execute(prompt, outputs)
         finally:
             with self._state_lock:
                 self._running = None
@@ -176,53 +180,54 @@ class Executor:
 class _PromptRun:
     """The state of one `Executor.execute` call."""
 
-    def __init__(
-        self,
-        executor: Executor,
-        prompt: dict[str, Any],
-        prompt_id: str,
-        emit: Emit,
-        extra_data: dict[str, Any],
-    ) -> None:
+    def __init__(self, executor: Executor, prompt_id: str, emit: Emit, extra_data: dict[str, Any]) -> None:
         self.ex = executor
-        self.prompt = prompt
         self.prompt_id = prompt_id
         self.emit = emit
         self.extra_data = extra_data
         self.preview_method = preview_method_for(extra_data, executor.env.preview_method)
         self.entries: dict[str, CacheEntry] = {}
         self.outcome = Outcome("success")
+        self.graph: PromptGraph | None = None
 
-    def execute(self, outputs: Sequence[str] | None) -> Outcome:
+    def execute(self, prompt: PromptGraph | Mapping[str, Any], outputs: Sequence[str] | None) -> Outcome:
         self.emit(ExecutionStart(self.prompt_id))
-        classes = {nid: self._class_of(nid) for nid in self.prompt}
-        wanted = outputs if outputs is not None else [n for n, c in classes.items() if c.OUTPUT_NODE]
-        targets = [o for o in wanted if o in self.prompt]
-        graph = dependency_graph(self.prompt, targets)
         try:
-            order = self._ordered(graph, targets)
+            graph = self._graph(prompt, outputs)
         except nx.NetworkXUnfeasible:
-            cycle = _CycleError("the prompt's links form a cycle")
-            return self._fail(targets[0], classes[targets[0]], cycle, {})
-        self.ex.forget_instances_except({(n, classes[n].NODE_ID) for n in self.prompt})
-        signatures = node_signatures(self.prompt, order, classes, self.ex.env)
+            assert isinstance(prompt, Mapping)
+            parsed = {nid: parse_node(nid, node, self.ex.registry) for nid, node in prompt.items()}
+            first = next(n for n in (outputs or parsed) if n in parsed)
+            return self._fail(first, parsed[first].cls, _CycleError("the prompt's links form a cycle"), {})
+        self.graph = graph
+        self.ex.forget_instances_except({(n, node.cls.NODE_ID) for n, node in graph.nodes.items()})
+        signatures = node_signatures(graph, self.ex.env)
         self.ex.cache.pin(signatures.values())
-        for node_id in order:
+        for node_id in graph.order:
             entry = self.ex.cache.get(signatures[node_id])
             if entry is not None:
                 self.entries[node_id] = entry
-        self._report_cached(targets)
-        needed = self._needed(graph, targets)
-        # a cold run needs every node: the order computed above already is the schedule
-        schedule = order if len(needed) == len(order) else self._ordered(graph.subgraph(needed), targets)
+        self._report_cached(graph)
+        needed = self._needed(graph)
+        # a cold run needs every node: the order computed at validation already is the schedule
+        schedule = graph.order if len(needed) == len(graph.order) else graph.schedule(needed)
         for node_id in schedule:
-            if not self._run_node(node_id, classes[node_id], signatures[node_id]):
+            if not self._run_node(node_id, graph.nodes[node_id].cls, signatures[node_id]):
                 return self.outcome
         self.emit(ExecutionSuccess(self.prompt_id))
         return self.outcome
 
-    def _report_cached(self, targets: list[str]) -> None:
-        self.outcome.cached = [n for n in self.prompt if n in self.entries]
+    def _graph(self, prompt: PromptGraph | Mapping[str, Any], outputs: Sequence[str] | None) -> PromptGraph:
+        """The parsed prompt for these outputs (a dict is parsed here: the queue's wire format)."""
+        if not isinstance(prompt, PromptGraph):
+            return PromptGraph.parse(prompt, self.ex.registry, outputs)
+        if outputs is None or list(outputs) == list(prompt.targets):
+            return prompt
+        return prompt.restricted(outputs)
+
+    def _report_cached(self, graph: PromptGraph) -> None:
+        targets = graph.targets
+        self.outcome.cached = [n for n in graph.nodes if n in self.entries]
         self.emit(ExecutionCached(self.prompt_id, tuple(self.outcome.cached)))
         for node_id in self.outcome.cached:
             ui = self.entries[node_id].ui
@@ -231,18 +236,11 @@ class _PromptRun:
                 if node_id in targets:  # cached outputs are shown again, not re-run
                     self.emit(Executed(self.prompt_id, node_id, ui))
 
-    def _class_of(self, node_id: str) -> type[Node]:
-        cls = self.ex.registry.get(self.prompt[node_id]["class_type"])
-        if cls is None:
-            raise KeyError(
-                f"node {node_id}: unknown class_type {self.prompt[node_id]['class_type']!r}; validate first"
-            )
-        return cls
-
-    def _needed(self, graph: nx.DiGraph, targets: list[str]) -> set[str]:
+    def _needed(self, prompt: PromptGraph) -> set[str]:
         """The uncached nodes the targets need: walking back from them, stopping at cached nodes."""
+        graph = prompt.graph
         needed: set[str] = set()
-        stack = [t for t in targets if t not in self.entries]
+        stack = [t for t in prompt.targets if t not in self.entries]
         while stack:
             node_id = stack.pop()
             if node_id in needed:
@@ -250,20 +248,6 @@ class _PromptRun:
             needed.add(node_id)
             stack.extend(p for p in graph.predecessors(node_id) if p not in self.entries and p not in needed)
         return needed
-
-    def _ordered(self, graph: nx.DiGraph, targets: list[str]) -> list[str]:
-        """Topological order, output nodes first among the ready ones, then nodes that feed an output
-        (ComfyUI's `ux_friendly_pick_node`), then prompt order."""
-        position = {nid: i for i, nid in enumerate(self.prompt)}
-        target_set = set(targets)
-
-        def rank(node_id: str) -> tuple[int, int]:
-            if node_id in target_set:
-                return (0, position[node_id])
-            feeds_output = any(s in target_set for s in graph.successors(node_id))
-            return (1 if feeds_output else 2, position[node_id])
-
-        return list(nx.lexicographical_topological_sort(graph, key=rank))
 
     def _run_node(self, node_id: str, cls: type[Node], signature: str) -> bool:
         hit = self.ex.cache.get(signature)
@@ -306,21 +290,23 @@ class _PromptRun:
             self.emit(Executed(self.prompt_id, node_id, entry.ui))
 
     def _inputs(self, node_id: str, cls: type[Node]) -> dict[str, Any]:
-        given: dict[str, Any] = self.prompt[node_id]["inputs"]
+        assert self.graph is not None
+        node = self.graph.nodes[node_id]
         kwargs: dict[str, Any] = {}
         for inp in cls.INPUTS:
             if isinstance(inp, Hidden):
                 kwargs[inp.name] = self._hidden(inp.kind, node_id)
-            elif inp.name in given:
-                value = given[inp.name]
-                if isinstance(value, list) and len(value) == 2 and value[0] in self.prompt:
-                    value = self.entries[value[0]].outputs[int(value[1])]
-                kwargs[inp.name] = value
+            elif inp.name in node.links:
+                link = node.links[inp.name]
+                kwargs[inp.name] = self.entries[link.source].outputs[link.slot]
+            elif inp.name in node.constants:
+                kwargs[inp.name] = node.constants[inp.name]
         return kwargs
 
     def _hidden(self, kind: str, node_id: str) -> Any:
         if kind == PROMPT:
-            return self.prompt
+            assert self.graph is not None
+            return self.graph.wire
         if kind == EXTRA_PNGINFO:
             return self.extra_data.get("extra_pnginfo")
         if kind == UNIQUE_ID:

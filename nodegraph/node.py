@@ -21,7 +21,7 @@ missing docstring) raise `NodeDeclarationError` at import.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -53,6 +53,7 @@ __all__ = [
     "Boolean",
     "ChoiceSource",
     "Combo",
+    "Dependency",
     "Float",
     "Hidden",
     "Input",
@@ -79,14 +80,27 @@ class NodeDeclarationError(TypeError):
 # Outputs and results
 
 
+# An entry of `Output.depends_on`: an input name, or (input name, what of its constant value counts).
+Dependency = str | tuple[str, Callable[[Any], Hashable]]
+
+
 @dataclass(frozen=True)
 class Output:
-    """One output socket."""
+    """One output socket.
+
+    `depends_on` names the inputs this output's value is made from, when that is fewer than all of
+    them: a consumer's cache key is then made of those inputs only, so changing another input re-runs
+    this node but not that consumer (LoraLoader's CLIP output does not depend on `strength_model`).
+    An entry `(name, f)` counts only `f(value)` of a constant input (the part of a prompt's LoRA
+    tags that touches the text encoder). None means every input; the node's fingerprint, class and
+    (for nodes that read their id) id always count.
+    """
 
     type: SocketType
     name: str | None = None
     is_list: bool = False
     tooltip: str | None = None
+    depends_on: tuple[Dependency, ...] | None = None
 
     @property
     def display_name(self) -> str:
@@ -253,9 +267,25 @@ def _check_declaration(cls: type[Node]) -> None:
     for out in cls.OUTPUTS:
         if not isinstance(out, Output) or not isinstance(out.type, SocketType):
             raise _fail(cls, f"output {out!r} must be Output(SocketType)")
+        _check_depends_on(cls, out)
     if cls.run is Node.run:
         raise _fail(cls, "must define run(self, ctx, ...)")
     _check_run_signature(cls, names)
+
+
+def _check_depends_on(cls: type[Node], out: Output) -> None:
+    if out.depends_on is None:
+        return
+    if not isinstance(out.depends_on, tuple):
+        raise _fail(cls, f"output {out.display_name}: depends_on must be a tuple of input names")
+    inputs = {inp.name: inp for inp in cls.INPUTS}
+    for entry in out.depends_on:
+        name = entry if isinstance(entry, str) else entry[0]
+        inp = inputs.get(name)
+        if inp is None or isinstance(inp, Hidden):
+            raise _fail(cls, f"output {out.display_name} depends on {name!r}, which is not a declared input")
+        if not isinstance(entry, str) and not callable(entry[1]):
+            raise _fail(cls, f"output {out.display_name}: ({name!r}, f) needs a callable f")
 
 
 def _check_input(cls: type[Node], inp: Input) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -19,6 +19,15 @@ import networkx as nx
 
 from nodegraph.env import Environment
 from nodegraph.node import Combo, Float, Hidden, Input, InputValueError, Int, Node, Socket
+from nodegraph.prompt_graph import (
+    WRAPPED,
+    PromptGraph,
+    PromptNode,
+    dependency_graph,
+    is_link,
+    parse_node,
+    unwrap,
+)
 from nodegraph.registry import Registry
 
 BAD_LINK_MESSAGE = "Bad linked input, must be a length-2 list of [node_id, slot_index]"
@@ -26,13 +35,18 @@ BAD_LINK_MESSAGE = "Bad linked input, must be a length-2 list of [node_id, slot_
 
 @dataclass
 class Validation:
-    """The result of `validate_prompt`: the coerced prompt, the outputs that may run, and the errors."""
+    """The result of `validate_prompt`: the coerced prompt, the outputs that may run, and the errors.
+
+    `graph` (when `ok`) is the parsed prompt the executor runs; `prompt` is the same prompt as
+    ComfyUI's dict, for the queue, history and clients.
+    """
 
     ok: bool
     prompt: dict[str, Any]
     outputs: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None
     node_errors: dict[str, Any] = field(default_factory=dict)
+    graph: PromptGraph | None = None
 
 
 def error(kind: str, message: str, details: str = "", **extra: Any) -> dict[str, Any]:
@@ -60,26 +74,20 @@ def validate_prompt(
         return _fail(prompt, problem)
     coerced = {str(k): {**v, "inputs": dict(v.get("inputs") or {})} for k, v in prompt.items()}
     targets = set(partial_targets) if partial_targets is not None else None
+    checker = _Checker(coerced, registry, env)
     outputs = [
         nid
-        for nid, node in coerced.items()
-        if _cls(registry, node).OUTPUT_NODE and (targets is None or nid in targets)
+        for nid, node in checker.nodes.items()
+        if node.cls.OUTPUT_NODE and (targets is None or nid in targets)
     ]
     if not outputs:
         return _fail(coerced, error("prompt_no_outputs", "Prompt has no outputs"))
-    checker = _Checker(coerced, registry, env)
     checker.run(outputs)
     return checker.result(outputs)
 
 
 def _fail(prompt: Any, err: dict[str, Any]) -> Validation:
     return Validation(ok=False, prompt=prompt if isinstance(prompt, dict) else {}, error=err)
-
-
-def _cls(registry: Registry, node: dict[str, Any]) -> type[Node]:
-    cls = registry.get(node["class_type"])
-    assert cls is not None  # _check_classes ran first
-    return cls
 
 
 def _check_classes(prompt: dict[Any, Any], registry: Registry) -> dict[str, Any] | None:
@@ -105,29 +113,6 @@ def _check_classes(prompt: dict[Any, Any], registry: Registry) -> dict[str, Any]
     return None
 
 
-def links_of(node: dict[str, Any]) -> Iterable[tuple[str, Any]]:
-    """(input name, source id) of every well-formed link among a node's inputs."""
-    for name, value in node.get("inputs", {}).items():
-        if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
-            yield name, value[0]
-
-
-def dependency_graph(prompt: dict[str, Any], roots: Iterable[str]) -> nx.DiGraph:
-    """The nodes `roots` depend on, as a DiGraph with an edge source -> consumer for every link."""
-    graph: nx.DiGraph = nx.DiGraph()
-    stack = [r for r in roots if r in prompt]
-    graph.add_nodes_from(stack)
-    while stack:
-        node_id = stack.pop()
-        for _name, source in links_of(prompt[node_id]):
-            if source not in prompt:
-                continue
-            if source not in graph:
-                stack.append(source)
-            graph.add_edge(source, node_id)
-    return graph
-
-
 class _Checker:
     """Validates every node that some output depends on, sources before consumers."""
 
@@ -137,10 +122,13 @@ class _Checker:
         self.env = env
         self.errors: dict[str, list[dict[str, Any]]] = {}
         self.valid: dict[str, bool] = {}
+        # parsed once: links and classes; the constants are replaced by coerced values as nodes pass
+        self.nodes = {nid: parse_node(nid, node, registry) for nid, node in prompt.items()}
+        self.constants = {nid: dict(node.constants) for nid, node in self.nodes.items()}
         self.graph: nx.DiGraph = nx.DiGraph()
 
     def run(self, outputs: list[str]) -> None:
-        self.graph = dependency_graph(self.prompt, outputs)
+        self.graph = dependency_graph(self.nodes, outputs)
         for cycle_nodes in _cycles(self.graph):
             members = sorted(cycle_nodes)
             for node_id in members:
@@ -183,10 +171,20 @@ class _Checker:
         for entry in node_errors.values():
             lines.extend(f"{e['message']}: {e['details']}" for e in entry["errors"])
         if good:
-            return Validation(ok=True, prompt=self.prompt, outputs=good, node_errors=node_errors)
+            graph = self._prompt_graph(good)
+            return Validation(ok=True, prompt=self.prompt, outputs=good, node_errors=node_errors, graph=graph)
         details = "\n".join(lines)
         err = error("prompt_outputs_failed_validation", "Prompt outputs failed validation", details)
         return Validation(ok=False, prompt=self.prompt, error=err, node_errors=node_errors)
+
+    def _prompt_graph(self, good: list[str]) -> PromptGraph:
+        """The runnable part: the valid outputs and their ancestors, on the graph built for the checks."""
+        nodes = {
+            nid: PromptNode(nid, node.cls, self.constants[nid], node.links)
+            for nid, node in self.nodes.items()
+        }
+        keep = set(good).union(*(nx.ancestors(self.graph, o) for o in good))
+        return PromptGraph.build(nodes, good, self.prompt, self.graph.subgraph(keep).copy())
 
     def _guarded_check(self, node_id: str) -> list[dict[str, Any]]:
         try:
@@ -203,9 +201,8 @@ class _Checker:
             ]
 
     def _check_node(self, node_id: str) -> list[dict[str, Any]]:
-        node = self.prompt[node_id]
-        cls = _cls(self.registry, node)
-        inputs: dict[str, Any] = node["inputs"]
+        inputs: dict[str, Any] = self.prompt[node_id]["inputs"]
+        cls = self.nodes[node_id].cls
         custom = custom_checked_inputs(cls)
         errors: list[dict[str, Any]] = []
         for inp in cls.INPUTS:
@@ -223,16 +220,14 @@ class _Checker:
                     )
                 continue
             value = inputs[inp.name]
-            if isinstance(value, dict) and "__value__" in value:  # the frontend wraps list-valued widgets
-                value = inputs[inp.name] = value["__value__"]
-            elif isinstance(value, list):
+            if is_link(value):
                 errors.extend(self._check_link(node_id, inp, value))
                 continue
-            problem = self._coerce(inp, value, inp.name in custom, inputs)
+            problem = self._coerce(node_id, inp, unwrap(value), inp.name in custom)
             if problem is not None:
                 errors.append(problem)
         if not errors:
-            errors.extend(self._custom(node_id, cls, inputs))
+            errors.extend(self._custom(node_id, cls))
         return errors
 
     def _check_link(self, node_id: str, inp: Input, value: list[Any]) -> list[dict[str, Any]]:
@@ -253,7 +248,7 @@ class _Checker:
             ]
         if source not in self.prompt:
             return [_missing_source(inp, config, value)]
-        source_cls = _cls(self.registry, self.prompt[source])
+        source_cls = self.nodes[source].cls
         if isinstance(slot, bool) or not isinstance(slot, (int, float)) or int(slot) != slot:
             return [
                 error(
@@ -282,7 +277,7 @@ class _Checker:
             ]
         return []
 
-    def _coerce(self, inp: Input, value: Any, custom: bool, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    def _coerce(self, node_id: str, inp: Input, value: Any, custom: bool) -> dict[str, Any] | None:
         if isinstance(inp, Socket):
             return error(
                 "invalid_input_type",
@@ -294,7 +289,7 @@ class _Checker:
             )
         checked = _without_bounds(inp) if custom else inp
         try:
-            inputs[inp.name] = checked.coerce(value, self.env)
+            coerced = checked.coerce(value, self.env)
         except InputValueError as exc:
             config = inp.spec(self.env)
             if (
@@ -307,13 +302,16 @@ class _Checker:
             return error(
                 p.type, p.message, p.details, input_name=inp.name, input_config=config, received_value=value
             )
+        self.constants[node_id][inp.name] = coerced
+        # the wire copy keeps a list value wrapped, so nothing downstream reads it as a link
+        self.prompt[node_id]["inputs"][inp.name] = {WRAPPED: coerced} if is_link(coerced) else coerced
         return None
 
-    def _custom(self, node_id: str, cls: type[Node], inputs: dict[str, Any]) -> list[dict[str, Any]]:
+    def _custom(self, node_id: str, cls: type[Node]) -> list[dict[str, Any]]:
         if "check_inputs" not in _overridden(cls):
             return []
         try:
-            message = call_with_constants(cls.check_inputs, self.env, inputs)
+            message = call_with_constants(cls.check_inputs, self.env, self.constants[node_id])
         except Exception as exc:  # a node's own check must not take validation down
             return [
                 error(
@@ -388,10 +386,9 @@ def custom_checked_inputs(cls: type[Node]) -> set[str]:
     return set(names)
 
 
-def call_with_constants(method: Callable[..., Any], env: Environment, inputs: dict[str, Any]) -> Any:
+def call_with_constants(method: Callable[..., Any], env: Environment, constants: Mapping[str, Any]) -> Any:
     """Call `fingerprint` or `check_inputs` with the constant inputs; a linked input it names gets None."""
     names, takes_kwargs = _named_params(method.__func__)  # type: ignore[attr-defined]
-    constants = {k: v for k, v in inputs.items() if not isinstance(v, list)}
     kwargs = {n: constants.get(n) for n in names}
     if takes_kwargs:
         kwargs.update(constants)

@@ -1,8 +1,18 @@
-"""Every node nodegraph offers, listed explicitly: each module below exports `NODES`."""
+"""Every node nodegraph offers, listed explicitly (each module below exports `NODES`), and the entry
+API the composition root uses (`nodegraph.cli`: run, serve, demo, lora-info, train-lora).
+
+The CLI reaches `nodes` through this module only (`tests/engine/test_layers.py` allows exactly
+that arrow); each function imports its torch-side module when called, never at import.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
 from nodegraph.env import Environment
+from nodegraph.folders import Folders
 from nodegraph.node import Node
 
 
@@ -72,3 +82,35 @@ def warm_up() -> None:
     from transformers import CLIPTextModel  # noqa: F401
 
     from nodes.sd import checkpoint, convert  # noqa: F401
+
+
+def device_problem(device: str, precision: str) -> str | None:
+    """Why this device and precision cannot be had here (a startup error), or None."""
+    from nodes.sd.device import DeviceError, make_placement
+
+    try:
+        make_placement(device, precision)
+    except DeviceError as exc:
+        return str(exc)
+    return None
+
+
+def write_demo_models(folders: Folders, force: bool = False) -> list[Path]:
+    """Write the small demo checkpoint, LoRAs and input image into the models folders."""
+    from nodes.demo import write_demo_models as write
+
+    return write(folders, force=force)
+
+
+def lora_info(files: Sequence[str], folders: Folders, as_json: bool) -> int:
+    """`nodegraph lora-info`: describe LoRA files; returns the exit status."""
+    from nodes.lora_info import main
+
+    return int(main(files, folders, as_json))
+
+
+def training() -> tuple[ModuleType, ModuleType]:
+    """The LoRA trainer's modules (`nodes.train.run`, `nodes.train.request`) for `nodegraph train-lora`."""
+    from nodes.train import request, run
+
+    return run, request

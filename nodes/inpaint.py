@@ -155,10 +155,11 @@ class InpaintModelConditioning(Node):
             "Might improve results or completely break things depending on the model.",
         ),
     )
+    # noise_mask touches the latent only; each prompt is its own conditioning plus the masked image
     OUTPUTS = (
-        Output(CONDITIONING, "positive"),
-        Output(CONDITIONING, "negative"),
-        Output(LATENT, "latent"),
+        Output(CONDITIONING, "positive", depends_on=("positive", "vae", "pixels", "mask")),
+        Output(CONDITIONING, "negative", depends_on=("negative", "vae", "pixels", "mask")),
+        Output(LATENT, "latent", depends_on=("vae", "pixels", "mask", "noise_mask")),
     )
 
     def run(

@@ -66,10 +66,15 @@ class CheckpointLoaderSimple(Node):
     INPUTS = (
         Combo("ckpt_name", choices=checkpoint_names, tooltip="The name of the checkpoint (model) to load."),
     )
+    # The MODEL, CLIP and VAE of one file: each depends on that file (and its stamp) alone.
     OUTPUTS = (
-        Output(MODEL, tooltip="The model used for denoising latents."),
-        Output(CLIP, tooltip="The CLIP model used for encoding text prompts."),
-        Output(VAE, tooltip="The VAE model used for encoding and decoding images to and from latent space."),
+        Output(MODEL, tooltip="The model used for denoising latents.", depends_on=("ckpt_name",)),
+        Output(CLIP, tooltip="The CLIP model used for encoding text prompts.", depends_on=("ckpt_name",)),
+        Output(
+            VAE,
+            tooltip="The VAE model used for encoding and decoding images to and from latent space.",
+            depends_on=("ckpt_name",),
+        ),
     )
 
     @classmethod

@@ -19,13 +19,18 @@ from nodes.loaders import file_fingerprint
 from nodes.sd.handles import ClipHandle, LoraRef, ModelHandle, VaeHandle
 from nodes.sd.lora.coverage import Coverage, check, coverage
 from nodes.sd.lora.loader import decoded, file_stamp, read_lora
-from nodes.sd.lora.tags import LoraTag, parse_tags, resolve_tag
+from nodes.sd.lora.tags import LoraTag, find_tag, parse_tags
 from nodes.sd.patcher import te_targets
 
 
 def lora_names(env: Environment) -> Sequence[str]:
     """The files in the `loras` folder (the LoRA combo's choices)."""
     return env.folders.list("loras")
+
+
+def resolve_tag(env: Environment, tag: LoraTag) -> Path:
+    """The file a prompt tag names in the `loras` folder; ValueError naming the tag when none fits."""
+    return env.folders.resolve("loras", find_tag(env.folders.list("loras"), tag))
 
 
 def load_lora(
@@ -82,9 +87,15 @@ class LoraLoader(Node):
         ),
         _strength("strength_clip", "How strongly to modify the CLIP model. This value can be negative."),
     )
+    # Each output is made from its own side only: a strength_model change re-runs the sampler
+    # chain and leaves every CLIPTextEncode downstream cached (ComfyUI re-encodes both prompts).
     OUTPUTS = (
-        Output(MODEL, tooltip="The modified diffusion model."),
-        Output(CLIP, tooltip="The modified CLIP model."),
+        Output(
+            MODEL,
+            tooltip="The modified diffusion model.",
+            depends_on=("model", "lora_name", "strength_model"),
+        ),
+        Output(CLIP, tooltip="The modified CLIP model.", depends_on=("clip", "lora_name", "strength_clip")),
     )
 
     def run(
@@ -149,7 +160,13 @@ class LoraTagLoader(Node):
             tooltip="A prompt with <lora:name:weight> or <lora:name:te_weight:unet_weight> tags.",
         ),
     )
-    OUTPUTS = (Output(MODEL), Output(CLIP), Output(STRING, name="text"))
+    # The MODEL is made from the tags' UNet weights, the CLIP from their text-encoder weights, the
+    # text from the text alone: editing the prose or one side's weight re-runs only what reads it.
+    OUTPUTS = (
+        Output(MODEL, depends_on=("model", ("text", lambda text: _tag_weights(text, "unet")))),
+        Output(CLIP, depends_on=("clip", ("text", lambda text: _tag_weights(text, "te")))),
+        Output(STRING, name="text", depends_on=(("text", lambda text: _tag_weights(text, "prose")),)),
+    )
 
     def run(
         self, ctx: RunContext, model: ModelHandle, clip: ClipHandle, text: str
@@ -158,7 +175,7 @@ class LoraTagLoader(Node):
         for tag in tags:
             if tag.unet_weight == 0 and tag.te_weight == 0:
                 continue
-            path = resolve_tag(ctx.env.folders, tag)
+            path = resolve_tag(ctx.env, tag)
             new_model, new_clip, _ = load_lora(
                 ctx, model, clip, path, tag.name, (tag.unet_weight, tag.te_weight)
             )
@@ -184,15 +201,29 @@ class LoraTagLoader(Node):
             return None
         try:
             for tag in parse_tags(text)[0]:
-                resolve_tag(env.folders, tag)
+                resolve_tag(env, tag)
         except ValueError as exc:
             return str(exc)
         return None
 
 
+def _tag_weights(text: str, side: str) -> Hashable:
+    """What of a tagged prompt one output is made from: for "unet" or "te", (name, weight) of each
+    tag that changes that side, in order; for "prose", the text without its tags. The whole text
+    when a tag does not parse (the node reports it)."""
+    try:
+        tags, prose = parse_tags(text)
+    except ValueError:
+        return text
+    if side == "prose":
+        return prose
+    weights = ((tag.name, tag.unet_weight if side == "unet" else tag.te_weight) for tag in tags)
+    return tuple((name, weight) for name, weight in weights if weight != 0)
+
+
 def _tag_stamp(env: Environment, tag: LoraTag) -> Hashable:
     try:
-        return file_stamp(resolve_tag(env.folders, tag))
+        return file_stamp(resolve_tag(env, tag))
     except (OSError, ValueError):
         return None
 

@@ -48,7 +48,8 @@ class ImagePadForOutpaint(Node):
         Int("bottom", 0, min=0, max=MAX_RESOLUTION, step=8),
         Int("feathering", 40, min=0, max=MAX_RESOLUTION, step=1),
     )
-    OUTPUTS = (Output(IMAGE), Output(MASK))
+    # feathering shapes the mask only
+    OUTPUTS = (Output(IMAGE, depends_on=("image", "left", "top", "right", "bottom")), Output(MASK))
 
     def run(
         self,

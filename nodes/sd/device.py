@@ -1,6 +1,7 @@
 """Where the models compute, and in which precision: ComfyUI's defaults for SD1.x.
 
-`placement(env)` turns the engine's `device` and `precision` settings into a `Placement`:
+`placement(settings)` turns the engine's `device` and `precision` settings (any value with those
+two attributes, such as the engine's environment) into a `Placement`:
 
 * device "auto": the first CUDA GPU when torch has one, else Apple's MPS, else the CPU; or a name
   ("cpu", "cuda", "cuda:1", "mps"). A GPU asked for but missing is a clear error.
@@ -18,13 +19,23 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _LOCK = threading.Lock()
+
+
+class DeviceSettings(Protocol):
+    """What placement reads: the device and precision names the user set."""
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def precision(self) -> str: ...
 
 
 class DeviceError(RuntimeError):
@@ -81,11 +92,18 @@ def make_placement(device_name: str = "auto", precision: str = "auto") -> Placem
     return Placement(device, dtype, dtype, torch.float32 if precision != "bf16" else torch.bfloat16)
 
 
-def placement(env: Any) -> Placement:
-    """The engine's placement (an environment service, resolved once)."""
-    found: Placement = env.service(
-        Placement, lambda e: make_placement(getattr(e, "device", "auto"), getattr(e, "precision", "auto"))
-    )
+_PLACEMENTS: dict[tuple[str, str], Placement] = {}
+
+
+def placement(settings: DeviceSettings) -> Placement:
+    """The placement for these settings, resolved once per (device, precision) in this process."""
+    key = (settings.device, settings.precision)
+    with _LOCK:
+        found = _PLACEMENTS.get(key)
+    if found is None:
+        found = make_placement(*key)
+        with _LOCK:
+            _PLACEMENTS[key] = found
     return found
 
 
@@ -114,7 +132,7 @@ def where(module: Any) -> tuple[torch.device, torch.dtype]:
     return first.device, first.dtype
 
 
-def on_device(env: Any, module: Any, part: str) -> Any:
-    """`module` placed where the engine's placement puts its `part` ("unet", "text_encoder", "vae")."""
-    where_to = placement(env)
+def on_device(settings: DeviceSettings, module: Any, part: str) -> Any:
+    """`module` placed where the settings' placement puts its `part` ("unet", "text_encoder", "vae")."""
+    where_to = placement(settings)
     return place(module, where_to.device, getattr(where_to, part))

@@ -209,6 +209,40 @@ class SaveText(Node):
         return Result((), {"texts": [{"filename": name, "subfolder": "", "type": "output"}]})
 
 
+def _first_word(text: Any) -> str:
+    return str(text).split(" ")[0]
+
+
+class Pair(Node):
+    """Two numbers from one node, each made from its own widget (a LoraLoader in miniature)."""
+
+    INPUTS = (
+        Socket("x", socket_type=NUMBER),
+        Float("a", 1.0, min=-10.0, max=10.0),
+        Float("b", 1.0, min=-10.0, max=10.0),
+        String("note", "left right"),
+    )
+    OUTPUTS = (
+        Output(NUMBER, name="left", depends_on=("x", "a", ("note", _first_word))),
+        Output(NUMBER, name="right", depends_on=("x", "b")),
+    )
+    RUNS = [0]
+
+    def run(self, ctx: RunContext, x: float, a: float, b: float, note: str) -> tuple[float, float]:
+        Pair.RUNS[0] += 1
+        return (x * a + len(_first_word(note)), x * b)
+
+
+class PlainPair(Node):
+    """Two numbers from one node, without dependency declarations (every output depends on every input)."""
+
+    INPUTS = (Socket("x", socket_type=NUMBER), Float("a", 1.0), Float("b", 1.0))
+    OUTPUTS = (Output(NUMBER, name="left"), Output(NUMBER, name="right"))
+
+    def run(self, ctx: RunContext, x: float, a: float, b: float) -> tuple[float, float]:
+        return (x * a, x * b)
+
+
 STUBS: tuple[type[Node], ...] = (
     Source,
     Add,
@@ -224,6 +258,8 @@ STUBS: tuple[type[Node], ...] = (
     SaveText,
     Broken,
     Ratio,
+    Pair,
+    PlainPair,
 )
 
 
@@ -243,4 +279,19 @@ def chain_prompt() -> dict[str, Any]:
         "3": {"class_type": "Show", "inputs": {"x": ["2", 0]}},
         "4": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": ["2", 0]}},
         "5": {"class_type": "Show", "inputs": {"x": ["4", 0]}},
+    }
+
+
+def pair_prompt(kind: str = "Pair") -> dict[str, Any]:
+    """src(1) -> pair(2); left -> scale(3) -> show(4); right -> scale(5) -> show(6)."""
+    pair_inputs: dict[str, Any] = {"x": ["1", 0], "a": 2.0, "b": 3.0}
+    if kind == "Pair":
+        pair_inputs["note"] = "left right"
+    return {
+        "1": {"class_type": "Source", "inputs": {"value": 3, "mode": "a"}},
+        "2": {"class_type": kind, "inputs": pair_inputs},
+        "3": {"class_type": "Scale", "inputs": {"x": ["2", 0], "factor": 1.0}},
+        "4": {"class_type": "Show", "inputs": {"x": ["3", 0]}},
+        "5": {"class_type": "Scale", "inputs": {"x": ["2", 1], "factor": 1.0}},
+        "6": {"class_type": "Show", "inputs": {"x": ["5", 0]}},
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,10 +16,12 @@ from nodegraph import engine as engine_module
 
 @pytest.fixture(autouse=True)
 def stub_engine(monkeypatch: pytest.MonkeyPatch) -> None:
-    def build(settings: engine_module.Settings, nodes: Any = None) -> engine_module.Engine:
+    def build(settings: engine_module.Settings, nodes: Any = None, **_: Any) -> engine_module.Engine:
         return engine_module.build_engine(settings, STUBS)
 
+    package = SimpleNamespace(all_nodes=lambda: STUBS, routes=None, warm_up=None)
     monkeypatch.setattr(cli, "build_engine", build)
+    monkeypatch.setattr(cli, "node_package", lambda: package)
 
 
 def workflow(tmp_path: Path, name: str = "wf.json", **changes: Any) -> Path:

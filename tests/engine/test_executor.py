@@ -33,7 +33,7 @@ def executor(tmp_path: Path) -> Executor:
 def run(executor: Executor, prompt: dict[str, Any], rec: Recorder | None = None, **kw: Any) -> Outcome:
     checked = validate_prompt(prompt, executor.registry, executor.env)
     assert checked.ok, checked.node_errors
-    return executor.execute(checked.prompt, "p1", rec or Recorder(), outputs=checked.outputs, **kw)
+    return executor.execute(checked.graph or checked.prompt, "p1", rec or Recorder(), **kw)
 
 
 def test_runs_outputs_and_ancestors_with_results(executor: Executor) -> None:

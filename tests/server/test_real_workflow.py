@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from nodegraph.engine import Settings, build_engine
+from nodes import all_nodes
 from tests.server.live import LiveServer
 from tests.server.test_live_client import run_like_a_script
 
@@ -37,7 +38,7 @@ def test_script_runs_real_txt2img_and_reruns_only_what_changed(tmp_path: Path, m
     checkpoints = tmp_path / "models" / "checkpoints"
     checkpoints.mkdir(parents=True)
     os.symlink(mini_checkpoint, checkpoints / "mini.safetensors")
-    with LiveServer(build_engine(Settings(base_directory=tmp_path, port=0))) as server:
+    with LiveServer(build_engine(Settings(base_directory=tmp_path, port=0), all_nodes())) as server:
         _, messages, images = run_like_a_script(server.address, basic_txt2img(seed=1))
         assert [m for m in messages if m["type"] == "execution_success"], messages
         assert len(images) == 1 and images[0][:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,16 +1,16 @@
 """A1111/Civitai prompt tags: `<lora:name:weight>`, `<lora:name:te_weight:unet_weight>`, `te=`/`unet=`.
 
-Parsing is torch-free. Tag names resolve in the `loras` folder with or without an extension, in
-subfolders by file name, and case-insensitively as a last resort, as A1111 users expect.
+Parsing is torch-free and engine-free. A tag's name is found among the `loras` folder's names with
+or without an extension, in subfolders by file name, and case-insensitively as a last resort, as
+A1111 users expect (`find_tag`); the node resolves the name to a file.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-
-from nodegraph.folders import Folders
+from pathlib import PurePosixPath
 
 _TAG = re.compile(r"<(lora|lyco):([^:>]+)((?::[^:>]*)*)>", re.IGNORECASE)
 _EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin", ".pth", ".sft")
@@ -62,15 +62,19 @@ def parse_tags(text: str) -> tuple[list[LoraTag], str]:
     return tags, cleaned.strip().strip(",").strip()
 
 
-def resolve_tag(folders: Folders, tag: LoraTag) -> Path:
-    """The file a tag names; raises ValueError naming the tag when there is none."""
-    names = folders.list("loras")
+def find_tag(names: Sequence[str], tag: LoraTag) -> str:
+    """The name among `names` (the loras folder's files) that a tag means.
+
+    Raises:
+        ValueError: naming the tag, when no name fits.
+    """
+    names = list(names)
     want = tag.name.replace("\\", "/")
     candidates = [want] + [want + ext for ext in _EXTENSIONS]
     for rule in (_exact, _by_file_name, _casefold):
         found = rule(names, candidates)
         if found is not None:
-            return folders.resolve("loras", found)
+            return found
     raise ValueError(
         f"LoRA tag {tag.text}: no LoRA named '{tag.name}' in the loras folder; "
         "put the file there or fix the name in the prompt"
