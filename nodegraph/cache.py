@@ -16,15 +16,14 @@ import hashlib
 import json
 import logging
 import math
-import threading
 import uuid
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 from nodegraph.env import Environment
-from nodegraph.node import Hidden, Node, Output
+from nodegraph.node import FileChoice, Hidden, ImageUpload, Node, Output
+from nodegraph.primitives import LruCache
 from nodegraph.prompt_graph import PromptGraph, PromptNode
 from nodegraph.types import UNIQUE_ID
 from nodegraph.validate import call_with_constants
@@ -43,7 +42,7 @@ class CacheEntry:
     nbytes: int
 
 
-class OutputCache:
+class OutputCache(LruCache[str, CacheEntry]):
     """An LRU map from signature to `CacheEntry`, bounded by entry count and estimated bytes.
 
     Entries pinned for the running prompt are never evicted, so a node found cached when the
@@ -51,71 +50,7 @@ class OutputCache:
     """
 
     def __init__(self, max_entries: int, max_bytes: int) -> None:
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
-        self._pinned: frozenset[str] = frozenset()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, signature: object) -> bool:
-        return signature in self._entries
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    def get(self, signature: str) -> CacheEntry | None:
-        with self._lock:
-            entry = self._entries.get(signature)
-            if entry is not None:
-                self._entries.move_to_end(signature)
-            return entry
-
-    def put(self, signature: str, entry: CacheEntry) -> None:
-        with self._lock:
-            old = self._entries.pop(signature, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            self._entries[signature] = entry
-            self._bytes += entry.nbytes
-            self._evict()
-
-    def pin(self, signatures: Iterable[str]) -> None:
-        """Protect these entries from eviction (replaces the previous pin set)."""
-        with self._lock:
-            self._pinned = frozenset(signatures)
-
-    def unpin(self) -> None:
-        with self._lock:
-            self._pinned = frozenset()
-            self._evict()
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-
-    def _evict(self) -> None:
-        extra_entries = len(self._entries) - self.max_entries
-        extra_bytes = self._bytes - self.max_bytes
-        if extra_entries <= 0 and extra_bytes <= 0:
-            return
-        victims: list[str] = []
-        # Oldest first, stopping as soon as the bounds hold: usually one step per put.
-        for signature, entry in self._entries.items():
-            if extra_entries <= 0 and extra_bytes <= 0:
-                break
-            if signature in self._pinned:
-                continue
-            victims.append(signature)
-            extra_entries -= 1
-            extra_bytes -= entry.nbytes
-        for signature in victims:
-            self._bytes -= self._entries.pop(signature).nbytes
+        super().__init__(max_entries, max_bytes, size=lambda entry: entry.nbytes)
 
 
 def estimate_nbytes(value: Any, depth: int = 0, seen: set[int] | None = None) -> int:
@@ -155,16 +90,30 @@ def _class_flags(cls: type[Node]) -> tuple[bool, bool]:
     if flags is None:
         own_id = any(isinstance(inp, Hidden) and inp.kind == UNIQUE_ID for inp in cls.INPUTS)
         fingerprinted = cls.fingerprint.__func__ is not Node.fingerprint.__func__  # type: ignore[attr-defined]
-        flags = _CLASS_FLAGS[cls] = (own_id, fingerprinted)
+        flags = _CLASS_FLAGS[cls] = (own_id, fingerprinted or bool(file_inputs(cls)))
     return flags
 
 
+def file_inputs(cls: type[Node]) -> list[FileChoice | ImageUpload]:
+    """The node's file-backed inputs: the engine fingerprints and checks those itself."""
+    return [inp for inp in cls.INPUTS if isinstance(inp, (FileChoice, ImageUpload))]
+
+
+def _fingerprint(cls: type[Node], env: Environment, constants: Mapping[str, Any]) -> Any:
+    files = tuple(inp.fingerprint(env, constants.get(inp.name)) for inp in file_inputs(cls))
+    if cls.fingerprint.__func__ is Node.fingerprint.__func__:  # type: ignore[attr-defined]
+        return files
+    own = call_with_constants(cls.fingerprint, env, constants)
+    return (files, own) if files else own
+
+
 def fingerprint_of(cls: type[Node], env: Environment, node_id: str, constants: Mapping[str, Any]) -> str:
-    """The node's fingerprint as text; NaN or a failing fingerprint gives a one-off value (always re-run)."""
+    """The node's fingerprint as text: its file inputs' stamps and its own `fingerprint`. NaN or a
+    failing fingerprint gives a one-off value (always re-run)."""
     if not _class_flags(cls)[1]:
         return ""
     try:
-        value = call_with_constants(cls.fingerprint, env, constants)
+        value = _fingerprint(cls, env, constants)
     except Exception:  # ComfyUI treats a failing IS_CHANGED as "changed"; the node itself will report
         log.warning("fingerprint of node %s (%s) failed; it will run", node_id, cls.NODE_ID, exc_info=True)
         return uuid.uuid4().hex

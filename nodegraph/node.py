@@ -25,7 +25,9 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-# The input kinds live in inputs.py; they are re-exported here so a node module imports one place.
+# The input kinds live in inputs.py and file_inputs.py; they are re-exported here so a node module
+# imports one place.
+from nodegraph.file_inputs import FileChoice, ImageUpload
 from nodegraph.inputs import (
     Boolean,
     ChoiceSource,
@@ -54,8 +56,10 @@ __all__ = [
     "ChoiceSource",
     "Combo",
     "Dependency",
+    "FileChoice",
     "Float",
     "Hidden",
+    "ImageUpload",
     "Input",
     "InputProblem",
     "InputValueError",
@@ -290,7 +294,11 @@ def _check_depends_on(cls: type[Node], out: Output) -> None:
 
 def _check_input(cls: type[Node], inp: Input) -> None:
     if not isinstance(inp, Input) or type(inp) is Input:
-        raise _fail(cls, f"input {inp!r} must be Int, Float, String, Boolean, Combo, Socket or Hidden")
+        raise _fail(
+            cls,
+            f"input {inp!r} must be Int, Float, String, Boolean, Combo, FileChoice, ImageUpload, "
+            "Socket or Hidden",
+        )
     if not inp.name.isidentifier():
         raise _fail(cls, f"input name {inp.name!r} is not an identifier")
     if isinstance(inp, Socket) and inp.socket_type.name in ("?", "*", "") or "," in inp.type.name:
@@ -305,7 +313,11 @@ def _check_input(cls: type[Node], inp: Input) -> None:
             raise _fail(cls, f"input {inp.name!r} default {default} is outside [{lo}, {hi}]")
         if isinstance(inp, Int) and not isinstance(default, int):
             raise _fail(cls, f"input {inp.name!r} default must be an int")
-    if isinstance(inp, Combo) and not callable(inp.choices):
+    if (
+        isinstance(inp, Combo)
+        and not callable(inp.choices)
+        and not isinstance(inp, (FileChoice, ImageUpload))
+    ):
         if isinstance(inp.choices, str) or not inp.choices:
             raise _fail(cls, f"combo {inp.name!r} needs a non-empty sequence of choices or a callable")
         if inp.default is not None and inp.default not in inp.choices:

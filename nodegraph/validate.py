@@ -18,7 +18,18 @@ from typing import Any
 import networkx as nx
 
 from nodegraph.env import Environment
-from nodegraph.node import Combo, Float, Hidden, Input, InputValueError, Int, Node, Socket
+from nodegraph.node import (
+    Combo,
+    FileChoice,
+    Float,
+    Hidden,
+    ImageUpload,
+    Input,
+    InputValueError,
+    Int,
+    Node,
+    Socket,
+)
 from nodegraph.prompt_graph import (
     WRAPPED,
     PromptGraph,
@@ -308,6 +319,13 @@ class _Checker:
         return None
 
     def _custom(self, node_id: str, cls: type[Node]) -> list[dict[str, Any]]:
+        constants = self.constants[node_id]
+        for inp in cls.INPUTS:
+            if isinstance(inp, (FileChoice, ImageUpload)) and inp.name in constants:
+                problem = inp.check(self.env, constants[inp.name])
+                if problem is not None:  # reported as ComfyUI reports its nodes' VALIDATE_INPUTS
+                    details = f"{inp.name} - {problem}"
+                    return [error("custom_validation_failed", "Custom validation failed for node", details)]
         if "check_inputs" not in _overridden(cls):
             return []
         try:

@@ -7,13 +7,10 @@ ComfyUI's dict `{"samples": [B, 4, h, w]}`. File naming, PNG metadata and the ui
 
 from __future__ import annotations
 
-import hashlib
 import json
-import mimetypes
 import os
 import random
 import time
-from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +19,10 @@ import torch
 from PIL import Image, ImageOps, ImageSequence, PngImagePlugin, UnidentifiedImageError
 
 from nodegraph.env import Environment
-from nodegraph.folders import PathEscapeError, safe_join
+from nodegraph.file_inputs import annotated_path
+from nodegraph.folders import PathEscapeError
 from nodegraph.images import ImageBudgetError, open_checked
-from nodegraph.node import Combo, Hidden, Node, Output, Result, RunContext, Socket, String
+from nodegraph.node import Hidden, ImageUpload, Node, Output, Result, RunContext, Socket, String
 from nodegraph.types import IMAGE, LATENT, MASK, VAE
 from nodes.sd import vae as vae_math
 from nodes.sd.device import on_device
@@ -68,54 +66,13 @@ class VAEEncode(Node):
 # Loading
 
 
-def input_images(env: Environment) -> Sequence[str]:
-    """Sorted top-level files of the input folder whose type is image/* (ComfyUI's LoadImage list)."""
-    folder = env.folders.input_dir
-    if not folder.is_dir():
-        return []
-    names = [f.name for f in folder.iterdir() if f.is_file()]
-    return sorted(n for n in names if (mimetypes.guess_type(n)[0] or "").startswith("image/"))
-
-
-def annotated_path(env: Environment, image: str) -> Path:
-    """The file for a LoadImage name (`x.png`, `x.png [output]` ...), never outside its folder."""
-    directory, name = env.folders.annotated(image)
-    return safe_join(directory, name)
-
-
-def input_image_problem(env: Environment, image: Any) -> str | None:
-    """Why an image name from a prompt cannot be loaded (ComfyUI accepts any existing file, also
-    `name [output]` annotations, so the combo membership check is not enough), or None."""
-    try:
-        exists = isinstance(image, str) and annotated_path(env, image).is_file()
-    except PathEscapeError:
-        exists = False
-    return None if exists else f"Invalid image file: {image}"
-
-
-def input_image_hash(env: Environment, image: Any) -> Hashable:
-    """The file's sha256: a changed image re-runs its loader (ComfyUI's IS_CHANGED)."""
-    try:
-        return hashlib.sha256(annotated_path(env, str(image)).read_bytes()).hexdigest()
-    except (OSError, PathEscapeError):
-        return None
-
-
 class LoadImage(Node):
     """Load an image from the input folder; the mask is 1 where the image is transparent."""
 
     DISPLAY_NAME = "Load Image"
     CATEGORY = "image"
-    INPUTS = (Combo("image", choices=input_images, image_upload=True),)
+    INPUTS = (ImageUpload("image"),)
     OUTPUTS = (Output(IMAGE), Output(MASK))
-
-    @classmethod
-    def check_inputs(cls, env: Environment, image: Any = None) -> str | None:
-        return input_image_problem(env, image)
-
-    @classmethod
-    def fingerprint(cls, env: Environment, image: Any = None) -> Hashable:
-        return input_image_hash(env, image)
 
     def run(self, ctx: RunContext, image: str) -> tuple[torch.Tensor, torch.Tensor]:
         return load_image_file(annotated_path(ctx.env, image), image)

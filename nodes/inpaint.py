@@ -10,19 +10,18 @@ build them.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import ImageOps, UnidentifiedImageError
 
-from nodegraph.env import Environment
+from nodegraph.file_inputs import annotated_path
 from nodegraph.images import ImageBudgetError, open_checked
-from nodegraph.node import Boolean, Combo, Int, Node, Output, RunContext, Socket
+from nodegraph.node import Boolean, Combo, ImageUpload, Int, Node, Output, RunContext, Socket
 from nodegraph.types import CONDITIONING, IMAGE, LATENT, MASK, VAE
 from nodes.conditioning_area import Conditioning, set_values
-from nodes.image import ImageFileError, annotated_path, input_image_hash, input_image_problem, input_images
+from nodes.image import ImageFileError
 from nodes.sd import vae as vae_math
 from nodes.sd.device import on_device
 from nodes.sd.handles import VaeHandle
@@ -217,18 +216,10 @@ class LoadImageMask(Node):
     DISPLAY_NAME = "Load Image (as Mask)"
     CATEGORY = "mask"
     INPUTS = (
-        Combo("image", choices=input_images, image_upload=True),
+        ImageUpload("image"),
         Combo("channel", choices=MASK_CHANNELS),
     )
     OUTPUTS = (Output(MASK),)
-
-    @classmethod
-    def check_inputs(cls, env: Environment, image: Any = None) -> str | None:
-        return input_image_problem(env, image)
-
-    @classmethod
-    def fingerprint(cls, env: Environment, image: Any = None) -> Hashable:
-        return input_image_hash(env, image)
 
     def run(self, ctx: RunContext, image: str, channel: str) -> tuple[torch.Tensor]:
         return (load_mask_file(annotated_path(ctx.env, image), image, channel),)

@@ -7,25 +7,19 @@ workflow that names the same unchanged file shares one copy of its weights.
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from nodegraph.env import Environment
-from nodegraph.node import Combo, Node, Output, RunContext
+from nodegraph.node import FileChoice, Node, Output, RunContext
 from nodegraph.types import CLIP, MODEL, VAE
 from nodes.sd.checkpoint import LoadedCheckpoint, PixelSpaceVae, load_vae_file
 from nodes.sd.handles import ClipHandle, ModelHandle, VaeHandle
 from nodes.sd.model_sampling import EPS, checkpoint_sampling
-from nodes.sd.model_store import ModelStore, file_stamp
+from nodes.sd.model_store import ModelStore
 from nodes.sd.tokenizer import default_tokenizer
 
 PIXEL_SPACE = "pixel_space"
-
-
-def checkpoint_names(env: Environment) -> Sequence[str]:
-    """The files in the `checkpoints` folder."""
-    return env.folders.list("checkpoints")
 
 
 def diffusers_names(env: Environment) -> Sequence[str]:
@@ -40,19 +34,6 @@ def diffusers_names(env: Environment) -> Sequence[str]:
     return sorted(found)
 
 
-def vae_names(env: Environment) -> Sequence[str]:
-    """The files in the `vae` folder, then ComfyUI's built-in "pixel_space"."""
-    return [*env.folders.list("vae"), PIXEL_SPACE]
-
-
-def file_fingerprint(env: Environment, folder: str, name: Any) -> Hashable:
-    """A model file's stamp for a loader's fingerprint (None for a bad name: validation reports it)."""
-    try:
-        return file_stamp(env.folders.resolve(folder, str(name)))
-    except (OSError, ValueError):
-        return None  # validation reports the bad name; nothing to fingerprint
-
-
 def model_store(env: Environment) -> ModelStore:
     """The environment's one model store."""
     return env.service(ModelStore, ModelStore.create)
@@ -64,7 +45,7 @@ class CheckpointLoaderSimple(Node):
     DISPLAY_NAME = "Load Checkpoint"
     CATEGORY = "loaders"
     INPUTS = (
-        Combo("ckpt_name", choices=checkpoint_names, tooltip="The name of the checkpoint (model) to load."),
+        FileChoice("ckpt_name", folder="checkpoints", tooltip="The name of the checkpoint (model) to load."),
     )
     # The MODEL, CLIP and VAE of one file: each depends on that file (and its stamp) alone.
     OUTPUTS = (
@@ -76,10 +57,6 @@ class CheckpointLoaderSimple(Node):
             depends_on=("ckpt_name",),
         ),
     )
-
-    @classmethod
-    def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
-        return file_fingerprint(env, "checkpoints", constants.get("ckpt_name"))
 
     def run(self, ctx: RunContext, ckpt_name: str) -> tuple[ModelHandle, ClipHandle, VaeHandle]:
         path = ctx.env.folders.resolve("checkpoints", ckpt_name)
@@ -110,12 +87,8 @@ class DiffusersLoader(Node):
 
     DISPLAY_NAME = "DiffusersLoader"
     CATEGORY = "advanced/loaders/deprecated"
-    INPUTS = (Combo("model_path", choices=diffusers_names),)
+    INPUTS = (FileChoice("model_path", folder="diffusers", choices=diffusers_names),)
     OUTPUTS = (Output(MODEL), Output(CLIP), Output(VAE))
-
-    @classmethod
-    def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
-        return file_fingerprint(env, "diffusers", constants.get("model_path"))
 
     def run(self, ctx: RunContext, model_path: str) -> tuple[ModelHandle, ClipHandle, VaeHandle]:
         folder = ctx.env.folders.resolve("diffusers", model_path)
@@ -127,13 +100,8 @@ class VAELoader(Node):
 
     DISPLAY_NAME = "Load VAE"
     CATEGORY = "loaders"
-    INPUTS = (Combo("vae_name", choices=vae_names),)
+    INPUTS = (FileChoice("vae_name", folder="vae", builtin=(PIXEL_SPACE,)),)
     OUTPUTS = (Output(VAE),)
-
-    @classmethod
-    def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
-        name = constants.get("vae_name")
-        return None if name == PIXEL_SPACE else file_fingerprint(env, "vae", name)
 
     def run(self, ctx: RunContext, vae_name: str) -> tuple[VaeHandle]:
         if vae_name == PIXEL_SPACE:

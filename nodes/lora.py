@@ -8,24 +8,18 @@ encoder apply the stack through `nodes.sd.patcher.patched`.
 from __future__ import annotations
 
 import json
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
 from nodegraph.env import Environment
-from nodegraph.node import Combo, Float, Hidden, Node, Output, Result, RunContext, Socket, String
+from nodegraph.node import FileChoice, Float, Hidden, Node, Output, Result, RunContext, Socket, String
 from nodegraph.types import CLIP, MODEL, STRING, VAE
-from nodes.loaders import file_fingerprint
 from nodes.sd.handles import ClipHandle, LoraRef, ModelHandle, VaeHandle
 from nodes.sd.lora.coverage import Coverage, check, coverage
 from nodes.sd.lora.loader import decoded, file_stamp, read_lora
 from nodes.sd.lora.tags import LoraTag, find_tag, parse_tags
 from nodes.sd.patcher import te_targets
-
-
-def lora_names(env: Environment) -> Sequence[str]:
-    """The files in the `loras` folder (the LoRA combo's choices)."""
-    return env.folders.list("loras")
 
 
 def resolve_tag(env: Environment, tag: LoraTag) -> Path:
@@ -81,7 +75,7 @@ class LoraLoader(Node):
     INPUTS = (
         Socket("model", socket_type=MODEL, tooltip="The diffusion model the LoRA will be applied to."),
         Socket("clip", socket_type=CLIP, tooltip="The CLIP model the LoRA will be applied to."),
-        Combo("lora_name", choices=lora_names, tooltip="The name of the LoRA."),
+        FileChoice("lora_name", folder="loras", tooltip="The name of the LoRA."),
         _strength(
             "strength_model", "How strongly to modify the diffusion model. This value can be negative."
         ),
@@ -114,10 +108,6 @@ class LoraLoader(Node):
         assert new_model is not None and new_clip is not None
         return new_model, new_clip
 
-    @classmethod
-    def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
-        return file_fingerprint(env, "loras", constants.get("lora_name"))
-
 
 class LoraLoaderModelOnly(Node):
     """Apply a LoRA to the diffusion model only."""
@@ -125,7 +115,7 @@ class LoraLoaderModelOnly(Node):
     CATEGORY = "loaders"
     INPUTS = (
         Socket("model", socket_type=MODEL),
-        Combo("lora_name", choices=lora_names),
+        FileChoice("lora_name", folder="loras"),
         _strength("strength_model"),
     )
     OUTPUTS = (Output(MODEL),)
@@ -139,10 +129,6 @@ class LoraLoaderModelOnly(Node):
         new_model, _, _ = load_lora(ctx, model, None, path, lora_name, (strength_model, 0.0))
         assert new_model is not None
         return (new_model,)
-
-    @classmethod
-    def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
-        return file_fingerprint(env, "loras", constants.get("lora_name"))
 
 
 class LoraTagLoader(Node):

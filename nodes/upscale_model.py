@@ -9,16 +9,13 @@ weights (`nodes/sd/vae_tiled.tiled_scale`), the tile halving on an out-of-memory
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from nodegraph.env import Environment
-from nodegraph.node import Combo, Node, Output, RunContext, Socket
+from nodegraph.node import FileChoice, Node, Output, RunContext, Socket
 from nodegraph.types import IMAGE, UPSCALE_MODEL
-from nodes.loaders import file_fingerprint
 from nodes.sd import vae_tiled
 from nodes.sd.device import place, placement
 from nodes.sd.esrgan import UpscaleModel, UpscaleModelError, load_upscale_model
@@ -29,24 +26,14 @@ OVERLAP = 32
 SMALLEST_TILE = 128
 
 
-def upscale_model_names(env: Environment) -> Sequence[str]:
-    """The files in the `upscale_models` folder."""
-    return env.folders.list(FOLDER)
-
-
 class UpscaleModelLoader(Node):
     """Load an ESRGAN-family upscale model (RRDBNet: RealESRGAN, 4x-UltraSharp, ...) from upscale_models."""
 
     DISPLAY_NAME = "Load Upscale Model"
     CATEGORY = "loaders"
     PYTHON_MODULE = "comfy_extras.nodes_upscale_model"
-    INPUTS = (Combo("model_name", choices=upscale_model_names),)
+    INPUTS = (FileChoice("model_name", folder=FOLDER),)
     OUTPUTS = (Output(UPSCALE_MODEL),)
-
-    @classmethod
-    def fingerprint(cls, env: Environment, **constants: Any) -> Hashable:
-        # The file's stamp: an unchanged file is served from the output cache, a replaced one reloads.
-        return file_fingerprint(env, FOLDER, constants.get("model_name"))
 
     def run(self, ctx: RunContext, model_name: str) -> tuple[UpscaleModel]:
         path = ctx.env.folders.resolve(FOLDER, model_name)

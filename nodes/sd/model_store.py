@@ -11,27 +11,16 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from nodegraph.primitives import LruCache, file_stamp
 from nodes.sd.checkpoint import LoadedCheckpoint, load_checkpoint
 
+__all__ = ["ModelStore", "StoreKey", "file_stamp"]
+
 StoreKey = tuple[str, int, int]
-
-
-def file_stamp(path: Path) -> tuple[int, int]:
-    """(st_mtime_ns, st_size) of a file, or of a folder's newest entry (a diffusers folder)."""
-    stat = path.stat()
-    if not path.is_dir():
-        return stat.st_mtime_ns, stat.st_size
-    newest, total = stat.st_mtime_ns, 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            s = os.stat(os.path.join(root, name))
-            newest, total = max(newest, s.st_mtime_ns), total + s.st_size
-    return newest, total
 
 
 class ModelStore:
@@ -42,7 +31,7 @@ class ModelStore:
     ) -> None:
         self.capacity = max(1, capacity)
         self._loader = loader
-        self._entries: OrderedDict[StoreKey, LoadedCheckpoint] = OrderedDict()
+        self._entries: LruCache[StoreKey, LoadedCheckpoint] = LruCache(max_entries=self.capacity)
         self._lock = threading.Lock()
         self._key_locks: dict[StoreKey, threading.Lock] = {}
         self.loads = 0  # how many times a file was actually read (for tests and logs)
@@ -59,7 +48,6 @@ class ModelStore:
         with self._lock:
             found = self._entries.get(key)
             if found is not None:
-                self._entries.move_to_end(key)
                 return found
             key_lock = self._key_locks.setdefault(key, threading.Lock())
         try:
@@ -72,9 +60,7 @@ class ModelStore:
                 with self._lock:
                     self.loads += 1
                     self._forget_older_versions(key)
-                    self._entries[key] = loaded
-                    while len(self._entries) > self.capacity:
-                        self._entries.popitem(last=False)
+                    self._entries.put(key, loaded)
                 return loaded
         finally:
             # Also when the loader raises: a failed load leaves no lock behind. Only our own lock
@@ -84,13 +70,11 @@ class ModelStore:
                     del self._key_locks[key]
 
     def _forget_older_versions(self, key: StoreKey) -> None:
-        for other in [k for k in self._entries if k[0] == key[0] and k != key]:
-            del self._entries[other]
+        self._entries.discard(k for k in self._entries.keys() if k[0] == key[0] and k != key)
 
     def loaded(self) -> list[str]:
         """Paths currently held, oldest first."""
-        with self._lock:
-            return [k[0] for k in self._entries]
+        return [k[0] for k in self._entries.keys()]
 
     def clear(self) -> None:
         """Drop every loaded checkpoint (frees memory once no handle refers to them)."""

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from nodegraph.primitives import LruCache
 from nodes.sd.lora import loader
-from nodes.sd.lora.loader import LoraFileError, _Lru, clear_caches, file_stamp, read_lora
+from nodes.sd.lora.loader import LoraFileError, clear_caches, file_stamp, read_lora
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def test_a_file_is_read_once_until_it_changes(counted: list[Path], mini_loras: P
 
 
 def test_the_cache_is_bounded_by_bytes() -> None:
-    cache: _Lru[bytes] = _Lru(10, len)
+    cache: LruCache[str, bytes] = LruCache(max_bytes=10, size=len)
     for key in "abc":
         cache.get_or_make(key, lambda: b"xxxx")
     assert len(cache) == 2  # 12 bytes > 10: the oldest went

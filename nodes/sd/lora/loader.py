@@ -7,16 +7,15 @@ file; `coverage` says how many modules matched, which keys did not, and the LoRA
 
 from __future__ import annotations
 
-import threading
 import weakref
-from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 
+from nodegraph.primitives import LruCache, file_stamp
 from nodes.sd.lora import family as families
 from nodes.sd.lora.formats import FormatError, Update, bias_update, used_parts, weight_update
 from nodes.sd.lora.keymap import te_stems, unet_stems
@@ -30,37 +29,6 @@ TE_PREFIXES = ("lora_te", "text_encoder", "lora_prior_te")
 
 class LoraFileError(ValueError):
     """A LoRA file cannot be read, or holds no tensors."""
-
-
-class _Lru(Generic[V]):
-    """A least-recently-used cache bounded by the bytes of its values."""
-
-    def __init__(self, max_bytes: int, size: Callable[[V], int]) -> None:
-        self.max_bytes = max_bytes
-        self._size = size
-        self._items: OrderedDict[Hashable, V] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get_or_make(self, key: Hashable, make: Callable[[], V]) -> V:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        value = make()
-        with self._lock:
-            self._items[key] = value
-            total = sum(self._size(v) for v in self._items.values())
-            while total > self.max_bytes and len(self._items) > 1:
-                _, old = self._items.popitem(last=False)
-                total -= self._size(old)
-        return value
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 @dataclass
@@ -116,13 +84,7 @@ def _parse(path: Path, stamp: tuple[int, int]) -> LoraFile:
     return LoraFile(path, stamp, groups, sorted(unknown), meta, family, source, nbytes, key_family)
 
 
-_FILES: _Lru[LoraFile] = _Lru(1 << 30, lambda f: f.nbytes)
-
-
-def file_stamp(path: Path) -> tuple[int, int]:
-    """(mtime_ns, size): a changed file is a different LoRA."""
-    st = path.stat()
-    return (st.st_mtime_ns, st.st_size)
+_FILES: LruCache[Hashable, LoraFile] = LruCache(max_bytes=1 << 30, size=lambda f: f.nbytes)
 
 
 def read_lora(path: Path, stamp: tuple[int, int] | None = None) -> LoraFile:
@@ -152,7 +114,7 @@ class Decoded:
 
 
 _STEMS: weakref.WeakKeyDictionary[Any, dict[Target, tuple[int, dict[str, str]]]] = weakref.WeakKeyDictionary()
-_DECODED: _Lru[Decoded] = _Lru(2 << 30, lambda d: d.nbytes)
+_DECODED: LruCache[Hashable, Decoded] = LruCache(max_bytes=2 << 30, size=lambda d: d.nbytes)
 
 
 def _stems_of(module: Any, target: Target) -> tuple[int, dict[str, str]]:
