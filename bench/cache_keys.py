@@ -4,7 +4,7 @@ The workflow is checkpoint -> LoraLoader -> two CLIPTextEncode -> KSampler (1 st
 SaveLatent on the real nodes and the oracle's mini SD1.5 checkpoint and LoRA (tests/.cache, made
 by the test fixtures). "Before" is the same graph with LoraLoader's outputs keyed by the whole node
 (ComfyUI's rule, nodegraph before issue 13): each strength_model change then re-encodes both
-prompts. Each engine alternates two strength_model values; the figures are medians over the
+prompts. Each engine runs a new strength_model value each time; the figures are medians over the
 re-runs after a warm-up. Run: `python -m bench.cache_keys [--no-record]`.
 """
 
@@ -103,7 +103,7 @@ def measure(base: Path) -> list[list[str]]:
         eng = engine(base, whole)
         rerun(eng, 0.5)  # cold: loads the checkpoint and the LoRA
         rerun(eng, 0.9)  # warm-up of the strength-change path
-        runs = [rerun(eng, 0.5 if i % 2 else 0.9) for i in range(REPEATS)]
+        runs = [rerun(eng, 0.3 + 0.05 * i) for i in range(REPEATS)]  # a new strength each time
         rows.append(
             [
                 label,
