@@ -132,9 +132,9 @@ def test_load_image_list_validation_and_fingerprint(env: Environment) -> None:
     (env.folders.input_dir / "readme.txt").write_text("x")
     info = LoadImage.info(env)["input"]["required"]["image"]
     assert info == [["b.png"], {"image_upload": True}]
-    assert LoadImage.check_inputs(env, image="b.png") is None
-    assert LoadImage.check_inputs(env, image="out.png [output]") is None
-    assert LoadImage.check_inputs(env, image="nope.png") == "Invalid image file: nope.png"
-    assert LoadImage.check_inputs(env, image="../x.png") == "Invalid image file: ../x.png"
+    assert LoadImage.input("image").check(env, "b.png") is None
+    assert LoadImage.input("image").check(env, "out.png [output]") is None
+    assert LoadImage.input("image").check(env, "nope.png") == "Invalid image file: nope.png"
+    assert LoadImage.input("image").check(env, "../x.png") == "Invalid image file: ../x.png"
     digest = hashlib.sha256((env.folders.input_dir / "b.png").read_bytes()).hexdigest()
-    assert LoadImage.fingerprint(env, image="b.png") == digest
+    assert LoadImage.input("image").fingerprint(env, "b.png") == digest

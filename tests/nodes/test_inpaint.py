@@ -93,9 +93,11 @@ def test_load_image_mask_channels(env: Environment, ctx: FakeContext) -> None:
     assert torch.equal(red[0], torch.from_numpy(gray.astype(np.float32) / 255.0))
     (opaque,) = LoadImageMask().run(ctx, "g.png", "alpha")  # no alpha band: fully opaque, mask 0
     assert opaque.shape == (1, 6, 5) and not opaque.any()
-    assert LoadImageMask.check_inputs(env, image="m.png") is None
-    assert LoadImageMask.check_inputs(env, image="missing.png") == "Invalid image file: missing.png"
-    assert LoadImageMask.fingerprint(env, image="m.png") != LoadImageMask.fingerprint(env, image="g.png")
+    assert LoadImageMask.input("image").check(env, "m.png") is None
+    assert LoadImageMask.input("image").check(env, "missing.png") == "Invalid image file: missing.png"
+    assert LoadImageMask.input("image").fingerprint(env, "m.png") != LoadImageMask.input("image").fingerprint(
+        env, "g.png"
+    )
 
 
 def test_load_image_mask_that_is_not_an_image_names_the_file(env: Environment, ctx: FakeContext) -> None:

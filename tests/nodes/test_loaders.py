@@ -47,11 +47,11 @@ def test_two_loads_of_one_file_share_one_copy(models_env: Environment) -> None:
 
 def test_fingerprint_follows_the_files_mtime_and_size(tmp_path: Path) -> None:
     env = Environment(_folders_with(tmp_path, "checkpoints", "a.safetensors", b"x" * 10))
-    first = CheckpointLoaderSimple.fingerprint(env, ckpt_name="a.safetensors")
+    first = CheckpointLoaderSimple.input("ckpt_name").fingerprint(env, "a.safetensors")
     path = tmp_path / "models" / "checkpoints" / "a.safetensors"
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 5_000_000_000))
-    assert CheckpointLoaderSimple.fingerprint(env, ckpt_name="a.safetensors") != first
-    assert CheckpointLoaderSimple.fingerprint(env, ckpt_name="missing.safetensors") is None
+    assert CheckpointLoaderSimple.input("ckpt_name").fingerprint(env, "a.safetensors") != first
+    assert CheckpointLoaderSimple.input("ckpt_name").fingerprint(env, "missing.safetensors") is None
 
 
 def _folders_with(base: Path, folder: str, name: str, data: bytes) -> Any:
@@ -87,7 +87,7 @@ def test_vae_loader_reads_a_vae_file_and_pixel_space(tmp_path: Path, mini_checkp
     assert vae.vae.config.latent_channels == 4 and vae.source == "sd_vae.safetensors"
     (pixel,) = VAELoader().run(FakeContext(env), "pixel_space")
     assert isinstance(pixel.vae, PixelSpaceVae)
-    assert VAELoader.fingerprint(env, vae_name="sd_vae.safetensors") is not None
+    assert VAELoader.input("vae_name").fingerprint(env, "sd_vae.safetensors") is not None
 
 
 # ---- the store itself, with a stand-in loader (no weights needed to test its bookkeeping)

@@ -204,11 +204,12 @@ def test_nothing_matched_is_an_error_naming_both_files(ctx: Ctx, handles: Any) -
 
 
 def test_fingerprint_follows_the_file(ctx: Ctx) -> None:
-    before = LoraLoader.fingerprint(ctx.env, lora_name="mini_lora_a.safetensors")
+    before = LoraLoader.input("lora_name").fingerprint(ctx.env, "mini_lora_a.safetensors")
     path = _loras(ctx) / "mini_lora_a.safetensors"
     path.write_bytes(path.read_bytes() + b" ")
     assert (
-        before is not None and LoraLoader.fingerprint(ctx.env, lora_name="mini_lora_a.safetensors") != before
+        before is not None
+        and LoraLoader.input("lora_name").fingerprint(ctx.env, "mini_lora_a.safetensors") != before
     )
 
 
