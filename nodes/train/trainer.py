@@ -165,13 +165,16 @@ class LoraTrainer:
 
     def _set_checkpointing(self, on: bool) -> None:
         unet, te = self.models.unet, self.models.text_encoder
+        # transformers 5 renamed the switch (activation_*); older releases have only gradient_*
+        te_on = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
+        te_off = getattr(te, "activation_checkpointing_disable", None) or te.gradient_checkpointing_disable
         if on:
             unet.enable_gradient_checkpointing()
             if self.options.train_text_encoder:
-                te.gradient_checkpointing_enable()
+                te_on()
         elif getattr(unet, "is_gradient_checkpointing", False):
             unet.disable_gradient_checkpointing()
-            te.gradient_checkpointing_disable()
+            te_off()
 
     def close(self) -> None:
         """Unhook the adapters: the checkpoint's modules compute as before."""

@@ -5,19 +5,49 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
-from nodes.sd.checkpoint import load_checkpoint
+from nodes.sd.checkpoint import LoadedCheckpoint, load_checkpoint
 from nodes.sd.handles import LoraRef
 from nodes.sd.lora.coverage import coverage
 from nodes.sd.lora.loader import decoded, file_stamp, read_lora
 from nodes.sd.patcher import patched, restore
+from nodes.train.dataset import load_dataset
 from nodes.train.network import LoRANetwork
 from nodes.train.save import save_lora
+from nodes.train.trainer import LoraTrainer, TrainOptions
 
 
-def test_a_locon_file_loads_whole_and_applies_as_trained(tmp_path: Path, mini_checkpoint: Path) -> None:
-    models = load_checkpoint(mini_checkpoint)
+@pytest.fixture(scope="module")
+def models(mini_checkpoint: Path) -> LoadedCheckpoint:
+    return load_checkpoint(mini_checkpoint)
+
+
+def test_gradient_checkpointing_takes_the_same_step(tmp_path: Path, models: LoadedCheckpoint) -> None:
+    folder = tmp_path / "1_x"
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        folder / "a.png"
+    )
+    dataset, steps = load_dataset(tmp_path), []
+    for checkpointing in (False, True):
+        options = TrainOptions(
+            rank=2, resolution=64, learning_rate=1e-3, gradient_checkpointing=checkpointing
+        )
+        trainer = LoraTrainer(models, dataset, options, torch.device("cpu"), 2)
+        trainer.prepare()
+        loss = trainer.train_step(trainer.epoch_batches())
+        trainer.close()
+        steps.append((loss, trainer.network.lora_state_dict()))
+    assert not models.unet.is_gradient_checkpointing  # switched off again when the trainer closes
+    (loss_a, a), (loss_b, b) = steps
+    assert loss_a == loss_b and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_locon_file_loads_whole_and_applies_as_trained(tmp_path: Path, models: LoadedCheckpoint) -> None:
     torch.manual_seed(0)
     net = LoRANetwork.create(models.unet, models.text_encoder, 2, 1, conv_rank=2, conv_alpha=1)
     for lora in net.loras():  # as if trained: up weights leave zero
