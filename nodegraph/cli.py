@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = _command(sub, "demo", "write the small demo models into the models folders", _cmd_demo)
     demo.add_argument("--force", action="store_true", help="rewrite them even if present")
     demo.add_argument(
+        "--sdxl",
+        action="store_true",
+        help="also write an SDXL-family demo checkpoint and a mini SDXL refiner",
+    )
+    demo.add_argument(
         "--if-no-checkpoint", action="store_true", help="do nothing when models/checkpoints has a checkpoint"
     )
     info = _command(
@@ -353,7 +358,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.if_no_checkpoint and checkpoints and not args.force:
         print(f"nodegraph demo: {len(checkpoints)} checkpoint(s) present, demo models not written")
         return 0
-    write_demo_models(engine.env.folders, force=args.force)
+    write_demo_models(engine.env.folders, force=args.force, sdxl=args.sdxl)
     return 0
 
 

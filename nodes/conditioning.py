@@ -1,7 +1,8 @@
 """Nodes: CLIPTextEncode, CLIPSetLastLayer, ConditioningCombine, ConditioningZeroOut.
 
 A CONDITIONING value is ComfyUI's: a list of `[cond [1, 77k, 768], {"pooled_output": [1, 768]}]`
-entries. Lists are never mutated in place; each node builds new ones.
+entries (SDXL: `[1, 77k, 2048]` and bigG's `[1, 1280]`, see nodes/sd/text_encoder_sdxl.py).
+Lists are never mutated in place; each node builds new ones.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from nodegraph.types import CLIP, CONDITIONING
 from nodes.sd.device import on_device
 from nodes.sd.embeddings import EmbeddingError, find_embedding_file, load_embedding
 from nodes.sd.handles import ClipHandle
-from nodes.sd.prompt import tokenize
+from nodes.sd.prompt import EmbeddingLookup, tokenize
 from nodes.sd.text_encoder import encode_prompt
+from nodes.sd.text_encoder_sdxl import encode_sdxl, is_sdxl_clip, tokenize_sdxl
 
 Conditioning = list[list[Any]]
 
@@ -45,22 +47,45 @@ class CLIPTextEncode(Node):
                 "checkpoint does not contain a valid clip or text encoder model."
             )
 
-        def lookup(name: str) -> Any:
-            path = find_embedding_file(name, clip.embedding_dirs)
-            if path is None:
-                return None
-            try:
-                return load_embedding(path)
-            except EmbeddingError as exc:
-                ctx.warn(str(exc), {"embedding": name})
-                return None
-
-        tokenized = tokenize(text, clip.tokenizer, lookup)
+        if is_sdxl_clip(clip):
+            return ([encode_sdxl_entry(ctx, clip, text)],)
+        tokenized = tokenize(text, clip.tokenizer, embedding_lookup(ctx, clip))
         for name in tokenized.missing_embeddings:
             ctx.warn(f"embedding:{name} does not exist, ignoring", {"embedding": name})
         on_device(ctx.env, clip.text_encoder, "text_encoder")
         cond, pooled = encode_prompt(clip, tokenized, warn=ctx.warn)
         return ([[cond, {"pooled_output": pooled}]],)
+
+
+def embedding_lookup(ctx: RunContext, clip: ClipHandle, embed_key: str = "clip_l") -> EmbeddingLookup:
+    """`embedding:name` -> vectors for one encoder (`clip_l` / `clip_g` of SDXL files); warns on bad files."""
+
+    def lookup(name: str) -> Any:
+        path = find_embedding_file(name, clip.embedding_dirs)
+        if path is None:
+            return None
+        try:
+            return load_embedding(path, embed_key)
+        except EmbeddingError as exc:
+            ctx.warn(str(exc), {"embedding": name})
+            return None
+
+    return lookup
+
+
+def encode_sdxl_entry(
+    ctx: RunContext, clip: ClipHandle, text_g: str, text_l: str | None = None, **options: Any
+) -> list[Any]:
+    """One SDXL conditioning entry `[cond, {"pooled_output": ..., **options}]` (both encoders)."""
+    tokens = tokenize_sdxl(clip, text_g, text_l, lambda key: embedding_lookup(ctx, clip, key))
+    missing = tokens.g.missing_embeddings + (tokens.l.missing_embeddings if tokens.l else [])
+    for name in dict.fromkeys(missing):
+        ctx.warn(f"embedding:{name} does not exist, ignoring", {"embedding": name})
+    for module in (clip.text_encoder, clip.text_encoder_2):
+        if module is not None:
+            on_device(ctx.env, module, "text_encoder")
+    cond, pooled = encode_sdxl(clip, tokens, warn=ctx.warn)
+    return [cond, {"pooled_output": pooled, **options}]
 
 
 class CLIPSetLastLayer(Node):

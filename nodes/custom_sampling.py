@@ -21,7 +21,7 @@ from nodes.sd.device import place, placement
 from nodes.sd.guidance import ConditioningError
 from nodes.sd.guiders import BasicGuide, CFGGuide, DualCFGGuide, Guide
 from nodes.sd.handles import ModelHandle
-from nodes.sd.ksampler import SD15_SCALE, run_guided
+from nodes.sd.ksampler import latent_scale, run_guided
 from nodes.sd.noise import prepare_noise
 from nodes.sd.patcher import patched
 from nodes.sd.samplers import SAMPLER_NAMES, SAMPLERS
@@ -127,7 +127,7 @@ def sample_custom(
     denoised = out
     if last:
         denoised = dict(latent)
-        denoised["samples"] = last[0].to(torch.float32).cpu() / SD15_SCALE
+        denoised["samples"] = last[0].to(torch.float32).cpu() / latent_scale(model.unet)
     return out, denoised
 
 

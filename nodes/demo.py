@@ -268,12 +268,13 @@ def write_input_image(path: Path, size: int = 256) -> Path:
     return path
 
 
-def write_demo_models(folders: Folders, force: bool = False) -> list[Path]:
+def write_demo_models(folders: Folders, force: bool = False, sdxl: bool = False) -> list[Path]:
     """Write the demo checkpoint, LoRAs and input image; skip files that exist unless `force`.
 
     Args:
         folders: where to write (the first `checkpoints` and `loras` directories, the input folder).
         force: rewrite files that already exist.
+        sdxl: also write the SDXL-family demo checkpoint and a mini SDXL refiner (nodes/demo_sdxl.py).
 
     Returns:
         The paths written (empty when everything was already there).
@@ -286,6 +287,18 @@ def write_demo_models(folders: Folders, force: bool = False) -> list[Path]:
         (loras / LORA_NAMES[1], lambda p: write_lora(p, "b", rank=8, alpha=4.0)),
         (folders.input_dir / INPUT_IMAGE_NAME, write_input_image),
     ]
+    if sdxl:
+        from nodes import demo_sdxl
+
+        jobs += [
+            (ckpt.with_name(demo_sdxl.SDXL_DEMO_NAME), demo_sdxl.write_sdxl_checkpoint),
+            (
+                ckpt.with_name(demo_sdxl.REFINER_DEMO_NAME),
+                lambda p: demo_sdxl.write_sdxl_checkpoint(
+                    p, demo_sdxl.REFINER_MINI, "nodegraph-demo-refiner"
+                ),
+            ),
+        ]
     written = []
     for path, write in jobs:
         if path.exists() and not force:

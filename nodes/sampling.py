@@ -13,6 +13,7 @@ import torch
 
 from nodegraph.node import MAX_SEED, Combo, Float, Int, Node, Output, Preview, RunContext, Socket
 from nodegraph.types import CONDITIONING, LATENT, MODEL
+from nodes.sd.adm import AdmError
 from nodes.sd.device import placement
 from nodes.sd.guidance import ConditioningError
 from nodes.sd.ksampler import SamplingRequest, StepCallback, sample
@@ -48,17 +49,22 @@ def check_latent(latent: Any) -> None:
         raise ValueError("latent_image: expected a LATENT with 'samples' [batch, 4, height/8, width/8]")
     if samples.shape[1] != 4:
         raise ValueError(
-            f"latent_image: has {samples.shape[1]} channels but SD1.5 models sample 4; "
-            "use a latent from EmptyLatentImage or VAEEncode of an SD1.5 VAE"
+            f"latent_image: has {samples.shape[1]} channels but SD1.x and SDXL models sample 4; "
+            "use a latent from EmptyLatentImage or VAEEncode of an SD/SDXL VAE"
         )
+
+
+SAMPLED_FAMILIES = ("sd15", "sdxl", "sdxl_refiner")
 
 
 def check_model(model: Any) -> None:
     """A MODEL the samplers can use, or an error naming the input."""
     if model is None or not hasattr(model, "unet"):
         raise ValueError("model: expected a MODEL from a checkpoint loader")
-    if getattr(model, "family", "sd15") != "sd15":
-        raise ValueError(f"model: {model.source} is a {model.family} model; the samplers support SD1.x only")
+    if getattr(model, "family", "sd15") not in SAMPLED_FAMILIES:
+        raise ValueError(
+            f"model: {model.source} is a {model.family} model; the samplers support SD1.x and SDXL only"
+        )
 
 
 def run_ksampler(
@@ -70,7 +76,7 @@ def run_ksampler(
     try:
         where = placement(ctx.env)
         return (sample(model, positive, negative, latent, request, progress(ctx), where),)
-    except ConditioningError as exc:
+    except (ConditioningError, AdmError) as exc:
         raise ValueError(str(exc)) from exc
 
 

@@ -20,7 +20,8 @@ from aiohttp import web
 from nodegraph.env import Environment
 from nodegraph.folders import ModelNotFoundError, PathEscapeError
 from nodegraph.server.frontend import web_dir
-from nodes import demo, lora_info
+from nodes import lora_info
+from nodes.sd.convert_sdxl import checkpoint_kind
 from nodes.sd.lora.family import family_name
 
 
@@ -61,25 +62,53 @@ def _prefer(names: list[str], demo_first: bool) -> str | None:
 def default_workflow(env: Environment) -> dict[str, Any]:
     """The canvas's first-start graph (web/default_workflow.json) set to the models this server has.
 
-    A user's own checkpoint comes first. On the random-weight demo checkpoint (`make run` on a fresh
-    machine) the image is noise whatever its size, so the graph asks for 128x128 in 8 steps, which
-    a CPU finishes in seconds rather than minutes.
+    A user's own checkpoint comes first (an SDXL refiner only when nothing else is there). On an
+    SDXL-family checkpoint the graph asks for 1024x1024 (SDXL's native size) and a LoRA made for
+    SDXL. On a random-weight demo checkpoint (`make run` on a fresh machine) the image is noise
+    whatever its size, so the graph asks for 128x128 in 8 steps, which a CPU finishes in seconds.
     """
     graph: dict[str, Any] = json.loads((web_dir() / "default_workflow.json").read_text(encoding="utf-8"))
-    checkpoint = _prefer(env.folders.list("checkpoints"), demo_first=False)
-    on_demo = checkpoint == demo.CHECKPOINT_NAME
-    lora = _prefer(env.folders.list("loras"), demo_first=on_demo)
+    names = list(env.folders.list("checkpoints"))
+    checkpoint = _prefer(names, demo_first=False)
+    kind = _kind(env, checkpoint)
+    if kind == "sdxl_refiner":  # the refiner cannot start an image from text on its own
+        others = [n for n in names if _kind(env, n) != "sdxl_refiner"]
+        checkpoint = _prefer(others, demo_first=False) or checkpoint
+        kind = _kind(env, checkpoint)
+    on_demo = checkpoint is not None and Path(checkpoint).name.startswith("nodegraph_demo")
+    loras = list(env.folders.list("loras"))
+    if kind == "sdxl":
+        loras = [n for n in loras if _lora_family(env, n) == "sdxl"] or loras
+    lora = _prefer(loras, demo_first=on_demo)
+    size = [128, 128] if on_demo else [1024, 1024] if kind == "sdxl" else None
     for node in graph["nodes"]:
         values = node.get("widgets_values")
         if node["type"] == "CheckpointLoaderSimple" and checkpoint:
             values[0] = checkpoint
         elif node["type"] == "LoraLoader" and lora:
             values[0] = lora
-        elif node["type"] == "EmptyLatentImage" and on_demo:
-            values[0:2] = [128, 128]
+        elif node["type"] == "EmptyLatentImage" and size:
+            values[0:2] = size
         elif node["type"] == "KSampler" and on_demo:
             values[2] = 8  # [seed, control_after_generate, steps, cfg, sampler, scheduler, denoise]
     return graph
+
+
+def _kind(env: Environment, name: str | None) -> str:
+    """ "sdxl", "sdxl_refiner" or "other" for a checkpoint, from its safetensors header alone."""
+    if name is None:
+        return "other"
+    try:
+        return checkpoint_kind(env.folders.resolve("checkpoints", name))
+    except (PathEscapeError, ModelNotFoundError, OSError):
+        return "other"
+
+
+def _lora_family(env: Environment, name: str) -> str:
+    try:
+        return str(lora_info.lora_info(env.folders.resolve("loras", name)).get("family") or "unknown")
+    except (PathEscapeError, ModelNotFoundError, OSError, ValueError, KeyError, TypeError):
+        return "unknown"
 
 
 def _resolve(env: Environment, request: web.Request) -> tuple[str, Path]:

@@ -155,7 +155,9 @@ def load_sdxl_folder(path: Path) -> LoadedCheckpoint:
             )
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"'{path.name}': the diffusers folder cannot be loaded ({exc})") from exc
-    for module in (unet, vae, te_l, te_g):
+    # transformers types PreTrainedModel.to as a wrapped method mypy cannot call; all are nn.Modules
+    modules: tuple[torch.nn.Module | None, ...] = (unet, vae, te_l, te_g)
+    for module in modules:
         if module is not None:
             module.to(torch.float32).eval().requires_grad_(False)
     with torch.no_grad():

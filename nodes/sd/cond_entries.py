@@ -48,6 +48,9 @@ class CondEntry:
     concat_latent_image: torch.Tensor | None = None
     concat_mask: torch.Tensor | None = None
     concat: torch.Tensor | None = None
+    # SDXL's added conditioning (pooled output, size values; nodes/sd/adm.py), resolved per latent size
+    added: tuple[torch.Tensor, torch.Tensor] | None = None
+    options: dict[str, Any] | None = None  # the entry's options, kept for the added conditioning
 
 
 def _number(opts: dict[str, Any], key: str, default: float, what: str) -> float:
@@ -164,6 +167,7 @@ def cond_entries(
                     opts.get("concat_latent_image"), "concat_latent_image", (4,), what
                 ),
                 concat_mask=_read_tensor(opts.get("concat_mask"), "concat_mask", (2, 3, 4), what),
+                options=opts,
             )
         )
     return entries
@@ -228,7 +232,7 @@ def _add_twin(side: list[CondEntry], entry: CondEntry) -> None:
     if smallest is None or (smallest.area is not None and tuple(smallest.area) == tuple(entry.area)):
         return
     # ComfyUI copies the covering entry's model conds: its embedding and its c_concat
-    side.append(replace(entry, cross_attn=smallest.cross_attn, concat=smallest.concat))
+    side.append(replace(entry, cross_attn=smallest.cross_attn, concat=smallest.concat, added=smallest.added))
 
 
 def prepare_sides(

@@ -14,7 +14,9 @@ a view one tensor at a time, so no second full copy of bigG is ever in memory.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from nodes.sd.convert import UNET_PREFIX, VAE_PREFIX, Shape, ShapeOf, UnsupportedCheckpointError, _max_index
@@ -156,3 +158,22 @@ def clip_g_config(keys: Iterable[str], prefix: str, shape_of: ShapeOf) -> dict[s
         "pad_token_id": 0,
         "projection_dim": shape_of(f"{prefix}text_projection")[1],
     }
+
+
+def checkpoint_kind(path: Path) -> str:
+    """ "sdxl", "sdxl_refiner" or "other", from a .safetensors header alone (torch-free, no tensor read)."""
+    try:
+        if path.suffix.lower() not in (".safetensors", ".sft") or not path.is_file():
+            return "other"
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size > 100_000_000:
+                return "other"
+            keys = list(json.loads(f.read(size)))
+    except (OSError, ValueError, TypeError):
+        return "other"
+    if not is_sdxl(keys):
+        return "other"
+    if any(k.startswith(CLIP_L_PREFIX) for k in keys):
+        return "sdxl"
+    return "sdxl_refiner" if any(k.startswith(CLIP_G_REFINER) for k in keys) else "other"

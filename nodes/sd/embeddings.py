@@ -2,7 +2,8 @@
 
 Looked up in every embeddings directory: the exact name, then `name.safetensors`, `.pt`, `.bin`
 (a name may include a sub-folder; it may never leave the directory). Formats: A1111 `.pt`
-(`string_to_param`), safetensors `emb_params`, SDXL-style `clip_l`, else the first tensor.
+(`string_to_param`), SDXL-style `clip_l` / `clip_g` (per encoder), safetensors `emb_params`, else
+the first tensor.
 Pickles are read with `torch.load(weights_only=True)` only.
 """
 
@@ -19,7 +20,7 @@ import torch
 EXTENSIONS = (".safetensors", ".pt", ".bin")
 EMBEDDING_KEY = "clip_l"
 
-_cache: dict[tuple[str, int, int], torch.Tensor] = {}
+_cache: dict[tuple[str, int, int, str], torch.Tensor] = {}
 _lock = threading.Lock()
 
 
@@ -47,14 +48,17 @@ def find_embedding_file(name: str, dirs: Sequence[Path]) -> Path | None:
     return None
 
 
-def load_embedding(path: Path) -> torch.Tensor:
-    """The vectors of an embedding file as a float32 `[n, width]` tensor (cached by file identity)."""
+def load_embedding(path: Path, embed_key: str = EMBEDDING_KEY) -> torch.Tensor:
+    """The vectors of an embedding file as a float32 `[n, width]` tensor (cached by file identity).
+
+    `embed_key` picks the encoder's tensor in an SDXL file (`clip_l` for CLIP-L, `clip_g` for bigG).
+    """
     stat = path.stat()
-    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    key = (str(path), stat.st_mtime_ns, stat.st_size, embed_key)
     with _lock:
         if key in _cache:
             return _cache[key]
-    vectors = _extract(_read(path), path)
+    vectors = _extract(_read(path), path, embed_key)
     vectors = vectors.detach().to(torch.float32)
     if vectors.ndim == 1:
         vectors = vectors.reshape(1, -1)
@@ -81,13 +85,13 @@ def _read(path: Path) -> Any:
         ) from exc
 
 
-def _extract(data: Any, path: Path) -> torch.Tensor:
+def _extract(data: Any, path: Path, embed_key: str = EMBEDDING_KEY) -> torch.Tensor:
     if isinstance(data, dict):
         if "string_to_param" in data and isinstance(data["string_to_param"], dict):
             first: torch.Tensor = next(iter(data["string_to_param"].values()))
             return first
-        if EMBEDDING_KEY in data and isinstance(data[EMBEDDING_KEY], torch.Tensor):
-            return data[EMBEDDING_KEY]  # type: ignore[no-any-return]
+        if embed_key in data and isinstance(data[embed_key], torch.Tensor):
+            return data[embed_key]  # type: ignore[no-any-return]
         if "emb_params" in data and isinstance(data["emb_params"], torch.Tensor):
             return data["emb_params"]
         bundled = [

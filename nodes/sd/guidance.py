@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from nodes.sd.adm import adm_inputs, adm_width
 from nodes.sd.cond_entries import (  # re-exported: the sampler's public names stay here
     AREA_FEATHER,
     SIDES,
@@ -64,6 +65,7 @@ class _Job:
     cross_attn: torch.Tensor
     side: int
     concat: torch.Tensor | None = None  # c_concat for input_x (an inpainting UNet's extra channels)
+    added: tuple[torch.Tensor, torch.Tensor] | None = None  # SDXL (pooled, size values)
 
 
 def _feather(mult: torch.Tensor, area: Area, full: Sequence[int]) -> None:
@@ -100,7 +102,7 @@ def _job(entry: CondEntry, x: torch.Tensor, side: int) -> _Job:
             concat = concat[:, :, area[2] : area[2] + area[0], area[3] : area[3] + area[1]]
         concat = _repeat_to_batch(concat, input_x.shape[0])
     if entry.mask is None and area is None:
-        return _Job(input_x, entry.strength, None, entry.cross_attn, side, concat)  # a plain entry
+        return _Job(input_x, entry.strength, None, entry.cross_attn, side, concat, entry.added)  # plain
     if entry.mask is not None:
         mask = entry.mask[: input_x.shape[0]]
         if input_x.shape[0] % mask.shape[0]:
@@ -118,7 +120,7 @@ def _job(entry: CondEntry, x: torch.Tensor, side: int) -> _Job:
     mult = mask.to(input_x.dtype) * entry.strength
     if entry.mask is None and area is not None:
         _feather(mult, area, full)
-    return _Job(input_x, mult, area, entry.cross_attn, side, concat)
+    return _Job(input_x, mult, area, entry.cross_attn, side, concat, entry.added)
 
 
 def _can_concat(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -146,6 +148,22 @@ def _repeat_to_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
     if t.shape[0] < batch:
         return t.repeat([math.ceil(batch / t.shape[0])] + [1] * (t.dim() - 1))[:batch]
     return t
+
+
+def _with_added(entry: CondEntry, width: int, height: int, side: str, adm: int) -> CondEntry:
+    added = adm_inputs(entry.options or {}, width, height, side, adm, side)
+    return replace(entry, added=added)
+
+
+def _batched_added(chunk: Sequence[_Job], batch: int) -> dict[str, torch.Tensor] | None:
+    """CONDRegular.concat of the jobs' (pooled, size values), each repeated to the latent batch."""
+    parts = [job.added for job in chunk]
+    if any(p is None for p in parts):
+        return None
+    return {
+        "text_embeds": torch.cat([_repeat_to_batch(p[0], batch) for p in parts if p is not None]),
+        "time_ids": torch.cat([_repeat_to_batch(p[1], batch) for p in parts if p is not None]),
+    }
 
 
 ConcatFor = Callable[[CondEntry, torch.Size, torch.device], torch.Tensor]
@@ -187,6 +205,7 @@ class CFGDenoiser:
         sigma: torch.Tensor,
         context: torch.Tensor,
         concat: torch.Tensor | None = None,
+        added: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """BaseModel._apply_model: scale the input, append c_concat, integer timestep, then the
         model sampling's denoised formula (eps: x - sigma * eps)."""
@@ -196,8 +215,13 @@ class CFGDenoiser:
             xc = torch.cat([xc, concat.to(xc.dtype)], dim=1)
         t = self.schedule.timestep(sigma).float()
         dtype = next(self.unet.parameters()).dtype
+        kwargs = {k: v.to(xc.device, dtype) for k, v in added.items()} if added is not None else None
         eps: torch.Tensor = self.unet(
-            xc.to(dtype), t, encoder_hidden_states=context.to(dtype), return_dict=False
+            xc.to(dtype),
+            t,
+            encoder_hidden_states=context.to(dtype),
+            added_cond_kwargs=kwargs,
+            return_dict=False,
         )[0].float()
         return self.sampling.denoised(sigma, eps, x)
 
@@ -213,6 +237,10 @@ class CFGDenoiser:
                 where = device or torch.device("cpu")
                 positive = [replace(e, concat=self.concat_for(e, shape, where)) for e in positive]
                 negative = [replace(e, concat=self.concat_for(e, shape, where)) for e in negative]
+            adm = adm_width(self.unet)
+            if adm is not None:  # encode_model_conds: each side's entries get their added conditioning
+                positive = [_with_added(e, width, height, "positive", adm) for e in positive]
+                negative = [_with_added(e, width, height, "negative", adm) for e in negative]
             self._sides[key] = prepare_sides(positive, negative, height, width, device)
         return self._sides[key]
 
@@ -254,7 +282,8 @@ class CFGDenoiser:
             inputs = torch.cat([job.input_x for job in chunk])
             concats = [job.concat for job in chunk if job.concat is not None]
             concat = torch.cat(concats) if concats else None
-            result = self.apply_model(inputs, torch.cat([sigma] * len(chunk)), context, concat)
+            added = _batched_added(chunk, batch)
+            result = self.apply_model(inputs, torch.cat([sigma] * len(chunk)), context, concat, added)
             for job, pred in zip(chunk, result.chunk(len(chunk)), strict=True):
                 out, count = outs[job.side], counts[job.side]
                 if job.area is not None:

@@ -5,10 +5,10 @@ Sources: nodes.py `common_ksampler`, comfy/sample.py, comfy/samplers.py (`KSampl
 
 1. Initial noise from the seed on CPU (or zeros when noise is disabled).
 2. Sigmas from the scheduler (denoise tail, discarded penultimate sigma, start/end window).
-3. The latent enters model space (x 0.18215) only if it has a nonzero element.
+3. The latent enters model space (x 0.18215; SDXL x 0.13025) only if it has a nonzero element.
 4. x_T = latent + noise * sqrt(1 + sigma_0^2) at full denoise (sigma_0 ~ sigma_max), else noise * sigma_0.
 5. The sampler runs inside the LoRA patch context and inference mode.
-6. The result leaves model space (/ 0.18215).
+6. The result leaves model space (/ the same factor).
 
 An inpainting UNet (9 input channels) gets model_base.BaseModel.concat_cond's extra channels per
 conditioning entry (`InpaintConcat`); a 4-channel UNet ignores those options, as in ComfyUI.
@@ -36,6 +36,7 @@ from nodes.sd.samplers.k_diffusion import Model, Sampler
 from nodes.sd.schedules import DiscreteSchedule, sampler_sigmas, split_sigmas
 
 SD15_SCALE = 0.18215
+SDXL_SCALE = 0.13025  # comfy/latent_formats.py SDXL (base and refiner)
 INPAINT_IN_CHANNELS = 9  # an SD1.x inpainting UNet: latent (4) + mask (1) + masked-image latent (4)
 # latent_formats.SD15 blank_inpaint_image_like: a grey (0.5) image in SD1.x latent space (scaled)
 BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
@@ -138,6 +139,7 @@ class InpaintConcat:
 
     latent_image: torch.Tensor
     denoise_mask: torch.Tensor | None
+    scale: float = SD15_SCALE
 
     def __call__(self, entry: CondEntry, shape: torch.Size, device: torch.device) -> torch.Tensor:
         """The entry's c_concat for a latent of `shape`: cat([mask, masked-image latent])."""
@@ -146,7 +148,7 @@ class InpaintConcat:
         mask = entry.concat_mask if entry.concat_mask is not None else self.denoise_mask
         image = self.latent_image
         if entry.concat_latent_image is not None:
-            image = entry.concat_latent_image.to(device, torch.float32) * SD15_SCALE  # process_latent_in
+            image = entry.concat_latent_image.to(device, torch.float32) * self.scale  # process_latent_in
         if tuple(image.shape[1:]) != (shape[1], height, width):
             image = common_upscale(image.float(), width, height, "bilinear", "center")
         image = resize_to_batch_size(image, batch)
@@ -212,7 +214,8 @@ def run_guided(
 ) -> torch.Tensor:
     """CFGGuider.sample with a UNet that is already patched: the latent, noise and sigmas given.
 
-    `sampling`: the model's parameterisation and sigma table (the MODEL handle's).
+    `sampling`: the model's parameterisation and sigma table (the MODEL handle's); the latent scale
+    comes from the UNet (`latent_scale`).
 
     The noise is drawn on the CPU (as ComfyUI does) and, like the latent, the sigmas and the
     conditioning, moved to `device` (the UNet's) for sampling. Returns unscaled CPU samples.
@@ -224,12 +227,12 @@ def run_guided(
         return samples
     noise, sigmas = noise.to(device), sigmas.to(device)
     samples = samples.to(device)
-    model_latent = samples * SD15_SCALE if torch.count_nonzero(samples) > 0 else samples
+    model_latent = samples * scale if torch.count_nonzero(samples) > 0 else samples
     config = getattr(unet, "config", None)
     mask = _denoise_mask(latent["noise_mask"], samples.shape).to(device) if "noise_mask" in latent else None
     concat_for: ConcatFor | None = None
     if getattr(config, "in_channels", 4) == INPAINT_IN_CHANNELS:
-        concat_for = InpaintConcat(model_latent, mask)
+        concat_for = InpaintConcat(model_latent, mask, scale)
     guider = guide.denoiser(unet, sampling, device, sampler_name in CFG_PP, concat_for)
     denoiser: Model = guider
     if mask is not None:
@@ -250,7 +253,14 @@ def run_guided(
             on_step(i, total, denoised)
 
     result: torch.Tensor = sampler(denoiser, x, sigmas, seed, callback)
-    return result.to(torch.float32).cpu() / SD15_SCALE
+    return result.to(torch.float32).cpu() / scale
+
+
+def latent_scale(unet: Any) -> float:
+    """The latent format's scale factor for a UNet: SDXL's (base and refiner: a UNet with SDXL's
+    `text_time` added conditioning) 0.13025, else SD1.x's 0.18215."""
+    config = getattr(unet, "config", None)
+    return SDXL_SCALE if getattr(config, "addition_embed_type", None) == "text_time" else SD15_SCALE
 
 
 def sample(

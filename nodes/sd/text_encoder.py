@@ -66,9 +66,14 @@ def _first_end(tokens: Sequence[Any], eos: int) -> int:
     return len(tokens) - 1
 
 
+def tower(te: Any) -> Any:
+    """The text transformer of a CLIP model (`CLIPTextModelWithProjection` nests it in `text_model`)."""
+    return getattr(te, "text_model", te)
+
+
 def input_embeddings(te: Any, sequences: Sequence[Sequence[Any]], warn: Warn | None) -> torch.Tensor:
     """Token embeddings `[B, T, width]`, with textual-inversion vectors spliced in at their positions."""
-    table = te.embeddings.token_embedding.weight
+    table = tower(te).embeddings.token_embedding.weight
     width = table.shape[1]
     pad = sequences[0][-1] if isinstance(sequences[0][-1], int) else 49407
     rows: list[torch.Tensor] = []
@@ -89,28 +94,50 @@ def input_embeddings(te: Any, sequences: Sequence[Sequence[Any]], warn: Warn | N
 
 
 def run_clip(
-    te: Any, sequences: Sequence[Sequence[Any]], layer_idx: int | None, warn: Warn | None = None
+    te: Any,
+    sequences: Sequence[Sequence[Any]],
+    layer_idx: int | None,
+    warn: Warn | None = None,
+    normalize_hidden: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(selected hidden state after final LN, last hidden state after final LN), both `[B, T, width]`."""
-    x = te.embeddings(inputs_embeds=input_embeddings(te, sequences, warn))
+    """(selected hidden state, last hidden state after final LN), both `[B, T, width]`.
+
+    `normalize_hidden` True (SD1.x): the selected state gets the final LayerNorm, and -1 is the last.
+    False (SDXL, ComfyUI `layer_norm_hidden_state=False`): a picked layer, -1 included, is returned
+    as it is; only a `layer_idx` beyond the depth falls back to the normalised last layer.
+    """
+    clip = tower(te)
+    x = clip.embeddings(inputs_embeds=input_embeddings(te, sequences, warn))
     length = x.shape[1]
     # ComfyUI's causal mask: -finfo.max above the diagonal (not -inf), added to the attention scores.
     mask = torch.full((length, length), -torch.finfo(x.dtype).max, dtype=x.dtype, device=x.device)
     mask = mask.triu_(1)[None, None]
-    layers = te.encoder.layers
-    pick = _hidden_index(layer_idx, len(layers))
+    layers = clip.encoder.layers
+    if normalize_hidden:
+        pick = _hidden_index(layer_idx, len(layers))
+    else:
+        pick = _hidden_index_raw(layer_idx, len(layers))
     selected = None
     for i, layer in enumerate(layers):
         x = layer(x, mask)
         if i == pick:
             selected = x
-    norm = te.final_layer_norm
+    norm = clip.final_layer_norm
     last = norm(x)
-    return (norm(selected) if selected is not None else last), last
+    if selected is None:
+        return last, last
+    return (norm(selected) if normalize_hidden else selected), last
 
 
 def _hidden_index(layer_idx: int | None, num_layers: int) -> int | None:
     """Index of the layer whose output is used, or None for the last (ComfyUI: |n| > layers means last)."""
     if layer_idx is None or abs(layer_idx) > num_layers or layer_idx == -1:
+        return None
+    return layer_idx if layer_idx >= 0 else num_layers + layer_idx
+
+
+def _hidden_index_raw(layer_idx: int | None, num_layers: int) -> int | None:
+    """As `_hidden_index`, but -1 picks the last layer itself (to be used without the final LN)."""
+    if layer_idx is None or abs(layer_idx) > num_layers:
         return None
     return layer_idx if layer_idx >= 0 else num_layers + layer_idx

@@ -51,3 +51,22 @@ class ClipTokenizer:
 def default_tokenizer() -> ClipTokenizer:
     """The one shared tokenizer (it holds the whole vocabulary; build it once)."""
     return ClipTokenizer()
+
+
+class PaddedTokenizer(ClipTokenizer):
+    """A tokenizer seen with another pad token: bigG pads with 0 (ComfyUI `pad_with_end=False`).
+
+    Shares the inner tokenizer's vocabulary (no second copy)."""
+
+    def __init__(self, inner: ClipTokenizer, pad: int) -> None:  # noqa: D107 - no super(): shares `inner`
+        self.inner = inner
+        self.pad = pad
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.inner.decode(ids)
+
+
+CLIP_G_PAD = 0

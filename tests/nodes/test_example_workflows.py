@@ -29,6 +29,8 @@ def _pixels(path: Path) -> np.ndarray:
 def test_every_example_workflow_is_covered() -> None:
     assert sorted(p.name for p in WORKFLOWS.glob("*.json")) == [
         "img2img.json",
+        "sdxl_base_refiner.json",
+        "sdxl_txt2img.json",
         "txt2img.json",
         "txt2img_two_loras.json",
     ]
@@ -52,3 +54,38 @@ def test_img2img_runs_on_the_demo_input_image(demo_base: Path) -> None:
     result = Image.open(demo_base / "output" / "img2img_00001_.png")
     assert result.size == (source.width // 8 * 8, source.height // 8 * 8)
     assert _pixels(demo_base / "output" / "img2img_00001_.png").std() > 1
+
+
+@pytest.fixture(scope="module")
+def sdxl_demo_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SDXL demo models only (`nodegraph demo --sdxl` writes them beside the SD1.5 ones)."""
+    from nodes import demo_sdxl
+
+    base = tmp_path_factory.mktemp("demo_sdxl")
+    folders = Folders.at(base)
+    ckpts = folders.paths("checkpoints")[0]
+    demo_sdxl.write_sdxl_checkpoint(ckpts / demo_sdxl.SDXL_DEMO_NAME)
+    refiner = demo_sdxl.REFINER_MINI
+    demo_sdxl.write_sdxl_checkpoint(ckpts / demo_sdxl.REFINER_DEMO_NAME, refiner, "nodegraph-demo-refiner")
+    return base
+
+
+def test_sdxl_txt2img_and_base_refiner_run_on_the_sdxl_demo_models(sdxl_demo_base: Path) -> None:
+    small = ["--set", "5.width=64", "--set", "5.height=64"]
+    txt = [str(WORKFLOWS / "sdxl_txt2img.json"), *small, "--set", "3.steps=2"]
+    refined = [
+        str(WORKFLOWS / "sdxl_base_refiner.json"),
+        *small,
+        "--set",
+        "10.steps=3",
+        "--set",
+        "11.steps=3",
+    ]
+    refined += ["--set", "10.end_at_step=2", "--set", "11.start_at_step=2"]
+    common = ["--base-directory", str(sdxl_demo_base), "--preview-method", "none"]
+    assert main(["run", *txt, *common]) == 0
+    assert main(["run", *refined, *common]) == 0
+    plain = _pixels(sdxl_demo_base / "output" / "sdxl_txt2img_00001_.png")
+    handed_off = _pixels(sdxl_demo_base / "output" / "sdxl_base_refiner_00001_.png")
+    assert plain.shape == handed_off.shape == (64, 64, 3)
+    assert plain.std() > 1 and handed_off.std() > 1

@@ -12,7 +12,7 @@ import torch
 
 from nodegraph.engine import Settings, build_engine
 from nodegraph.node import Node, Result, RunContext, Socket
-from nodegraph.types import IMAGE
+from nodegraph.types import CONDITIONING, IMAGE
 from nodes import all_nodes
 
 ORACLE = Path(__file__).resolve().parents[3] / "shared" / "oracle"
@@ -91,3 +91,48 @@ def run_for_latent(engine: Any, prompt: dict[str, Any], name: str) -> np.ndarray
 def latent_of() -> Any:
     """`run_for_latent`, for tests that run several prompts."""
     return run_for_latent
+
+
+class SdxlCondCapture(Node):
+    """Test only: keep a conditioning's tensors (cond, pooled output) and options by node id."""
+
+    CATEGORY = "_for_testing"
+    OUTPUT_NODE = True
+    INPUTS = (Socket("conditioning", CONDITIONING),)
+    OUTPUTS = ()
+
+    def run(self, ctx: RunContext, conditioning: Any) -> Result:
+        CONDS[ctx.node_id] = conditioning
+        return Result((), None)
+
+
+CONDS: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="session")
+def sdxl_engine(
+    tmp_path_factory: pytest.TempPathFactory,
+    mini_sdxl_checkpoint: Path,
+    mini_sdxl_loras: Path,
+    sdxl_store: Any,
+) -> Any:
+    """An engine on the mini SDXL checkpoint and LoRA, sharing the session's loaded SDXL model store."""
+    from nodes.sd.model_store import ModelStore
+
+    base = tmp_path_factory.mktemp("parity_sdxl")
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "loras").mkdir(parents=True)
+    (base / "models" / "checkpoints" / mini_sdxl_checkpoint.name).symlink_to(mini_sdxl_checkpoint)
+    for lora in mini_sdxl_loras.glob("*.safetensors"):
+        (base / "models" / "loras" / lora.name).symlink_to(lora)
+    engine = build_engine(
+        Settings(base_directory=base, preview_method="none"), [*all_nodes(), ParityCapture, SdxlCondCapture]
+    )
+    engine.env.services[ModelStore] = sdxl_store
+    return engine
+
+
+@pytest.fixture(scope="session")
+def captured_conds() -> dict[str, Any]:
+    """The conditionings SdxlCondCapture nodes saw, by node id."""
+    return CONDS

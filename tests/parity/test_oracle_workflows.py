@@ -42,11 +42,18 @@ def _compare_refs() -> ModuleType:
 
 
 def run_workflow(
-    engine: Any, name: str, out_dir: Path, captured: dict[str, np.ndarray], folder: str = "workflows"
+    engine: Any,
+    name: str,
+    out_dir: Path,
+    captured: dict[str, np.ndarray],
+    folder: str = "workflows",
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Run one oracle workflow and write image.png, image_float.npy and latent.npy into out_dir."""
+    """Run one oracle workflow (from `folder`, plus `extra` nodes) and write image.png,
+    image_float.npy and latent.npy into out_dir."""
     prompt = json.loads((ORACLE / folder / f"{name}.json").read_text())
     prompt["capture"] = {"class_type": "ParityCapture", "inputs": {"images": ["decode", 0]}}
+    prompt |= extra or {}
     checked = validate_prompt(prompt, engine.registry, engine.env)
     assert checked.ok, (checked.error, checked.node_errors)
     events: list[Event] = []
