@@ -227,6 +227,7 @@ def run_guided(
         return samples
     noise, sigmas = noise.to(device), sigmas.to(device)
     samples = samples.to(device)
+    scale = latent_scale(unet)
     model_latent = samples * scale if torch.count_nonzero(samples) > 0 else samples
     config = getattr(unet, "config", None)
     mask = _denoise_mask(latent["noise_mask"], samples.shape).to(device) if "noise_mask" in latent else None
