@@ -15,14 +15,14 @@ Each encoder runs inside `patched(...)`, the only place LoRA weights are applied
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from nodes.sd.handles import ClipHandle
-from nodes.sd.patcher import patched
+from nodes.sd.patcher import patched_clip
 from nodes.sd.prompt import EmbeddingLookup, Tokenized, WeightedToken, tokenize
 from nodes.sd.text_encoder import _apply_weights, _first_end, run_clip, tower
 from nodes.sd.tokenizer import CLIP_G_PAD, ClipTokenizer, PaddedTokenizer
@@ -85,13 +85,10 @@ def layer_of(clip: ClipHandle) -> int:
 
 @contextmanager
 def patched_encoders(clip: ClipHandle) -> Iterator[tuple[Any, Any]]:
-    """(CLIP-L or None, bigG), each computing with the handle's LoRA stack."""
-    with ExitStack() as stack:
-        te_l = None
-        if clip.text_encoder is not None:
-            te_l = stack.enter_context(patched(clip.text_encoder, clip.loras, target="te"))
-        te_g = stack.enter_context(patched(clip.text_encoder_2, clip.loras, target="te"))
-        yield te_l, te_g
+    """(CLIP-L or None, bigG), each computing with the handle's LoRA stack (`patched_clip`: CLIP-L as
+    "te", bigG as "te2", the refiner's bigG as "te_g")."""
+    with patched_clip(clip) as patched_handle:
+        yield patched_handle.text_encoder, patched_handle.text_encoder_2
 
 
 def encode_sdxl(
