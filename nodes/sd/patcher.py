@@ -111,6 +111,9 @@ class _State:
 
 
 _STATES: weakref.WeakKeyDictionary[Any, _State] = weakref.WeakKeyDictionary()
+# Text encoder -> the LoRA naming it answers to, recorded by `te_targets` (every LoRA loader calls it),
+# so `patched(bigG, loras, target="te")` still applies `lora_te2_*` keys to SDXL's bigG.
+_ROLES: weakref.WeakKeyDictionary[Any, Target] = weakref.WeakKeyDictionary()
 
 
 def _state(module: Any) -> _State:
@@ -265,6 +268,8 @@ def apply_stack(module: Any, loras: Sequence[LoraRef], target: Target, *, exact:
 
     `exact`: the weights themselves must hold the stack (no runtime branches), e.g. to save them.
     """
+    if target == "te":
+        target = _ROLES.get(module, target)  # a bigG recorded by `te_targets` keeps its "te2"/"te_g" role
     active = [r for r in loras if r.strength != 0.0]
     stack: _Sig = tuple((str(r.path), r.stamp, r.strength) for r in active)
     state = _state(module)
@@ -409,6 +414,8 @@ def te_targets(clip: ClipHandle) -> list[tuple[Any, Target]]:
     second = getattr(clip, "text_encoder_2", None)
     if second is not None:
         out.append((second, "te2" if clip.text_encoder is not None else "te_g"))
+    for module, target in out:
+        _ROLES[module] = target
     return out
 
 

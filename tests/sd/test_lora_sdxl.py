@@ -260,3 +260,20 @@ def test_sd15_lora_on_sdxl_and_the_reverse_are_refused_naming_both_files(
         LoraMismatchError, match=r"is an SDXL LoRA; the checkpoint r.safetensors is SDXL refiner"
     ):
         check(report, "r.safetensors", "sdxl_refiner")
+
+
+def test_a_bigg_patched_as_te_uses_its_recorded_role(models: dict, tmp_path: Path) -> None:
+    from nodes.sd.handles import ClipHandle
+    from nodes.sd.patcher import patched, te_targets
+
+    te2 = {_g(TE_MODS[0]): "lora_te2_text_model_" + TE_MODS[0].replace(".", "_")}
+    path = write(tmp_path / "te2.safetensors", _pairs(models["te2"], te2))
+    clip = ClipHandle(models["te"], None, "x", "sdxl", text_encoder_2=models["te2"])
+    assert [t for _, t in te_targets(clip)] == ["te", "te2"]
+    name = _g(TE_MODS[0]) + ".weight"
+    before = dict(models["te2"].named_parameters())[name].detach().clone()
+    try:
+        with patched(models["te2"], [LoraRef(path, file_stamp(path), 1.0, "te2")], target="te"):
+            assert not torch.equal(dict(models["te2"].named_parameters())[name], before)
+    finally:
+        restore(models["te2"])
