@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run serve demo test lint bench clean
+.PHONY: install run serve demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,12 @@ test: install
 	$(BIN)/ruff check nodegraph nodes tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+# Everything but the browser (e2e) and whole-workflow parity tiers: the loop while editing.
+test-fast: install
+	$(BIN)/ruff check nodegraph nodes tests bench
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -m "not e2e and not parity"
 
 lint: install
 	$(BIN)/ruff check nodegraph nodes tests bench

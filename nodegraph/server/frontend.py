@@ -11,7 +11,7 @@ import asyncio
 import gzip
 import mimetypes
 import sys
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,23 @@ from aiohttp import web
 
 from nodegraph.folders import PathEscapeError, safe_join
 
-FRONTEND_VERSION = "1.27.10"
+
+def _pinned_frontend_version() -> str:
+    """The canvas version: pyproject.toml's one pin (`comfyui-frontend-package==X`), as installed."""
+    try:
+        for requirement in metadata.requires("nodegraph") or []:
+            name, sep, rest = requirement.partition("==")
+            if sep and name.strip() == "comfyui-frontend-package":
+                return rest.split(";")[0].strip()
+    except metadata.PackageNotFoundError:  # run from a source tree without `make install`
+        pass
+    try:
+        return metadata.version("comfyui-frontend-package")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+FRONTEND_VERSION = _pinned_frontend_version()  # a metadata file read, no import of the frontend
 EXTENSION_PREFIX = "/extensions/nodegraph"
 NO_CACHE = {"Cache-Control": "no-cache"}
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from models_context import FakeContext
 
 from nodegraph.env import Environment
 from nodegraph.folders import Folders
+from nodegraph.testing import RecordingContext
 
 
 @pytest.fixture(scope="session")
@@ -30,5 +30,5 @@ def env(tmp_path: Path) -> Environment:
 
 
 @pytest.fixture
-def ctx(env: Environment) -> FakeContext:
-    return FakeContext(env)
+def ctx(env: Environment) -> RecordingContext:
+    return RecordingContext(env)

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from models_context import FakeContext
 
 from nodegraph.env import Environment
+from nodegraph.testing import RecordingContext
 from nodes.conditioning import CLIPSetLastLayer, CLIPTextEncode, ConditioningCombine, ConditioningZeroOut
 from nodes.loaders import CheckpointLoaderSimple
 from nodes.sd.handles import ClipHandle
+from tests.conftest import ORACLE
 
-ORACLE = Path(__file__).resolve().parents[2].parent / "shared" / "oracle" / "refs"
+REFS = ORACLE / "refs"
 PROMPT = "a photo of a cat sitting on a red chair, highly detailed"
 
 
 @pytest.fixture(scope="module")
 def clip(models_env: Environment) -> ClipHandle:
-    return CheckpointLoaderSimple().run(FakeContext(models_env), "mini.safetensors")[1]
+    return CheckpointLoaderSimple().run(RecordingContext(models_env), "mini.safetensors")[1]
 
 
 def test_declarations_match_comfyui(models_env: Environment) -> None:
@@ -40,26 +39,26 @@ def test_declarations_match_comfyui(models_env: Environment) -> None:
 
 
 def test_encode_node_gives_comfyuis_conditioning(models_env: Environment, clip: ClipHandle) -> None:
-    (cond,) = CLIPTextEncode().run(FakeContext(models_env), PROMPT, clip)
+    (cond,) = CLIPTextEncode().run(RecordingContext(models_env), PROMPT, clip)
     assert len(cond) == 1 and set(cond[0][1]) == {"pooled_output"}
-    ref = np.load(ORACLE / "baseline" / "cond_pos.npy")
+    ref = np.load(REFS / "baseline" / "cond_pos.npy")
     assert float(np.abs(cond[0][0].numpy() - ref).max()) < 2e-5
 
 
 def test_set_last_layer_gives_clip_skip_without_touching_the_input(
     models_env: Environment, clip: ClipHandle
 ) -> None:
-    (skipped,) = CLIPSetLastLayer().run(FakeContext(models_env), clip, -2)
+    (skipped,) = CLIPSetLastLayer().run(RecordingContext(models_env), clip, -2)
     assert skipped.layer_idx == -2 and clip.layer_idx is None
-    (cond,) = CLIPTextEncode().run(FakeContext(models_env), PROMPT, skipped)
-    ref = np.load(ORACLE / "clip_skip_2" / "cond_pos.npy")
+    (cond,) = CLIPTextEncode().run(RecordingContext(models_env), PROMPT, skipped)
+    ref = np.load(REFS / "clip_skip_2" / "cond_pos.npy")
     assert float(np.abs(cond[0][0].numpy() - ref).max()) < 2e-5
 
 
 def test_missing_embedding_warns_and_is_dropped(models_env: Environment, clip: ClipHandle) -> None:
-    ctx = FakeContext(models_env)
+    ctx = RecordingContext(models_env)
     (with_missing,) = CLIPTextEncode().run(ctx, "a embedding:nothere cat", clip)
-    (plain,) = CLIPTextEncode().run(FakeContext(models_env), "a cat", clip)
+    (plain,) = CLIPTextEncode().run(RecordingContext(models_env), "a cat", clip)
     assert ctx.warnings and "embedding:nothere does not exist" in ctx.warnings[0][0]
     assert torch.equal(with_missing[0][0], plain[0][0])
 
@@ -69,7 +68,7 @@ def test_an_a1111_embedding_file_is_used(models_env: Environment, clip: ClipHand
     vectors = table[torch.tensor(clip.tokenizer.encode("red cat"))].detach().clone()
     folder = models_env.folders.paths("embeddings")[0]
     torch.save({"string_to_param": {"*": vectors}, "name": "redcat"}, folder / "redcat.pt")
-    ctx = FakeContext(models_env)
+    ctx = RecordingContext(models_env)
     (embedded,) = CLIPTextEncode().run(ctx, "a embedding:redcat", clip)
     (words,) = CLIPTextEncode().run(ctx, "a red cat", clip)
     assert ctx.warnings == []
@@ -79,7 +78,7 @@ def test_an_a1111_embedding_file_is_used(models_env: Environment, clip: ClipHand
 def test_combine_concatenates_and_zero_out_zeroes(models_env: Environment) -> None:
     a = [[torch.ones(1, 77, 768), {"pooled_output": torch.ones(1, 768)}]]
     b = [[torch.full((1, 77, 768), 2.0), {"pooled_output": torch.ones(1, 768)}]]
-    ctx = FakeContext(models_env)
+    ctx = RecordingContext(models_env)
     (both,) = ConditioningCombine().run(ctx, a, b)
     assert len(both) == 2 and both[0] is a[0] and both[1] is b[0]
     (zero,) = ConditioningZeroOut().run(ctx, both)
@@ -89,4 +88,4 @@ def test_combine_concatenates_and_zero_out_zeroes(models_env: Environment) -> No
 
 def test_encode_without_clip_explains(models_env: Environment) -> None:
     with pytest.raises(ValueError, match="clip input is invalid"):
-        CLIPTextEncode().run(FakeContext(models_env), "x", None)  # type: ignore[arg-type]
+        CLIPTextEncode().run(RecordingContext(models_env), "x", None)  # type: ignore[arg-type]

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 import torch
-from models_context import FakeContext
 from PIL import Image
 
 from nodegraph.engine import Settings, build_engine
 from nodegraph.env import Environment
 from nodegraph.events import Event
+from nodegraph.testing import RecordingContext
 from nodegraph.validate import validate_prompt
 from nodes import all_nodes
 from nodes.conditioning_area import (
@@ -29,8 +29,8 @@ from nodes.conditioning_area import (
 )
 from nodes.outpaint import ImagePadForOutpaint
 from nodes.sd.latent_ops import load_latent_file
+from tests.conftest import ORACLE
 
-ORACLE = Path(__file__).resolve().parents[3] / "shared" / "oracle"
 RES = 16384  # ComfyUI's MAX_RESOLUTION
 STRENGTH = ["FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}]
 STEP8 = {"default": 0, "min": 0, "max": RES, "step": 8}
@@ -110,7 +110,7 @@ def test_object_info_is_comfyuis(env: Environment, node_id: str) -> None:
     assert (info["display_name"], info["category"], info["output_node"]) == (display, category, False)
 
 
-def test_area_nodes_set_comfyuis_options_without_touching_their_input(ctx: FakeContext) -> None:
+def test_area_nodes_set_comfyuis_options_without_touching_their_input(ctx: RecordingContext) -> None:
     emb = torch.zeros(1, 77, 8)
     cond = [[emb, {"pooled_output": None, "strength": 0.3}]]
     (area,) = ConditioningSetArea().run(ctx, cond, 200, 96, 36, 8, 2.0)
@@ -168,7 +168,7 @@ def comfy_expand_image(
         (8, 8, 8, 8, 40),
     ],
 )
-def test_outpaint_pad_matches_comfyui(ctx: FakeContext, pads: tuple[int, int, int, int, int]) -> None:
+def test_outpaint_pad_matches_comfyui(ctx: RecordingContext, pads: tuple[int, int, int, int, int]) -> None:
     image = torch.rand(2, 22, 26, 3, generator=torch.Generator().manual_seed(1))
     padded, mask = ImagePadForOutpaint().run(ctx, image, *pads)
     expected_image, expected_mask = comfy_expand_image(image, *pads)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from models_context import FakeContext
 
 from nodegraph.env import Environment
+from nodegraph.testing import RecordingContext
 from nodes.conditioning_combine import ConditioningAverage, ConditioningConcat, ConditioningSetTimestepRange
 from nodes.sd.guidance import cond_entries
 from nodes.sd.schedules import sd15_schedule
@@ -37,7 +37,7 @@ def test_declarations_are_comfyuis(env: Environment) -> None:
     )
 
 
-def test_average_lerps_and_pads_or_cuts_from(ctx: FakeContext) -> None:
+def test_average_lerps_and_pads_or_cuts_from(ctx: RecordingContext) -> None:
     to = torch.randn(1, 154, 8)
     short_from, long_from = torch.randn(1, 77, 8), torch.randn(1, 231, 8)
     pooled_to, pooled_from = torch.randn(1, 8), torch.randn(1, 8)
@@ -57,7 +57,7 @@ def test_average_lerps_and_pads_or_cuts_from(ctx: FakeContext) -> None:
     assert torch.allclose(cut[0][1]["pooled_output"], pooled_from)
 
 
-def test_average_and_concat_use_only_the_first_from_entry(ctx: FakeContext) -> None:
+def test_average_and_concat_use_only_the_first_from_entry(ctx: RecordingContext) -> None:
     to = [[torch.randn(1, 77, 8), {"a": 1}], [torch.randn(1, 77, 8), {}]]
     src = [[torch.randn(1, 77, 8), {}], [torch.randn(1, 77, 8), {}]]
     (avg,) = ConditioningAverage().run(ctx, to, src, 0.0)
@@ -68,7 +68,7 @@ def test_average_and_concat_use_only_the_first_from_entry(ctx: FakeContext) -> N
     assert cat[0][1] is not to[0][1] and len(ctx.warnings) == 2
 
 
-def test_timestep_range_sets_percents_that_guidance_reads(ctx: FakeContext) -> None:
+def test_timestep_range_sets_percents_that_guidance_reads(ctx: RecordingContext) -> None:
     cond = [[torch.randn(1, 77, 768), {"pooled_output": None}]]
     (out,) = ConditioningSetTimestepRange().run(ctx, cond, 0.25, 0.75)
     assert out[0][1] == {"pooled_output": None, "start_percent": 0.25, "end_percent": 0.75}

@@ -22,8 +22,7 @@ from nodegraph.events import Event
 from nodegraph.validate import validate_prompt
 from nodes import all_nodes
 from nodes.sd.latent_ops import load_latent_file
-
-ORACLE = Path(__file__).resolve().parents[3] / "shared" / "oracle"
+from tests.conftest import ORACLE
 
 
 @pytest.fixture(scope="module")

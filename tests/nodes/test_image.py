@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from models_context import FakeContext
 from PIL import Image
 
 from nodegraph.env import Environment
 from nodegraph.folders import PathEscapeError
+from nodegraph.testing import RecordingContext
 from nodes.image import (
     ImageFileError,
     LoadImage,
@@ -24,16 +23,17 @@ from nodes.image import (
     to_uint8,
 )
 from nodes.loaders import CheckpointLoaderSimple
+from tests.conftest import ORACLE
 
-ORACLE = Path(__file__).resolve().parents[2].parent / "shared" / "oracle" / "refs"
+REFS = ORACLE / "refs"
 
 
 def test_vae_nodes_decode_like_comfyui_and_encode_to_a_latent(models_env: Environment) -> None:
-    ctx = FakeContext(models_env)
+    ctx = RecordingContext(models_env)
     vae = CheckpointLoaderSimple().run(ctx, "mini.safetensors")[2]
-    latent = torch.from_numpy(np.load(ORACLE / "baseline" / "latent.npy"))
+    latent = torch.from_numpy(np.load(REFS / "baseline" / "latent.npy"))
     (image,) = VAEDecode().run(ctx, {"samples": latent}, vae)
-    assert float(np.abs(image.numpy() - np.load(ORACLE / "baseline" / "image_float.npy")).max()) <= 3e-5
+    assert float(np.abs(image.numpy() - np.load(REFS / "baseline" / "image_float.npy")).max()) <= 3e-5
     (encoded,) = VAEEncode().run(ctx, image, vae)
     assert set(encoded) == {"samples"} and encoded["samples"].shape == (1, 4, 8, 8)
     info = VAEDecode.info(models_env)
@@ -41,8 +41,8 @@ def test_vae_nodes_decode_like_comfyui_and_encode_to_a_latent(models_env: Enviro
 
 
 def test_uint8_conversion_truncates_like_comfyui() -> None:
-    floats = torch.from_numpy(np.load(ORACLE / "baseline" / "image_float.npy"))[0]
-    expected = np.array(Image.open(ORACLE / "baseline" / "image.png"))
+    floats = torch.from_numpy(np.load(REFS / "baseline" / "image_float.npy"))[0]
+    expected = np.array(Image.open(REFS / "baseline" / "image.png"))
     assert np.array_equal(to_uint8(floats), expected)
     assert to_uint8(torch.tensor([0.999, 1.5, -0.2])).tolist() == [254, 255, 0]
 
@@ -51,7 +51,7 @@ def _image(h: int = 16, w: int = 24, batch: int = 1) -> torch.Tensor:
     return torch.rand(batch, h, w, 3, generator=torch.Generator().manual_seed(0))
 
 
-def test_save_image_names_counts_and_writes_metadata(env: Environment, ctx: FakeContext) -> None:
+def test_save_image_names_counts_and_writes_metadata(env: Environment, ctx: RecordingContext) -> None:
     prompt = {"1": {"class_type": "SaveImage", "inputs": {}}}
     extra = {"workflow": {"nodes": []}, "other": "é"}
     result = SaveImage().run(ctx, _image(batch=2), "run/cat_%width%x%height%", prompt, extra)
@@ -64,19 +64,19 @@ def test_save_image_names_counts_and_writes_metadata(env: Environment, ctx: Fake
     assert again.ui["images"][0]["filename"] == "cat_24x16_00003_.png"  # type: ignore[index]
 
 
-def test_save_image_without_metadata_when_disabled(env: Environment, ctx: FakeContext) -> None:
+def test_save_image_without_metadata_when_disabled(env: Environment, ctx: RecordingContext) -> None:
     env.disable_metadata = True
     SaveImage().run(ctx, _image(), "plain", {"a": 1}, {"workflow": {}})
     assert Image.open(env.folders.output_dir / "plain_00001_.png").text == {}
 
 
 @pytest.mark.parametrize("prefix", ["../escape", "/etc/x", "a/../../b"])
-def test_save_image_refuses_to_leave_the_output_folder(ctx: FakeContext, prefix: str) -> None:
+def test_save_image_refuses_to_leave_the_output_folder(ctx: RecordingContext, prefix: str) -> None:
     with pytest.raises(PathEscapeError, match="outside the output folder"):
         SaveImage().run(ctx, _image(), prefix)
 
 
-def test_preview_image_goes_to_temp_with_a_random_suffix(env: Environment, ctx: FakeContext) -> None:
+def test_preview_image_goes_to_temp_with_a_random_suffix(env: Environment, ctx: RecordingContext) -> None:
     result = PreviewImage().run(ctx, _image())
     entry = result.ui["images"][0]  # type: ignore[index]
     assert entry["type"] == "temp" and entry["filename"].startswith("ComfyUI_temp_")
@@ -90,7 +90,7 @@ def test_save_image_declaration_is_comfyuis(env: Environment) -> None:
     assert info["input"]["hidden"] == {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
 
 
-def test_load_image_rgba_gives_inverted_alpha_mask(env: Environment, ctx: FakeContext) -> None:
+def test_load_image_rgba_gives_inverted_alpha_mask(env: Environment, ctx: RecordingContext) -> None:
     rgba = np.zeros((5, 7, 4), dtype=np.uint8)
     rgba[..., 0] = 255
     rgba[..., 3] = 51
@@ -102,7 +102,7 @@ def test_load_image_rgba_gives_inverted_alpha_mask(env: Environment, ctx: FakeCo
 
 
 def test_load_image_rgb_has_a_64x64_zero_mask_and_is_exif_transposed(
-    env: Environment, ctx: FakeContext
+    env: Environment, ctx: RecordingContext
 ) -> None:
     img = Image.new("RGB", (4, 2), (10, 20, 30))
     exif = Image.Exif()
@@ -113,14 +113,14 @@ def test_load_image_rgb_has_a_64x64_zero_mask_and_is_exif_transposed(
     assert mask.shape == (1, 64, 64) and not mask.any()
 
 
-def test_load_image_reads_every_frame_of_an_animation(env: Environment, ctx: FakeContext) -> None:
+def test_load_image_reads_every_frame_of_an_animation(env: Environment, ctx: RecordingContext) -> None:
     frames = [Image.new("RGB", (6, 6), (c, 0, 0)) for c in (0, 128, 255)]
     frames[0].save(env.folders.input_dir / "anim.gif", save_all=True, append_images=frames[1:])
     image, mask = LoadImage().run(ctx, "anim.gif")
     assert image.shape == (3, 6, 6, 3) and mask.shape[0] == 3
 
 
-def test_load_image_that_is_not_an_image_names_the_file(env: Environment, ctx: FakeContext) -> None:
+def test_load_image_that_is_not_an_image_names_the_file(env: Environment, ctx: RecordingContext) -> None:
     (env.folders.input_dir / "notes.png").write_text("hello")
     with pytest.raises(ImageFileError, match="'notes.png' is not an image"):
         LoadImage().run(ctx, "notes.png")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from models_context import FakeContext
 from PIL import Image
 
 from nodegraph.env import Environment
+from nodegraph.testing import RecordingContext
 from nodes.image_transform import EmptyImage, ImageBatch, ImageInvert, ImageScale, ImageScaleBy
 
 METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
@@ -38,7 +38,7 @@ def test_declarations_are_comfyuis(env: Environment) -> None:
     assert ImageBatch.info(env)["input_order"]["required"] == ["image1", "image2"]
 
 
-def test_scale_follows_aspect_for_a_zero_side_and_passes_through_zero_zero(ctx: FakeContext) -> None:
+def test_scale_follows_aspect_for_a_zero_side_and_passes_through_zero_zero(ctx: RecordingContext) -> None:
     image = torch.rand(2, 30, 40, 3)
     (same,) = ImageScale().run(ctx, image, "bilinear", 0, 0, "disabled")
     assert same is image
@@ -50,7 +50,7 @@ def test_scale_follows_aspect_for_a_zero_side_and_passes_through_zero_zero(ctx: 
     assert cropped.shape == (2, 30, 30, 3) and torch.equal(cropped, image[:, :, 5:35])
 
 
-def test_lanczos_is_pillows_on_8_bit_pixels(ctx: FakeContext) -> None:
+def test_lanczos_is_pillows_on_8_bit_pixels(ctx: RecordingContext) -> None:
     image = torch.rand(1, 20, 24, 3)
     (out,) = ImageScaleBy().run(ctx, image, "lanczos", 1.5)
     assert out.shape == (1, 30, 36, 3)
@@ -63,7 +63,7 @@ def test_lanczos_is_pillows_on_8_bit_pixels(ctx: FakeContext) -> None:
     assert np.array_equal(centre[0].numpy(), expected)
 
 
-def test_invert_empty_and_batch(ctx: FakeContext) -> None:
+def test_invert_empty_and_batch(ctx: RecordingContext) -> None:
     image = torch.rand(1, 4, 4, 3)
     assert torch.equal(ImageInvert().run(ctx, image)[0], 1.0 - image)
     (empty,) = EmptyImage().run(ctx, 5, 3, 2, 0xFF8000)

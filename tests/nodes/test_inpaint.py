@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from models_context import FakeContext
 from PIL import Image
 
 from nodegraph.env import Environment
+from nodegraph.testing import RecordingContext
 from nodes.image import ImageFileError
 from nodes.inpaint import LoadImageMask, SetLatentNoiseMask, VAEEncodeForInpaint, inpaint_pixels
 from nodes.loaders import CheckpointLoaderSimple
@@ -31,7 +31,7 @@ def test_declarations_are_comfyuis(env: Environment) -> None:
     assert (info["category"], info["display_name"]) == ("mask", "Load Image (as Mask)")
 
 
-def test_set_latent_noise_mask_reshapes(ctx: FakeContext) -> None:
+def test_set_latent_noise_mask_reshapes(ctx: RecordingContext) -> None:
     src = {"samples": torch.zeros(1, 4, 8, 8)}
     (out,) = SetLatentNoiseMask().run(ctx, src, torch.ones(64, 64))
     assert out["noise_mask"].shape == (1, 1, 64, 64) and "noise_mask" not in src
@@ -70,7 +70,7 @@ def test_inpaint_mask_is_resized_bilinear_to_the_image() -> None:
 
 
 def test_vae_encode_for_inpaint_gives_latent_and_noise_mask(models_env: Environment) -> None:
-    ctx = FakeContext(models_env)
+    ctx = RecordingContext(models_env)
     vae = CheckpointLoaderSimple().run(ctx, "mini.safetensors")[2]
     mask = torch.zeros(1, 64, 64)
     mask[0, 16:48, 16:48] = 1.0
@@ -79,7 +79,7 @@ def test_vae_encode_for_inpaint_gives_latent_and_noise_mask(models_env: Environm
     assert float(latent["noise_mask"].sum()) == 37 * 37  # 32 + 2 before + 3 after on each axis
 
 
-def test_load_image_mask_channels(env: Environment, ctx: FakeContext) -> None:
+def test_load_image_mask_channels(env: Environment, ctx: RecordingContext) -> None:
     rgba = np.random.default_rng(0).integers(0, 256, (6, 5, 4), dtype=np.uint8)
     Image.fromarray(rgba, "RGBA").save(Path(env.folders.input_dir) / "m.png")
     (alpha,) = LoadImageMask().run(ctx, "m.png", "alpha")
@@ -100,7 +100,7 @@ def test_load_image_mask_channels(env: Environment, ctx: FakeContext) -> None:
     )
 
 
-def test_load_image_mask_that_is_not_an_image_names_the_file(env: Environment, ctx: FakeContext) -> None:
+def test_load_image_mask_that_is_not_an_image_names_the_file(env: Environment, ctx: RecordingContext) -> None:
     (Path(env.folders.input_dir) / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ImageFileError, match="'bad.png'"):
         LoadImageMask().run(ctx, "bad.png", "alpha")

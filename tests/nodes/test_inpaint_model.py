@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from models_context import FakeContext
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from nodegraph.engine import Settings, build_engine
 from nodegraph.events import Event
+from nodegraph.testing import RecordingContext
 from nodegraph.validate import validate_prompt
 from nodes import all_nodes
 from nodes.conditioning import CLIPTextEncode
@@ -32,8 +32,8 @@ from nodes.latent import EmptyLatentImage
 from nodes.loaders import CheckpointLoaderSimple
 from nodes.sampling import KSampler
 from nodes.sd import vae as vae_math
+from tests.conftest import ORACLE
 
-ORACLE = Path(__file__).resolve().parents[3] / "shared" / "oracle"
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 BLANK = torch.tensor([0.8223, -0.6876, 0.6364, 0.1380]).reshape(1, 4, 1, 1)
 SCALE = 0.18215
@@ -60,17 +60,17 @@ def engine(tmp_path_factory: pytest.TempPathFactory, mini_checkpoint: Path) -> A
 
 
 @pytest.fixture
-def ctx(engine: Any) -> FakeContext:
-    return FakeContext(engine.env)
+def ctx(engine: Any) -> RecordingContext:
+    return RecordingContext(engine.env)
 
 
-def load(ctx: FakeContext, name: str) -> tuple[Any, Any, Any]:
+def load(ctx: RecordingContext, name: str) -> tuple[Any, Any, Any]:
     model, clip, vae = CheckpointLoaderSimple().run(ctx, name)
     return model, clip, vae
 
 
 @pytest.fixture
-def conv_inputs(ctx: FakeContext) -> Iterator[tuple[Any, list[torch.Tensor]]]:
+def conv_inputs(ctx: RecordingContext) -> Iterator[tuple[Any, list[torch.Tensor]]]:
     """The inpainting model's handles and a list that collects every conv_in input."""
     model, clip, vae = load(ctx, "mini_inpaint.safetensors")
     seen: list[torch.Tensor] = []
@@ -79,11 +79,13 @@ def conv_inputs(ctx: FakeContext) -> Iterator[tuple[Any, list[torch.Tensor]]]:
     hook.remove()
 
 
-def prompts(ctx: FakeContext, clip: Any) -> tuple[Any, Any]:
+def prompts(ctx: RecordingContext, clip: Any) -> tuple[Any, Any]:
     return CLIPTextEncode().run(ctx, "a cat", clip)[0], CLIPTextEncode().run(ctx, "", clip)[0]
 
 
-def sample(ctx: FakeContext, model: Any, positive: Any, negative: Any, latent: Any, cfg: float = 7.0) -> Any:
+def sample(
+    ctx: RecordingContext, model: Any, positive: Any, negative: Any, latent: Any, cfg: float = 7.0
+) -> Any:
     return KSampler().run(ctx, model, 5, 1, cfg, "euler", "normal", positive, negative, latent, 1.0)[0]
 
 
@@ -102,7 +104,7 @@ def mask_at_latent(mask: torch.Tensor) -> torch.Tensor:
     return small.round()
 
 
-def test_inpainting_checkpoint_loads_as_sd15_with_nine_input_channels(ctx: FakeContext) -> None:
+def test_inpainting_checkpoint_loads_as_sd15_with_nine_input_channels(ctx: RecordingContext) -> None:
     model, _, _ = load(ctx, "mini_inpaint.safetensors")
     assert model.family == "sd15" and model.unet.config.in_channels == 9
     assert model.unet.conv_in.weight.shape[1] == 9
@@ -110,7 +112,7 @@ def test_inpainting_checkpoint_loads_as_sd15_with_nine_input_channels(ctx: FakeC
     assert plain.unet.config.in_channels == 4
 
 
-def test_inpaint_model_conditioning_conds_reach_the_unet(ctx: FakeContext, conv_inputs: Any) -> None:
+def test_inpaint_model_conditioning_conds_reach_the_unet(ctx: RecordingContext, conv_inputs: Any) -> None:
     (model, clip, vae), seen = conv_inputs
     positive, negative = prompts(ctx, clip)
     pixels, mask = pixels_and_mask()
@@ -124,7 +126,9 @@ def test_inpaint_model_conditioning_conds_reach_the_unet(ctx: FakeContext, conv_
         torch.testing.assert_close(item[4:].unsqueeze(0), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_per_entry_concat_differs_between_positive_and_negative(ctx: FakeContext, conv_inputs: Any) -> None:
+def test_per_entry_concat_differs_between_positive_and_negative(
+    ctx: RecordingContext, conv_inputs: Any
+) -> None:
     (model, clip, vae), seen = conv_inputs
     positive, negative = prompts(ctx, clip)
     pixels, mask = pixels_and_mask()
@@ -139,7 +143,7 @@ def test_per_entry_concat_differs_between_positive_and_negative(ctx: FakeContext
     assert any(torch.allclose(h, blank, atol=1e-6) for h in halves)
 
 
-def test_latent_noise_mask_feeds_the_concat(ctx: FakeContext, conv_inputs: Any) -> None:
+def test_latent_noise_mask_feeds_the_concat(ctx: RecordingContext, conv_inputs: Any) -> None:
     (model, clip, vae), seen = conv_inputs
     positive, negative = prompts(ctx, clip)
     pixels, mask = pixels_and_mask()
@@ -151,7 +155,7 @@ def test_latent_noise_mask_feeds_the_concat(ctx: FakeContext, conv_inputs: Any) 
         torch.testing.assert_close(item[4:].unsqueeze(0), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_no_mask_gives_ones_and_the_blank_latent(ctx: FakeContext, conv_inputs: Any) -> None:
+def test_no_mask_gives_ones_and_the_blank_latent(ctx: RecordingContext, conv_inputs: Any) -> None:
     (model, clip, _), seen = conv_inputs
     positive, negative = prompts(ctx, clip)
     pixels, _ = pixels_and_mask()
@@ -163,7 +167,7 @@ def test_no_mask_gives_ones_and_the_blank_latent(ctx: FakeContext, conv_inputs: 
     torch.testing.assert_close(x[:, 5:], BLANK.expand(1, 4, 8, 8))
 
 
-def test_an_area_entry_gets_its_crop_of_the_concat(ctx: FakeContext, conv_inputs: Any) -> None:
+def test_an_area_entry_gets_its_crop_of_the_concat(ctx: RecordingContext, conv_inputs: Any) -> None:
     (model, clip, vae), seen = conv_inputs
     positive, negative = prompts(ctx, clip)
     pixels, mask = pixels_and_mask()
@@ -177,7 +181,9 @@ def test_an_area_entry_gets_its_crop_of_the_concat(ctx: FakeContext, conv_inputs
         torch.testing.assert_close(item[4:].unsqueeze(0), full[:, :, 1:5, 2:6], rtol=1e-5, atol=1e-5)
 
 
-def test_a_concat_of_another_size_is_centre_cropped_and_resized(ctx: FakeContext, conv_inputs: Any) -> None:
+def test_a_concat_of_another_size_is_centre_cropped_and_resized(
+    ctx: RecordingContext, conv_inputs: Any
+) -> None:
     (model, clip, vae), seen = conv_inputs
     positive, negative = prompts(ctx, clip)
     pixels = torch.rand((1, 96, 64, 3), generator=torch.Generator().manual_seed(4))
@@ -221,7 +227,7 @@ def comfy_inpaint_model_conditioning(
     return pixels, mask
 
 
-def test_inpaint_model_conditioning_matches_comfyuis_formula(ctx: FakeContext) -> None:
+def test_inpaint_model_conditioning_matches_comfyuis_formula(ctx: RecordingContext) -> None:
     _, clip, vae = load(ctx, "mini.safetensors")
     positive, negative = prompts(ctx, clip)
     positive = [[positive[0][0], {**positive[0][1], "strength": 0.5}]]
@@ -242,7 +248,7 @@ def test_inpaint_model_conditioning_matches_comfyuis_formula(ctx: FakeContext) -
     assert set(plain) == {"samples"}
 
 
-def test_a_four_channel_model_ignores_the_concat_options(ctx: FakeContext) -> None:
+def test_a_four_channel_model_ignores_the_concat_options(ctx: RecordingContext) -> None:
     model, clip, vae = load(ctx, "mini.safetensors")
     positive, negative = prompts(ctx, clip)
     pixels, mask = pixels_and_mask()
@@ -336,7 +342,7 @@ def test_inpaint_workflow_with_an_inpainting_checkpoint_writes_a_png(engine: Any
         assert image.format == "PNG" and image.size == (64, 64)
 
 
-def test_a_bad_concat_option_is_a_clear_error(ctx: FakeContext, conv_inputs: Any) -> None:
+def test_a_bad_concat_option_is_a_clear_error(ctx: RecordingContext, conv_inputs: Any) -> None:
     (model, clip, _), _ = conv_inputs
     positive, negative = prompts(ctx, clip)
     bad = [[positive[0][0], {**positive[0][1], "concat_latent_image": torch.zeros(4, 8, 8)}]]

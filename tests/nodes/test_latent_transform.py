@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 import torch
-from models_context import FakeContext
 
 from nodegraph.env import Environment
+from nodegraph.testing import RecordingContext
 from nodes.latent_batch import LatentFromBatch, RepeatLatentBatch
 from nodes.latent_transform import (
     LatentBlend,
@@ -78,7 +78,7 @@ def test_declarations_are_comfyuis(env: Environment) -> None:
     assert (info["category"], info["display_name"]) == ("latent/transform", "Flip Latent")
 
 
-def test_upscale_by_rounds_each_side_and_keeps_other_keys(ctx: FakeContext) -> None:
+def test_upscale_by_rounds_each_side_and_keeps_other_keys(ctx: RecordingContext) -> None:
     t = torch.randn(2, 4, 9, 13)
     src = {"samples": t, "noise_mask": torch.ones(1, 1, 72, 104)}
     (out,) = LatentUpscaleBy().run(ctx, src, "bilinear", 1.5)
@@ -88,7 +88,7 @@ def test_upscale_by_rounds_each_side_and_keeps_other_keys(ctx: FakeContext) -> N
     assert src["samples"] is t and set(src) == {"samples", "noise_mask"}
 
 
-def test_from_batch_slices_clamps_and_records_batch_index(ctx: FakeContext) -> None:
+def test_from_batch_slices_clamps_and_records_batch_index(ctx: RecordingContext) -> None:
     t = torch.arange(5 * 4 * 2 * 2, dtype=torch.float32).reshape(5, 4, 2, 2)
     masks = torch.arange(2, dtype=torch.float32).reshape(2, 1, 1, 1).expand(2, 1, 2, 2)
     (out,) = LatentFromBatch().run(ctx, {"samples": t, "noise_mask": masks}, 3, 4)
@@ -101,14 +101,14 @@ def test_from_batch_slices_clamps_and_records_batch_index(ctx: FakeContext) -> N
     assert again["batch_index"] == [4]
 
 
-def test_from_batch_noise_is_that_of_the_original_position(ctx: FakeContext) -> None:
+def test_from_batch_noise_is_that_of_the_original_position(ctx: RecordingContext) -> None:
     t = torch.zeros(4, 4, 8, 8)
     full = prepare_noise(t, 7)
     (picked,) = LatentFromBatch().run(ctx, {"samples": t}, 2, 2)
     assert torch.equal(prepare_noise(picked["samples"], 7, picked["batch_index"]), full[2:4])
 
 
-def test_repeat_extends_batch_index_and_masks(ctx: FakeContext) -> None:
+def test_repeat_extends_batch_index_and_masks(ctx: RecordingContext) -> None:
     t = torch.randn(2, 4, 3, 3)
     (out,) = RepeatLatentBatch().run(ctx, {"samples": t, "batch_index": [2, 3]}, 3)
     assert torch.equal(out["samples"], torch.cat([t, t, t])) and out["batch_index"] == [2, 3, 4, 5, 6, 7]
@@ -118,7 +118,7 @@ def test_repeat_extends_batch_index_and_masks(ctx: FakeContext) -> None:
     assert masked["noise_mask"].shape == (4, 1, 24, 24)
 
 
-def test_composite_pastes_and_clips(ctx: FakeContext) -> None:
+def test_composite_pastes_and_clips(ctx: RecordingContext) -> None:
     to = torch.zeros(1, 4, 8, 8)
     src = torch.ones(1, 4, 6, 6)
     (out,) = LatentComposite().run(ctx, {"samples": to}, {"samples": src}, 32, 16, 0)
@@ -127,7 +127,7 @@ def test_composite_pastes_and_clips(ctx: FakeContext) -> None:
     assert torch.equal(out["samples"], expected) and not to.any()
 
 
-def test_composite_feather_ramps_inner_edges(ctx: FakeContext) -> None:
+def test_composite_feather_ramps_inner_edges(ctx: RecordingContext) -> None:
     to = torch.zeros(1, 1, 10, 10)
     src = torch.ones(1, 1, 4, 4)
     (out,) = LatentComposite().run(ctx, {"samples": to}, {"samples": src}, 24, 24, 16)  # at (3, 3), feather 2
@@ -138,7 +138,7 @@ def test_composite_feather_ramps_inner_edges(ctx: FakeContext) -> None:
     assert out["samples"][0, 0, :3].abs().sum() == 0 and out["samples"][0, 0, 7:].abs().sum() == 0
 
 
-def test_blend_and_resized_blend(ctx: FakeContext) -> None:
+def test_blend_and_resized_blend(ctx: RecordingContext) -> None:
     a, b = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
     (out,) = LatentBlend().run(ctx, {"samples": a}, {"samples": b}, 0.25)
     assert torch.allclose(out["samples"], 0.25 * a + 0.75 * b)
@@ -146,7 +146,7 @@ def test_blend_and_resized_blend(ctx: FakeContext) -> None:
     assert resized["samples"].shape == (1, 4, 4, 4)
 
 
-def test_crop_keeps_at_least_eight_latent_pixels(ctx: FakeContext) -> None:
+def test_crop_keeps_at_least_eight_latent_pixels(ctx: RecordingContext) -> None:
     t = torch.randn(1, 4, 16, 16)
     (out,) = LatentCrop().run(ctx, {"samples": t}, 64, 128, 8, 16)
     assert torch.equal(out["samples"], t[:, :, 2:18, 1:9])
@@ -154,7 +154,7 @@ def test_crop_keeps_at_least_eight_latent_pixels(ctx: FakeContext) -> None:
     assert torch.equal(edge["samples"], t[:, :, 8:, 8:])
 
 
-def test_rotate_clockwise_and_flip(ctx: FakeContext) -> None:
+def test_rotate_clockwise_and_flip(ctx: RecordingContext) -> None:
     t = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 1, 2, 2)
     rot = {r: LatentRotate().run(ctx, {"samples": t}, r)[0]["samples"][0, 0].tolist() for r in
            ("none", "90 degrees", "180 degrees", "270 degrees")}  # fmt: skip

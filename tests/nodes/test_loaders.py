@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from models_context import FakeContext
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nodegraph.env import Environment
 from nodegraph.folders import ModelNotFoundError
+from nodegraph.testing import RecordingContext
 from nodes.loaders import CheckpointLoaderSimple, VAELoader, model_store
 from nodes.sd.checkpoint import CheckpointError, PixelSpaceVae
 from nodes.sd.handles import ClipHandle, ModelHandle, VaeHandle
@@ -35,9 +35,9 @@ def test_vae_loader_lists_vae_files_and_pixel_space(models_env: Environment) -> 
 
 
 def test_two_loads_of_one_file_share_one_copy(models_env: Environment) -> None:
-    ctx = FakeContext(models_env)
+    ctx = RecordingContext(models_env)
     model, clip, vae = CheckpointLoaderSimple().run(ctx, "mini.safetensors")
-    again = CheckpointLoaderSimple().run(FakeContext(models_env, "2"), "mini.safetensors")
+    again = CheckpointLoaderSimple().run(RecordingContext(models_env, "2"), "mini.safetensors")
     assert isinstance(model, ModelHandle) and isinstance(clip, ClipHandle) and isinstance(vae, VaeHandle)
     assert again[0].unet is model.unet and again[1].text_encoder is clip.text_encoder
     assert model.family == "sd15" and model.loras == () and clip.layer_idx is None
@@ -62,7 +62,7 @@ def _folders_with(base: Path, folder: str, name: str, data: bytes) -> Any:
     return Folders.at(base)
 
 
-def test_missing_checkpoint_names_the_file(env: Environment, ctx: FakeContext) -> None:
+def test_missing_checkpoint_names_the_file(env: Environment, ctx: RecordingContext) -> None:
     with pytest.raises(ModelNotFoundError, match="gone.safetensors"):
         CheckpointLoaderSimple().run(ctx, "gone.safetensors")
 
@@ -70,7 +70,7 @@ def test_missing_checkpoint_names_the_file(env: Environment, ctx: FakeContext) -
 def test_a_broken_checkpoint_is_an_error_naming_it(tmp_path: Path) -> None:
     env = Environment(_folders_with(tmp_path, "checkpoints", "broken.safetensors", b"not a model"))
     with pytest.raises(CheckpointError, match="'broken.safetensors'"):
-        CheckpointLoaderSimple().run(FakeContext(env), "broken.safetensors")
+        CheckpointLoaderSimple().run(RecordingContext(env), "broken.safetensors")
 
 
 def test_vae_loader_reads_a_vae_file_and_pixel_space(tmp_path: Path, mini_checkpoint: Path) -> None:
@@ -83,9 +83,9 @@ def test_vae_loader_reads_a_vae_file_and_pixel_space(tmp_path: Path, mini_checkp
 
     env = Environment(Folders.at(tmp_path))
     assert VAELoader.info(env)["input"]["required"]["vae_name"][0] == ["sd_vae.safetensors", "pixel_space"]
-    (vae,) = VAELoader().run(FakeContext(env), "sd_vae.safetensors")
+    (vae,) = VAELoader().run(RecordingContext(env), "sd_vae.safetensors")
     assert vae.vae.config.latent_channels == 4 and vae.source == "sd_vae.safetensors"
-    (pixel,) = VAELoader().run(FakeContext(env), "pixel_space")
+    (pixel,) = VAELoader().run(RecordingContext(env), "pixel_space")
     assert isinstance(pixel.vae, PixelSpaceVae)
     assert VAELoader.input("vae_name").fingerprint(env, "sd_vae.safetensors") is not None
 
@@ -164,4 +164,4 @@ def test_diffusers_loader_lists_pipeline_folders_and_explains_a_broken_one(env: 
     (pipe / "model_index.json").write_text("{}")
     assert DiffusersLoader.info(env)["input"]["required"]["model_path"][0] == ["vendor/my_sd15"]
     with pytest.raises(CheckpointError, match="'my_sd15' is not a diffusers folder: unet/config.json"):
-        DiffusersLoader().run(FakeContext(env), "vendor/my_sd15")
+        DiffusersLoader().run(RecordingContext(env), "vendor/my_sd15")

@@ -11,24 +11,11 @@ from safetensors import safe_open
 
 from nodegraph.env import Environment
 from nodegraph.folders import Folders
+from nodegraph.testing import RecordingContext
 from nodes.lora import CheckpointSave, LoraLoader
 from nodes.sd.checkpoint import load_checkpoint
 from nodes.sd.handles import ClipHandle, ModelHandle, VaeHandle
 from nodes.sd.patcher import patched, restore
-
-
-class Ctx:
-    def __init__(self, env: Environment) -> None:
-        self.node_id, self.env, self.warnings = "save", env, []
-
-    def progress(self, value: int, total: int, preview: Any = None) -> None:
-        pass
-
-    def check_interrupt(self) -> None:
-        pass
-
-    def warn(self, message: str, details: Any = None) -> None:
-        self.warnings.append(message)
 
 
 def _unet_out(unet: Any) -> torch.Tensor:
@@ -46,7 +33,7 @@ def test_saved_checkpoint_loads_and_matches_the_patched_model(
     (tmp_path / "models" / "loras" / "a.safetensors").write_bytes(
         (mini_loras / "mini_lora_a.safetensors").read_bytes()
     )
-    ctx = Ctx(Environment(Folders.at(tmp_path)))
+    ctx = RecordingContext(Environment(Folders.at(tmp_path)))
     model = ModelHandle(ckpt.unet, "mini_sd15.safetensors", ckpt.family)
     clip = ClipHandle(ckpt.text_encoder, None, "mini_sd15.safetensors", ckpt.family)
     vae = VaeHandle(ckpt.vae, "mini_sd15.safetensors")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -11,33 +10,13 @@ from diffusers import UNet2DConditionModel
 
 from nodegraph.env import Environment
 from nodegraph.folders import Folders
-from nodegraph.node import Interrupted, Preview
+from nodegraph.node import Interrupted
+from nodegraph.testing import RecordingContext
 from nodes.sampling import KSampler, KSamplerAdvanced
 from nodes.sd import samplers as samplers_registry
 from nodes.sd.handles import ModelHandle
 
 WIDTH = 32  # context width of the tiny UNet
-
-
-class FakeContext:
-    """A RunContext that records progress and can interrupt after some steps."""
-
-    def __init__(self, env: Environment, interrupt_after: int | None = None) -> None:
-        self.node_id = "ksampler"
-        self.env = env
-        self.steps: list[tuple[int, int, Preview | None]] = []
-        self.interrupt_after = interrupt_after
-
-    def progress(self, value: int, total: int, preview: Preview | None = None) -> None:
-        self.steps.append((value, total, preview))
-        self.check_interrupt()
-
-    def check_interrupt(self) -> None:
-        if self.interrupt_after is not None and len(self.steps) >= self.interrupt_after:
-            raise Interrupted("stop")
-
-    def warn(self, message: str, details: Mapping[str, Any] | None = None) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +64,7 @@ def ksampler(env: Environment, model: ModelHandle, **kw: Any) -> torch.Tensor:
         denoise=1.0,
     )
     args.update(kw)
-    (out,) = KSampler().run(FakeContext(env), model, **args)
+    (out,) = KSampler().run(RecordingContext(env, "ksampler"), model, **args)
     return out["samples"]
 
 
@@ -105,7 +84,7 @@ def advanced(env: Environment, model: ModelHandle, **kw: Any) -> torch.Tensor:
         return_with_leftover_noise="disable",
     )
     args.update(kw)
-    (out,) = KSamplerAdvanced().run(FakeContext(env), model, **args)
+    (out,) = KSamplerAdvanced().run(RecordingContext(env, "ksampler"), model, **args)
     return out["samples"]
 
 
@@ -205,20 +184,20 @@ def test_denoise_start_state_uses_sigma_not_sqrt(
 
 def test_progress_every_step_with_previews(tmp_path: Any, model: ModelHandle) -> None:
     env = Environment(Folders.at(tmp_path), preview_method="auto")
-    ctx = FakeContext(env)
+    ctx = RecordingContext(env, "ksampler")
     KSampler().run(ctx, model, 42, 3, 7.0, "dpmpp_2m", "karras", cond(1), cond(2), latent(), 1.0)
     assert [(v, t) for v, t, _ in ctx.steps] == [(1, 3), (2, 3), (3, 3)]
     assert all(p is not None and p.data[:2] == b"\xff\xd8" for _, _, p in ctx.steps)  # JPEG
 
 
 def test_no_previews_when_disabled(env: Environment, model: ModelHandle) -> None:
-    ctx = FakeContext(env)
+    ctx = RecordingContext(env, "ksampler")
     KSampler().run(ctx, model, 42, 2, 7.0, "euler", "normal", cond(1), cond(2), latent(), 1.0)
     assert [p for _, _, p in ctx.steps] == [None, None]
 
 
 def test_interrupt_stops_within_the_run(env: Environment, model: ModelHandle) -> None:
-    ctx = FakeContext(env, interrupt_after=2)
+    ctx = RecordingContext(env, "ksampler", interrupt_after=2)
     with pytest.raises(Interrupted):
         KSampler().run(ctx, model, 42, 10, 7.0, "euler", "normal", cond(1), cond(2), latent(), 1.0)
     assert len(ctx.steps) == 2

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from models_context import FakeContext
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -20,6 +19,7 @@ from nodegraph.env import Environment
 from nodegraph.events import Event, ExecutionCached
 from nodegraph.folders import Folders
 from nodegraph.registry import Registry
+from nodegraph.testing import RecordingContext
 from nodegraph.validate import validate_prompt
 from nodes import all_nodes
 from nodes.sd.esrgan import EsrganConfig, UpscaleModel, UpscaleModelError
@@ -131,11 +131,11 @@ def upscale_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def ctx(tmp_path: Path) -> FakeContext:
-    return FakeContext(Environment(Folders.at(tmp_path)))
+def ctx(tmp_path: Path) -> RecordingContext:
+    return RecordingContext(Environment(Folders.at(tmp_path)))
 
 
-def load(ctx: FakeContext, name: str) -> UpscaleModel:
+def load(ctx: RecordingContext, name: str) -> UpscaleModel:
     (model,) = UpscaleModelLoader().run(ctx, name)
     return model
 
@@ -150,7 +150,7 @@ LAYOUTS = {"basicsr": lambda s: s, "esrgan": to_old_layout, "xinntao": to_xinnta
 @pytest.mark.parametrize("scale", [2, 4])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_loader_detects_layout_scale_and_size(
-    ctx: FakeContext, upscale_dir: Path, layout: str, scale: int, ext: str
+    ctx: RecordingContext, upscale_dir: Path, layout: str, scale: int, ext: str
 ) -> None:
     state = basicsr_state(scale, nb=2 if scale == 2 else 1)
     name = write(upscale_dir, f"m{ext}", LAYOUTS[layout](state))
@@ -163,7 +163,7 @@ def test_loader_detects_layout_scale_and_size(
     assert all(torch.equal(loaded[k], state[k]) for k in state)
 
 
-def test_basicsr_params_ema_wrapper_and_real_esrgan_x2(ctx: FakeContext, upscale_dir: Path) -> None:
+def test_basicsr_params_ema_wrapper_and_real_esrgan_x2(ctx: RecordingContext, upscale_dir: Path) -> None:
     """RealESRGAN_x2plus.pth: {"params_ema": ...}, first conv on 12 channels (pixel-unshuffle by 2)."""
     state = basicsr_state(2, unshuffle=2, seed=3)
     upscale_dir.mkdir(parents=True)
@@ -183,7 +183,7 @@ def test_basicsr_params_ema_wrapper_and_real_esrgan_x2(ctx: FakeContext, upscale
 
 @pytest.mark.parametrize(("layout", "scale"), [("esrgan", 4), ("basicsr", 2), ("basicsr", 4)])
 def test_forward_equals_the_written_out_reference(
-    ctx: FakeContext, upscale_dir: Path, layout: str, scale: int
+    ctx: RecordingContext, upscale_dir: Path, layout: str, scale: int
 ) -> None:
     state = basicsr_state(scale, nb=2, seed=7)
     model = load(ctx, write(upscale_dir, "m.safetensors", LAYOUTS[layout](state)))
@@ -194,7 +194,7 @@ def test_forward_equals_the_written_out_reference(
     assert float((out - expected).abs().max()) < 1e-5
 
 
-def test_output_shape_range_and_alpha(ctx: FakeContext, upscale_dir: Path) -> None:
+def test_output_shape_range_and_alpha(ctx: RecordingContext, upscale_dir: Path) -> None:
     model = load(ctx, write(upscale_dir, "m.pth", to_old_layout(basicsr_state(4, seed=1))))
     image = torch.rand(2, 12, 9, 3, generator=torch.Generator().manual_seed(2))
     (out,) = ImageUpscaleWithModel().run(ctx, model, image)
@@ -207,7 +207,7 @@ def test_output_shape_range_and_alpha(ctx: FakeContext, upscale_dir: Path) -> No
     assert torch.equal(out4[..., :3], out) and torch.allclose(out4[..., 3], torch.ones(2, 48, 36))
 
 
-def test_tiled_upscale_is_close_to_the_whole_image(ctx: FakeContext, upscale_dir: Path) -> None:
+def test_tiled_upscale_is_close_to_the_whole_image(ctx: RecordingContext, upscale_dir: Path) -> None:
     """A 600 px wide image takes two 512 px tiles (x 0..511 and 480..599, overlap 32).
 
     RRDBNet has no normalisation, so a tile's output equals the whole image's except within its
@@ -235,7 +235,7 @@ def test_tiled_upscale_is_close_to_the_whole_image(ctx: FakeContext, upscale_dir
 
 
 def test_a_lora_or_a_checkpoint_is_refused(
-    ctx: FakeContext, upscale_dir: Path, mini_loras: Path, mini_checkpoint: Path
+    ctx: RecordingContext, upscale_dir: Path, mini_loras: Path, mini_checkpoint: Path
 ) -> None:
     upscale_dir.mkdir(parents=True)
     shutil.copy(mini_loras / "mini_lora_a.safetensors", upscale_dir / "lora.safetensors")
@@ -247,14 +247,14 @@ def test_a_lora_or_a_checkpoint_is_refused(
 
 
 @pytest.mark.parametrize("name", ["broken.safetensors", "broken.pth"])
-def test_a_corrupt_file_is_refused(ctx: FakeContext, upscale_dir: Path, name: str) -> None:
+def test_a_corrupt_file_is_refused(ctx: RecordingContext, upscale_dir: Path, name: str) -> None:
     upscale_dir.mkdir(parents=True)
     (upscale_dir / name).write_bytes(b"\x00\x01 not a model " * 40)
     with pytest.raises(UpscaleModelError, match=f"'{name}' cannot be read"):
         load(ctx, name)
 
 
-def test_a_truncated_model_is_refused(ctx: FakeContext, upscale_dir: Path) -> None:
+def test_a_truncated_model_is_refused(ctx: RecordingContext, upscale_dir: Path) -> None:
     name = write(upscale_dir, "cut.safetensors", basicsr_state(4))
     data = (upscale_dir / name).read_bytes()
     (upscale_dir / name).write_bytes(data[: len(data) // 2])
@@ -262,7 +262,7 @@ def test_a_truncated_model_is_refused(ctx: FakeContext, upscale_dir: Path) -> No
         load(ctx, name)
 
 
-def test_missing_layer_fails_the_strict_load(ctx: FakeContext, upscale_dir: Path) -> None:
+def test_missing_layer_fails_the_strict_load(ctx: RecordingContext, upscale_dir: Path) -> None:
     state = basicsr_state(4)
     del state["conv_hr.bias"]
     with pytest.raises(UpscaleModelError, match=r"'partial.safetensors'.*missing \['conv_hr.bias'\]"):
@@ -279,7 +279,9 @@ class _Payload:
         return (os.mkdir, (str(self.marker),))
 
 
-def test_a_pickle_with_code_is_refused_not_run(ctx: FakeContext, upscale_dir: Path, tmp_path: Path) -> None:
+def test_a_pickle_with_code_is_refused_not_run(
+    ctx: RecordingContext, upscale_dir: Path, tmp_path: Path
+) -> None:
     marker = tmp_path / "ran"
     state: dict[str, Any] = dict(basicsr_state(4))
     state["evil"] = _Payload(marker)
@@ -375,7 +377,7 @@ def test_decode_upscale_save_workflow(tmp_path: Path, mini_checkpoint: Path) -> 
     assert {"up_model", "upscale"} <= set(cached)
 
 
-def test_out_of_memory_even_in_small_tiles_is_a_clear_error(ctx: FakeContext, upscale_dir: Path) -> None:
+def test_out_of_memory_even_in_small_tiles_is_a_clear_error(ctx: RecordingContext, upscale_dir: Path) -> None:
     model = load(ctx, write(upscale_dir, "oom.safetensors", basicsr_state(2, seed=3)))
     sizes: list[int] = []
 

@@ -14,8 +14,8 @@ from nodegraph.engine import Settings, build_engine
 from nodegraph.node import Node, Result, RunContext, Socket
 from nodegraph.types import CONDITIONING, IMAGE
 from nodes import all_nodes
+from tests.conftest import ORACLE
 
-ORACLE = Path(__file__).resolve().parents[3] / "shared" / "oracle"
 CAPTURED: dict[str, np.ndarray] = {}
 
 

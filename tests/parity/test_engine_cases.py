@@ -19,8 +19,8 @@ import pytest
 from nodegraph.events import Event
 from nodegraph.validate import validate_prompt
 from nodes.sd.latent_ops import load_latent_file
+from tests.conftest import ORACLE
 
-ORACLE = Path(__file__).resolve().parents[3] / "shared" / "oracle"
 BASELINE = json.loads((ORACLE / "workflows" / "baseline.json").read_text())
 REF_LATENT = np.load(ORACLE / "refs" / "baseline" / "latent.npy")
 

@@ -21,8 +21,8 @@ import pytest
 from nodegraph.events import Event, ExecutionError
 from nodegraph.validate import validate_prompt
 from nodes.sd.latent_ops import load_latent_file
+from tests.conftest import ORACLE
 
-ORACLE = Path(__file__).resolve().parents[3] / "shared" / "oracle"
 WORKFLOWS = sorted(p.stem for p in (ORACLE / "workflows").glob("*.json"))
 
 # The oracle's suggested gates (README "Suggested gates")

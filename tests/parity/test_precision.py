@@ -16,8 +16,7 @@ from nodes.loaders import model_store
 from nodes.sd.device import DeviceError, make_placement
 from nodes.sd.lora.loader import decoded, file_stamp
 from nodes.sd.patcher import branched
-
-ORACLE = Path(__file__).resolve().parents[3] / "shared" / "oracle"
+from tests.conftest import ORACLE
 
 
 def _no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:

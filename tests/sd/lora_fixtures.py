@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-ORACLE = Path(__file__).resolve().parents[3] / "shared" / "oracle"
+from tests.conftest import ORACLE
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 

@@ -23,6 +23,7 @@ from nodes.conditioning_area import (
 from nodes.sd.checkpoint import LoadedCheckpoint
 from nodes.sd.guidance import CFGDenoiser, ConditioningError, cond_entries, resolve_entry
 from nodes.sd.schedules import sd15_schedule
+from tests.conftest import assert_within_floor
 
 H, W = 16, 32  # latent size (a 128 x 256 image)
 SIGMA = torch.tensor([2.5])
@@ -87,7 +88,7 @@ def test_area_over_the_whole_latent_equals_the_plain_cond(
     negative = [[embeddings["neg"], {}]]
     expected = denoiser(unet, plain, negative, 7.5)(x, SIGMA)
     got = denoiser(unet, whole, negative, 7.5)(x, SIGMA)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert_within_floor(got, expected)  # the area path batches differently: kernel noise only
 
 
 def test_two_areas_against_comfyuis_formula(unet: Any, embeddings: dict, x: torch.Tensor) -> None:

@@ -7,7 +7,6 @@ saw there, so a sampler fed those predictions must reproduce the next x without 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,9 @@ import torch
 
 from nodes.sd.noise import prepare_noise
 from nodes.sd.samplers import SAMPLERS
+from tests.conftest import ORACLE
 
-REFS = Path(__file__).resolve().parents[3] / "shared" / "oracle" / "refs"
+REFS = ORACLE / "refs"
 SCALE = 0.18215
 
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from nodes.sd import schedules as S
+from tests.conftest import ORACLE
 
-REFS = Path(__file__).resolve().parents[3] / "shared" / "oracle" / "refs"
+REFS = ORACLE / "refs"
 
 
 @pytest.fixture(scope="module")

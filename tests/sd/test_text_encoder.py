@@ -15,8 +15,9 @@ from nodes.sd.handles import ClipHandle, LoraRef
 from nodes.sd.prompt import tokenize
 from nodes.sd.text_encoder import encode_prompt
 from nodes.sd.tokenizer import default_tokenizer
+from tests.conftest import ORACLE, assert_within_floor
 
-ORACLE = Path(__file__).resolve().parents[2].parent / "shared" / "oracle" / "refs"
+REFS = ORACLE / "refs"
 GATE = 2e-5  # ComfyUI's own run-to-run noise is ~1e-6 here; we measure ~2.6e-6
 
 
@@ -30,10 +31,10 @@ def _encode(clip: ClipHandle, text: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check(clip: ClipHandle, workflow: str) -> None:
-    texts = json.loads((ORACLE / workflow / "tokens.json").read_text())
+    texts = json.loads((REFS / workflow / "tokens.json").read_text())
     checked = 0
     for side in ("pos", "neg"):
-        ref_file = ORACLE / workflow / f"cond_{side}.npy"
+        ref_file = REFS / workflow / f"cond_{side}.npy"
         if not ref_file.exists():
             continue
         cond, _ = _encode(clip, texts[side]["text"])
@@ -82,8 +83,8 @@ def test_a_long_prompt_gives_two_chunks_and_the_first_chunks_pooled(clip: ClipHa
     assert cond.shape == (1, 154, 768)
     first = tokenize(text, clip.tokenizer).chunks[:1]
     alone = encode_prompt(clip, replace(tokenize(text, clip.tokenizer), chunks=first))
-    assert torch.allclose(cond[:, :77], alone[0], atol=1e-5)
-    assert torch.allclose(pooled, cond[:, 76], atol=1e-5)
+    assert_within_floor(cond[:, :77], alone[0])  # two chunks run as one batch: kernel noise only
+    assert_within_floor(pooled, cond[:, 76])
 
 
 def test_weight_interpolates_from_the_empty_prompt_at_each_position(clip: ClipHandle) -> None:

@@ -9,10 +9,9 @@ import pytest
 
 from nodes.sd.prompt import tokenize
 from nodes.sd.tokenizer import BOS, EOS, default_tokenizer
+from tests.conftest import ORACLE
 
-REFS = sorted(
-    (Path(__file__).resolve().parents[2].parent / "shared" / "oracle" / "refs").glob("*/tokens.json")
-)
+REFS = sorted((ORACLE / "refs").glob("*/tokens.json"))
 
 
 def test_the_oracle_has_token_lists() -> None:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from nodegraph.graph import load_workflow
 from nodegraph.registry import Registry
+from tests.conftest import ORACLE
 
 DATA = Path(__file__).resolve().parent / "data"
-ORACLE = Path(__file__).resolve().parents[3] / "shared" / "oracle" / "workflows"
+WORKFLOWS = ORACLE / "workflows"
 # UI node id -> the oracle's API node id
 IDS = {"4": "ckpt", "6": "pos", "7": "neg", "5": "latent", "3": "ksampler", "8": "decode", "9": "save_image"}
 IDS["10"] = "save_latent"
@@ -24,7 +25,7 @@ def test_ui_baseline_equals_the_api_baseline() -> None:
 
     registry = Registry(all_nodes())
     ui = load_workflow(DATA / "baseline_ui.json", registry)
-    api = load_workflow(ORACLE / "baseline.json", registry)
+    api = load_workflow(WORKFLOWS / "baseline.json", registry)
     assert ui.format == "ui" and ui.workflow is not None
     renamed = {}
     for node_id, node in ui.prompt.items():
