@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from test_sampling_nodes import WIDTH, FakeContext, cond, ksampler, latent
+from test_sampling_nodes import WIDTH, cond, ksampler, latent
 
 from nodegraph.env import Environment
 from nodegraph.folders import Folders
+from nodegraph.testing import RecordingContext
 from nodes import custom_sampling as cs
 from nodes import sigmas as sn
 from nodes.sd.handles import ModelHandle
@@ -47,11 +48,13 @@ def custom(env: Environment, model: ModelHandle, sampler: Any, sigmas: torch.Ten
         add_noise=True, noise_seed=42, cfg=7.0, positive=cond(1), negative=cond(2), latent_image=latent()
     )
     args.update(kw)
-    return cs.SamplerCustom().run(FakeContext(env), model, sampler=sampler, sigmas=sigmas, **args)
+    return cs.SamplerCustom().run(
+        RecordingContext(env, "ksampler"), model, sampler=sampler, sigmas=sigmas, **args
+    )
 
 
 def test_sampler_custom_with_basic_scheduler_is_ksampler(env: Environment, model: ModelHandle) -> None:
-    ctx = FakeContext(env)
+    ctx = RecordingContext(env, "ksampler")
     for name, scheduler in (("euler_ancestral", "karras"), ("dpmpp_2m", "normal")):
         (sigmas,) = sn.BasicScheduler().run(ctx, model, scheduler, 3, 1.0)
         (sampler,) = cs.KSamplerSelect().run(ctx, name)
@@ -62,7 +65,7 @@ def test_sampler_custom_with_basic_scheduler_is_ksampler(env: Environment, model
 
 
 def test_advanced_with_cfg_guider_equals_sampler_custom(env: Environment, model: ModelHandle) -> None:
-    ctx = FakeContext(env)
+    ctx = RecordingContext(env, "ksampler")
     (sigmas,) = sn.KarrasScheduler().run(ctx, 3, 14.614642, 0.0291675, 7.0)
     (sampler,) = sn.SamplerEulerAncestral().run(ctx, 1.0, 1.0)
     (guider,) = cs.CFGGuider().run(ctx, model, cond(1), cond(2), 6.5)
@@ -81,7 +84,7 @@ def test_advanced_with_cfg_guider_equals_sampler_custom(env: Environment, model:
 
 
 def test_guiders(env: Environment, model: ModelHandle) -> None:
-    ctx = FakeContext(env)
+    ctx = RecordingContext(env, "ksampler")
     (sigmas,) = sn.BasicScheduler().run(ctx, model, "normal", 3, 1.0)
     (sampler,) = cs.KSamplerSelect().run(ctx, "euler")
     (noise,) = cs.RandomNoise().run(ctx, 7)
@@ -103,7 +106,7 @@ def test_guiders(env: Environment, model: ModelHandle) -> None:
 
 
 def test_disable_noise_samples_the_latent_as_it_is(env: Environment, model: ModelHandle) -> None:
-    ctx = FakeContext(env)
+    ctx = RecordingContext(env, "ksampler")
     (sigmas,) = sn.BasicScheduler().run(ctx, model, "normal", 3, 1.0)
     (sampler,) = cs.KSamplerSelect().run(ctx, "euler")
     start = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))}
@@ -115,7 +118,7 @@ def test_disable_noise_samples_the_latent_as_it_is(env: Environment, model: Mode
 
 
 def test_scheduler_values_follow_comfyui(model: ModelHandle) -> None:
-    ctx = FakeContext(None)  # type: ignore[arg-type]
+    ctx = RecordingContext(None)  # type: ignore[arg-type]
     (turbo,) = sn.SDTurboScheduler().run(ctx, model, 4, 1.0)
     np.testing.assert_allclose(turbo.numpy(), [14.614640, 8.302803, 5.087763, 3.321083, 0], rtol=1e-6)
     (ays,) = sn.AlignYourStepsScheduler().run(ctx, "SD1", 6, 1.0)
@@ -148,6 +151,6 @@ def test_split_and_flip() -> None:
 
 
 def test_bad_sigmas_name_the_input(env: Environment, model: ModelHandle) -> None:
-    (sampler,) = cs.KSamplerSelect().run(FakeContext(env), "euler")
+    (sampler,) = cs.KSamplerSelect().run(RecordingContext(env, "ksampler"), "euler")
     with pytest.raises(ValueError, match="sigmas"):
         custom(env, model, sampler, "not sigmas")  # type: ignore[arg-type]

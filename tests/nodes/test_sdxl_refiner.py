@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 import torch
-from models_context import FakeContext
 
 from nodegraph.env import Environment
 from nodegraph.folders import Folders
+from nodegraph.testing import RecordingContext
 from nodes import demo_sdxl
 from nodes.conditioning import CLIPTextEncode
 from nodes.conditioning_sdxl import CLIPTextEncodeSDXL, CLIPTextEncodeSDXLRefiner
@@ -36,7 +36,7 @@ def xl_env(tmp_path_factory: pytest.TempPathFactory) -> Environment:
 
 @pytest.fixture(scope="module")
 def loaded(xl_env: Environment) -> dict[str, Any]:
-    ctx = FakeContext(xl_env)
+    ctx = RecordingContext(xl_env)
     base = CheckpointLoaderSimple().run(ctx, "base.safetensors")
     refiner = CheckpointLoaderSimple().run(ctx, "refiner.safetensors")
     return {"base": base, "refiner": refiner}
@@ -58,7 +58,7 @@ def test_the_refiner_is_read_from_its_tensors(loaded: dict[str, Any]) -> None:
 def test_refiner_conditioning_is_bigg_only_with_its_aesthetic_score(
     xl_env: Environment, loaded: dict[str, Any]
 ) -> None:
-    ctx = FakeContext(xl_env)
+    ctx = RecordingContext(xl_env)
     _, clip, _ = loaded["refiner"]
     [[cond, options]] = CLIPTextEncodeSDXLRefiner().run(ctx, 3.5, 768, 512, "a red chair", clip)[0]
     assert cond.shape == (1, 77, 1280) and options["pooled_output"].shape == (1, 1280)
@@ -76,7 +76,7 @@ def _added_embedding_inputs(unet: Any) -> tuple[list[torch.Tensor], Any]:
 def test_base_to_refiner_hand_off_feeds_the_refiner_its_added_conditioning(
     xl_env: Environment, loaded: dict[str, Any]
 ) -> None:
-    ctx = FakeContext(xl_env)
+    ctx = RecordingContext(xl_env)
     base, base_clip, _ = loaded["base"]
     refiner, refiner_clip, _ = loaded["refiner"]
     pos, neg = (CLIPTextEncode().run(ctx, t, base_clip)[0] for t in ("a cat", "blurry"))
@@ -113,7 +113,7 @@ def test_base_to_refiner_hand_off_feeds_the_refiner_its_added_conditioning(
 
 
 def test_mixing_base_and_refiner_is_refused_by_name(xl_env: Environment, loaded: dict[str, Any]) -> None:
-    ctx = FakeContext(xl_env)
+    ctx = RecordingContext(xl_env)
     base, base_clip, _ = loaded["base"]
     refiner, refiner_clip, _ = loaded["refiner"]
     with pytest.raises(ValueError, match="'refiner.safetensors' is an SDXL refiner"):
