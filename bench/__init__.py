@@ -31,9 +31,10 @@ def table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def record(area: str, lines: list[str]) -> None:
-    """Append a dated block of result lines to this area's section of RESULTS.md (made if missing).
+    """Put a dated block of result lines in this area's section of RESULTS.md (made if missing).
 
-    Other areas' sections are left as they are: the block goes at the end of `## <area>`.
+    The block replaces the section's previous run (only the latest run is kept; git keeps the
+    history). Other areas' sections are left as they are.
     """
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -47,9 +48,8 @@ def record(area: str, lines: list[str]) -> None:
     else:
         start = parts.index(heading) + 1
         end = next((i for i in range(start, len(parts)) if parts[i].startswith("## ")), len(parts))
-        while end > start and not parts[end - 1].strip():
-            del parts[end - 1]
-            end -= 1
+        del parts[start:end]
+        end = start
         block = ["", *block]
     parts[end:end] = block
     RESULTS.write_text("\n".join(parts).rstrip("\n") + "\n", encoding="utf-8")

@@ -97,7 +97,8 @@ def table(results: dict[str, dict[str, float]], runs: int) -> str:
 
 
 def record(text: str) -> None:
-    """Add an entry under this area's heading in bench/RESULTS.md (other sections untouched)."""
+    """Replace this area's entry in bench/RESULTS.md with `text` (the latest run only; other sections
+    untouched)."""
     content = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     if HEADING not in content:
         RESULTS.write_text(content.rstrip("\n") + f"\n\n{HEADING}\n\n{text}\n")
@@ -105,7 +106,7 @@ def record(text: str) -> None:
     start = content.index(HEADING) + len(HEADING)
     nxt = content.find("\n## ", start)
     end = len(content) if nxt < 0 else nxt
-    RESULTS.write_text(content[:end].rstrip("\n") + f"\n\n{text}\n" + content[end:])
+    RESULTS.write_text(content[:start] + f"\n\n{text}\n" + content[end:])
 
 
 def main() -> int:
