@@ -208,7 +208,8 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with open_checked(path, str(path), frames=False) as img:
             img.load()
-            return img.size
+            size: tuple[int, int] = img.size
+            return size
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise DatasetError(f"image '{path}' cannot be read ({exc}); replace or remove it") from exc
 
@@ -218,6 +219,7 @@ def open_rgb(path: Path) -> Image.Image:
     try:
         with open_checked(path, str(path), frames=False) as img:
             img.load()
-            return img.convert("RGB")
+            rgb: Image.Image = img.convert("RGB")
+            return rgb
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise DatasetError(f"image '{path}' cannot be read ({exc}); replace or remove it") from exc

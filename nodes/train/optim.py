@@ -8,6 +8,7 @@ optimizer step; a warmup given as a fraction (< 1) is that share of all steps, a
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,7 +18,11 @@ class OptimizerError(ValueError):
     """An optimizer or schedule that cannot be used here; the message says what to do."""
 
 
-def optimizer_class(name: str, device: torch.device) -> type[torch.optim.Optimizer]:
+# A constructor taking (param_groups, lr=...): the base Optimizer's own __init__ takes `defaults` instead.
+OptimizerClass = Callable[..., torch.optim.Optimizer]
+
+
+def optimizer_class(name: str, device: torch.device) -> OptimizerClass:
     """kohya's `--optimizer_type` (case-insensitive) -> the class it uses."""
     key = name.lower()
     if key == "adamw":
