@@ -195,7 +195,9 @@ def add_frontend_routes(app: web.Application, engine: object) -> None:
         # The canvas asks for a user stylesheet at every start; none is an empty sheet, not a 404.
         return web.Response(text="", content_type="text/css", headers=NO_CACHE)
 
-    _seed_user_files(Path(engine.env.folders.user_dir) / "default")  # type: ignore[attr-defined]
+    env = getattr(engine, "env", None)  # None: the static routes alone (tests serve them bare)
+    if env is not None:
+        _seed_user_files(Path(env.folders.user_dir) / "default")
 
     app.router.add_get("/", index)
     app.router.add_get("/user.css", user_css)
