@@ -14,10 +14,11 @@ from typing import Any
 
 from nodegraph.env import Environment
 from nodegraph.node import FileChoice, Float, Hidden, Node, Output, Result, RunContext, Socket, String
+from nodegraph.primitives import file_stamp
 from nodegraph.types import CLIP, MODEL, STRING, VAE
 from nodes.sd.handles import ClipHandle, LoraRef, ModelHandle, VaeHandle
 from nodes.sd.lora.coverage import Coverage, check, coverage
-from nodes.sd.lora.loader import decoded, file_stamp, read_lora
+from nodes.sd.lora.loader import decoded, read_lora
 from nodes.sd.lora.tags import LoraTag, find_tag, parse_tags
 from nodes.sd.patcher import te_targets
 
