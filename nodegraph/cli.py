@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-queue-size", type=int, default=None, metavar="N", help="refuse prompts past N queued"
     )
     serve.add_argument("--front-end-root", type=Path, default=None, help="serve this canvas build instead")
+    serve.add_argument(
+        "--workers", type=int, default=None, metavar="N", help="run prompts on N Ray workers (local Ray)"
+    )
+    serve.add_argument(
+        "--ray-address", default=None, metavar="ADDR", help="run the workers on this Ray cluster (host:port)"
+    )
     demo = _command(sub, "demo", "write the small demo models into the models folders", _cmd_demo)
     demo.add_argument("--force", action="store_true", help="rewrite them even if present")
     demo.add_argument(
@@ -344,8 +350,33 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         serve = importlib.import_module("nodegraph.server").serve
     except ModuleNotFoundError as exc:
         raise _missing("nodegraph.server", exc, "the server") from exc
-    serve(engine)
+    workers = None
+    if args.workers is not None or args.ray_address is not None:
+        workers = _ray_workers(engine, args.workers, args.ray_address)
+    serve(engine, workers)
     return 0
+
+
+def worker_engine(settings: Settings) -> Engine:
+    """The engine each Ray worker builds for itself (every node nodegraph ships)."""
+    return build_engine(settings)
+
+
+def _ray_workers(engine: Engine, count: int | None, address: str | None) -> Any:
+    """Start or join Ray and return the worker factory for the server (imports Ray only here)."""
+    if count is not None and count < 1:
+        raise CliError("--workers must be at least 1")
+    try:
+        pool = importlib.import_module("nodegraph.server.ray_pool")
+    except ModuleNotFoundError as exc:
+        raise CliError(f"--workers needs Ray: pip install 'nodegraph[ray]' ({exc})") from exc
+    try:
+        pool.start_ray(address, count or 1)
+    except pool.RayStartError as exc:
+        raise CliError(str(exc)) from exc
+    if count is None:  # on a cluster: one worker per GPU it has, else one
+        count = max(1, int(pool.ray.cluster_resources().get("GPU", 0)))
+    return pool.worker_factory(engine, worker_engine, count)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ Where things are:
     api_auth.py      --api-auth: HTTP Basic on the A1111/OpenAI routes
     queue.py         the SQLite queue and history (survive a restart)
     worker.py        the executor thread: one prompt at a time, history, /free
+    ray_pool.py      `serve --workers N`: Ray actors (ray_actor.py) drain the queue; routing.py picks one
     messages.py      execution events -> ComfyUI websocket messages and binary previews
     ws.py            /ws: clients, per-client outboxes, the thread -> event loop bridge
     auth.py          access token, Origin and Host checks, CORS option
@@ -29,23 +30,24 @@ from typing import Any
 
 from aiohttp import web
 
-from nodegraph.server.app import create_app
+from nodegraph.server.app import WorkerFactory, create_app
 from nodegraph.server.state import STATE
 
 __all__ = ["create_app", "serve"]
 
 
-def serve(engine: Any) -> None:
+def serve(engine: Any, workers: WorkerFactory | None = None) -> None:
     """Run the server until interrupted (Ctrl-C); pending prompts stay queued for the next start.
 
     Args:
         engine: the built engine; its settings give `listen` (comma-separated hosts) and `port`.
+        workers: what runs the prompts instead of one in-process worker (Ray workers).
     """
     settings = getattr(engine, "settings", None)
     listen = str(getattr(settings, "listen", "127.0.0.1") or "127.0.0.1")
     port_setting = getattr(settings, "port", None)
     port = 8188 if port_setting is None else int(port_setting)  # 0 asks the OS for a free port
-    app = create_app(engine)
+    app = create_app(engine, workers=workers)
     hosts = [h.strip() for h in listen.split(",") if h.strip()]
     token = app[STATE].token
     shown = hosts[0] if hosts[0] not in ("0.0.0.0", "::") else "127.0.0.1"

@@ -36,12 +36,15 @@ from nodegraph.server.housekeeping import clear_temp, trim_temp
 from nodegraph.server.queue import PromptStore
 from nodegraph.server.replies import BadRequest, error, storage_error, undecodable
 from nodegraph.server.state import MAX_UPLOAD_SIZE, STATE, ServerState
-from nodegraph.server.worker import Worker
+from nodegraph.server.worker import PromptWorker, Worker
 from nodegraph.server.ws import Hub
 
 log = logging.getLogger(__name__)
 QUEUE_FILE = Path("nodegraph") / "queue.sqlite3"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+WorkerFactory = Callable[..., PromptWorker]
 
 
 @web.middleware
@@ -104,13 +107,17 @@ def _mirror(app: web.Application, defs: Iterable[web.AbstractRouteDef]) -> None:
             web.RouteDef(route.method, prefix + route.path, route.handler, route.kwargs).register(app.router)
 
 
-def create_app(engine: Any, *, max_upload_size: int | None = None) -> web.Application:
+def create_app(
+    engine: Any, *, max_upload_size: int | None = None, workers: WorkerFactory | None = None
+) -> web.Application:
     """The server for `engine`: its queue file under the user directory, its worker thread, every route.
 
     Args:
         engine: the built engine (`nodegraph.engine.build_engine`): settings, env, registry, executor.
         max_upload_size: the largest upload or request body, in bytes (default: the settings'
             `max_upload_size_mb`, else 100 MB).
+        workers: builds what runs the prompts, with `Worker`'s constructor arguments (default: one
+            `Worker` thread on `engine`; `ray_pool.worker_factory` gives Ray workers).
     """
     settings = getattr(engine, "settings", None)
     if max_upload_size is None:
@@ -121,7 +128,7 @@ def create_app(engine: Any, *, max_upload_size: int | None = None) -> web.Applic
     store = PromptStore(Path(engine.env.folders.user_dir) / QUEUE_FILE)
     holder: list[ServerState] = []
     hub = Hub(lambda: holder[0].features())
-    worker = Worker(
+    worker = (workers or Worker)(
         store,
         engine.executor,
         hub,
@@ -187,7 +194,7 @@ async def _startup(app: web.Application) -> None:
         log.warning(
             "requeued %d prompt(s) that were running when the server stopped", len(st.store.recovered)
         )
-    st.worker.start()
+    await asyncio.to_thread(st.worker.start)  # Ray workers take a while to build their engines
 
 
 async def _shutdown(app: web.Application) -> None:

@@ -185,7 +185,11 @@ def _device_info(setting: str) -> dict[str, Any]:
 
 @routes.get("/system_stats")
 async def get_system_stats(request: web.Request) -> web.Response:
-    return web.json_response(system_stats(state(request).engine))
+    st = state(request)
+    stats = system_stats(st.engine)
+    # the workers that run prompts (several with `serve --workers N`); asking remote ones takes time
+    stats["workers"] = await asyncio.to_thread(st.worker.describe)
+    return web.json_response(stats)
 
 
 @routes.get("/features")

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from nodegraph.server.queue import PromptStore
-from nodegraph.server.worker import Worker
+from nodegraph.server.worker import PromptWorker
 from nodegraph.server.ws import Hub
 
 MAX_UPLOAD_SIZE = 100 * 1024 * 1024
@@ -26,7 +26,7 @@ class ServerState:
     engine: Any
     store: PromptStore
     hub: Hub
-    worker: Worker
+    worker: PromptWorker
     token: str | None
     max_upload_size: int = MAX_UPLOAD_SIZE
     waiters: dict[str, list[asyncio.Future[dict[str, Any]]]] = field(default_factory=dict)

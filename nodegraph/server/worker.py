@@ -12,7 +12,7 @@ import logging
 import threading
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from nodegraph import events as ev
 from nodegraph.node import preview_method_for
@@ -30,6 +30,18 @@ def status_message(remaining: int, sid: str | None = None) -> Message:
     if sid is not None:
         data["sid"] = sid
     return Message("status", data, broadcast=True)
+
+
+class PromptWorker(Protocol):
+    """What the routes need from whatever runs prompts: this module's `Worker`, or Ray's workers."""
+
+    def start(self) -> None: ...
+    def stop(self, timeout: float = 10.0) -> None: ...
+    def interrupt(self, prompt_id: str | None = None) -> bool: ...
+    def request_free(self, unload_models: bool, free_memory: bool) -> None: ...
+    def broadcast_status(self) -> None: ...
+    def on_connect(self, sid: str) -> list[Message]: ...
+    def describe(self) -> list[dict[str, Any]]: ...
 
 
 class Worker:
@@ -50,6 +62,7 @@ class Worker:
         self.hub = hub
         self.on_finished = on_finished
         self.free = free
+        self.name: str | None = None  # set when several workers run prompts: recorded in the history
         self.running_id: str | None = None
         self.running_client: str | None = None
         self.current_node: str | None = None
@@ -86,6 +99,10 @@ class Worker:
         self._cancelled.add(target)
         self.executor.interrupt(target)
         return True
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The one in-process worker, for /system_stats."""
+        return [{"name": self.name or "local", "running": self.running_id}]
 
     def request_free(self, unload_models: bool, free_memory: bool) -> None:
         """ComfyUI's `/free`: handled between prompts, never while a node runs."""
@@ -149,6 +166,8 @@ class Worker:
             self.running_id = self.running_client = self.current_node = None
             return
         entry = history_entry(item, messages, status)
+        if self.name is not None:
+            entry["worker"] = self.name
         try:
             self.store.finish(item.prompt_id, entry)
         except Exception as exc:  # the store keeps it in memory and takes it off the queue

@@ -18,8 +18,9 @@ from nodegraph.server import create_app
 class LiveServer:
     """Start with `start()`, stop with `stop()` (a graceful shutdown, as Ctrl-C gives)."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, workers: Any = None) -> None:
         self.engine = engine
+        self.workers = workers
         self.port = 0
         self.app: web.Application | None = None
         self._loop = asyncio.new_event_loop()
@@ -32,11 +33,11 @@ class LiveServer:
 
     def start(self) -> LiveServer:
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(600)
         return self
 
     async def _start(self) -> None:
-        self.app = create_app(self.engine)
+        self.app = create_app(self.engine, workers=self.workers)
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)

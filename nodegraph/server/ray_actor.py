@@ -1,0 +1,128 @@
+"""One engine worker as a Ray actor: its own engine, model store and output cache.
+
+The class is plain Python (wrapped with `ray.remote` by the pool), so it can be read and tested
+without Ray. It runs prompts through the same executor a single-process server uses and streams
+the executor's events back as they happen; output files are shipped back when the worker's
+folders are not the server's (a worker on another machine).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nodegraph.engine import Engine, Settings
+from nodegraph.folders import safe_join
+
+EngineFactory = Callable[[Settings], Engine]
+FILE_KINDS = ("output", "temp")
+MAX_SHIPPED_FILE = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ShippedFile:
+    """An output file a remote worker wrote, sent back to the server."""
+
+    kind: str  # "output" or "temp"
+    subfolder: str
+    filename: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """The last item a run yields: how the prompt ended and its UI outputs."""
+
+    status: str
+    outputs: dict[str, dict[str, Any]]
+
+
+class EngineActor:
+    """A worker: builds its engine once, then runs one prompt at a time (interrupts may arrive meanwhile)."""
+
+    def __init__(self, name: str, settings: Settings, build: EngineFactory, ship_outputs: bool) -> None:
+        # Ray limits an actor's OpenMP threads to the CPUs it reserved. A different thread count
+        # changes the order of float reductions, so torch (not imported yet in this process) keeps
+        # the default a single-process server has: its images are then the same, bit for bit.
+        os.environ.pop("OMP_NUM_THREADS", None)
+        self.name = name
+        self.ship_outputs = ship_outputs
+        self.engine = build(settings)
+        if self.engine.warm_up is not None:
+            self.engine.warm_up()
+
+    def info(self) -> dict[str, Any]:
+        """Who and where this worker is, and how many model files it has read (for routing tests)."""
+        services = list(self.engine.env.services.values())
+        return {
+            "name": self.name,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "device": self.engine.settings.device,
+            "loads": sum(int(getattr(s, "loads", 0) or 0) for s in services),
+        }
+
+    def run(
+        self, prompt: dict[str, Any], prompt_id: str, extra_data: dict[str, Any], outputs: list[str] | None
+    ) -> Iterator[Any]:
+        """Run one prompt: yields its events as they happen, then any shipped files, then a `RunEnd`."""
+        events: queue.Queue[Any] = queue.Queue()
+        done = object()
+        result: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                result["outcome"] = self.engine.executor.execute(
+                    prompt, prompt_id, events.put, extra_data=extra_data, outputs=outputs
+                )
+            except Exception as exc:  # reported by the server as the prompt's error
+                result["error"] = exc
+            finally:
+                events.put(done)
+
+        thread = threading.Thread(target=work, name=f"nodegraph-{self.name}", daemon=True)
+        thread.start()
+        while (event := events.get()) is not done:
+            yield event
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        outcome = result["outcome"]
+        ui = {str(node): dict(value) for node, value in dict(outcome.outputs).items()}
+        if self.ship_outputs:
+            yield from self._files(ui)
+        yield RunEnd(str(outcome.status), ui)
+
+    def interrupt(self, prompt_id: str | None) -> None:
+        self.engine.executor.interrupt(prompt_id)
+
+    def free(self, unload_models: bool, free_memory: bool) -> None:
+        """ComfyUI's /free on this worker: the output cache always, the services when asked to unload."""
+        self.engine.executor.reset()
+        if unload_models:
+            for service in list(self.engine.env.services.values()):
+                for method in ("free", "clear"):
+                    hook = getattr(service, method, None)
+                    if callable(hook):
+                        hook()
+                        break
+
+    def _files(self, ui: dict[str, dict[str, Any]]) -> Iterator[ShippedFile]:
+        folders = self.engine.env.folders
+        roots = {"output": Path(folders.output_dir), "temp": Path(folders.temp_dir)}
+        for value in ui.values():
+            for entries in value.values():
+                for entry in entries if isinstance(entries, list) else ():
+                    if not isinstance(entry, dict) or entry.get("type") not in roots:
+                        continue
+                    kind = str(entry["type"])
+                    subfolder, filename = str(entry.get("subfolder") or ""), str(entry.get("filename", ""))
+                    path = safe_join(roots[kind], str(Path(subfolder) / filename))
+                    if path.is_file() and path.stat().st_size <= MAX_SHIPPED_FILE:
+                        yield ShippedFile(kind, subfolder, filename, path.read_bytes())
