@@ -151,6 +151,7 @@ class _Slot(Worker):
         self.inbox: queue.Queue[QueueItem | None] = queue.Queue()
         self.actor: Any = None
         self.pid = 0
+        self.lost = False  # its actor died during the current prompt
         super().__init__(pool.store, RemoteExecutor(self), pool.hub, pool.on_finished, self._free_remote)
         self.name = self.view.name
         self._thread = threading.Thread(target=self._serve, name=f"nodegraph-{self.name}", daemon=True)
@@ -177,12 +178,15 @@ class _Slot(Worker):
     def _serve(self) -> None:
         while (item := self.inbox.get()) is not None:
             self._maybe_free()
+            self.lost = False
             try:
                 self._run(item)
-            except _Requeue:
+            except _Requeue:  # back to the front of the queue first, so another worker starts on it now
                 self.running_id = self.running_client = self.current_node = None
                 self.store.requeue(item.prompt_id)
             finally:
+                if self.lost:
+                    self.pool.replace(self)  # this slot takes no prompt until its new actor is up
                 self.pool.released(self)
 
     def _execute(self, item: QueueItem, emit: ev.Emit, messages: PromptMessages) -> str:
@@ -192,7 +196,7 @@ class _Slot(Worker):
             )
         except WorkerLost as lost:
             log.warning("%s", lost)
-            self.pool.replace(self)
+            self.lost = True
             if self.pool.retry(item.prompt_id):
                 raise _Requeue() from lost
             emit(_error(item.prompt_id, "WorkerLost", f"{lost}; it had already failed once on another one"))

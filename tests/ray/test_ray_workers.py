@@ -115,7 +115,7 @@ def test_concurrent_prompts_spread_over_both_workers(server: tuple[LiveServer, R
         ]
         for i, ckpt in enumerate(["mini.safetensors", "other.safetensors"])
     ]
-    entries = [wait_history(live.address, pid, timeout=300) for pid in ids]
+    entries = [wait_history(live.address, pid, timeout=900) for pid in ids]
     assert all(e["status"]["status_str"] == "success" for e in entries)
     assert {pool.dispatched[i] for i in ids} == {"worker-0", "worker-1"}
 
@@ -165,13 +165,13 @@ def test_a_killed_worker_is_replaced_and_its_prompt_retried(server: tuple[LiveSe
     prompt_id = http_json(live.address, "/prompt", {"prompt": txt2img("mini.safetensors", seed=5, steps=40)})[
         "prompt_id"
     ]
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while prompt_id not in pool.dispatched or not any(s.current_node == "3" for s in pool.slots):
         assert time.monotonic() < deadline, "the prompt never reached the sampler"
         time.sleep(0.05)
     victim = pool.dispatched[prompt_id]
     os.kill(pid_before[victim], signal.SIGKILL)
-    entry = wait_history(live.address, prompt_id, timeout=300)
+    entry = wait_history(live.address, prompt_id, timeout=900)
     assert entry["status"]["status_str"] == "success", entry["status"]
     slot = next(s for s in pool.slots if s.view.name == victim)
     assert slot.pid != pid_before[victim] and slot.info()["pid"] == slot.pid  # a fresh worker answers
@@ -188,7 +188,7 @@ def test_second_death_of_the_same_prompt_is_recorded_as_an_error(
     killed: list[int] = []
 
     def kill_whoever_runs_it() -> None:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 900
         while len(killed) < 2 and time.monotonic() < deadline:
             for slot in pool.slots:
                 if slot.running_id == prompt_id and slot.current_node == "3" and slot.pid not in killed:
@@ -198,7 +198,7 @@ def test_second_death_of_the_same_prompt_is_recorded_as_an_error(
 
     killer = threading.Thread(target=kill_whoever_runs_it)
     killer.start()
-    entry = wait_history(live.address, prompt_id, timeout=400)
+    entry = wait_history(live.address, prompt_id, timeout=900)
     killer.join()
     assert len(killed) == 2
     assert entry["status"]["status_str"] == "error"
