@@ -97,8 +97,9 @@ def _check_reachable(address: str) -> None:
 class RemoteExecutor:
     """The executor interface (`execute`, `interrupt`) over one worker actor."""
 
-    def __init__(self, slot: _Slot) -> None:
+    def __init__(self, slot: _Slot, env: Any) -> None:
         self.slot = slot
+        self.env = env  # the server's: its preview method decides which frames reach the clients
 
     def execute(
         self,
@@ -152,7 +153,9 @@ class _Slot(Worker):
         self.actor: Any = None
         self.pid = 0
         self.lost = False  # its actor died during the current prompt
-        super().__init__(pool.store, RemoteExecutor(self), pool.hub, pool.on_finished, self._free_remote)
+        super().__init__(
+            pool.store, RemoteExecutor(self, pool.engine.env), pool.hub, pool.on_finished, self._free_remote
+        )
         self.name = self.view.name
         self._thread = threading.Thread(target=self._serve, name=f"nodegraph-{self.name}", daemon=True)
 
