@@ -59,6 +59,7 @@ def base(tmp_path_factory: pytest.TempPathFactory, mini_checkpoint: Path) -> Pat
     data = bytearray(mini_checkpoint.read_bytes())
     data[-2:] = b"\x00\x3c"  # the last fp16 value becomes 1.0
     (checkpoints / "other.safetensors").write_bytes(bytes(data))
+    (checkpoints / "broken.safetensors").write_bytes(data[:4096])  # cut short: unreadable
     return root
 
 
@@ -157,6 +158,21 @@ def test_websocket_sequence_is_the_single_process_one(
         assert messages[-1]["type"] == "executing" and messages[-1]["data"]["node"] is None
     executed = [m["data"]["output"]["images"][0]["type"] for m in remote if m["type"] == "executed"]
     assert executed == ["output"]
+
+
+def test_a_model_a_worker_cannot_load_fails_that_prompt_only(server: tuple[LiveServer, RayWorkers]) -> None:
+    live, _ = server
+    bad = http_json(live.address, "/prompt", {"prompt": txt2img("broken.safetensors", seed=1)})["prompt_id"]
+    good = http_json(live.address, "/prompt", {"prompt": txt2img("mini.safetensors", seed=12)})["prompt_id"]
+    failed, passed = (
+        wait_history(live.address, bad, timeout=900),
+        wait_history(live.address, good, timeout=900),
+    )
+    assert failed["status"]["status_str"] == "error" and passed["status"]["status_str"] == "success"
+    error = next(m[1] for m in failed["status"]["messages"] if m[0] == "execution_error")
+    assert (
+        error["node_type"] == "CheckpointLoaderSimple" and "broken.safetensors" in error["exception_message"]
+    )
 
 
 def test_a_killed_worker_is_replaced_and_its_prompt_retried(server: tuple[LiveServer, RayWorkers]) -> None:
