@@ -109,6 +109,7 @@ def history_job(prompt_id: str, entry: dict[str, Any], *, detail: bool = False) 
             "previewable_outputs_count": previewable,
             "preview_output": preview,
             "workflow_id": workflow_id,
+            "worker": entry.get("worker"),  # which Ray worker ran it (`serve --workers N`)
         }
     )
     if detail:

@@ -103,6 +103,7 @@ def test_prompts_go_where_their_checkpoint_is_loaded(server: tuple[LiveServer, R
     assert sum(counted.values()) <= 3  # mini once, other once (+ the alias file's own read, at most)
     entry = http_json(live.address, f"/history/{first}")[first]
     assert entry["worker"] == holder
+    assert http_json(live.address, f"/api/jobs/{first}")["worker"] == holder
     stats = http_json(live.address, "/system_stats")
     assert sorted(w["name"] for w in stats["workers"]) == ["worker-0", "worker-1"]
     assert all(w["pid"] != os.getpid() for w in stats["workers"])
