@@ -68,6 +68,8 @@ def start_ray(address: str | None, workers: int) -> None:
         # A local cluster nodegraph starts for itself stays on the loopback interface (Ray would
         # otherwise bind the machine's public address); nobody else is meant to join it.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Ray gives its own processes ~20 s to come up; a busy machine needs longer.
+        os.environ.setdefault("RAY_NUM_REDIS_GET_RETRIES", "120")
     try:
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
