@@ -191,8 +191,17 @@ class _Slot(Worker):
                 self.store.requeue(item.prompt_id)
             finally:
                 if self.lost:
-                    self.pool.replace(self)  # this slot takes no prompt until its new actor is up
+                    self._respawn()  # this slot takes no prompt until its new actor is up
                 self.pool.released(self)
+
+    def _respawn(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.pool.replace(self)
+                return
+            except RayStartError as exc:  # Ray itself is struggling: try again, never lose the thread
+                log.error("could not replace %s: %s", self.view.name, exc)
+                self._stop.wait(5.0)
 
     def _execute(self, item: QueueItem, emit: ev.Emit, messages: PromptMessages) -> str:
         try:
@@ -207,6 +216,7 @@ class _Slot(Worker):
             emit(_error(item.prompt_id, "WorkerLost", f"{lost}; it had already failed once on another one"))
             return "error"
         except Exception as exc:  # the engine failed outside any node: that prompt only
+            log.exception("prompt %s failed on %s outside any node", item.prompt_id, self.view.name)
             emit(_error(item.prompt_id, type(exc).__name__, f"the engine failed on {self.name}: {exc}", exc))
             return "error"
         for node, ui in outcome.outputs.items():
