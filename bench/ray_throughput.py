@@ -20,7 +20,7 @@ from typing import Any
 import ray
 
 from nodegraph.cli import worker_engine
-from nodegraph.engine import Settings, build_engine
+from nodegraph.engine import Settings
 from nodegraph.server.ray_pool import start_ray, worker_factory
 from tests.server.live import LiveServer, http_json, wait_history
 
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             base = Path(tmp)
             (base / "models" / "checkpoints").mkdir(parents=True)
             os.symlink(MINI, base / "models" / "checkpoints" / "mini.safetensors")
-            engine = build_engine(Settings(base_directory=base, port=0))
+            engine = worker_engine(Settings(base_directory=base, port=0))
             with LiveServer(engine, workers=worker_factory(engine, worker_engine, workers)) as live:
                 rate(live.address, [real(-1 - w) for w in range(workers)])  # every worker loads the model
                 trivial_rate = rate(live.address, [trivial(i) for i in range(args.trivial)])

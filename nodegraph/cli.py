@@ -359,7 +359,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def worker_engine(settings: Settings) -> Engine:
     """The engine each Ray worker builds for itself (every node nodegraph ships)."""
-    return build_engine(settings)
+    package = node_package()
+    return build_engine(settings, package.all_nodes(), routes=package.routes, warm_up=package.warm_up)
 
 
 def _ray_workers(engine: Engine, count: int | None, address: str | None) -> Any:

@@ -258,6 +258,24 @@ class RayWorkers:
 
     # -- the Worker interface the server uses -------------------------------------------------
 
+    def _first_running(self) -> _Slot | None:
+        return next((slot for slot in self.slots if slot.running_id is not None), None)
+
+    @property
+    def running_id(self) -> str | None:
+        slot = self._first_running()
+        return slot.running_id if slot is not None else None
+
+    @property
+    def step(self) -> tuple[int, int] | None:
+        slot = self._first_running()
+        return slot.step if slot is not None else None
+
+    @property
+    def preview(self) -> Any:
+        slot = self._first_running()
+        return slot.preview if slot is not None else None
+
     def start(self) -> None:
         for slot in self.slots:
             slot.spawn()

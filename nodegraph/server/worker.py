@@ -35,6 +35,10 @@ def status_message(remaining: int, sid: str | None = None) -> Message:
 class PromptWorker(Protocol):
     """What the routes need from whatever runs prompts: this module's `Worker`, or Ray's workers."""
 
+    running_id: str | None  # the running prompt (with several workers: the first one's)
+    step: tuple[int, int] | None  # its sampler step and step count
+    preview: Any  # its latest preview frame
+
     def start(self) -> None: ...
     def stop(self, timeout: float = 10.0) -> None: ...
     def interrupt(self, prompt_id: str | None = None) -> bool: ...

@@ -22,7 +22,7 @@ import ray  # the optional extra nodegraph[ray]; `make install` installs it for 
 from PIL import Image
 
 from nodegraph.cli import worker_engine
-from nodegraph.engine import Settings, build_engine
+from nodegraph.engine import Settings
 from nodegraph.server.ray_pool import RayWorkers, start_ray, worker_factory
 from tests.server.live import LiveServer, http_json, wait_history
 from tests.server.test_live_client import run_like_a_script
@@ -63,7 +63,7 @@ def base(tmp_path_factory: pytest.TempPathFactory, mini_checkpoint: Path) -> Pat
 @pytest.fixture(scope="module")
 def server(base: Path) -> Iterator[tuple[LiveServer, RayWorkers]]:
     start_ray(None, 2)
-    engine = build_engine(Settings(base_directory=base, port=0))
+    engine = worker_engine(Settings(base_directory=base, port=0))
     made: list[RayWorkers] = []
 
     def factory(*args: Any) -> RayWorkers:
@@ -125,7 +125,7 @@ def test_image_from_a_worker_equals_the_single_process_image(
     live, _ = server
     prompt = txt2img("mini.safetensors", seed=77, prefix="bits")
     _, _, images = run_like_a_script(live.address, prompt)
-    local = build_engine(Settings(base_directory=base, output_directory=tmp_path))
+    local = worker_engine(Settings(base_directory=base, output_directory=tmp_path))
     outcome = local.executor.execute(prompt, "local", lambda _e: None)
     assert outcome.status == "success"
     name = outcome.outputs["9"]["images"][0]["filename"]
@@ -138,7 +138,7 @@ def test_websocket_sequence_is_the_single_process_one(
     live, _ = server
     prompt = txt2img("mini.safetensors", seed=91, prefix="ws")
     _, remote, _ = run_like_a_script(live.address, prompt)
-    single = build_engine(Settings(base_directory=base, output_directory=tmp_path, port=0))
+    single = worker_engine(Settings(base_directory=base, output_directory=tmp_path, port=0))
     with LiveServer(single) as local:
         _, here, _ = run_like_a_script(local.address, prompt)
 
