@@ -155,9 +155,8 @@ class _Slot(Worker):
         self.actor: Any = None
         self.pid = 0
         self.lost = False  # its actor died during the current prompt
-        super().__init__(
-            pool.store, RemoteExecutor(self, pool.engine.env), pool.hub, pool.on_finished, self._free_remote
-        )
+        executor = RemoteExecutor(self, pool.engine.env)
+        super().__init__(pool.store, executor, pool.hub, pool.on_finished, self._free_remote, pool.after)
         self.name = self.view.name
         self._thread = threading.Thread(target=self._serve, name=f"nodegraph-{self.name}", daemon=True)
 
@@ -244,8 +243,9 @@ class RayWorkers:
         build: EngineFactory,
         count: int,
         ship_outputs: bool = False,
+        after: Callable[[], None] | None = None,
     ) -> None:
-        self.store, self.hub, self.on_finished = store, hub, on_finished
+        self.store, self.hub, self.on_finished, self.after = store, hub, on_finished, after
         self.engine, self.build, self.ship_outputs = engine, build, ship_outputs
         self.hashes = ContentHashes()
         self._lock = threading.Condition()
@@ -463,9 +463,23 @@ def worker_factory(
 ) -> Callable[..., RayWorkers]:
     """What `create_app(engine, workers=...)` calls in place of the single `Worker` constructor."""
 
-    def make(store: PromptStore, _executor: Any, hub: Hub, on_finished: Finished, _free: Any) -> RayWorkers:
+    def make(
+        store: PromptStore,
+        _executor: Any,
+        hub: Hub,
+        on_finished: Finished,
+        _free: Any,
+        after: Callable[[], None] | None = None,
+    ) -> RayWorkers:
         return RayWorkers(
-            store, hub, on_finished, engine=engine, build=build, count=count, ship_outputs=ship_outputs
+            store,
+            hub,
+            on_finished,
+            engine=engine,
+            build=build,
+            count=count,
+            ship_outputs=ship_outputs,
+            after=after,
         )
 
     return make
