@@ -18,21 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from nodegraph.engine import Engine, Settings
-from nodegraph.folders import safe_join
+from nodegraph.server import ray_files
+from nodegraph.server.ray_files import ShippedFile
 
 EngineFactory = Callable[[Settings], Engine]
 FILE_KINDS = ("output", "temp")
-MAX_SHIPPED_FILE = 512 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ShippedFile:
-    """An output file a remote worker wrote, sent back to the server."""
-
-    kind: str  # "output" or "temp"
-    subfolder: str
-    filename: str
-    data: bytes
 
 
 @dataclass(frozen=True)
@@ -115,14 +105,4 @@ class EngineActor:
 
     def _files(self, ui: dict[str, dict[str, Any]]) -> Iterator[ShippedFile]:
         folders = self.engine.env.folders
-        roots = {"output": Path(folders.output_dir), "temp": Path(folders.temp_dir)}
-        for value in ui.values():
-            for entries in value.values():
-                for entry in entries if isinstance(entries, list) else ():
-                    if not isinstance(entry, dict) or entry.get("type") not in roots:
-                        continue
-                    kind = str(entry["type"])
-                    subfolder, filename = str(entry.get("subfolder") or ""), str(entry.get("filename", ""))
-                    path = safe_join(roots[kind], str(Path(subfolder) / filename))
-                    if path.is_file() and path.stat().st_size <= MAX_SHIPPED_FILE:
-                        yield ShippedFile(kind, subfolder, filename, path.read_bytes())
+        return ray_files.collect(ui, {"output": Path(folders.output_dir), "temp": Path(folders.temp_dir)})

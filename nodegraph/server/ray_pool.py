@@ -30,10 +30,11 @@ import ray
 from nodegraph import events as ev
 from nodegraph.engine import Engine
 from nodegraph.executor import Outcome
-from nodegraph.folders import safe_join
+from nodegraph.server import ray_files
 from nodegraph.server.messages import Message, PromptMessages
 from nodegraph.server.queue import PromptStore, QueueItem
-from nodegraph.server.ray_actor import EngineActor, EngineFactory, RunEnd, ShippedFile
+from nodegraph.server.ray_actor import EngineActor, EngineFactory, RunEnd
+from nodegraph.server.ray_files import ShippedFile
 from nodegraph.server.routing import ContentHashes, WorkerView, choose_worker, referenced_models
 from nodegraph.server.worker import Finished, Worker, status_message
 from nodegraph.server.ws import Hub
@@ -418,44 +419,10 @@ class RayWorkers:
     def receive_files(
         self, files: list[ShippedFile], ui: dict[str, dict[str, Any]]
     ) -> dict[str, dict[str, Any]]:
-        """Write a remote worker's output files into the server's folders (a new name if one is taken)."""
         folders = self.engine.env.folders
-        roots = {"output": Path(folders.output_dir), "temp": Path(folders.temp_dir)}
-        renamed: dict[tuple[str, str, str], str] = {}
-        for shipped in files:
-            path = safe_join(roots[shipped.kind], str(Path(shipped.subfolder) / shipped.filename))
-            final = _free_name(path, shipped.data)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if not final.exists():
-                partial = final.with_name(final.name + ".partial")
-                partial.write_bytes(shipped.data)
-                partial.replace(final)
-            renamed[(shipped.kind, shipped.subfolder, shipped.filename)] = final.name
-        if not renamed:
-            return ui
-        out: dict[str, dict[str, Any]] = {}
-        for node, value in ui.items():
-            out[node] = {
-                key: [_renamed(entry, renamed) for entry in entries] if isinstance(entries, list) else entries
-                for key, entries in value.items()
-            }
-        return out
-
-
-def _free_name(path: Path, data: bytes) -> Path:
-    """`path`, or the same name with a counter, such that no other file's content is overwritten."""
-    candidate, n = path, 1
-    while candidate.exists() and candidate.read_bytes() != data:
-        candidate = path.with_name(f"{path.stem}_w{n}{path.suffix}")
-        n += 1
-    return candidate
-
-
-def _renamed(entry: Any, renamed: dict[tuple[str, str, str], str]) -> Any:
-    if not isinstance(entry, dict):
-        return entry
-    key = (str(entry.get("type")), str(entry.get("subfolder") or ""), str(entry.get("filename")))
-    return {**entry, "filename": renamed[key]} if key in renamed else entry
+        return ray_files.place(
+            files, ui, {"output": Path(folders.output_dir), "temp": Path(folders.temp_dir)}
+        )
 
 
 def worker_factory(

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -171,6 +174,57 @@ def test_a_model_a_worker_cannot_load_fails_that_prompt_only(server: tuple[LiveS
     assert (
         error["node_type"] == "CheckpointLoaderSimple" and "broken.safetensors" in error["exception_message"]
     )
+
+
+def test_a_killed_worker_is_replaced_and_its_prompt_retried(server: tuple[LiveServer, RayWorkers]) -> None:
+    live, pool = server
+    pid_before = {slot.view.name: slot.pid for slot in pool.slots}
+    prompt_id = http_json(live.address, "/prompt", {"prompt": txt2img("mini.safetensors", seed=5, steps=40)})[
+        "prompt_id"
+    ]
+    deadline = time.monotonic() + 600
+    while prompt_id not in pool.dispatched or not any(s.current_node == "3" for s in pool.slots):
+        assert time.monotonic() < deadline, "the prompt never reached the sampler"
+        time.sleep(0.05)
+    victim = pool.dispatched[prompt_id]
+    os.kill(pid_before[victim], signal.SIGKILL)
+    entry = wait_history(live.address, prompt_id, timeout=900)
+    errors = [m[1].get("exception_message") for m in entry["status"]["messages"] if "error" in m[0]]
+    assert entry["status"]["status_str"] == "success", errors
+    slot = next(s for s in pool.slots if s.view.name == victim)
+    assert slot.pid != pid_before[victim] and slot.info()["pid"] == slot.pid  # a fresh worker answers
+    assert [m for m in entry["status"]["messages"] if m[0] == "execution_success"]
+
+
+def test_second_death_of_the_same_prompt_is_recorded_as_an_error(
+    server: tuple[LiveServer, RayWorkers],
+) -> None:
+    live, pool = server
+    prompt_id = http_json(live.address, "/prompt", {"prompt": txt2img("mini.safetensors", seed=6, steps=40)})[
+        "prompt_id"
+    ]
+    killed: list[int] = []
+
+    def kill_whoever_runs_it() -> None:
+        deadline = time.monotonic() + 900
+        while len(killed) < 2 and time.monotonic() < deadline:
+            for slot in pool.slots:
+                if slot.running_id == prompt_id and slot.current_node == "3" and slot.pid not in killed:
+                    killed.append(slot.pid)
+                    os.kill(slot.pid, signal.SIGKILL)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_whoever_runs_it)
+    killer.start()
+    entry = wait_history(live.address, prompt_id, timeout=900)
+    killer.join()
+    assert len(killed) == 2
+    assert entry["status"]["status_str"] == "error"
+    errors = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and "failed once" in errors[0][1]["exception_message"]
+    # the queue goes on: both workers were replaced and still run prompts
+    _, _, images = run_like_a_script(live.address, txt2img("mini.safetensors", seed=8))
+    assert len(images) == 1
 
 
 def test_unreachable_head_is_a_clear_startup_error(tmp_path: Path) -> None:
