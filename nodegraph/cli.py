@@ -397,10 +397,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_lora_info(args: argparse.Namespace) -> int:
     engine = _engine(args, with_nodes=False)
     try:
-        lora_info = node_package().lora_info
+        describe = node_package().describe_lora_files
     except ModuleNotFoundError as exc:
         raise _missing("nodes", exc, "lora-info") from exc
-    return int(lora_info(args.files, engine.env.folders, args.json))
+    return int(describe(args.files, engine.env.folders, args.json))
 
 
 # --------------------------------------------------------------------------------------------

@@ -104,8 +104,11 @@ def write_demo_models(folders: Folders, force: bool = False) -> list[Path]:
     return write(folders, force=force)
 
 
-def lora_info(files: Sequence[str], folders: Folders, as_json: bool) -> int:
-    """`nodegraph lora-info`: describe LoRA files; returns the exit status."""
+def describe_lora_files(files: Sequence[str], folders: Folders, as_json: bool) -> int:
+    """`nodegraph lora-info`: describe LoRA files; returns the exit status.
+
+    Not named `lora_info`: that is the submodule `nodes.lora_info`, which a package attribute of the
+    same name would hide from `from nodes import lora_info` (the canvas's LoRA routes use it)."""
     from nodes.lora_info import main
 
     return int(main(files, folders, as_json))

@@ -84,3 +84,13 @@ def test_lora_info_does_not_import_torch(tmp_path: Path) -> None:
     code += f"lora_info(pathlib.Path({str(path)!r}));"
     code += "assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_the_lora_info_module_is_not_hidden_by_the_package_entry_point() -> None:
+    """`from nodes import lora_info` (the canvas's LoRA routes) must give the module, before and after
+    the CLI's entry point ran; a function of that name in nodes/__init__.py once hid it."""
+    import nodes
+    from nodes import lora_info as first
+
+    assert hasattr(first, "preview_image") and hasattr(first, "lora_info")
+    assert callable(nodes.describe_lora_files)
