@@ -40,6 +40,7 @@ from nodegraph.server.worker import Finished, Worker, status_message
 from nodegraph.server.ws import Hub
 
 log = logging.getLogger(__name__)
+MAX_REMEMBERED = 10_000  # prompt id -> worker entries kept for interrupts and tests
 START_TIMEOUT = 300.0  # seconds for a worker to import its libraries and build its engine
 
 
@@ -373,6 +374,8 @@ class RayWorkers:
                 slot.view.load += 1
                 slot.view.remember(models)
             self.dispatched[item.prompt_id] = slot.view.name
+            while len(self.dispatched) > MAX_REMEMBERED:  # a long-running server forgets the oldest
+                self.dispatched.pop(next(iter(self.dispatched)))
             slot.inbox.put(item)
 
     def _slot_for(self, view: WorkerView | None) -> _Slot:
