@@ -18,6 +18,7 @@ import pytest
 import webuiapi
 from PIL import Image
 
+import nodes
 from nodegraph.engine import Settings, build_engine
 from nodegraph.server.a1111 import parse_infotext, sampler_and_scheduler
 from tests.server.live import LiveServer, http_json, wait_history
@@ -34,7 +35,9 @@ def server(
     (base / "models" / "loras").mkdir(parents=True)
     os.symlink(mini_checkpoint, base / "models" / "checkpoints" / "mini.safetensors")
     os.symlink(mini_loras / "mini_lora_a.safetensors", base / "models" / "loras" / "mini_lora_a.safetensors")
-    engine = build_engine(Settings(base_directory=base, port=0))
+    engine = build_engine(
+        Settings(base_directory=base, port=0), nodes.all_nodes(), routes=nodes.routes, warm_up=nodes.warm_up
+    )
     engine.warm_up()  # torch's first import, before the live server's 30 s start limit
     with LiveServer(engine) as live:
         yield live
