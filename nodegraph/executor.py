@@ -301,6 +301,9 @@ class _PromptRun:
                 kwargs[inp.name] = self.entries[link.source].outputs[link.slot]
             elif inp.name in node.constants:
                 kwargs[inp.name] = node.constants[inp.name]
+        if cls.EXTRA_INPUTS:
+            declared = {inp.name for inp in cls.INPUTS}
+            kwargs |= {name: v for name, v in node.constants.items() if name not in declared}
         return kwargs
 
     def _hidden(self, kind: str, node_id: str) -> Any:

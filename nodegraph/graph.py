@@ -292,6 +292,10 @@ def _bypass_slot(node: dict[str, Any], slot: int, want: str) -> int:
 def _widget_values(node_id: str, node: dict[str, Any], cls: type[Node]) -> dict[str, Any]:
     """Map `widgets_values` onto the node's widget inputs (positional, with the frontend's extra widgets)."""
     raw = node.get("widgets_values")
+    if isinstance(raw, list):
+        own = cls.from_ui_widgets(raw, node.get("properties") or {})
+        if own is not None:
+            return own
     widgets = [inp for inp in cls.INPUTS if inp.is_widget]
     if isinstance(raw, dict):
         return {inp.name: raw[inp.name] for inp in widgets if inp.name in raw}

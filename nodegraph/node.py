@@ -178,6 +178,10 @@ class Node:
     DEPRECATED: ClassVar[bool] = False
     EXPERIMENTAL: ClassVar[bool] = False
     PYTHON_MODULE: ClassVar[str] = "nodes"
+    # Constant inputs the node does not declare reach run() as keyword arguments (rgthree's
+    # FlexibleOptionalInputType: Power Lora Loader's `lora_1`, `lora_2`, ... rows). Off for every
+    # other node, whose stray inputs are ignored as ComfyUI ignores them.
+    EXTRA_INPUTS: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -202,6 +206,18 @@ class Node:
     @classmethod
     def check_inputs(cls, env: Environment, /, *args: Any, **constants: Any) -> str | None:
         """Extra validation of constant inputs; return a message to reject them."""
+        return None
+
+    @classmethod
+    def from_ui_widgets(cls, values: list[Any], properties: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The API inputs a canvas node's `widgets_values` stand for, when the node's frontend code
+        keeps widgets of its own (rgthree's rows); None maps them positionally onto the declared
+        widget inputs, the frontend's default.
+
+        Args:
+            values: the node's `widgets_values` list as saved.
+            properties: the node's `properties` (a frontend setting may change what is sent).
+        """
         return None
 
     @classmethod
@@ -331,6 +347,8 @@ def _check_run_signature(cls: type[Node], names: list[str]) -> None:
         raise _fail(cls, "run's first parameter after self must be ctx")
     rest = {p.name: p for p in params[1:]}
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in rest.values())
+    if cls.EXTRA_INPUTS and not takes_kwargs:
+        raise _fail(cls, "EXTRA_INPUTS needs run(self, ctx, ..., **extra) to receive them")
     for inp in cls.INPUTS:
         param = rest.get(inp.name)
         if param is None and not takes_kwargs:

@@ -32,6 +32,8 @@ SIGMAS = SocketType("SIGMAS")
 SAMPLER = SocketType("SAMPLER")
 GUIDER = SocketType("GUIDER")
 NOISE = SocketType("NOISE")
+# The custom-node packs' LoRA list (Efficiency Nodes, Comfyroll): (name, strength_model, strength_clip)
+LORA_STACK = SocketType("LORA_STACK")
 
 # Widget types: values that are usually typed into the node, but may also arrive by link.
 INT = SocketType("INT")

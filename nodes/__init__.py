@@ -32,6 +32,7 @@ def all_nodes() -> list[type[Node]]:
         latent_transform,
         loaders,
         lora,
+        lora_stacks,
         merge,
         model_advanced,
         outpaint,
@@ -45,6 +46,7 @@ def all_nodes() -> list[type[Node]]:
     modules = (
         loaders,
         lora,
+        lora_stacks,
         merge,
         conditioning,
         conditioning_combine,
