@@ -150,12 +150,8 @@ def unet_config(
 
     levels, channels = _input_levels(name, keyset, shape)
     depths = [level[0] for level in levels]
-    mid_depth = _max_index(keyset, "middle_block.1.transformer_blocks.")
-    if mid_depth == 0:
-        raise UnsupportedCheckpointError(
-            f"'{name}' has a UNet without a middle transformer; it cannot be built"
-        )
-    if depths[-1] not in (0, mid_depth):
+    mid_type, mid_depth = _middle_block(keyset)
+    if mid_depth and depths[-1] not in (0, mid_depth):
         # diffusers gives the middle block the last level's depth; a different one has no diffusers form.
         raise UnsupportedCheckpointError(f"'{name}': last-level and middle transformer depths differ")
     per_level = len(levels[0])
@@ -172,8 +168,8 @@ def unet_config(
         "layers_per_block": per_level,
         "down_block_types": tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths),
         "up_block_types": tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in up_depths),
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "transformer_layers_per_block": tuple(d or mid_depth for d in depths),
+        "mid_block_type": mid_type,
+        "transformer_layers_per_block": tuple(d or mid_depth or 1 for d in depths),
         "cross_attention_dim": _context_dim({UNET_PREFIX + k for k in keyset}, shape_of),
         "attention_head_dim": heads,  # diffusers' historical name: the number of heads
         "use_linear_projection": any(len(shape(k)) == 2 for k in keyset if k.endswith("proj_in.weight")),
@@ -189,6 +185,21 @@ def unet_config(
             "projection_class_embeddings_input_dim": shape("label_emb.0.0.weight")[1],
         }
     return config
+
+
+def _middle_block(keyset: set[str]) -> tuple[str | None, int]:
+    """diffusers' middle block type and its transformer depth, as ComfyUI's `transformer_depth_middle`.
+
+    A transformer at `middle_block.1` (SD1.x, SDXL): cross-attention block of that depth. Only a res
+    block at `middle_block.0` (-1: SSD-1B, Segmind Vega): `UNetMidBlock2D` with no attention. No
+    middle block at all (-2: KOALA): None.
+    """
+    depth = _max_index(keyset, "middle_block.1.transformer_blocks.")
+    if depth:
+        return "UNetMidBlock2DCrossAttn", depth
+    if "middle_block.0.in_layers.0.weight" in keyset:
+        return "UNetMidBlock2D", 0
+    return None, 0
 
 
 SIZE_EMBED_DIM = 256  # each SDXL size/crop/score value becomes a 256-wide sinusoid (ComfyUI Timestep(256))
