@@ -3,12 +3,14 @@
 //   - our SD1.5 + LoRA default workflow replaces the stock one on first start,
 //   - LoraLoader nodes show trigger words (click one to add it to the prompt), base model, rank and preview,
 //   - a searchable LoRA picker,
+//   - rgthree's Power Lora Loader gets its rows (on/off, LoRA, strength), add and toggle-all (power_lora.js),
 //   - the server's "nodegraph.warning" messages (e.g. LoRA key coverage) on the node and as a toast.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { openLoraPicker } from "./lora_picker.js";
 import { addTriggerWord } from "./prompt_target.js";
 import { listLoras, loraInfo } from "./lora_api.js";
+import { POWER_LORA, addPowerLoraRow, setUpPowerLora } from "./power_lora.js";
 
 const LORA_NODES = new Set(["LoraLoader", "LoraLoaderModelOnly"]);
 const warnings = new Map(); // node id (string) -> {message, details}
@@ -261,8 +263,9 @@ app.registerExtension({
   },
   async nodeCreated(node) {
     if (LORA_NODES.has(node.comfyClass)) attachPanel(node);
+    if (node.comfyClass === POWER_LORA) setUpPowerLora(node);
   },
 });
 
 // For tests and for other extensions: what this module knows.
-window.nodegraph = { warnings, loraInfo, listLoras, addTriggerWord, openLoraPicker };
+window.nodegraph = { warnings, loraInfo, listLoras, addTriggerWord, openLoraPicker, addPowerLoraRow };
