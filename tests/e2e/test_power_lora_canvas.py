@@ -22,8 +22,8 @@ def graph_with_power_lora() -> dict[str, Any]:
         {
             "id": NODE, "type": POWER, "pos": [40, 700], "size": [360, 160], "flags": {}, "order": 20,
             "mode": 0,
-            "inputs": [{"name": "model", "type": "MODEL", "link": None}, {"name": "clip", "type": "CLIP", "link": None}],
-            "outputs": [{"name": "MODEL", "type": "MODEL", "links": []}, {"name": "CLIP", "type": "CLIP", "links": []}],
+            "inputs": [{"name": n, "type": n.upper(), "link": None} for n in ("model", "clip")],
+            "outputs": [{"name": n, "type": n, "links": []} for n in ("MODEL", "CLIP")],
             "properties": {"Show Strengths": "Single Strength"},
             "widgets_values": [
                 {}, HEADER,
