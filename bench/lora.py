@@ -87,26 +87,28 @@ def _targets(model: Any, suffixes: tuple[str, ...], te_layers: range | None = No
 
 def write_lora(path: Path, unet: Any, te: Any, rank: int, unet_sfx: tuple[str, ...], te_layers: range) -> int:
     """A kohya file (fp16) with random factors; returns the number of modules."""
-    gen = torch.Generator().manual_seed(rank)
-    tensors: dict[str, torch.Tensor] = {}
     mods = [("lora_unet_", unet, m) for m in _targets(unet, unet_sfx)]
     mods += [("lora_te_text_model_", te, m) for m in _targets(te, TE_TARGETS, te_layers)]
-    for prefix, model, name in mods:
-        w = model.get_submodule(name).weight
-        k = tuple(w.shape[2:])
-        stem = prefix + name.replace(".", "_")
-        tensors[stem + ".lora_down.weight"] = (
-            torch.randn((rank, w.shape[1], *k), generator=gen) * 0.02
-        ).half()
+    shapes = [(p + n.replace(".", "_"), tuple(m.get_submodule(n).weight.shape)) for p, m, n in mods]
+    write_kohya(path, shapes, rank)
+    return len(mods)
+
+
+def write_kohya(path: Path, modules: list[tuple[str, tuple[int, ...]]], rank: int) -> None:
+    """A kohya LoRA file (fp16, alpha = rank) with random factors for (stem, weight shape) pairs."""
+    gen = torch.Generator().manual_seed(rank)
+    tensors: dict[str, torch.Tensor] = {}
+    for stem, shape in modules:
+        k = shape[2:]
+        tensors[stem + ".lora_down.weight"] = (torch.randn((rank, shape[1], *k), generator=gen) * 0.02).half()
         tensors[stem + ".lora_up.weight"] = (
-            torch.randn((w.shape[0], rank, *((1, 1) if k else ())), generator=gen) * 0.02
+            torch.randn((shape[0], rank, *((1, 1) if k else ())), generator=gen) * 0.02
         ).half()
         tensors[stem + ".alpha"] = torch.tensor(float(rank)).half()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(
         tensors, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank)}
     )
-    return len(mods)
 
 
 class PeakRss:
@@ -158,9 +160,15 @@ def _time(
     return statistics.median(times), max(peaks)
 
 
-def _jobs(pairs: list[tuple[Any, str]], refs: list[LoraRef], names: set[str] | None = None) -> list[Any]:
-    """(base, out, factors) per weight that `refs` touch (or only `names`), for the floor."""
+def _jobs(
+    pairs: list[tuple[Any, str]], refs: list[LoraRef], names: set[str] | None = None, shared_out: bool = False
+) -> list[Any]:
+    """(base, out, factors) per weight that `refs` touch (or only `names`), for the floor.
+
+    `shared_out`: weights of one shape write into one buffer (a full-size SDXL UNet's attention
+    weights are 3.5 GiB: a second copy does not fit beside the model on a shared machine)."""
     jobs = []
+    outs: dict[tuple[int, ...], torch.Tensor] = {}
     for module, target in pairs:
         params = dict(module.named_parameters())
         decs = [decoded(r.path, r.stamp, module, target) for r in refs]  # type: ignore[arg-type]
@@ -168,7 +176,9 @@ def _jobs(pairs: list[tuple[Any, str]], refs: list[LoraRef], names: set[str] | N
         for key in sorted(keys if names is None else keys & names):
             base = params[key].data.reshape(params[key].shape[0], -1)
             factors = [(d.updates[key].up, d.updates[key].down) for d in decs if key in d.updates]
-            jobs.append((base, torch.empty_like(base), factors))
+            if shared_out and tuple(base.shape) not in outs:
+                outs[tuple(base.shape)] = torch.empty_like(base)
+            jobs.append((base, outs[tuple(base.shape)] if shared_out else torch.empty_like(base), factors))
     return jobs
 
 

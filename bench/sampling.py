@@ -19,6 +19,7 @@ import gc
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,14 @@ from nodegraph.types import CONDITIONING, LATENT, MODEL
 from nodegraph.validate import validate_prompt
 from nodes.latent import EmptyLatentImage
 from nodes.sampling import KSampler
+from nodes.sd.adm import adm_inputs, adm_width
 from nodes.sd.device import make_placement, place
 from nodes.sd.handles import ModelHandle
 from nodes.sd.ksampler import SamplingRequest, sample
 
 STEPS, CFG, SIZE, REPEATS = 4, 7.0, 256, 4
+SIDES, ADDED = ("negative", "positive"), ("text_embeds", "time_ids")
+MakeCond = Callable[[int], list[list[Any]]]  # seed -> a CONDITIONING value
 
 
 def sd15_unet() -> Any:
@@ -53,18 +57,34 @@ def conditioning(seed: int) -> list[list[Any]]:
     return [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(seed)), {}]]
 
 
-def bare_forward_s(unet: Any, count: int = STEPS) -> float:
-    """Fastest of `count` batched UNet forwards (batch 2), as the sampler calls it."""
+def bare_forward_s(
+    unet: Any, count: int = STEPS, size: int = SIZE, make_cond: MakeCond = conditioning
+) -> float:
+    """Fastest of `count` batched UNet forwards (batch 2), as the sampler calls it.
+
+    `make_cond(seed)` gives the prompts' conditioning; an SDXL UNet also gets the added conditioning
+    (pooled output and size values) the sampler builds from it, through the sampler's own code."""
     first = next(unet.parameters())
-    x = torch.randn(2, 4, SIZE // 8, SIZE // 8).to(first.device, first.dtype)
-    context = torch.cat([conditioning(2)[0][0], conditioning(1)[0][0]]).to(first.device, first.dtype)
+    x = torch.randn(2, 4, size // 8, size // 8).to(first.device, first.dtype)
+    entries = [make_cond(2)[0], make_cond(1)[0]]
+    context = torch.cat([e[0] for e in entries]).to(first.device, first.dtype)
     t = torch.tensor([999.0, 999.0], device=first.device)
+    adm = adm_width(unet)
+    added = None
+    if adm is not None:
+        parts = [
+            adm_inputs(e[1], size // 8, size // 8, side, adm, "bench")
+            for e, side in zip(entries, SIDES, strict=True)
+        ]
+        added = {
+            k: torch.cat([p[i] for p in parts]).to(first.device, first.dtype) for i, k in enumerate(ADDED)
+        }
     times = []
     with torch.inference_mode():
         for _ in range(count):
             _sync(first.device)
             start = time.perf_counter()
-            unet(x, t, encoder_hidden_states=context, return_dict=False)
+            unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)
             _sync(first.device)
             times.append(time.perf_counter() - start)
     return min(times)
@@ -76,14 +96,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def ksampler_step_s(unet: Any, seed: int) -> tuple[float, float]:
+def ksampler_step_s(
+    unet: Any,
+    seed: int,
+    size: int = SIZE,
+    steps: int = STEPS,
+    make_cond: MakeCond = conditioning,
+    family: str = "sd15",
+) -> tuple[float, float]:
     """(KSampler wall time per step, share of that time spent outside the UNet) for one run.
 
     The second figure times the UNet calls inside the same run, so it stays meaningful when other
     work on the machine slows the sampler and a separately timed bare forward differently.
     """
-    model = ModelHandle(unet=unet, source="bench", family="sd15")
-    latent = {"samples": torch.zeros(1, 4, SIZE // 8, SIZE // 8)}
+    model = ModelHandle(unet=unet, source="bench", family=family)
+    latent = {"samples": torch.zeros(1, 4, size // 8, size // 8)}
     inside: list[float] = []
     started: list[float] = []
     device = next(unet.parameters()).device
@@ -99,26 +126,33 @@ def ksampler_step_s(unet: Any, seed: int) -> tuple[float, float]:
     pre = unet.register_forward_pre_hook(before)
     post = unet.register_forward_hook(after)
     try:
-        request = SamplingRequest(seed, STEPS, CFG, "euler", "normal")
+        request = SamplingRequest(seed, steps, CFG, "euler", "normal")
         start = time.perf_counter()
-        sample(model, conditioning(1), conditioning(2), latent, request)
+        sample(model, make_cond(1), make_cond(2), latent, request)
         total = time.perf_counter() - start
     finally:
         pre.remove()
         post.remove()
-    return total / STEPS, (total - sum(inside)) / sum(inside)
+    return total / steps, (total - sum(inside)) / sum(inside)
 
 
-def interleaved(unet: Any) -> tuple[float, float, float]:
+def interleaved(
+    unet: Any,
+    repeats: int = REPEATS,
+    size: int = SIZE,
+    steps: int = STEPS,
+    make_cond: MakeCond = conditioning,
+    family: str = "sd15",
+) -> tuple[float, float, float]:
     """(fastest bare forward, fastest KSampler step, median outside share), bare and KSampler alternating."""
-    bare_forward_s(unet, 1)  # warm-up
-    forwards, steps, outside = [], [], []
-    for seed in range(REPEATS):
-        forwards.append(bare_forward_s(unet))
-        step, share = ksampler_step_s(unet, seed)
-        steps.append(step)
+    bare_forward_s(unet, 1, size, make_cond)  # warm-up
+    forwards, times, outside = [], [], []
+    for seed in range(repeats):
+        forwards.append(bare_forward_s(unet, steps, size, make_cond))
+        step, share = ksampler_step_s(unet, seed, size, steps, make_cond, family)
+        times.append(step)
         outside.append(share)
-    return min(forwards), min(steps), statistics.median(outside)
+    return min(forwards), min(times), statistics.median(outside)
 
 
 class BenchModel(Node):
