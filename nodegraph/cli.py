@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--sdxl",
         action="store_true",
-        help="also write an SDXL-family demo checkpoint and a mini SDXL refiner",
+        help="also write an SDXL-family demo checkpoint, a mini SDXL refiner and two SDXL LoRAs",
     )
     demo.add_argument(
         "--if-no-checkpoint", action="store_true", help="do nothing when models/checkpoints has a checkpoint"

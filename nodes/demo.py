@@ -274,7 +274,8 @@ def write_demo_models(folders: Folders, force: bool = False, sdxl: bool = False)
     Args:
         folders: where to write (the first `checkpoints` and `loras` directories, the input folder).
         force: rewrite files that already exist.
-        sdxl: also write the SDXL-family demo checkpoint and a mini SDXL refiner (nodes/demo_sdxl.py).
+        sdxl: also write the SDXL-family demo checkpoint, a mini SDXL refiner and two SDXL LoRAs
+            (nodes/demo_sdxl.py).
 
     Returns:
         The paths written (empty when everything was already there).
@@ -298,6 +299,8 @@ def write_demo_models(folders: Folders, force: bool = False, sdxl: bool = False)
                     p, demo_sdxl.REFINER_MINI, "nodegraph-demo-refiner"
                 ),
             ),
+            (loras / demo_sdxl.SDXL_LORA_NAMES[0], lambda p: demo_sdxl.write_sdxl_lora(p, "a", 4, 4.0)),
+            (loras / demo_sdxl.SDXL_LORA_NAMES[1], lambda p: demo_sdxl.write_sdxl_lora(p, "b", 8, 4.0)),
         ]
     written = []
     for path, write in jobs:

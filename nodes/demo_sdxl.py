@@ -24,8 +24,12 @@ import numpy as np
 
 from nodes.demo import Spec, _conv, _linear, _norm, _resblock, random_tensor, vae_specs
 
+# The demo UNet's SpatialTransformers (SGM names, as kohya's sdxl_train_network writes them) and widths.
+_LORA_BLOCKS = (("input_blocks_3_1", 256), ("middle_block_1", 256), ("output_blocks_0_1", 256))
+
 SDXL_DEMO_NAME = "nodegraph_demo_sdxl.safetensors"
 REFINER_DEMO_NAME = "nodegraph_demo_sdxl_refiner.safetensors"
+SDXL_LORA_NAMES = ("nodegraph_demo_sdxl_lora_a.safetensors", "nodegraph_demo_sdxl_lora_b.safetensors")
 CLIP_L = "conditioner.embedders.0.transformer.text_model."
 G_BASE = "conditioner.embedders.1.model."
 G_REFINER = "conditioner.embedders.0.model."
@@ -159,6 +163,55 @@ def write_sdxl_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     kind = "SDXL refiner" if shape.adm == 2560 else "SDXL"
     meta = {"nodegraph_demo": f"random weights ({kind}-shaped): the images this model makes are noise"}
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata=meta)
+    partial.replace(path)
+    return path
+
+
+def _sdxl_lora_targets(which: str) -> list[tuple[str, int, int]]:
+    """(kohya module name, in features, out features) of a demo SDXL LoRA, on the demo model's shapes."""
+    out: list[tuple[str, int, int]] = []
+    for block, ch in _LORA_BLOCKS:
+        prefix = f"lora_unet_{block}_transformer_blocks_0_"
+        names = ["attn1_to_q", "attn1_to_v", "attn2_to_q", "attn2_to_k", "attn2_to_out_0"]
+        if which == "a":
+            names += ["attn1_to_k", "ff_net_2"]
+        for name in names:
+            fin = {"attn2_to_k": SDXL_DEMO.context_dim, "ff_net_2": ch * 4}.get(name, ch)
+            out.append((prefix + name, fin, ch))
+        out.append((f"lora_unet_{block}_proj_in", ch, ch))
+    for te, width, layers in (("te1", 768, SDXL_DEMO.clip_l_layers), ("te2", 1280, SDXL_DEMO.clip_g_layers)):
+        for n in range(layers if which == "a" else 1):
+            for proj, fout in (
+                ("self_attn_q_proj", width),
+                ("self_attn_v_proj", width),
+                ("mlp_fc1", 4 * width),
+            ):
+                out.append((f"lora_{te}_text_model_encoder_layers_{n}_{proj}", width, fout))
+    return out
+
+
+def write_sdxl_lora(path: Path, which: str, rank: int, alpha: float) -> Path:
+    """A kohya `sdxl_train_network`-format LoRA for the SDXL demo model (random fp16 weights), atomically."""
+    from safetensors.numpy import save_file
+
+    tensors: dict[str, np.ndarray] = {}
+    seed = f"nodegraph-demo-sdxl-lora-{which}"
+    for name, fin, fout in _sdxl_lora_targets(which):
+        tensors[f"{name}.lora_down.weight"] = random_tensor(seed, f"{name}.down", (rank, fin), "w", fin)
+        up = random_tensor(seed, f"{name}.up", (fout, rank), "w", rank)
+        tensors[f"{name}.lora_up.weight"] = (up.astype(np.float32) * 0.5).astype(np.float16)
+        tensors[f"{name}.alpha"] = np.array(alpha, dtype=np.float16)
+    meta = {
+        "ss_output_name": path.stem,
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "nodegraph_demo": "random weights (SDXL LoRA): what it changes is noise",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, str(partial), metadata=meta)
     partial.replace(path)

@@ -30,6 +30,7 @@ def test_every_example_workflow_is_covered() -> None:
     assert sorted(p.name for p in WORKFLOWS.glob("*.json")) == [
         "img2img.json",
         "sdxl_base_refiner.json",
+        "sdxl_two_loras.json",
         "sdxl_txt2img.json",
         "txt2img.json",
         "txt2img_two_loras.json",
@@ -67,6 +68,9 @@ def sdxl_demo_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     demo_sdxl.write_sdxl_checkpoint(ckpts / demo_sdxl.SDXL_DEMO_NAME)
     refiner = demo_sdxl.REFINER_MINI
     demo_sdxl.write_sdxl_checkpoint(ckpts / demo_sdxl.REFINER_DEMO_NAME, refiner, "nodegraph-demo-refiner")
+    loras = folders.paths("loras")[0]
+    demo_sdxl.write_sdxl_lora(loras / demo_sdxl.SDXL_LORA_NAMES[0], "a", 4, 4.0)
+    demo_sdxl.write_sdxl_lora(loras / demo_sdxl.SDXL_LORA_NAMES[1], "b", 8, 4.0)
     return base
 
 
@@ -89,3 +93,14 @@ def test_sdxl_txt2img_and_base_refiner_run_on_the_sdxl_demo_models(sdxl_demo_bas
     handed_off = _pixels(sdxl_demo_base / "output" / "sdxl_base_refiner_00001_.png")
     assert plain.shape == handed_off.shape == (64, 64, 3)
     assert plain.std() > 1 and handed_off.std() > 1
+
+
+def test_sdxl_two_chained_loras_change_the_sdxl_image(sdxl_demo_base: Path) -> None:
+    small = ["--set", "5.width=64", "--set", "5.height=64", "--set", "3.steps=2"]
+    common = ["--base-directory", str(sdxl_demo_base), "--preview-method", "none"]
+    files = [str(WORKFLOWS / "sdxl_txt2img.json"), str(WORKFLOWS / "sdxl_two_loras.json")]
+    assert main(["run", *files, *small, *common]) == 0
+    plain = _pixels(sorted((sdxl_demo_base / "output").glob("sdxl_txt2img_*.png"))[-1])
+    with_loras = _pixels(sdxl_demo_base / "output" / "sdxl_two_loras_00001_.png")
+    assert plain.shape == with_loras.shape == (64, 64, 3)
+    assert np.abs(plain - with_loras).mean() > 1  # both LoRAs (UNet and both encoders) moved the image

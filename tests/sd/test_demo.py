@@ -78,3 +78,28 @@ def test_the_lora_tensors_are_the_same_on_every_write(tmp_path: Path) -> None:
 def test_full_layout_has_sd15s_860m_unet_parameters() -> None:
     total = sum(math.prod(shape) for _, shape, _, _ in unet_specs(UNET_FULL))
     assert total == 859_520_964
+
+
+def test_demo_sdxl_writes_two_sdxl_loras_that_fit_the_sdxl_demo_model(tmp_path: Path) -> None:
+    from nodegraph.env import Environment
+    from nodegraph.testing import RecordingContext
+    from nodes.demo_sdxl import SDXL_DEMO_NAME, SDXL_LORA_NAMES
+    from nodes.loaders import CheckpointLoaderSimple
+    from nodes.lora import load_lora
+
+    folders = Folders.at(tmp_path)
+    written = [p.name for p in write_demo_models(folders, sdxl=True)]
+    assert set(SDXL_LORA_NAMES) <= set(written) and SDXL_DEMO_NAME in written
+    ctx = RecordingContext(Environment(folders))
+    model, clip, _ = CheckpointLoaderSimple().run(ctx, SDXL_DEMO_NAME)
+    counts = []
+    for name in SDXL_LORA_NAMES:
+        path = folders.resolve("loras", name)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and "random" in meta["nodegraph_demo"]
+        report = load_lora(ctx, model, clip, path, name, (1.0, 1.0))[2]
+        assert report.unmatched == () and report.failed == () and report.family == "sdxl"
+        counts.append((report.unet_modules, report.te_modules, report.te2_modules))
+    assert counts == [(24, 9, 9), (18, 3, 3)]
+    assert not ctx.warnings
