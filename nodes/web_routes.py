@@ -1,6 +1,8 @@
 """HTTP routes the canvas extension (web/nodegraph.js) reads: LoRA metadata, previews and the default graph.
 
-`GET /nodegraph/loras` lists every LoRA with its trigger words, base model and rank;
+`GET /nodegraph/loras` lists every LoRA with its trigger words, base model and rank (with
+`?checkpoint=<name>`, also whether each fits that checkpoint's family: `fits` true, false or null
+when either family is unknown);
 `GET /nodegraph/lora_info?name=` gives one; `GET /nodegraph/lora_preview?name=` sends the preview
 image stored beside the file; `GET /nodegraph/default_workflow` is the first-start graph on the
 installed models. Names go through `Folders.resolve`, so no request leaves the loras folder.
@@ -21,8 +23,8 @@ from nodegraph.env import Environment
 from nodegraph.folders import ModelNotFoundError, PathEscapeError
 from nodegraph.server.frontend import web_dir
 from nodes import lora_info
-from nodes.sd.convert_sdxl import checkpoint_kind
-from nodes.sd.lora.family import family_name
+from nodes.sd.convert_sdxl import checkpoint_family, checkpoint_kind
+from nodes.sd.lora.family import compatible, family_name
 
 
 def describe_lora(name: str, path: Path) -> dict[str, Any]:
@@ -104,6 +106,23 @@ def _kind(env: Environment, name: str | None) -> str:
         return "other"
 
 
+def checkpoint_family_of(env: Environment, name: str) -> str:
+    """The family of a checkpoint file or diffusers folder the canvas names ("unknown" when not found)."""
+    for folder in ("checkpoints", "diffusers"):
+        try:
+            return checkpoint_family(env.folders.resolve(folder, name))
+        except (PathEscapeError, ModelNotFoundError, OSError):
+            continue
+    return "unknown"
+
+
+def fits(lora_family: str, model_family: str) -> bool | None:
+    """Whether a LoRA fits a checkpoint; None when either family is unknown (the canvas marks nothing)."""
+    if "unknown" in (lora_family, model_family):
+        return None
+    return compatible(lora_family, model_family)
+
+
 def _lora_family(env: Environment, name: str) -> str:
     try:
         return str(lora_info.lora_info(env.folders.resolve("loras", name)).get("family") or "unknown")
@@ -126,18 +145,24 @@ def _resolve(env: Environment, request: web.Request) -> tuple[str, Path]:
 def routes(env: Environment) -> list[web.RouteDef]:
     """The canvas extension's routes (the server mounts them under `/` and `/api`)."""
 
-    def describe_all() -> list[dict[str, Any]]:
+    def describe_all(checkpoint: str | None) -> list[dict[str, Any]]:
+        model_family = checkpoint_family_of(env, checkpoint) if checkpoint else None
         out = []
         for name in env.folders.list("loras"):
             try:
-                out.append(describe_lora(name, env.folders.resolve("loras", name)))
+                info = describe_lora(name, env.folders.resolve("loras", name))
             except (PathEscapeError, FileNotFoundError):
                 continue  # removed between listing and reading
+            if model_family is not None:
+                info["fits"] = fits(str(info.get("family", "unknown")), model_family)
+                info["checkpoint_family"] = model_family
+            out.append(info)
         return out
 
-    async def loras(_: web.Request) -> web.Response:
+    async def loras(request: web.Request) -> web.Response:
         # Every header is read from disk: off the event loop, which must keep answering.
-        return web.json_response(await asyncio.to_thread(describe_all))
+        checkpoint = request.query.get("checkpoint") or None
+        return web.json_response(await asyncio.to_thread(describe_all, checkpoint))
 
     async def one_lora(request: web.Request) -> web.Response:
         name, path = _resolve(env, request)

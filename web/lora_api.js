@@ -14,9 +14,11 @@ export function loraInfo(name) {
   return infoCache.get(name);
 }
 
-export async function listLoras() {
+// `checkpoint` (a ckpt_name): each entry also says whether it fits that checkpoint's family (`fits`).
+export async function listLoras(checkpoint = null) {
   infoCache.clear(); // the picker is where new files appear; re-read everything once
-  const response = await api.fetchApi("/nodegraph/loras");
+  const query = checkpoint ? `?checkpoint=${encodeURIComponent(checkpoint)}` : "";
+  const response = await api.fetchApi(`/nodegraph/loras${query}`);
   if (!response.ok) throw new Error(`could not list LoRAs: HTTP ${response.status}`);
   const list = await response.json();
   for (const info of list) infoCache.set(info.name, Promise.resolve(info));

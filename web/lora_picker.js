@@ -1,5 +1,15 @@
 // A searchable LoRA picker: filter by file name, trigger word or base model; Enter or click picks.
+// Given the checkpoint the node is wired to, it marks the LoRAs made for that family (SD1.5 / SDXL)
+// and those that are not (the server refuses them at run time), and lists the fitting ones first.
 import { listLoras } from "./lora_api.js";
+
+const FAMILY = { sd15: "SD1.5", sd2: "SD2", sdxl: "SDXL", sdxl_refiner: "SDXL refiner" };
+
+function fitText(info) {
+  if (info.fits === true) return `✓ fits this ${FAMILY[info.checkpoint_family] ?? ""} checkpoint`;
+  if (info.fits === false) return `✗ not for this ${FAMILY[info.checkpoint_family] ?? ""} checkpoint`;
+  return "";
+}
 
 function matches(info, words) {
   const haystack = [info.name, info.base_model, ...(info.trigger_words ?? [])].join(" ").toLowerCase();
@@ -18,11 +28,17 @@ function row(info, onPick) {
   const words = (info.trigger_words ?? []).slice(0, 6).join(", ");
   meta.textContent = `${info.base_model ?? "?"} · rank ${info.rank ?? "?"}${words ? ` · ${words}` : ""}`;
   item.append(name, meta);
+  if (info.fits === true || info.fits === false) {
+    item.classList.add(info.fits ? "nodegraph-picker-fits" : "nodegraph-picker-misfit");
+    item.dataset.fits = String(info.fits);
+    item.append(Object.assign(document.createElement("div"), { className: "nodegraph-picker-fit", textContent: fitText(info) }));
+  }
   item.addEventListener("click", () => onPick(info.name));
   return item;
 }
 
-export async function openLoraPicker(onPick) {
+// `checkpoint`: the ckpt_name the LoRA node is wired to (see connectedCheckpoint), or null.
+export async function openLoraPicker(onPick, checkpoint = null) {
   document.querySelector(".nodegraph-picker")?.remove();
   const overlay = document.createElement("div");
   overlay.className = "nodegraph-picker";
@@ -58,10 +74,30 @@ export async function openLoraPicker(onPick) {
   search.addEventListener("input", render);
   search.focus();
   try {
-    loras = await listLoras();
+    loras = await listLoras(checkpoint);
+    loras.sort((a, b) => Number(b.fits === true) - Number(a.fits === true)); // stable: fitting first
   } catch (error) {
     list.replaceChildren(Object.assign(document.createElement("li"), { textContent: String(error) }));
     return;
   }
   render();
+}
+
+// The checkpoint a node's model (else clip) input comes from, following chained LoRA nodes upstream.
+export function connectedCheckpoint(node) {
+  const seen = new Set();
+  let current = node;
+  while (current && !seen.has(current.id)) {
+    seen.add(current.id);
+    const ckpt = current.widgets?.find((w) => w.name === "ckpt_name" || w.name === "model_path");
+    if (ckpt) return ckpt.value ?? null;
+    const input =
+      current.inputs?.find((i) => i.name === "model" && i.link != null) ??
+      current.inputs?.find((i) => i.name === "clip" && i.link != null);
+    if (!input) return null;
+    const graph = current.graph;
+    const link = graph?.getLink?.(input.link) ?? graph?.links?.get?.(input.link) ?? graph?.links?.[input.link];
+    current = link ? graph.getNodeById(link.origin_id) : null;
+  }
+  return null;
 }

@@ -7,7 +7,7 @@
 //   - the server's "nodegraph.warning" messages (e.g. LoRA key coverage) on the node and as a toast.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { openLoraPicker } from "./lora_picker.js";
+import { connectedCheckpoint, openLoraPicker } from "./lora_picker.js";
 import { addTriggerWord } from "./prompt_target.js";
 import { listLoras, loraInfo } from "./lora_api.js";
 import { POWER_LORA, addPowerLoraRow, setUpPowerLora } from "./power_lora.js";
@@ -55,7 +55,7 @@ function buildPanel(node) {
   const pick = el("button", "nodegraph-pick", "Pick LoRA…");
   pick.addEventListener("click", (event) => {
     event.stopPropagation();
-    openLoraPicker((name) => setLora(node, name));
+    openLoraPicker((name) => setLora(node, name), connectedCheckpoint(node));
   });
   const facts = el("div", "nodegraph-facts");
   const words = el("div", "nodegraph-words");

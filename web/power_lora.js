@@ -8,7 +8,7 @@
 //   API prompt:     lora_1, lora_2, ... = {on, lora, strength[, strengthTwo]} (strengthTwo only when separate)
 // Each row is one hidden widget named lora_N (so graphToPrompt sends it under that name); one DOM
 // widget shows them all.
-import { openLoraPicker } from "./lora_picker.js";
+import { connectedCheckpoint, openLoraPicker } from "./lora_picker.js";
 
 export const POWER_LORA = "Power Lora Loader (rgthree)";
 const SHOW = "Show Strengths";
@@ -77,7 +77,7 @@ function rowElement(node, widget, redraw) {
   name.title = "Pick a LoRA";
   name.addEventListener("click", (e) => {
     e.stopPropagation();
-    openLoraPicker((picked) => ((v.lora = picked), redraw()));
+    openLoraPicker((picked) => ((v.lora = picked), redraw()), connectedCheckpoint(node));
   });
   const model = numberInput(v.strength ?? 1, (x) => (v.strength = x));
   model.title = separate(node) ? "Model strength" : "Strength";
@@ -118,7 +118,7 @@ function render(node, root) {
   const add = el("button", "nodegraph-power-add", "➕ Add Lora");
   add.addEventListener("click", (e) => {
     e.stopPropagation();
-    openLoraPicker((picked) => (addRow(node, { lora: picked }), redraw()));
+    openLoraPicker((picked) => (addRow(node, { lora: picked }), redraw()), connectedCheckpoint(node));
   });
   root.replaceChildren(header, ...rows.map((w) => rowElement(node, w, redraw)), add);
   const wanted = node.computeSize?.();

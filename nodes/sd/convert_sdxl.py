@@ -162,18 +162,35 @@ def clip_g_config(keys: Iterable[str], prefix: str, shape_of: ShapeOf) -> dict[s
 
 def checkpoint_kind(path: Path) -> str:
     """ "sdxl", "sdxl_refiner" or "other", from a .safetensors header alone (torch-free, no tensor read)."""
+    family = checkpoint_family(path)
+    return family if family in ("sdxl", "sdxl_refiner") else "other"
+
+
+def checkpoint_family(path: Path) -> str:
+    """The LoRA family a checkpoint file or diffusers folder takes ("sd15", "sd2", "sdxl",
+    "sdxl_refiner"), or "unknown"; from the safetensors header or the folder's layout alone."""
+    if path.is_dir():
+        if (path / "text_encoder_2").is_dir():
+            return "sdxl" if (path / "text_encoder").is_dir() else "sdxl_refiner"
+        return "sd15" if (path / "text_encoder").is_dir() else "unknown"
+    keys = _header_keys(path)
+    if is_sdxl(keys):
+        if any(k.startswith(CLIP_L_PREFIX) for k in keys):
+            return "sdxl"
+        return "sdxl_refiner" if any(k.startswith(CLIP_G_REFINER) for k in keys) else "unknown"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"  # OpenCLIP-H under SD2's prefix
+    return "sd15" if any(k.startswith("cond_stage_model.transformer.") for k in keys) else "unknown"
+
+
+def _header_keys(path: Path) -> list[str]:
     try:
         if path.suffix.lower() not in (".safetensors", ".sft") or not path.is_file():
-            return "other"
+            return []
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             if size > 100_000_000:
-                return "other"
-            keys = list(json.loads(f.read(size)))
+                return []
+            return list(json.loads(f.read(size)))
     except (OSError, ValueError, TypeError):
-        return "other"
-    if not is_sdxl(keys):
-        return "other"
-    if any(k.startswith(CLIP_L_PREFIX) for k in keys):
-        return "sdxl"
-    return "sdxl_refiner" if any(k.startswith(CLIP_G_REFINER) for k in keys) else "other"
+        return []

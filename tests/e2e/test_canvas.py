@@ -155,6 +155,8 @@ def test_lora_picker_searches_and_sets_the_loader(canvas: Session) -> None:
     page.click(".nodegraph-pick")
     page.wait_for_selector(".nodegraph-picker-item")
     assert page.locator(".nodegraph-picker-item").count() == 3
+    # the loader is wired to the SD1.5 checkpoint: every SD1.5 LoRA is marked as fitting it
+    assert page.locator(".nodegraph-picker-item[data-fits='true']").count() == 3
     page.fill(".nodegraph-picker input", "cattail")  # a trigger word finds its LoRA
     assert page.locator(".nodegraph-picker-item").all_inner_texts()[0].startswith("mini_lora_a")
     assert page.locator(".nodegraph-picker-item").count() == 1

@@ -178,3 +178,36 @@ async def test_frontend_text_files_go_out_gzipped_when_accepted(aiohttp_client) 
     assert (await client.get("/assets/../../__init__.py")).status == 404
     assert (await client.get("/%2e%2e/__init__.py")).status == 404
     assert (await client.get("/no/such/file.js")).status == 404
+
+
+@pytest.mark.asyncio
+async def test_the_lora_list_marks_which_loras_fit_the_connected_checkpoint(  # type: ignore[no-untyped-def]
+    aiohttp_client, tmp_path: Path, mini_loras: Path, mini_checkpoint: Path, mini_sdxl_checkpoint: Path
+) -> None:
+    from nodes import demo_sdxl
+
+    folders = Folders.at(tmp_path)
+    ckpts, loras = folders.paths("checkpoints")[0], folders.paths("loras")[0]
+    ckpts.mkdir(parents=True)
+    (ckpts / "sd15.safetensors").symlink_to(mini_checkpoint)
+    (ckpts / "xl.safetensors").symlink_to(mini_sdxl_checkpoint)
+    loras.mkdir(parents=True)
+    shutil.copy(mini_loras / "mini_lora_a.safetensors", loras / "sd15_lora.safetensors")
+    demo_sdxl.write_sdxl_lora(loras / "xl_lora.safetensors", "b", 8, 4.0)
+    client = await _client(aiohttp_client, Environment(folders))
+
+    async def marks(query: str) -> dict[str, tuple[object, object]]:
+        listed = await (await client.get(f"/nodegraph/loras{query}")).json()
+        return {i["name"]: (i.get("fits"), i.get("checkpoint_family")) for i in listed}
+
+    assert await marks("?checkpoint=xl.safetensors") == {
+        "sd15_lora.safetensors": (False, "sdxl"),
+        "xl_lora.safetensors": (True, "sdxl"),
+    }
+    assert await marks("?checkpoint=sd15.safetensors") == {
+        "sd15_lora.safetensors": (True, "sd15"),
+        "xl_lora.safetensors": (False, "sd15"),
+    }
+    unknown = await marks("?checkpoint=gone.safetensors")  # a stale name: nothing is marked
+    assert set(unknown.values()) == {(None, "unknown")}
+    assert set((await marks("")).values()) == {(None, None)}  # no checkpoint given: no marks at all
