@@ -30,7 +30,8 @@ MODEL_FOLDERS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "embeddings": (("embeddings",), MODEL_EXTENSIONS),
     "diffusers": (("diffusers",), frozenset({"folder"})),
     "vae_approx": (("vae_approx",), MODEL_EXTENSIONS),
-    "controlnet": (("controlnet", "t2i_adapter"), MODEL_EXTENSIONS),
+    # models/ControlNet: A1111's folder (ComfyUI's extra_model_paths a111 example maps it), found as is
+    "controlnet": (("controlnet", "t2i_adapter", "ControlNet"), MODEL_EXTENSIONS),
     "gligen": (("gligen",), MODEL_EXTENSIONS),
     "upscale_models": (("upscale_models",), MODEL_EXTENSIONS),
     "hypernetworks": (("hypernetworks",), MODEL_EXTENSIONS),

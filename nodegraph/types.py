@@ -32,6 +32,7 @@ SIGMAS = SocketType("SIGMAS")
 SAMPLER = SocketType("SAMPLER")
 GUIDER = SocketType("GUIDER")
 NOISE = SocketType("NOISE")
+CONTROL_NET = SocketType("CONTROL_NET")
 # The custom-node packs' LoRA list (Efficiency Nodes, Comfyroll): (name, strength_model, strength_clip)
 LORA_STACK = SocketType("LORA_STACK")
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from nodes.sd.control import Control
 from nodes.sd.schedules import DiscreteSchedule
 
 Area = tuple[int, int, int, int]  # ComfyUI's order, in latent pixels: (height, width, y, x)
@@ -51,6 +52,8 @@ class CondEntry:
     # SDXL's added conditioning (pooled output, size values; nodes/sd/adm.py), resolved per latent size
     added: tuple[torch.Tensor, torch.Tensor] | None = None
     options: dict[str, Any] | None = None  # the entry's options, kept for the added conditioning
+    control: Control | None = None  # ControlNet(s) steering this entry's UNet calls
+    control_to_uncond: bool = False  # ControlNetApply's: the negative side gets this control too
 
 
 def _number(opts: dict[str, Any], key: str, default: float, what: str) -> float:
@@ -143,7 +146,7 @@ def cond_entries(
             raise ConditioningError(
                 f"{what}: embedding must be [batch, tokens, channels], got {list(tensor.shape)}"
             )
-        unsupported = sorted(k for k in ("control", "gligen") if opts.get(k) is not None)
+        unsupported = sorted(k for k in ("gligen",) if opts.get(k) is not None)
         if unsupported:
             raise ConditioningError(
                 f"{what}: conditioning with {', '.join(unsupported)} is not supported yet"
@@ -168,9 +171,30 @@ def cond_entries(
                 ),
                 concat_mask=_read_tensor(opts.get("concat_mask"), "concat_mask", (2, 3, 4), what),
                 options=opts,
+                control=_read_control(opts.get("control"), width, what),
+                control_to_uncond=bool(opts.get("control_apply_to_uncond", False)),
             )
         )
     return entries
+
+
+def _read_control(value: Any, width: int | None, what: str) -> Control | None:
+    """The `control` option: a ControlNet chain whose every net fits the model's text width."""
+    if value is None:
+        return None
+    if not isinstance(value, Control):
+        raise ConditioningError(
+            f"{what}: conditioning option 'control' must be a ControlNet, got {type(value).__name__}; "
+            "set it with ControlNetApply"
+        )
+    for node in value.chain():
+        if width is not None and node.model.context_dim != width:
+            family = "SDXL" if node.model.family == "sdxl" else "SD1.x"
+            raise ConditioningError(
+                f"{what}: ControlNet '{node.model.name}' is an {family} ControlNet (text width "
+                f"{node.model.context_dim}) and does not fit this model (width {width}); pick one made for it"
+            )
+    return value
 
 
 def _mask_bounds(mask: torch.Tensor) -> Area:
@@ -249,4 +273,21 @@ def prepare_sides(
         _add_twin(neg, entry)
     for entry in list(neg):
         _add_twin(pos, entry)
-    return pos, neg
+    return pos, _controls_to_uncond(pos, neg)
+
+
+def _controls_to_uncond(pos: list[CondEntry], neg: list[CondEntry]) -> list[CondEntry]:
+    """apply_empty_x_to_equal_area for 'control': when no negative entry without an area has a
+    control, the positive ControlNetApply controls (control_apply_to_uncond) go to the negative entries
+    without area and without control, cycling over them; a later control replaces an earlier one."""
+    controls = [e.control for e in pos if e.area is None and e.control is not None and e.control_to_uncond]
+    if not controls or any(e.area is None and e.control is not None for e in neg):
+        return neg
+    free = [i for i, e in enumerate(neg) if e.area is None]
+    if not free:
+        return neg
+    out = list(neg)
+    for n, control in enumerate(controls):
+        i = free[n % len(free)]
+        out[i] = replace(out[i], control=control)
+    return out

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from nodes.sd import control as controlnet
 from nodes.sd.adm import adm_inputs, adm_width
 from nodes.sd.cond_entries import (  # re-exported: the sampler's public names stay here
     AREA_FEATHER,
@@ -38,9 +39,11 @@ from nodes.sd.cond_entries import (  # re-exported: the sampler's public names s
     CondEntry,
     ConditioningError,
     cond_entries,
+    percent_to_sigma,
     prepare_sides,
     resolve_entry,
 )
+from nodes.sd.control import Control
 from nodes.sd.model_sampling import EPS, ModelSampling
 from nodes.sd.schedules import DiscreteSchedule
 
@@ -66,6 +69,7 @@ class _Job:
     side: int
     concat: torch.Tensor | None = None  # c_concat for input_x (an inpainting UNet's extra channels)
     added: tuple[torch.Tensor, torch.Tensor] | None = None  # SDXL (pooled, size values)
+    control: Control | None = None  # entries batch together only with the very same control
 
 
 def _feather(mult: torch.Tensor, area: Area, full: Sequence[int]) -> None:
@@ -102,7 +106,7 @@ def _job(entry: CondEntry, x: torch.Tensor, side: int) -> _Job:
             concat = concat[:, :, area[2] : area[2] + area[0], area[3] : area[3] + area[1]]
         concat = _repeat_to_batch(concat, input_x.shape[0])
     if entry.mask is None and area is None:
-        return _Job(input_x, entry.strength, None, entry.cross_attn, side, concat, entry.added)  # plain
+        return _Job(input_x, entry.strength, None, entry.cross_attn, side, concat, entry.added, entry.control)
     if entry.mask is not None:
         mask = entry.mask[: input_x.shape[0]]
         if input_x.shape[0] % mask.shape[0]:
@@ -120,7 +124,7 @@ def _job(entry: CondEntry, x: torch.Tensor, side: int) -> _Job:
     mult = mask.to(input_x.dtype) * entry.strength
     if entry.mask is None and area is not None:
         _feather(mult, area, full)
-    return _Job(input_x, mult, area, entry.cross_attn, side, concat, entry.added)
+    return _Job(input_x, mult, area, entry.cross_attn, side, concat, entry.added, entry.control)
 
 
 def _can_concat(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -206,22 +210,43 @@ class CFGDenoiser:
         context: torch.Tensor,
         concat: torch.Tensor | None = None,
         added: dict[str, torch.Tensor] | None = None,
+        control: Control | None = None,
+        batched_number: int = 1,
     ) -> torch.Tensor:
         """BaseModel._apply_model: scale the input, append c_concat, integer timestep, then the
-        model sampling's denoised formula (eps: x - sigma * eps)."""
+        model sampling's denoised formula (eps: x - sigma * eps). A control's residuals are computed
+        from the same inputs (without c_concat) and added inside the UNet."""
         s = sigma.reshape(sigma.shape[:1] + (1,) * (x.ndim - 1))
         xc = x / (s**2 + 1.0) ** 0.5
-        if concat is not None:
-            xc = torch.cat([xc, concat.to(xc.dtype)], dim=1)
         t = self.schedule.timestep(sigma).float()
         dtype = next(self.unet.parameters()).dtype
         kwargs = {k: v.to(xc.device, dtype) for k, v in added.items()} if added is not None else None
+        extra: dict[str, Any] = {}
+        if control is not None:
+            found = controlnet.residuals(
+                control,
+                xc.to(dtype),
+                t,
+                float(sigma[0]),
+                context.to(dtype),
+                kwargs,
+                batched_number,
+                lambda p: percent_to_sigma(self.schedule, p),
+            )
+            if found is not None:
+                extra = {
+                    "down_block_additional_residuals": found[0],
+                    "mid_block_additional_residual": found[1],
+                }
+        if concat is not None:
+            xc = torch.cat([xc, concat.to(xc.dtype)], dim=1)
         eps: torch.Tensor = self.unet(
             xc.to(dtype),
             t,
             encoder_hidden_states=context.to(dtype),
             added_cond_kwargs=kwargs,
             return_dict=False,
+            **extra,
         )[0].float()
         return self.sampling.denoised(sigma, eps, x)
 
@@ -275,6 +300,7 @@ class CFGDenoiser:
                 if job.input_x.shape == first.input_x.shape
                 and _can_concat(job.cross_attn, first.cross_attn)
                 and (job.concat is None) == (first.concat is None)
+                and job.control is first.control
             ][::-1]
             chunk = [to_run.pop(i) for i in picked]
             batch = x.shape[0]
@@ -283,7 +309,8 @@ class CFGDenoiser:
             concats = [job.concat for job in chunk if job.concat is not None]
             concat = torch.cat(concats) if concats else None
             added = _batched_added(chunk, batch)
-            result = self.apply_model(inputs, torch.cat([sigma] * len(chunk)), context, concat, added)
+            sigmas = torch.cat([sigma] * len(chunk))
+            result = self.apply_model(inputs, sigmas, context, concat, added, first.control, len(chunk))
             for job, pred in zip(chunk, result.chunk(len(chunk)), strict=True):
                 out, count = outs[job.side], counts[job.side]
                 if job.area is not None:

@@ -1,7 +1,7 @@
 """Parity: the oracle's node-family workflows (workflows-nodes/) through the real engine.
 
-Custom sampling and model merging workflows, run on the oracle's generated files
-(mini_sd15, mini_sd15_seed1) and held to the same gates as the core workflows.
+ControlNet, custom sampling and model merging workflows, run on the oracle's generated files
+(mini_sd15, mini_sd15_seed1, mini_controlnet) and held to the same gates as the core workflows.
 These refs were made on another CPU than refs/ (README-nodes "Environment"); the gates hold.
 """
 
@@ -14,18 +14,17 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.conftest import ORACLE
 from tests.parity.test_oracle_workflows import (
     IMAGE_MAX_ABS,
     LATENT_PSNR_MIN,
     LATENT_REL_MAX,
-    ORACLE,
     PNG_MAX_LEVELS,
     _compare_refs,
     run_workflow,
 )
 
-# ControlNet (cn_apply) is not implemented yet: its workflow is left out here, not skipped.
-NODE_WORKFLOWS = ["cs_sampler_custom_advanced", "merge_simple", "nodes_baseline"]
+NODE_WORKFLOWS = ["cn_apply", "cs_sampler_custom_advanced", "merge_simple", "nodes_baseline"]
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +32,14 @@ def nodes_engine(
     tmp_path_factory: pytest.TempPathFactory,
     mini_checkpoint: Path,
     mini_checkpoint_seed1: Path,
+    mini_controlnet: Path,
     parity_engine_for: Any,
 ) -> Any:
     base = tmp_path_factory.mktemp("parity_nodes")
-    for folder, files in (("checkpoints", (mini_checkpoint, mini_checkpoint_seed1)),):
+    for folder, files in (
+        ("checkpoints", (mini_checkpoint, mini_checkpoint_seed1)),
+        ("controlnet", (mini_controlnet,)),
+    ):
         (base / "models" / folder).mkdir(parents=True)
         for f in files:
             (base / "models" / folder / f.name).symlink_to(f)
@@ -47,7 +50,7 @@ def nodes_engine(
 
 def test_the_oracle_node_workflows_are_known() -> None:
     shipped = {p.stem for p in (ORACLE / "workflows-nodes").glob("*.json")}
-    assert shipped - set(NODE_WORKFLOWS) == {"cn_apply"}  # the one family not implemented yet
+    assert shipped == set(NODE_WORKFLOWS)
 
 
 @pytest.mark.parametrize("workflow", NODE_WORKFLOWS)

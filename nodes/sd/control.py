@@ -1,0 +1,112 @@
+"""The CONTROL value a conditioning entry carries, and the residuals it gives the UNet at one model call.
+
+Sources: comfy/controlnet.py (`ControlBase`, `ControlNet.get_control`, `control_merge`,
+`broadcast_image_to`), nodes.py (`ControlNetApply`, `ControlNetApplyAdvanced`) and
+comfy/ldm/modules/diffusionmodules/openaimodel.py (`apply_control`).
+
+* A `Control` is immutable: the loaded network, the hint image `[B,3,H,W]` in [0,1] (not rescaled),
+  strength, start/end percent and the ControlNet applied before it on the same entry (a chain).
+* At a model call the hint is resized to 8x the latent (nearest-exact, centre crop) when it is
+  not already, and repeated to the batch; the network sees the UNet's own inputs (the scaled x,
+  the discrete timestep, each row's context, SDXL's added conditioning).
+* Every residual is multiplied by the strength; a chained ControlNet's residuals are added to its
+  predecessor's; one outside its sigma range (sigma_end <= sigma <= sigma_start, inclusive, with the
+  percent sigmas of the fp32 table) passes its predecessor's on unchanged.
+* The UNet adds `middle` after its middle block and residual i to skip connection i (diffusers'
+  `down_block_additional_residuals` / `mid_block_additional_residual`: the same places).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from nodes.sd.controlnet import ControlModel
+from nodes.sd.device import place
+from nodes.sd.latent_ops import common_upscale
+
+PercentToSigma = Callable[[float], float]
+Residuals = tuple[list[torch.Tensor], torch.Tensor]  # (one per skip connection, middle)
+HINT_SCALE = 8  # the hint is in pixels: 8x the latent (ControlBase.compression_ratio)
+
+
+@dataclass(frozen=True, eq=False)
+class Control:
+    """One applied ControlNet (ComfyUI's `control` conditioning option); identity matters for batching."""
+
+    model: ControlModel
+    hint: torch.Tensor
+    strength: float = 1.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    previous: Control | None = None
+
+    def chain(self) -> list[Control]:
+        """This control and its predecessors, first applied first."""
+        out: list[Control] = []
+        node: Control | None = self
+        while node is not None:
+            out.append(node)
+            node = node.previous
+        return out[::-1]
+
+
+def broadcast_image_to(hint: torch.Tensor, batch: int, batched_number: int) -> torch.Tensor:
+    """comfy.controlnet.broadcast_image_to: a hint batch spread over the rows of each batched entry."""
+    if hint.shape[0] == 1:
+        return hint
+    per_batch = batch // batched_number
+    hint = hint[:per_batch]
+    if per_batch > hint.shape[0]:
+        hint = torch.cat([hint] * (per_batch // hint.shape[0]) + [hint[: per_batch % hint.shape[0]]])
+    if hint.shape[0] == batch:
+        return hint
+    return torch.cat([hint] * batched_number)
+
+
+def _hint_for(control: Control, x: torch.Tensor, batched_number: int, dtype: torch.dtype) -> torch.Tensor:
+    hint = control.hint
+    height, width = x.shape[2] * HINT_SCALE, x.shape[3] * HINT_SCALE
+    if tuple(hint.shape[2:]) != (height, width):
+        hint = common_upscale(hint.float(), width, height, "nearest-exact", "center")
+    hint = hint.to(x.device, dtype)
+    if hint.shape[0] != x.shape[0]:
+        hint = broadcast_image_to(hint, x.shape[0], batched_number)
+    return hint
+
+
+def residuals(
+    control: Control,
+    x_in: torch.Tensor,
+    timestep: torch.Tensor,
+    sigma: float,
+    context: torch.Tensor,
+    added: dict[str, torch.Tensor] | None,
+    batched_number: int,
+    percent_to_sigma: PercentToSigma,
+) -> Residuals | None:
+    """The chain's residuals for one model call (x_in already scaled by 1/sqrt(sigma^2+1)); None if
+    no ControlNet of the chain is active at `sigma`."""
+    out: Residuals | None = None
+    for node in control.chain():
+        if not percent_to_sigma(node.end_percent) <= sigma <= percent_to_sigma(node.start_percent):
+            continue
+        net = node.model.net
+        first = next(net.parameters())
+        if first.device != x_in.device or first.dtype != x_in.dtype:
+            place(net, x_in.device, x_in.dtype)
+        down, mid = net(
+            x_in,
+            timestep,
+            encoder_hidden_states=context,
+            controlnet_cond=_hint_for(node, x_in, batched_number, x_in.dtype),
+            added_cond_kwargs=added,
+            return_dict=False,
+        )
+        scaled = ([d * node.strength for d in down], mid * node.strength)
+        if out is not None:  # control_merge: this one's (scaled) residuals plus the previous ones
+            scaled = ([a + b for a, b in zip(scaled[0], out[0], strict=True)], scaled[1] + out[1])
+        out = scaled
+    return out

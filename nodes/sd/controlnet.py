@@ -1,0 +1,206 @@
+"""Load ControlNet files (the UNet's encoder half plus a hint encoder) as diffusers `ControlNetModel`s.
+
+Sources: comfy/controlnet.py `load_controlnet` (format detection), comfy/model_detection.py (the
+config from key shapes, as for a checkpoint's UNet) and comfy/cldm/cldm.py (the network). The
+original layout (`zero_convs.*`, `input_hint_block.*`, with or without A1111's `control_model.`
+prefix) is renamed with diffusers' own converter, run on key references like the checkpoint loader
+(nodes/sd/convert.py), so weights are read one tensor at a time. The config is read from shapes by
+`convert.unet_config`, the checkpoint UNet's: the ControlNet is built exactly like the UNet it
+steers, which is why its numbers are the UNet's (diffusers' blocks, ComfyUI's arithmetic).
+
+Diff ControlNets (`difference` key) hold weights relative to a base UNet: the model's UNet weights are
+added to them (ComfyUI's DiffControlNetLoader). T2I-Adapters and control LoRAs are recognised and
+refused by name (nodegraph runs ControlNets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nodes.sd import convert
+from nodes.sd.checkpoint import (
+    CheckpointError,
+    TensorSource,
+    _to_fp32,
+    assign_weights,
+    ldm_names,
+    open_source,
+)
+from nodes.sd.convert import UNET_PREFIX, UnsupportedCheckpointError
+
+PREFIXES = ("control_model.", "")  # A1111-extracted files, then the plain original layout
+MARKER = "zero_convs.0.0.weight"
+HINT = "input_hint_block."
+SDXL_HEAD_CHANNELS = 64
+
+
+class ControlNetError(CheckpointError):
+    """A file that is not a ControlNet nodegraph can run (the message says what it is instead)."""
+
+
+@dataclass(frozen=True, eq=False)
+class ControlModel:
+    """A loaded ControlNet: the diffusers network (fp32, eval) and what it was made for."""
+
+    net: Any
+    name: str
+    family: str  # "sd15" or "sdxl"
+    context_dim: int  # the text embedding width it cross-attends to (768 SD1.x, 2048 SDXL)
+
+
+class _Stripped:
+    """A source seen without `prefix` (keys outside it hidden), shapes and tensors read lazily."""
+
+    def __init__(self, inner: TensorSource, prefix: str, add: dict[str, torch.Tensor] | None = None) -> None:
+        self.inner, self.prefix, self.add = inner, prefix, add or {}
+        self._keys = [k[len(prefix) :] for k in inner.keys() if k.startswith(prefix)]
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.inner.shape(self.prefix + key)
+
+    def get(self, key: str) -> torch.Tensor:
+        tensor = self.inner.get(self.prefix + key)
+        base = self.add.get(key)
+        # ComfyUI adds the base in the file's dtype (`cd += model_sd[k].type(cd.dtype)`)
+        return tensor if base is None else tensor + base.to(tensor.dtype)
+
+
+def what_else(name: str, keys: Iterable[str]) -> str:
+    """Why a file without ControlNet keys cannot be used, naming what it looks like."""
+    keyset = set(keys)
+    if "lora_controlnet" in keyset:
+        return f"'{name}' is a control LoRA; nodegraph does not run control LoRAs yet"
+    if any(k.startswith(("body.0.", "conv_in.", "adapter.body.", "backbone.")) for k in keyset):
+        return f"'{name}' is a T2I-Adapter (or a Stable Cascade ControlNet); nodegraph does not run those yet"
+    if any(
+        k.startswith(("controlnet_cond_embedding.", "controlnet_x_embedder.", "pos_embed_input."))
+        for k in keyset
+    ):
+        return (
+            f"'{name}' is a ControlNet in diffusers (or SD3/Flux/Hunyuan) layout; nodegraph loads the "
+            "original layout (zero_convs.*, input_hint_block.*): use the file of the original release"
+        )
+    what = convert._what_is_it(keyset) if not any(k.startswith(UNET_PREFIX) for k in keyset) else ""
+    if any(k.startswith(UNET_PREFIX) for k in keyset):
+        what = "it is a checkpoint (a whole model); put it in models/checkpoints"
+    return f"'{name}' is not a ControlNet (no zero_convs.* keys): {what}"
+
+
+def _prefix(keys: list[str]) -> str | None:
+    for prefix in PREFIXES:
+        if prefix + MARKER in keys:
+            return prefix
+    return None
+
+
+def _hint_channels(source: _Stripped, name: str) -> tuple[int, tuple[int, ...]]:
+    """(hint image channels, diffusers' conditioning_embedding_out_channels) from the hint convs."""
+    convs = sorted(
+        int(k[len(HINT) :].split(".")[0])
+        for k in source.keys()
+        if k.startswith(HINT) and k.endswith(".weight")
+    )
+    # conv_in, then (same width, stride-2 wider) pairs, then conv_out: SiLU between each (cldm.py)
+    if len(convs) < 2 or len(convs) % 2 or convs != list(range(0, 2 * len(convs), 2)):
+        raise ControlNetError(
+            f"'{name}': its hint encoder ({HINT}*) has an unknown layout; it cannot be built"
+        )
+    widths = [source.shape(f"{HINT}{i}.weight")[0] for i in convs]
+    return source.shape(f"{HINT}0.weight")[1], (widths[0], *widths[2:-1:2])
+
+
+def controlnet_config(source: _Stripped, name: str) -> dict[str, Any]:
+    """A `ControlNetModel` config: the checkpoint UNet's rules (convert.unet_config) on its keys."""
+    keys = [UNET_PREFIX + k for k in source.keys()] + [UNET_PREFIX + "out.2.weight"]
+
+    def shape_of(key: str) -> tuple[int, ...]:
+        if key == UNET_PREFIX + "out.2.weight":
+            return (4,)  # a ControlNet has no output half; unet_config reads out_channels from here
+        return source.shape(key[len(UNET_PREFIX) :])
+
+    sdxl = "label_emb.0.0.weight" in source.keys()
+    unet = convert.unet_config(name, keys, shape_of, SDXL_HEAD_CHANNELS if sdxl else None)
+    context = unet["cross_attention_dim"]
+    if context not in (768, 2048) or (context == 768 and unet["use_linear_projection"]):
+        raise ControlNetError(
+            f"'{name}' is a ControlNet for another model family (text width {context}); nodegraph runs "
+            "SD1.x and SDXL ControlNets"
+        )
+    hint_channels, embedding = _hint_channels(source, name)
+    config = {k: unet[k] for k in (
+        "in_channels", "block_out_channels", "layers_per_block", "down_block_types", "mid_block_type",
+        "transformer_layers_per_block", "cross_attention_dim", "attention_head_dim", "use_linear_projection",
+        "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+    ) if k in unet}  # fmt: skip
+    return config | {"conditioning_channels": hint_channels, "conditioning_embedding_out_channels": embedding}
+
+
+def controlnet_key_map(source: _Stripped, config: dict[str, Any]) -> dict[str, str]:
+    """diffusers ControlNetModel parameter name -> original key (diffusers' converter on key references)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_controlnet_checkpoint
+
+    refs = {k: convert._Ref(k, source.shape(k)) for k in source.keys()}
+    converted = convert_controlnet_checkpoint(refs, {"layers_per_block": config["layers_per_block"]})
+    out = {name: ref.key for name, ref in converted.items() if isinstance(ref, convert._Ref)}
+    if config.get("addition_embed_type"):  # SDXL's size conditioning; the converter leaves it out
+        names: dict[str, str] = DIFFUSERS_TO_LDM_MAPPING["controlnet"]["addition_embed_type"]  # type: ignore[index]
+        out |= names
+    return out
+
+
+def load_controlnet(path: Path, base_unet: Any = None) -> ControlModel:
+    """Load a ControlNet file; `base_unet` gives a diff ControlNet its base weights.
+
+    Raises:
+        ControlNetError: not a ControlNet (the message names what it is), another family, a broken file.
+    """
+    path = Path(path)
+    source = open_source(path)
+    keys = source.keys()
+    prefix = _prefix(keys)
+    if prefix is None:
+        raise ControlNetError(what_else(path.name, keys))
+    base: dict[str, torch.Tensor] = {}
+    if "difference" in keys and prefix:
+        base = _base_weights(path.name, base_unet)
+    stripped = _Stripped(source, prefix, base)
+    try:
+        config = controlnet_config(stripped, path.name)
+    except UnsupportedCheckpointError as exc:
+        raise ControlNetError(str(exc)) from exc
+    except KeyError as exc:
+        raise ControlNetError(
+            f"'{path.name}' lacks {exc} that every ControlNet has; it is incomplete"
+        ) from exc
+    key_map = controlnet_key_map(stripped, config)
+    from diffusers import ControlNetModel
+
+    with torch.inference_mode(False):
+        with torch.device("meta"):
+            net = ControlNetModel(**config)
+        try:
+            net = assign_weights(net, key_map, stripped, path.name, "ControlNet", _to_fp32)
+        except CheckpointError as exc:
+            raise ControlNetError(str(exc)) from exc
+    family = "sdxl" if config.get("addition_embed_type") else "sd15"
+    return ControlModel(net, path.name, family, int(config["cross_attention_dim"]))
+
+
+def _base_weights(name: str, unet: Any) -> dict[str, torch.Tensor]:
+    """{ControlNet key: the model's UNet weight of the same name} for a diff ControlNet."""
+    names = ldm_names(unet) if unet is not None else None
+    if names is None:
+        raise ControlNetError(
+            f"'{name}' is a diff ControlNet: load it with DiffControlNetLoader and a model loaded from a "
+            "single checkpoint file"
+        )
+    params = dict(unet.named_parameters())
+    return {ldm[len(UNET_PREFIX) :]: params[p].detach() for ldm, p in names.items() if p in params}
