@@ -210,7 +210,7 @@ def test_bad_inputs_name_the_input(env: Environment, model: ModelHandle) -> None
         ksampler(env, model, positive="a cat")
     with pytest.raises(ValueError, match="model"):
         ksampler(env, None)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="positive: conditioning with control is not supported"):
+    with pytest.raises(ValueError, match="positive: conditioning option 'control' must be a ControlNet"):
         ksampler(env, model, positive=[[cond(1)[0][0], {"control": object()}]])
     with pytest.raises(ValueError, match="negative: embedding width 768"):
         ksampler(env, model, negative=[[torch.zeros(1, 77, 768), {}]])

@@ -212,8 +212,12 @@ def test_bad_areas_and_masks_are_clear_errors(unet: Any, embeddings: dict, x: to
         cond_entries([[embeddings["a"], {"area": (0, 8, 0, 0)}]], schedule, "positive")
     with pytest.raises(ConditioningError, match="negative: conditioning mask must be a MASK"):
         cond_entries([[embeddings["a"], {"mask": "x"}]], schedule, "negative")
-    with pytest.raises(ConditioningError, match="control is not supported yet"):
+    with pytest.raises(
+        ConditioningError, match="positive: conditioning option 'control' must be a ControlNet"
+    ):
         cond_entries([[embeddings["a"], {"control": object()}]], schedule, "positive")
+    with pytest.raises(ConditioningError, match="gligen is not supported yet"):
+        cond_entries([[embeddings["a"], {"gligen": object()}]], schedule, "positive")
     (two_masks,) = ConditioningSetMask().run(
         CTX, [[embeddings["a"], {}]], torch.ones(2, 8, 8), 1.0, "default"
     )
