@@ -94,3 +94,32 @@ def test_the_lora_info_module_is_not_hidden_by_the_package_entry_point() -> None
 
     assert hasattr(first, "preview_image") and hasattr(first, "lora_info")
     assert callable(nodes.describe_lora_files)
+
+
+@pytest.mark.parametrize(
+    ("meta", "sidecar", "base"),
+    [
+        ({"ss_sd_model_name": "ponyDiffusionV6XL_v6StartWithThisOne.safetensors"}, None, "Pony"),
+        ({"ss_sd_model_name": "Illustrious-XL-v0.1.safetensors"}, None, "Illustrious"),
+        ({"modelspec.base_model": "NoobAI-XL v-pred 1.0"}, None, "NoobAI"),
+        ({}, {"baseModel": "Pony"}, "Pony"),  # a Civitai sidecar
+        ({"ss_sd_model_name": "sd_xl_base_1.0.safetensors"}, None, None),  # plain SDXL: no sub-base
+    ],
+)
+def test_lora_info_names_the_sdxl_base_when_the_metadata_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], meta: dict, sidecar: dict | None, base: str | None
+) -> None:
+    stem = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"  # OpenCLIP bigG: an SDXL LoRA
+    tensors = {
+        f"{stem}.lora_down.weight": torch.zeros(4, 1280, dtype=torch.float16),
+        f"{stem}.lora_up.weight": torch.zeros(1280, 4, dtype=torch.float16),
+    }
+    path = tmp_path / "xl.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    if sidecar is not None:
+        (tmp_path / "xl.civitai.info").write_text(json.dumps(sidecar))
+    info = lora_info(path)
+    assert info["family"] == "sdxl" and info["sdxl_base"] == base
+    assert main([str(path)], Folders.at(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert (f"SDXL ({base})" in out) if base else ("family:        SDXL (from" in out)
