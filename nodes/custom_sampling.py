@@ -96,7 +96,7 @@ def sample_custom(
     if sampler.name not in SAMPLERS:
         raise ValueError(f"sampler: unknown sampler {sampler.name!r}")
     last: list[torch.Tensor] = []
-    report = progress(ctx)
+    report = progress(ctx, model)
 
     def on_step(i: int, total: int, x0: torch.Tensor) -> None:
         last[:] = [x0]

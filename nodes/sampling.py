@@ -13,7 +13,7 @@ import torch
 
 from nodegraph.node import MAX_SEED, Combo, Float, Int, Node, Output, Preview, RunContext, Socket
 from nodegraph.types import CONDITIONING, LATENT, MODEL
-from nodes.sd.adm import AdmError
+from nodes.sd.adm import AdmError, adm_width
 from nodes.sd.device import placement
 from nodes.sd.guidance import ConditioningError
 from nodes.sd.ksampler import SamplingRequest, StepCallback, sample
@@ -28,16 +28,18 @@ _TIP_CFG = (
 )
 
 
-def progress(ctx: RunContext) -> StepCallback:
-    """Report each step to the engine (which also raises Interrupted), with a preview when enabled."""
+def progress(ctx: RunContext, model: Any = None) -> StepCallback:
+    """Report each step to the engine (which also raises Interrupted), with a preview when enabled
+    (in the colours of `model`'s latent space: SDXL's differ from SD1.5's)."""
 
     # The prompt's own method (the client may ask for previews the server does not send by default).
     method = getattr(ctx, "preview_method", ctx.env.preview_method)
+    sdxl = model is not None and adm_width(getattr(model, "unet", None)) is not None
 
     def on_step(i: int, total: int, x0: torch.Tensor) -> None:
         preview = None
         if method != "none":
-            preview = Preview("image/jpeg", preview_jpeg(x0))
+            preview = Preview("image/jpeg", preview_jpeg(x0, sdxl=sdxl))
         ctx.progress(i + 1, total, preview)
 
     return on_step
@@ -75,7 +77,7 @@ def run_ksampler(
     check_latent(latent)
     try:
         where = placement(ctx.env)
-        return (sample(model, positive, negative, latent, request, progress(ctx), where),)
+        return (sample(model, positive, negative, latent, request, progress(ctx, model), where),)
     except (ConditioningError, AdmError) as exc:
         raise ValueError(str(exc)) from exc
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,3 +30,33 @@ def test_values_clamp_and_jpeg_decodes() -> None:
     decoded = Image.open(io.BytesIO(preview_jpeg(torch.randn(1, 4, 80, 96))))
     assert decoded.format == "JPEG" and decoded.size == (96, 80)
     assert Image.open(io.BytesIO(preview_jpeg(torch.randn(1, 4, 128, 1024)))).size == (512, 64)
+
+
+def test_sdxl_previews_use_sdxls_factors_and_bias() -> None:
+    x0 = torch.zeros(1, 4, 2, 2)
+    x0[0, 0] = 1.0  # channel 0 -> (0.3651, 0.4232, 0.4341) + bias (0.1084, -0.0175, -0.0011)
+    pixels = np.asarray(latent_to_rgb(x0, sdxl=True))
+    rgb = [0.3651 + 0.1084, 0.4232 - 0.0175, 0.4341 - 0.0011]
+    assert (pixels == np.array([int((v + 1) / 2 * 255) for v in rgb], dtype=np.uint8)).all()
+    assert not (np.asarray(latent_to_rgb(x0)) == pixels).all()  # SD1.5's factors differ
+
+
+def test_the_sampler_previews_an_sdxl_model_in_sdxl_colours(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from nodegraph.env import Environment
+    from nodegraph.folders import Folders
+    from nodegraph.testing import RecordingContext
+    from nodes.sampling import progress
+
+    shown: list[bytes] = []
+    ctx = RecordingContext(Environment(Folders.at(tmp_path)))
+    ctx.preview_method = "latent2rgb"  # type: ignore[attr-defined]
+    ctx.progress = lambda _i, _n, preview=None: shown.append(preview.data)  # type: ignore[method-assign]
+    unet = SimpleNamespace(
+        config=SimpleNamespace(addition_embed_type="text_time", projection_class_embeddings_input_dim=2816)
+    )
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    progress(ctx, SimpleNamespace(unet=unet))(0, 1, x0)
+    progress(ctx, None)(0, 1, x0)
+    assert shown == [preview_jpeg(x0, sdxl=True), preview_jpeg(x0)]
