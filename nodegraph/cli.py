@@ -236,7 +236,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         try:
             _run_one(engine, path, args.overrides, args.verbose)
         except CliError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            # every error names its file: with several files, "node 3 failed" alone is ambiguous
+            message = str(exc)
+            print(
+                f"error: {message if message.startswith(str(path)) else f'{path}: {message}'}",
+                file=sys.stderr,
+            )
             failures += 1
     if failures and len(args.workflows) > 1:
         print(f"{failures} of {len(args.workflows)} workflows failed", file=sys.stderr)
@@ -252,7 +257,7 @@ def _run_one(engine: Engine, path: Path, overrides: list[str], verbose: bool) ->
         raise CliError(f"{path} is not valid:\n" + "\n".join(f"  {line}" for line in problems))
     assert checked.graph is not None  # no problems: some output is valid
     extra = {"extra_pnginfo": {"workflow": loaded.workflow}} if loaded.workflow is not None else {}
-    reporter = Reporter(verbose)
+    reporter = Reporter(verbose, source=path.name)
     started = time.perf_counter()
     try:
         outcome = engine.executor.execute(

@@ -39,8 +39,9 @@ PROMPT_HINTS = {
 class Reporter:
     """Receives the executor's events and shows them on the terminal."""
 
-    def __init__(self, verbose: bool = False) -> None:
+    def __init__(self, verbose: bool = False, source: str | None = None) -> None:
         self.verbose = verbose
+        self.source = f"{source}: " if source else ""  # the workflow file, named in each warning
         self.node: str | None = None
         self.class_type = ""
         self.bar: tqdm[Any] | None = None
@@ -56,7 +57,7 @@ class Reporter:
             self._progress(event)
         elif isinstance(event, ev.NodeWarning) and (event.node, event.message) not in self.warned:
             self.warned.add((event.node, event.message))
-            tqdm.write(f"warning: node {event.node}: {event.message}", file=sys.stderr)
+            tqdm.write(f"warning: {self.source}node {event.node}: {event.message}", file=sys.stderr)
         elif isinstance(event, ev.ExecutionCached) and event.nodes and self.verbose:
             tqdm.write(f"cached: {', '.join(event.nodes)}", file=sys.stderr)
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from nodegraph.dynamic_prompts import dynamic_prompt
 from nodegraph.node import Combo, Input, Int, Node, String
+from nodegraph.node_packs import describe_missing
 from nodegraph.png_text import PNG_SIGNATURE, png_text_chunks
 from nodegraph.registry import Registry
 from nodegraph.subgraphs import MAX_EXPANDED_NODES, SubgraphError, flatten_subgraphs
@@ -87,11 +88,14 @@ def _from_bytes(data: bytes, registry: Registry, origin: str) -> LoadedWorkflow:
 def _from_png(data: bytes, registry: Registry, origin: str) -> LoadedWorkflow:
     texts = png_text_chunks(data)
     workflow = _json_chunk(texts, "workflow", origin)
-    prompt = _json_chunk(texts, "prompt", origin)
-    if prompt is not None:  # the API prompt is what actually ran; prefer it over re-converting
-        return LoadedWorkflow(_api_copy(prompt, origin), workflow, "png")
-    if workflow is not None:
+    # The workflow first, as ComfyUI's canvas does when an image is dropped on it: it is what the
+    # user sees and edits, while an old image's prompt chunk can be stale (written by an older
+    # frontend, or before a node's widgets changed). The prompt only when there is no workflow.
+    if workflow is not None and isinstance(workflow.get("nodes"), list):
         return LoadedWorkflow(ui_to_api(workflow, registry), workflow, "png")
+    prompt = _json_chunk(texts, "prompt", origin)
+    if prompt is not None:
+        return LoadedWorkflow(_api_copy(prompt, origin), workflow, "png")
     raise WorkflowError(
         f"{origin} is a PNG without a 'prompt' or 'workflow' text chunk; save it with metadata"
     )
@@ -180,21 +184,19 @@ def ui_to_api(workflow: dict[str, Any], registry: Registry) -> dict[str, Any]:
     by_id = {str(node["id"]): node for node in workflow["nodes"]}
     links = _parse_links(workflow.get("links") or [])
     resolver = _Resolver(by_id, links)
+    active = {
+        node_id: node
+        for node_id, node in by_id.items()
+        if node["type"] not in NOTE_TYPES
+        and node["type"] not in (REROUTE, PRIMITIVE)
+        and node.get("mode") not in (MUTED, BYPASS)
+    }
+    _check_known(active, registry)
     prompt: dict[str, Any] = {}
-    for node_id, node in by_id.items():
+    for node_id, node in active.items():
         class_type = node["type"]
-        if (
-            class_type in NOTE_TYPES
-            or class_type in (REROUTE, PRIMITIVE)
-            or node.get("mode") in (MUTED, BYPASS)
-        ):
-            continue
         cls = registry.get(class_type)
-        if cls is None:
-            raise WorkflowError(
-                f"node {node_id} has type '{class_type}', which is not a known node; "
-                "install or remove it (or mute it in the canvas)"
-            )
+        assert cls is not None  # _check_known
         try:
             prompt[node_id] = _convert_node(node_id, node, cls, resolver)
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
@@ -204,6 +206,22 @@ def ui_to_api(workflow: dict[str, Any], registry: Registry) -> dict[str, Any]:
                 f"node {node_id} ({class_type}) is malformed in the UI workflow: {exc!r}"
             ) from exc
     return prompt
+
+
+def _check_known(nodes: dict[str, dict[str, Any]], registry: Registry) -> None:
+    """Every node type the workflow needs and nodegraph lacks, in one error, each with its pack."""
+    missing: dict[str, list[str]] = {}
+    for node_id, node in nodes.items():
+        if str(node["type"]) not in registry:
+            missing.setdefault(str(node["type"]), []).append(node_id)
+    if not missing:
+        return
+    where = ", ".join(f"{t} at node {'/'.join(ids)}" for t, ids in missing.items())
+    raise WorkflowError(
+        f"the workflow needs {len(missing)} node type(s) nodegraph does not have: "
+        f"{describe_missing(missing)}. Replace or remove them, or mute them in the canvas ({where}); "
+        "`nodegraph nodes` lists the node types nodegraph has"
+    )
 
 
 def _parse_links(raw: list[Any]) -> dict[int, _LinkRecord]:

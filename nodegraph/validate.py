@@ -30,6 +30,7 @@ from nodegraph.node import (
     Node,
     Socket,
 )
+from nodegraph.node_packs import describe_missing
 from nodegraph.prompt_graph import (
     WRAPPED,
     PromptGraph,
@@ -115,13 +116,22 @@ def _check_classes(prompt: dict[Any, Any], registry: Registry) -> dict[str, Any]
                 "Cannot execute because a node's inputs are not an object.",
                 f"Node ID '#{node_id}'",
             )
-        if node["class_type"] not in registry:
-            return error(
-                "invalid_prompt",
-                f"Cannot execute because node {node['class_type']} does not exist.",
-                f"Node ID '#{node_id}'",
-            )
-    return None
+    missing: dict[str, list[str]] = {}
+    for node_id, node in prompt.items():
+        class_type = node["class_type"]
+        if not isinstance(class_type, str) or class_type not in registry:
+            missing.setdefault(str(node["class_type"]), []).append(f"#{node_id}")
+    if not missing:
+        return None
+    # ComfyUI stops at the first; every missing type at once saves a round trip per node
+    names = list(missing)
+    subject = f"node {names[0]} does not" if len(names) == 1 else f"nodes {', '.join(names)} do not"
+    at = ", ".join(f"{name} at Node ID '{' '.join(ids)}'" for name, ids in missing.items())
+    return error(
+        "invalid_prompt",
+        f"Cannot execute because {subject} exist.",
+        f"{at}. Missing: {describe_missing(names)}",
+    )
 
 
 class _Checker:

@@ -42,7 +42,12 @@ class ModelStore:
         return cls()
 
     def checkpoint(self, path: Path) -> LoadedCheckpoint:
-        """The loaded checkpoint at `path`, loading it (once) if it is new or changed on disk."""
+        """The loaded checkpoint at `path`, loading it (once) if it is new or changed on disk.
+
+        Two names for one file (a symlink and its target) share one load, keyed by the real path,
+        but the file is read under the name the workflow gave: a symlink into a cache of blobs
+        (`blob_ab12`, no extension) keeps its own name and extension in format checks and messages.
+        """
         resolved = Path(os.path.realpath(path))
         key: StoreKey = (str(resolved), *file_stamp(resolved))
         with self._lock:
@@ -56,7 +61,7 @@ class ModelStore:
                     found = self._entries.get(key)
                     if found is not None:
                         return found
-                loaded = self._loader(resolved)
+                loaded = self._loader(path)
                 with self._lock:
                     self.loads += 1
                     self._forget_older_versions(key)

@@ -83,6 +83,45 @@ def test_several_workflows_share_the_cache(tmp_path: Path, capsys: pytest.Captur
     assert len(capsys.readouterr().out.split()) == 2
 
 
+def test_in_a_multi_file_run_every_error_and_warning_names_its_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = workflow(tmp_path, "good.json")
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"nodes": [{"id": 1, "type": "Seed (rgthree)", "mode": 0}], "links": []}))
+    no_node_5 = workflow(tmp_path, "other.json")
+    failing = tmp_path / "fail.json"
+    failing.write_text(
+        json.dumps(
+            {
+                "1": {"class_type": "Source", "inputs": {"value": 3, "mode": "a"}},
+                "2": {"class_type": "Fail", "inputs": {"x": ["1", 0], "fail": True}},
+                "3": {"class_type": "SaveText", "inputs": {"x": ["2", 0], "filename_prefix": "n"}},
+            }
+        )
+    )
+    warned = tmp_path / "warn.json"
+    warned.write_text(
+        json.dumps(
+            {
+                "1": {"class_type": "Source", "inputs": {"value": 3, "mode": "a"}},
+                "2": {"class_type": "Warn", "inputs": {"x": ["1", 0]}},
+                "3": {"class_type": "SaveText", "inputs": {"x": ["2", 0], "filename_prefix": "w"}},
+            }
+        )
+    )
+    files = [str(p) for p in (good, unknown, failing, warned)]
+    assert cli.main(["run", *files, *base(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {unknown}: the workflow needs 1 node type(s)" in err and "rgthree-comfy" in err
+    assert f"error: {failing}: node 2 (Fail) failed" in err
+    assert "warning: warn.json: node 2: careful" in err
+    assert "2 of 4 workflows failed" in err
+    assert cli.main(["run", str(good), str(no_node_5), "--set", "5.value=1", *base(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {good}: --set '5.value=1'" in err and f"error: {no_node_5}: --set" in err
+
+
 def test_run_rejects_an_invalid_workflow_listing_every_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

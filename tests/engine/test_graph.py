@@ -122,11 +122,20 @@ def test_bypassed_node_without_an_input_link_leaves_the_consumer_unlinked() -> N
     assert "12" not in prompt and "x" not in prompt["3"]["inputs"]
 
 
-def test_unknown_node_type_names_the_node() -> None:
+def test_every_unknown_node_type_is_named_at_once_with_its_pack() -> None:
     workflow = ui_workflow()
     workflow["nodes"][5]["type"] = "MysteryNode"
-    with pytest.raises(WorkflowError, match="node 3 has type 'MysteryNode'"):
+    workflow["nodes"][0]["type"] = "Seed (rgthree)"
+    workflow["nodes"][3]["type"] = "FaceDetailer"
+    workflow["nodes"][7]["type"] = "IPAdapterAdvanced"  # muted: not needed, not named
+    with pytest.raises(WorkflowError) as caught:
         ui_to_api(workflow, registry())
+    message = str(caught.value)
+    assert "needs 3 node type(s) nodegraph does not have" in message
+    assert "'Seed (rgthree)' (from the custom node pack rgthree-comfy)" in message
+    assert "'FaceDetailer' (from the custom node pack ComfyUI-Impact-Pack)" in message
+    assert "'MysteryNode' (from a custom node pack nodegraph does not know)" in message
+    assert "MysteryNode at node 3" in message and "IPAdapter" not in message
 
 
 def test_load_api_and_ui_json_files(tmp_path: Path) -> None:
@@ -161,13 +170,22 @@ def write_png(path: Path, **chunks: str) -> None:
     Image.new("RGB", (4, 4)).save(path, pnginfo=info)
 
 
-def test_png_prefers_the_prompt_chunk_and_keeps_the_workflow(tmp_path: Path) -> None:
+def test_png_uses_the_workflow_chunk_before_a_stale_prompt(tmp_path: Path) -> None:
     path = tmp_path / "out.png"
-    write_png(path, prompt=json.dumps(API), workflow=json.dumps(ui_workflow()))
+    stale = copy.deepcopy(API)
+    stale["2"]["inputs"]["factor"] = 9.0  # what an older save wrote; the workflow says 2.0
+    write_png(path, prompt=json.dumps(stale), workflow=json.dumps(ui_workflow()))
     assert set(png_text_chunks(path.read_bytes())) == {"prompt", "workflow"}
     loaded = load_workflow(path, registry())
     assert loaded.format == "png" and loaded.workflow == ui_workflow()
     assert inputs_of(loaded.prompt) == inputs_of(API)
+
+
+def test_png_with_only_a_prompt_uses_it(tmp_path: Path) -> None:
+    path = tmp_path / "api.png"
+    write_png(path, prompt=json.dumps(API))
+    loaded = load_workflow(path, registry())
+    assert loaded.workflow is None and inputs_of(loaded.prompt) == inputs_of(API)
 
 
 def test_png_with_only_a_workflow_is_converted(tmp_path: Path) -> None:

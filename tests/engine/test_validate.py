@@ -54,6 +54,18 @@ def test_unknown_class_type(tmp_path: Path) -> None:
     assert "Nope does not exist" in result.error["message"] and "#2" in result.error["details"]
 
 
+def test_every_unknown_class_type_is_named_at_once(tmp_path: Path) -> None:
+    prompt = chain_prompt()
+    prompt["1"]["class_type"] = "CR Seed"
+    prompt["2"]["class_type"] = "Nope"
+    result = check(prompt, tmp_path)
+    assert result.error is not None and result.error["type"] == "invalid_prompt"
+    assert result.error["message"] == "Cannot execute because nodes CR Seed, Nope do not exist."
+    details = result.error["details"]
+    assert "CR Seed at Node ID '#1'" in details and "Nope at Node ID '#2'" in details
+    assert "(from the custom node pack ComfyUI_Comfyroll_CustomNodes)" in details
+
+
 def test_no_output_node(tmp_path: Path) -> None:
     prompt = {"1": {"class_type": "Source", "inputs": {"value": 1, "mode": "a"}}}
     result = check(prompt, tmp_path)

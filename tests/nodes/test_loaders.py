@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nodegraph.env import Environment
-from nodegraph.folders import ModelNotFoundError
+from nodegraph.folders import Folders, ModelNotFoundError
 from nodegraph.testing import RecordingContext
 from nodes.loaders import CheckpointLoaderSimple, VAELoader, model_store
 from nodes.sd.checkpoint import CheckpointError, PixelSpaceVae
@@ -55,7 +55,6 @@ def test_fingerprint_follows_the_files_mtime_and_size(tmp_path: Path) -> None:
 
 
 def _folders_with(base: Path, folder: str, name: str, data: bytes) -> Any:
-    from nodegraph.folders import Folders
 
     (base / "models" / folder).mkdir(parents=True, exist_ok=True)
     (base / "models" / folder / name).write_bytes(data)
@@ -73,13 +72,41 @@ def test_a_broken_checkpoint_is_an_error_naming_it(tmp_path: Path) -> None:
         CheckpointLoaderSimple().run(RecordingContext(env), "broken.safetensors")
 
 
+def test_a_checkpoint_reached_through_a_symlink_is_named_as_the_workflow_names_it(tmp_path: Path) -> None:
+    # A models folder that links into a cache of blobs (no extension, a hash for a name).
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (blobs / "ab12cd").write_bytes(b"not a model")
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "models" / "checkpoints" / "my_model.safetensors").symlink_to(blobs / "ab12cd")
+    env = Environment(Folders.at(tmp_path))
+    assert CheckpointLoaderSimple.info(env)["input"]["required"]["ckpt_name"][0] == ["my_model.safetensors"]
+    with pytest.raises(CheckpointError) as caught:
+        CheckpointLoaderSimple().run(RecordingContext(env), "my_model.safetensors")
+    # read as the .safetensors file it is named, not refused as an extensionless pickle
+    assert "'my_model.safetensors' is not a readable .safetensors file" in str(caught.value)
+    assert "ab12cd" not in str(caught.value)
+
+
+def test_store_shares_one_load_between_a_symlink_and_its_target_and_reads_the_given_name(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "real.safetensors"
+    target.write_bytes(b"1")
+    link = tmp_path / "linked.safetensors"
+    link.symlink_to(target)
+    calls: list[Path] = []
+    store = _fake_store(calls)
+    assert store.checkpoint(link) is store.checkpoint(target)
+    assert calls == [link]
+
+
 def test_vae_loader_reads_a_vae_file_and_pixel_space(tmp_path: Path, mini_checkpoint: Path) -> None:
     prefix = "first_stage_model."
     with safe_open(str(mini_checkpoint), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     (tmp_path / "models" / "vae").mkdir(parents=True)
     save_file(tensors, str(tmp_path / "models" / "vae" / "sd_vae.safetensors"))
-    from nodegraph.folders import Folders
 
     env = Environment(Folders.at(tmp_path))
     assert VAELoader.info(env)["input"]["required"]["vae_name"][0] == ["sd_vae.safetensors", "pixel_space"]
