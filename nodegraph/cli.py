@@ -184,7 +184,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def node_package() -> Any:
-    """The `nodes` package's entry API (all_nodes, routes, warm_up, device_problem, ...).
+    """The `nodes` package's entry API (all_nodes, register_services, warm_up, device_problem, ...).
 
     The CLI is the composition root: this is the one arrow from `nodegraph` into `nodes`
     (`tests/engine/test_layers.py`). Imported by name, when a command needs it, because it imports
@@ -201,7 +201,10 @@ def _engine(args: argparse.Namespace, *, with_nodes: bool = True) -> Engine:
             return build_engine(settings_from(args), ())
         package = node_package()
         return build_engine(
-            settings_from(args), package.all_nodes(), routes=package.routes, warm_up=package.warm_up
+            settings_from(args),
+            package.all_nodes(),
+            services=package.register_services,
+            warm_up=package.warm_up,
         )
     except ValueError as exc:  # an unreadable extra_model_paths.yaml
         raise CliError(str(exc)) from exc
@@ -365,7 +368,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def worker_engine(settings: Settings) -> Engine:
     """The engine each Ray worker builds for itself (every node nodegraph ships)."""
     package = node_package()
-    return build_engine(settings, package.all_nodes(), routes=package.routes, warm_up=package.warm_up)
+    return build_engine(
+        settings, package.all_nodes(), services=package.register_services, warm_up=package.warm_up
+    )
 
 
 def _ray_workers(engine: Engine, count: int | None, address: str | None) -> Any:

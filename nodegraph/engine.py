@@ -11,7 +11,6 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from nodegraph.env import Environment
 from nodegraph.executor import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, Executor
@@ -57,10 +56,18 @@ class Engine:
     env: Environment
     registry: Registry
     executor: Executor
-    extra_routes: list[Any] = field(default_factory=list)
     # Imports the heavy model libraries up front; the server runs it on a thread before listening,
     # so first-time imports inside the worker never hold the GIL while requests wait.
     warm_up: Callable[[], None] | None = None
+
+    def free(self, unload_models: bool, free_memory: bool) -> None:
+        """ComfyUI's `/free`: drop cached outputs (they hold model handles), then let the services go.
+
+        Call it between prompts (the server's worker does), never while a node runs.
+        """
+        if unload_models or free_memory:
+            self.executor.reset()
+        self.env.free(unload_models, free_memory)
 
 
 def build_folders(settings: Settings) -> Folders:
@@ -88,7 +95,7 @@ def build_engine(
     settings: Settings,
     nodes: Iterable[type[Node]],
     *,
-    routes: Callable[[Environment], Iterable[Any]] | None = None,
+    services: Callable[[Environment], None] | None = None,
     warm_up: Callable[[], None] | None = None,
 ) -> Engine:
     """Assemble an engine from settings and node classes.
@@ -96,7 +103,8 @@ def build_engine(
     Args:
         settings: directories, flags and cache bounds.
         nodes: the node classes (`nodes.all_nodes()` for every node nodegraph ships).
-        routes: extra HTTP routes the node package serves, made from the environment.
+        services: registers the node package's services in the environment
+            (`nodes.register_services`: the LoRA catalog and device info the server reads).
         warm_up: imports the node package's heavy libraries (the server runs it before listening).
     """
     folders = build_folders(settings)
@@ -107,7 +115,8 @@ def build_engine(
         device=settings.device,
         precision=settings.precision,
     )
+    if services is not None:
+        services(env)
     registry = Registry(nodes)
     executor = Executor(registry, env, max_entries=settings.cache_entries, max_bytes=settings.cache_bytes)
-    extra = list(routes(env)) if routes is not None else []
-    return Engine(settings, env, registry, executor, extra, warm_up)
+    return Engine(settings, env, registry, executor, warm_up)

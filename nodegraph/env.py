@@ -9,11 +9,19 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from nodegraph.folders import Folders
 
 T = TypeVar("T")
+
+
+@runtime_checkable
+class Freeable(Protocol):
+    """A service that holds memory it can give back (ComfyUI's `POST /free`)."""
+
+    def free(self, unload_models: bool, free_memory: bool) -> None:
+        """Unload models (`unload_models`) and/or return cached memory to the system (`free_memory`)."""
 
 
 @dataclass
@@ -43,3 +51,11 @@ class Environment:
                 found = factory(self)
                 self.services[kind] = found
             return found
+
+    def free(self, unload_models: bool, free_memory: bool) -> None:
+        """Ask every `Freeable` service to let go (the model store, its LoRA caches, ...)."""
+        with self._lock:
+            services = list(self.services.values())
+        for service in services:
+            if isinstance(service, Freeable):
+                service.free(unload_models, free_memory)

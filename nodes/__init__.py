@@ -72,11 +72,13 @@ def all_nodes() -> list[type[Node]]:
     return [cls for module in modules for cls in module.NODES]
 
 
-def routes(env: Environment) -> list[object]:
-    """Extra HTTP routes the canvas extension needs (LoRA metadata), as aiohttp RouteDefs."""
-    from nodes import web_routes
+def register_services(env: Environment) -> None:
+    """Register the node layer's services for the server and the CLI (`nodegraph.services`)."""
+    from nodegraph.services import CheckpointCatalog, LoraCatalog
+    from nodes.catalogs import FolderCheckpointCatalog, FolderLoraCatalog
 
-    return list(web_routes.routes(env))
+    env.services[LoraCatalog] = FolderLoraCatalog(env)
+    env.services[CheckpointCatalog] = FolderCheckpointCatalog(env)
 
 
 def warm_up() -> None:

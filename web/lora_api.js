@@ -1,4 +1,4 @@
-// LoRA metadata from the server (nodes/web_routes.py), cached per file name.
+// LoRA metadata from the server (nodegraph/server/routes_lora.py), cached per file name.
 import { api } from "../../scripts/api.js";
 
 const infoCache = new Map(); // lora name -> Promise<info>

@@ -21,6 +21,7 @@ from nodegraph.server import (
     routes_images,
     routes_info,
     routes_jobs,
+    routes_lora,
     routes_prompt,
     routes_user,
 )
@@ -84,19 +85,6 @@ async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
 
 
-def _free(engine: Any) -> Callable[[bool, bool], None]:
-    """`/free`: the engine's own `free` if it has one, else drop cached outputs (they hold the models)."""
-    custom = getattr(engine, "free", None)
-    if callable(custom):
-        return lambda unload, memory: custom(unload_models=unload, free_memory=memory)
-
-    def reset(unload: bool, memory: bool) -> None:
-        if unload or memory:
-            engine.executor.reset()
-
-    return reset
-
-
 def _mirror(app: web.Application, defs: Iterable[web.AbstractRouteDef]) -> None:
     """Register every route at `/path` and `/api/path`, as ComfyUI does."""
     for route in defs:
@@ -133,7 +121,7 @@ def create_app(
         engine.executor,
         hub,
         lambda pid, entry: holder[0].resolve_from_thread(pid, entry),
-        _free(engine),
+        engine.free,
         lambda: trim_temp(Path(engine.env.folders.temp_dir)),
     )
     st = ServerState(engine, store, hub, worker, token, max_upload_size=max_upload_size)
@@ -157,12 +145,21 @@ def create_app(
     app = web.Application(client_max_size=max_upload_size + (1 << 20), middlewares=middlewares)
     app.on_response_prepare.append(_nosniff)
     app[STATE] = st
-    tables = (routes_prompt, routes_files, routes_info, routes_user, routes_jobs, routes_a1111, routes_images)
+    app[routes_lora.ENV] = engine.env
+    tables = (
+        routes_prompt,
+        routes_files,
+        routes_info,
+        routes_user,
+        routes_jobs,
+        routes_a1111,
+        routes_images,
+        routes_lora,
+    )
     for table in (module.routes for module in tables):
         _mirror(app, table)
     app.router.add_get("/ws", hub.handle)
     app.router.add_get("/api/ws", hub.handle)
-    _mirror(app, getattr(engine, "extra_routes", None) or [])
     _add_frontend(app, engine)
     app.on_startup.append(_startup)
     app.on_shutdown.append(_shutdown)

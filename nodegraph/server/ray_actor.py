@@ -93,15 +93,9 @@ class EngineActor:
         self.engine.executor.interrupt(prompt_id)
 
     def free(self, unload_models: bool, free_memory: bool) -> None:
-        """ComfyUI's /free on this worker: the output cache always, the services when asked to unload."""
+        """ComfyUI's /free on this worker: the output cache always, the services as `Engine.free` does."""
         self.engine.executor.reset()
-        if unload_models:
-            for service in list(self.engine.env.services.values()):
-                for method in ("free", "clear"):
-                    hook = getattr(service, method, None)
-                    if callable(hook):
-                        hook()
-                        break
+        self.engine.free(unload_models, free_memory)
 
     def _files(self, ui: dict[str, dict[str, Any]]) -> Iterator[ShippedFile]:
         folders = self.engine.env.folders

@@ -9,14 +9,20 @@ a slow load never blocks other lookups.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nodegraph.primitives import LruCache, file_stamp
 from nodes.sd.checkpoint import LoadedCheckpoint, load_checkpoint
+from nodes.sd.lora.loader import clear_caches as clear_lora_caches
 
 __all__ = ["ModelStore", "StoreKey", "file_stamp"]
 
@@ -85,3 +91,25 @@ class ModelStore:
         """Drop every loaded checkpoint (frees memory once no handle refers to them)."""
         with self._lock:
             self._entries.clear()
+
+    def free(self, unload_models: bool, free_memory: bool) -> None:
+        """`/free` for the node layer (an `env.free` service): unload the checkpoints and the read and
+        decoded LoRAs, then hand the memory back to the system."""
+        if unload_models:
+            self.clear()
+            clear_lora_caches()
+        if unload_models or free_memory:
+            release_memory()
+
+
+def release_memory() -> None:
+    """Collect what was dropped and give it back: the CUDA cache, and glibc's freed heap pages
+    (without `malloc_trim` a process's RSS stays at its peak after large tensors are freed)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass

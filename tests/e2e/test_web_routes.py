@@ -15,8 +15,8 @@ from PIL import Image
 
 from nodegraph.env import Environment
 from nodegraph.folders import Folders
-from nodegraph.server import frontend
-from nodes import demo, web_routes
+from nodegraph.server import frontend, routes_lora
+from nodes import demo, register_services
 
 WEB = Path(__file__).resolve().parents[2] / "web"
 
@@ -44,8 +44,10 @@ def lora_env(tmp_path: Path, mini_loras: Path) -> Environment:
 
 
 async def _client(aiohttp_client, env: Environment) -> TestClient:  # type: ignore[no-untyped-def]
+    register_services(env)
     app = web.Application()
-    app.add_routes(web_routes.routes(env))
+    app[routes_lora.ENV] = env
+    app.add_routes(routes_lora.routes)
     return await aiohttp_client(app)
 
 
@@ -152,13 +154,13 @@ def test_default_workflow_names_the_installed_models_and_sizes_for_the_demo(tmp_
     for name in (demo.CHECKPOINT_NAME, *demo.LORA_NAMES):
         (ckpts if "sd15" in name else loras).joinpath(name).write_bytes(b"")
     (loras / "a_style.safetensors").write_bytes(b"")
-    on_demo = web_routes.default_workflow(env)
+    on_demo = routes_lora.default_workflow(env)
     assert _names_in(on_demo, "CheckpointLoaderSimple") == [demo.CHECKPOINT_NAME]
     assert _names_in(on_demo, "LoraLoader")[0] == demo.LORA_NAMES[0]  # the demo's LoRA fits the demo model
     assert _names_in(on_demo, "EmptyLatentImage")[:2] == [128, 128] and _names_in(on_demo, "KSampler")[2] == 8
 
     (ckpts / "dreamshaper_8.safetensors").write_bytes(b"")  # a user's own model wins over the demo
-    own = web_routes.default_workflow(env)
+    own = routes_lora.default_workflow(env)
     assert _names_in(own, "CheckpointLoaderSimple") == ["dreamshaper_8.safetensors"]
     assert _names_in(own, "LoraLoader")[0] == "a_style.safetensors"
     assert _names_in(own, "EmptyLatentImage")[:2] == [512, 512] and _names_in(own, "KSampler")[2] == 20
@@ -211,3 +213,20 @@ async def test_the_lora_list_marks_which_loras_fit_the_connected_checkpoint(  # 
     unknown = await marks("?checkpoint=gone.safetensors")  # a stale name: nothing is marked
     assert set(unknown.values()) == {(None, "unknown")}
     assert set((await marks("")).values()) == {(None, None)}  # no checkpoint given: no marks at all
+
+
+def test_default_workflow_on_an_sdxl_checkpoint_asks_for_1024_and_an_sdxl_lora(
+    tmp_path: Path, mini_sdxl_checkpoint: Path, mini_sdxl_loras: Path
+) -> None:
+    env = Environment(Folders.at(tmp_path))
+    register_services(env)  # the kinds and families come from the node layer's catalogs
+    ckpts, loras = tmp_path / "models" / "checkpoints", tmp_path / "models" / "loras"
+    ckpts.mkdir(parents=True)
+    loras.mkdir(parents=True)
+    (ckpts / "xl_base.safetensors").symlink_to(mini_sdxl_checkpoint)  # only the header is read
+    (loras / "a_style.safetensors").write_bytes(b"")  # first by name, but no SDXL LoRA
+    (loras / "xl_style.safetensors").symlink_to(mini_sdxl_loras / "mini_sdxl_lora.safetensors")
+    graph = routes_lora.default_workflow(env)
+    assert _names_in(graph, "CheckpointLoaderSimple") == ["xl_base.safetensors"]
+    assert _names_in(graph, "LoraLoader")[0] == "xl_style.safetensors"
+    assert _names_in(graph, "EmptyLatentImage")[:2] == [1024, 1024]

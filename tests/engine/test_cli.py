@@ -19,7 +19,7 @@ def stub_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     def build(settings: engine_module.Settings, nodes: Any = None, **_: Any) -> engine_module.Engine:
         return engine_module.build_engine(settings, STUBS)
 
-    package = SimpleNamespace(all_nodes=lambda: STUBS, routes=None, warm_up=None)
+    package = SimpleNamespace(all_nodes=lambda: STUBS, register_services=None, warm_up=None)
     monkeypatch.setattr(cli, "build_engine", build)
     monkeypatch.setattr(cli, "node_package", lambda: package)
 
@@ -217,7 +217,7 @@ def test_build_engine_loads_the_default_extra_model_paths(tmp_path: Path) -> Non
     (tmp_path / "extra_model_paths.yaml").write_text("mine:\n  base_path: extra\n  loras: loras\n")
     engine = engine_module.build_engine(engine_module.Settings(base_directory=tmp_path), STUBS)
     assert tmp_path / "extra" / "loras" in engine.env.folders.paths("loras")
-    assert engine.registry.get("Source") is Source and engine.extra_routes == []
+    assert engine.registry.get("Source") is Source and engine.env.services == {}  # no node-layer services
 
 
 def test_a_cached_rerun_writes_and_lists_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

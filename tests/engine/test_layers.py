@@ -28,13 +28,8 @@ CLI = ("nodegraph.cli", "nodegraph.cli_report", "nodegraph.cli_train", "nodegrap
 COMPOSITION_ROOT = "nodes"  # the one module of `nodes` the CLI may import
 SHARED_LEAF = "nodegraph.primitives"  # the one module of `nodegraph` the model code may import
 
-# (importer, imported) pairs still to fix, each with the issue that owns it.
-KNOWN: set[tuple[str, str]] = {
-    (
-        "nodes.web_routes",
-        "nodegraph.server.frontend",
-    ),  # issue 13 item 2: the LoRA routes move into the server
-}
+# (importer, imported) pairs still to fix, each with the issue that owns it (none today).
+KNOWN: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)

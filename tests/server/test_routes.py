@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,10 @@ from aiohttp import FormData
 from aiohttp.test_utils import TestClient
 from PIL import Image, PngImagePlugin
 
+from nodegraph.folders import PathEscapeError
 from nodegraph.server import create_app
 from nodegraph.server.routes_info import frontend_module
+from nodegraph.services import LoraCatalog
 from tests.server.stubs import RUNS, txt2img
 
 pytestmark = pytest.mark.asyncio
@@ -201,16 +205,51 @@ async def test_view_metadata_reads_the_safetensors_header(aiohttp_client: Any, e
     assert (await client.get("/view_metadata/loras?filename=missing.safetensors")).status == 404
 
 
-async def test_engine_extra_routes_are_served_under_both_prefixes(aiohttp_client: Any, engine: Any) -> None:
-    from aiohttp import web
+class SlowCatalog:
+    """A `LoraCatalog` whose listing blocks like reading the headers of many LoRA files."""
 
-    async def ping(request: web.Request) -> web.Response:
-        return web.json_response({"pong": request.path})
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
 
-    engine.extra_routes = [web.get("/nodegraph/ping", ping)]
+    def list(self) -> list[dict[str, Any]]:
+        time.sleep(self.seconds)  # blocking file reads, as FolderLoraCatalog does
+        return [{"name": "a.safetensors"}]
+
+    def describe(self, name: str) -> dict[str, Any]:
+        if name.startswith(".."):
+            raise PathEscapeError(name)
+        return {"name": name}
+
+    def preview(self, name: str) -> Path | None:
+        return None
+
+
+async def test_lora_routes_are_served_under_both_prefixes_from_the_catalog(
+    aiohttp_client: Any, engine: Any
+) -> None:
     client = await _client(aiohttp_client, engine)
-    assert await (await client.get("/nodegraph/ping")).json() == {"pong": "/nodegraph/ping"}
-    assert await (await client.get("/api/nodegraph/ping")).json() == {"pong": "/api/nodegraph/ping"}
+    assert (await client.get("/nodegraph/loras")).status == 404  # no catalog registered: said so
+    engine.env.services[LoraCatalog] = SlowCatalog(0.0)
+    assert await (await client.get("/nodegraph/loras")).json() == [{"name": "a.safetensors"}]
+    assert await (await client.get("/api/nodegraph/lora_info?name=b")).json() == {"name": "b"}
+    assert (await client.get("/nodegraph/lora_info?name=../x")).status == 403
+    assert (await client.get("/nodegraph/lora_info")).status == 400
+    assert (await client.get("/nodegraph/lora_preview?name=b")).status == 404
+
+
+async def test_a_slow_lora_listing_does_not_stall_the_event_loop(aiohttp_client: Any, engine: Any) -> None:
+    """While /nodegraph/loras reads for 1.5 s, the loop keeps answering (websocket progress goes
+    out the same way): a request made meanwhile returns long before the listing does."""
+    engine.env.services[LoraCatalog] = SlowCatalog(1.5)
+    client = await _client(aiohttp_client, engine)
+    started = time.monotonic()
+    listing = asyncio.ensure_future(client.get("/nodegraph/loras"))
+    await asyncio.sleep(0.2)  # the listing is now inside its blocking read
+    assert not listing.done()
+    assert (await client.get("/queue")).status == 200
+    answered = time.monotonic() - started
+    assert not listing.done() and answered < 1.5
+    assert (await listing).status == 200
 
 
 async def test_engine_warm_up_runs_before_the_first_request(aiohttp_client: Any, engine: Any) -> None:
