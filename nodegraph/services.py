@@ -41,3 +41,17 @@ class CheckpointCatalog(Protocol):
     def kind(self, name: str) -> str:
         """ "sdxl", "sdxl_refiner" or "other" for a name in the checkpoints folder, from the file's header
         alone; "other" for a file that is missing, refused or unreadable."""
+
+
+@runtime_checkable
+class DeviceInfo(Protocol):
+    """The compute device as `/system_stats` reports it (ComfyUI's `devices` entry)."""
+
+    def describe(self) -> dict[str, Any]:
+        """name, type, index, vram_total, vram_free, torch_vram_total, torch_vram_free."""
+
+
+def cpu_device() -> dict[str, Any]:
+    """The device entry of an engine whose nodes register no `DeviceInfo` (the CPU, no VRAM)."""
+    info: dict[str, Any] = {"name": "cpu", "type": "cpu", "index": 0}
+    return info | {"vram_total": 0, "vram_free": 0, "torch_vram_total": 0, "torch_vram_free": 0}

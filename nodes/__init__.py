@@ -74,11 +74,13 @@ def all_nodes() -> list[type[Node]]:
 
 def register_services(env: Environment) -> None:
     """Register the node layer's services for the server and the CLI (`nodegraph.services`)."""
-    from nodegraph.services import CheckpointCatalog, LoraCatalog
+    from nodegraph.services import CheckpointCatalog, DeviceInfo, LoraCatalog
     from nodes.catalogs import FolderCheckpointCatalog, FolderLoraCatalog
+    from nodes.device_info import TorchDeviceInfo
 
     env.services[LoraCatalog] = FolderLoraCatalog(env)
     env.services[CheckpointCatalog] = FolderCheckpointCatalog(env)
+    env.services[DeviceInfo] = TorchDeviceInfo(env.device)
 
 
 def warm_up() -> None:

@@ -11,7 +11,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -19,6 +19,10 @@ from nodegraph import __version__
 from nodegraph.folders import MODEL_FOLDERS, ModelNotFoundError, PathEscapeError
 from nodegraph.server.replies import error
 from nodegraph.server.state import state
+from nodegraph.services import DeviceInfo, cpu_device
+
+if TYPE_CHECKING:
+    from nodegraph.engine import Engine
 
 routes = web.RouteTableDef()
 
@@ -130,10 +134,12 @@ def _version(package: str) -> str:
         return ""
 
 
-def system_stats(engine: Any) -> dict[str, Any]:
-    """`/system_stats` (§4.1), without importing torch: versions come from package metadata."""
+def system_stats(engine: Engine) -> dict[str, Any]:
+    """`/system_stats` (§4.1), without importing torch: versions come from package metadata, the
+    device from the node layer's `DeviceInfo` service (the CPU when no node package registers one)."""
     total, free = _memory()
-    device = _device_info(str(getattr(getattr(engine, "settings", None), "device", None) or "auto"))
+    service = engine.env.services.get(DeviceInfo)
+    device = service.describe() if isinstance(service, DeviceInfo) else cpu_device()
     return {
         "system": {
             "os": os.name,
@@ -151,36 +157,6 @@ def system_stats(engine: Any) -> dict[str, Any]:
         },
         "devices": [device],
     }
-
-
-def _device_info(setting: str) -> dict[str, Any]:
-    """ComfyUI's device entry. torch is consulted only when the node packages already imported it
-    (the server always has); a GPU reports its name and memory as ComfyUI does."""
-    info: dict[str, Any] = {"name": setting, "type": setting.split(":")[0], "index": 0}
-    info |= {"vram_total": 0, "vram_free": 0, "torch_vram_total": 0, "torch_vram_free": 0}
-    torch = sys.modules.get("torch")
-    if torch is None or setting not in ("auto", "cuda") and not setting.startswith("cuda:"):
-        info["name"] = info["type"] = "cpu" if setting == "auto" else info["name"]
-        return info
-    try:
-        if not torch.cuda.is_available():
-            info["name"] = info["type"] = "cpu" if setting == "auto" else info["name"]
-            return info
-        index = int(setting.split(":")[1]) if ":" in setting else torch.cuda.current_device()
-        free, total = torch.cuda.mem_get_info(index)
-        reserved = torch.cuda.memory_reserved(index)
-        info |= {
-            "name": f"cuda:{index} {torch.cuda.get_device_name(index)}",
-            "type": "cuda",
-            "index": index,
-            "vram_total": total,
-            "vram_free": free,
-            "torch_vram_total": reserved,
-            "torch_vram_free": reserved - torch.cuda.memory_allocated(index),
-        }
-    except Exception:  # noqa: BLE001 - a stats route must answer even if the driver does not
-        pass
-    return info
 
 
 @routes.get("/system_stats")

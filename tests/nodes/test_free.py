@@ -67,3 +67,13 @@ def test_unload_models_releases_the_checkpoint(
     # The loaded weights made the process grow; unloading gives most of that back to the system.
     assert m["loaded"] - m["start"] >= 0.8 * m["weights"]
     assert m["loaded"] - m["after"] >= 0.8 * m["weights"], m
+
+
+def test_the_node_layer_registers_its_services(tmp_path: Path) -> None:
+    from nodegraph.engine import Settings, build_engine
+    from nodegraph.services import DeviceInfo, LoraCatalog
+
+    engine = build_engine(Settings(base_directory=tmp_path, device="cpu"))
+    catalog, device = engine.env.services[LoraCatalog], engine.env.services[DeviceInfo]
+    assert isinstance(catalog, LoraCatalog) and catalog.list() == []
+    assert isinstance(device, DeviceInfo) and device.describe()["type"] == "cpu"

@@ -16,7 +16,7 @@ from PIL import Image, PngImagePlugin
 from nodegraph.folders import PathEscapeError
 from nodegraph.server import create_app
 from nodegraph.server.routes_info import frontend_module
-from nodegraph.services import LoraCatalog
+from nodegraph.services import DeviceInfo, LoraCatalog
 from tests.server.stubs import RUNS, txt2img
 
 pytestmark = pytest.mark.asyncio
@@ -203,6 +203,20 @@ async def test_view_metadata_reads_the_safetensors_header(aiohttp_client: Any, e
     meta = await client.get("/view_metadata/loras?filename=l.safetensors")
     assert await meta.json() == {"ss_network_dim": "4"}
     assert (await client.get("/view_metadata/loras?filename=missing.safetensors")).status == 404
+
+
+class OneGpu:
+    def describe(self) -> dict[str, Any]:
+        return {"name": "cuda:0 Test GPU", "type": "cuda", "index": 0, "vram_total": 8, "vram_free": 4}
+
+
+async def test_system_stats_reports_the_device_service(aiohttp_client: Any, engine: Any) -> None:
+    client = await _client(aiohttp_client, engine)
+    assert (await (await client.get("/system_stats")).json())["devices"][0][
+        "type"
+    ] == "cpu"  # none registered
+    engine.env.services[DeviceInfo] = OneGpu()
+    assert (await (await client.get("/system_stats")).json())["devices"] == [OneGpu().describe()]
 
 
 class SlowCatalog:
