@@ -274,38 +274,4 @@ async def test_engine_warm_up_runs_before_the_first_request(aiohttp_client: Any,
     client = await _client(aiohttp_client, engine)
     assert len(calls) == 1 and calls[0] != threading.main_thread().name  # on a thread, not the loop
     assert (await client.get("/prompt")).status == 200
-
-
-def test_system_stats_device_follows_the_setting(monkeypatch: Any) -> None:
-    import sys
-    import types
-
-    from nodegraph.server.routes_info import system_stats
-
-    def stats(device: str) -> dict[str, Any]:
-        engine = types.SimpleNamespace(settings=types.SimpleNamespace(device=device))
-        result: dict[str, Any] = system_stats(engine)["devices"][0]
-        return result
-
-    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: False))
-    monkeypatch.setitem(sys.modules, "torch", fake)
-    assert (stats("auto")["name"], stats("auto")["type"]) == ("cpu", "cpu")  # no GPU: auto is the CPU
-    assert stats("mps")["type"] == "mps"
-    gib = 1 << 30
-    fake.cuda = types.SimpleNamespace(
-        is_available=lambda: True,
-        current_device=lambda: 0,
-        mem_get_info=lambda i: (3 * gib, 8 * gib),
-        memory_reserved=lambda i: 2 * gib,
-        memory_allocated=lambda i: gib,
-        get_device_name=lambda i: f"GPU{i}",
-    )
-    gpu = stats("auto")
-    assert (gpu["name"], gpu["type"], gpu["vram_total"], gpu["vram_free"]) == (
-        "cuda:0 GPU0",
-        "cuda",
-        8 * gib,
-        3 * gib,
-    )
-    assert (gpu["torch_vram_total"], gpu["torch_vram_free"]) == (2 * gib, gib)
     assert stats("cuda:1")["name"] == "cuda:1 GPU1"
