@@ -26,27 +26,28 @@ Where things are:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from nodegraph.server.app import WorkerFactory, create_app
 from nodegraph.server.state import STATE
 
+if TYPE_CHECKING:
+    from nodegraph.engine import Engine
+
 __all__ = ["create_app", "serve"]
 
 
-def serve(engine: Any, workers: WorkerFactory | None = None) -> None:
+def serve(engine: Engine, workers: WorkerFactory | None = None) -> None:
     """Run the server until interrupted (Ctrl-C); pending prompts stay queued for the next start.
 
     Args:
         engine: the built engine; its settings give `listen` (comma-separated hosts) and `port`.
         workers: what runs the prompts instead of one in-process worker (Ray workers).
     """
-    settings = getattr(engine, "settings", None)
-    listen = str(getattr(settings, "listen", "127.0.0.1") or "127.0.0.1")
-    port_setting = getattr(settings, "port", None)
-    port = 8188 if port_setting is None else int(port_setting)  # 0 asks the OS for a free port
+    listen = engine.settings.listen or "127.0.0.1"
+    port = engine.settings.port  # 0 asks the OS for a free port
     app = create_app(engine, workers=workers)
     hosts = [h.strip() for h in listen.split(",") if h.strip()]
     token = app[STATE].token

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -16,6 +15,7 @@ from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestPayloadError
 
 from nodegraph.server import (
+    frontend,
     routes_a1111,
     routes_files,
     routes_images,
@@ -39,6 +39,9 @@ from nodegraph.server.replies import BadRequest, error, storage_error, undecodab
 from nodegraph.server.state import MAX_UPLOAD_SIZE, STATE, ServerState
 from nodegraph.server.worker import PromptWorker, Worker
 from nodegraph.server.ws import Hub
+
+if TYPE_CHECKING:
+    from nodegraph.engine import Engine
 
 log = logging.getLogger(__name__)
 QUEUE_FILE = Path("nodegraph") / "queue.sqlite3"
@@ -96,7 +99,7 @@ def _mirror(app: web.Application, defs: Iterable[web.AbstractRouteDef]) -> None:
 
 
 def create_app(
-    engine: Any, *, max_upload_size: int | None = None, workers: WorkerFactory | None = None
+    engine: Engine, *, max_upload_size: int | None = None, workers: WorkerFactory | None = None
 ) -> web.Application:
     """The server for `engine`: its queue file under the user directory, its worker thread, every route.
 
@@ -107,12 +110,12 @@ def create_app(
         workers: builds what runs the prompts, with `Worker`'s constructor arguments (default: one
             `Worker` thread on `engine`; `ray_pool.worker_factory` gives Ray workers).
     """
-    settings = getattr(engine, "settings", None)
+    settings = engine.settings
     if max_upload_size is None:
-        size_mb = getattr(settings, "max_upload_size_mb", None)
+        size_mb = settings.max_upload_size_mb
         max_upload_size = int(size_mb * 1024 * 1024) if size_mb else MAX_UPLOAD_SIZE
-    listen = str(getattr(settings, "listen", "127.0.0.1") or "127.0.0.1")
-    token = effective_token(listen, getattr(settings, "auth_token", None))
+    listen = settings.listen or "127.0.0.1"
+    token = effective_token(listen, settings.auth_token)
     store = PromptStore(Path(engine.env.folders.user_dir) / QUEUE_FILE)
     holder: list[ServerState] = []
     hub = Hub(lambda: holder[0].features())
@@ -125,14 +128,14 @@ def create_app(
         lambda: trim_temp(Path(engine.env.folders.temp_dir)),
     )
     st = ServerState(engine, store, hub, worker, token, max_upload_size=max_upload_size)
-    st.max_queue = getattr(settings, "max_queue_size", None) or None
+    st.max_queue = settings.max_queue_size or None
     holder.append(st)
     hub.on_connect = worker.on_connect
 
-    cors = getattr(settings, "enable_cors_header", None) or None
+    cors = settings.enable_cors_header or None
     # loopback only, no token: the Host check is what keeps rebinding pages out
     access = token_middleware(token) if token is not None else loopback_host_middleware
-    api_auth = getattr(settings, "api_auth", None)
+    api_auth = settings.api_auth
     if isinstance(api_auth, str) and api_auth:
         access = with_api_auth(access, parse_credentials(api_auth), token is not None)
     middlewares: list[Middleware] = [
@@ -160,28 +163,18 @@ def create_app(
         _mirror(app, table)
     app.router.add_get("/ws", hub.handle)
     app.router.add_get("/api/ws", hub.handle)
-    _add_frontend(app, engine)
+    frontend.add_frontend_routes(app, engine)
     app.on_startup.append(_startup)
     app.on_shutdown.append(_shutdown)
     app.on_cleanup.append(_cleanup)
     return app
 
 
-def _add_frontend(app: web.Application, engine: Any) -> None:
-    try:
-        module = importlib.import_module("nodegraph.server.frontend")
-    except ImportError:
-        return  # no canvas yet: the API works on its own
-    add = getattr(module, "add_frontend_routes", None)
-    if callable(add):
-        add(app, engine)
-
-
 async def _startup(app: web.Application) -> None:
     st = app[STATE]
     st.loop = asyncio.get_running_loop()
-    warm_up = getattr(st.engine, "warm_up", None)
-    if callable(warm_up):
+    warm_up = st.engine.warm_up
+    if warm_up is not None:
         # First-time imports of model libraries hold the GIL for up to a second at a time; done
         # here, before the socket listens, they cannot stall a request during the first model load.
         await asyncio.to_thread(warm_up)

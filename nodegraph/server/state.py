@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from nodegraph.server.queue import PromptStore
 from nodegraph.server.worker import PromptWorker
 from nodegraph.server.ws import Hub
+
+if TYPE_CHECKING:
+    from nodegraph.engine import Engine
 
 MAX_UPLOAD_SIZE = 100 * 1024 * 1024
 MAX_JSON_SIZE = 32 * 1024 * 1024
@@ -23,7 +26,7 @@ MAX_JSON_DEPTH = 100
 class ServerState:
     """The server's parts, built by `create_app` and reached by handlers through `state(request)`."""
 
-    engine: Any
+    engine: Engine
     store: PromptStore
     hub: Hub
     worker: PromptWorker

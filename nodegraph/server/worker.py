@@ -12,13 +12,16 @@ import logging
 import threading
 import traceback
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nodegraph import events as ev
 from nodegraph.node import preview_method_for
 from nodegraph.server.messages import Message, PreviewFrame, PromptMessages
 from nodegraph.server.queue import PromptStore, QueueItem
 from nodegraph.server.ws import Hub
+
+if TYPE_CHECKING:
+    from nodegraph.executor import Executor
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ class Worker:
     def __init__(
         self,
         store: PromptStore,
-        executor: Any,
+        executor: Executor,
         hub: Hub,
         on_finished: Finished,
         free: Callable[[bool, bool], None],
@@ -148,7 +151,7 @@ class Worker:
         self.step = self.preview = None
         self.broadcast_status()
         messages = PromptMessages(item.prompt_id)
-        server_method = str(getattr(getattr(self.executor, "env", None), "preview_method", "none"))
+        server_method = self.executor.env.preview_method
         # ComfyUI sends binary previews only when the server or this prompt's client asked for them.
         previews = preview_method_for(item.extra_data, server_method) != "none"
 
@@ -208,9 +211,9 @@ class Worker:
                 )
             )
             return "error"
-        for node, ui in dict(getattr(outcome, "outputs", None) or {}).items():
+        for node, ui in outcome.outputs.items():
             messages.outputs.setdefault(str(node), ui)
-        return str(getattr(outcome, "status", "error"))
+        return outcome.status
 
     def _maybe_free(self) -> None:
         flags, self._free_flags = self._free_flags, None
