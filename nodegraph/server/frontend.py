@@ -13,11 +13,14 @@ import mimetypes
 import sys
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from nodegraph.folders import PathEscapeError, safe_join
+
+if TYPE_CHECKING:
+    from nodegraph.engine import Engine
 
 
 def _pinned_frontend_version() -> str:
@@ -103,11 +106,9 @@ def frontend_root(override: str | Path | None = None) -> Path:
     return root
 
 
-def _override_of(engine: object) -> str | Path | None:
+def _override_of(engine: Engine | None) -> str | Path | None:
     """`--front-end-root` if the engine's settings carry one."""
-    settings = getattr(engine, "settings", None)
-    value = getattr(settings, "front_end_root", None)
-    return value if isinstance(value, (str, Path)) else None
+    return engine.settings.front_end_root if engine is not None else None
 
 
 class _GzipCache:
@@ -163,7 +164,7 @@ def _seed_user_files(user: Path) -> None:
             path.write_text(text)
 
 
-def add_frontend_routes(app: web.Application, engine: object) -> None:
+def add_frontend_routes(app: web.Application, engine: Engine | None) -> None:
     """Serve the canvas: `/`, our extensions, an empty template list and the frontend's static files.
 
     Args:
@@ -195,9 +196,8 @@ def add_frontend_routes(app: web.Application, engine: object) -> None:
         # The canvas asks for a user stylesheet at every start; none is an empty sheet, not a 404.
         return web.Response(text="", content_type="text/css", headers=NO_CACHE)
 
-    env = getattr(engine, "env", None)  # None: the static routes alone (tests serve them bare)
-    if env is not None:
-        _seed_user_files(Path(env.folders.user_dir) / "default")
+    if engine is not None:  # None: the static routes alone (tests serve them bare)
+        _seed_user_files(Path(engine.env.folders.user_dir) / "default")
 
     app.router.add_get("/", index)
     app.router.add_get("/user.css", user_css)

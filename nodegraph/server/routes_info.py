@@ -17,6 +17,7 @@ from aiohttp import web
 
 from nodegraph import __version__
 from nodegraph.folders import MODEL_FOLDERS, ModelNotFoundError, PathEscapeError
+from nodegraph.server import frontend
 from nodegraph.server.replies import error
 from nodegraph.server.state import state
 from nodegraph.services import DeviceInfo, cpu_device
@@ -173,20 +174,10 @@ async def features(request: web.Request) -> web.Response:
     return web.json_response(state(request).features())
 
 
-def frontend_module() -> Any:
-    """The canvas engineer's `nodegraph.server.frontend`, or None while it does not exist."""
-    try:
-        return importlib.import_module("nodegraph.server.frontend")
-    except ImportError:
-        return None
-
-
 @routes.get("/extensions")
 async def extensions(request: web.Request) -> web.Response:
     """JS module URLs the canvas imports at start (ComfyUI's extension hook)."""
-    module = frontend_module()
-    urls = getattr(module, "extension_urls", None)
-    return web.json_response(list(urls()) if callable(urls) else [])
+    return web.json_response(list(frontend.extension_urls()))
 
 
 @routes.get("/i18n")

@@ -18,9 +18,9 @@ from typing import Any
 from aiohttp import web
 
 from nodegraph.folders import InvalidNameError, PathEscapeError, safe_join
+from nodegraph.server.frontend import DEFAULT_SETTINGS
 from nodegraph.server.replies import error, flag, read_body, read_json
 from nodegraph.server.routes_files import served_headers
-from nodegraph.server.routes_info import frontend_module
 from nodegraph.server.state import state
 
 routes = web.RouteTableDef()
@@ -47,8 +47,7 @@ def _user_path(request: web.Request, name: str) -> Path:
 
 
 def _read_settings(root: Path) -> dict[str, Any]:
-    module = frontend_module()
-    defaults = dict(getattr(module, "DEFAULT_SETTINGS", {}) or {})
+    defaults = dict(DEFAULT_SETTINGS)
     try:
         stored = json.loads((root / SETTINGS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):

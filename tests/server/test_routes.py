@@ -15,7 +15,7 @@ from PIL import Image, PngImagePlugin
 
 from nodegraph.folders import PathEscapeError
 from nodegraph.server import create_app
-from nodegraph.server.routes_info import frontend_module
+from nodegraph.server.frontend import DEFAULT_SETTINGS, extension_urls
 from nodegraph.services import DeviceInfo, LoraCatalog
 from tests.server.stubs import RUNS, txt2img
 
@@ -114,7 +114,8 @@ async def test_upload_mask_puts_alpha_on_the_original(aiohttp_client: Any, engin
 
 async def test_settings_merge_over_canvas_defaults(aiohttp_client: Any, engine: Any) -> None:
     client = await _client(aiohttp_client, engine)
-    defaults = dict(getattr(frontend_module(), "DEFAULT_SETTINGS", {}) or {})
+    defaults = dict(DEFAULT_SETTINGS)
+    assert defaults["Comfy.TutorialCompleted"] is True  # the defaults exist: the test would notice them gone
     assert await (await client.get("/settings")).json() == defaults
     assert (await client.post("/settings/Comfy.X", json=5)).status == 200
     assert await (await client.get("/settings/Comfy.X")).json() == 5
@@ -179,7 +180,7 @@ async def test_system_stats_features_extensions(aiohttp_client: Any, engine: Any
     features = await (await client.get("/features")).json()
     assert features["supports_preview_metadata"] is True
     assert features["max_upload_size"] == 100 * 1024 * 1024
-    urls = getattr(frontend_module(), "extension_urls", lambda: [])()
+    urls = extension_urls()
     assert await (await client.get("/extensions")).json() == list(urls)
     assert await (await client.get("/users")).json() == {"storage": "server", "migrated": True}
 
