@@ -63,10 +63,10 @@ def _paths(resource: web.AbstractResource) -> list[str]:
 
 
 async def test_no_route_answers_hostile_input_with_a_5xx(aiohttp_client: Any, tmp_path: Path) -> None:
-    from nodes import routes as node_routes
+    from nodes import register_services
 
     engine = make_engine(tmp_path)
-    engine.extra_routes = list(node_routes(engine.env))
+    register_services(engine.env)  # the LoRA catalog the server's LoRA routes read
     _bad_loras(tmp_path)
     app = create_app(engine)
     client: TestClient = await aiohttp_client(app)
@@ -101,10 +101,10 @@ async def test_no_route_answers_hostile_input_with_a_5xx(aiohttp_client: Any, tm
 
 
 async def test_one_bad_lora_never_breaks_the_lora_list(aiohttp_client: Any, tmp_path: Path) -> None:
-    from nodes import routes as node_routes
+    from nodes import register_services
 
     engine = make_engine(tmp_path)
-    engine.extra_routes = list(node_routes(engine.env))
+    register_services(engine.env)  # the LoRA catalog the server's LoRA routes read
     _bad_loras(tmp_path)
     client: TestClient = await aiohttp_client(create_app(engine))
     listed = await client.get("/nodegraph/loras")
