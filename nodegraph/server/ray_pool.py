@@ -29,6 +29,7 @@ import ray
 
 from nodegraph import events as ev
 from nodegraph.engine import Engine
+from nodegraph.env import Environment
 from nodegraph.executor import Outcome
 from nodegraph.server import ray_files
 from nodegraph.server.messages import Message, PromptMessages
@@ -101,7 +102,7 @@ def _check_reachable(address: str) -> None:
 class RemoteExecutor:
     """The executor interface (`execute`, `interrupt`) over one worker actor."""
 
-    def __init__(self, slot: _Slot, env: Any) -> None:
+    def __init__(self, slot: _Slot, env: Environment) -> None:
         self.slot = slot
         self.env = env  # the server's: its preview method decides which frames reach the clients
 

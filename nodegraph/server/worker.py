@@ -21,7 +21,8 @@ from nodegraph.server.queue import PromptStore, QueueItem
 from nodegraph.server.ws import Hub
 
 if TYPE_CHECKING:
-    from nodegraph.executor import Executor
+    from nodegraph.env import Environment
+    from nodegraph.executor import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,25 @@ def status_message(remaining: int, sid: str | None = None) -> Message:
     if sid is not None:
         data["sid"] = sid
     return Message("status", data, broadcast=True)
+
+
+class PromptRunner(Protocol):
+    """What a worker runs prompts on: the engine's `Executor`, or Ray's `ray_pool.RemoteExecutor`."""
+
+    @property
+    def env(self) -> Environment: ...  # its preview method decides which frames reach the clients
+
+    def execute(
+        self,
+        prompt: dict[str, Any],
+        prompt_id: str,
+        emit: ev.Emit,
+        *,
+        extra_data: dict[str, Any] | None = None,
+        outputs: list[str] | None = None,
+    ) -> Outcome: ...
+
+    def interrupt(self, prompt_id: str | None = None) -> None: ...
 
 
 class PromptWorker(Protocol):
@@ -57,7 +77,7 @@ class Worker:
     def __init__(
         self,
         store: PromptStore,
-        executor: Executor,
+        executor: PromptRunner,
         hub: Hub,
         on_finished: Finished,
         free: Callable[[bool, bool], None],
