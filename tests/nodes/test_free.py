@@ -69,10 +69,13 @@ def test_unload_models_releases_the_checkpoint(
 
 
 def test_the_node_layer_registers_its_services(tmp_path: Path) -> None:
-    from nodegraph.engine import Settings, build_engine
-    from nodegraph.services import DeviceInfo, LoraCatalog
+    from nodegraph.cli import worker_engine
+    from nodegraph.engine import Settings
+    from nodegraph.services import CheckpointCatalog, DeviceInfo, LoraCatalog
 
-    engine = build_engine(Settings(base_directory=tmp_path, device="cpu"))
+    engine = worker_engine(Settings(base_directory=tmp_path, device="cpu"))  # the CLI's composition
     catalog, device = engine.env.services[LoraCatalog], engine.env.services[DeviceInfo]
     assert isinstance(catalog, LoraCatalog) and catalog.list() == []
+    checkpoints = engine.env.services[CheckpointCatalog]
+    assert isinstance(checkpoints, CheckpointCatalog) and checkpoints.kind("missing.safetensors") == "other"
     assert isinstance(device, DeviceInfo) and device.describe()["type"] == "cpu"

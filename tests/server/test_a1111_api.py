@@ -36,7 +36,10 @@ def server(
     os.symlink(mini_checkpoint, base / "models" / "checkpoints" / "mini.safetensors")
     os.symlink(mini_loras / "mini_lora_a.safetensors", base / "models" / "loras" / "mini_lora_a.safetensors")
     engine = build_engine(
-        Settings(base_directory=base, port=0), nodes.all_nodes(), routes=nodes.routes, warm_up=nodes.warm_up
+        Settings(base_directory=base, port=0),
+        nodes.all_nodes(),
+        services=nodes.register_services,
+        warm_up=nodes.warm_up,
     )
     engine.warm_up()  # torch's first import, before the live server's 30 s start limit
     with LiveServer(engine) as live:
