@@ -226,7 +226,7 @@ class SlowCatalog:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self, checkpoint: str | None = None) -> list[dict[str, Any]]:
         time.sleep(self.seconds)  # blocking file reads, as FolderLoraCatalog does
         return [{"name": "a.safetensors"}]
 
