@@ -317,6 +317,21 @@ class _Prefixed:
         return self.inner.get(self._key(key))
 
 
+def weights_variant(folder: Path) -> str | None:
+    """ "fp16" when a component folder holds only `*.fp16.safetensors` / `*.fp16.bin` weights (what
+    `save_pretrained(variant="fp16")` writes and many SDXL downloads ship), else None (plain names)."""
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    weights = [n for n in names if n.endswith((".safetensors", ".bin", ".index.json"))]
+    if any(".fp16." not in n for n in weights) or not weights:
+        return None
+    return "fp16"
+
+
+def local_options(folder: Path) -> dict[str, Any]:
+    """`from_pretrained` options: this folder's files only (nothing fetched), its weights' variant."""
+    return {"local_files_only": True, "variant": weights_variant(folder)}
+
+
 def load_diffusers_folder(path: Path) -> LoadedCheckpoint:
     """A diffusers pipeline folder (`unet/`, `vae/`, `text_encoder/`, each a config.json and weights).
 
@@ -339,9 +354,9 @@ def load_diffusers_folder(path: Path) -> LoadedCheckpoint:
         )
     try:
         with torch.inference_mode(False):
-            unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
-            vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
-            te = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+            unet = UNet2DConditionModel.from_pretrained(path / "unet", **local_options(path / "unet"))
+            vae = AutoencoderKL.from_pretrained(path / "vae", **local_options(path / "vae"))
+            te = CLIPTextModel.from_pretrained(path / "text_encoder", **local_options(path / "text_encoder"))
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"'{path.name}': the diffusers folder cannot be loaded ({exc})") from exc
     # transformers types PreTrainedModel.to as a wrapped method mypy cannot call; all three are nn.Modules

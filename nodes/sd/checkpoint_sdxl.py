@@ -25,6 +25,7 @@ from nodes.sd.checkpoint import (
     build_text_encoder,
     build_unet,
     build_vae,
+    local_options,
     read_json,
 )
 from nodes.sd.convert import UnsupportedCheckpointError
@@ -145,11 +146,13 @@ def load_sdxl_folder(path: Path) -> LoadedCheckpoint:
         raise CheckpointError(f"'{path.name}' is an SDXL base folder without text_encoder/ (CLIP-L)")
     try:
         with torch.inference_mode(False):
-            unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
-            vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
-            te_g = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", local_files_only=True)
+            unet = UNet2DConditionModel.from_pretrained(path / "unet", **local_options(path / "unet"))
+            vae = AutoencoderKL.from_pretrained(path / "vae", **local_options(path / "vae"))
+            te_g = CLIPTextModelWithProjection.from_pretrained(
+                path / "text_encoder_2", **local_options(path / "text_encoder_2")
+            )
             te_l = (
-                CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+                CLIPTextModel.from_pretrained(path / "text_encoder", **local_options(path / "text_encoder"))
                 if family == "sdxl"
                 else None
             )

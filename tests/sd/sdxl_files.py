@@ -5,7 +5,7 @@
   that is a res block alone (`transformer_depth_middle` -1) or absent (-2), asymmetric output
   depths). Its text encoders are cut to their first two layers so the file loads in seconds; every
   kept tensor is the mini file's own, in the dtype asked for.
-* `write_diffusers_folder`: the mini checkpoint as diffusers' `save_pretrained(variant="fp16")`
+* `write_diffusers_folder`: a loaded checkpoint as diffusers' `save_pretrained(variant="fp16")`
   lays a pipeline out (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`, each a config.json and
   `*.fp16.safetensors`), the tensors taken from the file through the loader's own key map.
 """
@@ -74,8 +74,10 @@ def _te_layer_kept(key: str) -> bool:
 
 
 def write_depth_variant(mini: Path, out: Path, variant: str, dtype: torch.dtype = torch.float16) -> Path:
-    """The mini checkpoint with the UNet of `variant` ("ssd1b" / "koala"), two-layer text encoders."""
-    rename: Callable[[str], str | None] = _ssd1b if variant == "ssd1b" else _koala
+    """The mini checkpoint with the UNet of `variant` ("ssd1b" / "koala"; "mini": the mini UNet as it
+    is), two-layer text encoders."""
+    renames: dict[str, Callable[[str], str | None]] = {"ssd1b": _ssd1b, "koala": _koala, "mini": lambda k: k}
+    rename = renames[variant]
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(mini), "pt") as f:
         for key in f.keys():
