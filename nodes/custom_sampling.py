@@ -21,6 +21,7 @@ from nodes.sd.device import place, placement
 from nodes.sd.guidance import ConditioningError
 from nodes.sd.guiders import BasicGuide, CFGGuide, DualCFGGuide, Guide
 from nodes.sd.handles import ModelHandle
+from nodes.sd.hypernetwork import hypernetworks_applied
 from nodes.sd.ksampler import latent_scale, run_guided
 from nodes.sd.noise import prepare_noise
 from nodes.sd.patcher import patched
@@ -105,7 +106,11 @@ def sample_custom(
     where = placement(ctx.env)
     place(model.unet, where.device, where.unet)
     try:
-        with patched(model.unet, model.loras, target="unet") as unet, torch.inference_mode():
+        with (
+            patched(model.unet, model.loras, target="unet") as unet,
+            hypernetworks_applied(unet, model.hypernetworks),
+            torch.inference_mode(),
+        ):
             device = next(unet.parameters()).device
             samples = run_guided(
                 unet,

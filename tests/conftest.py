@@ -135,3 +135,9 @@ def mini_checkpoint_seed1(oracle_dir: Path) -> Path:
 def mini_controlnet(oracle_dir: Path) -> Path:
     """The oracle's SD1.5 ControlNet shaped for the mini UNet (original `control_*` layout)."""
     return _cached("mini_controlnet.safetensors", "make_mini_controlnet.py")
+
+
+@pytest.fixture(scope="session")
+def mini_hypernetwork(oracle_dir: Path) -> Path:
+    """The oracle's A1111-format hypernetwork for the mini UNet (widths 320, 640, 768; relu, [1, 2, 1])."""
+    return _cached("mini_hypernetwork.pt", "make_mini_hypernetwork.py")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from nodes.sd.hypernetwork import HypernetworkRef
 from nodes.sd.model_sampling import EPS, ModelSampling
 
 
@@ -34,6 +35,7 @@ class ModelHandle:
     family: str  # "sd15", "sdxl" (SDXL base family: Pony, Illustrious, SSD-1B, Vega ...), "sdxl_refiner"
     loras: tuple[LoraRef, ...] = ()
     sampling: ModelSampling = EPS  # eps / v-prediction / LCM / x0, zero terminal SNR (ModelSamplingDiscrete)
+    hypernetworks: tuple[HypernetworkRef, ...] = ()  # attention patches, applied in order while sampling
 
     def with_lora(self, lora: LoraRef) -> ModelHandle:
         return replace(self, loras=self.loras + (lora,))

@@ -27,6 +27,7 @@ from nodes.sd.cond_entries import CondEntry
 from nodes.sd.device import Placement, place
 from nodes.sd.guidance import CFGDenoiser, ConcatFor
 from nodes.sd.guiders import CFGGuide, Guide
+from nodes.sd.hypernetwork import hypernetworks_applied
 from nodes.sd.latent_ops import common_upscale
 from nodes.sd.model_sampling import EPS, ModelSampling
 from nodes.sd.noise import prepare_noise
@@ -276,7 +277,11 @@ def sample(
     """common_ksampler: patch the model's LoRAs in, sample, and return a new LATENT dict."""
     if where is not None:
         place(model.unet, where.device, where.unet)
-    with patched(model.unet, model.loras, target="unet") as unet, torch.inference_mode():
+    with (
+        patched(model.unet, model.loras, target="unet") as unet,
+        hypernetworks_applied(unet, model.hypernetworks),
+        torch.inference_mode(),
+    ):
         device = next(unet.parameters()).device
         samples = run_sampler(unet, positive, negative, latent, request, on_step, device, model.sampling)
     out = dict(latent)
