@@ -141,3 +141,20 @@ def mini_controlnet(oracle_dir: Path) -> Path:
 def mini_hypernetwork(oracle_dir: Path) -> Path:
     """The oracle's A1111-format hypernetwork for the mini UNet (widths 320, 640, 768; relu, [1, 2, 1])."""
     return _cached("mini_hypernetwork.pt", "make_mini_hypernetwork.py")
+
+
+@pytest.fixture(scope="session")
+def sdxl_env(tmp_path_factory: pytest.TempPathFactory, mini_sdxl_checkpoint: Path, sdxl_store: Any) -> Any:
+    """An environment with the mini SDXL checkpoint as `models/checkpoints/mini_sdxl.safetensors`
+    (and an empty `models/embeddings`), sharing the session's loaded SDXL model store."""
+    from nodegraph.env import Environment
+    from nodegraph.folders import Folders
+    from nodes.sd.model_store import ModelStore
+
+    base = tmp_path_factory.mktemp("sdxl_env")
+    for sub in ("models/checkpoints", "models/embeddings", "models/loras", "input", "output", "temp"):
+        (base / sub).mkdir(parents=True)
+    (base / "models" / "checkpoints" / mini_sdxl_checkpoint.name).symlink_to(mini_sdxl_checkpoint)
+    env = Environment(Folders.at(base))
+    env.services[ModelStore] = sdxl_store
+    return env
