@@ -40,6 +40,7 @@ def all_nodes() -> list[type[Node]]:
         merge,
         model_advanced,
         outpaint,
+        preprocessors,
         sampling,
         sigmas,
         train_node,
@@ -72,6 +73,7 @@ def all_nodes() -> list[type[Node]]:
         image_filters,
         mask,
         outpaint,
+        preprocessors,
         upscale_model,
         train_node,
     )
