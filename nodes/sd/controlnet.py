@@ -8,7 +8,8 @@ prefix) is renamed with diffusers' own converter, run on key references like the
 `convert.unet_config`, the checkpoint UNet's: the ControlNet is built exactly like the UNet it
 steers, which is why its numbers are the UNet's (diffusers' blocks, ComfyUI's arithmetic).
 
-Diff ControlNets (`difference` key) hold weights relative to a base UNet: the model's UNet weights are
+Files in diffusers' layout (a diffusers ControlNet folder's .safetensors) are read with their own
+names (nodes/sd/controlnet_diffusers.py reads their config). Diff ControlNets (`difference` key) hold weights relative to a base UNet: the model's UNet weights are
 added to them (ComfyUI's DiffControlNetLoader). T2I-Adapters and control LoRAs are recognised and
 refused by name (nodegraph runs ControlNets).
 """
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from nodes.sd import controlnet_diffusers as diffusers_layout
 from nodes.sd import convert
 from nodes.sd.checkpoint import (
     CheckpointError,
@@ -81,13 +83,9 @@ def what_else(name: str, keys: Iterable[str]) -> str:
     if any(k.startswith(("body.0.", "conv_in.", "adapter.body.", "backbone.")) for k in keyset):
         return f"'{name}' is a T2I-Adapter (or a Stable Cascade ControlNet); nodegraph does not run those yet"
     if any(
-        k.startswith(("controlnet_cond_embedding.", "controlnet_x_embedder.", "pos_embed_input."))
-        for k in keyset
+        k.startswith(("controlnet_x_embedder.", "pos_embed_input.", "controlnet_blocks.")) for k in keyset
     ):
-        return (
-            f"'{name}' is a ControlNet in diffusers (or SD3/Flux/Hunyuan) layout; nodegraph loads the "
-            "original layout (zero_convs.*, input_hint_block.*): use the file of the original release"
-        )
+        return f"'{name}' is an SD3/Flux/HunyuanDiT ControlNet; nodegraph runs SD1.x and SDXL ControlNets"
     what = convert._what_is_it(keyset) if not any(k.startswith(UNET_PREFIX) for k in keyset) else ""
     if any(k.startswith(UNET_PREFIX) for k in keyset):
         what = "it is a checkpoint (a whole model); put it in models/checkpoints"
@@ -128,12 +126,6 @@ def controlnet_config(source: _Stripped, name: str) -> dict[str, Any]:
 
     sdxl = "label_emb.0.0.weight" in source.keys()
     unet = convert.unet_config(name, keys, shape_of, SDXL_HEAD_CHANNELS if sdxl else None)
-    context = unet["cross_attention_dim"]
-    if context not in (768, 2048) or (context == 768 and unet["use_linear_projection"]):
-        raise ControlNetError(
-            f"'{name}' is a ControlNet for another model family (text width {context}); nodegraph runs "
-            "SD1.x and SDXL ControlNets"
-        )
     hint_channels, embedding = _hint_channels(source, name)
     config = {k: unet[k] for k in (
         "in_channels", "block_out_channels", "layers_per_block", "down_block_types", "mid_block_type",
@@ -165,6 +157,8 @@ def load_controlnet(path: Path, base_unet: Any = None) -> ControlModel:
     path = Path(path)
     source = open_source(path)
     keys = source.keys()
+    if diffusers_layout.MARKER in keys:
+        return _load_diffusers(path, source)
     prefix = _prefix(keys)
     if prefix is None:
         raise ControlNetError(what_else(path.name, keys))
@@ -180,18 +174,37 @@ def load_controlnet(path: Path, base_unet: Any = None) -> ControlModel:
         raise ControlNetError(
             f"'{path.name}' lacks {exc} that every ControlNet has; it is incomplete"
         ) from exc
-    key_map = controlnet_key_map(stripped, config)
+    return _build(path.name, config, controlnet_key_map(stripped, config), stripped)
+
+
+def _load_diffusers(path: Path, source: TensorSource) -> ControlModel:
+    """A diffusers-layout ControlNet: parameter names are the file's keys."""
+    keys = set(source.keys())
+    try:
+        config = diffusers_layout.diffusers_config(keys, source.shape)
+    except (KeyError, StopIteration, IndexError) as exc:
+        raise ControlNetError(f"'{path.name}' is an incomplete diffusers-layout ControlNet ({exc})") from exc
+    return _build(path.name, config, {k: k for k in keys}, source)
+
+
+def _build(name: str, config: dict[str, Any], key_map: dict[str, str], source: TensorSource) -> ControlModel:
     from diffusers import ControlNetModel
 
+    context = config["cross_attention_dim"]
+    if context not in (768, 2048) or (context == 768 and config["use_linear_projection"]):
+        raise ControlNetError(
+            f"'{name}' is a ControlNet for another model family (text width {context}); nodegraph runs "
+            "SD1.x and SDXL ControlNets"
+        )
     with torch.inference_mode(False):
         with torch.device("meta"):
             net = ControlNetModel(**config)
         try:
-            net = assign_weights(net, key_map, stripped, path.name, "ControlNet", _to_fp32)
+            net = assign_weights(net, key_map, source, name, "ControlNet", _to_fp32)
         except CheckpointError as exc:
             raise ControlNetError(str(exc)) from exc
     family = "sdxl" if config.get("addition_embed_type") else "sd15"
-    return ControlModel(net, path.name, family, int(config["cross_attention_dim"]))
+    return ControlModel(net, name, family, int(context))
 
 
 def _base_weights(name: str, unet: Any) -> dict[str, torch.Tensor]:

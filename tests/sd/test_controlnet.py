@@ -141,3 +141,20 @@ def test_an_incomplete_controlnet_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ControlNetError, match="cut.safetensors"):
         load_controlnet(path)
+
+
+def test_a_diffusers_layout_file_gives_the_same_residuals(
+    net: ControlModel, hint: torch.Tensor, tmp_path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.to(torch.float16).contiguous() for k, v in net.net.state_dict().items()}  # fp16-exact
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file(state, str(path))
+    del state
+    again = load_controlnet(path)
+    assert (again.family, again.context_dim) == ("sd15", 768)
+    _, x_in, sigma, context = _first_call()
+    want, got = (_run(Control(m, hint, 0.8), x_in, sigma, context) for m in (net, again))
+    for a, b in zip([*got[0], got[1]], [*want[0], want[1]], strict=True):
+        assert torch.equal(a, b)
