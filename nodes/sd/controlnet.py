@@ -9,9 +9,9 @@ prefix) is renamed with diffusers' own converter, run on key references like the
 steers, which is why its numbers are the UNet's (diffusers' blocks, ComfyUI's arithmetic).
 
 Files in diffusers' layout (a diffusers ControlNet folder's .safetensors) are read with their own
-names (nodes/sd/controlnet_diffusers.py reads their config). Diff ControlNets (`difference` key) hold weights relative to a base UNet: the model's UNet weights are
-added to them (ComfyUI's DiffControlNetLoader). T2I-Adapters and control LoRAs are recognised and
-refused by name (nodegraph runs ControlNets).
+names (nodes/sd/controlnet_diffusers.py reads their config). Diff ControlNets (`difference` key)
+hold weights relative to a base UNet: the model's UNet weights are added to them (ComfyUI's
+DiffControlNetLoader). T2I-Adapters and control LoRAs are recognised and refused by name.
 """
 
 from __future__ import annotations
