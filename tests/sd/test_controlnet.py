@@ -158,3 +158,45 @@ def test_a_diffusers_layout_file_gives_the_same_residuals(
     want, got = (_run(Control(m, hint, 0.8), x_in, sigma, context) for m in (net, again))
     for a, b in zip([*got[0], got[1]], [*want[0], want[1]], strict=True):
         assert torch.equal(a, b)
+
+
+def test_an_sdxl_shaped_diffusers_controlnet_is_read_as_sdxl(tmp_path: Path) -> None:
+    """A small random SDXL-shaped ControlNet (64-channel heads, linear projections, text_time added
+    conditioning, context 2048) saved in diffusers' layout: config read back, same residuals."""
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    config: dict[str, Any] = {
+        "block_out_channels": (64, 128),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "transformer_layers_per_block": (2, 2),
+        "cross_attention_dim": 2048,
+        "attention_head_dim": (1, 2),
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 1280 + 6 * 256,
+        "norm_num_groups": 32,
+    }
+    original = ControlNetModel(**config).eval()
+    path = tmp_path / "sdxl_cn.safetensors"
+    save_file({k: v.contiguous() for k, v in original.state_dict().items()}, str(path))
+    loaded = load_controlnet(path)
+    assert (loaded.family, loaded.context_dim) == ("sdxl", 2048)
+    for key in (
+        "block_out_channels",
+        "down_block_types",
+        "transformer_layers_per_block",
+        "attention_head_dim",
+    ):
+        assert tuple(loaded.net.config[key]) == config[key], key
+    added = {"text_embeds": torch.randn(2, 1280), "time_ids": torch.randn(2, 6)}
+    inputs = (torch.randn(2, 4, 8, 8), torch.tensor([500.0, 500.0]))
+    kwargs = {"encoder_hidden_states": torch.randn(2, 77, 2048), "controlnet_cond": torch.rand(2, 3, 64, 64)}
+    with torch.inference_mode():
+        want = original(*inputs, added_cond_kwargs=added, return_dict=False, **kwargs)
+        got = loaded.net(*inputs, added_cond_kwargs=added, return_dict=False, **kwargs)
+    for a, b in zip([*got[0], got[1]], [*want[0], want[1]], strict=True):
+        assert torch.equal(a, b)
