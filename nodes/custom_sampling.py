@@ -17,6 +17,7 @@ import torch
 from nodegraph.node import MAX_SEED, Boolean, Combo, Float, Int, Node, Output, RunContext, Socket
 from nodegraph.types import CONDITIONING, GUIDER, LATENT, MODEL, NOISE, SAMPLER, SIGMAS
 from nodes.sampling import check_latent, check_model, progress
+from nodes.sd import unet_patches
 from nodes.sd.device import place, placement
 from nodes.sd.guidance import ConditioningError
 from nodes.sd.guiders import BasicGuide, CFGGuide, DualCFGGuide, Guide
@@ -109,6 +110,7 @@ def sample_custom(
         with (
             patched(model.unet, model.loras, target="unet") as unet,
             hypernetworks_applied(unet, model.hypernetworks),
+            unet_patches.applied(unet, model.patches),
             torch.inference_mode(),
         ):
             device = next(unet.parameters()).device

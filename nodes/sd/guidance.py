@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from nodes.sd import control as controlnet
+from nodes.sd import unet_patches
 from nodes.sd.adm import adm_inputs, adm_width
 from nodes.sd.cond_entries import (  # re-exported: the sampler's public names stay here
     AREA_FEATHER,
@@ -274,6 +275,11 @@ class CFGDenoiser:
         positive, negative = self.sides_for(x.shape[2], x.shape[3], x.device, x.shape[0])
         cond, uncond = self.predict(x, sigma, [positive, [] if skip_uncond else negative])
         self.uncond_denoised = uncond
+        if unet_patches.active(self.unet):  # RescaleCFG, PAG: the model's CFG patches
+            cond_pass = lambda: self.predict(x, sigma, [positive])[0]  # noqa: E731
+            return unet_patches.guided(
+                self.unet, x, sigma, cond, None if skip_uncond else uncond, self.cfg, cond_pass
+            )
         if skip_uncond:
             return cond
         return uncond + (cond - uncond) * self.cfg

@@ -36,9 +36,14 @@ class ModelHandle:
     loras: tuple[LoraRef, ...] = ()
     sampling: ModelSampling = EPS  # eps / v-prediction / LCM / x0, zero terminal SNR (ModelSamplingDiscrete)
     hypernetworks: tuple[HypernetworkRef, ...] = ()  # attention patches, applied in order while sampling
+    # FreeU, RescaleCFG, PAG ... (nodes.sd.unet_patches), applied by the sampler in this order
+    patches: tuple[Any, ...] = ()
 
     def with_lora(self, lora: LoraRef) -> ModelHandle:
         return replace(self, loras=self.loras + (lora,))
+
+    def with_patch(self, patch: Any) -> ModelHandle:
+        return replace(self, patches=self.patches + (patch,))
 
 
 @dataclass(frozen=True, eq=False)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from nodes.sd import unet_patches
 from nodes.sd.cond_entries import CondEntry
 from nodes.sd.device import Placement, place
 from nodes.sd.guidance import CFGDenoiser, ConcatFor
@@ -280,6 +281,7 @@ def sample(
     with (
         patched(model.unet, model.loras, target="unet") as unet,
         hypernetworks_applied(unet, model.hypernetworks),
+        unet_patches.applied(unet, model.patches),
         torch.inference_mode(),
     ):
         device = next(unet.parameters()).device
