@@ -300,3 +300,32 @@ def test_quantize_uses_pillows_palette(dither: str) -> None:
         d = Image.Dither.NONE if dither == "none" else Image.Dither.FLOYDSTEINBERG
         want = np.array(im.quantize(palette=im.quantize(colors=4), dither=d).convert("RGB"))
         assert torch.equal(got[0], torch.from_numpy(want).float() / 255)
+
+
+def test_batch_size_flip_rotate_and_total_pixels() -> None:
+    from nodes.image_batch import (
+        GetImageSize,
+        ImageFlip,
+        ImageFromBatch,
+        ImageRotate,
+        ImageScaleToTotalPixels,
+        RepeatImageBatch,
+    )
+
+    img = rand(3, 4, 6, 3, seed=14)
+    assert torch.equal(RepeatImageBatch().run(CTX, img, 2)[0], torch.cat([img, img]))
+    assert torch.equal(ImageFromBatch().run(CTX, img, 2, 5)[0], img[2:3])  # clamped to the batch
+    assert torch.equal(ImageFromBatch().run(CTX, img, 9, 2)[0], img[2:3])
+    assert GetImageSize().run(CTX, img) == (6, 4, 3)
+    assert torch.equal(ImageFlip().run(CTX, img, "x-axis: vertically")[0], img.flip(1))
+    assert torch.equal(ImageFlip().run(CTX, img, "y-axis: horizontally")[0], img.flip(2))
+    (turned,) = ImageRotate().run(CTX, img, "90 degrees")
+    assert turned.shape == (3, 6, 4, 3) and torch.equal(turned[:, 0, :, :], img[:, :, 0, :].flip(1))
+    (scaled,) = ImageScaleToTotalPixels().run(CTX, img, "bilinear", 0.01)
+    side = (0.01 * 1024 * 1024 / 24) ** 0.5
+    assert scaled.shape == (3, round(4 * side), round(6 * side), 3)
+    info = BY_ID["GetImageSize"].info(None)
+    assert (info["output"], info["output_name"]) == (["INT", "INT", "INT"], ["width", "height", "batch_size"])
+    assert BY_ID["ImageFromBatch"].info(None)["input"]["required"]["batch_index"][1] == {
+        "default": 0, "min": 0, "max": 4095, "step": 1,
+    }  # fmt: skip
