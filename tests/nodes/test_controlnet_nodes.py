@@ -139,3 +139,32 @@ def test_a_conditioning_with_a_foreign_control_value_is_refused(loaded: Any) -> 
             SamplingRequest(1, 1, 7.0, "euler", "normal"),
         )
     assert isinstance(ControlNetApply().run(ctx, _cond(1), net, HINT, 1.0)[0][0][1]["control"], Control)
+
+
+def test_diff_controlnet_adds_the_models_unet_weights(
+    loaded: Any, cn_env: Environment, mini_controlnet: Path
+) -> None:
+    """A diff file (control_model.* = ControlNet - UNet, plus a `difference` key) of the mini ControlNet:
+    DiffControlNetLoader adds the model's UNet weights back (in the file's fp16, as ComfyUI does)."""
+    from safetensors.torch import load_file, save_file
+
+    from nodes.controlnet import DiffControlNetLoader
+    from nodes.sd.checkpoint import ldm_names
+
+    ctx, net, model = loaded
+    unet = {ldm[len("model.diffusion_model.") :]: p for ldm, p in (ldm_names(model.unet) or {}).items()}
+    params = dict(model.unet.named_parameters())
+    diff: dict[str, torch.Tensor] = {"difference": torch.zeros(1)}
+    for key, value in load_file(str(mini_controlnet)).items():
+        base = params[unet[key]].detach().half() if key in unet else None
+        diff["control_model." + key] = value - base if base is not None else value
+    assert len(diff) > 100 and sum(k[len("control_model.") :] in unet for k in diff) > 50
+    folder = cn_env.folders.paths("controlnet")[0]  # models/controlnet, beside A1111's models/ControlNet
+    folder.mkdir(exist_ok=True)
+    save_file(diff, str(folder / "diff.safetensors"))
+    (got,) = DiffControlNetLoader().run(ctx, model, "diff.safetensors")
+    want = dict(net.net.state_dict())
+    for name, tensor in got.net.state_dict().items():
+        assert torch.allclose(tensor, want[name], atol=2e-3, rtol=2e-3), name  # fp16 rounding of the sum
+    with pytest.raises(ValueError, match="model"):
+        DiffControlNetLoader().run(ctx, None, "diff.safetensors")
