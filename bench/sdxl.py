@@ -179,14 +179,16 @@ def run_parts(parts: list[str], path: Path, args: argparse.Namespace) -> dict[st
         results["nodegraph"] = child("nodegraph", str(path))
     if "sampling" in parts:
         size = args.size or (1024 if args.device.startswith("cuda") else SIZE)
-        shape = (str(size), str(args.steps), str(REPEATS), args.device, args.precision)
+        shape = (str(size), str(args.steps), str(args.repeats), args.device, args.precision)
         results["sampling"] = child("sampling", str(path), *shape)
     if "lora" in parts:
         lora_file = cache_dir() / f"full_sdxl_attention_lora_r{RANK}.safetensors"
         if not lora_file.exists():
             from bench.lora import write_kohya
 
-            write_kohya(lora_file, lora_modules(), RANK)
+            partial = lora_file.with_name(lora_file.name + ".partial")
+            write_kohya(partial, lora_modules(), RANK)
+            partial.replace(lora_file)
         results["lora-unet"] = child("lora-unet", str(path), str(lora_file))
         results["lora-te"] = child("lora-te", str(path), str(lora_file))
     PARTS_FILE.parent.mkdir(parents=True, exist_ok=True)
@@ -349,6 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     parser.add_argument("--size", type=int, default=0, help="sampling: image size (512 on a CPU, else 1024)")
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="sampling: alternating runs")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     path, made = ensure_checkpoint()
