@@ -1,4 +1,4 @@
-// nodegraph's canvas extension for ComfyUI's frontend (1.27.x), loaded through GET /extensions.
+// nodegraph's canvas extension for ComfyUI's frontend (1.58.x; 1.27.x too), loaded through GET /extensions.
 // It uses only the frontend's public extension API (app.registerExtension, api events, DOM widgets):
 //   - our SD1.5 + LoRA default workflow replaces the stock one on first start,
 //   - LoraLoader nodes show trigger words (click one to add it to the prompt), base model, rank and preview,

@@ -24,7 +24,15 @@ if TYPE_CHECKING:
 
 
 def _pinned_frontend_version() -> str:
-    """The canvas version: pyproject.toml's one pin (`comfyui-frontend-package==X`), as installed."""
+    """The canvas version: the installed `comfyui-frontend-package`, else pyproject.toml's one pin.
+
+    The installed one comes first: the settings report it to the page (`Comfy.InstalledVersion`),
+    and a checkout run on an environment installed from an older pin serves that older version.
+    """
+    try:
+        return metadata.version("comfyui-frontend-package")
+    except metadata.PackageNotFoundError:
+        pass
     try:
         for requirement in metadata.requires("nodegraph") or []:
             name, sep, rest = requirement.partition("==")
@@ -32,10 +40,7 @@ def _pinned_frontend_version() -> str:
                 return rest.split(";")[0].strip()
     except metadata.PackageNotFoundError:  # run from a source tree without `make install`
         pass
-    try:
-        return metadata.version("comfyui-frontend-package")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    return "unknown"
 
 
 FRONTEND_VERSION = _pinned_frontend_version()  # a metadata file read, no import of the frontend
