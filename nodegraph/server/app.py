@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,8 @@ from nodegraph.server import (
     routes_lora,
     routes_prompt,
     routes_user,
+    routes_v2,
+    routes_v2_assets,
 )
 from nodegraph.server.api_auth import parse_credentials, with_api_auth
 from nodegraph.server.auth import (
@@ -37,6 +40,7 @@ from nodegraph.server.housekeeping import clear_temp, trim_temp
 from nodegraph.server.queue import PromptStore
 from nodegraph.server.replies import BadRequest, error, storage_error, undecodable
 from nodegraph.server.state import MAX_UPLOAD_SIZE, STATE, ServerState
+from nodegraph.server.v2_assets import ASSETS_FILE, AssetIndex
 from nodegraph.server.worker import PromptWorker, Worker
 from nodegraph.server.ws import Hub
 
@@ -149,16 +153,18 @@ def create_app(
     app.on_response_prepare.append(_nosniff)
     app[STATE] = st
     app[routes_lora.ENV] = engine.env
+    folders = engine.env.folders
+    roots = {
+        "input": Path(folders.input_dir),
+        "output": Path(folders.output_dir),
+        "temp": Path(folders.temp_dir),
+    }
+    app[routes_v2.V2_ASSETS] = AssetIndex(Path(folders.user_dir) / ASSETS_FILE, roots)
+    app[routes_v2.SEEN_KEYS] = OrderedDict()
     tables = (
-        routes_prompt,
-        routes_files,
-        routes_info,
-        routes_user,
-        routes_jobs,
-        routes_a1111,
-        routes_images,
-        routes_lora,
-    )
+        routes_prompt, routes_files, routes_info, routes_user, routes_jobs, routes_a1111, routes_images,
+        routes_lora, routes_v2, routes_v2_assets,
+    )  # fmt: skip
     for table in (module.routes for module in tables):
         _mirror(app, table)
     app.router.add_get("/ws", hub.handle)
@@ -200,4 +206,5 @@ async def _cleanup(app: web.Application) -> None:
             future.cancel()
     st.validator.shutdown(wait=False, cancel_futures=True)
     st.store.close()
+    app[routes_v2.V2_ASSETS].close()
     await asyncio.to_thread(clear_temp, Path(st.engine.env.folders.temp_dir))

@@ -1,0 +1,383 @@
+"""Comfy API v2 (`/api/v2`), served natively on the same queue as `/prompt`: jobs, assets, health.
+
+Shapes follow the v2 contract as Comfy's SDK (`comfy-sdk` on PyPI) and the reference proxy
+(`comfy-api-proxy`) read and write them: a job is `{id, status, created_at, started_at,
+completed_at, expires_at, queue_position, progress, outputs, error, outputs_reused, urls}`, with
+statuses queued/running/succeeded/canceling/canceled/failed; errors are
+`{"error": {"code", "message", "details"}}`. Submission is idempotent through the
+`Idempotency-Key` header (single use: a reused key is refused with 422, never replayed).
+`workflow` is an API-format prompt whose `core/ASSET` references are replaced by the asset's
+file name before validation. Events are Server-Sent Events built from polling the queue (the
+poll answer is authoritative; the stream is a convenience, as the contract says).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import OrderedDict
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from aiohttp import web
+
+from nodegraph.server import jobs
+from nodegraph.server.replies import read_json
+from nodegraph.server.routes_prompt import _accept
+from nodegraph.server.state import ServerState, state
+from nodegraph.server.v2_assets import AssetIndex, AssetRecord
+
+routes = web.RouteTableDef()
+RETENTION = timedelta(days=7)
+MAX_IDEMPOTENCY_KEYS = 10_000
+MAX_KEY_LENGTH = 255
+MAX_LIST = 500
+EVENT_POLL_S = 0.25
+HEARTBEAT_S = 15.0
+V1_TO_V2 = {
+    jobs.PENDING: "queued",
+    jobs.IN_PROGRESS: "running",
+    jobs.COMPLETED: "succeeded",
+    jobs.FAILED: "failed",
+    jobs.CANCELLED: "canceled",
+}
+TERMINAL = frozenset({"succeeded", "failed", "canceled", "expired"})
+OUTPUT_KINDS = {"images": "image", "gifs": "video", "video": "video", "audio": "audio", "text": "text"}
+V2_ASSETS: web.AppKey[AssetIndex] = web.AppKey("nodegraph_v2_assets", AssetIndex)
+SEEN_KEYS: web.AppKey[OrderedDict[str, None]] = web.AppKey("nodegraph_v2_keys", OrderedDict)
+
+
+def v2_error(status: int, code: str, message: str, **details: Any) -> web.Response:
+    return web.json_response(
+        {"error": {"code": code, "message": message, "details": details or None}}, status=status
+    )
+
+
+def _iso_ms(ms: Any) -> str | None:
+    return (
+        datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat() if isinstance(ms, (int, float)) else None
+    )
+
+
+def base_url(request: web.Request) -> str:
+    return f"{request.scheme}://{request.host}"
+
+
+def asset_json(record: AssetRecord, base: str, *, created_new: bool | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": record.id,
+        "hash": record.hash,
+        "size_bytes": record.size_bytes,
+        "content_type": record.content_type,
+        "file_path": record.file_path,
+        "created_at": record.created_at,
+        "url": f"{base}/api/v2/assets/{record.id}/content",
+        "url_expires_at": (datetime.now(timezone.utc) + RETENTION).isoformat(),
+    }
+    if record.job_id:
+        body["job_id"] = record.job_id
+    if created_new is not None:
+        body["created_new"] = created_new
+    return body
+
+
+def _outputs(index: AssetIndex, job_id: str, outputs: dict[str, Any], base: str) -> list[dict[str, Any]]:
+    found = []
+    for node_id, ui in outputs.items():
+        for key, items in (ui or {}).items() if isinstance(ui, dict) else ():
+            kind = OUTPUT_KINDS.get(key)
+            for item in items if kind and isinstance(items, list) else ():
+                if not (isinstance(item, dict) and "filename" in item):
+                    continue
+                record = index.output_record(job_id, item)
+                if record is None:
+                    continue
+                body = asset_json(record, base)
+                found.append({**body, "node_id": str(node_id), "name": record.file_path, "type": kind})
+    return found
+
+
+def _progress(st: ServerState) -> dict[str, Any]:
+    step = getattr(st.worker, "step", None)
+    node = getattr(st.worker, "current_node", None)
+    snap: dict[str, Any] = {"value": 0.0, "nodes_done": 0, "nodes_total": 0, "current_node": node}
+    if step and step[1]:
+        snap.update(value=min(max(step[0] / step[1], 0.0), 1.0), step=step[0], steps=step[1])
+        snap["message"] = f"{node} {step[0]}/{step[1]}" if node else None
+    return snap
+
+
+def job_body(st: ServerState, index: AssetIndex, job_id: str, base: str) -> dict[str, Any] | None:
+    """The v2 job for a prompt id, or None when the queue and history know no such prompt."""
+    entry = st.store.history_entry(job_id)
+    queued = None if entry is not None else st.store.queued_item(job_id)
+    if entry is None and queued is None:
+        return None
+    position = progress = error = None
+    outputs: list[dict[str, Any]] = []
+    if entry is not None:
+        v1 = jobs.history_job(job_id, entry)
+        outputs = _outputs(index, job_id, entry.get("outputs") or {}, base)
+        failure = v1.get("execution_error")
+        if v1["status"] == jobs.FAILED:
+            failure = failure or {}
+            error = {
+                "code": "node_execution_error",
+                "message": str(failure.get("exception_message") or "execution failed"),
+                "node_id": failure.get("node_id"),
+                "class_type": failure.get("node_type"),
+                "traceback": "".join(failure.get("traceback") or []) or None,
+            }
+        extra = entry["prompt"][3] if isinstance(entry.get("prompt"), list) else {}
+    else:
+        assert queued is not None
+        running = st.store.state_of(job_id) == "running"
+        v1 = jobs.queue_job(queued.as_list(), jobs.IN_PROGRESS if running else jobs.PENDING)
+        if running:
+            progress = _progress(st)
+        else:
+            pending = [i.prompt_id for i in st.store.pending()]
+            position = pending.index(job_id) + 1 if job_id in pending else None
+        extra = queued.extra_data
+    created_ms = v1.get("create_time") or time.time() * 1000
+    created = datetime.fromtimestamp(created_ms / 1000, timezone.utc)
+    body: dict[str, Any] = {
+        "id": job_id,
+        "status": V1_TO_V2[v1["status"]],
+        "created_at": created.isoformat(),
+        "started_at": _iso_ms(v1.get("execution_start_time")),
+        "completed_at": _iso_ms(v1.get("execution_end_time")),
+        "expires_at": (created + RETENTION).isoformat(),
+        "queue_position": position,
+        "progress": progress,
+        "outputs": outputs,
+        "error": error,
+        "outputs_reused": False,
+        "urls": {
+            "self": f"{base}/api/v2/jobs/{job_id}",
+            "events": f"{base}/api/v2/jobs/{job_id}/events",
+            "cancel": f"{base}/api/v2/jobs/{job_id}/cancel",
+        },
+    }
+    labels = extra.get("v2_metadata") if isinstance(extra, dict) else None
+    if isinstance(labels, dict):
+        body["metadata"] = labels
+    return body
+
+
+def _resolve_assets(index: AssetIndex, node: Any, missing: list[str]) -> Any:
+    """The workflow with each `core/ASSET` reference replaced by the name LoadImage reads."""
+    if isinstance(node, dict) and node.get("__type") == "core/ASSET":
+        info = node.get("info")
+        record = None
+        if isinstance(info, dict):
+            record = index.get(str(info.get("id"))) if info.get("id") else None
+            if record is None and isinstance(info.get("hash"), str):
+                record = index.by_hash(info["hash"])
+        if record is None:
+            missing.append(str(info.get("id") if isinstance(info, dict) else "<no info>"))
+            return node
+        return record.name if record.folder == "input" else f"{record.name} [{record.folder}]"
+    if isinstance(node, dict):
+        return {k: _resolve_assets(index, v, missing) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_assets(index, v, missing) for v in node]
+    return node
+
+
+def _submit_error(body: dict[str, Any]) -> web.Response | None:
+    """The 4xx answer for a submit body that cannot be queued, before anything is touched."""
+    workflow = body.get("workflow")
+    if not isinstance(workflow, dict):
+        return v2_error(422, "invalid_workflow", "Missing 'workflow' (an API-format graph).")
+    if isinstance(workflow.get("nodes"), list) and "links" in workflow:
+        return v2_error(422, "workflow_format_ui", "This is a UI-export graph; export it in API format.")
+    extra = body.get("extra_data")
+    if extra is not None and (not isinstance(extra, dict) or set(extra) - {"api_key_comfy_org"}):
+        return v2_error(400, "invalid_request", "'extra_data' accepts only the 'api_key_comfy_org' field.")
+    labels = body.get("metadata")
+    if labels is not None and not (
+        isinstance(labels, dict) and len(labels) <= 16 and all(isinstance(v, str) for v in labels.values())
+    ):
+        return v2_error(422, "metadata_invalid", "'metadata' must map at most 16 keys to strings.")
+    return None
+
+
+@routes.post("/v2/jobs")
+async def submit(request: web.Request) -> web.Response:
+    """Queue an API-format workflow; 201 with the job. `Idempotency-Key` makes a resend fail safe."""
+    st, index = state(request), request.app[V2_ASSETS]
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        return v2_error(400, "invalid_request", "The body must be a JSON object.")
+    refused = _submit_error(body)
+    if refused is not None:
+        return refused
+    missing: list[str] = []
+    workflow = await asyncio.to_thread(_resolve_assets, index, body["workflow"], missing)
+    if missing:
+        return v2_error(
+            422,
+            "missing_asset",
+            f"Unresolvable core/ASSET reference(s): {', '.join(missing)}",
+            missing_ids=missing,
+        )
+    keys = request.app[SEEN_KEYS]
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        if not key or len(key) > MAX_KEY_LENGTH:
+            return v2_error(400, "invalid_request", f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} characters.")
+        if key in keys:
+            return v2_error(
+                422, "idempotency_key_reuse", "This Idempotency-Key was used already; poll or list your jobs."
+            )
+        keys[key] = None  # claimed before any await, so two concurrent resends cannot both pass
+        while len(keys) > MAX_IDEMPOTENCY_KEYS:
+            keys.popitem(last=False)
+    job_id = str(uuid.uuid4())
+    extra: dict[str, Any] = dict(body.get("extra_data") or {})
+    extra.update(client_id=job_id, create_time=int(time.time() * 1000))
+    if body.get("metadata"):
+        extra["v2_metadata"] = body["metadata"]
+    loop = asyncio.get_running_loop()
+    accepted = await loop.run_in_executor(
+        st.validator, _accept, st, {"prompt": workflow}, extra, job_id, None
+    )
+    if isinstance(accepted, web.Response):
+        if key is not None:
+            keys.pop(key, None)  # nothing was queued: the same key may be used again
+        return _as_v2_refusal(accepted)
+    st.worker.broadcast_status()
+    job = await asyncio.to_thread(job_body, st, index, job_id, base_url(request))
+    return web.json_response(job, status=201)
+
+
+def _as_v2_refusal(response: web.Response) -> web.Response:
+    """`/prompt`'s 400/429 answer in v2's envelope."""
+    try:
+        data = json.loads(response.text or "{}")
+    except ValueError:
+        data = {}
+    err = data.get("error") if isinstance(data.get("error"), dict) else {}
+    message = str(err.get("message") or "Workflow rejected.")
+    node_errors = data.get("node_errors") if isinstance(data.get("node_errors"), dict) else {}
+    for node_id, found in node_errors.items():  # name the first bad node and input, as /prompt's body does
+        first = (found.get("errors") or [{}])[0] if isinstance(found, dict) else {}
+        detail = f"{first.get('message', '')}: {first.get('details', '')}".strip(": ")
+        message += f"; node {node_id} ({found.get('class_type')}): {detail}"
+        break
+    if response.status == 429:
+        refusal = v2_error(429, "queue_full", message)
+        refusal.headers["Retry-After"] = "5"
+        return refusal
+    return v2_error(422, "invalid_workflow", message, node_errors=node_errors)
+
+
+@routes.get("/v2/jobs")
+async def list_jobs(request: web.Request) -> web.Response:
+    """Newest first: `{"jobs": [...]}`; `limit` (1-500), `status`, `metadata[key]=value` filters."""
+    st, index = state(request), request.app[V2_ASSETS]
+    try:
+        limit = int(request.query.get("limit", "50"))
+    except ValueError:
+        return v2_error(400, "invalid_request", "'limit' must be an integer.")
+    if not 1 <= limit <= MAX_LIST:
+        return v2_error(400, "invalid_request", f"'limit' must be between 1 and {MAX_LIST}.")
+    wanted = {s.strip() for s in request.query.get("status", "").split(",") if s.strip()}
+    bad = wanted - set(V1_TO_V2.values()) - {"canceling", "expired"}
+    if bad:
+        return v2_error(400, "invalid_request", f"Unknown status filter value(s): {', '.join(sorted(bad))}.")
+    labels = {k[9:-1]: v for k, v in request.query.items() if k.startswith("metadata[") and k.endswith("]")}
+    v1_statuses = [s for s, v2 in V1_TO_V2.items() if not wanted or v2 in wanted]
+    from nodegraph.server.routes_jobs import list_jobs as v1_list
+
+    def page() -> list[dict[str, Any]]:
+        found, _ = v1_list(st, v1_statuses, None, "created_at", True, MAX_LIST if labels else limit, 0)
+        bodies = [job_body(st, index, j["id"], base_url(request)) for j in found]
+        kept = [b for b in bodies if b and all(b.get("metadata", {}).get(k) == v for k, v in labels.items())]
+        return kept[:limit]
+
+    return web.json_response({"jobs": await asyncio.to_thread(page)})
+
+
+@routes.get("/v2/jobs/{id}")
+async def get_job(request: web.Request) -> web.Response:
+    job_id = request.match_info["id"]
+    job = await asyncio.to_thread(job_body, state(request), request.app[V2_ASSETS], job_id, base_url(request))
+    return web.json_response(job) if job else v2_error(404, "not_found", f"No job {job_id}.")
+
+
+@routes.get("/v2/jobs/{id}/workflow")
+async def get_workflow(request: web.Request) -> web.Response:
+    st, job_id = state(request), request.match_info["id"]
+    entry = await asyncio.to_thread(st.store.describe, job_id)
+    queued = entry.get("prompt") if entry else None
+    if not (isinstance(queued, list) and len(queued) == 5):
+        return v2_error(404, "not_found", f"No workflow for job {job_id}.")
+    return web.json_response({"workflow": queued[2], "format": "api"})
+
+
+@routes.post("/v2/jobs/{id}/cancel")
+async def cancel(request: web.Request) -> web.Response:
+    """Dequeue a queued job or interrupt a running one; a finished job is returned as it is."""
+    st, index, job_id = state(request), request.app[V2_ASSETS], request.match_info["id"]
+    base = base_url(request)
+    job = await asyncio.to_thread(job_body, st, index, job_id, base)
+    if job is None:
+        return v2_error(404, "not_found", f"No job {job_id}.")
+    if job["status"] == "queued" and await asyncio.to_thread(st.store.delete_pending, [job_id]):
+        st.resolve_waiters(job_id, {})
+        st.worker.broadcast_status()
+        return web.json_response({**job, "status": "canceled", "queue_position": None})
+    if job["status"] == "running" and st.worker.interrupt(job_id):
+        return web.json_response({**job, "status": "canceling"})
+    return web.json_response(job)
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+@routes.get("/v2/jobs/{id}/events")
+async def events(request: web.Request) -> web.StreamResponse:
+    """SSE: `status` on each change, `progress` while running, one `output` per output, and the
+    final `status`, after which the stream ends. `: keepalive` comments keep idle proxies open."""
+    st, index, job_id = state(request), request.app[V2_ASSETS], request.match_info["id"]
+    base = base_url(request)
+    job = await asyncio.to_thread(job_body, st, index, job_id, base)
+    if job is None:
+        return v2_error(404, "not_found", f"No job {job_id}.")
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
+    last_status, last_progress, beat = None, None, time.monotonic()
+    while job is not None:
+        if job["status"] != last_status:
+            last_status = job["status"]
+            if last_status in TERMINAL:
+                for output in job["outputs"]:
+                    await response.write(_sse("output", output))
+            await response.write(
+                _sse("status", {"status": last_status, "queue_position": job["queue_position"]})
+            )
+            if last_status in TERMINAL:
+                break
+        if job["progress"] and job["progress"] != last_progress:
+            last_progress = job["progress"]
+            await response.write(_sse("progress", last_progress))
+        if time.monotonic() - beat > HEARTBEAT_S:
+            beat = time.monotonic()
+            await response.write(b": keepalive\n\n")
+        await asyncio.sleep(EVENT_POLL_S)
+        job = await asyncio.to_thread(job_body, st, index, job_id, base)
+    await response.write_eof()
+    return response
+
+
+@routes.get("/v2/health")
+async def health(request: web.Request) -> web.Response:
+    remaining = await asyncio.to_thread(state(request).store.remaining)
+    return web.json_response({"status": "healthy", "queue_remaining": remaining})
