@@ -13,22 +13,32 @@ import os
 import uuid
 from pathlib import Path
 
-import blake3
 from aiohttp import BodyPartReader, web
 
 from nodegraph.server.replies import read_json
 from nodegraph.server.routes_v2 import V2_ASSETS, asset_json, base_url, v2_error
 from nodegraph.server.state import state
-from nodegraph.server.v2_assets import CHUNK, AssetIndex, clean_upload_path, content_type_of
+from nodegraph.server.v2_assets import (
+    CHUNK,
+    AssetIndex,
+    MissingHasher,
+    clean_upload_path,
+    content_type_of,
+    new_digest,
+)
 
 routes = web.RouteTableDef()
 
 
 async def _receive(request: web.Request, index: AssetIndex, limit: int) -> web.Response:
     """Stream the multipart body: the file into a `.partial` in the input folder, hashed on the way."""
+    try:
+        digest = new_digest()
+    except MissingHasher as exc:
+        return v2_error(503, "hasher_missing", str(exc))
     reader = await request.multipart()
     fields: dict[str, str] = {}
-    digest, size, partial = blake3.blake3(), 0, None
+    size, partial = 0, None
     part_type = "application/octet-stream"
     try:
         async for part in reader:

@@ -20,8 +20,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import blake3
-
 from nodegraph.folders import PathEscapeError, safe_join
 
 ASSETS_FILE = "v2_assets.sqlite"
@@ -49,13 +47,27 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
+def new_digest() -> Any:
+    """A blake3 hasher. Imported here so a server installed without `blake3` still starts: only the
+    v2 asset routes need it, and they answer with what to install."""
+    try:
+        import blake3
+    except ImportError as exc:  # an environment installed before the dependency was added
+        raise MissingHasher("the v2 asset routes need the blake3 package: pip install blake3") from exc
+    return blake3.blake3()
+
+
+class MissingHasher(RuntimeError):
+    """blake3 is not installed."""
+
+
 def file_hash(path: Path) -> str:
     """`blake3:<hex>` of a file's bytes."""
-    digest = blake3.blake3()
+    digest = new_digest()
     with path.open("rb") as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
-    return "blake3:" + digest.hexdigest()
+    return "blake3:" + str(digest.hexdigest())
 
 
 def content_type_of(name: str) -> str:
