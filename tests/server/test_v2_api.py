@@ -32,7 +32,10 @@ pytestmark = pytest.mark.slow
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     base = tmp_path_factory.mktemp("v2")
     engine = build_engine(
-        Settings(base_directory=base, port=0), nodes.all_nodes(), routes=nodes.routes, warm_up=nodes.warm_up
+        Settings(base_directory=base, port=0),
+        nodes.all_nodes(),
+        services=nodes.register_services,
+        warm_up=nodes.warm_up,
     )
     engine.warm_up()
     with LiveServer(engine) as live:
