@@ -39,6 +39,7 @@ from nodegraph.events import (
     NodeWarning,
     Progress,
 )
+from nodegraph.memory_budget import check_node
 from nodegraph.node import Hidden, Interrupted, Node, Preview, Result, preview_method_for
 from nodegraph.prompt_graph import PromptGraph, parse_node
 from nodegraph.registry import Registry
@@ -260,6 +261,7 @@ class _PromptRun:
                 raise Interrupted(f"interrupted before node {node_id}")
             self.emit(Executing(self.prompt_id, node_id, cls.NODE_ID))
             inputs = self._inputs(node_id, cls)
+            check_node(inputs)  # a size that came over a link was not checked when the prompt was queued
             node = self.ex.instance(node_id, cls)
             result = node.run(
                 _Context(self.ex, self.prompt_id, node_id, self.emit, self.preview_method), **inputs

@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from nodegraph.server.memory_budget import memory_errors
+from nodegraph.memory_budget import memory_errors
 from nodegraph.server.queue import QueueItem
 from nodegraph.server.replies import BadRequest, error, flag, jsonable, read_json
 from nodegraph.server.state import ServerState, state

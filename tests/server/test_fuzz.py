@@ -15,12 +15,13 @@ import pytest
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient
 
+from nodegraph.memory_budget import memory_errors
 from nodegraph.server import create_app
-from nodegraph.server.memory_budget import memory_errors
 from tests.server.stubs import txt2img
 
 SEED = 1234
-BUDGET_S = 4.0
+BUDGET_S = 4.0  # inputs keep coming for this long ...
+MIN_INPUTS = 60  # ... and at least this many are sent however slow the machine is
 VALUES: list[Any] = [
     None, True, -1, 2**63, 2**64 + 1, 10**40, 1e308, "x" * 10_000, "\x00", "\ud800", ["999", 0], ["1", 99],
     ["1", -1], {"a": 1}, [], "", 0.5, "../../etc/passwd", [[[[[]]]]],
@@ -56,7 +57,7 @@ async def test_fuzz_prompt_upload_and_userdata(aiohttp_client: Any, engine: Any)
     rng = random.Random(SEED)
     deadline = time.monotonic() + BUDGET_S
     sent, failures = 0, []
-    while time.monotonic() < deadline:
+    while sent < MIN_INPUTS or time.monotonic() < deadline:
         kind = rng.random()
         if kind < 0.6:
             resp = await client.post("/prompt", data=_mutate(rng))
@@ -75,7 +76,6 @@ async def test_fuzz_prompt_upload_and_userdata(aiohttp_client: Any, engine: Any)
         if resp.status >= 500:
             failures.append(f"{resp.method} {resp.url.path[:60]}: {resp.status} {(await resp.text())[:160]}")
         resp.release()
-    assert sent > 50, sent
     assert not failures, "\n".join(failures)
 
 

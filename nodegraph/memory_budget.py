@@ -1,15 +1,20 @@
-"""A prompt's big tensors estimated against free memory before it is queued (D7).
+"""A prompt's big tensors estimated against free memory, before it is queued and before each node runs (D7).
 
 EmptyLatentImage 16384x16384 x64 or EmptyImage 16384x16384 are legal inputs; allocated on a
 machine with less free memory they get the server OOM-killed (and the restart retried the same
 prompt). Any node with integer `width` and `height` inputs makes images of that size, `batch_size`
 (or `amount`, `length`) of them; decoded to float32 RGB that is what the prompt will hold at least
 once. A prompt whose estimate is over the memory available is refused naming the node.
+
+The server checks the literal sizes when a prompt is queued (`memory_errors`); the executor checks
+each node's resolved inputs just before it runs (`check_node`), which catches sizes that arrive over
+a link (a primitive node, a math node) and prompts run from the CLI.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +48,44 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def node_estimate(inputs: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(what, bytes) of the images a node with these inputs makes; None without integer width and height."""
+    width, height = _int(inputs.get("width")), _int(inputs.get("height"))
+    if width is None or height is None:
+        return None
+    batch = next((b for b in (_int(inputs.get(k)) for k in BATCH_INPUTS) if b is not None), 1)
+    return f"{batch} x {width}x{height}", max(width, 0) * max(height, 0) * max(batch, 1) * BYTES_PER_PIXEL
+
+
 def estimate(prompt: dict[str, Any]) -> list[tuple[str, str, int]]:
     """(node id, what, bytes) for every node that makes images of a given size."""
     found = []
     for node_id, node in prompt.items():
         inputs = node.get("inputs") if isinstance(node, dict) else None
-        if not isinstance(inputs, dict):
-            continue
-        width, height = _int(inputs.get("width")), _int(inputs.get("height"))
-        if width is None or height is None:
-            continue
-        batch = next((b for b in (_int(inputs.get(k)) for k in BATCH_INPUTS) if b is not None), 1)
-        size = max(width, 0) * max(height, 0) * max(batch, 1) * BYTES_PER_PIXEL
-        found.append((str(node_id), f"{batch} x {width}x{height}", size))
+        if isinstance(inputs, dict) and (sized := node_estimate(inputs)) is not None:
+            found.append((str(node_id), *sized))
     return found
+
+
+def _message(what: str, size: int, free: int) -> str:
+    return (
+        f"{what} images need about {size / 2**30:.1f} GiB as float32, more than the "
+        f"{free / 2**30:.1f} GiB of memory free; use a smaller size or batch"
+    )
+
+
+class OverMemoryBudget(MemoryError):
+    """A node's inputs ask for images larger than the memory left (raised before it allocates)."""
+
+
+def check_node(inputs: Mapping[str, Any], available: int | None = None) -> None:
+    """Raise `OverMemoryBudget` when the images these resolved inputs describe cannot fit."""
+    sized = node_estimate(inputs)
+    if sized is None:
+        return
+    free = available_memory() if available is None else available
+    if free is not None and sized[1] > free:
+        raise OverMemoryBudget(_message(sized[0], sized[1], free))
 
 
 def memory_errors(prompt: dict[str, Any], available: int | None = None) -> dict[str, Any]:
@@ -68,11 +97,12 @@ def memory_errors(prompt: dict[str, Any], available: int | None = None) -> dict[
     for node_id, what, size in estimate(prompt):
         if size <= free:
             continue
-        message = (
-            f"{what} images need about {size / 2**30:.1f} GiB as float32, more than the "
-            f"{free / 2**30:.1f} GiB of memory free; use a smaller size or batch"
-        )
-        error = {"type": "out_of_memory", "message": message, "details": "", "extra_info": {}}
+        error = {
+            "type": "out_of_memory",
+            "message": _message(what, size, free),
+            "details": "",
+            "extra_info": {},
+        }
         class_type = prompt[node_id].get("class_type") if isinstance(prompt[node_id], dict) else None
         errors[node_id] = {"errors": [error], "dependent_outputs": [], "class_type": class_type}
     return errors
