@@ -26,6 +26,10 @@ Where things are:
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import threading
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
     from nodegraph.engine import Engine
 
 __all__ = ["create_app", "serve"]
+log = logging.getLogger(__name__)
 
 
 def serve(engine: Engine, workers: WorkerFactory | None = None) -> None:
@@ -65,3 +70,20 @@ def serve(engine: Engine, workers: WorkerFactory | None = None) -> None:
             )
 
     web.run_app(app, host=hosts, port=port, print=announce, access_log=None)
+    _exit_if_a_worker_is_stuck()
+
+
+def _exit_if_a_worker_is_stuck() -> None:
+    """End the process now if a worker thread is still inside a node after the shutdown's wait.
+
+    A daemon thread still in torch when the interpreter finalises aborts the process ("terminate
+    called without an active exception", exit -6). The queue is already closed: the prompt that
+    was running is still marked running there and is queued again at the next start.
+    """
+    stuck = [t.name for t in threading.enumerate() if t.name.startswith("nodegraph-") and t.is_alive()]
+    if stuck:
+        log.warning("%s still inside a node after the stop; exiting without waiting for it", ", ".join(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
