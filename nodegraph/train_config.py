@@ -10,6 +10,7 @@ epoch, fp16 saves, aspect-ratio buckets on as in the kohya_ss GUI, and a seed of
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -21,8 +22,10 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     import tomli as tomllib
 
-SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy")
+SCHEDULERS = (
+    "constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial", "adafactor",
+)  # fmt: skip
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor")
 
 
 class ConfigError(ValueError):
@@ -68,6 +71,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("lr_scheduler_num_cycles", int, 1, (), "cosine_with_restarts: number of restarts"),
     Option("lr_scheduler_power", float, 1.0, (), "polynomial: the power"),
     Option("optimizer_type", str, "AdamW", (), "optimizer", OPTIMIZERS),
+    Option("optimizer_args", "list", None, (), "kohya's key=value optimizer args (weight_decay=0.1 ...)"),
     Option("max_grad_norm", float, 1.0, (), "clip the gradient norm (0: no clipping)"),
     Option("gradient_accumulation_steps", int, 1, (), "batches summed per optimizer step"),
     Option("mixed_precision", str, "no", (), "compute precision", ("no", "fp16", "bf16")),
@@ -261,6 +265,42 @@ def network_args(values: Mapping[str, Any]) -> dict[str, str]:
     if unknown:
         raise ConfigError(f"network_args {sorted(unknown)} are not supported (conv_dim, conv_alpha are)")
     return out
+
+
+def optimizer_args(values: Mapping[str, Any]) -> dict[str, Any]:
+    """kohya's `--optimizer_args key=value ...`: each value read as a Python literal, as kohya does
+    (`ast.literal_eval`: `0.01`, `True`, `(0.9, 0.99)` or `0.9,0.99`, `'text'`)."""
+    out: dict[str, Any] = {}
+    for item in values.get("optimizer_args") or ():
+        key, sep, text = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"optimizer_args item {item!r} must be key=value, such as weight_decay=0.01")
+        try:
+            out[key.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError) as exc:
+            raise ConfigError(
+                f"optimizer_args {item!r}: {text.strip()!r} is not a Python literal "
+                "(kohya reads values such as 0.01, True, (0.9, 0.99) or 'text')"
+            ) from exc
+    return out
+
+
+def adafactor_rules(values: dict[str, Any], kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """kohya's Adafactor set-up (`train_util.get_optimizer`), applied to the options and args.
+
+    `relative_step` is on unless given (and `warmup_init` turns it on); with it Adafactor picks its
+    own step size, the learning rate becomes the schedule's initial value (`lr_scheduler`
+    `adafactor:LR`) and kohya clears `learning_rate`, `unet_lr` and `text_encoder_lr`, which its
+    metadata then shows as None. Returns (options as kohya ends up with them, optimizer args).
+    """
+    kwargs = dict(kwargs)
+    kwargs.setdefault("relative_step", True)
+    if not kwargs["relative_step"] and kwargs.get("warmup_init", False):
+        kwargs["relative_step"] = True
+    if not kwargs["relative_step"]:
+        return values, kwargs
+    cleared = {"learning_rate": None, "unet_lr": None, "text_encoder_lr": None}
+    return dict(values) | {"lr_scheduler": f"adafactor:{values['learning_rate']}"} | cleared, kwargs
 
 
 def explicit(namespace: argparse.Namespace, names: Iterable[str] | None = None) -> dict[str, Any]:

@@ -42,6 +42,7 @@ def optimizer_class(name: str, device: torch.device) -> OptimizerClass:
     modules = {
         "lion": ("lion_pytorch", "Lion", "lion-pytorch"),
         "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
+        "adafactor": ("transformers.optimization", "Adafactor", "transformers"),
     }
     if key in modules:
         module, attr, package = modules[key]
@@ -52,20 +53,41 @@ def optimizer_class(name: str, device: torch.device) -> OptimizerClass:
                 f"optimizer {name} needs the {package} package (pip install {package})"
             ) from exc
         return found
-    raise OptimizerError(f"optimizer {name!r} is not supported; use AdamW, AdamW8bit, Lion or Prodigy")
+    raise OptimizerError(
+        f"optimizer {name!r} is not supported; use AdamW, AdamW8bit, Lion, Prodigy or Adafactor"
+    )
 
 
 def make_optimizer(
-    name: str, groups: list[dict[str, Any]], lr: float, device: torch.device
+    name: str,
+    groups: list[dict[str, Any]],
+    lr: float,
+    device: torch.device,
+    kwargs: dict[str, Any] | None = None,
 ) -> torch.optim.Optimizer:
+    """kohya's `get_optimizer`: the class with `lr` and the `--optimizer_args` keywords.
+
+    Adafactor with `relative_step` (kohya's default, see `train_config.adafactor_rules`) finds its
+    own step size: the groups' rates are dropped and `lr` is None, as kohya does.
+    """
     cls = optimizer_class(name, device)
-    return cls(groups, lr=lr)
+    kwargs = dict(kwargs or {})
+    rate: float | None = lr
+    if name.lower() == "adafactor" and kwargs.get("relative_step"):
+        for group in groups:
+            group.pop("lr", None)
+        rate = None
+    try:
+        return cls(groups, lr=rate, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise OptimizerError(f"optimizer {name} with optimizer_args {kwargs}: {exc}") from exc
 
 
-def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
-    """kohya's `ss_optimizer`: the class's module and name (no optimizer_args are supported)."""
+def optimizer_name(optimizer: torch.optim.Optimizer, kwargs: dict[str, Any] | None = None) -> str:
+    """kohya's `ss_optimizer`: the class's module and name, then `(key=value,...)` of its args."""
     cls = type(optimizer)
-    return f"{cls.__module__}.{cls.__name__}"
+    args = ",".join(f"{k}={v}" for k, v in (kwargs or {}).items())
+    return f"{cls.__module__}.{cls.__name__}" + (f"({args})" if args else "")
 
 
 def warmup_steps(warmup: int | float, total: int) -> int:
@@ -80,10 +102,23 @@ def make_scheduler(
     cycles: int = 1,
     power: float = 1.0,
 ) -> Any:
-    """diffusers' schedule of that name; `constant` refuses a warmup, as kohya."""
+    """diffusers' schedule of that name; `constant` refuses a warmup, as kohya.
+
+    `adafactor[:LR]` is transformers' `AdafactorSchedule` (kohya's `get_scheduler_fix`), which reports
+    the rate Adafactor chose; it needs the Adafactor optimizer and takes no warmup.
+    """
     from diffusers.optimization import get_scheduler
 
     steps = warmup_steps(warmup, total)
+    if name.startswith("adafactor"):
+        from transformers.optimization import Adafactor, AdafactorSchedule
+
+        if not isinstance(optimizer, Adafactor):
+            raise OptimizerError("lr_scheduler adafactor needs optimizer_type Adafactor")
+        if steps:
+            raise OptimizerError("lr_scheduler adafactor takes no warmup; leave lr_warmup_steps at 0")
+        initial = name.partition(":")[2] or optimizer.param_groups[0].get("lr") or 0.0
+        return AdafactorSchedule(optimizer, float(initial))
     if name == "constant" and steps:
         raise OptimizerError("lr_scheduler constant takes no warmup; use constant_with_warmup")
     kwargs: dict[str, Any] = {"num_warmup_steps": steps, "num_training_steps": total}

@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nodegraph.train_config import ConfigError, network_args, parse_resolution, resolve
+from nodegraph.train_config import (
+    ConfigError,
+    adafactor_rules,
+    network_args,
+    optimizer_args,
+    parse_resolution,
+    resolve,
+)
 from nodes.train.captions import CaptionOptions
 from nodes.train.trainer import TrainOptions
 
@@ -64,6 +71,10 @@ def from_values(values: dict[str, Any], device: str = "auto") -> TrainRequest:
                 break  # an empty name is refused by the save step with its own message
             raise ConfigError(f"{flag} (kohya: --{name}) is required")
     conv = network_args(values)
+    kwargs = optimizer_args(values)
+    source = values  # what training uses; `values` becomes what kohya's metadata would record
+    if str(values["optimizer_type"]).lower() == "adafactor":
+        values, kwargs = adafactor_rules(values, kwargs)
     captions = CaptionOptions(
         shuffle_caption=values["shuffle_caption"],
         keep_tokens=values["keep_tokens"],
@@ -74,9 +85,9 @@ def from_values(values: dict[str, Any], device: str = "auto") -> TrainRequest:
     options = TrainOptions(
         rank=values["network_dim"],
         alpha=values["network_alpha"],
-        learning_rate=values["learning_rate"],
-        text_encoder_lr=values["text_encoder_lr"],
-        unet_lr=values["unet_lr"],
+        learning_rate=source["learning_rate"],
+        text_encoder_lr=source["text_encoder_lr"],
+        unet_lr=source["unet_lr"],
         train_text_encoder=not values["network_train_unet_only"],
         batch_size=values["train_batch_size"],
         resolution=parse_resolution(values["resolution"]),
@@ -99,6 +110,7 @@ def from_values(values: dict[str, Any], device: str = "auto") -> TrainRequest:
         conv_alpha=float(conv["conv_alpha"]) if "conv_alpha" in conv else None,
         network_dropout=values["network_dropout"],
         optimizer_type=values["optimizer_type"],
+        optimizer_args=kwargs,
         lr_scheduler=values["lr_scheduler"],
         lr_warmup_steps=values["lr_warmup_steps"],
         lr_scheduler_num_cycles=values["lr_scheduler_num_cycles"],

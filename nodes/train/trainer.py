@@ -70,6 +70,7 @@ class TrainOptions:
     conv_alpha: float | None = None
     network_dropout: float | None = None
     optimizer_type: str = "AdamW"
+    optimizer_args: dict[str, Any] = field(default_factory=dict)  # kohya's --optimizer_args, parsed
     lr_scheduler: str = "constant"
     lr_warmup_steps: int | float = 0
     lr_scheduler_num_cycles: int = 1
@@ -135,7 +136,9 @@ class LoraTrainer:
         self.network.apply_to()
         unet_lr = options.unet_lr or options.learning_rate
         groups = self.network.param_groups(unet_lr, options.text_encoder_lr or options.learning_rate)
-        self.optimizer = make_optimizer(options.optimizer_type, groups, options.learning_rate, self.device)
+        self.optimizer = make_optimizer(
+            options.optimizer_type, groups, options.learning_rate, self.device, options.optimizer_args
+        )
         self.max_steps = max_steps
         self.scheduler = make_scheduler(
             options.lr_scheduler,

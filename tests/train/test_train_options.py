@@ -233,3 +233,83 @@ def test_the_moving_average_is_kohyas() -> None:
         rec.add(0, step, loss)
     rec.add(1, 0, 4.0)  # the second epoch replaces its first step's loss
     assert rec.moving_average == pytest.approx(3.0)
+
+
+def test_optimizer_args_are_read_as_kohya_reads_them() -> None:
+    from nodes.train.optim import make_optimizer, optimizer_name
+    from nodes.train_node import extra_flags
+
+    given = ["weight_decay=0.1", "betas=(0.9,0.99)", "eps=1e-6"]
+    values, _ = train_config.resolve({"optimizer_args": given})
+    kwargs = train_config.optimizer_args(values)
+    assert kwargs == {"weight_decay": 0.1, "betas": (0.9, 0.99), "eps": 1e-6}
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = make_optimizer("AdamW", [{"params": [param], "lr": 1e-3}], 1e-3, torch.device("cpu"), kwargs)
+    assert (opt.defaults["weight_decay"], opt.defaults["betas"], opt.defaults["eps"]) == (
+        0.1,
+        (0.9, 0.99),
+        1e-6,
+    )
+    assert (
+        optimizer_name(opt, kwargs) == "torch.optim.adamw.AdamW(weight_decay=0.1,betas=(0.9, 0.99),eps=1e-06)"
+    )
+    assert extra_flags("--optimizer_args weight_decay=0.1 'betas=(0.9,0.99)' --flip_aug")[
+        "optimizer_args"
+    ] == [
+        "weight_decay=0.1",
+        "betas=(0.9,0.99)",
+    ]
+    for bad, message in (("weight_decay", "must be key=value"), ("mode=fast", "not a Python literal")):
+        with pytest.raises(train_config.ConfigError, match=message):
+            train_config.optimizer_args({"optimizer_args": [bad]})
+    with pytest.raises(OptimizerError, match="nope"):
+        make_optimizer("AdamW", [{"params": [param]}], 1e-3, torch.device("cpu"), {"nope": 1})
+
+
+def test_adafactor_follows_kohyas_defaults() -> None:
+    from transformers.optimization import Adafactor, AdafactorSchedule
+
+    from nodes.train.optim import make_optimizer, optimizer_name
+
+    values, _ = train_config.resolve(
+        {"pretrained_model_name_or_path": "m", "train_data_dir": "d", "output_name": "o",
+         "optimizer_type": "Adafactor", "learning_rate": 2e-4, "unet_lr": 3e-4}
+    )  # fmt: skip
+    request = from_values(values)
+    o = request.options
+    # relative_step on by default: the rate is the schedule's initial value; kohya's metadata clears the rates
+    assert o.optimizer_args == {"relative_step": True} and o.lr_scheduler == "adafactor:0.0002"
+    assert (o.learning_rate, o.unet_lr) == (2e-4, 3e-4)
+    assert request.values is not None
+    assert [request.values[k] for k in ("learning_rate", "unet_lr", "text_encoder_lr", "lr_scheduler")] == [
+        None, None, None, "adafactor:0.0002",
+    ]  # fmt: skip
+    param = torch.nn.Parameter(torch.ones(4, 4))
+    opt = make_optimizer(
+        "Adafactor", [{"params": [param], "lr": 3e-4}], 2e-4, torch.device("cpu"), o.optimizer_args
+    )
+    assert isinstance(opt, Adafactor) and opt.param_groups[0]["lr"] is None
+    assert optimizer_name(opt, o.optimizer_args) == "transformers.optimization.Adafactor(relative_step=True)"
+    sched = make_scheduler(o.lr_scheduler, opt, 0, 10)
+    assert isinstance(sched, AdafactorSchedule) and sched.get_last_lr() == [2e-4]
+    param.grad = torch.full((4, 4), 0.5)
+    opt.step()
+    sched.step()
+    assert not torch.equal(param.detach(), torch.ones(4, 4))  # it moved, at a rate of its own choosing
+    assert sched.get_last_lr()[0] != 2e-4
+    with pytest.raises(OptimizerError, match="no warmup"):
+        make_scheduler(o.lr_scheduler, opt, 2, 10)
+    with pytest.raises(OptimizerError, match="needs optimizer_type Adafactor"):
+        make_scheduler("adafactor", torch.optim.AdamW([param]), 0, 10)
+    # warmup_init forces relative_step; relative_step=False keeps the rate and the schedule asked for
+    assert train_config.adafactor_rules(values, {"relative_step": False, "warmup_init": True})[1][
+        "relative_step"
+    ]
+    kept, kwargs = train_config.adafactor_rules(
+        values | {"lr_scheduler": "constant_with_warmup"}, {"relative_step": False}
+    )
+    assert (kept["learning_rate"], kept["lr_scheduler"], kwargs) == (
+        2e-4,
+        "constant_with_warmup",
+        {"relative_step": False},
+    )
