@@ -43,6 +43,7 @@ class Progress(Event):
 class Executed(Event):
     node: str
     output: Mapping[str, Any]
+    interim: bool = False  # sent while the node still runs (a training run's loss plot and samples)
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,14 @@ class _Context:
     def warn(self, message: str, details: Mapping[str, Any] | None = None) -> None:
         self._emit(NodeWarning(self._prompt_id, self.node_id, message, dict(details or {})))
 
+    def show(self, ui: Mapping[str, Any]) -> None:
+        """Send UI output while the node still runs (an `executed` message; the final one replaces it).
+
+        Never raises `Interrupted`: it is called mid-save (a training run's epoch end), where
+        stopping would lose the file being finished; the node's next `progress` stops it.
+        """
+        self._emit(Executed(self._prompt_id, self.node_id, dict(ui), interim=True))
+
 
 class Executor:
     """Runs validated prompts, one at a time, with an output cache shared between prompts."""

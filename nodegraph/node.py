@@ -204,6 +204,16 @@ class Node:
         return None
 
     @classmethod
+    def after_crash(cls, env: Environment, /, **constants: Any) -> str | None:
+        """Called at the next start for a prompt that held this node when the server died mid-run.
+
+        None (the default): the prompt is queued again once, as any other. A message: the prompt
+        goes to the history as failed with it instead, for a run too long or too costly to repeat
+        unasked (a training run: the message names the files it had saved).
+        """
+        return None
+
+    @classmethod
     def check_inputs(cls, env: Environment, /, *args: Any, **constants: Any) -> str | None:
         """Extra validation of constant inputs; return a message to reject them."""
         return None

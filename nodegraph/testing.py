@@ -28,6 +28,7 @@ class RecordingContext:
         self.interrupt_after = interrupt_after
         self.steps: list[tuple[int, int, Preview | None]] = []
         self.warnings: list[tuple[str, Mapping[str, Any] | None]] = []
+        self.shown: list[dict[str, Any]] = []  # interim UI outputs (`show`)
 
     def progress(self, value: int, total: int, preview: Preview | None = None) -> None:
         self.steps.append((value, total, preview))
@@ -39,6 +40,9 @@ class RecordingContext:
 
     def warn(self, message: str, details: Mapping[str, Any] | None = None) -> None:
         self.warnings.append((message, details))
+
+    def show(self, ui: Mapping[str, Any]) -> None:
+        self.shown.append(dict(ui))
 
 
 @dataclass(frozen=True)

@@ -12,32 +12,23 @@ the last sample images, which the history keeps.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 from collections.abc import Sequence
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
-from nodegraph import train_config
+from nodegraph import train_config, train_datasets
 from nodegraph.env import Environment
 from nodegraph.node import Boolean, Combo, Float, Int, Node, Output, Result, RunContext, String
+from nodegraph.train_datasets import NONE
 from nodegraph.types import STRING
-
-NONE = "none"
-_NUMBERED = re.compile(r"^\d+_")
 
 
 def dataset_folders(env: Environment) -> Sequence[str]:
-    """Folders under input/ (3 levels deep at most) that hold `N_name` subfolders: kohya datasets."""
-    root = env.folders.data_dir("input")
-    found: list[str] = []
-    for current, dirs, _files in os.walk(root) if root.is_dir() else ():
-        depth = len(Path(current).relative_to(root).parts)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < 3 else []
-        if depth and any(_NUMBERED.match(d) for d in dirs):
-            found.append(Path(current).relative_to(root).as_posix())
-    return found or [NONE]
+    """Folders under input/ that hold `N_name` subfolders: kohya datasets (`nodegraph.train_datasets`)."""
+    return train_datasets.dataset_folders(env.folders.data_dir("input")) or [NONE]
 
 
 def _reg_folders(env: Environment) -> Sequence[str]:
@@ -49,7 +40,8 @@ def _checkpoints(env: Environment) -> Sequence[str]:
 
 
 def extra_flags(text: str) -> dict[str, Any]:
-    """`--name value` / `--switch` text (kohya command-line style) -> {name: value}."""
+    """`--name value` / `--name v1 v2` (a list, as kohya's `--optimizer_args a=1 b=2`) / `--switch`
+    text (kohya command-line style) -> {name: value}."""
     out: dict[str, Any] = {}
     words = shlex.split(text)
     i = 0
@@ -57,11 +49,12 @@ def extra_flags(text: str) -> dict[str, Any]:
         word = words[i]
         if not word.startswith("--"):
             raise ValueError(f"extra_options: expected --name, got {word!r}")
-        name = word[2:].replace("-", "_")
-        if i + 1 < len(words) and not words[i + 1].startswith("--"):
-            out[name], i = words[i + 1], i + 2
-        else:
-            out[name], i = True, i + 1
+        j = i + 1
+        while j < len(words) and not words[j].startswith("--"):
+            j += 1
+        given = words[i + 1 : j]
+        out[word[2:].replace("-", "_")] = True if not given else given[0] if len(given) == 1 else given
+        i = j
     return out
 
 
@@ -97,7 +90,7 @@ class TrainLora(Node):
 
     def run(self, ctx: RunContext, /, **inputs: Any) -> Result:
         from nodes.train.request import from_values
-        from nodes.train.run import TrainError, TrainHooks, train_lora
+        from nodes.train.run import TrainError, train_lora
 
         folders = ctx.env.folders
         given = self._options(ctx.env, inputs)
@@ -106,21 +99,32 @@ class TrainLora(Node):
             request = from_values(values, device=getattr(ctx.env, "device", "auto") or "auto")
         except train_config.ConfigError as exc:
             raise ValueError(str(exc)) from exc
-        samples: list[list[Path]] = []
-        hooks = TrainHooks(sampled=samples.append, notice=lambda text: ctx.warn(text))
+        live = LiveView(ctx, folders.data_dir("output"))
         try:
-            written = train_lora(folders, request, lambda s, n, _loss: ctx.progress(s, n), hooks=hooks)
+            written = train_lora(folders, request, lambda s, n, _loss: ctx.progress(s, n), hooks=live.hooks())
         except TrainError as exc:
             raise ValueError(str(exc)) from exc
-        final = written[-1]
-        out_dir = folders.data_dir("output")
-        shown = [out_dir / final.stem / "loss.png", *(samples[-1] if samples else [])]
-        images = [
-            {"filename": p.name, "subfolder": p.parent.relative_to(out_dir).as_posix(), "type": "output"}
-            for p in shown
-            if p.is_file()
-        ]
-        return Result(outputs=(final.name,), ui={"images": images, "text": [str(p.name) for p in written]})
+        live.saved = [p.name for p in written]
+        return Result(outputs=(written[-1].name,), ui=live.ui(done=True))
+
+    @classmethod
+    def after_crash(cls, env: Environment, /, **constants: Any) -> str | None:
+        """A training run the server's death stopped fails (hours of work are never restarted unasked),
+        naming the files it had finished: each was written whole (atomic rename), so they load."""
+        name = str(constants.get("output_name") or "").strip().removesuffix(".safetensors")
+        dirs = env.folders.paths("loras")[:1]  # where train_lora writes
+        kept = sorted(
+            p.name for d in dirs for p in d.glob(f"{glob_escape(name)}*.safetensors") if _of_run(p.name, name)
+        )
+        files = (
+            f"the files it had saved are kept: {', '.join(kept)}" if kept else "it had saved no LoRA file yet"
+        )
+        hint = (
+            f"; continue from the last one with extra_options '--network_weights {dirs[0] / kept[-1]}'"
+            if kept
+            else ""
+        )
+        return f"the server stopped while this training ran (killed, crashed or restarted); {files}{hint}"
 
     @staticmethod
     def _options(env: Environment, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -161,6 +165,83 @@ class TrainLora(Node):
             given["sample_prompts"] = out / "prompts.txt"
             given["sample_every_n_epochs"] = inputs["sample_every_n_epochs"] or None
         return given
+
+
+class LiveView:
+    """What the canvas sees of a running training: the step, loss, loss plot and newest samples.
+
+    Each change goes out as an interim `executed` message (`RunContext.show`), so the canvas's
+    Train LoRA panel draws the curve and samples while the run goes on; the final output is the same
+    shape, and the history keeps the last one (also when the run fails or is cancelled).
+    """
+
+    def __init__(self, ctx: RunContext, out_dir: Path) -> None:
+        # `show` is optional: a context built outside the executor (a test's) may not offer it.
+        self._show = getattr(ctx, "show", None)
+        self._warn = ctx.warn
+        self._per_epoch = 1
+        self._out = out_dir
+        self.state: dict[str, Any] = {"step": 0, "max_steps": 0, "epoch": 0, "num_epochs": 0}
+        self.plot: Path | None = None
+        self.samples: list[Path] = []
+        self.saved: list[str] = []
+
+    def hooks(self) -> Any:
+        from nodes.train.run import TrainHooks
+
+        return TrainHooks(
+            notice=self._notice,
+            started=self._started,
+            logged=lambda step, loss, avg: self._update(step=step, loss=loss, average=avg),
+            plotted=self._plotted,
+            sampled=self._sampled,
+            saved=self._saved,
+        )
+
+    def ui(self, done: bool = False) -> dict[str, Any]:
+        shown = [p for p in (self.plot, *self.samples) if p is not None and p.is_file()]
+        images = [
+            {"filename": p.name, "subfolder": p.parent.relative_to(self._out).as_posix(), "type": "output"}
+            for p in shown
+        ]
+        train = self.state | {"saved": list(self.saved), "done": done}
+        return {"images": images, "train": [train], "text": list(self.saved)}
+
+    def _send(self) -> None:
+        if self._show is not None:
+            self._show(self.ui())
+
+    def _started(self, plan: dict[str, Any]) -> None:
+        self._per_epoch = max(1, int(plan["steps_per_epoch"]))
+        self._update(max_steps=plan["max_steps"], num_epochs=plan["num_epochs"], epoch=1)
+
+    def _update(self, **changes: Any) -> None:
+        if "step" in changes:
+            self.state["epoch"] = max(1, -(-int(changes["step"]) // self._per_epoch))
+        self.state.update(changes)
+        self._send()
+
+    def _notice(self, text: str) -> None:
+        self._warn(text)
+
+    def _plotted(self, path: Path) -> None:
+        self.plot = path
+        self.state["plotted_at_step"] = self.state["step"]  # lets a viewer reload the same file name
+        self._send()
+
+    def _sampled(self, paths: list[Path]) -> None:
+        self.samples = list(paths)
+        self._send()
+
+    def _saved(self, path: Path) -> None:
+        self.saved.append(path.name)
+        self._send()
+
+
+def _of_run(file_name: str, name: str) -> bool:
+    """Whether a loras-folder file is this run's: NAME.safetensors, NAME-000001 (epoch), NAME-step00000010."""
+    stem = file_name.removesuffix(".safetensors")
+    return stem == name or re.fullmatch(re.escape(name) + r"-(\d{6}|step\d{8})", stem) is not None
 
 
 def _under(root: Path, name: str, input_name: str) -> Path:

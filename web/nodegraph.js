@@ -4,13 +4,15 @@
 //   - LoraLoader nodes show trigger words (click one to add it to the prompt), base model, rank and preview,
 //   - a searchable LoRA picker,
 //   - rgthree's Power Lora Loader gets its rows (on/off, LoRA, strength), add and toggle-all (power_lora.js),
-//   - the server's "nodegraph.warning" messages (e.g. LoRA key coverage) on the node and as a toast.
+//   - the server's "nodegraph.warning" messages (e.g. LoRA key coverage) on the node and as a toast,
+//   - the "Train LoRA" sidebar panel (train_panel.js).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { connectedCheckpoint, openLoraPicker } from "./lora_picker.js";
 import { addTriggerWord } from "./prompt_target.js";
 import { listLoras, loraInfo } from "./lora_api.js";
 import { POWER_LORA, addPowerLoraRow, setUpPowerLora } from "./power_lora.js";
+import { registerTrainPanel } from "./train_panel.js";
 
 const LORA_NODES = new Set(["LoraLoader", "LoraLoaderModelOnly"]);
 const warnings = new Map(); // node id (string) -> {message, details}
@@ -246,6 +248,7 @@ app.registerExtension({
     addStyles();
     api.addEventListener("nodegraph.warning", onWarning);
     api.addEventListener("execution_start", onExecutionStart);
+    window.nodegraph.train = registerTrainPanel();
   },
   async afterConfigureGraph() {
     warnings.clear(); // they belong to the graph that ran; node ids repeat across workflows

@@ -24,6 +24,7 @@ from nodegraph.server import (
     routes_jobs,
     routes_lora,
     routes_prompt,
+    routes_train,
     routes_user,
     routes_v2,
     routes_v2_assets,
@@ -121,6 +122,7 @@ def create_app(
     listen = settings.listen or "127.0.0.1"
     token = effective_token(listen, settings.auth_token)
     store = PromptStore(Path(engine.env.folders.user_dir) / QUEUE_FILE)
+    _settle_recovered(store, engine)
     holder: list[ServerState] = []
     hub = Hub(lambda: holder[0].features())
     worker = (workers or Worker)(
@@ -163,7 +165,7 @@ def create_app(
     app[routes_v2.SEEN_KEYS] = OrderedDict()
     tables = (
         routes_prompt, routes_files, routes_info, routes_user, routes_jobs, routes_a1111, routes_images,
-        routes_lora, routes_v2, routes_v2_assets,
+        routes_lora, routes_train, routes_v2, routes_v2_assets,
     )  # fmt: skip
     for table in (module.routes for module in tables):
         _mirror(app, table)
@@ -174,6 +176,26 @@ def create_app(
     app.on_shutdown.append(_shutdown)
     app.on_cleanup.append(_cleanup)
     return app
+
+
+def _settle_recovered(store: PromptStore, engine: Engine) -> None:
+    """Fail, instead of re-running, the requeued prompts holding a node that asks so (`Node.after_crash`)."""
+    registry = engine.registry
+    for item in [i for i in store.pending() if i.prompt_id in store.recovered]:
+        for node_id, node in item.prompt.items():
+            cls = registry.get(str(node.get("class_type"))) if isinstance(node, dict) else None
+            if cls is None:
+                continue
+            constants = {k: v for k, v in dict(node.get("inputs") or {}).items() if not isinstance(v, list)}
+            try:
+                reason = cls.after_crash(engine.env, **constants)
+            except Exception:  # noqa: BLE001 - a failing report must not keep the server from starting
+                log.exception("%s.after_crash failed; the prompt is failed with a plain message", cls.NODE_ID)
+                reason = f"the server stopped while {cls.NODE_ID} was running; it is not run again on its own"
+            if reason:
+                store.fail_recovered(item.prompt_id, reason, str(node_id), cls.NODE_ID)
+                log.warning("prompt %s was running when the server stopped: %s", item.prompt_id, reason)
+                break
 
 
 async def _startup(app: web.Application) -> None:

@@ -78,8 +78,9 @@ class PromptMessages:
         if isinstance(event, ev.Progress):
             return self._progress(event)
         if isinstance(event, ev.Executed):
-            self.outputs[event.node] = dict(event.output)
-            self._finish_node(event.node)
+            self.outputs[event.node] = dict(event.output)  # an interim one is kept if the node fails
+            if not event.interim:
+                self._finish_node(event.node)
             data = {
                 "node": event.node,
                 "display_node": event.node,

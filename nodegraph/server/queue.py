@@ -428,6 +428,15 @@ class PromptStore:
             for n, p, pr, ex, out in rows
         ]
 
+    def fail_recovered(self, prompt_id: str, message: str, node_id: str, node_type: str) -> None:
+        """Move a requeued prompt (one of `recovered`) to the history as failed, with `message`."""
+        items = self._items("WHERE prompt_id=? AND state='pending'", (prompt_id,))
+        if not items:
+            return
+        self.finish(prompt_id, crashed_entry(items[0], message, node_id, node_type))
+        if prompt_id in self.recovered:
+            self.recovered.remove(prompt_id)
+
     def _recover(self) -> list[str]:
         """Requeue prompts left running by a dead process; fail those that were already retried."""
         rows = self._db.execute("SELECT prompt_id, attempts FROM queue WHERE state='running'").fetchall()
@@ -448,16 +457,19 @@ def _job_row(prompt_id: str, entry: dict[str, Any]) -> tuple[str, str, Any, int,
     return _dumps(job), job["status"], job.get("create_time"), duration(job), job.get("workflow_id")
 
 
-def crashed_entry(item: QueueItem) -> dict[str, Any]:
-    """The history entry of a prompt that stopped the server twice while it ran."""
-    message = (
+def crashed_entry(
+    item: QueueItem, message: str | None = None, node_id: str | None = None, node_type: str | None = None
+) -> dict[str, Any]:
+    """The history entry of a prompt the server's death stopped and that is not run again: by default
+    one that stopped the server twice; else `message` says why (e.g. a training run's kept files)."""
+    message = message or (
         "the server stopped twice while this prompt was running, so it was not retried again; "
         "check the server log, then queue it again"
     )
     data: dict[str, Any] = {
         "prompt_id": item.prompt_id,
-        "node_id": None,
-        "node_type": None,
+        "node_id": node_id,
+        "node_type": node_type,
         "executed": [],
         "exception_message": message,
         "exception_type": "ServerRestart",

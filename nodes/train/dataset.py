@@ -21,8 +21,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from nodegraph.images import open_checked
+from nodegraph.train_datasets import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _FOLDER = re.compile(r"^(\d+)_(.*)$")
 
 

@@ -8,6 +8,7 @@ step saves) in the loras folder; the loss log, plot, samples and states in `outp
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = ["TrainError", "TrainHooks", "TrainOptions", "TrainRequest", "train_lo
 
 Progress = Callable[[int, int, float], None]  # (step, total steps, loss)
 Encoding = Callable[[int, int], None]  # (images encoded, images)
+LIVE_PLOT_EVERY_S = 3.0  # how often the loss plot is redrawn mid-epoch when `TrainHooks.plotted` is set
 
 
 class TrainError(ValueError):
@@ -57,6 +59,8 @@ class TrainHooks:
     sampled: Callable[[list[Path]], None] | None = None  # sample images written
     logged: Callable[[int, float, float], None] | None = None  # (step, loss, moving average)
     started: Callable[[dict[str, Any]], None] | None = None  # the run's plan (steps, epochs, files)
+    # The loss plot was redrawn (at each epoch's end, and every few seconds while someone watches).
+    plotted: Callable[[Path], None] | None = None
 
 
 @dataclass
@@ -212,7 +216,7 @@ def _run(
         dataset_dirs=dataset_dirs,
         reg_dataset_dirs=_json(dataset.dataset_dirs(reg=True)),
         bucket_info=bucket_info_json(items, opts.buckets()),
-        optimizer=optimizer_name(trainer.optimizer),
+        optimizer=optimizer_name(trainer.optimizer, opts.optimizer_args),
         network_args=request.network_args,
         model_hashes=model_hashes(checkpoint) if checkpoint.is_file() else None,
     )
@@ -258,6 +262,14 @@ def _run(
         if hooks.sampled:
             hooks.sampled(paths)
 
+    last_plot = [time.monotonic()]
+
+    def plot() -> None:
+        path = log.plot()
+        last_plot[0] = time.monotonic()
+        if hooks.plotted:
+            hooks.plotted(path)
+
     def on_step(step: int, total: int, loss: float) -> None:
         index = step - (trainer.epoch - 1) * plan.per_epoch - 1
         recorder.add(trainer.epoch - 1, index, loss)
@@ -265,6 +277,8 @@ def _run(
         log.add(step, trainer.epoch, loss, recorder.moving_average, lrs)
         if hooks.logged:
             hooks.logged(step, loss, recorder.moving_average)
+        if hooks.plotted and time.monotonic() - last_plot[0] >= LIVE_PLOT_EVERY_S:
+            plot()  # a watcher (the canvas) sees the curve grow within an epoch
         if progress is not None:
             progress(step, total, loss)
         every = request.save_every_n_steps
@@ -277,7 +291,7 @@ def _run(
             sample(f"{step:06d}")
 
     def on_epoch(epoch: int, step: int) -> None:
-        log.plot()
+        plot()
         every = request.save_every_n_epochs
         if every and epoch % every == 0 and epoch < plan.num_epochs:
             save(epoch_path(plan.final, epoch), step, epoch)
@@ -288,7 +302,7 @@ def _run(
             sample(f"e{epoch:06d}")
 
     epochs = trainer.run(plan.max_steps, on_step, on_epoch)
-    log.plot()
+    plot()
     save(plan.final, trainer.step, epochs)
     if request.save_state:
         save_state(trainer, recorder.state(), plan.folder / f"{plan.final.stem}-state")
