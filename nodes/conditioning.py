@@ -20,8 +20,7 @@ from nodes.sd.handles import ClipHandle
 from nodes.sd.prompt import EmbeddingLookup, tokenize
 from nodes.sd.text_encoder import encode_prompt
 from nodes.sd.text_encoder_sdxl import encode_sdxl, is_sdxl_clip, tokenize_sdxl
-
-Conditioning = list[list[Any]]
+from nodes.sd.values import Conditioning, ConditioningEntry, CondOptions
 
 
 class CLIPTextEncode(Node):
@@ -54,7 +53,7 @@ class CLIPTextEncode(Node):
             ctx.warn(f"embedding:{name} does not exist, ignoring", {"embedding": name})
         on_device(ctx.env, clip.text_encoder, "text_encoder")
         cond, pooled = encode_prompt(clip, tokenized, warn=ctx.warn)
-        return ([[cond, {"pooled_output": pooled}]],)
+        return ([(cond, {"pooled_output": pooled})],)
 
 
 def embedding_lookup(ctx: RunContext, clip: ClipHandle, embed_key: str = "clip_l") -> EmbeddingLookup:
@@ -74,9 +73,13 @@ def embedding_lookup(ctx: RunContext, clip: ClipHandle, embed_key: str = "clip_l
 
 
 def encode_sdxl_entry(
-    ctx: RunContext, clip: ClipHandle, text_g: str, text_l: str | None = None, **options: Any
-) -> list[Any]:
-    """One SDXL conditioning entry `[cond, {"pooled_output": ..., **options}]` (both encoders)."""
+    ctx: RunContext,
+    clip: ClipHandle,
+    text_g: str,
+    text_l: str | None = None,
+    options: CondOptions | None = None,
+) -> ConditioningEntry:
+    """One SDXL conditioning entry `(cond, {"pooled_output": ..., **options})` (both encoders)."""
     tokens = tokenize_sdxl(clip, text_g, text_l, lambda key: embedding_lookup(ctx, clip, key))
     missing = tokens.g.missing_embeddings + (tokens.l.missing_embeddings if tokens.l else [])
     for name in dict.fromkeys(missing):
@@ -85,7 +88,7 @@ def encode_sdxl_entry(
         if module is not None:
             on_device(ctx.env, module, "text_encoder")
     cond, pooled = encode_sdxl(clip, tokens, warn=ctx.warn)
-    return [cond, {"pooled_output": pooled, **options}]
+    return (cond, {"pooled_output": pooled, **(options or {})})
 
 
 class CLIPSetLastLayer(Node):
@@ -128,10 +131,11 @@ class ConditioningZeroOut(Node):
     def run(self, ctx: RunContext, conditioning: Conditioning) -> tuple[Conditioning]:
         out: Conditioning = []
         for cond, extras in conditioning:
-            options = dict(extras)
-            if options.get("pooled_output") is not None:
-                options["pooled_output"] = torch.zeros_like(options["pooled_output"])
-            out.append([torch.zeros_like(cond), options])
+            options = extras.copy()
+            pooled = options.get("pooled_output")
+            if pooled is not None:
+                options["pooled_output"] = torch.zeros_like(pooled)
+            out.append((torch.zeros_like(cond), options))
         return (out,)
 
 

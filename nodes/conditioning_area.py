@@ -9,26 +9,23 @@ weights while sampling.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from nodegraph.node import MAX_RESOLUTION, Combo, Float, Int, Node, Output, RunContext, Socket
 from nodegraph.types import CONDITIONING, MASK
+from nodes.sd.values import Conditioning, CondOptions
 
-Conditioning = list[list[Any]]
 
-
-def set_values(conditioning: Conditioning, values: dict[str, Any]) -> Conditioning:
+def set_values(conditioning: Conditioning, values: CondOptions) -> Conditioning:
     """A new conditioning whose entries carry `values` in copies of their option dicts."""
-    out = []
+    out: Conditioning = []
     for item in conditioning if isinstance(conditioning, (list, tuple)) else [None]:
         if not isinstance(item, (list, tuple)) or not item or not isinstance(item[0], torch.Tensor):
             raise ValueError(
                 "conditioning: an entry is not [embedding, options]; connect a CLIPTextEncode output"
             )
-        options = item[1] if len(item) > 1 and isinstance(item[1], dict) else {}
-        out.append([item[0], {**options, **values}])
+        options: CondOptions = item[1] if len(item) > 1 and isinstance(item[1], dict) else {}
+        out.append((item[0], {**options, **values}))
     return out
 
 
@@ -131,7 +128,7 @@ class ConditioningSetMask(Node):
             raise ValueError(f"mask: expected a MASK [batch, height, width], got {shape}")
         if mask.dim() < 3:
             mask = mask.unsqueeze(0)
-        values = {
+        values: CondOptions = {
             "mask": mask,
             "set_area_to_bounds": set_cond_area != "default",
             "mask_strength": strength,

@@ -6,14 +6,11 @@ never mutated. Timestep ranges are honoured by nodes/sd/guidance.py (`start_perc
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from nodegraph.node import Float, Node, Output, RunContext, Socket
 from nodegraph.types import CONDITIONING
-
-Conditioning = list[list[Any]]
+from nodes.sd.values import Conditioning
 
 
 def _first_only(ctx: RunContext, node: str, conditioning_from: Conditioning) -> None:
@@ -58,14 +55,14 @@ class ConditioningAverage(Node):
                 )
                 t0 = torch.cat([t0, pad], dim=1)
             mixed = torch.mul(t1, strength) + torch.mul(t0, 1.0 - strength)
-            new_options = dict(options)
+            new_options = options.copy()
             if pooled_from is not None and pooled_to is not None:
                 new_options["pooled_output"] = torch.mul(pooled_to, strength) + torch.mul(
                     pooled_from, 1.0 - strength
                 )
             elif pooled_from is not None:
                 new_options["pooled_output"] = pooled_from
-            out.append([mixed, new_options])
+            out.append((mixed, new_options))
         return (out,)
 
 
@@ -82,7 +79,7 @@ class ConditioningConcat(Node):
     ) -> tuple[Conditioning]:
         _first_only(ctx, "ConditioningConcat", conditioning_from)
         cond_from: torch.Tensor = conditioning_from[0][0]
-        return ([[torch.cat((t1, cond_from), 1), dict(options)] for t1, options in conditioning_to],)
+        return ([(torch.cat((t1, cond_from), 1), options.copy()) for t1, options in conditioning_to],)
 
 
 class ConditioningSetTimestepRange(Node):
@@ -101,7 +98,7 @@ class ConditioningSetTimestepRange(Node):
     ) -> tuple[Conditioning]:
         return (
             [
-                [cond, {**options, "start_percent": start, "end_percent": end}]
+                (cond, {**options, "start_percent": start, "end_percent": end})
                 for cond, options in conditioning
             ],
         )

@@ -8,14 +8,11 @@ then uses the latent's size (ComfyUI's `encode_model_conds`).
 
 from __future__ import annotations
 
-from typing import Any
-
 from nodegraph.node import MAX_RESOLUTION, Float, Int, Node, Output, RunContext, Socket, String
 from nodegraph.types import CLIP, CONDITIONING
 from nodes.conditioning import encode_sdxl_entry
 from nodes.sd.handles import ClipHandle
-
-Conditioning = list[list[Any]]
+from nodes.sd.values import Conditioning, CondOptions
 
 
 def _need_sdxl(clip: ClipHandle | None, node: str) -> ClipHandle:
@@ -62,7 +59,7 @@ class CLIPTextEncodeSDXL(Node):
                 f"CLIPTextEncodeSDXL needs an SDXL base CLIP (CLIP-L and bigG); '{clip.source}' is an SDXL "
                 "refiner (bigG only): use CLIPTextEncodeSDXLRefiner with it"
             )
-        sizes = {
+        sizes: CondOptions = {
             "width": width,
             "height": height,
             "crop_w": crop_w,
@@ -70,7 +67,7 @@ class CLIPTextEncodeSDXL(Node):
             "target_width": target_width,
             "target_height": target_height,
         }
-        return ([encode_sdxl_entry(ctx, clip, text_g, text_l, **sizes)],)
+        return ([encode_sdxl_entry(ctx, clip, text_g, text_l, sizes)],)
 
 
 class CLIPTextEncodeSDXLRefiner(Node):
@@ -91,8 +88,8 @@ class CLIPTextEncodeSDXLRefiner(Node):
         self, ctx: RunContext, ascore: float, width: int, height: int, text: str, clip: ClipHandle
     ) -> tuple[Conditioning]:
         clip = _need_sdxl(clip, "CLIPTextEncodeSDXLRefiner")
-        options = {"aesthetic_score": ascore, "width": width, "height": height}
-        return ([encode_sdxl_entry(ctx, clip, text, None, **options)],)
+        options: CondOptions = {"aesthetic_score": ascore, "width": width, "height": height}
+        return ([encode_sdxl_entry(ctx, clip, text, None, options)],)
 
 
 NODES: tuple[type[Node], ...] = (CLIPTextEncodeSDXL, CLIPTextEncodeSDXLRefiner)

@@ -21,7 +21,8 @@ from nodegraph.primitives import LruCache, file_stamp
 from nodegraph.types import CONDITIONING, CONTROL_NET, IMAGE, MODEL, VAE
 from nodes.sd.control import Control
 from nodes.sd.controlnet import ControlModel, load_controlnet
-from nodes.sd.handles import ModelHandle
+from nodes.sd.handles import ModelHandle, VaeHandle
+from nodes.sd.values import Conditioning, CondOptions
 
 CATEGORY = "conditioning/controlnet"
 
@@ -93,7 +94,7 @@ class DiffControlNetLoader(Node):
     INPUTS = (Socket("model", MODEL), FileChoice("control_net_name", folder="controlnet"))
     OUTPUTS = (Output(CONTROL_NET),)
 
-    def run(self, ctx: RunContext, model: Any, control_net_name: str) -> tuple[ControlModel]:
+    def run(self, ctx: RunContext, model: ModelHandle, control_net_name: str) -> tuple[ControlModel]:
         if not isinstance(model, ModelHandle):
             raise ValueError("model: expected a MODEL from a checkpoint loader")
         path = ctx.env.folders.resolve("controlnet", control_net_name)
@@ -116,18 +117,23 @@ class ControlNetApply(Node):
     OUTPUTS = (Output(CONDITIONING),)
 
     def run(
-        self, ctx: RunContext, conditioning: Any, control_net: Any, image: Any, strength: float
-    ) -> tuple[Any]:
+        self,
+        ctx: RunContext,
+        conditioning: Conditioning,
+        control_net: ControlModel,
+        image: torch.Tensor,
+        strength: float,
+    ) -> tuple[Conditioning]:
         if strength == 0:
             return (conditioning,)
         net, hint = _check_net(control_net), _hint(image)
-        out = []
+        out: Conditioning = []
         for item in _entries(conditioning, "conditioning"):
-            opts = dict(item[1])
+            opts = item[1].copy()
             # one new control per entry (ComfyUI copies the net per entry), chained to the entry's own
             opts["control"] = Control(net, hint, strength, previous=_previous(opts, "conditioning"))
             opts["control_apply_to_uncond"] = True
-            out.append([item[0], opts])
+            out.append((item[0], opts))
         return (out,)
 
 
@@ -151,15 +157,15 @@ class ControlNetApplyAdvanced(Node):
     def run(
         self,
         ctx: RunContext,
-        positive: Any,
-        negative: Any,
-        control_net: Any,
-        image: Any,
+        positive: Conditioning,
+        negative: Conditioning,
+        control_net: ControlModel,
+        image: torch.Tensor,
         strength: float,
         start_percent: float,
         end_percent: float,
-        vae: Any = None,
-    ) -> tuple[Any, Any]:
+        vae: VaeHandle | None = None,
+    ) -> tuple[Conditioning, Conditioning]:
         # The VAE is for ControlNets that take a latent hint (SD3/Flux families); SD1.x/SDXL ones ignore it.
         if strength == 0:
             return (positive, negative)
@@ -167,21 +173,21 @@ class ControlNetApplyAdvanced(Node):
         made: dict[int, Control] = {}  # previous control (by identity) -> its successor, shared by both sides
         sides = []
         for label, conditioning in (("positive", positive), ("negative", negative)):
-            side = []
+            side: Conditioning = []
             for item in _entries(conditioning, label):
-                opts = dict(item[1])
+                opts = item[1].copy()
                 previous = _previous(opts, label)
                 key = id(previous)
                 if key not in made:
                     made[key] = Control(net, hint, strength, start_percent, end_percent, previous)
                 opts["control"] = made[key]
                 opts["control_apply_to_uncond"] = False
-                side.append([item[0], opts])
+                side.append((item[0], opts))
             sides.append(side)
         return (sides[0], sides[1])
 
 
-def _entries(conditioning: Any, label: str) -> list[Any]:
+def _entries(conditioning: Any, label: str) -> Conditioning:
     if not isinstance(conditioning, (list, tuple)) or not all(
         isinstance(i, (list, tuple)) and len(i) >= 2 and isinstance(i[1], dict) for i in conditioning
     ):
@@ -189,7 +195,7 @@ def _entries(conditioning: Any, label: str) -> list[Any]:
     return list(conditioning)
 
 
-def _previous(opts: dict[str, Any], label: str) -> Control | None:
+def _previous(opts: CondOptions, label: str) -> Control | None:
     previous = opts.get("control")
     if previous is not None and not isinstance(previous, Control):
         raise ValueError(f"{label}: its 'control' option is not a ControlNet this engine made")

@@ -28,6 +28,7 @@ from nodes.sd.noise import prepare_noise
 from nodes.sd.patcher import patched
 from nodes.sd.samplers import SAMPLER_NAMES, SAMPLERS
 from nodes.sd.samplers.k_diffusion import Sampler
+from nodes.sd.values import Conditioning, Latent
 
 # --------------------------------------------------------------------------------------------
 # Values on the NOISE, GUIDER and SAMPLER sockets
@@ -44,7 +45,7 @@ class NoiseSource:
         """The seed the sampler's own (ancestral, SDE) noise uses: Noise_EmptyNoise's is 0."""
         return 0 if self.seed is None else self.seed
 
-    def generate(self, latent: dict[str, Any]) -> torch.Tensor:
+    def generate(self, latent: Latent) -> torch.Tensor:
         samples: torch.Tensor = latent["samples"]
         if self.seed is None:
             return torch.zeros(samples.shape, dtype=samples.dtype, layout=samples.layout)
@@ -84,10 +85,10 @@ def sample_custom(
     guider: GuiderValue,
     noise: NoiseSource,
     sampler: SamplerChoice,
-    sigmas: Any,
-    latent: Any,
+    sigmas: torch.Tensor,
+    latent: Latent,
     seed: int,
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[Latent, Latent]:
     """CFGGuider.sample: (output, denoised_output) LATENTs; denoised is the last step's x0.
 
     `seed` seeds the sampler's own noise (ancestral and SDE samplers)."""
@@ -129,11 +130,11 @@ def sample_custom(
             )
     except ConditioningError as exc:
         raise ValueError(str(exc)) from exc
-    out = dict(latent)
+    out = latent.copy()
     out["samples"] = samples
     denoised = out
     if last:
-        denoised = dict(latent)
+        denoised = latent.copy()
         denoised["samples"] = last[0].to(torch.float32).cpu() / latent_scale(model.unet)
     return out, denoised
 
@@ -161,16 +162,16 @@ class SamplerCustom(Node):
     def run(
         self,
         ctx: RunContext,
-        model: Any,
+        model: ModelHandle,
         add_noise: bool,
         noise_seed: int,
         cfg: float,
-        positive: Any,
-        negative: Any,
+        positive: Conditioning,
+        negative: Conditioning,
         sampler: SamplerChoice,
-        sigmas: Any,
-        latent_image: Any,
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        sigmas: torch.Tensor,
+        latent_image: Latent,
+    ) -> tuple[Latent, Latent]:
         noise = NoiseSource(noise_seed if add_noise else None)
         guider = GuiderValue(model, CFGGuide(positive, negative, cfg))
         # noise_seed also seeds the sampler's own noise, even without initial noise (as ComfyUI)
@@ -196,9 +197,9 @@ class SamplerCustomAdvanced(Node):
         noise: NoiseSource,
         guider: GuiderValue,
         sampler: SamplerChoice,
-        sigmas: Any,
-        latent_image: Any,
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        sigmas: torch.Tensor,
+        latent_image: Latent,
+    ) -> tuple[Latent, Latent]:
         return sample_custom(ctx, guider, noise, sampler, sigmas, latent_image, noise.sampler_seed)
 
 
@@ -237,7 +238,7 @@ class CFGGuider(Node):
     OUTPUTS = (Output(GUIDER),)
 
     def run(
-        self, ctx: RunContext, model: Any, positive: Any, negative: Any, cfg: float
+        self, ctx: RunContext, model: ModelHandle, positive: Conditioning, negative: Conditioning, cfg: float
     ) -> tuple[GuiderValue]:
         return (GuiderValue(model, CFGGuide(positive, negative, cfg)),)
 
@@ -250,7 +251,7 @@ class BasicGuider(Node):
     INPUTS = (Socket("model", MODEL), Socket("conditioning", CONDITIONING))
     OUTPUTS = (Output(GUIDER),)
 
-    def run(self, ctx: RunContext, model: Any, conditioning: Any) -> tuple[GuiderValue]:
+    def run(self, ctx: RunContext, model: ModelHandle, conditioning: Conditioning) -> tuple[GuiderValue]:
         return (GuiderValue(model, BasicGuide(conditioning)),)
 
 
@@ -274,10 +275,10 @@ class DualCFGGuider(Node):
     def run(
         self,
         ctx: RunContext,
-        model: Any,
-        cond1: Any,
-        cond2: Any,
-        negative: Any,
+        model: ModelHandle,
+        cond1: Conditioning,
+        cond2: Conditioning,
+        negative: Conditioning,
         cfg_conds: float,
         cfg_cond2_negative: float,
         style: str,

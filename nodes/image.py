@@ -27,6 +27,7 @@ from nodegraph.types import IMAGE, LATENT, MASK, VAE
 from nodes.sd import vae as vae_math
 from nodes.sd.device import on_device
 from nodes.sd.handles import VaeHandle
+from nodes.sd.values import Latent
 
 PREVIEW_CHARS = "abcdefghijklmnopqrstupvxyz"  # sic: ComfyUI's literal string (no "w", two "p")
 
@@ -46,7 +47,7 @@ class VAEDecode(Node):
     )
     OUTPUTS = (Output(IMAGE, tooltip="The decoded image."),)
 
-    def run(self, ctx: RunContext, samples: dict[str, Any], vae: VaeHandle) -> tuple[torch.Tensor]:
+    def run(self, ctx: RunContext, samples: Latent, vae: VaeHandle) -> tuple[torch.Tensor]:
         return (vae_math.decode(on_device(ctx.env, vae.vae, "vae"), samples["samples"]),)
 
 
@@ -58,7 +59,7 @@ class VAEEncode(Node):
     INPUTS = (Socket("pixels", socket_type=IMAGE), Socket("vae", socket_type=VAE))
     OUTPUTS = (Output(LATENT),)
 
-    def run(self, ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle) -> tuple[dict[str, Any]]:
+    def run(self, ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle) -> tuple[Latent]:
         return ({"samples": vae_math.encode(on_device(ctx.env, vae.vae, "vae"), pixels)},)
 
 
@@ -221,8 +222,8 @@ class SaveImage(Node):
         ctx: RunContext,
         images: torch.Tensor,
         filename_prefix: str = "ComfyUI",
-        prompt: Any = None,
-        extra_pnginfo: Any = None,
+        prompt: dict[str, Any] | None = None,
+        extra_pnginfo: dict[str, Any] | None = None,
     ) -> Result:
         saved = save_images(ctx.env, images, filename_prefix, "output", 4, prompt, extra_pnginfo)
         return Result(ui={"images": saved})
@@ -242,7 +243,11 @@ class PreviewImage(Node):
     OUTPUTS = ()
 
     def run(
-        self, ctx: RunContext, images: torch.Tensor, prompt: Any = None, extra_pnginfo: Any = None
+        self,
+        ctx: RunContext,
+        images: torch.Tensor,
+        prompt: dict[str, Any] | None = None,
+        extra_pnginfo: dict[str, Any] | None = None,
     ) -> Result:
         prefix = "ComfyUI_temp_" + "".join(random.choice(PREVIEW_CHARS) for _ in range(5))
         saved = save_images(ctx.env, images, prefix, "temp", 1, prompt, extra_pnginfo)

@@ -20,11 +20,12 @@ from nodegraph.file_inputs import annotated_path
 from nodegraph.images import ImageBudgetError, open_checked
 from nodegraph.node import Boolean, Combo, ImageUpload, Int, Node, Output, RunContext, Socket
 from nodegraph.types import CONDITIONING, IMAGE, LATENT, MASK, VAE
-from nodes.conditioning_area import Conditioning, set_values
+from nodes.conditioning_area import set_values
 from nodes.image import ImageFileError
 from nodes.sd import vae as vae_math
 from nodes.sd.device import on_device
 from nodes.sd.handles import VaeHandle
+from nodes.sd.values import Conditioning, CondOptions, Latent
 
 DOWNSCALE = 8  # SD1.5 VAE: one latent pixel per 8x8 image pixels
 
@@ -37,8 +38,8 @@ class SetLatentNoiseMask(Node):
     INPUTS = (Socket("samples", LATENT), Socket("mask", MASK))
     OUTPUTS = (Output(LATENT),)
 
-    def run(self, ctx: RunContext, samples: dict[str, Any], mask: torch.Tensor) -> tuple[dict[str, Any]]:
-        out = dict(samples)
+    def run(self, ctx: RunContext, samples: Latent, mask: torch.Tensor) -> tuple[Latent]:
+        out = samples.copy()
         out["noise_mask"] = mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))
         return (out,)
 
@@ -94,7 +95,7 @@ class VAEEncodeForInpaint(Node):
 
     def run(
         self, ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle, mask: torch.Tensor, grow_mask_by: int
-    ) -> tuple[dict[str, Any]]:
+    ) -> tuple[Latent]:
         prepared, noise_mask = inpaint_pixels(pixels, mask, grow_mask_by)
         return (
             {
@@ -170,15 +171,15 @@ class InpaintModelConditioning(Node):
         pixels: torch.Tensor,
         mask: torch.Tensor,
         noise_mask: bool,
-    ) -> tuple[Conditioning, Conditioning, dict[str, Any]]:
+    ) -> tuple[Conditioning, Conditioning, Latent]:
         masked, mask = grey_masked(pixels, mask)
         model = on_device(ctx.env, vae.vae, "vae")
         concat_latent = vae_math.encode(model, masked)
         orig_latent = vae_math.encode(model, pixels)
-        latent: dict[str, Any] = {"samples": orig_latent}
+        latent: Latent = {"samples": orig_latent}
         if noise_mask:
             latent["noise_mask"] = mask
-        values = {"concat_latent_image": concat_latent, "concat_mask": mask}
+        values: CondOptions = {"concat_latent_image": concat_latent, "concat_mask": mask}
         return (set_values(positive, values), set_values(negative, values), latent)
 
 

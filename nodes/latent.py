@@ -37,6 +37,7 @@ from nodes.sd.latent_ops import (
     load_latent_file,
     save_latent_file,
 )
+from nodes.sd.values import Latent
 
 
 class EmptyLatentImage(Node):
@@ -65,7 +66,7 @@ class EmptyLatentImage(Node):
     )
     OUTPUTS = (Output(LATENT, tooltip="The empty latent image batch."),)
 
-    def run(self, ctx: RunContext, width: int, height: int, batch_size: int) -> tuple[dict[str, Any]]:
+    def run(self, ctx: RunContext, width: int, height: int, batch_size: int) -> tuple[Latent]:
         return ({"samples": torch.zeros([batch_size, 4, height // 8, width // 8])},)
 
 
@@ -86,12 +87,12 @@ class LatentUpscale(Node):
     def run(
         self,
         ctx: RunContext,
-        samples: dict[str, Any],
+        samples: Latent,
         upscale_method: str,
         width: int,
         height: int,
         crop: str,
-    ) -> tuple[dict[str, Any]]:
+    ) -> tuple[Latent]:
         if width == 0 and height == 0:
             return (samples,)
         t: torch.Tensor = samples["samples"]
@@ -104,7 +105,7 @@ class LatentUpscale(Node):
             height = max(64, round(t.shape[-2] * width / t.shape[-1]))
         else:
             width, height = max(64, width), max(64, height)
-        out = dict(samples)
+        out = samples.copy()
         out["samples"] = common_upscale(t, width // 8, height // 8, upscale_method, crop)
         return (out,)
 
@@ -142,10 +143,10 @@ class SaveLatent(Node):
     def run(
         self,
         ctx: RunContext,
-        samples: dict[str, Any],
+        samples: Latent,
         filename_prefix: str,
-        prompt: Any = None,
-        extra_pnginfo: Any = None,
+        prompt: dict[str, Any] | None = None,
+        extra_pnginfo: dict[str, Any] | None = None,
     ) -> Result:
         try:
             folder, stem, counter, subfolder = save_path(ctx.env.folders.output_dir, filename_prefix)
@@ -185,7 +186,7 @@ class LoadLatent(Node):
     INPUTS = (Combo("latent", choices=latent_files, check_membership=False),)
     OUTPUTS = (Output(LATENT),)
 
-    def run(self, ctx: RunContext, latent: str) -> tuple[dict[str, Any]]:
+    def run(self, ctx: RunContext, latent: str) -> tuple[Latent]:
         path = _latent_path(ctx.env, latent)
         try:
             return ({"samples": load_latent_file(path)},)

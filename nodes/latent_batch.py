@@ -7,14 +7,12 @@ changes them) and never modifies the tensors it was given.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
 from nodegraph.node import Int, Node, Output, RunContext, Socket
 from nodegraph.types import LATENT
-
-Latent = dict[str, Any]
+from nodes.sd.values import Latent
 
 
 def _masks_for_batch(masks: torch.Tensor, batch: int) -> torch.Tensor:
@@ -37,7 +35,7 @@ class LatentFromBatch(Node):
     OUTPUTS = (Output(LATENT),)
 
     def run(self, ctx: RunContext, samples: Latent, batch_index: int, length: int) -> tuple[Latent]:
-        out = dict(samples)
+        out = samples.copy()
         s_in: torch.Tensor = samples["samples"]
         batch_index = min(s_in.shape[0] - 1, batch_index)
         length = min(s_in.shape[0] - batch_index, length)
@@ -65,7 +63,7 @@ class RepeatLatentBatch(Node):
     OUTPUTS = (Output(LATENT),)
 
     def run(self, ctx: RunContext, samples: Latent, amount: int) -> tuple[Latent]:
-        out = dict(samples)
+        out = samples.copy()
         s_in: torch.Tensor = samples["samples"]
         out["samples"] = s_in.repeat((amount, 1, 1, 1))
         if "noise_mask" in samples and samples["noise_mask"].shape[0] > 1:

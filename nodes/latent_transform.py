@@ -7,15 +7,12 @@ changes them) and never modifies the tensors it was given.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from nodegraph.node import MAX_RESOLUTION, Combo, Float, Int, Node, Output, RunContext, Socket
 from nodegraph.types import LATENT
 from nodes.sd.latent_ops import UPSCALE_METHODS, common_upscale
-
-Latent = dict[str, Any]
+from nodes.sd.values import Latent
 
 
 class LatentUpscaleBy(Node):
@@ -33,7 +30,7 @@ class LatentUpscaleBy(Node):
     def run(self, ctx: RunContext, samples: Latent, upscale_method: str, scale_by: float) -> tuple[Latent]:
         t: torch.Tensor = samples["samples"]
         width, height = round(t.shape[-1] * scale_by), round(t.shape[-2] * scale_by)
-        out = dict(samples)
+        out = samples.copy()
         out["samples"] = common_upscale(t, width, height, upscale_method, "disabled")
         return (out,)
 
@@ -56,7 +53,7 @@ class LatentComposite(Node):
         self, ctx: RunContext, samples_to: Latent, samples_from: Latent, x: int, y: int, feather: int
     ) -> tuple[Latent]:
         x, y, feather = x // 8, y // 8, feather // 8
-        out = dict(samples_to)
+        out = samples_to.copy()
         to: torch.Tensor = samples_to["samples"]
         s = to.clone()
         src: torch.Tensor = samples_from["samples"][:, :, : to.shape[2] - y, : to.shape[3] - x]
@@ -94,7 +91,7 @@ class LatentBlend(Node):
     OUTPUTS = (Output(LATENT),)
 
     def run(self, ctx: RunContext, samples1: Latent, samples2: Latent, blend_factor: float) -> tuple[Latent]:
-        out = dict(samples1)
+        out = samples1.copy()
         a: torch.Tensor = samples1["samples"]
         b: torch.Tensor = samples2["samples"]
         if a.shape != b.shape:
@@ -118,7 +115,7 @@ class LatentCrop(Node):
     OUTPUTS = (Output(LATENT),)
 
     def run(self, ctx: RunContext, samples: Latent, width: int, height: int, x: int, y: int) -> tuple[Latent]:
-        out = dict(samples)
+        out = samples.copy()
         t: torch.Tensor = samples["samples"]
         x, y = min(x // 8, t.shape[3] - 8), min(y // 8, t.shape[2] - 8)
         out["samples"] = t[:, :, y : y + height // 8, x : x + width // 8]
@@ -138,7 +135,7 @@ class LatentRotate(Node):
 
     def run(self, ctx: RunContext, samples: Latent, rotation: str) -> tuple[Latent]:
         turns = {"90": 1, "180": 2, "270": 3}.get(rotation.split(" ")[0], 0)
-        out = dict(samples)
+        out = samples.copy()
         out["samples"] = torch.rot90(samples["samples"], k=turns, dims=[3, 2])
         return (out,)
 
@@ -155,7 +152,7 @@ class LatentFlip(Node):
     OUTPUTS = (Output(LATENT),)
 
     def run(self, ctx: RunContext, samples: Latent, flip_method: str) -> tuple[Latent]:
-        out = dict(samples)
+        out = samples.copy()
         dim = 2 if flip_method.startswith("x") else 3
         out["samples"] = torch.flip(samples["samples"], dims=[dim])
         return (out,)

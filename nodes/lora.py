@@ -238,8 +238,8 @@ class CheckpointSave(Node):
         clip: ClipHandle,
         vae: VaeHandle,
         filename_prefix: str,
-        prompt: Any = None,
-        extra_pnginfo: Any = None,
+        prompt: dict[str, Any] | None = None,
+        extra_pnginfo: dict[str, Any] | None = None,
     ) -> Result:
         from safetensors.torch import save_file
 

@@ -55,6 +55,15 @@ def apply_stack(
     return model, clip
 
 
+def _applied(
+    ctx: RunContext, model: ModelHandle, clip: ClipHandle, stack: tuple[StackEntry, ...]
+) -> tuple[ModelHandle, ClipHandle]:
+    """`apply_stack` where both inputs are required: a given model and CLIP come back patched."""
+    new_model, new_clip = apply_stack(ctx, model, clip, stack)
+    assert new_model is not None and new_clip is not None
+    return new_model, new_clip
+
+
 class PowerLoraLoader(Node):
     """Apply any number of LoRAs, each row with its own switch and strength (rgthree's Power Lora Loader)."""
 
@@ -70,7 +79,7 @@ class PowerLoraLoader(Node):
 
     def run(
         self, ctx: RunContext, model: ModelHandle | None = None, clip: ClipHandle | None = None, **rows: Any
-    ) -> tuple[ModelHandle | None, ClipHandle | None]:
+    ) -> tuple[ModelHandle | None, ClipHandle | None]:  # absent inputs pass through as None
         names = ctx.env.folders.list("loras")
         for row in power_rows(rows, names, has_clip=clip is not None):
             if model is None:
@@ -131,13 +140,15 @@ class LoraLoaderStack(Node):
     )
     OUTPUTS = (Output(MODEL), Output(CLIP))
 
-    def run(self, ctx: RunContext, model: ModelHandle, clip: ClipHandle, **slots: Any) -> tuple[Any, ...]:
+    def run(
+        self, ctx: RunContext, model: ModelHandle, clip: ClipHandle, **slots: Any
+    ) -> tuple[ModelHandle, ClipHandle]:
         stack = tuple(
             (slots[f"lora_0{i}"], slots[f"strength_0{i}"], slots[f"strength_0{i}"])
             for i in range(1, 5)
             if slots[f"lora_0{i}"] != NONE
         )
-        return apply_stack(ctx, model, clip, stack)
+        return _applied(ctx, model, clip, stack)
 
 
 class LoRAStacker(Node):
@@ -254,8 +265,8 @@ class CRApplyLoRAStack(Node):
 
     def run(
         self, ctx: RunContext, model: ModelHandle, clip: ClipHandle, lora_stack: tuple[StackEntry, ...]
-    ) -> tuple[Any, ...]:
-        new_model, new_clip = apply_stack(ctx, model, clip, tuple(lora_stack or ()))
+    ) -> tuple[ModelHandle, ClipHandle, str]:
+        new_model, new_clip = _applied(ctx, model, clip, tuple(lora_stack or ()))
         return new_model, new_clip, CR_HELP + "#cr-apply-lora-stack"
 
 

@@ -65,7 +65,9 @@ class ModelMergeSimple(Node):
     INPUTS = (Socket("model1", MODEL), Socket("model2", MODEL), _ratio("ratio"))
     OUTPUTS = (Output(MODEL),)
 
-    def run(self, ctx: RunContext, model1: Any, model2: Any, ratio: float) -> tuple[ModelHandle]:
+    def run(
+        self, ctx: RunContext, model1: ModelHandle, model2: ModelHandle, ratio: float
+    ) -> tuple[ModelHandle]:
         return (merge_model("ModelMergeSimple", model1, model2, constant=(1.0 - ratio, ratio)),)
 
 
@@ -83,7 +85,13 @@ class ModelMergeBlocks(Node):
     OUTPUTS = (Output(MODEL),)
 
     def run(
-        self, ctx: RunContext, model1: Any, model2: Any, input: float, middle: float, out: float
+        self,
+        ctx: RunContext,
+        model1: ModelHandle,
+        model2: ModelHandle,
+        input: float,
+        middle: float,
+        out: float,
     ) -> tuple[ModelHandle]:
         # The declared order (input, middle, out) is the canvas's; keys matching none (time_embed)
         # take the first ratio, as ComfyUI's kwargs order gives them.
@@ -98,7 +106,9 @@ class ModelMergeSubtract(Node):
     INPUTS = (Socket("model1", MODEL), Socket("model2", MODEL), _multiplier())
     OUTPUTS = (Output(MODEL),)
 
-    def run(self, ctx: RunContext, model1: Any, model2: Any, multiplier: float) -> tuple[ModelHandle]:
+    def run(
+        self, ctx: RunContext, model1: ModelHandle, model2: ModelHandle, multiplier: float
+    ) -> tuple[ModelHandle]:
         return (merge_model("ModelMergeSubtract", model1, model2, constant=(-multiplier, multiplier)),)
 
 
@@ -109,7 +119,7 @@ class ModelMergeAdd(Node):
     INPUTS = (Socket("model1", MODEL), Socket("model2", MODEL))
     OUTPUTS = (Output(MODEL),)
 
-    def run(self, ctx: RunContext, model1: Any, model2: Any) -> tuple[ModelHandle]:
+    def run(self, ctx: RunContext, model1: ModelHandle, model2: ModelHandle) -> tuple[ModelHandle]:
         return (merge_model("ModelMergeAdd", model1, model2, constant=(1.0, 1.0)),)
 
 
@@ -120,7 +130,7 @@ class CLIPMergeSimple(Node):
     INPUTS = (Socket("clip1", CLIP), Socket("clip2", CLIP), _ratio("ratio"))
     OUTPUTS = (Output(CLIP),)
 
-    def run(self, ctx: RunContext, clip1: Any, clip2: Any, ratio: float) -> tuple[ClipHandle]:
+    def run(self, ctx: RunContext, clip1: ClipHandle, clip2: ClipHandle, ratio: float) -> tuple[ClipHandle]:
         return (merge_clip("CLIPMergeSimple", clip1, clip2, 1.0 - ratio, ratio),)
 
 
@@ -131,7 +141,9 @@ class CLIPMergeSubtract(Node):
     INPUTS = (Socket("clip1", CLIP), Socket("clip2", CLIP), _multiplier())
     OUTPUTS = (Output(CLIP),)
 
-    def run(self, ctx: RunContext, clip1: Any, clip2: Any, multiplier: float) -> tuple[ClipHandle]:
+    def run(
+        self, ctx: RunContext, clip1: ClipHandle, clip2: ClipHandle, multiplier: float
+    ) -> tuple[ClipHandle]:
         return (merge_clip("CLIPMergeSubtract", clip1, clip2, -multiplier, multiplier),)
 
 
@@ -142,7 +154,7 @@ class CLIPMergeAdd(Node):
     INPUTS = (Socket("clip1", CLIP), Socket("clip2", CLIP))
     OUTPUTS = (Output(CLIP),)
 
-    def run(self, ctx: RunContext, clip1: Any, clip2: Any) -> tuple[ClipHandle]:
+    def run(self, ctx: RunContext, clip1: ClipHandle, clip2: ClipHandle) -> tuple[ClipHandle]:
         return (merge_clip("CLIPMergeAdd", clip1, clip2, 1.0, 1.0),)
 
 

@@ -16,10 +16,12 @@ from nodegraph.types import CONDITIONING, LATENT, MODEL
 from nodes.sd.adm import AdmError, adm_width
 from nodes.sd.device import placement
 from nodes.sd.guidance import ConditioningError
+from nodes.sd.handles import ModelHandle
 from nodes.sd.ksampler import SamplingRequest, StepCallback, sample
 from nodes.sd.preview import preview_jpeg
 from nodes.sd.samplers import SAMPLER_NAMES
 from nodes.sd.schedules import SCHEDULER_NAMES
+from nodes.sd.values import Conditioning, Latent
 
 _TIP_CFG = (
     "The Classifier-Free Guidance scale balances creativity and adherence to the prompt. Higher values "
@@ -70,8 +72,13 @@ def check_model(model: Any) -> None:
 
 
 def run_ksampler(
-    ctx: RunContext, model: Any, positive: Any, negative: Any, latent: Any, request: SamplingRequest
-) -> tuple[dict[str, Any]]:
+    ctx: RunContext,
+    model: ModelHandle,
+    positive: Conditioning,
+    negative: Conditioning,
+    latent: Latent,
+    request: SamplingRequest,
+) -> tuple[Latent]:
     """Shared by both nodes: validate, sample, and say which input was wrong when it fails."""
     check_model(model)
     check_latent(latent)
@@ -136,17 +143,17 @@ class KSampler(Node):
     def run(
         self,
         ctx: RunContext,
-        model: Any,
+        model: ModelHandle,
         seed: int,
         steps: int,
         cfg: float,
         sampler_name: str,
         scheduler: str,
-        positive: Any,
-        negative: Any,
-        latent_image: Any,
+        positive: Conditioning,
+        negative: Conditioning,
+        latent_image: Latent,
         denoise: float,
-    ) -> tuple[dict[str, Any]]:
+    ) -> tuple[Latent]:
         request = SamplingRequest(seed, steps, cfg, sampler_name, scheduler, denoise=denoise)
         return run_ksampler(ctx, model, positive, negative, latent_image, request)
 
@@ -176,20 +183,20 @@ class KSamplerAdvanced(Node):
     def run(
         self,
         ctx: RunContext,
-        model: Any,
+        model: ModelHandle,
         add_noise: str,
         noise_seed: int,
         steps: int,
         cfg: float,
         sampler_name: str,
         scheduler: str,
-        positive: Any,
-        negative: Any,
-        latent_image: Any,
+        positive: Conditioning,
+        negative: Conditioning,
+        latent_image: Latent,
         start_at_step: int,
         end_at_step: int,
         return_with_leftover_noise: str,
-    ) -> tuple[dict[str, Any]]:
+    ) -> tuple[Latent]:
         request = SamplingRequest(
             noise_seed,
             steps,

@@ -15,6 +15,7 @@ from nodegraph.types import MODEL, SAMPLER, SIGMAS
 from nodes.custom_sampling import SamplerChoice
 from nodes.sampling import check_model
 from nodes.sd import sigmas as sig
+from nodes.sd.handles import ModelHandle
 from nodes.sd.schedules import SCHEDULER_NAMES, sampler_sigmas
 
 _SCHEDULERS = "sampling/custom_sampling/schedulers"
@@ -54,7 +55,7 @@ class BasicScheduler(Node):
     OUTPUTS = (Output(SIGMAS),)
 
     def run(
-        self, ctx: RunContext, model: Any, scheduler: str, steps: int, denoise: float
+        self, ctx: RunContext, model: ModelHandle, scheduler: str, steps: int, denoise: float
     ) -> tuple[torch.Tensor]:
         check_model(model)
         # denoise < 1: a schedule for int(steps / denoise) steps, its last steps + 1 sigmas
@@ -109,7 +110,7 @@ class SDTurboScheduler(Node):
     )
     OUTPUTS = (Output(SIGMAS),)
 
-    def run(self, ctx: RunContext, model: Any, steps: int, denoise: float) -> tuple[torch.Tensor]:
+    def run(self, ctx: RunContext, model: ModelHandle, steps: int, denoise: float) -> tuple[torch.Tensor]:
         check_model(model)
         return (sig.sd_turbo(model.sampling.schedule, steps, denoise),)
 
@@ -136,7 +137,7 @@ class SplitSigmas(Node):
     INPUTS = (Socket("sigmas", SIGMAS), Int("step", 0, min=0, max=10000))
     OUTPUTS = (Output(SIGMAS, "high_sigmas"), Output(SIGMAS, "low_sigmas"))
 
-    def run(self, ctx: RunContext, sigmas: Any, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, ctx: RunContext, sigmas: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return sig.split(_sigmas_in(sigmas), step)
 
 
@@ -147,7 +148,7 @@ class SplitSigmasDenoise(Node):
     INPUTS = (Socket("sigmas", SIGMAS), Float("denoise", 1.0, min=0.0, max=1.0, step=0.01))
     OUTPUTS = (Output(SIGMAS, "high_sigmas"), Output(SIGMAS, "low_sigmas"))
 
-    def run(self, ctx: RunContext, sigmas: Any, denoise: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, ctx: RunContext, sigmas: torch.Tensor, denoise: float) -> tuple[torch.Tensor, torch.Tensor]:
         return sig.split_denoise(_sigmas_in(sigmas), denoise)
 
 
@@ -158,7 +159,7 @@ class FlipSigmas(Node):
     INPUTS = (Socket("sigmas", SIGMAS),)
     OUTPUTS = (Output(SIGMAS),)
 
-    def run(self, ctx: RunContext, sigmas: Any) -> tuple[torch.Tensor]:
+    def run(self, ctx: RunContext, sigmas: torch.Tensor) -> tuple[torch.Tensor]:
         return (sig.flip(_sigmas_in(sigmas)),)
 
 

@@ -16,6 +16,7 @@ from nodegraph.types import IMAGE, LATENT, VAE
 from nodes.sd import vae_tiled
 from nodes.sd.device import on_device
 from nodes.sd.handles import VaeHandle
+from nodes.sd.values import Latent
 
 
 def _temporal_inputs(verb: str) -> tuple[Int, Int]:
@@ -56,7 +57,7 @@ class VAEDecodeTiled(Node):
     def run(
         self,
         ctx: RunContext,
-        samples: dict[str, Any],
+        samples: Latent,
         vae: VaeHandle,
         tile_size: int,
         overlap: int,
@@ -100,7 +101,7 @@ class VAEEncodeTiled(Node):
         overlap: int,
         temporal_size: int,
         temporal_overlap: int,
-    ) -> tuple[dict[str, Any]]:
+    ) -> tuple[Latent]:
         # ComfyUI passes encode sizes in image pixels and does not clamp the overlap here.
         latent = vae_tiled.encode_tiled(
             on_device(ctx.env, vae.vae, "vae"),

@@ -36,6 +36,7 @@ from nodes.sd.patcher import patched
 from nodes.sd.samplers import CFG_PP, DISCARD_PENULTIMATE, SAMPLERS
 from nodes.sd.samplers.k_diffusion import Model, Sampler
 from nodes.sd.schedules import DiscreteSchedule, sampler_sigmas, split_sigmas
+from nodes.sd.values import Latent
 
 SD15_SCALE = 0.18215
 SDXL_SCALE = 0.13025  # comfy/latent_formats.py SDXL (base and refiner)
@@ -76,7 +77,7 @@ def sigmas_for(request: SamplingRequest, schedule: DiscreteSchedule) -> torch.Te
     return split_sigmas(sigmas, request.start_step, request.last_step, request.force_full_denoise)
 
 
-def initial_noise(latent: dict[str, Any], request: SamplingRequest) -> torch.Tensor:
+def initial_noise(latent: Latent, request: SamplingRequest) -> torch.Tensor:
     samples: torch.Tensor = latent["samples"]
     if not request.add_noise:
         return torch.zeros(samples.size(), dtype=samples.dtype, layout=samples.layout)
@@ -172,7 +173,7 @@ def run_sampler(
     unet: Any,
     positive: Any,
     negative: Any,
-    latent: dict[str, Any],
+    latent: Latent,
     request: SamplingRequest,
     on_step: StepCallback | None = None,
     device: torch.device | None = None,
@@ -204,7 +205,7 @@ def run_sampler(
 def run_guided(
     unet: Any,
     guide: Guide,
-    latent: dict[str, Any],
+    latent: Latent,
     noise: torch.Tensor,
     sigmas: torch.Tensor,
     sampler_name: str,
@@ -270,11 +271,11 @@ def sample(
     model: Any,
     positive: Any,
     negative: Any,
-    latent: dict[str, Any],
+    latent: Latent,
     request: SamplingRequest,
     on_step: StepCallback | None = None,
     where: Placement | None = None,
-) -> dict[str, Any]:
+) -> Latent:
     """common_ksampler: patch the model's LoRAs in, sample, and return a new LATENT dict."""
     if where is not None:
         place(model.unet, where.device, where.unet)
@@ -286,6 +287,6 @@ def sample(
     ):
         device = next(unet.parameters()).device
         samples = run_sampler(unet, positive, negative, latent, request, on_step, device, model.sampling)
-    out = dict(latent)
+    out = latent.copy()
     out["samples"] = samples
     return out

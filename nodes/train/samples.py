@@ -24,6 +24,7 @@ from nodes.sd.ksampler import SamplingRequest, run_sampler
 from nodes.sd.prompt import tokenize
 from nodes.sd.text_encoder import encode_prompt
 from nodes.sd.vae import decode
+from nodes.sd.values import Conditioning, Latent
 
 # kohya's --sample_sampler names -> nodegraph's (ComfyUI's) sampler names
 SAMPLERS = {
@@ -115,9 +116,11 @@ def render(
             seed = p.seed if p.seed is not None else trainer.options.seed + i
             request = SamplingRequest(seed, p.steps, p.scale, SAMPLERS[p.sampler or sampler], "normal")
             with torch.inference_mode():
-                positive = [[*encode_prompt(clip, tokenize(p.prompt, trainer.tokenizer))[:1], {}]]
-                negative = [[*encode_prompt(clip, tokenize(p.negative, trainer.tokenizer))[:1], {}]]
-                latent = {"samples": torch.zeros(1, 4, p.height // 8, p.width // 8)}
+                positive: Conditioning = [(encode_prompt(clip, tokenize(p.prompt, trainer.tokenizer))[0], {})]
+                negative: Conditioning = [
+                    (encode_prompt(clip, tokenize(p.negative, trainer.tokenizer))[0], {})
+                ]
+                latent: Latent = {"samples": torch.zeros(1, 4, p.height // 8, p.width // 8)}
                 samples = run_sampler(models.unet, positive, negative, latent, request, None, trainer.device)
                 image = decode(models.vae, samples)[0]
             pixels = (image.numpy() * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
