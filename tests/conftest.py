@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         parts = item.path.relative_to(tests).parts if item.path.is_relative_to(tests) else ()
         if parts and parts[0] in TIERS:
             item.add_marker(TIERS[parts[0]])
+
+
+@pytest.fixture(autouse=True)
+def no_process_caches_between_tests() -> Iterator[None]:
+    """The node layer's process-wide LoRA caches (read files, decoded weights: up to 3 GB) are
+    emptied after every test, so no test sees another's entries and the session's memory stays flat.
+    Only when a test loaded them: engine tests never import torch."""
+    yield
+    loader = sys.modules.get("nodes.sd.lora.loader")
+    if loader is not None:
+        loader.clear_caches()
 
 
 @pytest.fixture(scope="session")

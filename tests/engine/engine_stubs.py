@@ -295,3 +295,12 @@ def pair_prompt(kind: str = "Pair") -> dict[str, Any]:
         "5": {"class_type": "Scale", "inputs": {"x": ["2", 1], "factor": 1.0}},
         "6": {"class_type": "Show", "inputs": {"x": ["5", 0]}},
     }
+
+
+def reset_stub_state() -> None:
+    """Empty the stubs' class-level records (run counts, what they saw), so no test sees another's."""
+    Source.RUNS[0] = 0
+    Pair.RUNS[0] = 0
+    Show.SEEN.clear()
+    Slow.STEPS_DONE.clear()
+    Stamp.CONTENTS.clear()

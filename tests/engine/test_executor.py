@@ -115,7 +115,6 @@ def test_non_idempotent_nodes_are_not_shared(executor: Executor) -> None:
 
 
 def test_hidden_inputs(executor: Executor) -> None:
-    Show.SEEN.clear()
     prompt = chain_prompt()
     run(executor, prompt, extra_data={"extra_pnginfo": {"workflow": {"w": 1}}})
     seen = Show.SEEN[0]
@@ -182,7 +181,6 @@ def slow_prompt(steps: int = 1000) -> dict[str, Any]:
 def test_interrupt_from_another_thread_stops_within_a_step(executor: Executor) -> None:
     Slow.STARTED.clear()
     Slow.GATE.clear()
-    Slow.STEPS_DONE.clear()
     rec = Recorder()
     result: list[Outcome] = []
     worker = threading.Thread(target=lambda: result.append(run(executor, slow_prompt(), rec)))
@@ -267,7 +265,6 @@ def test_identical_nodes_in_one_prompt_run_once(executor: Executor) -> None:
     prompt = chain_prompt()
     prompt["6"] = {"class_type": "Source", "inputs": {"value": 3, "mode": "a"}}  # the same as node 1
     prompt["7"] = {"class_type": "Show", "inputs": {"x": ["6", 0]}}
-    Source.RUNS[0] = 0
     outcome = run(executor, prompt)
     assert Source.RUNS[0] == 1 and outcome.status == "success"
     ran = {"1", "6"} & set(outcome.executed)

@@ -22,22 +22,6 @@ def clip(models_env: Environment) -> ClipHandle:
     return CheckpointLoaderSimple().run(RecordingContext(models_env), "mini.safetensors")[1]
 
 
-def test_declarations_match_comfyui(models_env: Environment) -> None:
-    info = CLIPTextEncode.info(models_env)
-    assert info["input"]["required"]["text"] == [
-        "STRING",
-        {"default": "", "multiline": True, "dynamicPrompts": True, "tooltip": "The text to be encoded."},
-    ]
-    assert info["input_order"]["required"] == ["text", "clip"]
-    assert info["display_name"] == "CLIP Text Encode (Prompt)" and info["category"] == "conditioning"
-    last = CLIPSetLastLayer.info(models_env)["input"]["required"]["stop_at_clip_layer"]
-    assert last == ["INT", {"default": -1, "min": -24, "max": -1, "step": 1}]
-    assert ConditioningCombine.info(models_env)["input_order"]["required"] == [
-        "conditioning_1",
-        "conditioning_2",
-    ]
-
-
 def test_encode_node_gives_comfyuis_conditioning(models_env: Environment, clip: ClipHandle) -> None:
     (cond,) = CLIPTextEncode().run(RecordingContext(models_env), PROMPT, clip)
     assert len(cond) == 1 and set(cond[0][1]) == {"pooled_output"}

@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 from nodegraph.engine import Settings, build_engine
-from nodegraph.env import Environment
 from nodegraph.events import Event
 from nodegraph.testing import RecordingContext
 from nodegraph.validate import validate_prompt
@@ -34,80 +33,6 @@ from tests.conftest import ORACLE
 RES = 16384  # ComfyUI's MAX_RESOLUTION
 STRENGTH = ["FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}]
 STEP8 = {"default": 0, "min": 0, "max": RES, "step": 8}
-
-# ComfyUI nodes.py INPUT_TYPES / RETURN_TYPES / display names / categories, written out
-COMFY_SPECS: dict[str, tuple[dict[str, Any], list[str], str, str]] = {
-    "ConditioningSetArea": (
-        {
-            "conditioning": ["CONDITIONING"],
-            "width": ["INT", {"default": 64, "min": 64, "max": RES, "step": 8}],
-            "height": ["INT", {"default": 64, "min": 64, "max": RES, "step": 8}],
-            "x": ["INT", STEP8],
-            "y": ["INT", STEP8],
-            "strength": STRENGTH,
-        },
-        ["CONDITIONING"],
-        "Conditioning (Set Area)",
-        "conditioning",
-    ),
-    "ConditioningSetAreaPercentage": (
-        {
-            "conditioning": ["CONDITIONING"],
-            "width": ["FLOAT", {"default": 1.0, "min": 0, "max": 1.0, "step": 0.01}],
-            "height": ["FLOAT", {"default": 1.0, "min": 0, "max": 1.0, "step": 0.01}],
-            "x": ["FLOAT", {"default": 0, "min": 0, "max": 1.0, "step": 0.01}],
-            "y": ["FLOAT", {"default": 0, "min": 0, "max": 1.0, "step": 0.01}],
-            "strength": STRENGTH,
-        },
-        ["CONDITIONING"],
-        "Conditioning (Set Area with Percentage)",
-        "conditioning",
-    ),
-    "ConditioningSetAreaStrength": (
-        {"conditioning": ["CONDITIONING"], "strength": STRENGTH},
-        ["CONDITIONING"],
-        "ConditioningSetAreaStrength",
-        "conditioning",
-    ),
-    "ConditioningSetMask": (
-        {
-            "conditioning": ["CONDITIONING"],
-            "mask": ["MASK"],
-            "strength": STRENGTH,
-            "set_cond_area": [["default", "mask bounds"]],
-        },
-        ["CONDITIONING"],
-        "Conditioning (Set Mask)",
-        "conditioning",
-    ),
-    "ImagePadForOutpaint": (
-        {
-            "image": ["IMAGE"],
-            "left": ["INT", STEP8],
-            "top": ["INT", STEP8],
-            "right": ["INT", STEP8],
-            "bottom": ["INT", STEP8],
-            "feathering": ["INT", {"default": 40, "min": 0, "max": RES, "step": 1}],
-        },
-        ["IMAGE", "MASK"],
-        "Pad Image for Outpainting",
-        "image",
-    ),
-}
-
-
-@pytest.mark.parametrize("node_id", sorted(COMFY_SPECS))
-def test_object_info_is_comfyuis(env: Environment, node_id: str) -> None:
-    registry = {cls.NODE_ID: cls for cls in all_nodes()}
-    inputs, outputs, display, category = COMFY_SPECS[node_id]
-    info = registry[node_id].info(env)
-    assert info["input_order"] == {"required": list(inputs)}
-    for name, spec in inputs.items():
-        ours = info["input"]["required"][name]
-        assert ours[0] == spec[0], name
-        assert (ours[1] if len(ours) > 1 else {}) == (spec[1] if len(spec) > 1 else {}), name
-    assert info["output"] == outputs
-    assert (info["display_name"], info["category"], info["output_node"]) == (display, category, False)
 
 
 def test_area_nodes_set_comfyuis_options_without_touching_their_input(ctx: RecordingContext) -> None:

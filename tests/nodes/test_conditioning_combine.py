@@ -4,37 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from nodegraph.env import Environment
 from nodegraph.testing import RecordingContext
 from nodes.conditioning_combine import ConditioningAverage, ConditioningConcat, ConditioningSetTimestepRange
 from nodes.sd.guidance import cond_entries
 from nodes.sd.schedules import sd15_schedule
-
-
-def test_declarations_are_comfyuis(env: Environment) -> None:
-    info = ConditioningAverage.info(env)
-    assert info["input_order"]["required"] == [
-        "conditioning_to",
-        "conditioning_from",
-        "conditioning_to_strength",
-    ]
-    assert info["input"]["required"]["conditioning_to_strength"][1] == {
-        "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01
-    }  # fmt: skip
-    # ComfyUI's display mapping key has a trailing space, so the class name shows
-    assert (info["category"], info["display_name"]) == ("conditioning", "ConditioningAverage")
-    info = ConditioningConcat.info(env)
-    assert info["input_order"]["required"] == ["conditioning_to", "conditioning_from"]
-    assert (info["category"], info["display_name"]) == ("conditioning", "Conditioning (Concat)")
-    info = ConditioningSetTimestepRange.info(env)
-    req = info["input"]["required"]
-    assert info["input_order"]["required"] == ["conditioning", "start", "end"]
-    assert req["start"][1] == {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}
-    assert req["end"][1] == {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}
-    assert (info["category"], info["display_name"]) == (
-        "advanced/conditioning",
-        "ConditioningSetTimestepRange",
-    )
 
 
 def test_average_lerps_and_pads_or_cuts_from(ctx: RecordingContext) -> None:

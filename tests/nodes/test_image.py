@@ -83,13 +83,6 @@ def test_preview_image_goes_to_temp_with_a_random_suffix(env: Environment, ctx: 
     assert (env.folders.temp_dir / entry["filename"]).is_file()
 
 
-def test_save_image_declaration_is_comfyuis(env: Environment) -> None:
-    info = SaveImage.info(env)
-    assert info["output_node"] is True and info["output"] == []
-    assert info["input"]["required"]["filename_prefix"][1]["default"] == "ComfyUI"
-    assert info["input"]["hidden"] == {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
-
-
 def test_load_image_rgba_gives_inverted_alpha_mask(env: Environment, ctx: RecordingContext) -> None:
     rgba = np.zeros((5, 7, 4), dtype=np.uint8)
     rgba[..., 0] = 255

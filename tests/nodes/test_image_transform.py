@@ -6,36 +6,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nodegraph.env import Environment
 from nodegraph.testing import RecordingContext
 from nodes.image_transform import EmptyImage, ImageBatch, ImageInvert, ImageScale, ImageScaleBy
 
 METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
-
-
-def test_declarations_are_comfyuis(env: Environment) -> None:
-    info = ImageScale.info(env)
-    req = info["input"]["required"]
-    assert info["input_order"]["required"] == ["image", "upscale_method", "width", "height", "crop"]
-    assert req["upscale_method"][0] == METHODS and req["crop"][0] == ["disabled", "center"]
-    assert req["width"][1] == {"default": 512, "min": 0, "max": 16384, "step": 1}
-    assert (info["category"], info["display_name"]) == ("image/upscaling", "Upscale Image")
-    info = ImageScaleBy.info(env)
-    assert info["input_order"]["required"] == ["image", "upscale_method", "scale_by"]
-    assert info["input"]["required"]["scale_by"][1] == {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01}
-    assert (info["category"], info["display_name"]) == ("image/upscaling", "Upscale Image By")
-    info = EmptyImage.info(env)
-    req = info["input"]["required"]
-    assert info["input_order"]["required"] == ["width", "height", "batch_size", "color"]
-    assert req["width"][1] == {"default": 512, "min": 1, "max": 16384, "step": 1}
-    assert req["batch_size"][1] == {"default": 1, "min": 1, "max": 4096, "step": 1}
-    assert req["color"][1] == {"default": 0, "min": 0, "max": 0xFFFFFF, "step": 1, "display": "color"}
-    assert (info["category"], info["display_name"]) == ("image", "EmptyImage")
-    assert (ImageInvert.info(env)["display_name"], ImageBatch.info(env)["display_name"]) == (
-        "Invert Image",
-        "Batch Images",
-    )
-    assert ImageBatch.info(env)["input_order"]["required"] == ["image1", "image2"]
 
 
 def test_scale_follows_aspect_for_a_zero_side_and_passes_through_zero_zero(ctx: RecordingContext) -> None:

@@ -16,21 +16,6 @@ from nodes.inpaint import LoadImageMask, SetLatentNoiseMask, VAEEncodeForInpaint
 from nodes.loaders import CheckpointLoaderSimple
 
 
-def test_declarations_are_comfyuis(env: Environment) -> None:
-    info = VAEEncodeForInpaint.info(env)
-    assert info["input_order"]["required"] == ["pixels", "vae", "mask", "grow_mask_by"]
-    assert info["input"]["required"]["grow_mask_by"][1] == {"default": 6, "min": 0, "max": 64, "step": 1}
-    assert (info["category"], info["display_name"]) == ("latent/inpaint", "VAE Encode (for Inpainting)")
-    info = SetLatentNoiseMask.info(env)
-    assert info["input_order"]["required"] == ["samples", "mask"] and info["output"] == ["LATENT"]
-    assert (info["category"], info["display_name"]) == ("latent/inpaint", "Set Latent Noise Mask")
-    info = LoadImageMask.info(env)
-    assert info["input_order"]["required"] == ["image", "channel"] and info["output"] == ["MASK"]
-    assert info["input"]["required"]["channel"][0] == ["alpha", "red", "green", "blue"]
-    assert info["input"]["required"]["image"][1] == {"image_upload": True}
-    assert (info["category"], info["display_name"]) == ("mask", "Load Image (as Mask)")
-
-
 def test_set_latent_noise_mask_reshapes(ctx: RecordingContext) -> None:
     src = {"samples": torch.zeros(1, 4, 8, 8)}
     (out,) = SetLatentNoiseMask().run(ctx, src, torch.ones(64, 64))

@@ -264,34 +264,6 @@ def test_a_four_channel_model_ignores_the_concat_options(ctx: RecordingContext) 
     assert torch.equal(with_options["samples"], without["samples"])
 
 
-def test_object_info_is_comfyuis(engine: Any) -> None:
-    info = InpaintModelConditioning.info(engine.env)
-    required = info["input"]["required"]
-    assert info["input_order"]["required"] == ["positive", "negative", "vae", "pixels", "mask", "noise_mask"]
-    assert [required[k][0] for k in ("positive", "negative", "vae", "pixels", "mask")] == [
-        "CONDITIONING",
-        "CONDITIONING",
-        "VAE",
-        "IMAGE",
-        "MASK",
-    ]
-    assert required["noise_mask"] == [
-        "BOOLEAN",
-        {
-            "default": True,
-            "tooltip": "Add a noise mask to the latent so sampling will only happen within the mask. "
-            "Might improve results or completely break things depending on the model.",
-        },
-    ]
-    assert info["output"] == ["CONDITIONING", "CONDITIONING", "LATENT"]
-    assert info["output_name"] == ["positive", "negative", "latent"]
-    assert (info["category"], info["display_name"], info["output_node"]) == (
-        "conditioning/inpaint",
-        "InpaintModelConditioning",
-        False,
-    )
-
-
 def test_inpaint_workflow_with_an_inpainting_checkpoint_writes_a_png(engine: Any) -> None:
     prompt: dict[str, Any] = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "mini_inpaint.safetensors"}},

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 
-from nodegraph.env import Environment
 from nodegraph.testing import RecordingContext
 from nodes.latent_batch import LatentFromBatch, RepeatLatentBatch
 from nodes.latent_transform import (
@@ -19,63 +16,6 @@ from nodes.latent_transform import (
     LatentUpscaleBy,
 )
 from nodes.sd.noise import prepare_noise
-
-
-def spec(cls: Any, env: Environment) -> tuple[list[str], dict[str, Any], str, str]:
-    info = cls.info(env)
-    required = info["input"]["required"]
-    return (
-        info["input_order"]["required"],
-        {name: value[1] for name, value in required.items()},
-        info["category"],
-        info["display_name"],
-    )
-
-
-def test_declarations_are_comfyuis(env: Environment) -> None:
-    order, opts, category, name = spec(LatentUpscaleBy, env)
-    assert order == ["samples", "upscale_method", "scale_by"] and (category, name) == (
-        "latent",
-        "Upscale Latent By",
-    )
-    assert opts["scale_by"] == {"default": 1.5, "min": 0.01, "max": 8.0, "step": 0.01}
-    assert LatentUpscaleBy.info(env)["input"]["required"]["upscale_method"][0] == [
-        "nearest-exact", "bilinear", "area", "bicubic", "bislerp"
-    ]  # fmt: skip
-    order, opts, category, name = spec(LatentFromBatch, env)
-    assert order == ["samples", "batch_index", "length"] and (category, name) == (
-        "latent/batch",
-        "Latent From Batch",
-    )
-    assert opts["batch_index"] == {"default": 0, "min": 0, "max": 63, "step": 1}
-    assert opts["length"] == {"default": 1, "min": 1, "max": 64, "step": 1}
-    order, opts, category, name = spec(RepeatLatentBatch, env)
-    assert order == ["samples", "amount"] and opts["amount"] == {"default": 1, "min": 1, "max": 64, "step": 1}
-    assert (category, name) == ("latent/batch", "Repeat Latent Batch")
-    order, opts, category, name = spec(LatentComposite, env)
-    assert order == ["samples_to", "samples_from", "x", "y", "feather"] and (category, name) == (
-        "latent", "Latent Composite"
-    )  # fmt: skip
-    assert opts["feather"] == {"default": 0, "min": 0, "max": 16384, "step": 8}
-    order, opts, category, name = spec(LatentBlend, env)
-    assert order == ["samples1", "samples2", "blend_factor"] and (category, name) == (
-        "_for_testing",
-        "Latent Blend",
-    )
-    assert opts["blend_factor"] == {"default": 0.5, "min": 0, "max": 1, "step": 0.01}
-    order, opts, category, name = spec(LatentCrop, env)
-    assert order == ["samples", "width", "height", "x", "y"] and (category, name) == (
-        "latent/transform",
-        "Crop Latent",
-    )
-    assert opts["width"] == {"default": 512, "min": 64, "max": 16384, "step": 8}
-    assert opts["x"] == {"default": 0, "min": 0, "max": 16384, "step": 8}
-    info = LatentRotate.info(env)
-    assert info["input"]["required"]["rotation"][0] == ["none", "90 degrees", "180 degrees", "270 degrees"]
-    assert (info["category"], info["display_name"]) == ("latent/transform", "Rotate Latent")
-    info = LatentFlip.info(env)
-    assert info["input"]["required"]["flip_method"][0] == ["x-axis: vertically", "y-axis: horizontally"]
-    assert (info["category"], info["display_name"]) == ("latent/transform", "Flip Latent")
 
 
 def test_upscale_by_rounds_each_side_and_keeps_other_keys(ctx: RecordingContext) -> None:

@@ -59,15 +59,4 @@ def test_saved_checkpoint_loads_and_matches_the_patched_model(
     assert all(torch.equal(p, dict(ckpt.vae.named_parameters())[n]) for n, p in saved.vae.named_parameters())
 
 
-def test_object_info_is_comfyuis() -> None:
-    info = CheckpointSave.info(None)
-    assert info["input_order"] == {
-        "required": ["model", "clip", "vae", "filename_prefix"],
-        "hidden": ["prompt", "extra_pnginfo"],
-    }
-    assert info["output_node"] is True and info["input"]["required"]["filename_prefix"][1]["default"] == (
-        "checkpoints/ComfyUI"
-    )
-
-
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

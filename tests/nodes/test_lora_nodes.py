@@ -42,32 +42,6 @@ def _loras(ctx: RecordingContext) -> Path:
     return ctx.env.folders.paths("loras")[0]
 
 
-def test_object_info_matches_comfyui() -> None:
-    info = LoraLoader.info(None)
-    assert info["input_order"]["required"] == [
-        "model",
-        "clip",
-        "lora_name",
-        "strength_model",
-        "strength_clip",
-    ]
-    opts = info["input"]["required"]["strength_model"][1]
-    assert {k: opts[k] for k in ("default", "min", "max", "step")} == {
-        "default": 1.0,
-        "min": -100.0,
-        "max": 100.0,
-        "step": 0.01,
-    }
-    assert (info["output"], info["display_name"], info["category"]) == (
-        ["MODEL", "CLIP"],
-        "Load LoRA",
-        "loaders",
-    )
-    only = LoraLoaderModelOnly.info(None)
-    assert only["input_order"]["required"] == ["model", "lora_name", "strength_model"]
-    assert (only["output"], only["display_name"]) == (["MODEL"], "LoraLoaderModelOnly")
-
-
 def test_both_strengths_zero_returns_the_inputs(ctx: RecordingContext, handles: Any) -> None:
     model, clip = handles
     out = LoraLoader().run(ctx, model, clip, "missing.safetensors", 0.0, 0.0)

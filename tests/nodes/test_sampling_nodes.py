@@ -222,32 +222,6 @@ def test_every_sampler_runs_through_the_node(env: Environment, model: ModelHandl
     assert out.shape == (1, 4, 8, 8) and bool(torch.isfinite(out).all())
 
 
-def test_node_declarations_match_comfyui() -> None:
-    info = KSampler.info(None)["input"]["required"]
-    assert info["seed"][1]["max"] == 0xFFFFFFFFFFFFFFFF and info["seed"][1]["control_after_generate"]
-    assert info["steps"][1]["default"] == 20 and info["cfg"][1]["default"] == 8.0
-    assert info["cfg"][1]["round"] == 0.01 and info["denoise"][1]["max"] == 1.0
-    assert info["scheduler"][0][:3] == ["simple", "sgm_uniform", "karras"]
-    adv = KSamplerAdvanced.info(None)
-    assert adv["input_order"]["required"] == [
-        "model",
-        "add_noise",
-        "noise_seed",
-        "steps",
-        "cfg",
-        "sampler_name",
-        "scheduler",
-        "positive",
-        "negative",
-        "latent_image",
-        "start_at_step",
-        "end_at_step",
-        "return_with_leftover_noise",
-    ]
-    assert adv["input"]["required"]["end_at_step"][1]["default"] == 10000
-    assert adv["display_name"] == "KSampler (Advanced)"
-
-
 def test_cfg_pp_samplers_run_the_uncond_pass_even_at_cfg_one(env: Environment, model: ModelHandle) -> None:
     sizes, hook = count_batches(model)
     try:

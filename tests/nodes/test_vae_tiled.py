@@ -3,8 +3,6 @@ the untiled VAE nodes on the oracle's mini checkpoint."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 import torch
@@ -199,33 +197,6 @@ def test_a_local_function_gives_the_same_result_tiled_and_whole() -> None:
 
 
 # ---- (d) declarations and validation
-
-
-def _options(info: dict[str, Any], name: str) -> dict[str, Any]:
-    spec = info["input"]["required"][name]
-    assert spec[0] == "INT"
-    return {k: spec[1][k] for k in ("default", "min", "max", "step")}
-
-
-def test_object_info_is_comfyuis(models_env: Environment) -> None:
-    infos = Registry(all_nodes()).object_info(models_env)
-    decode, encode = infos["VAEDecodeTiled"], infos["VAEEncodeTiled"]
-    order = ["vae", "tile_size", "overlap", "temporal_size", "temporal_overlap"]
-    assert decode["input_order"]["required"] == ["samples", *order]
-    assert encode["input_order"]["required"] == ["pixels", *order]
-    assert decode["input"]["required"]["samples"][0] == "LATENT"
-    assert encode["input"]["required"]["pixels"][0] == "IMAGE"
-    assert _options(decode, "tile_size") == {"default": 512, "min": 64, "max": 4096, "step": 32}
-    assert _options(encode, "tile_size") == {"default": 512, "min": 64, "max": 4096, "step": 64}
-    for info in (decode, encode):
-        assert _options(info, "overlap") == {"default": 64, "min": 0, "max": 4096, "step": 32}
-        assert _options(info, "temporal_size") == {"default": 64, "min": 8, "max": 4096, "step": 4}
-        assert _options(info, "temporal_overlap") == {"default": 8, "min": 4, "max": 4096, "step": 4}
-        assert info["category"] == "_for_testing" and info["output_node"] is False
-    assert (decode["display_name"], decode["output"]) == ("VAE Decode (Tiled)", ["IMAGE"])
-    assert (encode["display_name"], encode["output"]) == ("VAE Encode (Tiled)", ["LATENT"])
-    tooltip = decode["input"]["required"]["temporal_size"][1]["tooltip"]
-    assert tooltip == "Only used for video VAEs: Amount of frames to decode at a time."
 
 
 @pytest.mark.parametrize(
