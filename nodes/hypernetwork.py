@@ -7,7 +7,6 @@ applies the stack to the UNet's attentions while it samples (nodes/sd/hypernetwo
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 from nodegraph.node import FileChoice, Float, Node, Output, RunContext, Socket
 from nodegraph.primitives import file_stamp
@@ -27,7 +26,9 @@ class HypernetworkLoader(Node):
     )
     OUTPUTS = (Output(MODEL),)
 
-    def run(self, ctx: RunContext, model: Any, hypernetwork_name: str, strength: float) -> tuple[ModelHandle]:
+    def run(
+        self, ctx: RunContext, model: ModelHandle, hypernetwork_name: str, strength: float
+    ) -> tuple[ModelHandle]:
         if not isinstance(model, ModelHandle):
             raise ValueError("model: expected a MODEL from a checkpoint loader")
         path = ctx.env.folders.resolve("hypernetworks", hypernetwork_name)

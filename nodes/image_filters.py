@@ -229,7 +229,11 @@ class MaskPreview(Node):
     OUTPUTS = ()
 
     def run(
-        self, ctx: RunContext, mask: torch.Tensor, prompt: Any = None, extra_pnginfo: Any = None
+        self,
+        ctx: RunContext,
+        mask: torch.Tensor,
+        prompt: dict[str, Any] | None = None,
+        extra_pnginfo: dict[str, Any] | None = None,
     ) -> Result:
         images = batched(mask)[..., None].expand(-1, -1, -1, 3)
         prefix = "ComfyUI_temp_" + "".join(random.choice(PREVIEW_CHARS) for _ in range(5))

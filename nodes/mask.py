@@ -7,15 +7,14 @@ Nodes never modify the tensors they were given.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
 
 from nodegraph.node import MAX_RESOLUTION, Boolean, Combo, Float, Int, Node, Output, RunContext, Socket
 from nodegraph.types import IMAGE, LATENT, MASK
+from nodes.sd.values import Latent
 
-Latent = dict[str, Any]
 CHANNELS = ("red", "green", "blue", "alpha")
 
 
@@ -102,7 +101,7 @@ class LatentCompositeMasked(Node):
         resize_source: bool,
         mask: torch.Tensor | None = None,
     ) -> tuple[Latent]:
-        out = dict(destination)
+        out = destination.copy()
         target = destination["samples"].clone()
         out["samples"] = composite(target, source["samples"], x, y, mask, 8, resize_source)
         return (out,)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from nodegraph.node import Float, Node, Output, RunContext, Socket
@@ -23,7 +21,7 @@ class Canny(Node):
     OUTPUTS = (Output(IMAGE),)
 
     def run(
-        self, ctx: RunContext, image: Any, low_threshold: float, high_threshold: float
+        self, ctx: RunContext, image: torch.Tensor, low_threshold: float, high_threshold: float
     ) -> tuple[torch.Tensor]:
         if not isinstance(image, torch.Tensor) or image.dim() != 4:
             raise ValueError("image: expected an IMAGE [batch, height, width, channels]")
