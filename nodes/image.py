@@ -7,9 +7,11 @@ ComfyUI's dict `{"samples": [B, 4, h, w]}`. File naming, PNG metadata and the ui
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,17 @@ def _next_counter(folder: Path, stem: str) -> int:
     return best + 1
 
 
+def _link_or_copy(tmp: str, target: Path, data: bytes) -> None:
+    """Hard-link `tmp` to `target`; where links are not supported, create `target` exclusively."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some network and FAT file systems)
+        with open(target, "xb") as out:
+            out.write(data)
+
+
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """ComfyUI's conversion: `clip(255·x, 0, 255).astype(uint8)` (truncates)."""
     return np.clip(255.0 * image.cpu().numpy(), 0, 255).astype(np.uint8)
@@ -191,11 +204,36 @@ def save_images(
     info = png_metadata(env, prompt, extra)
     results = []
     for batch_number, image in enumerate(images):
-        name = f"{stem.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
-        Image.fromarray(to_uint8(image)).save(folder / name, pnginfo=info, compress_level=compress)
+        buffer = io.BytesIO()
+        Image.fromarray(to_uint8(image)).save(buffer, format="PNG", pnginfo=info, compress_level=compress)
+        stem_n = stem.replace("%batch_num%", str(batch_number))
+        name, counter = _write_new(folder, stem_n, counter, buffer.getvalue())
         results.append({"filename": name, "subfolder": subfolder, "type": kind})
         counter += 1
     return results
+
+
+def _write_new(folder: Path, stem: str, counter: int, data: bytes) -> tuple[str, int]:
+    """Write `<stem>_<counter:05>_.png` whole under a name no other writer holds; (name, counter used).
+
+    The file is written aside and linked into place: the link fails if the name exists, so two
+    processes saving the same prefix at once (two Ray workers on one machine) take the next counter
+    instead of overwriting each other, and a crash never leaves a half-written PNG under the name.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".png.partial", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        for _ in range(10_000):
+            name = f"{stem}_{counter:05}_.png"
+            try:
+                _link_or_copy(tmp, folder / name, data)
+                return name, counter
+            except FileExistsError:
+                counter += 1
+        raise FileExistsError(f"no free file name for {stem!r} in {folder}")
+    finally:
+        os.unlink(tmp)
 
 
 class SaveImage(Node):

@@ -64,6 +64,23 @@ def test_save_image_names_counts_and_writes_metadata(env: Environment, ctx: Reco
     assert again.ui["images"][0]["filename"] == "cat_24x16_00003_.png"  # type: ignore[index]
 
 
+def test_two_writers_saving_one_prefix_at_once_never_overwrite_each_other(
+    env: Environment, ctx: RecordingContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two Ray workers on one machine both compute the same next counter; each file must survive."""
+    import nodes.image as image_module
+
+    # both writers scanned the folder before either wrote: the same counter for both
+    monkeypatch.setattr(image_module, "_next_counter", lambda folder, stem: 1)
+    first = SaveImage().run(ctx, _image(), "race")
+    second = SaveImage().run(ctx, torch.ones(1, 16, 24, 3), "race")
+    names = [r.ui["images"][0]["filename"] for r in (first, second)]  # type: ignore[index]
+    assert names == ["race_00001_.png", "race_00002_.png"]
+    pixels = [np.asarray(Image.open(env.folders.output_dir / n)) for n in names]
+    assert not np.array_equal(pixels[0], pixels[1]) and pixels[1].min() == 255
+    assert sorted(p.name for p in env.folders.output_dir.iterdir()) == names  # no .partial left behind
+
+
 def test_save_image_without_metadata_when_disabled(env: Environment, ctx: RecordingContext) -> None:
     env.disable_metadata = True
     SaveImage().run(ctx, _image(), "plain", {"a": 1}, {"workflow": {}})
