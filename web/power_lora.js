@@ -30,7 +30,14 @@ function addRow(node, value) {
   const widget = {
     name: "", // renamed by renumber()
     type: "nodegraph_power_lora_row",
-    value: { on: true, lora: null, strength: 1, strengthTwo: null, ...value },
+    row: { on: true, lora: null, strength: 1, strengthTwo: null, ...value },
+    // The canvas (1.58) writes saved widgets_values into serialisable widgets by position after
+    // onConfigure; rgthree's layout ({}, header, rows..., {}, "") does not line up with our rows,
+    // so outside writes are ignored: rows are built from widgets_values in onConfigure only.
+    get value() {
+      return this.row;
+    },
+    set value(_ignored) {},
     nodegraphPowerRow: true,
     options: { serialize: true },
     draw() {},
