@@ -222,6 +222,7 @@ def _write_new(folder: Path, stem: str, counter: int, data: bytes) -> tuple[str,
     """
     fd, tmp = tempfile.mkstemp(prefix=".", suffix=".png.partial", dir=folder)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it 0600; a saved image is readable by others, as before
         with os.fdopen(fd, "wb") as out:
             out.write(data)
         for _ in range(10_000):

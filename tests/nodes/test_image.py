@@ -79,6 +79,7 @@ def test_two_writers_saving_one_prefix_at_once_never_overwrite_each_other(
     pixels = [np.asarray(Image.open(env.folders.output_dir / n)) for n in names]
     assert not np.array_equal(pixels[0], pixels[1]) and pixels[1].min() == 255
     assert sorted(p.name for p in env.folders.output_dir.iterdir()) == names  # no .partial left behind
+    assert all((env.folders.output_dir / n).stat().st_mode & 0o044 == 0o044 for n in names)  # not 0600
 
 
 def test_save_image_without_metadata_when_disabled(env: Environment, ctx: RecordingContext) -> None:
