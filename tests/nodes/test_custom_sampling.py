@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
-from test_sampling_nodes import WIDTH, cond, ksampler, latent
+from test_sampling_nodes import cond, ksampler, latent, tiny_model
 
 from nodegraph.env import Environment
 from nodegraph.folders import Folders
@@ -24,18 +23,7 @@ from nodes.sd.schedules import sd15_schedule
 @pytest.fixture(scope="module")
 def model() -> ModelHandle:
     """test_sampling_nodes' tiny random UNet (2 levels, 32/64 channels)."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=WIDTH,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ).eval()
-    return ModelHandle(unet=unet, source="tiny", family="sd15")
+    return tiny_model()
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from nodes.sd.handles import ModelHandle
 WIDTH = 32  # context width of the tiny UNet
 
 
-@pytest.fixture(scope="module")
-def model() -> ModelHandle:
+def tiny_model() -> ModelHandle:
+    """A tiny random UNet (2 levels, 32/64 channels, context width WIDTH), seeded."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -35,6 +35,11 @@ def model() -> ModelHandle:
         norm_num_groups=8,
     ).eval()
     return ModelHandle(unet=unet, source="tiny", family="sd15")
+
+
+@pytest.fixture(scope="module")
+def model() -> ModelHandle:
+    return tiny_model()
 
 
 @pytest.fixture
