@@ -8,6 +8,7 @@ dependency graph is built once, and every node's class is looked up once.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -123,7 +124,7 @@ class PromptGraph:
 
     def schedule(self, subset: Iterable[str]) -> list[str]:
         """`order`'s rule applied to a subset of the graph (the nodes not found in the cache)."""
-        return ordered(self.graph.subgraph(subset), self.targets, self.nodes)
+        return ordered(self.graph, self.targets, self.nodes, subset)
 
 
 def parse_node(node_id: str, node: Mapping[str, Any], registry: Registry) -> PromptNode:
@@ -133,7 +134,7 @@ def parse_node(node_id: str, node: Mapping[str, Any], registry: Registry) -> Pro
         raise KeyError(f"node {node_id}: unknown class_type {node['class_type']!r}; validate first")
     constants: dict[str, Any] = {}
     links: dict[str, Link] = {}
-    hidden = {inp.name for inp in cls.INPUTS if isinstance(inp, Hidden)}
+    hidden = _hidden_names(cls)
     for name, value in (node.get("inputs") or {}).items():
         if name in hidden:
             continue
@@ -143,6 +144,17 @@ def parse_node(node_id: str, node: Mapping[str, Any], registry: Registry) -> Pro
         elif not is_link(value):
             constants[name] = unwrap(value)
     return PromptNode(node_id, cls, constants, links)
+
+
+_HIDDEN: dict[type[Node], frozenset[str]] = {}
+
+
+def _hidden_names(cls: type[Node]) -> frozenset[str]:
+    """The names of a class's hidden inputs (filled by the engine, never read from the prompt)."""
+    names = _HIDDEN.get(cls)
+    if names is None:
+        names = _HIDDEN[cls] = frozenset(inp.name for inp in cls.INPUTS if isinstance(inp, Hidden))
+    return names
 
 
 def dependency_graph(nodes: Mapping[str, PromptNode], roots: Iterable[str]) -> nx.DiGraph:
@@ -161,20 +173,51 @@ def dependency_graph(nodes: Mapping[str, PromptNode], roots: Iterable[str]) -> n
     return graph
 
 
-def ordered(graph: nx.DiGraph, targets: Iterable[str], nodes: Mapping[str, Any]) -> list[str]:
+def ordered(
+    graph: nx.DiGraph, targets: Iterable[str], nodes: Mapping[str, Any], subset: Iterable[str] | None = None
+) -> list[str]:
     """Topological order, output nodes first among the ready ones, then nodes that feed an output
     (ComfyUI's `ux_friendly_pick_node`), then prompt order.
+
+    The order of `networkx.lexicographical_topological_sort` with that key, computed on plain dicts
+    (networkx's views cost about 30 µs per node on a 1,000-node chain).
+
+    Args:
+        graph: the dependency graph.
+        targets: the output nodes.
+        nodes: every node of the prompt, in prompt order (ties are broken by it).
+        subset: order only these nodes of `graph` (as the graph they induce); default all.
 
     Raises:
         networkx.NetworkXUnfeasible: the graph has a cycle.
     """
     position = {nid: i for i, nid in enumerate(nodes)}
     target_set = set(targets)
+    members = set(graph) if subset is None else {n for n in subset if n in graph}
+    adjacency = graph.succ
+    successors = {n: [s for s in adjacency[n] if s in members] for n in members}
+    waiting = dict.fromkeys(members, 0)
+    for consumers in successors.values():
+        for consumer in consumers:
+            waiting[consumer] += 1
 
-    def rank(node_id: str) -> tuple[int, int]:
+    def rank(node_id: str) -> tuple[int, int, str]:
         if node_id in target_set:
-            return (0, position[node_id])
-        feeds_output = any(s in target_set for s in graph.successors(node_id))
-        return (1 if feeds_output else 2, position[node_id])
+            group = 0
+        else:
+            group = 1 if any(s in target_set for s in successors[node_id]) else 2
+        return (group, position.get(node_id, len(position)), node_id)
 
-    return list(nx.lexicographical_topological_sort(graph, key=rank))
+    ready = [rank(n) for n, count in waiting.items() if count == 0]
+    heapq.heapify(ready)
+    order: list[str] = []
+    while ready:
+        node_id = heapq.heappop(ready)[2]
+        order.append(node_id)
+        for consumer in successors[node_id]:
+            waiting[consumer] -= 1
+            if waiting[consumer] == 0:
+                heapq.heappush(ready, rank(consumer))
+    if len(order) != len(members):
+        raise nx.NetworkXUnfeasible("the prompt's links form a cycle")
+    return order

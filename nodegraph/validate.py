@@ -37,6 +37,7 @@ from nodegraph.prompt_graph import (
     PromptNode,
     dependency_graph,
     is_link,
+    ordered,
     parse_node,
     unwrap,
 )
@@ -162,8 +163,8 @@ class _Checker:
                     )
                 ]
                 self.valid[node_id] = False
-        acyclic = self.graph.subgraph(n for n in self.graph if n not in self.valid)
-        for node_id in nx.topological_sort(acyclic):
+        acyclic = [n for n in self.graph if n not in self.valid]
+        for node_id in ordered(self.graph, outputs, self.nodes, acyclic):
             own = self._guarded_check(node_id)
             if own:
                 self.errors[node_id] = own
@@ -205,7 +206,8 @@ class _Checker:
             for nid, node in self.nodes.items()
         }
         keep = set(good).union(*(nx.ancestors(self.graph, o) for o in good))
-        return PromptGraph.build(nodes, good, self.prompt, self.graph.subgraph(keep).copy())
+        graph = self.graph if len(keep) == len(self.graph) else self.graph.subgraph(keep).copy()
+        return PromptGraph.build(nodes, good, self.prompt, graph)
 
     def _guarded_check(self, node_id: str) -> list[dict[str, Any]]:
         try:
