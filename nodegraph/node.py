@@ -318,6 +318,15 @@ def _check_depends_on(cls: type[Node], out: Output) -> None:
             raise _fail(cls, f"output {out.display_name}: ({name!r}, f) needs a callable f")
 
 
+def _valid_input_name(name: str) -> bool:
+    """An identifier, or a dotted key prefix such as ModelMergeSD1's `input_blocks.0.` (such an input
+    reaches run() through its `**kwargs` only)."""
+    if name.isidentifier():
+        return True
+    parts = name.removesuffix(".").split(".")
+    return "." in name and all(p.isidentifier() or p.isdigit() for p in parts)
+
+
 def _check_input(cls: type[Node], inp: Input) -> None:
     if not isinstance(inp, Input) or type(inp) is Input:
         raise _fail(
@@ -325,8 +334,8 @@ def _check_input(cls: type[Node], inp: Input) -> None:
             f"input {inp!r} must be Int, Float, String, Boolean, Combo, FileChoice, ImageUpload, "
             "Socket or Hidden",
         )
-    if not inp.name.isidentifier():
-        raise _fail(cls, f"input name {inp.name!r} is not an identifier")
+    if not _valid_input_name(inp.name):
+        raise _fail(cls, f"input name {inp.name!r} is not an identifier (or ComfyUI's dotted key prefix)")
     if isinstance(inp, Socket) and inp.socket_type.name in ("?", "*", "") or "," in inp.type.name:
         raise _fail(cls, f"input {inp.name!r} needs one concrete socket type")
     if isinstance(inp, Hidden) and inp.kind not in HIDDEN_KINDS:

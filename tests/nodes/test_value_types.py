@@ -80,7 +80,7 @@ def test_every_socket_type_has_a_value_type() -> None:
     assert used <= set(VALUE_TYPES), sorted(t.name for t in used - set(VALUE_TYPES))
 
 
-def test_only_the_stackers_take_inputs_through_kwargs() -> None:
+def test_only_the_stackers_and_block_mergers_take_inputs_through_kwargs() -> None:
     takes_kwargs = {
         node_id
         for node_id, cls in NODES.items()
@@ -94,4 +94,6 @@ def test_only_the_stackers_take_inputs_through_kwargs() -> None:
         "LoRA Stacker",
         "CR LoRA Stack",
         "TrainLora",
+        "ModelMergeSD1",  # ComfyUI's dotted input names (`input_blocks.0.`) are no parameter names
+        "ModelMergeSDXL",
     }
