@@ -30,7 +30,54 @@ def serve(base: Path) -> None:
     from tests.server.stubs import make_engine
 
     app = create_app(make_engine(base))
+    app.router.add_get("/_soak/threads", _thread_cpu)
+    if os.environ.get("SOAK_PROFILE"):
+        _profile_threads(app, Path(os.environ["SOAK_PROFILE"]))
     web.run_app(app, host="127.0.0.1", port=int(os.environ.get("SOAK_PORT", "0") or 0), print=print)
+
+
+async def _thread_cpu(request: Any) -> Any:
+    """CPU seconds of each thread of the server so far, by thread name (pool threads summed)."""
+    import re
+    import threading
+
+    from aiohttp import web
+
+    seconds: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for thread in threading.enumerate():
+        try:
+            stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        name = re.sub(r"_\d+$", "", thread.name)  # pool threads: asyncio_0, asyncio_1 -> asyncio
+        seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return web.json_response(seconds)
+
+
+def _profile_threads(app: Any, out: Path) -> None:
+    """cProfile every thread of the server (`SOAK_PROFILE=dir`); one .pstats file per thread at shutdown."""
+    import cProfile
+    import threading
+
+    profiles: dict[str, cProfile.Profile] = {}
+
+    def start(*_: Any) -> None:
+        profile = profiles.setdefault(threading.current_thread().name, cProfile.Profile())
+        profile.enable()
+
+    threading.setprofile(start)
+    profiles["MainThread"] = cProfile.Profile()
+    profiles["MainThread"].enable()
+
+    async def dump(_: Any) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, profile in list(profiles.items()):
+            profile.disable()  # only stops this thread's; the others' stats are read as they are
+            profile.dump_stats(str(out / f"{name}.pstats"))
+
+    app.on_shutdown.insert(0, dump)
 
 
 def rss_mb(pid: int) -> float:
@@ -71,9 +118,12 @@ async def _soak(url: str, pid: int, prompts: int, sockets: int) -> dict[str, Any
                     statuses[resp.status] = statuses.get(resp.status, 0) + 1
                 latencies.append(time.perf_counter() - t0)
 
-        start = time.perf_counter()
+        cpu_before = await _cpu(session, url)
+        start, own_cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(client() for _ in range(CONCURRENCY)))
         figures["post_s"] = time.perf_counter() - start
+        figures["client_cpu_ms_per_post"] = 1000 * (time.process_time() - own_cpu) / prompts
+        cpu_posts = await _cpu(session, url)
         figures["rss_after_posts_mb"] = rss_mb(pid)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -82,6 +132,14 @@ async def _soak(url: str, pid: int, prompts: int, sockets: int) -> dict[str, Any
                     break
             await asyncio.sleep(0.5)
         figures["drain_s"] = time.perf_counter() - start
+        cpu_drained = await _cpu(session, url)
+        for name in sorted(cpu_drained):
+            during = cpu_posts.get(name, 0.0) - cpu_before.get(name, 0.0)
+            total = cpu_drained[name] - cpu_before.get(name, 0.0)
+            if total > 0.05:
+                figures[f"cpu_ms_per_prompt[{name}]"] = (
+                    f"{1000 * during / prompts:.2f} while posting, {1000 * total / prompts:.2f} in all"
+                )
         t0 = time.perf_counter()
         async with session.get(f"{url}/history") as resp:
             figures["history_bytes"] = len(await resp.read())
@@ -95,6 +153,11 @@ async def _soak(url: str, pid: int, prompts: int, sockets: int) -> dict[str, Any
     figures["p99_ms"] = 1000 * latencies[int(len(latencies) * 0.99)]
     figures["rss_end_mb"] = rss_mb(pid)
     return figures
+
+
+async def _cpu(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with session.get(f"{url}/_soak/threads") as resp:
+        return dict(await resp.json())
 
 
 def run(prompts: int = 5000, sockets: int = 500) -> dict[str, Any]:

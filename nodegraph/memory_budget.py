@@ -90,11 +90,14 @@ def check_node(inputs: Mapping[str, Any], available: int | None = None) -> None:
 
 def memory_errors(prompt: dict[str, Any], available: int | None = None) -> dict[str, Any]:
     """ComfyUI-shaped node_errors for nodes whose images cannot fit in the available memory."""
+    sized = estimate(prompt)
+    if not sized:  # most prompts: no free-memory read (a file read per queued prompt)
+        return {}
     free = available_memory() if available is None else available
     if free is None:
         return {}
     errors: dict[str, Any] = {}
-    for node_id, what, size in estimate(prompt):
+    for node_id, what, size in sized:
         if size <= free:
             continue
         error = {

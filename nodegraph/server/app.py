@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import sys
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -50,6 +51,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 QUEUE_FILE = Path("nodegraph") / "queue.sqlite3"
+# How long a thread computing in Python keeps the GIL from one that waits for it (Python's default
+# is 5 ms). The event loop waits for it after every await that blocked (a request arriving, a
+# validation coming back) while the worker thread runs a node's Python code: at 5 ms that wait made
+# most of `POST /prompt`'s latency under load (bench/soak.py). Only a contended GIL switches sooner.
+GIL_SWITCH_INTERVAL_S = 0.0005
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -201,6 +207,8 @@ def _settle_recovered(store: PromptStore, engine: Engine) -> None:
 async def _startup(app: web.Application) -> None:
     st = app[STATE]
     st.loop = asyncio.get_running_loop()
+    st.switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(GIL_SWITCH_INTERVAL_S, st.switch_interval))
     warm_up = st.engine.warm_up
     if warm_up is not None:
         # First-time imports of model libraries hold the GIL for up to a second at a time; done
@@ -230,3 +238,5 @@ async def _cleanup(app: web.Application) -> None:
     st.store.close()
     app[routes_v2.V2_ASSETS].close()
     await asyncio.to_thread(clear_temp, Path(st.engine.env.folders.temp_dir))
+    if st.switch_interval is not None:  # the process's own again (tests run many apps in one)
+        sys.setswitchinterval(st.switch_interval)

@@ -140,7 +140,6 @@ async def run_jobs(st: ServerState, job: Job, n_iter: int) -> list[tuple[Job, di
         if isinstance(accepted, web.Response):
             st.waiters.get(prompt_id, []).remove(future)
             raise A1111Error(f"the graph for this request is invalid: {accepted.text}")
-        st.worker.broadcast_status()
         runs.append((this, future))
     results = []
     for this, future in runs:

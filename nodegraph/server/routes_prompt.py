@@ -54,8 +54,8 @@ async def post_prompt(request: web.Request) -> web.Response:
     if flag(request.query.get("wait")):  # registered before queueing, so a fast finish is not missed
         future = asyncio.get_running_loop().create_future()
         st.waiters.setdefault(prompt_id, []).append(future)
-    # One trip to a thread for validation and the insert: each trip costs a GIL hand-off while
-    # the worker computes, which is what POST latency under load is made of.
+    # One trip to a thread for validation, the insert and the status broadcast: each trip costs
+    # GIL hand-offs while the worker computes, which is what POST latency under load is made of.
     loop = asyncio.get_running_loop()
     accepted = await loop.run_in_executor(st.validator, _accept, st, body, extra_data, prompt_id, number)
     if isinstance(accepted, web.Response):
@@ -63,7 +63,6 @@ async def post_prompt(request: web.Request) -> web.Response:
             st.waiters.get(prompt_id, []).remove(future)
         return accepted
     item, node_errors = accepted
-    st.worker.broadcast_status()
     reply = {"prompt_id": prompt_id, "number": item.as_list()[0], "node_errors": jsonable(node_errors)}
     if future is None:
         return web.json_response(reply)
@@ -92,6 +91,9 @@ def _accept(
         )
     except sqlite3.IntegrityError:
         return error(400, "duplicate_prompt_id", f"prompt {prompt_id} is already queued", node_errors={})
+    # Here, not on the event loop: counting the queue waits for the store's lock, which the
+    # worker holds while it files a finished prompt.
+    st.worker.broadcast_status()
     return item, node_errors
 
 

@@ -249,7 +249,6 @@ async def submit(request: web.Request) -> web.Response:
         if key is not None:
             keys.pop(key, None)  # nothing was queued: the same key may be used again
         return _as_v2_refusal(accepted)
-    st.worker.broadcast_status()
     job = await asyncio.to_thread(job_body, st, index, job_id, base_url(request))
     return web.json_response(job, status=201)
 

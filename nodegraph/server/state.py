@@ -40,6 +40,7 @@ class ServerState:
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="nodegraph-validate")
     )
     max_queue: int | None = None
+    switch_interval: float | None = None  # the GIL switch interval before the server set its own
 
     def resolve_waiters(self, prompt_id: str, result: dict[str, Any]) -> None:
         """Wake every run-and-wait request for `prompt_id` (call on the event loop)."""

@@ -22,6 +22,10 @@ from nodegraph.server.messages import Message, PreviewFrame, encode_preview
 log = logging.getLogger(__name__)
 
 SEND_TIMEOUT_S = 10.0
+# At most one queue-size `status` per interval goes to every socket; the newest one always goes.
+# Each broadcast is a frame per socket on the event loop: with 500 sockets and a busy queue,
+# one per queue change took more of the loop than the prompts being queued (bench/soak.py).
+STATUS_INTERVAL_S = 0.2
 OUTBOX_LIMIT = 5000  # frames a client may fall behind before it is dropped (it can reconnect)
 
 
@@ -32,6 +36,8 @@ class Client:
     socket: web.WebSocketResponse
     feature_flags: dict[str, Any] = field(default_factory=dict)
     outbox: asyncio.Queue[str | bytes | None] = field(default_factory=lambda: asyncio.Queue(OUTBOX_LIMIT))
+    sender: asyncio.Task[None] | None = None  # the task draining the outbox
+    sending_since: float | None = None  # loop time the unfinished send began
 
 
 # (message, target sid or None for "the prompt had no client")
@@ -48,17 +54,27 @@ class Hub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[Outgoing | None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[Any]] = set()
         self._status_seq = 0  # written from any thread; a stale read only sends one extra status
+        self._status: Message | None = None  # the newest status not yet sent
+        self._status_timer: asyncio.TimerHandle | None = None
+        self._status_sent_at = -STATUS_INTERVAL_S
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
         self._task = asyncio.create_task(self._publish())
+        self._watchdog = asyncio.create_task(self._watch_sends())
 
     async def stop(self) -> None:
         if self._queue is not None and self._task is not None:
             self._queue.put_nowait(None)
             await self._task
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for client in list(self.clients.values()):
             await client.socket.close()
         self.clients.clear()
@@ -76,7 +92,8 @@ class Hub:
         """Queue a message for every socket (the `status` message).
 
         A burst of queue changes (50 clients posting at once) would send one status per change to
-        every socket; only the newest queued status is sent, since each replaces the one before.
+        every socket; each replaces the one before, so only the newest queued status is sent, and
+        at most one per `STATUS_INTERVAL_S` (the first at once, the last one always).
         """
         self._status_seq += 1
         self.send_sync(Message(message.type, message.data, broadcast=True, seq=self._status_seq), None)
@@ -104,17 +121,36 @@ class Hub:
         return sock
 
     async def _drain(self, client: Client) -> None:
-        """Send a client's frames in order until its socket closes."""
+        """Send a client's frames in order until its socket closes (or `_watch_sends` stops it)."""
+        client.sender = asyncio.current_task()
+        loop = asyncio.get_running_loop()
         while (frame := await client.outbox.get()) is not None:
+            client.sending_since = loop.time()
             try:
                 if isinstance(frame, bytes):
-                    await asyncio.wait_for(client.socket.send_bytes(frame), SEND_TIMEOUT_S)
+                    await client.socket.send_bytes(frame)
                 else:
-                    await asyncio.wait_for(client.socket.send_str(frame), SEND_TIMEOUT_S)
-            except (ConnectionError, RuntimeError, asyncio.TimeoutError) as exc:
+                    await client.socket.send_str(frame)
+            except (ConnectionError, RuntimeError) as exc:
                 log.info("websocket send failed (%s); closing that socket", exc)
                 await client.socket.close()
                 return
+            finally:
+                client.sending_since = None
+
+    async def _watch_sends(self) -> None:
+        """Drop every socket whose send has not finished in `SEND_TIMEOUT_S` (a peer that stopped
+        reading). One timer for all sockets: a timeout around each send cost a task and a timer per
+        frame, most of a broadcast's time with hundreds of sockets."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, SEND_TIMEOUT_S / 4))
+            now = loop.time()
+            for client in list(self.clients.values()):
+                since = client.sending_since
+                if since is not None and now - since > SEND_TIMEOUT_S:
+                    log.info("a websocket send took over %.0f s; closing that socket", SEND_TIMEOUT_S)
+                    self._drop(client)
 
     def _client_message(self, client: Client, text: str) -> None:
         try:
@@ -133,8 +169,10 @@ class Hub:
             if item is None:
                 return
             message, sid = item
-            if isinstance(message, Message) and message.seq and message.seq < self._status_seq:
-                continue  # a newer status is already queued behind this one
+            if isinstance(message, Message) and message.seq:
+                if message.seq >= self._status_seq:  # else a newer status is queued behind this one
+                    self._throttle_status(message)
+                continue
             targets = self._targets(message, sid)
             if isinstance(message, PreviewFrame):
                 for client in targets:
@@ -148,6 +186,28 @@ class Hub:
                     self._offer(client, text)
             await asyncio.sleep(0)  # let the senders drain between messages of a burst
 
+    def _throttle_status(self, message: Message) -> None:
+        """Send this status now, or as the newest one when the interval since the last has passed."""
+        self._status = message
+        if self._status_timer is not None:
+            return  # a send is scheduled: it takes the newest status
+        assert self._loop is not None
+        wait = self._status_sent_at + STATUS_INTERVAL_S - self._loop.time()
+        if wait <= 0:
+            self._send_status()
+        else:
+            self._status_timer = self._loop.call_later(wait, self._send_status)
+
+    def _send_status(self) -> None:
+        assert self._loop is not None
+        message, self._status, self._status_timer = self._status, None, None
+        if message is None:
+            return
+        self._status_sent_at = self._loop.time()
+        text = _text(message)  # encoded once for every socket
+        for client in list(self.clients.values()):
+            self._offer(client, text)
+
     def _targets(self, message: Message | PreviewFrame, sid: str | None) -> list[Client]:
         if sid is not None:
             client = self.clients.get(sid)
@@ -159,10 +219,18 @@ class Hub:
             client.outbox.put_nowait(frame)
         except asyncio.QueueFull:  # it stopped reading: drop it rather than hold memory for it
             log.warning("a websocket client fell %d messages behind; closing it", OUTBOX_LIMIT)
-            for sid, known in list(self.clients.items()):
-                if known is client:
-                    del self.clients[sid]
-            asyncio.get_running_loop().create_task(client.socket.close())
+            self._drop(client)
+
+    def _drop(self, client: Client) -> None:
+        """Forget a client, stop its sender and close its socket (without waiting on a stuck peer)."""
+        for sid, known in list(self.clients.items()):
+            if known is client:
+                del self.clients[sid]
+        if client.sender is not None:
+            client.sender.cancel()
+        closing = asyncio.get_running_loop().create_task(client.socket.close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
 
 def _text(message: Message) -> str:
