@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
+from nodes.sd import cfg_patches, unet_patches
 from nodes.sd import control as controlnet
-from nodes.sd import unet_patches
 from nodes.sd.adm import adm_inputs, adm_width
 from nodes.sd.cond_entries import (  # re-exported: the sampler's public names stay here
     AREA_FEATHER,
@@ -203,6 +203,7 @@ class CFGDenoiser:
         self.cfg = cfg
         self.uncond_denoised: torch.Tensor | None = None  # kept for CFG++ samplers
         self._sides: dict[tuple[Any, ...], tuple[list[CondEntry], list[CondEntry]]] = {}
+        self._extra: dict[tuple[Any, ...], tuple[Any, list[CondEntry]]] = {}  # keeps the value alive
 
     def apply_model(
         self,
@@ -271,18 +272,49 @@ class CFGDenoiser:
         return self._sides[key]
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        skip_uncond = math.isclose(self.cfg, 1.0) and not self.keep_uncond
+        skip_uncond = (
+            math.isclose(self.cfg, 1.0) and not self.keep_uncond and not cfg_patches.needs_uncond(self.unet)
+        )
         positive, negative = self.sides_for(x.shape[2], x.shape[3], x.device, x.shape[0])
         cond, uncond = self.predict(x, sigma, [positive, [] if skip_uncond else negative])
         self.uncond_denoised = uncond
-        if unet_patches.active(self.unet):  # RescaleCFG, PAG: the model's CFG patches
-            cond_pass = lambda: self.predict(x, sigma, [positive])[0]  # noqa: E731
-            return unet_patches.guided(
-                self.unet, x, sigma, cond, None if skip_uncond else uncond, self.cfg, cond_pass
+        if unet_patches.active(self.unet):  # RescaleCFG, PerpNeg, PAG, SAG: the model's CFG patches
+            passes = self.passes(x, sigma, positive, negative)
+            return cfg_patches.guided(
+                self.unet, x, sigma, cond, None if skip_uncond else uncond, self.cfg, passes
             )
         if skip_uncond:
             return cond
         return uncond + (cond - uncond) * self.cfg
+
+    def passes(
+        self, x: torch.Tensor, sigma: torch.Tensor, positive: list[CondEntry], negative: list[CondEntry]
+    ) -> cfg_patches.Passes:
+        """The extra UNet passes a CFG patch may ask for at this step."""
+        return cfg_patches.Passes(
+            cond=lambda: self.predict(x, sigma, [positive])[0],
+            uncond_at=lambda degraded: self.predict(degraded, sigma, [negative])[0],
+            extra=lambda conditioning: self.predict(x, sigma, [self.extra_side(conditioning, x)])[0],
+        )
+
+    def extra_side(self, conditioning: Any, x: torch.Tensor) -> list[CondEntry]:
+        """A CONDITIONING value's entries resolved as a negative side (PerpNeg's empty prompt)."""
+        from nodes.sd.guiders import on_device
+
+        key = (id(conditioning), x.shape[2], x.shape[3], x.device, x.shape[0])
+        if key not in self._extra:
+            width = getattr(getattr(self.unet, "config", None), "cross_attention_dim", None)
+            entries = cond_entries(
+                on_device(conditioning, x.device), self.schedule, "empty_conditioning", width
+            )
+            if self.concat_for is not None:
+                shape = torch.Size((x.shape[0], 4, x.shape[2], x.shape[3]))
+                entries = [replace(e, concat=self.concat_for(e, shape, x.device)) for e in entries]
+            adm = adm_width(self.unet)
+            if adm is not None:
+                entries = [_with_added(e, x.shape[3], x.shape[2], "negative", adm) for e in entries]
+            self._extra[key] = (conditioning, prepare_sides(entries, [], x.shape[2], x.shape[3], x.device)[0])
+        return self._extra[key][1]
 
     def predict(
         self, x: torch.Tensor, sigma: torch.Tensor, sides: list[list[CondEntry]]
@@ -316,6 +348,7 @@ class CFGDenoiser:
             concat = torch.cat(concats) if concats else None
             added = _batched_added(chunk, batch)
             sigmas = torch.cat([sigma] * len(chunk))
+            cfg_patches.batch_sides(self.unet, [job.side for job in chunk])
             result = self.apply_model(inputs, sigmas, context, concat, added, first.control, len(chunk))
             for job, pred in zip(chunk, result.chunk(len(chunk)), strict=True):
                 out, count = outs[job.side], counts[job.side]

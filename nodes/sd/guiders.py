@@ -160,3 +160,60 @@ class DualCFGGuide:
             concat_for=concat_for,
             sampling=sampling,
         )
+
+
+class _PerpNegDenoiser(CFGDenoiser):
+    """Guider_PerpNeg.predict_noise: positive, negative and empty prompt in one batch, perp_neg, then
+    the model's post-CFG patches (its CFG-mix patches are not used, as in ComfyUI)."""
+
+    def __init__(self, empty: Any, neg_scale: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.empty, self.neg_scale = empty, neg_scale
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        from nodes.sd import cfg_patches
+
+        positive, negative = self.sides_for(x.shape[2], x.shape[3], x.device, x.shape[0])
+        empty = self.extra_side(self.empty, x)
+        if not cfg_patches.needs_uncond(self.unet) and math.isclose(self.neg_scale, 0.0):
+            negative = []  # ComfyUI's cfg-1 optimisation: passes whose weight is zero are skipped
+            if math.isclose(self.cfg, 1.0):
+                empty = []
+        pos, neg, nocond = self.predict(x, sigma, [positive, negative, empty])
+        self.uncond_denoised = neg
+        result = cfg_patches.perp_neg(pos, neg, nocond, self.neg_scale, self.cfg)
+        passes = self.passes(x, sigma, positive, negative)
+        return cfg_patches.post_cfg(self.unet, x, result, pos, neg if negative else None, passes)
+
+
+@dataclass(frozen=True)
+class PerpNegGuide:
+    """Guider_PerpNeg: CFG whose negative acts only perpendicular to the positive (Perp-Neg)."""
+
+    positive: Any
+    negative: Any
+    empty: Any
+    cfg: float
+    neg_scale: float
+
+    def denoiser(
+        self,
+        unet: Any,
+        sampling: ModelSampling,
+        device: torch.device,
+        keep_uncond: bool,
+        concat_for: ConcatFor | None,
+    ) -> CFGDenoiser:
+        width, schedule = _width(unet), sampling.schedule
+        return _PerpNegDenoiser(
+            self.empty,
+            self.neg_scale,
+            unet=unet,
+            schedule=schedule,
+            positive=cond_entries(on_device(self.positive, device), schedule, "positive", width),
+            negative=cond_entries(on_device(self.negative, device), schedule, "negative", width),
+            cfg=self.cfg,
+            keep_uncond=keep_uncond,
+            concat_for=concat_for,
+            sampling=sampling,
+        )

@@ -97,13 +97,37 @@ def _denoise_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return mask[: shape[0]]
 
 
+MaskFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (sigma, denoise mask) -> mask
+
+
+def differential_mask(strength: float, sigmas: torch.Tensor, schedule: DiscreteSchedule) -> MaskFunction:
+    """DifferentialDiffusion's denoise_mask_function: at each step the mask is 1 where it reaches the
+    run's progress in timesteps (1 at the first sigma, 0 at the last or sigma_min), blended with the
+    soft mask by 1 − strength."""
+    sigma_to = sigmas[-1] if sigmas[-1] > schedule.sigma_min else schedule.sigma_min
+    ts_from, ts_to = schedule.timestep(sigmas[0]), schedule.timestep(sigma_to)
+
+    def mask_for(sigma: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        threshold = (schedule.timestep(sigma[0]) - ts_to) / (ts_from - ts_to)
+        binary = (mask >= threshold).to(mask.dtype)
+        return strength * binary + (1 - strength) * mask if strength and strength < 1 else binary
+
+    return mask_for
+
+
 class _Inpaint:
-    """KSamplerX0Inpaint: keep the unmasked region on the noised original latent."""
+    """KSamplerX0Inpaint: keep the unmasked region on the noised original latent (the mask passed
+    through the model's denoise_mask_function, DifferentialDiffusion's, at each call)."""
 
     def __init__(
-        self, model: CFGDenoiser, mask: torch.Tensor, latent: torch.Tensor, noise: torch.Tensor
+        self,
+        model: CFGDenoiser,
+        mask: torch.Tensor,
+        latent: torch.Tensor,
+        noise: torch.Tensor,
+        mask_function: MaskFunction | None = None,
     ) -> None:
-        self.model, self.mask, self.keep = model, mask, 1.0 - mask
+        self.model, self.mask, self.mask_function = model, mask, mask_function
         self.latent, self.noise = latent, noise
 
     @property
@@ -111,9 +135,11 @@ class _Inpaint:
         return self.model.uncond_denoised
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        mask = self.mask if self.mask_function is None else self.mask_function(sigma, self.mask)
+        keep = 1.0 - mask
         s = sigma.reshape(sigma.shape[:1] + (1,) * (x.ndim - 1))
-        x = x * self.mask + (self.noise * s + self.latent) * self.keep
-        return self.model(x, sigma) * self.mask + self.latent * self.keep
+        x = x * mask + (self.noise * s + self.latent) * keep
+        return self.model(x, sigma) * mask + self.latent * keep
 
 
 def resize_to_batch_size(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -244,7 +270,11 @@ def run_guided(
         if sampler_name == "ddim":  # ComfyUI's ddim re-noises the kept region from seed + 1
             generator = torch.manual_seed((seed + 1) % 2**64)
             inpaint_noise = torch.randn(noise.shape, generator=generator).to(device)
-        denoiser = _Inpaint(guider, mask, model_latent, inpaint_noise)
+        functions = [
+            p for p in unet_patches.active(unet) if isinstance(p, unet_patches.DifferentialDiffusion)
+        ]
+        mask_function = differential_mask(functions[-1].strength, sigmas, schedule) if functions else None
+        denoiser = _Inpaint(guider, mask, model_latent, inpaint_noise, mask_function)
     sigma_max, sigma0 = float(schedule.sigma_max), float(sigmas[0])
     max_denoise = math.isclose(sigma_max, sigma0, rel_tol=1e-5) or sigma0 > sigma_max
     s0 = sigmas[0]

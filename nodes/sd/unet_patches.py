@@ -18,7 +18,7 @@ denoiser reads the CFG patches from the UNet meanwhile (`active`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +53,30 @@ class PerturbedAttention:
     scale: float
 
 
-Patch = FreeU | RescaleCFG | PerturbedAttention
+@dataclass(frozen=True)
+class SelfAttention:
+    """SelfAttentionGuidance's scale and blur sigma (nodes/sd/cfg_patches.py)."""
+
+    scale: float
+    blur_sigma: float
+
+
+@dataclass(frozen=True, eq=False)
+class PerpNeg:
+    """PerpNeg's empty conditioning (a CONDITIONING value) and negative scale: a CFG mix."""
+
+    empty: Any
+    neg_scale: float
+
+
+@dataclass(frozen=True)
+class DifferentialDiffusion:
+    """DifferentialDiffusion's strength: the inpainting noise mask thresholded per step."""
+
+    strength: float
+
+
+Patch = FreeU | RescaleCFG | PerturbedAttention | SelfAttention | PerpNeg | DifferentialDiffusion
 
 
 def fourier_filter(x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
@@ -126,10 +149,13 @@ def applied(unet: Any, patches: Sequence[Patch]) -> Iterator[Any]:
     if not patches:
         yield unet
         return
+    from nodes.sd.cfg_patches import recording_middle_attention
+
     handles = _freeu_hooks(unet, [p for p in patches if isinstance(p, FreeU)])
     setattr(unet, PATCHES_ATTR, tuple(patches))
     try:
-        yield unet
+        with recording_middle_attention(unet, any(isinstance(p, SelfAttention) for p in patches)):
+            yield unet
     finally:
         delattr(unet, PATCHES_ATTR)
         for handle in handles:
@@ -192,31 +218,3 @@ def perturbed_middle(unet: Any) -> Iterator[None]:
     finally:
         for layer, processor in zip(layers, saved, strict=True):
             layer.set_processor(processor)
-
-
-def guided(
-    unet: Any,
-    x: torch.Tensor,
-    sigma: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None,
-    cfg: float,
-    cond_pass: Callable[[], torch.Tensor],
-) -> torch.Tensor:
-    """cfg_function with the run's patches: the CFG mix (RescaleCFG's when one is set, the last one as
-    ComfyUI keeps one sampler_cfg_function), then each post-CFG step in order (PAG's extra pass is
-    `cond_pass` inside the perturbed middle block). `uncond` None: the cfg-1 shortcut (cond alone)."""
-    patches = active(unet)
-    rescale = [p for p in patches if isinstance(p, RescaleCFG)]
-    if uncond is None:
-        result = cond
-    elif rescale:
-        result = rescale_cfg(rescale[-1].multiplier, x, sigma, cond, uncond, cfg)
-    else:
-        result = uncond + (cond - uncond) * cfg
-    for patch in patches:
-        if isinstance(patch, PerturbedAttention) and patch.scale != 0:
-            with perturbed_middle(unet):
-                pag = cond_pass()
-            result = result + (cond - pag) * patch.scale
-    return result

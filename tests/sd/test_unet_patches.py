@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from nodes import all_nodes
-from nodes.sd import unet_patches
+from nodes.sd import cfg_patches, unet_patches
 from nodes.sd.unet_patches import FreeU, PerturbedAttention, RescaleCFG, fourier_filter, freeu_output_block
 
 
@@ -123,7 +123,7 @@ def test_rescale_cfg_is_comfyuis(unet: Any) -> None:
     sigma = torch.tensor([3.5, 3.5])
     want = comfy_rescale(0.7, x, sigma, c, u, 7.5)
     with unet_patches.applied(unet, [RescaleCFG(0.7)]):
-        got = unet_patches.guided(unet, x, sigma, c, u, 7.5, lambda: c)
+        got = cfg_patches.guided(unet, x, sigma, c, u, 7.5, lambda: c)
     assert torch.equal(got, want)
 
 
@@ -136,7 +136,7 @@ def test_pag_adds_the_perturbed_pass_after_cfg(unet: Any) -> None:
         return out
 
     with torch.no_grad(), unet_patches.applied(unet, [PerturbedAttention(3.0)]):
-        got = unet_patches.guided(unet, x, torch.tensor([2.0]), c, u, 7.0, cond_pass)
+        got = cfg_patches.guided(unet, x, torch.tensor([2.0]), c, u, 7.0, cond_pass)
         normal = cond_pass()  # the processors are restored after the PAG pass
     # the perturbed pass by hand: the middle block's attn1 output is to_out(to_v(x))
     layer = unet.mid_block.attentions[0].transformer_blocks[0].attn1
@@ -149,7 +149,7 @@ def test_pag_adds_the_perturbed_pass_after_cfg(unet: Any) -> None:
         layer.forward = original
     assert torch.allclose(got, u + (c - u) * 7.0 + (c - pag) * 3.0, atol=1e-6)
     assert (pag - normal).abs().max() > 1e-4
-    assert torch.equal(unet_patches.guided(unet, x, torch.tensor([2.0]), c, None, 1.0, cond_pass), c)
+    assert torch.equal(cfg_patches.guided(unet, x, torch.tensor([2.0]), c, None, 1.0, cond_pass), c)
 
 
 def test_patch_nodes_declare_comfyuis_inputs() -> None:
