@@ -269,7 +269,7 @@ class _PromptRun:
                 raise Interrupted(f"interrupted before node {node_id}")
             self.emit(Executing(self.prompt_id, node_id, cls.NODE_ID))
             inputs = self._inputs(node_id, cls)
-            check_node(inputs)  # a size that came over a link was not checked when the prompt was queued
+            check_node(cls, inputs)  # a size that came over a link was not checked when the prompt was queued
             node = self.ex.instance(node_id, cls)
             result = node.run(
                 _Context(self.ex, self.prompt_id, node_id, self.emit, self.preview_method), **inputs

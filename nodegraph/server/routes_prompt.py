@@ -151,7 +151,7 @@ def _validate(st: ServerState, body: dict[str, Any], extra_data: dict[str, Any])
             "extra_info": {},
         }
         return web.json_response({"error": body_err, "node_errors": jsonable(result.node_errors)}, status=400)
-    too_big = memory_errors(result.prompt)
+    too_big = memory_errors(result.prompt, engine.registry)
     if too_big:
         first = next(iter(too_big.values()))["errors"][0]["message"]
         err = {"type": "prompt_outputs_failed_validation", "message": first, "details": "", "extra_info": {}}

@@ -15,7 +15,8 @@ import pytest
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient
 
-from nodegraph.memory_budget import memory_errors
+from nodegraph.memory_budget import OverMemoryBudget, check_node, memory_errors
+from nodegraph.registry import Registry
 from nodegraph.server import create_app
 from tests.server.stubs import txt2img
 
@@ -80,6 +81,9 @@ async def test_fuzz_prompt_upload_and_userdata(aiohttp_client: Any, engine: Any)
 
 
 def test_a_prompt_whose_images_cannot_fit_is_refused_naming_the_node() -> None:
+    from nodes import all_nodes
+
+    registry = Registry(all_nodes())
     huge = {
         "5": {
             "class_type": "EmptyLatentImage",
@@ -88,8 +92,37 @@ def test_a_prompt_whose_images_cannot_fit_is_refused_naming_the_node() -> None:
         "6": {"class_type": "EmptyImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
         "7": {"class_type": "EmptyImage", "inputs": {"width": ["1", 0], "height": 512}},
     }
-    errors = memory_errors(huge, available=4 * 2**30)
+    errors = memory_errors(huge, registry, available=4 * 2**30)
     assert list(errors) == ["5"]
     message = errors["5"]["errors"][0]["message"]
     assert "64 x 16384x16384" in message and "192.0 GiB" in message and "4.0 GiB" in message
-    assert memory_errors(huge, available=1 << 50) == {}
+    assert memory_errors(huge, registry, available=1 << 50) == {}
+
+
+def test_widths_and_heights_that_are_not_tensor_sizes_never_count() -> None:
+    """Size conditioning and areas are numbers: only nodes that output an image, latent or mask count."""
+    from nodes import all_nodes
+
+    registry = Registry(all_nodes())
+    sizes = {"width": 16384, "height": 16384, "target_width": 16384, "target_height": 16384}
+    numbers = {
+        "1": {"class_type": "CLIPTextEncodeSDXL", "inputs": {**sizes, "crop_w": 16384, "crop_h": 16384}},
+        "2": {"class_type": "CLIPTextEncodeSDXLRefiner", "inputs": {**sizes, "ascore": 6.0}},
+        "3": {"class_type": "ConditioningSetArea", "inputs": {**sizes, "x": 0, "y": 0, "strength": 1.0}},
+    }
+    assert memory_errors(numbers, registry, available=1) == {}
+    for node in numbers.values():
+        check_node(_cls(registry, node["class_type"]), node["inputs"], available=1)  # nothing to refuse
+    tensors = {
+        "4": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 16384, "height": 16384}},
+        "5": {"class_type": "LatentUpscale", "inputs": {"width": 16384, "height": 16384}},
+    }
+    assert sorted(memory_errors(numbers | tensors, registry, available=2**30)) == ["4", "5"]
+    with pytest.raises(OverMemoryBudget, match="1 x 16384x16384"):
+        check_node(_cls(registry, "SolidMask"), tensors["4"]["inputs"], available=2**30)
+
+
+def _cls(registry: Registry, name: str) -> Any:
+    cls = registry.get(name)
+    assert cls is not None, name
+    return cls
