@@ -9,6 +9,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,11 @@ if TYPE_CHECKING:
     from nodegraph.engine import Engine
 
 routes = web.RouteTableDef()
+# A flag whose value is a secret: --auth-token, --api-auth, --api-key, --hf-token, --password ...
+SECRET_FLAG = re.compile(
+    r"^--?([\w-]*[-_])?(token|auth|key|secret|passw(or)?d|credentials?)s?([-_][\w-]*)?$", re.IGNORECASE
+)
+REDACTED = "<redacted>"
 
 
 @routes.get("/object_info")
@@ -135,6 +141,25 @@ def _version(package: str) -> str:
         return ""
 
 
+def redacted_argv(argv: list[str]) -> list[str]:
+    """The command line as ComfyUI shows it, with the values of secret flags (`--auth-token T`,
+    `--api-key=K`) and the password of any URL (`https://user:pass@host`) replaced."""
+    shown: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next and not arg.startswith("-"):
+            shown.append(REDACTED)
+            hide_next = False
+            continue
+        flag, eq, value = arg.partition("=")
+        secret = bool(SECRET_FLAG.match(flag))
+        hide_next = secret and not eq
+        if secret and eq:
+            arg = f"{flag}={REDACTED}"
+        shown.append(re.sub(r"(://[^/@:\s]*):[^/@\s]*@", rf"\1:{REDACTED}@", arg))
+    return shown
+
+
 def system_stats(engine: Engine) -> dict[str, Any]:
     """`/system_stats` (§4.1), without importing torch: versions come from package metadata, the
     device from the node layer's `DeviceInfo` service (the CPU when no node package registers one)."""
@@ -153,7 +178,7 @@ def system_stats(engine: Engine) -> dict[str, Any]:
             "python_version": sys.version,
             "pytorch_version": _version("torch"),
             "embedded_python": False,
-            "argv": list(sys.argv),
+            "argv": redacted_argv(sys.argv),
             "platform": platform.platform(),
         },
         "devices": [device],

@@ -185,6 +185,27 @@ async def test_system_stats_features_extensions(aiohttp_client: Any, engine: Any
     assert await (await client.get("/users")).json() == {"storage": "server", "migrated": True}
 
 
+async def test_system_stats_argv_hides_secrets(
+    aiohttp_client: Any, engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ComfyUI shows the command line; a token given on it must not be readable over HTTP."""
+    argv = [
+        "nodegraph", "serve", "--listen", "0.0.0.0", "--auth-token", "tok-SECRET1", "--api-auth=u:SECRET2",
+        "--api-key", "SECRET3", "--hf_token=SECRET4", "--tokenizer-dir", "clip", "--verbose",
+        "--extra-model-paths", "https://me:SECRET5@models.example/x",
+    ]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    client = await _client(aiohttp_client, engine)
+    text = await (await client.get("/system_stats")).text()
+    assert "SECRET" not in text
+    shown = (await (await client.get("/api/system_stats")).json())["system"]["argv"]
+    assert shown == [
+        "nodegraph", "serve", "--listen", "0.0.0.0", "--auth-token", "<redacted>", "--api-auth=<redacted>",
+        "--api-key", "<redacted>", "--hf_token=<redacted>", "--tokenizer-dir", "clip", "--verbose",
+        "--extra-model-paths", "https://me:<redacted>@models.example/x",
+    ]  # fmt: skip
+
+
 async def test_free_drops_cached_outputs(aiohttp_client: Any, engine: Any) -> None:
     client = await _client(aiohttp_client, engine)
     await client.post("/prompt?wait=1", json={"prompt": txt2img()})
