@@ -34,6 +34,7 @@ from nodegraph.server.api_auth import parse_credentials, with_api_auth
 from nodegraph.server.auth import (
     cors_middleware,
     effective_token,
+    host_middleware,
     loopback_host_middleware,
     origin_check,
     token_middleware,
@@ -155,8 +156,9 @@ def create_app(
         error_middleware,
         origin_check(cors),  # the Origin check stays; only the configured origin is let through
     ]
-    if cors:  # outermost: the allowed origin's preflights are answered before the token check
+    if cors:  # the allowed origin's preflights are answered before the token check
         middlewares.insert(0, cors_middleware(cors))
+    middlewares.insert(0, host_middleware)  # outermost: every check after it reads a well-formed Host
     app = web.Application(client_max_size=max_upload_size + (1 << 20), middlewares=middlewares)
     app.on_response_prepare.append(_nosniff)
     app[STATE] = st

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
@@ -20,7 +21,58 @@ from aiohttp.typedefs import Middleware
 
 COOKIE = "nodegraph_token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# RFC 9110's Host: a DNS name or IPv4 address, or an IPv6 literal in brackets, then an optional port.
+# Nothing else (userinfo, paths, spaces, non-ASCII, lists): such a value is a 400 on every route,
+# so no parser's reading of it can pick a loopback name out of it.
+_HOST = re.compile(
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]{2,45})\]|(?P<name>[A-Za-z0-9_.-]{1,253}))(?::(?P<port>[0-9]{1,5}))?"
+)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def parse_host(value: str) -> tuple[str, int | None] | None:
+    """(lowercase name or address, without brackets; port or None) of a `Host` value; None if malformed."""
+    found = _HOST.fullmatch(value)
+    if found is None:
+        return None
+    port = int(found["port"]) if found["port"] is not None else None
+    if port is not None and not 0 < port < 65536:
+        return None
+    if found["ipv6"] is not None:
+        try:
+            return str(ipaddress.IPv6Address(found["ipv6"])), port
+        except ValueError:
+            return None
+    return found["name"].lower(), port
+
+
+def host_header(request: web.Request) -> str | None:
+    """The request's `Host` header as sent (None without one: HTTP/1.0). Never `request.host`,
+    which falls back to a DNS lookup of this machine's name on the event loop."""
+    return request.headers.get("Host")
+
+
+def _bad_host(value: str) -> web.Response:
+    return web.json_response(
+        {
+            "error": {
+                "type": "bad_host",
+                "message": f"malformed Host header {value[:100]!r}",
+                "details": "send the server's address as Host: name[:port], IPv4[:port] or [IPv6][:port]",
+                "extra_info": {},
+            }
+        },
+        status=400,
+    )
+
+
+@web.middleware
+async def host_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: a malformed `Host` is a 400 before any check reads it (aiohttp refuses a repeated one)."""
+    host = host_header(request)
+    if host is not None and parse_host(host) is None:
+        return _bad_host(host)
+    return await handler(request)
 
 
 def is_loopback(host: str) -> bool:
@@ -83,18 +135,19 @@ def _port(scheme: str, port: int | None) -> int | None:
     return {"http": 80, "https": 443, "ws": 80, "wss": 443}.get(scheme)
 
 
-def same_origin(origin: str, host: str, request_scheme: str) -> bool:
+def same_origin(origin: str, host: str | None, request_scheme: str) -> bool:
     """Whether an `Origin` header names the host (and port) the request was sent to."""
-    if not origin or origin == "null":
+    if not origin or origin == "null" or host is None:
         return False
+    target = parse_host(host)
     try:
         o = urlsplit(origin)
-        h = urlsplit(f"{request_scheme}://{host}")
-        return (o.hostname or "").lower() == (h.hostname or "").lower() and _port(o.scheme, o.port) == _port(
-            h.scheme, h.port
-        )
+        origin_port = _port(o.scheme, o.port)
     except ValueError:
         return False
+    if target is None or o.username is not None or o.password is not None:
+        return False
+    return (o.hostname or "").lower() == target[0] and origin_port == _port(request_scheme, target[1])
 
 
 def _forbidden_origin(request: web.Request, origin: str) -> web.Response:
@@ -102,7 +155,7 @@ def _forbidden_origin(request: web.Request, origin: str) -> web.Response:
         {
             "error": {
                 "type": "forbidden_origin",
-                "message": f"origin {origin!r} refused: not this server ({request.host})",
+                "message": f"origin {origin!r} refused: not this server ({host_header(request)})",
                 "details": "open the canvas from this server's own address",
                 "extra_info": {},
             }
@@ -125,7 +178,7 @@ def origin_check(allowed: str | None = None) -> Middleware:
             origin = request.headers.get("Origin")
             if (
                 origin is not None
-                and not same_origin(origin, request.host, request.scheme)
+                and not same_origin(origin, host_header(request), request.scheme)
                 and not cors_allows(allowed, origin)
             ):
                 return _forbidden_origin(request, origin)
@@ -141,13 +194,14 @@ origin_middleware = origin_check(None)
 async def loopback_host_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Without a token, only loopback `Host` names are served: a DNS-rebinding page (evil.example
     resolved to 127.0.0.1) sends its own name as Host and is refused before it can read anything."""
-    hostname = urlsplit(f"http://{request.host}").hostname or ""
-    if not is_loopback(hostname):
+    host = host_header(request)
+    parsed = parse_host(host) if host is not None else None
+    if parsed is None or not is_loopback(parsed[0]):
         return web.json_response(
             {
                 "error": {
                     "type": "forbidden_host",
-                    "message": f"host {request.host!r} is not this machine's loopback address",
+                    "message": f"host {host!r} is not this machine's loopback address",
                     "details": "open the server as http://127.0.0.1:<port>/ or http://localhost:<port>/",
                     "extra_info": {},
                 }

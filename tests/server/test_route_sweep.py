@@ -8,6 +8,7 @@ LoRA folder (D11). A 5xx anywhere fails, naming the request.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import struct
@@ -98,6 +99,72 @@ async def test_no_route_answers_hostile_input_with_a_5xx(aiohttp_client: Any, tm
                 resp.release()
     assert seen > 100
     assert not failures, "\n".join(failures)
+
+
+# Odd Host values (DNS rebinding sends the attacker's name; these try to slip a loopback name past
+# the check): each is a 400 on every route, before any handler or check reads it.
+MALFORMED_HOSTS = [
+    b"", b"x" * 300, b"x" * 9000, "h\u00e9llo".encode(), "\uff11\uff12\uff17.0.0.1".encode(), b"\xff\xfe",
+    b"::1", b"[::1", b"::1]", b"[::1]x", b"[::1%25lo]:{port}", b"evil.example@127.0.0.1:{port}",
+    b"127.0.0.1:{port}@evil.example", b"u:p@localhost:{port}", b"127.0.0.1:99999", b"127.0.0.1:abc",
+    b"127.0.0.1:", b"127.0.0.1/x", b"127.0.0.1#x", b"127.0.0.1?x", b"127.0.0.1\\x", b"%31%32%37.0.0.1",
+    b"127.0.0.1 evil", b"127.0.0.1:{port},evil.example",
+]  # fmt: skip
+LOOPBACK_HOSTS = [b"127.0.0.1:{port}", b"localhost:{port}", b"LOCALHOST:{port}", b"[::1]:{port}", b"[::1]"]
+OTHER_HOSTS = [b"evil.example:{port}", b"127.1", b"2130706433", b"[::ffff:127.0.0.1]:{port}", b"localhost."]
+
+
+async def _raw(port: int, head: bytes) -> int:
+    """Send a request as bytes (the client libraries refuse to send such headers); the status."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head + b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    line = await reader.readline()
+    writer.close()
+    return int(line.split()[1])
+
+
+async def _status(port: int, method: str, path: str, host: bytes | None, extra: bytes = b"") -> int:
+    hosts = b"" if host is None else b"Host: " + host.replace(b"{port}", str(port).encode()) + b"\r\n"
+    return await _raw(port, f"{method} {path} HTTP/1.1\r\n".encode() + hosts + extra)
+
+
+@pytest.mark.parametrize("token", [None, "tok"])
+async def test_odd_host_headers_are_400s_and_never_pass_the_host_and_origin_checks(
+    aiohttp_client: Any, tmp_path: Path, token: str | None
+) -> None:
+    app = create_app(make_engine(tmp_path, auth_token=token))
+    client: TestClient = await aiohttp_client(app)
+    port = client.server.port
+    assert port is not None
+    auth = b"Authorization: Bearer tok\r\n" if token else b""
+    paths = sorted({p for r in app.router.routes() if r.resource is not None for p in _paths(r.resource)})
+    for host in MALFORMED_HOSTS:  # every route: the check stands before routing
+        for path in paths[:: max(1, len(paths) // 40)]:
+            assert await _status(port, "GET", path, host, auth) == 400, (host, path)
+        assert await _status(port, "POST", "/prompt", host, auth) == 400, host
+        upgrade = b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        assert await _status(port, "GET", "/ws", host, auth + upgrade + b"Sec-WebSocket-Key: eA==\r\n") == 400
+    two = [b"Host: 127.0.0.1\r\nHost: evil.example\r\n", b"Host: evil.example\r\nHost: 127.0.0.1\r\n"]
+    for hosts in two:  # a repeated Host: refused by aiohttp's parser, as RFC 9112 asks
+        assert await _raw(port, b"GET /queue HTTP/1.1\r\n" + hosts + auth) == 400
+    assert await _raw(port, b"GET /queue HTTP/1.1\r\n" + auth) == 400  # HTTP/1.1 without Host
+    same = b"Origin: http://127.0.0.1:%d\r\n" % port
+    evil = b"Origin: http://evil.example:%d\r\n" % port
+    for host in LOOPBACK_HOSTS:
+        assert await _status(port, "GET", "/queue", host, auth) == 200, host
+        assert await _status(port, "POST", "/interrupt", host, auth + evil) == 403, host
+    assert await _status(port, "POST", "/interrupt", b"127.0.0.1:{port}", auth + same) == 200
+    assert await _status(port, "POST", "/interrupt", b"[::1]:{port}", auth + same) == 403  # another host
+    for host in OTHER_HOSTS:  # loopback without a token: only loopback names are served (DNS rebinding)
+        assert await _status(port, "GET", "/queue", host, auth) == (200 if token else 403), host
+        assert await _status(port, "POST", "/interrupt", host, auth + same) == 403, host
+    assert await _status(
+        port,
+        "GET",
+        "/queue",
+        None,
+        auth,
+    ) in (400,)
 
 
 async def test_one_bad_lora_never_breaks_the_lora_list(aiohttp_client: Any, tmp_path: Path) -> None:
