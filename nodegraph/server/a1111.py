@@ -59,6 +59,9 @@ LATENT_UPSCALERS = {
     "Latent (nearest)": "nearest-exact",
     "Latent (nearest-exact)": "nearest-exact",
 }
+# A1111's image-space upscalers that need no model file (modules/upscaler.py: UpscalerNone, UpscalerLanczos,
+# UpscalerNearest) -> ImageScale methods; "None" resizes with Lanczos (modules/images.py resize_image).
+IMAGE_UPSCALERS = {"None": "lanczos", "Lanczos": "lanczos", "Nearest": "nearest-exact"}
 _LORA = re.compile(r"<(?:lora|lyco):([^:>]+)[^>]*>", re.IGNORECASE)
 
 
@@ -94,6 +97,16 @@ def sampler_and_scheduler(sampler: str, scheduler: str | None) -> tuple[str, str
 
 
 @dataclass
+class Inpaint:
+    """img2img's inpainting: the mask (already blurred, inverted and sized by the route, as A1111
+    prepares it) as a LoadImageMask name, and how the masked area starts (`inpainting_fill`)."""
+
+    mask_image: str
+    fill: int  # 0 fill -> VAEEncodeForInpaint (grey fill), 1 original -> SetLatentNoiseMask
+    blur: int = 4  # mask_blur, for the infotext (the route blurred the mask)
+
+
+@dataclass
 class Job:
     """One A1111 request, resolved: the settings that went into the graph, for the infotext."""
 
@@ -112,6 +125,8 @@ class Job:
     denoise: float | None = None  # img2img or hires
     hires: dict[str, Any] = field(default_factory=dict)
     init_image: str | None = None  # a LoadImage name in the input folder
+    inpaint: Inpaint | None = None
+    vae: str | None = None  # a vae-folder file (`sd_vae`); None: the checkpoint's own
     save: bool = False
 
     def graph(self) -> dict[str, Any]:
@@ -119,6 +134,10 @@ class Job:
         g: dict[str, Any] = {"4": _node("CheckpointLoaderSimple", ckpt_name=self.checkpoint)}
         model: list[Any] = ["4", 0]
         clip: list[Any] = ["4", 1]
+        vae: list[Any] = ["4", 2]
+        if self.vae is not None:
+            g["17"] = _node("VAELoader", vae_name=self.vae)
+            vae = ["17", 0]
         if self.clip_skip > 1:
             g["10"] = _node("CLIPSetLastLayer", clip=clip, stop_at_clip_layer=-self.clip_skip)
             clip = ["10", 0]
@@ -128,34 +147,71 @@ class Job:
             model, clip, text = ["11", 0], ["11", 1], ["11", 2]
         g["6"] = _node("CLIPTextEncode", text=text, clip=clip)
         g["7"] = _node("CLIPTextEncode", text=self.negative, clip=clip)
-        if self.init_image is None:
-            g["5"] = _node(
-                "EmptyLatentImage", width=self.width, height=self.height, batch_size=self.batch_size
-            )
-            latent: list[Any] = ["5", 0]
-        else:
-            g["12"] = _node("LoadImage", image=self.init_image)
-            g["13"] = _node(
-                "ImageScale", image=["12", 0], upscale_method="lanczos", width=self.width, height=self.height,
-                crop="disabled",
-            )  # fmt: skip
-            g["5"] = _node("VAEEncode", pixels=["13", 0], vae=["4", 2])
-            latent = ["5", 0]
-            if self.batch_size > 1:
-                g["14"] = _node("RepeatLatentBatch", samples=latent, amount=self.batch_size)
-                latent = ["14", 0]
+        latent = self._latent(g, vae)
         first_denoise = 1.0 if self.init_image is None else float(self.denoise or 0.75)
         g["3"] = self._sampler(model, latent, first_denoise, self.steps)
         samples: list[Any] = ["3", 0]
         if self.hires:
-            g["15"] = _node("LatentUpscale", samples=samples, crop="disabled", **self.hires["size"])
             steps = int(self.hires.get("steps") or self.steps)
-            g["16"] = self._sampler(model, ["15", 0], float(self.denoise or 0.7), steps)
+            g["16"] = self._sampler(model, self._upscaled(g, samples, vae), float(self.denoise or 0.7), steps)
             samples = ["16", 0]
-        g["8"] = _node("VAEDecode", samples=samples, vae=["4", 2])
+        g["8"] = _node("VAEDecode", samples=samples, vae=vae)
+        image: list[Any] = ["8", 0]
+        if self.inpaint is not None:  # A1111 pastes the result over the original through the mask
+            g["23"] = _node("ImageCompositeMasked", destination=["13", 0], source=image, x=0, y=0,
+                            resize_source=False, mask=["22", 0])  # fmt: skip
+            image = ["23", 0]
         kind = "SaveImage" if self.save else "PreviewImage"
-        g["9"] = _node(kind, images=["8", 0], **({"filename_prefix": "a1111"} if self.save else {}))
+        g["9"] = _node(kind, images=image, **({"filename_prefix": "a1111"} if self.save else {}))
         return g
+
+    def _latent(self, g: dict[str, Any], vae: list[Any]) -> list[Any]:
+        """The first pass's latent: empty, the encoded init image, or that with the inpainting mask."""
+        if self.init_image is None:
+            g["5"] = _node(
+                "EmptyLatentImage", width=self.width, height=self.height, batch_size=self.batch_size
+            )
+            return ["5", 0]
+        g["12"] = _node("LoadImage", image=self.init_image)
+        g["13"] = _node(
+            "ImageScale", image=["12", 0], upscale_method="lanczos", width=self.width, height=self.height,
+            crop="disabled",
+        )  # fmt: skip
+        if self.inpaint is None:
+            g["5"] = _node("VAEEncode", pixels=["13", 0], vae=vae)
+        else:
+            g["22"] = _node("LoadImageMask", image=self.inpaint.mask_image, channel="red")
+            if self.inpaint.fill == 0:
+                g["5"] = _node(
+                    "VAEEncodeForInpaint", pixels=["13", 0], vae=vae, mask=["22", 0], grow_mask_by=0
+                )
+            else:
+                g["24"] = _node("VAEEncode", pixels=["13", 0], vae=vae)
+                g["5"] = _node("SetLatentNoiseMask", samples=["24", 0], mask=["22", 0])
+        latent: list[Any] = ["5", 0]
+        if self.batch_size > 1:
+            g["14"] = _node("RepeatLatentBatch", samples=latent, amount=self.batch_size)
+            latent = ["14", 0]
+        return latent
+
+    def _upscaled(self, g: dict[str, Any], samples: list[Any], vae: list[Any]) -> list[Any]:
+        """Hires fix's upscale: of the latent, or (an image upscaler) decode, upscale, encode again."""
+        size = self.hires["size"]
+        if self.hires.get("latent"):
+            g["15"] = _node("LatentUpscale", samples=samples, upscale_method=self.hires["latent"],
+                            crop="disabled", **size)  # fmt: skip
+            return ["15", 0]
+        g["18"] = _node("VAEDecode", samples=samples, vae=vae)
+        image: list[Any] = ["18", 0]
+        if self.hires.get("model"):
+            g["19"] = _node("UpscaleModelLoader", model_name=self.hires["model"])
+            g["20"] = _node("ImageUpscaleWithModel", upscale_model=["19", 0], image=image)
+            image = ["20", 0]
+        g["21"] = _node(
+            "ImageScale", image=image, upscale_method=self.hires["image"], crop="disabled", **size
+        )
+        g["15"] = _node("VAEEncode", pixels=["21", 0], vae=vae)
+        return ["15", 0]
 
     def _sampler(self, model: list[Any], latent: list[Any], denoise: float, steps: int) -> dict[str, Any]:
         return _node(
@@ -169,14 +225,22 @@ def _node(class_type: str, **inputs: Any) -> dict[str, Any]:
     return {"class_type": class_type, "inputs": inputs}
 
 
-def hires_size(body: dict[str, Any], width: int, height: int) -> dict[str, Any]:
-    """LatentUpscale's size and method for A1111's hires fix fields."""
+def hires_size(body: dict[str, Any], width: int, height: int, models: dict[str, str]) -> dict[str, Any]:
+    """Hires fix's target size and upscaler: a latent method (`latent`), or an image method (`image`)
+    with an optional upscale model file (`model`, from `models`: A1111 name -> upscale_models file)."""
     upscaler = str(body.get("hr_upscaler") or "Latent")
-    method = LATENT_UPSCALERS.get(upscaler)
-    if method is None:
+    how: dict[str, Any]
+    if upscaler in LATENT_UPSCALERS:
+        how = {"latent": LATENT_UPSCALERS[upscaler]}
+    elif upscaler in IMAGE_UPSCALERS:
+        how = {"image": IMAGE_UPSCALERS[upscaler]}
+    elif upscaler in models:
+        how = {"image": "lanczos", "model": models[upscaler]}
+    else:
+        choices = [*LATENT_UPSCALERS, *IMAGE_UPSCALERS, *models]
         raise A1111Error(
-            f"hr_upscaler: {upscaler!r} is not available; nodegraph's hires fix upscales the latent "
-            f"({', '.join(LATENT_UPSCALERS)})"
+            f"hr_upscaler: {upscaler!r} is not available; GET /sdapi/v1/upscalers and "
+            f"/sdapi/v1/latent-upscale-modes list them ({', '.join(choices)})"
         )
     x, y = int(body.get("hr_resize_x") or 0), int(body.get("hr_resize_y") or 0)
     if x <= 0 and y <= 0:
@@ -186,10 +250,13 @@ def hires_size(body: dict[str, Any], width: int, height: int) -> dict[str, Any]:
         x = width * y // height
     elif y <= 0:
         y = height * x // width
-    return {"upscale_method": method, "width": x // 8 * 8, "height": y // 8 * 8}
+    return {**how, "size": {"width": x // 8 * 8, "height": y // 8 * 8}}
 
 
-def infotext(job: Job, seed: int, model_hash: str | None, lora_hashes: dict[str, str], version: str) -> str:
+def infotext(
+    job: Job, seed: int, model_hash: str | None, lora_hashes: dict[str, str], version: str,
+    vae_hash: str | None = None,
+) -> str:  # fmt: skip
     """A1111's "parameters" text (modules/processing.py create_infotext) for one image."""
     params: dict[str, Any] = {
         "Steps": job.steps,
@@ -200,7 +267,10 @@ def infotext(job: Job, seed: int, model_hash: str | None, lora_hashes: dict[str,
         "Size": f"{job.width}x{job.height}",
         "Model hash": model_hash,
         "Model": job.checkpoint.rsplit(".", 1)[0],
+        "VAE hash": vae_hash if job.vae else None,
+        "VAE": job.vae.rsplit("/", 1)[-1] if job.vae else None,
         "Denoising strength": job.denoise if job.init_image is not None or job.hires else None,
+        "Mask blur": job.inpaint.blur if job.inpaint else None,
         "Clip skip": job.clip_skip if job.clip_skip > 1 else None,
     }
     if job.hires:

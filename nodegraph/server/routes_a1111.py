@@ -21,6 +21,7 @@ from aiohttp import web
 from nodegraph import __version__
 from nodegraph.server import a1111
 from nodegraph.server.a1111 import A1111Error
+from nodegraph.server.a1111_inputs import decode_image
 from nodegraph.server.replies import read_json
 from nodegraph.server.state import ServerState, state
 
@@ -78,6 +79,33 @@ def resolve_checkpoint(st: ServerState, name: str) -> str:
     raise A1111Error(f"sd_model_checkpoint: no checkpoint {name!r} in the checkpoints folder")
 
 
+def checkpoint_title(st: ServerState, name: str) -> str:
+    """A1111's title for a checkpoint: "name [short hash]" once its hash is known, else the name.
+
+    `sd-models` and the `sd_model_checkpoint` option both use it, so a client that preselects the
+    current model in its list (SillyTavern, Open WebUI) finds it there."""
+    sha = _known_hash(st.engine.env.folders.resolve("checkpoints", name))
+    return f"{name} [{sha[:10]}]" if sha else name
+
+
+def vae_names(st: ServerState) -> list[str]:
+    return list(st.engine.env.folders.list("vae"))
+
+
+def resolve_vae(st: ServerState, name: str | None) -> str | None:
+    """A VAE file name for A1111's `sd_vae` ("Automatic" and "None": the checkpoint's own VAE)."""
+    if name is None or str(name).strip() in ("", "Automatic", "None"):
+        return None
+    want = str(name).strip().replace("\\", "/")
+    for candidate in vae_names(st):
+        stem = candidate.rsplit(".", 1)[0]
+        if want in (candidate, stem, PurePosixPath(candidate).name, PurePosixPath(stem).name):
+            return candidate
+    raise A1111Error(
+        f'sd_vae: no VAE {name!r} in the vae folder; GET /sdapi/v1/sd-vae lists them, or send "Automatic"'
+    )
+
+
 def read_options(st: ServerState) -> dict[str, Any]:
     """A1111's options: what was set through POST /options over the defaults."""
     stored: dict[str, Any] = {}
@@ -97,12 +125,20 @@ def read_options(st: ServerState) -> dict[str, Any]:
         "eta_noise_seed_delta": 0,
         "show_progress_every_n_steps": 1,
     }
-    options.update({k: v for k, v in stored.items() if k in options})
+    options.update({k: v for k, v in stored.items() if k in options and k != "sd_checkpoint_hash"})
     if options["sd_model_checkpoint"] is not None:
         try:
             options["sd_model_checkpoint"] = resolve_checkpoint(st, str(options["sd_model_checkpoint"]))
         except A1111Error:
             options["sd_model_checkpoint"] = names[0] if names else None
+    if options["sd_model_checkpoint"] is not None:
+        name = options["sd_model_checkpoint"]
+        options["sd_checkpoint_hash"] = _known_hash(st.engine.env.folders.resolve("checkpoints", name))
+        options["sd_model_checkpoint"] = checkpoint_title(st, name)
+    try:
+        options["sd_vae"] = resolve_vae(st, options["sd_vae"]) or options["sd_vae"]
+    except A1111Error:
+        options["sd_vae"] = "Automatic"
     return options
 
 
@@ -123,13 +159,15 @@ async def set_options(request: web.Request) -> web.Response:
             body["sd_model_checkpoint"] = await asyncio.to_thread(
                 resolve_checkpoint, st, str(body["sd_model_checkpoint"])
             )
+        if "sd_vae" in body:
+            body["sd_vae"] = await asyncio.to_thread(resolve_vae, st, body["sd_vae"]) or str(body["sd_vae"])
         if "CLIP_stop_at_last_layers" in body:
             body["CLIP_stop_at_last_layers"] = max(1, int(body["CLIP_stop_at_last_layers"]))
     except (A1111Error, ValueError, TypeError) as exc:
         return _refuse(422, str(exc))
     path = _options_path(st)
     stored = json.loads(path.read_text()) if path.is_file() else {}
-    stored.update(body)
+    stored.update({k: v for k, v in body.items() if k != "sd_checkpoint_hash"})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(stored, indent=1))
     return web.json_response(None)
@@ -197,7 +235,7 @@ async def schedulers(request: web.Request) -> web.Response:
         }
     ]
     for label, comfy in a1111.SCHEDULERS.items():
-        if comfy in have and label != "Normal":
+        if comfy in have:
             name = label.lower().replace(" ", "_")
             rows.append(
                 {
@@ -212,10 +250,23 @@ async def schedulers(request: web.Request) -> web.Response:
 
 
 @routes.get(API + "/upscalers")
-async def upscalers(_: web.Request) -> web.Response:
-    return web.json_response(
-        [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}]
-    )
+async def upscalers(request: web.Request) -> web.Response:
+    """A1111's image upscalers: "None", its built-in "Lanczos" and "Nearest", then the files in the
+    upscale_models folder (usable as `hr_upscaler`; their scale is read from the model when it runs)."""
+    folders = state(request).engine.env.folders
+
+    def listing() -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = [
+            {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+            for name in a1111.IMAGE_UPSCALERS
+        ]
+        for name in folders.list("upscale_models"):
+            stem = PurePosixPath(name).name.rsplit(".", 1)[0]
+            path = str(folders.resolve("upscale_models", name))
+            rows.append({"name": stem, "model_name": stem, "model_path": path, "model_url": None, "scale": 4})
+        return rows
+
+    return web.json_response(await asyncio.to_thread(listing))
 
 
 @routes.get(API + "/latent-upscale-modes")
@@ -229,12 +280,64 @@ async def scripts(_: web.Request) -> web.Response:
 
 
 @routes.get(API + "/sd-vae")
-async def sd_vae(_: web.Request) -> web.Response:
+async def sd_vae(request: web.Request) -> web.Response:
+    """The vae folder as A1111 lists it: `[{model_name, filename}]` (model_name is the file name)."""
+    st = state(request)
+    folders = st.engine.env.folders
+
+    def listing() -> list[dict[str, Any]]:
+        return [{"model_name": n, "filename": str(folders.resolve("vae", n))} for n in vae_names(st)]
+
+    return web.json_response(await asyncio.to_thread(listing))
+
+
+@routes.get(API + "/prompt-styles")
+async def prompt_styles(_: web.Request) -> web.Response:
+    """A1111's saved styles (`[{name, prompt, negative_prompt}]`): nodegraph keeps none."""
     return web.json_response([])
+
+
+@routes.get(API + "/embeddings")
+async def embeddings(request: web.Request) -> web.Response:
+    """The embeddings folder in A1111's shape: `{loaded: {name: {...}}, skipped: {}}`."""
+    folders = state(request).engine.env.folders
+
+    def listing() -> dict[str, Any]:
+        loaded = {}
+        for name in folders.list("embeddings"):
+            stem = PurePosixPath(name).name.rsplit(".", 1)[0]
+            shape, vectors = _embedding_shape(folders.resolve("embeddings", name))
+            loaded[stem] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                            "shape": shape, "vectors": vectors}  # fmt: skip
+        return {"loaded": loaded, "skipped": {}}
+
+    return web.json_response(await asyncio.to_thread(listing))
+
+
+def _embedding_shape(path: Path) -> tuple[int | None, int | None]:
+    """(width, vector count) of a safetensors embedding, read from its header alone; None for others."""
+    if path.suffix != ".safetensors":
+        return None, None
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(size, 1 << 20)))
+        shapes = [
+            v["shape"] for k, v in header.items() if k != "__metadata__" and len(v.get("shape", [])) == 2
+        ]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None, None
+    return (int(shapes[0][1]), int(shapes[0][0])) if shapes else (None, None)
 
 
 @routes.get(API + "/cmd-flags")
 async def cmd_flags(_: web.Request) -> web.Response:
+    return web.json_response({})
+
+
+@routes.get("/internal/ping")
+async def internal_ping(_: web.Request) -> web.Response:
+    """A1111's liveness check."""
     return web.json_response({})
 
 
@@ -294,13 +397,3 @@ async def png_info(request: web.Request) -> web.Response:
     return web.json_response(
         {"info": text, "items": items, "parameters": a1111.parse_infotext(text) if text else {}}
     )
-
-
-def decode_image(raw: str) -> bytes:
-    """Base64 image data, with or without a `data:image/...;base64,` prefix."""
-    if raw.startswith("data:"):
-        raw = raw.split(",", 1)[-1]
-    try:
-        return base64.b64decode(raw, validate=False)
-    except ValueError as exc:
-        raise ValueError(f"not base64 ({exc})") from exc

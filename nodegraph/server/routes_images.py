@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import io
 import json
 import random
@@ -19,14 +18,15 @@ from aiohttp import web
 
 from nodegraph.server import a1111
 from nodegraph.server.a1111 import A1111Error, Job
+from nodegraph.server.a1111_inputs import refuse_unsupported, save_init_image, save_mask
 from nodegraph.server.replies import read_json
 from nodegraph.server.routes_a1111 import (
     API,
     VERSION,
     _refuse,
-    decode_image,
     read_options,
     resolve_checkpoint,
+    resolve_vae,
     sha256_of,
 )
 from nodegraph.server.routes_prompt import _accept
@@ -57,6 +57,7 @@ def _float(body: dict[str, Any], key: str, default: float) -> float:
 
 def build_job(st: ServerState, body: dict[str, Any], init_image: str | None = None) -> Job:
     """A1111's request fields (with `override_settings`) as a `Job`; raises A1111Error naming the field."""
+    refuse_unsupported(body)
     options = read_options(st)
     overrides = body.get("override_settings") or {}
     if not isinstance(overrides, dict):
@@ -85,6 +86,7 @@ def build_job(st: ServerState, body: dict[str, Any], init_image: str | None = No
             1, int(overrides.get("CLIP_stop_at_last_layers") or options["CLIP_stop_at_last_layers"])
         ),
         init_image=init_image,
+        vae=resolve_vae(st, overrides.get("sd_vae", options["sd_vae"])),
         save=bool(body.get("save_images")),
     )
     if init_image is not None:
@@ -92,34 +94,16 @@ def build_job(st: ServerState, body: dict[str, Any], init_image: str | None = No
     elif body.get("enable_hr"):
         job.denoise = _float(body, "denoising_strength", 0.7)
         job.hires = {
-            "size": a1111.hires_size(body, job.width, job.height),
-            "steps": int(body.get("hr_second_pass_steps") or 0),
+            **a1111.hires_size(body, job.width, job.height, upscale_models(st)),
+            "steps": _int(body, "hr_second_pass_steps", 0, low=0),
             "upscaler": str(body.get("hr_upscaler") or "Latent"),
         }
     return job
 
 
-def _save_init_image(st: ServerState, raw: Any) -> str:
-    """The first init image, written once into the input folder under its content hash."""
-    from PIL import Image
-
-    if not isinstance(raw, str) or not raw:
-        raise A1111Error("init_images: send at least one base64-encoded image")
-    try:
-        data = decode_image(raw)
-        with Image.open(io.BytesIO(data)) as image:
-            image.verify()
-    except (OSError, ValueError) as exc:
-        raise A1111Error(f"init_images: not a readable image ({exc})") from exc
-    name = f"a1111_{hashlib.sha256(data).hexdigest()[:16]}.png"
-    path = Path(st.engine.env.folders.input_dir) / name
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(io.BytesIO(data)) as image:
-            partial = path.with_suffix(".partial")
-            image.save(partial, format="PNG")
-            partial.replace(path)
-    return name
+def upscale_models(st: ServerState) -> dict[str, str]:
+    """A1111's upscaler names for the upscale_models files (the file's stem) -> file name."""
+    return {Path(n).name.rsplit(".", 1)[0]: n for n in st.engine.env.folders.list("upscale_models")}
 
 
 async def run_jobs(st: ServerState, job: Job, n_iter: int) -> list[tuple[Job, dict[str, Any]]]:
@@ -168,7 +152,8 @@ def _images(st: ServerState, job: Job, entry: dict[str, Any]) -> list[tuple[byte
         path = _lora_path(st, name)
         if path is not None:
             lora_hashes[name] = sha256_of(path)[:12]
-    text = a1111.infotext(job, job.seed, model_hash, lora_hashes, VERSION)
+    vae_hash = sha256_of(folders.resolve("vae", job.vae))[:10] if job.vae else None
+    text = a1111.infotext(job, job.seed, model_hash, lora_hashes, VERSION, vae_hash)
     out = []
     for image in entry.get("outputs", {}).get("9", {}).get("images", []):
         path = Path(roots[image.get("type", "output")]) / image.get("subfolder", "") / image["filename"]
@@ -205,15 +190,15 @@ async def generate(request: web.Request, img2img: bool) -> web.Response:
     if not isinstance(body, dict):
         return _refuse(422, "expected a JSON object")
     try:
-        if img2img and body.get("mask"):
-            raise A1111Error("mask: inpainting through the A1111 API is not supported yet; use the canvas")
         init = None
+        input_dir = Path(st.engine.env.folders.input_dir)
         if img2img:
             images = body.get("init_images")
-            init = await asyncio.to_thread(
-                _save_init_image, st, images[0] if isinstance(images, list) and images else None
-            )
+            first = images[0] if isinstance(images, list) and images else None
+            init = await asyncio.to_thread(save_init_image, input_dir, first)
         job = await asyncio.to_thread(build_job, st, body, init)
+        if img2img and body.get("mask"):
+            job.inpaint = await asyncio.to_thread(save_mask, input_dir, body, job.width, job.height)
         results = await run_jobs(st, job, _int(body, "n_iter", 1))
         pngs = []
         for this, entry in results:
@@ -236,10 +221,11 @@ async def generate(request: web.Request, img2img: bool) -> web.Response:
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "is_using_inpainting_conditioning": False, "version": VERSION,
     }  # fmt: skip
-    parameters = {k: v for k, v in body.items() if k != "init_images"}
+    parameters = {k: v for k, v in body.items() if k not in ("init_images", "mask")}
+    send = body.get("send_images", True) is not False  # A1111: send_images false -> no images
     return web.json_response(
         {
-            "images": [base64.b64encode(p).decode() for p, _ in pngs],
+            "images": [base64.b64encode(p).decode() for p, _ in pngs] if send else [],
             "parameters": parameters,
             "info": json.dumps(info),
         }

@@ -118,7 +118,12 @@ def test_img2img_options_models_loras_and_interrupt(server: LiveServer) -> None:
     assert "DPM++ 2M" in api.util_get_sampler_names() and "karras" in api.util_get_scheduler_names()
     api.set_options({"sd_model_checkpoint": "mini", "CLIP_stop_at_last_layers": 2})
     options = api.get_options()
-    assert options["sd_model_checkpoint"] == "mini.safetensors" and options["CLIP_stop_at_last_layers"] == 2
+    # A1111's option holds the model's title, as sd-models lists it ("name [short hash]" once hashed).
+    assert options["sd_model_checkpoint"] == api.get_sd_models()[0]["title"]
+    assert (
+        options["sd_model_checkpoint"].startswith("mini.safetensors")
+        and options["CLIP_stop_at_last_layers"] == 2
+    )
     init = Image.new("RGB", (64, 64), (200, 40, 40))
     result = api.img2img(images=[init], prompt="a red chair", seed=7, steps=2, width=64, height=64,
                          denoising_strength=0.5, sampler_name="Euler")  # fmt: skip
@@ -143,3 +148,34 @@ def test_openai_image_generation_on_the_same_mapping(server: LiveServer) -> None
     assert image.size == (64, 64) and "Steps: 20" in image.info["parameters"]
     refused = requests.post(url, json={"prompt": "x", "response_format": "url"}, timeout=60)
     assert refused.status_code == 400 and "b64_json" in refused.json()["error"]["message"]
+
+
+def test_img2img_inpainting_repaints_only_the_masked_area(server: LiveServer) -> None:
+    """`mask` -> LoadImageMask + SetLatentNoiseMask (inpainting_fill 1, "original"), the result pasted over
+    the init image through the mask as A1111 does: far from the mask the init pixels come back."""
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    rng = np.random.default_rng(3)
+    init_pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    init = Image.fromarray(init_pixels)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (24, 24, 40, 40))
+    result = api.img2img(
+        images=[init], mask_image=mask, mask_blur=2, inpainting_fill=1, inpaint_full_res=False,
+        prompt="a chair", seed=7, steps=2, width=64, height=64, denoising_strength=0.9, sampler_name="Euler",
+    )  # fmt: skip
+    out = np.asarray(result.image.convert("RGB")).astype(int)
+    far = np.ones((64, 64), bool)
+    far[14:50, 14:50] = False  # the box, its blur and a margin
+    assert np.abs(out[far] - init_pixels[far].astype(int)).max() <= 1
+    assert np.abs(out[28:36, 28:36] - init_pixels[28:36, 28:36].astype(int)).mean() > 10
+    fields = parse_infotext(result.info["infotexts"][0])
+    assert fields["Mask blur"] == "2" and fields["Denoising strength"] == "0.9"
+    # webuiapi's (and A1111's) default inpaint_full_res=True ("Only masked") is refused by name, as is
+    # a fill nodegraph does not map; neither is a 500.
+    body = {"init_images": [result.json["images"][0]], "mask": result.json["images"][0], "steps": 1}
+    for extra, field in (
+        ({}, "inpaint_full_res"),
+        ({"inpaint_full_res": False, "inpainting_fill": 2}, "inpainting_fill"),
+    ):
+        reply = api.session.post(f"{api.baseurl}/img2img", json={**body, **extra})
+        assert reply.status_code == 422 and reply.json()["detail"].startswith(field)

@@ -1,0 +1,136 @@
+"""The parts of an A1111 request that are not plain numbers: the fields nodegraph refuses (by name),
+and the init image and inpainting mask, written into the input folder the way A1111 prepares them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+from nodegraph.server.a1111 import A1111Error, Inpaint
+
+# Fields whose non-default value asks for a feature nodegraph does not have (default: the values
+# A1111's API and webuiapi send when the feature is off).
+_OFF: dict[str, tuple[Any, ...]] = {
+    "restore_faces": (None, False),
+    "tiling": (None, False),
+    "styles": (None, []),
+    "script_name": (None, ""),
+    "alwayson_scripts": (None, {}),
+    "refiner_checkpoint": (None, "", "None"),
+    "hr_checkpoint_name": (None, "", "Use same checkpoint"),
+    "hr_sampler_name": (None, "", "Use same sampler"),
+    "hr_scheduler": (None, "", "Use same scheduler"),
+    "hr_prompt": (None, ""),
+    "hr_negative_prompt": (None, ""),
+}
+_WHY = {
+    "restore_faces": "face restoration (GFPGAN/CodeFormer) is not available",
+    "tiling": "tiling is not available",
+    "styles": "no prompt styles are defined (GET /sdapi/v1/prompt-styles lists none)",
+    "script_name": "A1111 scripts do not run here",
+    "alwayson_scripts": "A1111 extensions (ControlNet, ADetailer, ...) do not run here; use a ComfyUI graph",
+    "refiner_checkpoint": "the refiner switch is not mapped; use a ComfyUI graph",
+    "hr_checkpoint_name": "hires fix uses the same checkpoint here",
+    "hr_sampler_name": "hires fix uses the first pass's sampler here",
+    "hr_scheduler": "hires fix uses the first pass's schedule type here",
+    "hr_prompt": "hires fix uses the main prompt here",
+    "hr_negative_prompt": "hires fix uses the main negative prompt here",
+}
+
+
+def refuse_unsupported(body: dict[str, Any]) -> None:
+    """Raise A1111Error naming the first field that asks for something nodegraph cannot do."""
+    for key, off in _OFF.items():
+        value = body.get(key)
+        if value not in off and not (key.startswith("hr_") and value == body.get(key[3:])):
+            raise A1111Error(f"{key}: {_WHY[key]}; send {off[-1]!r} (got {value!r})")
+    if float(body.get("subseed_strength") or 0) > 0:
+        raise A1111Error("subseed_strength: variation seeds are not available; send 0")
+
+
+def decode_image(raw: str) -> bytes:
+    """Base64 image data, with or without a `data:image/...;base64,` prefix."""
+    if raw.startswith("data:"):
+        raw = raw.split(",", 1)[-1]
+    try:
+        return base64.b64decode(raw, validate=False)
+    except ValueError as exc:
+        raise ValueError(f"not base64 ({exc})") from exc
+
+
+def _open(raw: Any, field: str) -> Any:
+    from PIL import Image
+
+    if not isinstance(raw, str) or not raw:
+        raise A1111Error(f"{field}: send a base64-encoded image")
+    try:
+        image = Image.open(io.BytesIO(decode_image(raw)))
+        image.load()
+    except (OSError, ValueError) as exc:
+        raise A1111Error(f"{field}: not a readable image ({exc})") from exc
+    return image
+
+
+def _store(input_dir: Path, prefix: str, image: Any) -> str:
+    """Write `image` as PNG into the input folder under its content hash; the LoadImage name."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    name = f"{prefix}_{hashlib.sha256(data).hexdigest()[:16]}.png"
+    path = input_dir / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_bytes(data)
+        partial.replace(path)
+    return name
+
+
+def save_init_image(input_dir: Path, raw: Any) -> str:
+    """The first init image, written once into the input folder; its LoadImage name."""
+    with _open(raw, "init_images") as image:
+        return _store(input_dir, "a1111", image if image.mode in ("RGB", "RGBA") else image.convert("RGB"))
+
+
+def save_mask(input_dir: Path, body: dict[str, Any], width: int, height: int) -> Inpaint:
+    """img2img's `mask` prepared as A1111 does (modules/processing.py, StableDiffusionProcessingImg2Img
+    .init): made binary (alpha if it has one, else luminance, > 128), inverted for
+    `inpainting_mask_invert`, blurred by `mask_blur`, resized to the output size; white is repainted."""
+    from PIL import ImageFilter, ImageOps
+
+    if body.get("inpaint_full_res", True) not in (False, 0):  # A1111's default is True
+        raise A1111Error(
+            "inpaint_full_res: inpainting 'Only masked' is not supported; send inpaint_full_res: false "
+            "(whole picture)"
+        )
+    fill = body.get("inpainting_fill", 0)
+    if fill not in (0, 1):
+        raise A1111Error(
+            f"inpainting_fill: {fill!r} is not supported; send 0 (fill: VAEEncodeForInpaint's grey fill) "
+            "or 1 (original: SetLatentNoiseMask)"
+        )
+    raw_blur: Any = body.get("mask_blur")
+    try:
+        blur = int(raw_blur if raw_blur is not None else 4)
+    except (TypeError, ValueError) as exc:
+        raise A1111Error(f"mask_blur: expected an integer, got {body.get('mask_blur')!r}") from exc
+    if not 0 <= blur <= 64:
+        raise A1111Error(f"mask_blur: must be between 0 and 64, got {blur}")
+    with _open(body.get("mask"), "mask") as image:
+        if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
+            mask = image.split()[-1].convert("L")
+        else:
+            mask = image.convert("L")
+    mask = mask.point(lambda v: 255 if v > 128 else 0)
+    if body.get("inpainting_mask_invert") in (1, True):
+        mask = ImageOps.invert(mask)
+    if blur > 0:
+        mask = mask.filter(ImageFilter.GaussianBlur(blur))
+    from PIL import Image
+
+    mask = mask.resize((width, height), Image.Resampling.LANCZOS).convert("RGB")
+    return Inpaint(mask_image=_store(input_dir, "a1111_mask", mask), fill=int(fill), blur=blur)

@@ -1,0 +1,109 @@
+"""The graphs A1111 requests become (txt2img, img2img, inpainting, hires fix with each upscaler kind, a
+VAE file) validate against the real node declarations, and bad or unsupported fields are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from nodegraph.env import Environment
+from nodegraph.folders import Folders
+from nodegraph.registry import Registry
+from nodegraph.server.a1111 import A1111Error, Inpaint, Job, hires_size
+from nodegraph.server.a1111_inputs import refuse_unsupported, save_mask
+from nodegraph.validate import validate_prompt
+from nodes import all_nodes
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Environment:
+    base = tmp_path_factory.mktemp("a1111_graphs")
+    for folder, name in (("checkpoints", "mini.safetensors"), ("vae", "v.safetensors"),
+                         ("upscale_models", "x2.safetensors")):  # fmt: skip
+        (base / "models" / folder).mkdir(parents=True)
+        (base / "models" / folder / name).write_bytes(b"")  # validation looks at names only
+    (base / "input").mkdir()
+    for name in ("init.png", "mask.png"):
+        Image.new("RGB", (8, 8)).save(base / "input" / name)
+    return Environment(Folders.at(base))
+
+
+def job(**changes: Any) -> Job:
+    settings: dict[str, Any] = dict(
+        prompt="a chair", negative="", steps=2, cfg=7.0, sampler="euler", scheduler="normal",
+        seed=1, width=64, height=64, batch_size=2, checkpoint="mini.safetensors", clip_skip=2,
+    )  # fmt: skip
+    return Job(**{**settings, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "expect"),
+    [
+        ({}, {"EmptyLatentImage", "CLIPSetLastLayer"}),
+        ({"vae": "v.safetensors"}, {"VAELoader"}),
+        ({"init_image": "init.png", "denoise": 0.5}, {"VAEEncode", "RepeatLatentBatch"}),
+        ({"init_image": "init.png", "inpaint": Inpaint("mask.png", fill=1)},
+         {"SetLatentNoiseMask", "LoadImageMask", "ImageCompositeMasked"}),
+        ({"init_image": "init.png", "inpaint": Inpaint("mask.png", fill=0)}, {"VAEEncodeForInpaint"}),
+        ({"hires": hires_size({"hr_upscaler": "Latent (bicubic)"}, 64, 64, {})}, {"LatentUpscale"}),
+        ({"hires": hires_size({"hr_upscaler": "Nearest", "hr_scale": 1.5}, 64, 64, {})}, {"ImageScale"}),
+        ({"hires": hires_size({"hr_upscaler": "x2"}, 64, 64, {"x2": "x2.safetensors"}),
+          "vae": "v.safetensors"}, {"UpscaleModelLoader", "ImageUpscaleWithModel", "VAELoader"}),
+    ],
+)  # fmt: skip
+def test_every_request_kind_is_a_valid_graph(
+    env: Environment, changes: dict[str, Any], expect: set[str]
+) -> None:
+    graph = job(**changes).graph()
+    result = validate_prompt(graph, Registry(all_nodes()), env)
+    assert result.ok, (result.error, result.node_errors)
+    assert expect <= {node["class_type"] for node in graph.values()}
+
+
+def test_hires_upscalers_are_named_when_missing() -> None:
+    assert hires_size({"hr_upscaler": "Lanczos", "hr_resize_x": 100}, 64, 32, {}) == {
+        "image": "lanczos", "size": {"width": 96, "height": 48}}  # fmt: skip
+    with pytest.raises(A1111Error, match="hr_upscaler: 'R-ESRGAN 4x\\+' is not available.*Lanczos"):
+        hires_size({"hr_upscaler": "R-ESRGAN 4x+"}, 64, 64, {})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("restore_faces", True), ("tiling", True), ("styles", ["Cinematic"]), ("script_name", "x/y/z plot"),
+     ("alwayson_scripts", {"controlnet": {"args": []}}), ("subseed_strength", 0.3), ("hr_prompt", "other")],
+)  # fmt: skip
+def test_unsupported_fields_are_refused_by_name(field: str, value: Any) -> None:
+    with pytest.raises(A1111Error, match=f"^{field}: "):
+        refuse_unsupported({"prompt": "a", field: value})
+    refuse_unsupported(
+        {"prompt": "a", "hr_prompt": "a", "styles": [], "alwayson_scripts": {}, "tiling": False}
+    )
+
+
+def test_the_mask_is_prepared_as_a1111_does(tmp_path: Path) -> None:
+    import base64
+    import io
+
+    import numpy as np
+
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    raw = base64.b64encode(buffer.getvalue()).decode()
+    body = {"mask": raw, "mask_blur": 0, "inpaint_full_res": False, "inpainting_mask_invert": 1}
+    spec = save_mask(tmp_path, body, 64, 64)
+    prepared = np.asarray(Image.open(tmp_path / spec.mask_image))[..., 0]
+    assert prepared.shape == (64, 64) and spec.fill == 0
+    assert prepared[0, 0] == 255 and prepared[32, 32] == 0  # inverted: the outside is repainted
+    for field, bad in (
+        ("inpaint_full_res", True),
+        ("inpainting_fill", 2),
+        ("mask_blur", "x"),
+        ("mask", "!!"),
+    ):
+        with pytest.raises(A1111Error, match=f"^{field}: "):
+            save_mask(tmp_path, {**body, field: bad}, 64, 64)
