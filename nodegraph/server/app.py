@@ -6,7 +6,6 @@ import asyncio
 import logging
 import sqlite3
 import sys
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -170,7 +169,6 @@ def create_app(
         "temp": Path(folders.temp_dir),
     }
     app[routes_v2.V2_ASSETS] = AssetIndex(Path(folders.user_dir) / ASSETS_FILE, roots)
-    app[routes_v2.SEEN_KEYS] = OrderedDict()
     tables = (
         routes_prompt, routes_files, routes_info, routes_user, routes_jobs, routes_a1111, routes_images,
         routes_lora, routes_train, routes_v2, routes_v2_assets,

@@ -5,7 +5,8 @@ Shapes follow the v2 contract as Comfy's SDK (`comfy-sdk` on PyPI) and the refer
 completed_at, expires_at, queue_position, progress, outputs, error, outputs_reused, urls}`, with
 statuses queued/running/succeeded/canceling/canceled/failed; errors are
 `{"error": {"code", "message", "details"}}`. Submission is idempotent through the
-`Idempotency-Key` header (single use: a reused key is refused with 422, never replayed).
+`Idempotency-Key` header (single use: a reused key is refused with 422, never replayed; the keys
+are kept in the asset index's SQLite file, so a restart does not forget them).
 `workflow` is an API-format prompt whose `core/ASSET` references are replaced by the asset's
 file name before validation. Events are Server-Sent Events built from polling the queue (the
 poll answer is authoritative; the stream is a convenience, as the contract says).
@@ -17,7 +18,6 @@ import asyncio
 import json
 import time
 import uuid
-from collections import OrderedDict
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -46,7 +46,6 @@ V1_TO_V2 = {
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "expired"})
 OUTPUT_KINDS = {"images": "image", "gifs": "video", "video": "video", "audio": "audio", "text": "text"}
 V2_ASSETS: web.AppKey[AssetIndex] = web.AppKey("nodegraph_v2_assets", AssetIndex)
-SEEN_KEYS: web.AppKey[OrderedDict[str, None]] = web.AppKey("nodegraph_v2_keys", OrderedDict)
 
 
 def v2_error(status: int, code: str, message: str, **details: Any) -> web.Response:
@@ -224,19 +223,16 @@ async def submit(request: web.Request) -> web.Response:
             f"Unresolvable core/ASSET reference(s): {', '.join(missing)}",
             missing_ids=missing,
         )
-    keys = request.app[SEEN_KEYS]
     key = request.headers.get("Idempotency-Key")
+    job_id = str(uuid.uuid4())
     if key is not None:
         if not key or len(key) > MAX_KEY_LENGTH:
             return v2_error(400, "invalid_request", f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} characters.")
-        if key in keys:
+        # claimed in one SQLite statement, so two concurrent resends cannot both pass; kept on disk
+        if not await asyncio.to_thread(index.claim_key, key, job_id, MAX_IDEMPOTENCY_KEYS):
             return v2_error(
                 422, "idempotency_key_reuse", "This Idempotency-Key was used already; poll or list your jobs."
             )
-        keys[key] = None  # claimed before any await, so two concurrent resends cannot both pass
-        while len(keys) > MAX_IDEMPOTENCY_KEYS:
-            keys.popitem(last=False)
-    job_id = str(uuid.uuid4())
     extra: dict[str, Any] = dict(body.get("extra_data") or {})
     extra.update(client_id=job_id, create_time=int(time.time() * 1000))
     if body.get("metadata"):
@@ -246,8 +242,8 @@ async def submit(request: web.Request) -> web.Response:
         st.validator, _accept, st, {"prompt": workflow}, extra, job_id, None
     )
     if isinstance(accepted, web.Response):
-        if key is not None:
-            keys.pop(key, None)  # nothing was queued: the same key may be used again
+        if key is not None:  # nothing was queued: the same key may be used again
+            await asyncio.to_thread(index.release_key, key)
         return _as_v2_refusal(accepted)
     job = await asyncio.to_thread(job_body, st, index, job_id, base_url(request))
     return web.json_response(job, status=201)

@@ -32,3 +32,14 @@ def test_malformed_credentials_are_named() -> None:
     assert parse_credentials("a:b, c:d:e") == {"a": "b", "c": "d:e"}
     with pytest.raises(ValueError, match="'nopassword'"):
         parse_credentials("nopassword")
+
+
+@pytest.mark.asyncio
+async def test_empty_credentials_pass_when_no_api_auth_is_set(aiohttp_client: Any, tmp_path: Path) -> None:
+    """SillyTavern sends `Basic base64(auth)` even with no auth set ("Basic "), Open WebUI an empty
+    `authorization` header: without --api-auth both are ignored on loopback, as A1111 ignores them."""
+    client = await client_for(aiohttp_client, make_engine(tmp_path))
+    for header in ("Basic ", ""):
+        reply = await client.get("/sdapi/v1/options", headers={"Authorization": header})
+        assert reply.status == 200, header
+        assert "sd_model_checkpoint" in await reply.json()
