@@ -15,6 +15,7 @@ poll answer is authoritative; the stream is a convenience, as the contract says)
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import uuid
@@ -234,7 +235,9 @@ async def submit(request: web.Request) -> web.Response:
                 422, "idempotency_key_reuse", "This Idempotency-Key was used already; poll or list your jobs."
             )
     extra: dict[str, Any] = dict(body.get("extra_data") or {})
-    extra.update(client_id=job_id, create_time=int(time.time() * 1000))
+    # Previews are made for the event stream; the client id is the job's, which no socket has, so
+    # no websocket client gets frames it did not ask for.
+    extra.update(client_id=job_id, create_time=int(time.time() * 1000), preview_method="auto")
     if body.get("metadata"):
         extra["v2_metadata"] = body["metadata"]
     loop = asyncio.get_running_loop()
@@ -337,8 +340,9 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
 
 @routes.get("/v2/jobs/{id}/events")
 async def events(request: web.Request) -> web.StreamResponse:
-    """SSE: `status` on each change, `progress` while running, one `output` per output, and the
-    final `status`, after which the stream ends. `: keepalive` comments keep idle proxies open."""
+    """SSE: `status` on each change, `progress` and the latest `preview` (`{node_id, content_type,
+    data_base64}`) while running, one `output` per output, and the final `status`, after which the
+    stream ends. `: keepalive` comments keep idle proxies open."""
     st, index, job_id = state(request), request.app[V2_ASSETS], request.match_info["id"]
     base = base_url(request)
     job = await asyncio.to_thread(job_body, st, index, job_id, base)
@@ -348,7 +352,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
     await response.prepare(request)
-    last_status, last_progress, beat = None, None, time.monotonic()
+    last_status, last_progress, last_preview, beat = None, None, None, time.monotonic()
     while job is not None:
         if job["status"] != last_status:
             last_status = job["status"]
@@ -363,6 +367,13 @@ async def events(request: web.Request) -> web.StreamResponse:
         if job["progress"] and job["progress"] != last_progress:
             last_progress = job["progress"]
             await response.write(_sse("progress", last_progress))
+        worker = st.worker
+        preview = worker.preview if worker.running_id == job_id else None
+        if preview is not None and preview is not last_preview:
+            last_preview = preview
+            await response.write(
+                _sse("preview", _preview_event(getattr(worker, "current_node", None), preview))
+            )
         if time.monotonic() - beat > HEARTBEAT_S:
             beat = time.monotonic()
             await response.write(b": keepalive\n\n")
@@ -370,6 +381,11 @@ async def events(request: web.Request) -> web.StreamResponse:
         job = await asyncio.to_thread(job_body, st, index, job_id, base)
     await response.write_eof()
     return response
+
+
+def _preview_event(node_id: Any, preview: Any) -> dict[str, Any]:
+    data = base64.b64encode(preview.data).decode()
+    return {"node_id": str(node_id or ""), "content_type": preview.image_type, "data_base64": data}
 
 
 @routes.get("/v2/health")

@@ -165,3 +165,22 @@ def test_an_idempotency_key_outlives_a_restart(tmp_path: Path) -> None:
         status, body = submit(second, "restart-key", txt2img())
         assert status == 422 and body["error"]["code"] == "idempotency_key_reuse"
         assert submit(second, "freed-key", txt2img())[0] == 201
+
+
+def test_the_event_stream_carries_previews(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A running job's latest preview goes out as a `preview` event, which the SDK decodes; no
+    websocket client gets the frames (the job's client id is its own)."""
+    from comfy_sdk import Preview
+
+    from tests.server.stubs import make_engine, txt2img
+
+    with LiveServer(make_engine(tmp_path)) as server:
+        monkeypatch.setenv("COMFY_BASE_URL", f"http://{server.address}")
+        monkeypatch.delenv("COMFY_API_KEY", raising=False)
+        with Comfy(timeout=60) as comfy:
+            job = comfy.submit(comfy.workflows.from_json(txt2img(steps=4, delay=0.3)))
+            seen = list(job.events())
+    previews = [e for e in seen if isinstance(e, Preview)]
+    assert previews and previews[0].node_id == "2" and previews[0].content_type == "image/jpeg"
+    assert previews[0].to_pil().size[0] > 0
+    assert isinstance(seen[-1], StatusChange) and seen[-1].status == "succeeded"
