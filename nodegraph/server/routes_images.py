@@ -106,25 +106,30 @@ def upscale_models(st: ServerState) -> dict[str, str]:
     return {Path(n).name.rsplit(".", 1)[0]: n for n in st.engine.env.folders.list("upscale_models")}
 
 
+async def queue_graph(st: ServerState, graph: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+    """Validate and queue one graph; the future gets its history entry. Raises A1111Error if invalid."""
+    prompt_id = str(uuid.uuid4())
+    future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    st.waiters.setdefault(prompt_id, []).append(future)
+    # A client id no socket has: previews (asked for, for /progress) go to nobody.
+    extra = {
+        "client_id": f"a1111-{prompt_id}",
+        "preview_method": "auto",
+        "create_time": int(time.time() * 1000),
+    }
+    accepted = await asyncio.to_thread(_accept, st, {"prompt": graph}, extra, prompt_id, None)
+    if isinstance(accepted, web.Response):
+        st.waiters.get(prompt_id, []).remove(future)
+        raise A1111Error(f"the graph for this request is invalid: {accepted.text}")
+    return future
+
+
 async def run_jobs(st: ServerState, job: Job, n_iter: int) -> list[tuple[Job, dict[str, Any]]]:
     """Queue `n_iter` graphs (seeds advance by the batch size, as A1111's do) and wait for all."""
     runs = []
     for n in range(n_iter):
         this = Job(**{**job.__dict__, "seed": job.seed + n * job.batch_size})
-        prompt_id = str(uuid.uuid4())
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        st.waiters.setdefault(prompt_id, []).append(future)
-        # A client id no socket has: previews (asked for, for /progress) go to nobody.
-        extra = {
-            "client_id": f"a1111-{prompt_id}",
-            "preview_method": "auto",
-            "create_time": int(time.time() * 1000),
-        }
-        accepted = await asyncio.to_thread(_accept, st, {"prompt": this.graph()}, extra, prompt_id, None)
-        if isinstance(accepted, web.Response):
-            st.waiters.get(prompt_id, []).remove(future)
-            raise A1111Error(f"the graph for this request is invalid: {accepted.text}")
-        runs.append((this, future))
+        runs.append((this, await queue_graph(st, this.graph())))
     results = []
     for this, future in runs:
         entry = await asyncio.wait_for(asyncio.shield(future), WAIT_S)
@@ -274,3 +279,72 @@ async def openai_generations(request: web.Request) -> web.Response:
 def _openai_error(status: int, message: str) -> web.Response:
     error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
     return web.json_response({"error": error}, status=status)
+
+
+@routes.post(API + "/extra-single-image")
+async def extra_single_image(request: web.Request) -> web.Response:
+    """A1111's Extras upscale of one image: `upscaler_1` (None, Lanczos, Nearest or an upscale_models
+    file through ImageUpscaleWithModel), then a resize to `upscaling_resize` times the size (mode 0)
+    or to `upscaling_resize_w` x `upscaling_resize_h` (mode 1, centre-cropped if `upscaling_crop`)."""
+    st = state(request)
+    body = await read_json(request, default={})
+    if not isinstance(body, dict):
+        return _refuse(422, "expected a JSON object")
+    try:
+        name = await asyncio.to_thread(
+            save_init_image, Path(st.engine.env.folders.input_dir), body.get("image")
+        )
+        graph = await asyncio.to_thread(_extras_graph, st, body, name)
+        entry = await asyncio.wait_for(asyncio.shield(await queue_graph(st, graph)), WAIT_S)
+        status = (entry or {}).get("status", {})
+        if status.get("status_str") != "success":
+            raise RuntimeError(_failure(status))
+        image = entry["outputs"]["9"]["images"][0]
+        roots = {"output": st.engine.env.folders.output_dir, "temp": st.engine.env.folders.temp_dir}
+        path = Path(roots[image.get("type", "temp")]) / image.get("subfolder", "") / image["filename"]
+        data = await asyncio.to_thread(path.read_bytes)
+    except A1111Error as exc:
+        return _refuse(422, str(exc))
+    except RuntimeError as exc:
+        return _refuse(500, f"the upscale failed: {exc}")
+    return web.json_response({"html_info": "", "image": base64.b64encode(data).decode()})
+
+
+def _extras_graph(st: ServerState, body: dict[str, Any], image_name: str) -> dict[str, Any]:
+    from PIL import Image
+
+    for key in ("gfpgan_visibility", "codeformer_visibility", "extras_upscaler_2_visibility"):
+        if float(body.get(key) or 0) > 0:
+            raise A1111Error(f"{key}: face restoration and a second upscaler are not available; send 0")
+    upscaler = str(body.get("upscaler_1") or "None")
+    models = upscale_models(st)
+    if upscaler not in a1111.IMAGE_UPSCALERS and upscaler not in models:
+        choices = ", ".join([*a1111.IMAGE_UPSCALERS, *models])
+        raise A1111Error(
+            f"upscaler_1: {upscaler!r} is not available ({choices}); GET /sdapi/v1/upscalers lists them"
+        )
+    with Image.open(Path(st.engine.env.folders.input_dir) / image_name) as image:
+        width, height = image.size
+    crop = "disabled"
+    if int(body.get("resize_mode") or 0) == 1:
+        width, height = _int(body, "upscaling_resize_w", 512), _int(body, "upscaling_resize_h", 512)
+        crop = "center" if body.get("upscaling_crop", True) else "disabled"
+    else:
+        scale = _float(body, "upscaling_resize", 2.0)
+        if not 0 < scale <= 8:
+            raise A1111Error(f"upscaling_resize: must be above 0 and at most 8, got {scale}")
+        width, height = max(1, int(width * scale)), max(1, int(height * scale))
+    graph: dict[str, Any] = {"1": {"class_type": "LoadImage", "inputs": {"image": image_name}}}
+    source: list[Any] = ["1", 0]
+    if upscaler in models:
+        graph["2"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": models[upscaler]}}
+        graph["3"] = {
+            "class_type": "ImageUpscaleWithModel",
+            "inputs": {"upscale_model": ["2", 0], "image": source},
+        }
+        source = ["3", 0]
+    method = a1111.IMAGE_UPSCALERS.get(upscaler, "lanczos")
+    size = {"width": width, "height": height, "crop": crop}
+    graph["4"] = {"class_type": "ImageScale", "inputs": {"image": source, "upscale_method": method, **size}}
+    graph["9"] = {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}}
+    return graph

@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import webuiapi
 from PIL import Image
+from safetensors.torch import save_file
 
 import nodes
 from nodegraph.engine import Settings, build_engine
 from nodegraph.server.a1111 import parse_infotext, sampler_and_scheduler
+from tests.nodes.test_upscale_model import basicsr_state
 from tests.server.live import LiveServer, http_json, wait_history
 
 pytestmark = pytest.mark.slow
@@ -35,6 +37,8 @@ def server(
     (base / "models" / "loras").mkdir(parents=True)
     os.symlink(mini_checkpoint, base / "models" / "checkpoints" / "mini.safetensors")
     os.symlink(mini_loras / "mini_lora_a.safetensors", base / "models" / "loras" / "mini_lora_a.safetensors")
+    (base / "models" / "upscale_models").mkdir()
+    save_file(basicsr_state(2), str(base / "models" / "upscale_models" / "tiny_x2.safetensors"))
     engine = build_engine(
         Settings(base_directory=base, port=0),
         nodes.all_nodes(),
@@ -178,4 +182,33 @@ def test_img2img_inpainting_repaints_only_the_masked_area(server: LiveServer) ->
         ({"inpaint_full_res": False, "inpainting_fill": 2}, "inpainting_fill"),
     ):
         reply = api.session.post(f"{api.baseurl}/img2img", json={**body, **extra})
+        assert reply.status_code == 422 and reply.json()["detail"].startswith(field)
+
+
+def test_extras_upscale_with_a_model_is_the_comfyui_graph(server: LiveServer) -> None:
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos", "Nearest", "tiny_x2"]
+    rng = np.random.default_rng(5)
+    picture = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    result = api.extra_single_image(picture, upscaler_1="tiny_x2", upscaling_resize=3)
+    assert result.image.size == (48, 36)
+    picture.save(Path(server.engine.env.folders.input_dir) / "extras_src.png")
+    graph = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "extras_src.png"}},
+        "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "tiny_x2.safetensors"}},
+        "3": {"class_type": "ImageUpscaleWithModel",
+              "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
+        "4": {"class_type": "ImageScale", "inputs": {"image": ["3", 0], "upscale_method": "lanczos",
+              "width": 48, "height": 36, "crop": "disabled"}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "extras"}},
+    }  # fmt: skip
+    assert np.array_equal(np.asarray(result.image.convert("RGB")), comfy_pixels(server, graph))
+    exact = api.extra_single_image(picture, resize_mode=1, upscaling_resize_w=40, upscaling_resize_h=24)
+    assert exact.image.size == (40, 24)
+    for extra, field in (
+        ({"upscaler_1": "R-ESRGAN 4x+"}, "upscaler_1"),
+        ({"gfpgan_visibility": 0.5}, "gfpgan"),
+    ):
+        body = {"image": result.json["image"], **extra}
+        reply = api.session.post(f"{api.baseurl}/extra-single-image", json=body)
         assert reply.status_code == 422 and reply.json()["detail"].startswith(field)
