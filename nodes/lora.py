@@ -1,4 +1,4 @@
-"""Nodes: LoraLoader, LoraLoaderModelOnly, LoraTagLoader (A1111 prompt tags) and CheckpointSave.
+"""Nodes: LoraLoader, LoraLoaderModelOnly, LoraTagLoader (A1111 prompt tags).
 
 A LoRA node changes no weight: it validates the file against the model (the coverage report,
 the family check) and returns handles that carry one more `LoraRef`. The sampler and the text
@@ -7,16 +7,15 @@ encoder apply the stack through `nodes.sd.patcher.patched`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
 from nodegraph.env import Environment
-from nodegraph.node import FileChoice, Float, Hidden, Node, Output, Result, RunContext, Socket, String
+from nodegraph.node import FileChoice, Float, Node, Output, RunContext, Socket, String
 from nodegraph.primitives import file_stamp
-from nodegraph.types import CLIP, MODEL, STRING, VAE
-from nodes.sd.handles import ClipHandle, LoraRef, ModelHandle, VaeHandle
+from nodegraph.types import CLIP, MODEL, STRING
+from nodes.sd.handles import ClipHandle, LoraRef, ModelHandle
 from nodes.sd.lora.coverage import Coverage, check, coverage
 from nodes.sd.lora.loader import decoded, read_lora
 from nodes.sd.lora.tags import LoraTag, find_tag, parse_tags
@@ -215,80 +214,4 @@ def _tag_stamp(env: Environment, tag: LoraTag) -> Hashable:
         return None
 
 
-class CheckpointSave(Node):
-    """Save model, CLIP and VAE with their LoRAs merged as one checkpoint file that ComfyUI and A1111 load."""
-
-    DISPLAY_NAME = "Save Checkpoint"
-    CATEGORY = "advanced/model_merging"
-    OUTPUT_NODE = True
-    INPUTS = (
-        Socket("model", socket_type=MODEL),
-        Socket("clip", socket_type=CLIP),
-        Socket("vae", socket_type=VAE),
-        String("filename_prefix", default="checkpoints/ComfyUI"),
-        Hidden("prompt", kind="PROMPT"),
-        Hidden("extra_pnginfo", kind="EXTRA_PNGINFO"),
-    )
-    OUTPUTS = ()
-
-    def run(
-        self,
-        ctx: RunContext,
-        model: ModelHandle,
-        clip: ClipHandle,
-        vae: VaeHandle,
-        filename_prefix: str,
-        prompt: dict[str, Any] | None = None,
-        extra_pnginfo: dict[str, Any] | None = None,
-    ) -> Result:
-        from safetensors.torch import save_file
-
-        from nodes.image import save_path
-        from nodes.sd.lora.ldm_export import ldm_state_dict, sgm_state_dict
-        from nodes.sd.patcher import patched, patched_clip
-
-        folder, stem, counter, _ = save_path(filename_prefix, ctx.env.folders.output_dir, 0, 0)
-        path = folder / f"{stem}_{counter:05}_.safetensors"
-        clip_g = getattr(clip, "text_encoder_2", None)
-        meta = {
-            "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": _architecture(model, clip_g is not None and clip.text_encoder is None),
-            "modelspec.implementation": "sgm",
-            "modelspec.title": f"{stem} {counter}",
-            "modelspec.predict_key": "v" if model.sampling.prediction == "v_prediction" else "epsilon",
-        }
-        if not ctx.env.disable_metadata:
-            if prompt is not None:
-                meta["prompt"] = json.dumps(prompt)
-            for key, value in (extra_pnginfo or {}).items():
-                meta[key] = json.dumps(value)
-        with patched(model.unet, model.loras, target="unet", exact=True), patched_clip(clip):
-            if clip_g is not None:
-                state = sgm_state_dict(model.unet, clip.text_encoder, clip_g, vae.vae)
-            else:
-                state = ldm_state_dict(model.unet, clip.text_encoder, vae.vae)
-        state |= _sampling_markers(model)
-        save_file(state, str(path), metadata=meta)
-        return Result((), None)
-
-
-def _architecture(model: ModelHandle, refiner: bool) -> str:
-    """ModelSpec architecture, as ComfyUI's CheckpointSave writes it."""
-    if model.family.startswith("sdxl"):
-        return "stable-diffusion-xl-v1-refiner" if refiner else "stable-diffusion-xl-v1-base"
-    return "stable-diffusion-v1"
-
-
-def _sampling_markers(model: ModelHandle) -> dict[str, Any]:
-    """The marker keys a v-prediction (zero-terminal-SNR) checkpoint declares itself with (ComfyUI's)."""
-    import torch
-
-    if model.sampling.prediction != "v_prediction":
-        return {}
-    out = {"v_pred": torch.tensor([])}
-    if model.sampling.zsnr:
-        out["ztsnr"] = torch.tensor([])
-    return out
-
-
-NODES: tuple[type[Node], ...] = (LoraLoader, LoraLoaderModelOnly, LoraTagLoader, CheckpointSave)
+NODES: tuple[type[Node], ...] = (LoraLoader, LoraLoaderModelOnly, LoraTagLoader)

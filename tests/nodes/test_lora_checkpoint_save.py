@@ -12,7 +12,8 @@ from safetensors import safe_open
 from nodegraph.env import Environment
 from nodegraph.folders import Folders
 from nodegraph.testing import RecordingContext
-from nodes.lora import CheckpointSave, LoraLoader
+from nodes.lora import LoraLoader
+from nodes.model_save import CheckpointSave
 from nodes.sd.checkpoint import load_checkpoint
 from nodes.sd.handles import ClipHandle, ModelHandle, VaeHandle
 from nodes.sd.patcher import patched, restore

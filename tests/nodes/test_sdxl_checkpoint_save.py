@@ -18,7 +18,8 @@ import torch
 from nodegraph.env import Environment
 from nodegraph.folders import Folders
 from nodegraph.testing import RecordingContext
-from nodes.lora import CheckpointSave, LoraLoader
+from nodes.lora import LoraLoader
+from nodes.model_save import CheckpointSave
 from nodes.sd.checkpoint import LoadedCheckpoint, SafetensorsSource, load_checkpoint
 from nodes.sd.handles import ClipHandle, ModelHandle, VaeHandle
 from nodes.sd.patcher import patched, patched_clip, restore

@@ -14,7 +14,7 @@ import pytest
 import torch
 from sdxl_lora_fixtures import SMALL_UNET, oracle_sdxl, small_models
 
-from nodes.lora import _sampling_markers
+from nodes.model_save import sampling_markers as _sampling_markers
 from nodes.sd.handles import ModelHandle
 from nodes.sd.lora.ldm_export import SGM_CLIP_L, sgm_state_dict
 from nodes.sd.model_sampling import ModelSampling

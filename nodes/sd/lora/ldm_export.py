@@ -131,10 +131,17 @@ def openclip_state_dict(clip_g: Any, prefix: str, dtype: torch.dtype) -> dict[st
     return out
 
 
-def _unet_and_vae(unet: Any, vae: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def unet_state_dict(unet: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The UNet's current weights under their original-LDM keys (`model.diffusion_model.`...)."""
+    return {
+        unet_key(name, unet.config): p.detach().to("cpu", dtype).contiguous()
+        for name, p in unet.named_parameters()
+    }
+
+
+def vae_state_dict(vae: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The VAE's current weights under their original-LDM keys (`first_stage_model.`...)."""
     out: dict[str, torch.Tensor] = {}
-    for name, p in unet.named_parameters():
-        out[unet_key(name, unet.config)] = p.detach().to("cpu", dtype).contiguous()
     levels = len(vae.config.block_out_channels)
     for name, p in vae.named_parameters():
         t = p.detach().to("cpu", dtype)
@@ -142,6 +149,10 @@ def _unet_and_vae(unet: Any, vae: Any, dtype: torch.dtype) -> dict[str, torch.Te
             t = t[:, :, None, None]  # LDM stores these projections as 1x1 convs
         out[vae_key(name, levels)] = t.contiguous()
     return out
+
+
+def _unet_and_vae(unet: Any, vae: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return unet_state_dict(unet, dtype) | vae_state_dict(vae, dtype)
 
 
 def sgm_state_dict(
