@@ -120,6 +120,9 @@ class PromptStore:
         row = self._db.execute("SELECT MAX(number) FROM queue").fetchone()
         hist = self._db.execute("SELECT COUNT(*) FROM history").fetchone()
         self._counter = int(max(row[0] or 0, 0)) + int(hist[0]) + 1
+        # Rows in the queue table, kept beside it: the queue size is asked for on every queue change
+        # (each status broadcast), and a COUNT there waited for the lock the worker holds.
+        self._rows = int(self._db.execute("SELECT COUNT(*) FROM queue").fetchone()[0])
         self.recovered = self._recover()
 
     def _open(self) -> sqlite3.Connection:
@@ -176,6 +179,7 @@ class PromptStore:
                 "INSERT INTO queue (prompt_id, number, prompt, extra_data, outputs) VALUES (?, ?, ?, ?, ?)",
                 (prompt_id, number, _dumps(prompt), _dumps(extra_data), _dumps(outputs)),
             )
+            self._rows += 1
             self._cond.notify_all()
         return QueueItem(number, prompt_id, prompt, extra_data, outputs)
 
@@ -206,8 +210,10 @@ class PromptStore:
 
     def remaining(self) -> int:
         """Pending plus running, ComfyUI's `queue_remaining`."""
+        count = self._rows
+        if not self._unsaved:
+            return count
         with self._cond:
-            count = int(self._db.execute("SELECT COUNT(*) FROM queue").fetchone()[0])
             ghosts = [(p,) for p in self._unsaved]
             if ghosts:
                 count -= sum(
@@ -238,12 +244,13 @@ class PromptStore:
                 cur = self._db.execute("DELETE FROM queue WHERE prompt_id=? AND state='pending'", (str(pid),))
                 if cur.rowcount:
                     removed.append(str(pid))
+                    self._rows -= cur.rowcount
         return removed
 
     def clear_pending(self) -> list[str]:
         with self._cond:
             rows = self._db.execute("SELECT prompt_id FROM queue WHERE state='pending'").fetchall()
-            self._db.execute("DELETE FROM queue WHERE state='pending'")
+            self._rows -= self._db.execute("DELETE FROM queue WHERE state='pending'").rowcount
         return [str(r[0]) for r in rows]
 
     def requeue(self, prompt_id: str) -> None:
@@ -270,7 +277,8 @@ class PromptStore:
             except sqlite3.Error:
                 self._unsaved[prompt_id] = entry
                 try:  # a delete needs little space; if even that fails, the filters below hide it
-                    self._db.execute("DELETE FROM queue WHERE prompt_id=?", (prompt_id,))
+                    cur = self._db.execute("DELETE FROM queue WHERE prompt_id=?", (prompt_id,))
+                    self._rows -= cur.rowcount
                 except sqlite3.Error:
                     pass
                 raise
@@ -279,7 +287,7 @@ class PromptStore:
         with self._cond:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("DELETE FROM queue WHERE prompt_id=?", (prompt_id,))
+                dequeued = self._db.execute("DELETE FROM queue WHERE prompt_id=?", (prompt_id,)).rowcount
                 self._db.execute("DELETE FROM history WHERE prompt_id=?", (prompt_id,))
                 self._db.execute(
                     "INSERT INTO history (prompt_id, entry, job, status, create_time, duration, workflow_id) "
@@ -295,6 +303,7 @@ class PromptStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            self._rows -= dequeued
 
     # ---------------------------------------------------------------- history
 

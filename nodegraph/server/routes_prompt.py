@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import sqlite3
 import time
 import uuid
@@ -25,6 +26,14 @@ from nodegraph.server.state import ServerState, state
 routes = web.RouteTableDef()
 DEFAULT_WAIT_S = 3600.0
 MAX_QUERY_INT = 2**31 - 1  # SQLite takes 64-bit integers; larger ones were an OverflowError (500)
+_IDS = random.Random()  # seeded from os.urandom once
+
+
+def new_prompt_id() -> str:
+    """A random (version 4) UUID. Not `uuid4()`: `os.urandom` lets go of the GIL, and taking it
+    back while the worker thread computes cost the event loop a wait on every POST. Prompt ids
+    name prompts, they are no secret (`/queue` lists them)."""
+    return str(uuid.UUID(int=_IDS.getrandbits(128), version=4))
 
 
 @routes.get("/prompt")
@@ -40,7 +49,7 @@ async def post_prompt(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict) or body.get("prompt") is None:
         return error(400, "no_prompt", "No prompt provided", 'send {"prompt": {...}} as JSON', node_errors={})
-    prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+    prompt_id = str(body.get("prompt_id") or new_prompt_id())
     extra_data = body.get("extra_data") or {}
     if not isinstance(extra_data, dict):
         return error(400, "invalid_prompt", "extra_data must be a JSON object", node_errors={})

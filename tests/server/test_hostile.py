@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from nodegraph.server import create_app
 from nodegraph.server.queue import PromptStore
+from nodegraph.server.replies import JSON_ON_LOOP
 from tests.server.clients import wait_done
 from tests.server.stubs import make_engine, txt2img
 
@@ -58,6 +59,18 @@ async def test_workflow_bombs_are_refused_quickly_and_the_server_keeps_answering
         message = body["error"]["message"]
         assert "contains itself" in message or "expands to more than" in message, message
     assert time.monotonic() - start < 20
+
+
+async def test_large_json_bodies_are_checked_as_small_ones(aiohttp_client: Any, engine: Any) -> None:
+    """Bodies over `JSON_ON_LOOP` are parsed on a thread: the same 400s and the same prompt."""
+    client: TestClient = await aiohttp_client(create_app(engine))
+    pad = "x" * (JSON_ON_LOOP + 1)
+    for raw in ("[" * 100_000 + "]" * 100_000, '{"prompt": {}, "pad": "' + pad + '", "bad": "\\ud800"}'):
+        resp = await client.post("/prompt", data=raw)
+        assert resp.status == 400 and (await resp.json())["error"]["type"] == "invalid_json"
+    body = {"prompt": txt2img(), "extra_data": {"extra_pnginfo": {"pad": pad}}}
+    resp = await client.post("/prompt?wait=1", json=body)
+    assert resp.status == 200 and (await resp.json())["status"] == "success"
 
 
 async def test_non_finite_number_and_absurd_queries_are_400s(aiohttp_client: Any, engine: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -77,4 +78,47 @@ def test_counter_continues_after_restart(tmp_path: Path) -> None:
     second = again.put("b", {}, {}, [])
     assert second.number > first.number
     assert [i.prompt_id for i in again.pending()] == ["a", "b"]
+    again.close()
+
+
+def test_remaining_follows_every_change_of_the_queue(tmp_path: Path) -> None:
+    """The queue size is kept beside the table (it is asked for on every change): it must equal
+    the table's row count after each kind of change, a restart and a history write that fails."""
+    path = tmp_path / "q.sqlite3"
+    store = PromptStore(path)
+
+    def rows(s: PromptStore) -> int:
+        return int(s._db.execute("SELECT COUNT(*) FROM queue").fetchone()[0])
+
+    for n in range(6):
+        store.put(f"p{n}", {}, {}, [])
+    assert store.remaining() == rows(store) == 6
+    store.take(0)
+    store.finish("p0", entry(0))
+    assert store.remaining() == rows(store) == 5
+    assert store.delete_pending(["p1", "p1", "nope", "p0"]) == ["p1"]
+    assert store.remaining() == rows(store) == 4
+    store.take(0)  # p2 runs
+    assert store.clear_pending() == ["p3", "p4", "p5"]
+    assert store.remaining() == rows(store) == 1
+    store.finish("p9", entry(9))  # a prompt not in the queue: nothing leaves it
+    store.put("p6", {}, {}, [])
+    store.close()  # p2 was running: requeued at the next start
+    again = PromptStore(path)
+    assert again.remaining() == rows(again) == 2
+
+    def full(*_: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    again.take(0)
+    write, again._write_history = again._write_history, full  # type: ignore[method-assign]
+    try:
+        again.finish("p2", entry(2))
+    except sqlite3.OperationalError:
+        pass
+    assert again.remaining() == rows(again) == 1  # p2 left the queue; its entry waits in memory
+    again._write_history = write  # type: ignore[method-assign]
+    again.take(0)
+    again.finish("p6", entry(6))  # writes the kept entry too
+    assert again.remaining() == rows(again) == 0 and "p2" in again.history()
     again.close()
