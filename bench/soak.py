@@ -29,7 +29,16 @@ def serve(base: Path) -> None:
     from nodegraph.server import create_app
     from tests.server.stubs import make_engine
 
-    app = create_app(make_engine(base))
+    workers = None
+    if os.environ.get("SOAK_IDLE_WORKER"):  # `--idle-worker`: the POSTs' own cost, no prompt runs
+        from nodegraph.server.worker import Worker
+
+        class Idle(Worker):
+            def start(self) -> None:
+                pass
+
+        workers = Idle
+    app = create_app(make_engine(base), workers=workers)
     app.router.add_get("/_soak/threads", _thread_cpu)
     if os.environ.get("SOAK_PROFILE"):
         _profile_threads(app, Path(os.environ["SOAK_PROFILE"]))
@@ -95,7 +104,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def _soak(url: str, pid: int, prompts: int, sockets: int) -> dict[str, Any]:
+async def _soak(url: str, pid: int, prompts: int, sockets: int, drain: bool = True) -> dict[str, Any]:
     from tests.server.stubs import txt2img
 
     figures: dict[str, Any] = {"rss_start_mb": rss_mb(pid)}
@@ -125,7 +134,7 @@ async def _soak(url: str, pid: int, prompts: int, sockets: int) -> dict[str, Any
         figures["client_cpu_ms_per_post"] = 1000 * (time.process_time() - own_cpu) / prompts
         cpu_posts = await _cpu(session, url)
         figures["rss_after_posts_mb"] = rss_mb(pid)
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + (600 if drain else 0)
         while time.monotonic() < deadline:
             async with session.get(f"{url}/prompt") as resp:
                 if (await resp.json())["exec_info"]["queue_remaining"] == 0:
@@ -160,11 +169,11 @@ async def _cpu(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
         return dict(await resp.json())
 
 
-def run(prompts: int = 5000, sockets: int = 500) -> dict[str, Any]:
+def run(prompts: int = 5000, sockets: int = 500, idle_worker: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         port = _free_port()
-        env = {**os.environ, "SOAK_PORT": str(port)}
+        env = {**os.environ, "SOAK_PORT": str(port), "SOAK_IDLE_WORKER": "1" if idle_worker else ""}
         child = subprocess.Popen(
             [sys.executable, "-m", "bench.soak", "--serve", str(base)],
             env=env,
@@ -179,7 +188,7 @@ def run(prompts: int = 5000, sockets: int = 500) -> dict[str, Any]:
                         break
                 except OSError:
                     time.sleep(0.1)
-            figures = asyncio.run(_soak(url, child.pid, prompts, sockets))
+            figures = asyncio.run(_soak(url, child.pid, prompts, sockets, not idle_worker))
             db = base / "user" / "nodegraph" / "queue.sqlite3"
             wal = db.with_name(db.name + "-wal")
             figures["sqlite_mb"] = sum(p.stat().st_size for p in (db, wal) if p.exists()) / 2**20
@@ -202,10 +211,11 @@ if __name__ == "__main__":
     parser.add_argument("--serve", type=Path)
     parser.add_argument("--prompts", type=int, default=5000)
     parser.add_argument("--sockets", type=int, default=500)
+    parser.add_argument("--idle-worker", action="store_true", help="run no prompt: the POSTs' own cost")
     args = parser.parse_args()
     if args.serve:
         serve(args.serve)
     else:
-        result = run(args.prompts, args.sockets)
+        result = run(args.prompts, args.sockets, args.idle_worker)
         for key, value in result.items():
             print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
