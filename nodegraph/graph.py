@@ -26,6 +26,15 @@ MUTED, BYPASS = 2, 4
 # Canvas-only nodes: they never reach the API prompt (ComfyUI's "virtual" nodes).
 NOTE_TYPES = frozenset({"Note", "MarkdownNote"})
 REROUTE, PRIMITIVE = "Reroute", "PrimitiveNode"
+# Node types the frontend renames as it loads a canvas file (`loadGraphData` in ComfyUI_frontend's
+# app.ts), so a file saved before the rename still opens and queues under the new name.
+RENAMED_TYPES = {
+    "T2IAdapterLoader": "ControlNetLoader",  # the two loaders became one node
+    "ConditioningAverage ": "ConditioningAverage",  # the id had a trailing space until September 2023
+    "SDV_img2vid_Conditioning": "SVD_img2vid_Conditioning",
+    "Load3DAnimation": "Load3D",
+    "Preview3DAnimation": "Preview3D",
+}
 
 
 class WorkflowError(ValueError):
@@ -181,7 +190,7 @@ def ui_to_api(workflow: dict[str, Any], registry: Registry) -> dict[str, Any]:
         workflow = flatten_subgraphs(workflow)
     except (SubgraphError, TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
         raise WorkflowError(f"the UI workflow's subgraphs are malformed: {exc}") from exc
-    by_id = {str(node["id"]): node for node in workflow["nodes"]}
+    by_id = {str(node["id"]): _current_type(node) for node in workflow["nodes"]}
     links = _parse_links(workflow.get("links") or [])
     resolver = _Resolver(by_id, links)
     active = {
@@ -206,6 +215,12 @@ def ui_to_api(workflow: dict[str, Any], registry: Registry) -> dict[str, Any]:
                 f"node {node_id} ({class_type}) is malformed in the UI workflow: {exc!r}"
             ) from exc
     return prompt
+
+
+def _current_type(node: dict[str, Any]) -> dict[str, Any]:
+    """The node under its current type name (a copy when renamed: the caller's workflow stays as read)."""
+    renamed = RENAMED_TYPES.get(str(node["type"]))
+    return node if renamed is None else {**node, "type": renamed}
 
 
 def _check_known(nodes: dict[str, dict[str, Any]], registry: Registry) -> None:

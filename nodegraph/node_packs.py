@@ -177,6 +177,8 @@ CORE = frozenset(
         "ImageOnlyCheckpointLoader",
         "SVD_img2vid_Conditioning", "VideoLinearCFGGuidance", "ModelSamplingFlux", "FluxGuidance",
         "LoadImageOutput", "UpscaleModelLoader", "PhotoMakerLoader", "InstructPixToPixConditioning",
+        "CheckpointLoader", "ModelMergeSD1", "ModelMergeSD2", "ModelMergeSDXL", "ModelSamplingContinuousEDM",
+        "SelfAttentionGuidance", "DifferentialDiffusion", "PerpNeg", "PerpNegGuider",
     }
 )  # fmt: skip
 

@@ -138,6 +138,30 @@ def test_every_unknown_node_type_is_named_at_once_with_its_pack() -> None:
     assert "MysteryNode at node 3" in message and "IPAdapter" not in message
 
 
+def test_types_the_frontend_renames_on_load_are_converted_under_their_new_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ComfyUI_frontend's loadGraphData renames old types (`ConditioningAverage ` with its trailing
+    space, `T2IAdapterLoader`) before queueing; the caller's workflow is left as it was read."""
+    from nodegraph import graph
+
+    assert graph.RENAMED_TYPES["ConditioningAverage "] == "ConditioningAverage"
+    assert graph.RENAMED_TYPES["T2IAdapterLoader"] == "ControlNetLoader"
+    monkeypatch.setitem(graph.RENAMED_TYPES, "Scale ", "Scale")
+    workflow = ui_workflow()
+    workflow["nodes"][3]["type"] = "Scale "
+    prompt = ui_to_api(workflow, registry())
+    assert prompt["2"]["class_type"] == "Scale" and prompt["2"]["inputs"]["factor"] == 2.0
+    assert workflow["nodes"][3]["type"] == "Scale "
+
+
+def test_a_core_node_nodegraph_lacks_is_not_blamed_on_a_custom_pack() -> None:
+    workflow = ui_workflow()
+    workflow["nodes"][0]["type"] = "CheckpointLoader"  # "Load Checkpoint With Config (DEPRECATED)"
+    with pytest.raises(WorkflowError, match=r"'CheckpointLoader' \(a ComfyUI core node nodegraph does"):
+        ui_to_api(workflow, registry())
+
+
 def test_load_api_and_ui_json_files(tmp_path: Path) -> None:
     api_file = tmp_path / "api.json"
     api_file.write_text(json.dumps(API))
