@@ -1,0 +1,257 @@
+"""Workflows people share, stored unmodified in tests/data/shared_workflows (SOURCES.md says where
+each comes from), run end to end on the mini models as a user would run them.
+
+Each file is loaded with `load_workflow` (canvas files are converted as the frontend queues them;
+one API prompt; one canvas file carried in a PNG), its model files are put into a models folder
+under the names the workflow asks for (symlinks to the mini SD1.5 / SDXL checkpoints, the mini
+LoRAs and ControlNet; a generated image, a generated A1111 embedding), then it is validated and
+run by the real executor. The test edits only sizes and step counts, in the loaded prompt, never
+in the stored file: pixel sizes divided by 8 (SD1.5) or 16 (SDXL), samplers cut to 2 steps.
+A workflow needing a core node nodegraph lacks is kept as a strict xfail naming the node; one
+needing custom nodes nodegraph does not implement must be refused with one message naming each.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from nodegraph.engine import Settings, build_engine
+from nodegraph.events import Event, NodeWarning
+from nodegraph.file_inputs import FileChoice, ImageUpload
+from nodegraph.graph import WorkflowError, load_workflow
+from nodegraph.validate import validate_prompt
+from nodes import all_nodes
+from nodes.sd.model_store import ModelStore
+
+pytestmark = pytest.mark.slow
+
+SHARED = Path(__file__).resolve().parents[1] / "data" / "shared_workflows"
+SD15, SDXL = "sd15", "sdxl"
+SHRINK = {SD15: 8, SDXL: 16}  # 512 px -> 64 px on SD1.5, 1024 px -> 64 px on SDXL
+STEPS = 2
+# The widgets that set pixel sizes, by node type (only types that occur in the stored workflows).
+SIZE_WIDGETS = {
+    "EmptyLatentImage": ("width", "height"),
+    "ConditioningSetArea": ("width", "height", "x", "y"),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """A workflow that runs: its model family and, per image output node, (count, width, height)."""
+
+    family: str
+    images: dict[str, tuple[int, int, int]]
+
+
+IMAGE_W, IMAGE_H = 128, 96  # the generated input image
+RUNS: dict[str, Case] = {
+    "cubiq_basic_workflow.json": Case(SD15, {"9": (1, 64, 64)}),
+    "cubiq_multiple_loras.json": Case(SD15, {"9": (1, 64, 64)}),
+    "cubiq_conditioning_average.json": Case(SD15, {"9": (1, 64, 64)}),
+    "cubiq_embeddings.json": Case(SD15, {"9": (1, 64, 64)}),
+    "cubiq_conditioning_area.json": Case(SD15, {"33": (1, 96, 64), "32": (1, 144, 96)}),
+    "cubiq_upscale_latent.json": Case(SD15, {"13": (1, 64, 64), "9": (1, 96, 96)}),
+    "cubiq_canny.json": Case(SD15, {"17": (1, IMAGE_W, IMAGE_H), "9": (1, 64, 64)}),
+    "cubiq_inpaint.json": Case(SD15, {"15": (1, 96, 64), "94": (1, 96, 64), "119": (1, 96, 64)}),
+    "cubiq_SDXL_base_only.json": Case(SDXL, {"9": (1, 64, 64)}),
+    "comfyui_default_graph_sdxl1_0.json": Case(SDXL, {"13": (1, 64, 64)}),
+    "hanzoui_sdxlturbo_example.json": Case(SDXL, {"27": (1, 32, 32)}),
+}
+# Core nodes nodegraph lacks: strict xfails that fail only with the loader's missing-node error.
+XFAILS: dict[str, tuple[Case, str]] = {
+    "cubiq_gligen_box.json": (
+        Case(SD15, {"33": (1, 64, 64)}),
+        "GLIGENLoader and GLIGENTextBoxApply: ComfyUI core nodes nodegraph does not have "
+        "(running it will also need a mini GLIGEN model)",
+    ),
+}
+# Custom nodes nodegraph does not implement: the one error names every one of them.
+MISSING: dict[str, list[str]] = {
+    "cubiq_depth.json": ["Zoe-DepthMapPreprocessor"],
+    "comfyroll_CR_SimpleMultiModelMerge_v01a.json": [
+        "CR Apply Model Merge",
+        "CR Model Merge Stack",
+        "Save Text File",
+    ],
+}
+
+
+MODELS: dict[str, dict[str, list[Path]]] = {}  # filled by the engine fixture
+
+
+@pytest.fixture(scope="module")
+def engine(
+    tmp_path_factory: pytest.TempPathFactory,
+    mini_checkpoint: Path,
+    mini_loras: Path,
+    mini_controlnet: Path,
+    mini_sdxl_checkpoint: Path,
+    sdxl_store: ModelStore,
+) -> Any:
+    """One engine for the module; its model store is the session's (mini SDXL already loaded),
+    and every name a workflow gives a checkpoint is a symlink to one of two files, loaded once."""
+    base = tmp_path_factory.mktemp("shared_workflows")
+    built = build_engine(Settings(base_directory=base, preview_method="none"), all_nodes())
+    built.env.services[ModelStore] = sdxl_store
+    MODELS.clear()
+    MODELS.update(
+        {  # what each models folder's entries link to, per family
+            SD15: {
+                "checkpoints": [mini_checkpoint],
+                "vae": [mini_checkpoint],  # the VAE loader reads a checkpoint's first_stage_model
+                "loras": [mini_loras / "mini_lora_a.safetensors", mini_loras / "mini_lora_b.safetensors"],
+                "controlnet": [mini_controlnet],
+            },
+            SDXL: {"checkpoints": [mini_sdxl_checkpoint], "vae": [mini_sdxl_checkpoint]},
+        }
+    )
+    return built
+
+
+def provide_files(engine: Any, prompt: dict[str, Any], family: str) -> None:
+    """Put every file the prompt names where a user would: models under the workflow's own file
+    names (symlinks to the mini models), images in the input folder, embeddings as A1111 files."""
+    folders = engine.env.folders
+    for node in prompt.values():
+        cls = engine.registry.get(node["class_type"])
+        for inp in cls.INPUTS:
+            value = node["inputs"].get(inp.name)
+            if not isinstance(value, str):
+                continue
+            if isinstance(inp, ImageUpload):
+                write_input_image(Path(folders.input_dir) / value)
+            elif isinstance(inp, FileChoice) and value != "None":
+                targets = MODELS[family][inp.folder]
+                link = folders.paths(inp.folder)[0] / value
+                if not link.is_symlink():
+                    used = sum(1 for _ in link.parent.glob("*")) if link.parent.is_dir() else 0
+                    link.parent.mkdir(parents=True, exist_ok=True)
+                    link.symlink_to(targets[used % len(targets)])  # two LoRAs: a, then b
+            for name in re.findall(r"embedding:([\w.\-]+)", value):
+                write_embedding(folders.paths("embeddings")[0] / f"{name}.pt", name)
+
+
+def write_input_image(path: Path) -> None:
+    """A noisy picture with a transparent hole (LoadImage's MASK), as PNG or, by its name, JPEG."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(0).integers(0, 256, (IMAGE_H, IMAGE_W, 4), dtype=np.uint8)
+    pixels[..., 3] = 255
+    pixels[24:72, 32:96, 3] = 0
+    image = Image.fromarray(pixels, "RGBA")
+    (image if path.suffix.lower() == ".png" else image.convert("RGB")).save(path)
+
+
+def write_embedding(path: Path, name: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vectors = torch.randn(2, 768, generator=torch.Generator().manual_seed(len(name))) * 0.01
+    torch.save({"string_to_param": {"*": vectors}, "name": name}, path)
+
+
+def shrink(prompt: dict[str, Any], family: str) -> None:
+    """Smaller images and fewer steps, in the loaded prompt (the stored file stays as shared)."""
+    factor = SHRINK[family]
+    for node in prompt.values():
+        inputs = node["inputs"]
+        for name in SIZE_WIDGETS.get(node["class_type"], ()):
+            if isinstance(inputs.get(name), int):
+                inputs[name] = inputs[name] // factor // 8 * 8 or (0 if name in ("x", "y") else 8)
+        steps = inputs.get("steps")
+        if isinstance(steps, int) and steps > STEPS:
+            inputs["steps"] = STEPS
+            for name in ("start_at_step", "end_at_step"):  # KSamplerAdvanced's hand-over point
+                if isinstance(inputs.get(name), int) and inputs[name] < 10000:
+                    inputs[name] = round(inputs[name] * STEPS / steps)
+
+
+def run_shared(engine: Any, name: str, case: Case) -> dict[str, Any]:
+    loaded = load_workflow(SHARED / name, engine.registry)
+    provide_files(engine, loaded.prompt, case.family)
+    shrink(loaded.prompt, case.family)
+    checked = validate_prompt(loaded.prompt, engine.registry, engine.env)
+    assert checked.ok, (checked.error, checked.node_errors)
+    events: list[Event] = []
+    extra = {"extra_pnginfo": {"workflow": loaded.workflow}} if loaded.workflow else {}
+    outcome = engine.executor.execute(
+        checked.graph, name, events.append, extra_data=extra, outputs=checked.outputs
+    )
+    assert outcome.status == "success", outcome.error
+    warnings = [e.message for e in events if isinstance(e, NodeWarning)]
+    assert warnings == [], warnings
+    return dict(outcome.outputs)
+
+
+def check_images(engine: Any, outputs: dict[str, Any], case: Case) -> None:
+    assert {k for k, v in outputs.items() if v.get("images")} == set(case.images)
+    for node_id, (count, width, height) in case.images.items():
+        entries = outputs[node_id]["images"]
+        assert len(entries) == count, (node_id, entries)
+        for entry in entries:
+            root = engine.env.folders.output_dir if entry["type"] == "output" else engine.env.folders.temp_dir
+            with Image.open(Path(root) / entry["subfolder"] / entry["filename"]) as image:
+                assert image.size == (width, height), (node_id, entry["filename"])
+                pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+                if entry["type"] == "output":  # SaveImage embeds the prompt, as ComfyUI does
+                    assert "prompt" in image.info
+            assert pixels.std() > 0, f"node {node_id} wrote a constant image"
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_shared_workflow_runs_unchanged(engine: Any, name: str) -> None:
+    check_images(engine, run_shared(engine, name, RUNS[name]), RUNS[name])
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.xfail(reason=reason, raises=WorkflowError, strict=True))
+        for name, (_, reason) in sorted(XFAILS.items())
+    ],
+)
+def test_shared_workflow_waiting_for_a_core_node(engine: Any, name: str) -> None:
+    case = XFAILS[name][0]
+    check_images(engine, run_shared(engine, name, case), case)
+
+
+@pytest.mark.parametrize("name", sorted(MISSING))
+def test_custom_nodes_are_named_together_in_one_error(engine: Any, name: str) -> None:
+    with pytest.raises(WorkflowError) as caught:
+        load_workflow(SHARED / name, engine.registry)
+    message = str(caught.value)
+    assert f"needs {len(MISSING[name])} node type(s) nodegraph does not have" in message
+    for missing in MISSING[name]:
+        assert f"'{missing}'" in message
+    workflow = json.loads((SHARED / name).read_text(encoding="utf-8"))
+    known = {node["type"] for node in workflow["nodes"]} - set(MISSING[name])
+    assert not [t for t in known if f"'{t}'" in message]  # the nodes nodegraph has are not blamed
+
+
+def test_a_png_carrying_a_shared_workflow_loads_like_the_file(engine: Any, tmp_path: Path) -> None:
+    """The same canvas file dropped as a PNG (its `workflow` text chunk) gives the same prompt."""
+    text = (SHARED / "cubiq_basic_workflow.json").read_text(encoding="utf-8")
+    info = PngInfo()
+    info.add_text("workflow", text)
+    png = tmp_path / "shared.png"
+    Image.new("RGB", (8, 8)).save(png, pnginfo=info)
+    from_png = load_workflow(png, engine.registry)
+    from_json = load_workflow(SHARED / "cubiq_basic_workflow.json", engine.registry)
+    assert from_png.format == "png" and from_png.prompt == from_json.prompt
+
+
+def test_every_stored_workflow_is_tested_and_has_a_source() -> None:
+    stored = sorted(p.name for p in SHARED.glob("*.json"))
+    assert stored == sorted([*RUNS, *XFAILS, *MISSING])
+    sources = (SHARED / "SOURCES.md").read_text(encoding="utf-8")
+    assert [name for name in stored if f"`{name}`" not in sources] == []
