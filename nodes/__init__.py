@@ -19,6 +19,7 @@ from nodegraph.node import Node
 def all_nodes() -> list[type[Node]]:
     """The node classes, in the order the canvas lists them."""
     from nodes import (
+        clip_vision,
         conditioning,
         conditioning_area,
         conditioning_combine,
@@ -69,6 +70,7 @@ def all_nodes() -> list[type[Node]]:
         conditioning_sdxl,
         conditioning_area,
         controlnet,
+        clip_vision,
         sampling,
         custom_sampling,
         sigmas,

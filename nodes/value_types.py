@@ -16,6 +16,8 @@ import torch
 from nodegraph.types import (
     BOOLEAN,
     CLIP,
+    CLIP_VISION,
+    CLIP_VISION_OUTPUT,
     COMBO,
     CONDITIONING,
     CONTROL_NET,
@@ -40,6 +42,7 @@ from nodegraph.types import (
 )
 from nodes.custom_sampling import GuiderValue, NoiseSource, SamplerChoice
 from nodes.lora_stacks import StackEntry
+from nodes.sd.clip_vision import ClipVision, ClipVisionOutput
 from nodes.sd.controlnet import ControlModel
 from nodes.sd.esrgan import UpscaleModel
 from nodes.sd.handles import ClipHandle, ModelHandle, VaeHandle
@@ -59,6 +62,8 @@ VALUE_TYPES: dict[SocketType, Any] = {
     NOISE: NoiseSource,
     UPSCALE_MODEL: UpscaleModel,
     CONTROL_NET: ControlModel,
+    CLIP_VISION: ClipVision,
+    CLIP_VISION_OUTPUT: ClipVisionOutput,
     LORA_STACK: tuple[StackEntry, ...],
     INT: int,
     FLOAT: float,

@@ -37,6 +37,7 @@ class CondOptions(TypedDict, total=False):
     concat_mask: torch.Tensor
     control: Any  # ControlNetApply's chain (nodes/sd/controlnet.py `Control`)
     control_apply_to_uncond: bool
+    unclip_conditioning: list[dict[str, Any]]  # unCLIPConditioning (read by unCLIP models only)
     # SDXL's added conditioning (CLIPTextEncodeSDXL / Refiner)
     width: int
     height: int
