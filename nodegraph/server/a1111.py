@@ -101,9 +101,13 @@ class Inpaint:
     """img2img's inpainting: the mask (already blurred, inverted and sized by the route, as A1111
     prepares it) as a LoadImageMask name, and how the masked area starts (`inpainting_fill`)."""
 
-    mask_image: str
+    mask_image: str  # at the processing size (width x height)
     fill: int  # 0 fill -> VAEEncodeForInpaint (grey fill), 1 original -> SetLatentNoiseMask
     blur: int = 4  # mask_blur, for the infotext (the route blurred the mask)
+    # "Only masked" (inpaint_full_res): the (x, y, width, height) of the init image that is cut out,
+    # scaled to the processing size, repainted and pasted back through `overlay_mask` (crop-sized).
+    region: tuple[int, int, int, int] | None = None
+    overlay_mask: str | None = None
 
 
 @dataclass
@@ -157,13 +161,29 @@ class Job:
             samples = ["16", 0]
         g["8"] = _node("VAEDecode", samples=samples, vae=vae)
         image: list[Any] = ["8", 0]
-        if self.inpaint is not None:  # A1111 pastes the result over the original through the mask
-            g["23"] = _node("ImageCompositeMasked", destination=["13", 0], source=image, x=0, y=0,
-                            resize_source=False, mask=["22", 0])  # fmt: skip
-            image = ["23", 0]
+        if self.inpaint is not None:
+            image = self._pasted_back(g, image)
         kind = "SaveImage" if self.save else "PreviewImage"
         g["9"] = _node(kind, images=image, **({"filename_prefix": "a1111"} if self.save else {}))
         return g
+
+    def _pasted_back(self, g: dict[str, Any], image: list[Any]) -> list[Any]:
+        """A1111 pastes the result over the init image through the (blurred) mask; for "Only masked"
+        the result is first scaled back to the cut-out's size and pasted where it was cut."""
+        assert self.inpaint is not None
+        destination, mask, x, y = ["13", 0], ["22", 0], 0, 0
+        if self.inpaint.region is not None:
+            x, y, width, height = self.inpaint.region
+            g["26"] = _node("ImageScale", image=image, upscale_method="lanczos", width=width, height=height,
+                            crop="disabled")  # fmt: skip
+            g["27"] = _node("LoadImageMask", image=self.inpaint.overlay_mask, channel="red")
+            destination, mask, image = ["12", 0], ["27", 0], ["26", 0]
+        if self.batch_size > 1:  # the composite takes the destination's batch size
+            g["28"] = _node("RepeatImageBatch", image=destination, amount=self.batch_size)
+            destination = ["28", 0]
+        g["23"] = _node("ImageCompositeMasked", destination=destination, source=image, x=x, y=y,
+                        resize_source=False, mask=mask)  # fmt: skip
+        return ["23", 0]
 
     def _latent(self, g: dict[str, Any], vae: list[Any]) -> list[Any]:
         """The first pass's latent: empty, the encoded init image, or that with the inpainting mask."""
@@ -173,8 +193,13 @@ class Job:
             )
             return ["5", 0]
         g["12"] = _node("LoadImage", image=self.init_image)
+        pixels: list[Any] = ["12", 0]
+        if self.inpaint is not None and self.inpaint.region is not None:
+            x, y, width, height = self.inpaint.region
+            g["25"] = _node("ImageCrop", image=pixels, width=width, height=height, x=x, y=y)
+            pixels = ["25", 0]
         g["13"] = _node(
-            "ImageScale", image=["12", 0], upscale_method="lanczos", width=self.width, height=self.height,
+            "ImageScale", image=pixels, upscale_method="lanczos", width=self.width, height=self.height,
             crop="disabled",
         )  # fmt: skip
         if self.inpaint is None:

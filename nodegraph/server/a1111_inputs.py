@@ -96,30 +96,24 @@ def save_init_image(input_dir: Path, raw: Any) -> str:
         return _store(input_dir, "a1111", image if image.mode in ("RGB", "RGBA") else image.convert("RGB"))
 
 
-def save_mask(input_dir: Path, body: dict[str, Any], width: int, height: int) -> Inpaint:
+def save_mask(
+    input_dir: Path, body: dict[str, Any], width: int, height: int, init_size: tuple[int, int]
+) -> Inpaint:
     """img2img's `mask` prepared as A1111 does (modules/processing.py, StableDiffusionProcessingImg2Img
     .init): made binary (alpha if it has one, else luminance, > 128), inverted for
-    `inpainting_mask_invert`, blurred by `mask_blur`, resized to the output size; white is repainted."""
-    from PIL import ImageFilter, ImageOps
+    `inpainting_mask_invert`, blurred by `mask_blur`; white is repainted. For the whole picture it is
+    resized to the output size; for "Only masked" (`inpaint_full_res`, A1111's default) the masked
+    box plus `inpaint_full_res_padding`, widened to the output's aspect ratio, is what gets repainted."""
+    from PIL import Image, ImageFilter, ImageOps
 
-    if body.get("inpaint_full_res", True) not in (False, 0):  # A1111's default is True
-        raise A1111Error(
-            "inpaint_full_res: inpainting 'Only masked' is not supported; send inpaint_full_res: false "
-            "(whole picture)"
-        )
     fill = body.get("inpainting_fill", 0)
     if fill not in (0, 1):
         raise A1111Error(
             f"inpainting_fill: {fill!r} is not supported; send 0 (fill: VAEEncodeForInpaint's grey fill) "
             "or 1 (original: SetLatentNoiseMask)"
         )
-    raw_blur: Any = body.get("mask_blur")
-    try:
-        blur = int(raw_blur if raw_blur is not None else 4)
-    except (TypeError, ValueError) as exc:
-        raise A1111Error(f"mask_blur: expected an integer, got {body.get('mask_blur')!r}") from exc
-    if not 0 <= blur <= 64:
-        raise A1111Error(f"mask_blur: must be between 0 and 64, got {blur}")
+    blur = _bounded(body, "mask_blur", 4, 64)
+    padding = _bounded(body, "inpaint_full_res_padding", 0, 1024)
     with _open(body.get("mask"), "mask") as image:
         if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
             mask = image.split()[-1].convert("L")
@@ -128,9 +122,57 @@ def save_mask(input_dir: Path, body: dict[str, Any], width: int, height: int) ->
     mask = mask.point(lambda v: 255 if v > 128 else 0)
     if body.get("inpainting_mask_invert") in (1, True):
         mask = ImageOps.invert(mask)
+    if mask.size != init_size:
+        mask = mask.resize(init_size, Image.Resampling.LANCZOS)
     if blur > 0:
         mask = mask.filter(ImageFilter.GaussianBlur(blur))
-    from PIL import Image
-
+    spec = Inpaint(mask_image="", fill=int(fill), blur=blur)
+    if body.get("inpaint_full_res", True) not in (False, 0):  # A1111's default: "Only masked"
+        box = mask.getbbox()
+        if box is None:
+            raise A1111Error("mask: the mask is empty: nothing to repaint")
+        x1, y1, x2, y2 = _fit_ratio(_padded(box, padding, init_size), width / height, init_size)
+        spec.region = (x1, y1, x2 - x1, y2 - y1)
+        mask = mask.crop((x1, y1, x2, y2))
+        spec.overlay_mask = _store(input_dir, "a1111_mask", mask.convert("RGB"))
     mask = mask.resize((width, height), Image.Resampling.LANCZOS).convert("RGB")
-    return Inpaint(mask_image=_store(input_dir, "a1111_mask", mask), fill=int(fill), blur=blur)
+    spec.mask_image = _store(input_dir, "a1111_mask", mask)
+    return spec
+
+
+def _bounded(body: dict[str, Any], key: str, default: int, high: int) -> int:
+    raw: Any = body.get(key)
+    try:
+        value = int(raw if raw is not None else default)
+    except (TypeError, ValueError) as exc:
+        raise A1111Error(f"{key}: expected an integer, got {raw!r}") from exc
+    if not 0 <= value <= high:
+        raise A1111Error(f"{key}: must be between 0 and {high}, got {value}")
+    return value
+
+
+def _padded(box: tuple[int, int, int, int], pad: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    x1, y1, x2, y2 = box
+    return max(x1 - pad, 0), max(y1 - pad, 0), min(x2 + pad, size[0]), min(y2 + pad, size[1])
+
+
+def _fit_ratio(
+    box: tuple[int, int, int, int], ratio: float, size: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """The box grown along one axis to width/height = `ratio` (the output's), centred, shifted back
+    inside the image and cut at its edge (modules/masking.py expand_crop_region's rule)."""
+    x1, y1, x2, y2 = box
+    if (x2 - x1) / (y2 - y1) > ratio:  # too wide for the output: grow the height
+        y1, y2 = _grow(y1, y2, int((x2 - x1) / ratio - (y2 - y1)), size[1])
+    else:
+        x1, x2 = _grow(x1, x2, int((y2 - y1) * ratio - (x2 - x1)), size[0])
+    return x1, y1, x2, y2
+
+
+def _grow(low: int, high: int, extra: int, limit: int) -> tuple[int, int]:
+    low, high = low - extra // 2, high + extra - extra // 2
+    if high > limit:
+        low, high = low - (high - limit), limit
+    if low < 0:
+        low, high = 0, min(high - low, limit)
+    return low, high

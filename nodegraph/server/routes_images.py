@@ -101,6 +101,13 @@ def build_job(st: ServerState, body: dict[str, Any], init_image: str | None = No
     return job
 
 
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
+
+
 def upscale_models(st: ServerState) -> dict[str, str]:
     """A1111's upscaler names for the upscale_models files (the file's stem) -> file name."""
     return {Path(n).name.rsplit(".", 1)[0]: n for n in st.engine.env.folders.list("upscale_models")}
@@ -203,7 +210,8 @@ async def generate(request: web.Request, img2img: bool) -> web.Response:
             init = await asyncio.to_thread(save_init_image, input_dir, first)
         job = await asyncio.to_thread(build_job, st, body, init)
         if img2img and body.get("mask"):
-            job.inpaint = await asyncio.to_thread(save_mask, input_dir, body, job.width, job.height)
+            size = await asyncio.to_thread(_image_size, input_dir / str(init))
+            job.inpaint = await asyncio.to_thread(save_mask, input_dir, body, job.width, job.height, size)
         results = await run_jobs(st, job, _int(body, "n_iter", 1))
         pngs = []
         for this, entry in results:

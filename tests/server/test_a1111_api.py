@@ -174,15 +174,30 @@ def test_img2img_inpainting_repaints_only_the_masked_area(server: LiveServer) ->
     assert np.abs(out[28:36, 28:36] - init_pixels[28:36, 28:36].astype(int)).mean() > 10
     fields = parse_infotext(result.info["infotexts"][0])
     assert fields["Mask blur"] == "2" and fields["Denoising strength"] == "0.9"
-    # webuiapi's (and A1111's) default inpaint_full_res=True ("Only masked") is refused by name, as is
-    # a fill nodegraph does not map; neither is a 500.
+    # A fill nodegraph does not map is refused by name, not a 500.
     body = {"init_images": [result.json["images"][0]], "mask": result.json["images"][0], "steps": 1}
-    for extra, field in (
-        ({}, "inpaint_full_res"),
-        ({"inpaint_full_res": False, "inpainting_fill": 2}, "inpainting_fill"),
-    ):
-        reply = api.session.post(f"{api.baseurl}/img2img", json={**body, **extra})
-        assert reply.status_code == 422 and reply.json()["detail"].startswith(field)
+    reply = api.session.post(f"{api.baseurl}/img2img", json={**body, "inpainting_fill": 2})
+    assert reply.status_code == 422 and reply.json()["detail"].startswith("inpainting_fill")
+
+
+def test_inpainting_only_masked_with_webuiapi_defaults(server: LiveServer) -> None:
+    """A1111's default "Only masked" (webuiapi's too): the box around the mask is cut out, repainted at
+    the requested 64x64 and pasted back into the 96x64 init; a batch of two keeps both images."""
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    init_pixels = np.random.default_rng(4).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (40, 24, 56, 40))
+    result = api.img2img(
+        images=[Image.fromarray(init_pixels)], mask_image=mask, prompt="a chair", seed=3, steps=2,
+        width=64, height=64, batch_size=2, denoising_strength=0.9, sampler_name="Euler",
+    )  # fmt: skip
+    assert [image.size for image in result.images] == [(96, 64), (96, 64)]
+    far = np.ones((64, 96), bool)
+    far[:, 26:70] = False  # the 16x16 box grown to the 1:1 output (16 + 2 x blur 4 -> 24 wide) and a margin
+    for image in result.images:
+        out = np.asarray(image.convert("RGB")).astype(int)
+        assert np.abs(out[far] - init_pixels[far].astype(int)).max() <= 1
+        assert np.abs(out[28:36, 44:52] - init_pixels[28:36, 44:52].astype(int)).mean() > 10
 
 
 def test_extras_upscale_with_a_model_is_the_comfyui_graph(server: LiveServer) -> None:

@@ -48,6 +48,9 @@ def job(**changes: Any) -> Job:
         ({"init_image": "init.png", "inpaint": Inpaint("mask.png", fill=1)},
          {"SetLatentNoiseMask", "LoadImageMask", "ImageCompositeMasked"}),
         ({"init_image": "init.png", "inpaint": Inpaint("mask.png", fill=0)}, {"VAEEncodeForInpaint"}),
+        ({"init_image": "init.png",
+          "inpaint": Inpaint("mask.png", 1, region=(2, 2, 4, 4), overlay_mask="mask.png")},
+         {"ImageCrop", "RepeatImageBatch", "ImageCompositeMasked"}),
         ({"hires": hires_size({"hr_upscaler": "Latent (bicubic)"}, 64, 64, {})}, {"LatentUpscale"}),
         ({"hires": hires_size({"hr_upscaler": "Nearest", "hr_scale": 1.5}, 64, 64, {})}, {"ImageScale"}),
         ({"hires": hires_size({"hr_upscaler": "x2"}, 64, 64, {"x2": "x2.safetensors"}),
@@ -95,15 +98,47 @@ def test_the_mask_is_prepared_as_a1111_does(tmp_path: Path) -> None:
     mask.save(buffer, format="PNG")
     raw = base64.b64encode(buffer.getvalue()).decode()
     body = {"mask": raw, "mask_blur": 0, "inpaint_full_res": False, "inpainting_mask_invert": 1}
-    spec = save_mask(tmp_path, body, 64, 64)
+    spec = save_mask(tmp_path, body, 64, 64, (32, 32))
     prepared = np.asarray(Image.open(tmp_path / spec.mask_image))[..., 0]
-    assert prepared.shape == (64, 64) and spec.fill == 0
+    assert prepared.shape == (64, 64) and spec.fill == 0 and spec.region is None
     assert prepared[0, 0] == 255 and prepared[32, 32] == 0  # inverted: the outside is repainted
     for field, bad in (
-        ("inpaint_full_res", True),
         ("inpainting_fill", 2),
         ("mask_blur", "x"),
         ("mask", "!!"),
+        ("inpaint_full_res_padding", -1),
     ):
         with pytest.raises(A1111Error, match=f"^{field}: "):
-            save_mask(tmp_path, {**body, field: bad}, 64, 64)
+            save_mask(tmp_path, {**body, field: bad}, 64, 64, (32, 32))
+
+
+def png_b64(image: Image.Image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def boxed(box: tuple[int, int, int, int]) -> str:
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, box)
+    return png_b64(mask)
+
+
+def test_only_masked_cuts_the_masked_box_widened_to_the_output_ratio(tmp_path: Path) -> None:
+    """A1111's default `inpaint_full_res`: the 16x16 box plus 4 px padding (24x24), widened to the
+    2:1 output (48x24, centred), cut from the 64x64 init; near an edge the box shifts inside."""
+    body = {"mask": boxed((20, 30, 36, 46)), "mask_blur": 0, "inpaint_full_res_padding": 4}
+    spec = save_mask(tmp_path, body, 128, 64, (64, 64))
+    assert spec.region == (4, 26, 48, 24)
+    assert spec.overlay_mask is not None and Image.open(tmp_path / spec.overlay_mask).size == (48, 24)
+    assert Image.open(tmp_path / spec.mask_image).size == (128, 64)
+    tall = save_mask(tmp_path, {**body, "inpaint_full_res_padding": 0}, 64, 128, (64, 64))
+    assert tall.region == (20, 22, 16, 32)  # 16x16 grown to 1:2, centred
+    low = {**body, "mask": boxed((20, 52, 36, 64)), "inpaint_full_res_padding": 0}
+    edge = save_mask(tmp_path, low, 64, 128, (64, 64))
+    assert edge.region == (20, 32, 16, 32)  # 16x12 grown to 16x32, moved up to end at the bottom edge
+    with pytest.raises(A1111Error, match="^mask: the mask is empty"):
+        save_mask(tmp_path, {**body, "mask": png_b64(Image.new("L", (64, 64), 0))}, 64, 64, (64, 64))
