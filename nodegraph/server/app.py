@@ -18,6 +18,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from nodegraph.server import (
     frontend,
     routes_a1111,
+    routes_a1111_extra,
     routes_files,
     routes_images,
     routes_info,
@@ -170,8 +171,8 @@ def create_app(
     }
     app[routes_v2.V2_ASSETS] = AssetIndex(Path(folders.user_dir) / ASSETS_FILE, roots)
     tables = (
-        routes_prompt, routes_files, routes_info, routes_user, routes_jobs, routes_a1111, routes_images,
-        routes_lora, routes_train, routes_v2, routes_v2_assets,
+        routes_prompt, routes_files, routes_info, routes_user, routes_jobs, routes_a1111, routes_a1111_extra,
+        routes_images, routes_lora, routes_train, routes_v2, routes_v2_assets,
     )  # fmt: skip
     for table in (module.routes for module in tables):
         _mirror(app, table)

@@ -17,7 +17,8 @@ Sources (public repositories; the functions named are the ones replayed):
 * open-webui/open-webui @ 02530d501461ce58ab06231d7c2ef2024a141ddf: `backend/open_webui/routers/images.py`
   (engine `automatic1111`: `verify_url`, `get_models`, `get_image_model`, `set_image_model`,
   `image_generations`) and `backend/open_webui/utils/images/comfyui.py` (engine `comfyui`:
-  `comfyui_create_image`, `queue_prompt`, `_ws_get_images`, `get_history`, `get_image_url`).
+  `comfyui_create_image`, `comfyui_edit_image`, `comfyui_upload_image`, `queue_prompt`,
+  `_ws_get_images`, `get_history`, `get_image_url`; `image_edits` keeps the `type=output` URLs).
 
 Not replayed because it fails here: SillyTavern's ComfyUI model list (`comfy` `/models`) reads
 `object_info.UNETLoader.input.required.unet_name`, and nodegraph has no UNETLoader node, so that call
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -361,3 +363,36 @@ def test_open_webui_comfyui_sequence(server: LiveServer) -> None:
     workflow["7"]["inputs"]["text"] = ""
     images = asyncio.run(open_webui_comfyui(f"http://{server.address}", workflow, ""))
     assert len(images) == 1 and images[0].startswith(PNG)
+
+
+async def open_webui_comfyui_upload(base: str, png: bytes, api_key: str) -> dict[str, Any]:
+    """comfyui_upload_image: multipart `image` (a uuid name, image/png) and `type=input` to
+    /api/upload/image, Bearer only when a key is set; Open WebUI reads `name`."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    form = aiohttp.FormData()
+    form.add_field("image", io.BytesIO(png), filename="0b7c2d0e-5a1e-4c6b-9d1f-3e4a5b6c7d8e.png",
+                   content_type="image/png")  # fmt: skip
+    form.add_field("type", "input")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/api/upload/image", data=form, headers=headers) as resp:
+            resp.raise_for_status()
+            return dict(await resp.json())
+
+
+def test_open_webui_comfyui_edit_sequence(server: LiveServer) -> None:
+    """Open WebUI's image edit on ComfyUI: upload, put the returned name into the workflow's image
+    node (LoadImage.image), run it over /ws, fetch the outputs."""
+    picture = Image.new("RGB", (24, 16), (250, 10, 20))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    base = f"http://{server.address}"
+    uploaded = asyncio.run(open_webui_comfyui_upload(base, buffer.getvalue(), ""))
+    assert uploaded["type"] == "input" and uploaded["name"].endswith(".png")
+    workflow = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": uploaded["name"]}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "edit"}},
+    }
+    [data] = asyncio.run(open_webui_comfyui(base, workflow, ""))
+    edited = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+    assert edited.shape == (16, 24, 3) and np.abs(edited[0, 0] - (5, 245, 235)).max() <= 1
