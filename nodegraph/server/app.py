@@ -7,6 +7,7 @@ import logging
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +43,7 @@ from nodegraph.server.auth import (
 from nodegraph.server.housekeeping import clear_temp, trim_temp
 from nodegraph.server.queue import PromptStore
 from nodegraph.server.replies import BadRequest, error, storage_error, undecodable
-from nodegraph.server.state import MAX_UPLOAD_SIZE, STATE, ServerState
+from nodegraph.server.state import MAX_UPLOAD_SIZE, STATE, ServerState, Waiters, server_features
 from nodegraph.server.v2_assets import ASSETS_FILE, AssetIndex
 from nodegraph.server.worker import PromptWorker, Worker
 from nodegraph.server.ws import Hub
@@ -130,19 +131,19 @@ def create_app(
     token = effective_token(listen, settings.auth_token)
     store = PromptStore(Path(engine.env.folders.user_dir) / QUEUE_FILE)
     _settle_recovered(store, engine)
-    holder: list[ServerState] = []
-    hub = Hub(lambda: holder[0].features())
+    # The parts are built in order, each given only what it needs, so none refers back to the state.
+    wake = Waiters()
+    hub = Hub(partial(server_features, max_upload_size))
     worker = (workers or Worker)(
         store,
         engine.executor,
         hub,
-        lambda pid, entry: holder[0].resolve_from_thread(pid, entry),
+        wake.resolve_from_thread,
         engine.free,
-        lambda: trim_temp(Path(engine.env.folders.temp_dir)),
+        partial(trim_temp, Path(engine.env.folders.temp_dir)),
     )
-    st = ServerState(engine, store, hub, worker, token, max_upload_size=max_upload_size)
+    st = ServerState(engine, store, hub, worker, token, max_upload_size=max_upload_size, wake=wake)
     st.max_queue = settings.max_queue_size or None
-    holder.append(st)
     hub.on_connect = worker.on_connect
 
     cors = settings.enable_cors_header or None
@@ -207,7 +208,7 @@ def _settle_recovered(store: PromptStore, engine: Engine) -> None:
 
 async def _startup(app: web.Application) -> None:
     st = app[STATE]
-    st.loop = asyncio.get_running_loop()
+    st.wake.loop = asyncio.get_running_loop()
     st.switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(min(GIL_SWITCH_INTERVAL_S, st.switch_interval))
     warm_up = st.engine.warm_up
@@ -232,9 +233,7 @@ async def _shutdown(app: web.Application) -> None:
 
 async def _cleanup(app: web.Application) -> None:
     st = app[STATE]
-    for waiters in st.waiters.values():
-        for future in waiters:
-            future.cancel()
+    st.wake.cancel_all()
     st.validator.shutdown(wait=False, cancel_futures=True)
     st.store.close()
     app[routes_v2.V2_ASSETS].close()
