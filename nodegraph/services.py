@@ -44,6 +44,15 @@ class CheckpointCatalog(Protocol):
 
 
 @runtime_checkable
+class ModelReads(Protocol):
+    """A service that reads model files and counts the reads (a Ray worker reports it for routing)."""
+
+    @property
+    def loads(self) -> int:
+        """How many model files it has actually read from disk (cache hits not counted)."""
+
+
+@runtime_checkable
 class DeviceInfo(Protocol):
     """The compute device as `/system_stats` reports it (ComfyUI's `devices` entry)."""
 

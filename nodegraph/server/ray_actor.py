@@ -13,16 +13,31 @@ import queue
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from nodegraph.engine import Engine, Settings
 from nodegraph.server import ray_files
 from nodegraph.server.ray_files import ShippedFile
+from nodegraph.services import ModelReads
 
 EngineFactory = Callable[[Settings], Engine]
 FILE_KINDS = ("output", "temp")
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Who and where a worker is, and how many model files its engine has read."""
+
+    name: str
+    pid: int
+    host: str
+    device: str
+    loads: int  # model files read by its services (`ModelReads`), for routing tests
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -47,16 +62,16 @@ class EngineActor:
         if self.engine.warm_up is not None:
             self.engine.warm_up()
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> WorkerInfo:
         """Who and where this worker is, and how many model files it has read (for routing tests)."""
-        services = list(self.engine.env.services.values())
-        return {
-            "name": self.name,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "device": self.engine.settings.device,
-            "loads": sum(int(getattr(s, "loads", 0) or 0) for s in services),
-        }
+        services = self.engine.env.services.values()
+        return WorkerInfo(
+            name=self.name,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            device=self.engine.settings.device,
+            loads=sum(s.loads for s in services if isinstance(s, ModelReads)),
+        )
 
     def run(
         self, prompt: dict[str, Any], prompt_id: str, extra_data: dict[str, Any], outputs: list[str] | None

@@ -34,7 +34,7 @@ from nodegraph.executor import Outcome
 from nodegraph.server import ray_files
 from nodegraph.server.messages import Message, PromptMessages
 from nodegraph.server.queue import PromptStore, QueueItem
-from nodegraph.server.ray_actor import EngineActor, EngineFactory, RunEnd
+from nodegraph.server.ray_actor import EngineActor, EngineFactory, RunEnd, WorkerInfo
 from nodegraph.server.ray_files import ShippedFile
 from nodegraph.server.routing import ContentHashes, WorkerView, choose_worker, referenced_models
 from nodegraph.server.worker import Finished, Worker, status_message
@@ -170,12 +170,11 @@ class _Slot(Worker):
             info = ray.get(self.actor.info.remote(), timeout=START_TIMEOUT)
         except Exception as exc:
             raise RayStartError(f"{self.name} did not start: {exc}") from exc
-        self.pid = int(info["pid"])
+        self.pid = _worker_info(info).pid
         self.view.holds.clear()
 
-    def info(self) -> dict[str, Any]:
-        found: dict[str, Any] = ray.get(self.actor.info.remote(), timeout=30)
-        return found
+    def info(self) -> WorkerInfo:
+        return _worker_info(ray.get(self.actor.info.remote(), timeout=30))
 
     def _free_remote(self, unload_models: bool, free_memory: bool) -> None:
         ray.get(self.actor.free.remote(unload_models, free_memory), timeout=60)
@@ -224,6 +223,13 @@ class _Slot(Worker):
         for node, ui in outcome.outputs.items():
             messages.outputs.setdefault(str(node), ui)
         return str(outcome.status)
+
+
+def _worker_info(found: object) -> WorkerInfo:
+    """The actor's `info()` as it comes out of `ray.get` (typed `Any` there), checked."""
+    if not isinstance(found, WorkerInfo):
+        raise RayStartError(f"a worker answered info() with {type(found).__name__}, not WorkerInfo")
+    return found
 
 
 def _error(prompt_id: str, kind: str, message: str, exc: BaseException | None = None) -> ev.ExecutionError:
@@ -342,7 +348,7 @@ class RayWorkers:
         out = []
         for slot in self.slots:
             try:
-                info = slot.info()
+                info = slot.info().as_json()
             except Exception as exc:
                 info = {"name": slot.name, "error": str(exc)}
             info["running"] = slot.running_id

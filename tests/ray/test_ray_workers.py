@@ -79,7 +79,7 @@ def server(base: Path) -> Iterator[tuple[LiveServer, RayWorkers]]:
 
 
 def loads(pool: RayWorkers) -> dict[str, int]:
-    return {slot.view.name: int(slot.info()["loads"]) for slot in pool.slots}
+    return {slot.view.name: slot.info().loads for slot in pool.slots}
 
 
 def pixels(png: bytes) -> np.ndarray:
@@ -192,7 +192,7 @@ def test_a_killed_worker_is_replaced_and_its_prompt_retried(server: tuple[LiveSe
     errors = [m[1].get("exception_message") for m in entry["status"]["messages"] if "error" in m[0]]
     assert entry["status"]["status_str"] == "success", errors
     slot = next(s for s in pool.slots if s.view.name == victim)
-    assert slot.pid != pid_before[victim] and slot.info()["pid"] == slot.pid  # a fresh worker answers
+    assert slot.pid != pid_before[victim] and slot.info().pid == slot.pid  # a fresh worker answers
     assert [m for m in entry["status"]["messages"] if m[0] == "execution_success"]
 
 
