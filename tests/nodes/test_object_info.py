@@ -9,7 +9,24 @@ to a declaration fails here: check it against ComfyUI, then rewrite the snapshot
 `python -m tests.nodes.test_object_info --write` and review the diff.
 
 Nodes ComfyUI does not have (ours, and the custom-node packs' LoRA loaders) are listed in
-`NOT_COMFYUI`; every other node must be in the snapshot.
+`NOT_COMFYUI`; every other node must be in the snapshot. `tests/data/comfyui_node_ids.json` holds
+every node id ComfyUI 0.3.64 registers, so that list cannot hide a node ComfyUI has: each node we
+register that ComfyUI also has is compared.
+
+Review against ComfyUI 0.3.64 (a125cd84; ComfyUI's own `node_info` run over its source, all 117
+entries, the 30 added in b9ea859 included): inputs, their options and order, outputs and categories
+agree everywhere, up to forms the canvas reads alike (`["MODEL"]` for `["MODEL", {}]`, a V3 node's
+`["COMBO", {"options": [...]}]` for `[[...], {}]`, an INT's `step` 1, a STRING's `default` "").
+Known differences, left as they are:
+- display names: 0.3.64 sends none for the V3 nodes ImageBlend, ImageBlur, ImageQuantize,
+  ImageSharpen and ImageScaleToTotalPixels, and "BasicGuider", "CFGGuider", "DualCFGGuider" for
+  the guiders; ours are later ComfyUI's ("Image Blend", "Image Blur", "Basic Guider", ...) or our
+  own ("Image Quantize", "Image Sharpen", "Scale Image to Total Pixels"). The canvas shows its
+  locale's names for all of them.
+- GetImageSize: ComfyUI has a hidden `unique_id` input (it reports the size as node text); we do not.
+- LoraLoaderModelOnly: ComfyUI inherits LoraLoader's two `output_tooltips` for its one output; we
+  send none.
+- ModelSamplingDiscrete: ComfyUI's `sampling` also offers "img_to_img"; we do not implement it.
 """
 
 from __future__ import annotations
@@ -28,6 +45,7 @@ from nodegraph.registry import Registry
 from nodes import all_nodes
 
 SNAPSHOT = Path(__file__).resolve().parents[1] / "data" / "comfyui_object_info.json"
+COMFYUI_IDS = Path(__file__).resolve().parents[1] / "data" / "comfyui_node_ids.json"
 NOT_COMFYUI = frozenset(
     {
         "LoraTagLoader",  # nodegraph's <lora:name:weight> prompt tags
@@ -69,6 +87,14 @@ def snapshot() -> dict[str, dict[str, Any]]:
 def test_every_comfyui_node_is_in_the_snapshot(ours: dict[str, Any], snapshot: dict[str, Any]) -> None:
     assert sorted(set(ours) - set(snapshot)) == [], "new nodes: review them and rewrite the snapshot"
     assert sorted(set(snapshot) - set(ours)) == [], "nodes gone from /object_info"
+
+
+def test_nodes_left_out_of_the_snapshot_are_not_comfyuis() -> None:
+    comfyui = set(json.loads(COMFYUI_IDS.read_text(encoding="utf-8"))["ids"])
+    assert len(comfyui) > 400 and {"KSampler", "LoraLoader", "ImageBlend"} <= comfyui
+    assert sorted(NOT_COMFYUI & comfyui) == [], "ComfyUI has these: compare them in the snapshot"
+    registered = {cls.NODE_ID for cls in all_nodes()}
+    assert sorted(NOT_COMFYUI - registered) == [], "listed but not registered"
 
 
 def _snapshot_ids() -> list[str]:
