@@ -45,7 +45,7 @@ from nodegraph.server.queue import PromptStore
 from nodegraph.server.replies import BadRequest, error, storage_error, undecodable
 from nodegraph.server.state import MAX_UPLOAD_SIZE, STATE, ServerState, Waiters, server_features
 from nodegraph.server.v2_assets import ASSETS_FILE, AssetIndex
-from nodegraph.server.worker import PromptWorker, Worker
+from nodegraph.server.worker import PromptWorker, Worker, status_message
 from nodegraph.server.ws import Hub
 
 if TYPE_CHECKING:
@@ -145,6 +145,7 @@ def create_app(
     st = ServerState(engine, store, hub, worker, token, max_upload_size=max_upload_size, wake=wake)
     st.max_queue = settings.max_queue_size or None
     hub.on_connect = worker.on_connect
+    hub.current_status = lambda: status_message(store.remaining())
 
     cors = settings.enable_cors_header or None
     # loopback only, no token: the Host check is what keeps rebinding pages out

@@ -51,6 +51,9 @@ class Hub:
         self.clients: dict[str, Client] = {}
         self.server_features = server_features
         self.on_connect: Callable[[str], list[Message]] = lambda sid: []
+        # The status as it is when sent (set by the server): statuses are queued from several
+        # threads, so the last one queued may hold an older count than one queued before it.
+        self.current_status: Callable[[], Message] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[Outgoing | None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -203,6 +206,8 @@ class Hub:
         message, self._status, self._status_timer = self._status, None, None
         if message is None:
             return
+        if self.current_status is not None:
+            message = self.current_status()
         self._status_sent_at = self._loop.time()
         text = _text(message)  # encoded once for every socket
         for client in list(self.clients.values()):

@@ -65,3 +65,24 @@ async def test_only_the_newest_queued_status_is_sent(monkeypatch: pytest.MonkeyP
     assert len(sock.sent) == 1 and '"queue_remaining": 4' in sock.sent[0]
     drain.cancel()
     await hub.stop()
+
+
+async def test_a_status_says_the_queue_size_when_it_is_sent() -> None:
+    """Statuses are queued from several threads; the one sent last must not carry an older count."""
+    hub = Hub(dict)
+    await hub.start()
+    sock = FakeSocket()
+    client = Client(sock)  # type: ignore[arg-type]
+    hub.clients = {"c": client}
+    drain = asyncio.create_task(hub._drain(client))
+    size = [7]
+    hub.current_status = lambda: Message("status", {"status": {"exec_info": {"queue_remaining": size[0]}}})
+    hub.broadcast_sync(Message("status", {"status": {"exec_info": {"queue_remaining": 6}}}))  # stale
+    await asyncio.sleep(0.05)
+    size[0] = 3
+    hub.broadcast_sync(Message("status", {"status": {"exec_info": {"queue_remaining": 4}}}))
+    await asyncio.sleep(ws_module.STATUS_INTERVAL_S + 0.1)  # the second waits out the interval
+    assert ['"queue_remaining": 7' in t for t in sock.sent] == [True, False]
+    assert '"queue_remaining": 3' in sock.sent[1]
+    drain.cancel()
+    await hub.stop()
