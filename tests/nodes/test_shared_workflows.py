@@ -39,10 +39,15 @@ SHARED = Path(__file__).resolve().parents[1] / "data" / "shared_workflows"
 SD15, SDXL = "sd15", "sdxl"
 SHRINK = {SD15: 8, SDXL: 16}  # 512 px -> 64 px on SD1.5, 1024 px -> 64 px on SDXL
 STEPS = 2
-# The widgets that set pixel sizes, by node type (only types that occur in the stored workflows).
-SIZE_WIDGETS = {
-    "EmptyLatentImage": ("width", "height"),
-    "ConditioningSetArea": ("width", "height", "x", "y"),
+# The widgets that set pixel sizes, by node type (the types in the stored workflows), with the
+# step their values keep: latent and padded image sizes stay multiples of 8.
+SIZE_WIDGETS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "EmptyLatentImage": (8, ("width", "height")),
+    "ConditioningSetArea": (8, ("width", "height", "x", "y")),
+    "ImagePadForOutpaint": (8, ("left", "top", "right", "bottom")),
+    "SolidMask": (1, ("width", "height")),
+    "MaskComposite": (1, ("x", "y")),
+    "FeatherMask": (1, ("left", "top", "right", "bottom")),
 }
 
 
@@ -65,6 +70,9 @@ RUNS: dict[str, Case] = {
     "cubiq_canny.json": Case(SD15, {"17": (1, IMAGE_W, IMAGE_H), "9": (1, 64, 64)}),
     "cubiq_inpaint.json": Case(SD15, {"15": (1, 96, 64), "94": (1, 96, 64), "119": (1, 96, 64)}),
     "cubiq_SDXL_base_only.json": Case(SDXL, {"9": (1, 64, 64)}),
+    "cubiq_outpaint_seam_fix_SDXL.json": Case(
+        SDXL, {"15": (1, 64, 64), "22": (1, 96, 64), "88": (1, 96, 64), "86": (1, 96, 64)}
+    ),
     "comfyui_default_graph_sdxl1_0.json": Case(SDXL, {"13": (1, 64, 64)}),
     "hanzoui_sdxlturbo_example.json": Case(SDXL, {"27": (1, 32, 32)}),
 }
@@ -165,9 +173,11 @@ def shrink(prompt: dict[str, Any], family: str) -> None:
     factor = SHRINK[family]
     for node in prompt.values():
         inputs = node["inputs"]
-        for name in SIZE_WIDGETS.get(node["class_type"], ()):
+        unit, names = SIZE_WIDGETS.get(node["class_type"], (1, ()))
+        for name in names:
             if isinstance(inputs.get(name), int):
-                inputs[name] = inputs[name] // factor // 8 * 8 or (0 if name in ("x", "y") else 8)
+                smaller = inputs[name] // factor // unit * unit
+                inputs[name] = max(smaller, unit) if name in ("width", "height") else smaller
         steps = inputs.get("steps")
         if isinstance(steps, int) and steps > STEPS:
             inputs["steps"] = STEPS
