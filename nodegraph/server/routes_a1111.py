@@ -149,28 +149,38 @@ async def get_options(request: web.Request) -> web.Response:
 
 @routes.post(API + "/options")
 async def set_options(request: web.Request) -> web.Response:
-    """Set `sd_model_checkpoint` (any of its names) and `CLIP_stop_at_last_layers`; others are kept."""
+    """Set `sd_model_checkpoint` (any of its names), `sd_vae` and `CLIP_stop_at_last_layers`; others
+    are kept as sent (a client may post back the whole options object)."""
     st = state(request)
     body = await read_json(request, default={})
     if not isinstance(body, dict):
         return _refuse(422, "expected a JSON object of options")
     try:
-        if "sd_model_checkpoint" in body:
-            body["sd_model_checkpoint"] = await asyncio.to_thread(
-                resolve_checkpoint, st, str(body["sd_model_checkpoint"])
-            )
-        if "sd_vae" in body:
-            body["sd_vae"] = await asyncio.to_thread(resolve_vae, st, body["sd_vae"]) or str(body["sd_vae"])
-        if "CLIP_stop_at_last_layers" in body:
-            body["CLIP_stop_at_last_layers"] = max(1, int(body["CLIP_stop_at_last_layers"]))
-    except (A1111Error, ValueError, TypeError) as exc:
+        await asyncio.to_thread(write_options, st, body)
+    except A1111Error as exc:
         return _refuse(422, str(exc))
+    return web.json_response(None)
+
+
+def write_options(st: ServerState, body: dict[str, Any]) -> None:
+    """Check and store options; raises A1111Error naming a bad one (nothing is stored then)."""
+    body = dict(body)
+    if "sd_model_checkpoint" in body:
+        body["sd_model_checkpoint"] = resolve_checkpoint(st, str(body["sd_model_checkpoint"]))
+    if "sd_vae" in body:
+        body["sd_vae"] = resolve_vae(st, body["sd_vae"]) or str(body["sd_vae"])
+    if "CLIP_stop_at_last_layers" in body:
+        try:
+            body["CLIP_stop_at_last_layers"] = max(1, int(body["CLIP_stop_at_last_layers"]))
+        except (TypeError, ValueError) as exc:
+            raise A1111Error(
+                f"CLIP_stop_at_last_layers: expected an integer, got {body['CLIP_stop_at_last_layers']!r}"
+            ) from exc
     path = _options_path(st)
     stored = json.loads(path.read_text()) if path.is_file() else {}
     stored.update({k: v for k, v in body.items() if k != "sd_checkpoint_hash"})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(stored, indent=1))
-    return web.json_response(None)
 
 
 @routes.get(API + "/sd-models")

@@ -28,6 +28,7 @@ from nodegraph.server.routes_a1111 import (
     resolve_checkpoint,
     resolve_vae,
     sha256_of,
+    write_options,
 )
 from nodegraph.server.routes_prompt import _accept
 from nodegraph.server.state import ServerState, state
@@ -209,6 +210,9 @@ async def generate(request: web.Request, img2img: bool) -> web.Response:
             first = images[0] if isinstance(images, list) and images else None
             init = await asyncio.to_thread(save_init_image, input_dir, first)
         job = await asyncio.to_thread(build_job, st, body, init)
+        overrides = body.get("override_settings") or {}
+        if overrides and body.get("override_settings_restore_afterwards") is False:
+            await asyncio.to_thread(write_options, st, overrides)  # A1111 then keeps them as options
         if img2img and body.get("mask"):
             size = await asyncio.to_thread(_image_size, input_dir / str(init))
             job.inpaint = await asyncio.to_thread(save_mask, input_dir, body, job.width, job.height, size)

@@ -227,3 +227,18 @@ def test_extras_upscale_with_a_model_is_the_comfyui_graph(server: LiveServer) ->
         body = {"image": result.json["image"], **extra}
         reply = api.session.post(f"{api.baseurl}/extra-single-image", json=body)
         assert reply.status_code == 422 and reply.json()["detail"].startswith(field)
+
+
+def test_hires_fix_with_an_upscale_model_and_kept_overrides(server: LiveServer) -> None:
+    """hr_upscaler naming an upscale_models file: decode, ImageUpscaleWithModel, scale, encode, second
+    pass; `override_settings_restore_afterwards: false` keeps the overrides as options, as in A1111."""
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    result = api.txt2img(
+        prompt="a chair", seed=5, steps=1, width=64, height=64, sampler_name="Euler", enable_hr=True,
+        hr_upscaler="tiny_x2", hr_scale=1.5, denoising_strength=0.5,
+        override_settings={"CLIP_stop_at_last_layers": 2}, override_settings_restore_afterwards=False,
+    )  # fmt: skip
+    assert result.image.size == (96, 96)
+    assert parse_infotext(result.info["infotexts"][0])["Hires upscaler"] == "tiny_x2"
+    assert api.get_options()["CLIP_stop_at_last_layers"] == 2
+    api.set_options({"CLIP_stop_at_last_layers": 1})

@@ -61,5 +61,7 @@ async def test_lists_and_housekeeping_in_a1111_shapes(aiohttp_client: Any, tmp_p
     assert (await get("/sdapi/v1/options"))["sd_vae"] == "ft-mse.safetensors"
     refused = await client.post("/sdapi/v1/options", json={"sd_vae": "missing.pt"})
     assert refused.status == 422 and (await refused.json())["detail"].startswith("sd_vae:")
+    refused = await client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": "two"})
+    assert refused.status == 422 and (await refused.json())["detail"].startswith("CLIP_stop_at_last_layers:")
     options = await get("/sdapi/v1/options")
     assert options["sd_model_checkpoint"] == (await get("/sdapi/v1/sd-models"))[0]["title"]
