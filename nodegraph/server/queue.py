@@ -37,6 +37,9 @@ CREATE TABLE IF NOT EXISTS queue (
     state TEXT NOT NULL DEFAULT 'pending',
     attempts INTEGER NOT NULL DEFAULT 0
 );
+-- take(): the next pending prompt from an index, not a scan and sort of every queued prompt
+-- (with thousands queued that scan held the store's lock for milliseconds on every take).
+CREATE INDEX IF NOT EXISTS queue_next ON queue (state, number, seq);
 CREATE TABLE IF NOT EXISTS history (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     prompt_id TEXT UNIQUE NOT NULL,
