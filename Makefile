@@ -25,11 +25,12 @@ test: install
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
-# Everything but the browser (e2e) and whole-workflow parity tiers: the loop while editing.
+# The loop while editing: everything but the browser (e2e) and whole-workflow parity tiers and the
+# slow tests (tests/conftest.py: SLOW_FIXTURES, SLOW).
 test-fast: install
 	$(BIN)/ruff check nodegraph nodes tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -m "not e2e and not parity"
+	$(BIN)/python -m pytest -q -m "not e2e and not parity and not slow"
 
 lint: install
 	$(BIN)/ruff check nodegraph nodes tests bench
