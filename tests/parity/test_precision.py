@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from nodegraph.cli import main
 from nodes.loaders import model_store
@@ -81,17 +82,11 @@ def test_a_lora_workflow_in_bf16(make_engine: Any, engine_base: Path, latent_of:
     lora = engine_base / "models/loras/mini_lora_a.safetensors"
     name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     update = decoded(lora, file_stamp(lora), models.unet, "unet").updates[name]
-    checkpoint = make_engine()  # fp32 engine: the file's weight, unpatched
-    base = (
-        dict(
-            model_store(checkpoint.env)
-            .checkpoint(engine_base / "models/checkpoints/mini_sd15.safetensors")
-            .unet.named_parameters()
-        )[name]
-        .detach()
-        .to(torch.bfloat16)
-        .float()
-    )
+    # The file's weight, unpatched (its LDM key; fp16 -> fp32 is exact, as a fp32 load gives it),
+    # read alone instead of loading the whole checkpoint a second time in fp32.
+    ldm_key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    with safe_open(engine_base / "models/checkpoints/mini_sd15.safetensors", "pt") as source:
+        base = source.get_tensor(ldm_key).float().to(torch.bfloat16).float()
     want = (base + float(prompt["lora1"]["inputs"]["strength_model"]) * update.delta(base)).to(torch.bfloat16)
     assert torch.equal(dict(models.unet.named_parameters())[name].detach(), want)
     # A strength change runs on branches in bf16 too.
