@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ MISSING: dict[str, list[str]] = {
 
 
 MODELS: dict[str, dict[str, list[Path]]] = {}  # filled by the engine fixture
+STORES: dict[str, ModelStore] = {}
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +108,13 @@ def engine(
     mini_controlnet: Path,
     mini_sdxl_checkpoint: Path,
     sdxl_store: ModelStore,
-) -> Any:
-    """One engine for the module; its model store is the session's (mini SDXL already loaded),
-    and every name a workflow gives a checkpoint is a symlink to one of two files, loaded once."""
+) -> Iterator[Any]:
+    """One engine for the module. Every name a workflow gives a model file is a symlink to a mini
+    model, so each family's checkpoint loads once: SD1.5 into a store of the module's own, SDXL
+    into the session's store (the mini SDXL is often loaded already)."""
     base = tmp_path_factory.mktemp("shared_workflows")
     built = build_engine(Settings(base_directory=base, preview_method="none"), all_nodes())
-    built.env.services[ModelStore] = sdxl_store
-    MODELS.clear()
+    STORES.update({SD15: ModelStore(capacity=1), SDXL: sdxl_store})
     MODELS.update(
         {  # what each models folder's entries link to, per family
             SD15: {
@@ -124,7 +126,23 @@ def engine(
             SDXL: {"checkpoints": [mini_sdxl_checkpoint], "vae": [mini_sdxl_checkpoint]},
         }
     )
-    return built
+    yield built
+    built.executor.reset()  # cached handles would keep the models alive
+    STORES.pop(SD15).free(unload_models=True, free_memory=True)
+    STORES.clear()
+
+
+def use_family(engine: Any, family: str) -> None:
+    """The family's model store; leaving SD1.5 for SDXL lets go of the SD1.5 models first, so the
+    process never holds both (the cases run SD1.5 first)."""
+    store = STORES[family]
+    current = engine.env.services.get(ModelStore)
+    if current is store:
+        return
+    if current is STORES[SD15]:
+        engine.executor.reset()
+        current.free(unload_models=True, free_memory=True)
+    engine.env.services[ModelStore] = store
 
 
 def provide_files(engine: Any, prompt: dict[str, Any], family: str) -> None:
@@ -187,6 +205,7 @@ def shrink(prompt: dict[str, Any], family: str) -> None:
 
 
 def run_shared(engine: Any, name: str, case: Case) -> dict[str, Any]:
+    use_family(engine, case.family)
     loaded = load_workflow(SHARED / name, engine.registry)
     provide_files(engine, loaded.prompt, case.family)
     shrink(loaded.prompt, case.family)
@@ -218,7 +237,7 @@ def check_images(engine: Any, outputs: dict[str, Any], case: Case) -> None:
             assert pixels.std() > 0, f"node {node_id} wrote a constant image"
 
 
-@pytest.mark.parametrize("name", sorted(RUNS))
+@pytest.mark.parametrize("name", sorted(RUNS, key=lambda name: (RUNS[name].family, name)))
 def test_shared_workflow_runs_unchanged(engine: Any, name: str) -> None:
     check_images(engine, run_shared(engine, name, RUNS[name]), RUNS[name])
 
