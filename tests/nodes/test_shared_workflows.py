@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from nodegraph.cli import main
 from nodegraph.engine import Settings, build_engine
 from nodegraph.events import Event, NodeWarning
 from nodegraph.file_inputs import FileChoice, ImageUpload
@@ -277,6 +278,22 @@ def test_a_png_carrying_a_shared_workflow_loads_like_the_file(engine: Any, tmp_p
     from_png = load_workflow(png, engine.registry)
     from_json = load_workflow(SHARED / "cubiq_basic_workflow.json", engine.registry)
     assert from_png.format == "png" and from_png.prompt == from_json.prompt
+
+
+def test_the_cli_runs_a_shared_canvas_file(engine: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """`nodegraph run FILE --set ...` on the stored file, over the same models folder."""
+    name = "cubiq_basic_workflow.json"
+    provide_files(engine, load_workflow(SHARED / name, engine.registry).prompt, SD15)
+    small = ["--set", "5.width=64", "--set", "5.height=64", "--set", "3.steps=2", "--set", "3.seed=7"]
+    base = str(engine.settings.base_directory)
+    args = ["run", str(SHARED / name), *small, "--base-directory", base, "--preview-method", "none"]
+    assert main(args) == 0
+    (written,) = [Path(line) for line in capsys.readouterr().out.splitlines() if line.endswith(".png")]
+    assert written.name.startswith("Result_")
+    with Image.open(written) as image:
+        assert image.size == (64, 64) and json.loads(image.info["workflow"]) == json.loads(
+            (SHARED / name).read_text(encoding="utf-8")
+        )  # the canvas file travels in the PNG, as ComfyUI's SaveImage writes it
 
 
 def test_every_stored_workflow_is_tested_and_has_a_source() -> None:
