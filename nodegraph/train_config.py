@@ -46,7 +46,8 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("pretrained_model_name_or_path", str, None, ("--checkpoint",),
-           "the SD1.x checkpoint: a name in models/checkpoints or a file path"),
+           "the SD1.x or SDXL base checkpoint (the family is read from the file): a name in "
+           "models/checkpoints or a file path"),
     Option("train_data_dir", Path, None, ("--data",),
            "the folder holding N_caption subfolders (N = repeats per epoch) of images and captions"),
     Option("reg_data_dir", Path, None, ("--reg-data",), "regularisation folder: 1_CLASS/ subfolders"),
@@ -77,8 +78,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("mixed_precision", str, "no", (), "compute precision", ("no", "fp16", "bf16")),
     Option("gradient_checkpointing", bool, False, (), "recompute activations: less memory, slower"),
     Option("train_batch_size", int, 1, ("--batch-size",), "images per batch"),
-    Option("resolution", str, "512", ("--max_resolution", "--max-resolution"),
-           "training size W,H (or one number); the bucket area with buckets on"),
+    Option("resolution", str, None, ("--max_resolution", "--max-resolution"),
+           "training size W,H (or one number); the bucket area with buckets on "
+           "(default: 512 for SD1.x, 1024 for SDXL, kohya's model-spec sizes)"),
     Option("enable_bucket", bool, True, (), "aspect-ratio buckets (on by default, as the kohya_ss GUI)"),
     Option("no_bucket", bool, False, ("--no-buckets",), "turn buckets off: resize and centre-crop"),
     Option("min_bucket_reso", int, 256, (), "smallest bucket side"),
@@ -94,6 +96,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("flip_aug", bool, False, (), "flip images horizontally at random"),
     Option("cache_latents", bool, False, (), "encode each image once (one posterior sample)"),
     Option("cache_latents_to_disk", bool, False, (), "keep cached latents in .npz files beside the images"),
+    Option("cache_text_encoder_outputs", bool, False, (),
+           "sdxl_train_network's switch: needs --network_train_unet_only and fixed captions (text is "
+           "then encoded once per caption, as without the switch)"),
+    Option("cache_text_encoder_outputs_to_disk", bool, False, (),
+           "accepted (implies cache_text_encoder_outputs); the cache is kept in memory"),
+    Option("disable_mmap_load_safetensors", bool, False, (), "accepted; no effect"),
     Option("prior_loss_weight", float, 1.0, (), "loss weight of regularisation images"),
     Option("noise_offset", float, None, (), "add offset noise of this strength"),
     Option("min_snr_gamma", float, None, (), "min-SNR loss weighting gamma (5 is usual)"),

@@ -59,14 +59,14 @@ def extra_flags(text: str) -> dict[str, Any]:
 
 
 class TrainLora(Node):
-    """Train a kohya-format SD1.x LoRA on a dataset folder under input/, as `nodegraph train-lora` does."""
+    """Train a kohya-format SD1.x or SDXL LoRA on a dataset folder under input/, as `nodegraph train-lora`."""
 
     DISPLAY_NAME = "Train LoRA (kohya)"
     CATEGORY = "training"
     OUTPUT_NODE = True
     NOT_IDEMPOTENT = True
     INPUTS = (
-        Combo("ckpt_name", choices=_checkpoints, tooltip="The SD1.x checkpoint to train on."),
+        Combo("ckpt_name", choices=_checkpoints, tooltip="The SD1.x or SDXL base checkpoint to train on."),
         Combo("dataset", choices=dataset_folders, tooltip="A folder under input/ with N_name subfolders."),
         Combo("reg_dataset", choices=_reg_folders, tooltip="Regularisation folder (1_class/), or none."),
         String("output_name", "my_lora", tooltip="The LoRA's name: models/loras/NAME.safetensors."),
@@ -78,7 +78,7 @@ class TrainLora(Node):
         Combo("lr_scheduler", choices=train_config.SCHEDULERS, default="cosine"),
         Combo("optimizer_type", choices=train_config.OPTIMIZERS, default="AdamW"),
         Int("train_batch_size", 1, min=1, max=256),
-        String("resolution", "512,512", tooltip="W,H: the bucket area."),
+        String("resolution", "512,512", tooltip="W,H: the bucket area; empty: 512 (SD1.x) or 1024 (SDXL)."),
         Combo("mixed_precision", choices=("no", "fp16", "bf16"), default="no"),
         Boolean("train_unet_only", False),
         Int("seed", 0, min=0, max=2**32 - 1),
@@ -111,8 +111,12 @@ class TrainLora(Node):
     def after_crash(cls, env: Environment, /, **constants: Any) -> str | None:
         """A training run the server's death stopped fails (hours of work are never restarted unasked),
         naming the files it had finished: each was written whole (atomic rename), so they load."""
+        from nodes.train.save import remove_partials
+
         name = str(constants.get("output_name") or "").strip().removesuffix(".safetensors")
         dirs = env.folders.paths("loras")[:1]  # where train_lora writes
+        if name and dirs:
+            remove_partials(dirs[0] / f"{name}.safetensors")  # a save the crash cut short
         kept = sorted(
             p.name for d in dirs for p in d.glob(f"{glob_escape(name)}*.safetensors") if _of_run(p.name, name)
         )

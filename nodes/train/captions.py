@@ -57,13 +57,25 @@ def process_caption(caption: str, opts: CaptionOptions, rng: random.Random, epoc
 
 
 def chunked_ids(caption: str, tokenizer: ClipTokenizer, max_token_length: int | None) -> list[list[int]]:
-    """Chunks of 77 ids: `BOS, 75 tokens, EOS` each, padded with the pad id (EOS for SD1.x)."""
+    """Chunks of 77 ids: `BOS, 75 tokens, EOS` each, padded with the pad id (EOS for SD1.x).
+
+    A tokenizer padding with another id (SDXL's bigG pads with 0) gets kohya's fix-ups of each
+    chunk after the first of 150/225 tokens (`strategy_base._get_input_ids`, "v2 or SDXL"): a chunk
+    ending in text gets EOS as its last id, one starting with padding gets EOS as its first token.
+    """
     length = max_token_length or 75
     n = length // 75
     ids = tokenizer.encode(caption)[:length]
     full = [tokenizer.bos, *ids, tokenizer.eos]
     full += [tokenizer.pad] * (length + 2 - len(full))
-    return [[full[0], *full[1 + 75 * i : 76 + 75 * i], full[-1]] for i in range(n)]
+    chunks = [[full[0], *full[1 + 75 * i : 76 + 75 * i], full[-1]] for i in range(n)]
+    if n > 1 and tokenizer.pad != tokenizer.eos:
+        for chunk in chunks:
+            if chunk[-2] not in (tokenizer.eos, tokenizer.pad):
+                chunk[-1] = tokenizer.eos
+            if chunk[1] == tokenizer.pad:
+                chunk[1] = tokenizer.eos
+    return chunks
 
 
 def join_chunks(hidden: torch.Tensor, n: int) -> torch.Tensor:

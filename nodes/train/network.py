@@ -6,7 +6,10 @@ Kaiming-uniform with a=sqrt(5), up zeros, so training starts from the unchanged 
 never touched). 1x1 convolutions (SD1.x `proj_in`/`proj_out`) get 1x1 convolutions.
 
 Names are kohya's: `lora_unet_` + the diffusers module path with `.` -> `_`, and
-`lora_te_text_model_` + the CLIP module path, which is what the LoRA loader maps.
+`lora_te_text_model_` + the CLIP module path, which is what the LoRA loader maps. For SDXL kohya
+trains its own SGM-layout UNet, so the UNet names are the original (LDM) module paths
+(`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), and the two text encoders are
+`lora_te1_` (CLIP-L) and `lora_te2_` (OpenCLIP bigG) (`sdxl_train_network.py`, `networks/lora.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nodes.sd.lora.keymap import diffusers_to_ldm
 
 # Modules inside each UNet transformer (kohya: Linear and 1x1 Conv2d in Transformer2DModel).
 UNET_TARGETS = (
@@ -97,19 +102,33 @@ class LoRANetwork(nn.Module):
         conv_rank: int | None = None,
         conv_alpha: float | None = None,
         dropout: float | None = None,
+        text_encoder_2: nn.Module | None = None,
+        sdxl: bool = False,
     ) -> LoRANetwork:
         """Adapters as kohya's `LoRANetwork.create_modules`.
 
         UNet: every Linear and 1x1 Conv2d inside a transformer; with `conv_rank` (LoCon) also the
         layers of ResNet blocks and down/up-samplers (3x3 convolutions with `conv_rank`/`conv_alpha`,
         default alpha 1 as kohya). Text encoder (when given): CLIP attention and MLP projections.
+        `sdxl`: kohya's SDXL names (LDM UNet paths; `text_encoder` CLIP-L as `lora_te1_`,
+        `text_encoder_2` bigG as `lora_te2_`).
         """
         if rank < 1:
             raise ValueError(f"rank {rank} must be at least 1")
         net = cls()
+        config = getattr(unet, "config", None)
+
+        def unet_name(path: str) -> str:
+            if not sdxl:
+                return unet_lora_name(path)
+            ldm = diffusers_to_ldm(path, config)
+            if ldm is None:
+                raise ValueError(f"UNet module {path!r} has no original-layout name")
+            return unet_lora_name(ldm)
+
         for path, layer in unet.named_modules():
             if ".attentions." in f".{path}" and f".{path}".endswith(tuple("." + t for t in UNET_TARGETS)):
-                net._add(net.unet_loras, LoRAModule(unet_lora_name(path), layer, rank, alpha, dropout), layer)
+                net._add(net.unet_loras, LoRAModule(unet_name(path), layer, rank, alpha, dropout), layer)
         if conv_rank:
             for path, block in unet.named_modules():
                 if type(block).__name__ not in CONV_BLOCKS:
@@ -121,11 +140,16 @@ class LoRANetwork(nn.Module):
                         r, a = rank, alpha
                     else:
                         continue
-                    name = unet_lora_name(f"{path}.{child}")
+                    name = unet_name(f"{path}.{child}")
                     net._add(net.unet_loras, LoRAModule(name, layer, r, a, dropout), layer)
-        for path, layer in text_encoder.named_modules() if text_encoder is not None else ():
-            if isinstance(layer, nn.Linear) and ".layers." in path and path.endswith(TE_TARGETS):
-                net._add(net.te_loras, LoRAModule(te_lora_name(path), layer, rank, alpha, dropout), layer)
+        encoders = [("lora_te_", text_encoder)]
+        if sdxl:
+            encoders = [("lora_te1_", text_encoder), ("lora_te2_", text_encoder_2)]
+        for prefix, te in encoders:
+            for path, layer in te.named_modules() if te is not None else ():
+                if isinstance(layer, nn.Linear) and ".layers." in path and path.endswith(TE_TARGETS):
+                    lora = LoRAModule(te_lora_name(path, prefix), layer, rank, alpha, dropout)
+                    net._add(net.te_loras, lora, layer)
         return net
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> int:
@@ -207,7 +231,8 @@ def unet_lora_name(path: str) -> str:
     return "lora_unet_" + path.replace(".", "_")
 
 
-def te_lora_name(path: str) -> str:
-    """`text_model.encoder.layers.0.mlp.fc1` (with or without `text_model.`) -> `lora_te_text_model_...`."""
+def te_lora_name(path: str, prefix: str = "lora_te_") -> str:
+    """`text_model.encoder.layers.0.mlp.fc1` (with or without `text_model.`) -> `lora_te_text_model_...`
+    (SDXL: `lora_te1_...` for CLIP-L, `lora_te2_...` for bigG)."""
     full = path if path.startswith("text_model.") else f"text_model.{path}"
-    return "lora_te_" + full.replace(".", "_")
+    return prefix + full.replace(".", "_")

@@ -52,6 +52,7 @@ class TrainRequest:
     sample_sampler: str = "ddim"
     training_comment: str | None = None
     network_args: dict[str, str] = field(default_factory=dict)
+    cache_text_encoder_outputs: bool = False  # kohya's SDXL switch; checked, the cache is always on
     values: dict[str, Any] | None = None  # the kohya-named options it came from, when it did
 
 
@@ -90,7 +91,7 @@ def from_values(values: dict[str, Any], device: str = "auto") -> TrainRequest:
         unet_lr=source["unet_lr"],
         train_text_encoder=not values["network_train_unet_only"],
         batch_size=values["train_batch_size"],
-        resolution=parse_resolution(values["resolution"]),
+        resolution=parse_resolution(values["resolution"]) if values["resolution"] not in (None, "") else None,
         seed=values["seed"],
         enable_bucket=values["enable_bucket"],
         min_bucket_reso=values["min_bucket_reso"],
@@ -146,6 +147,9 @@ def from_values(values: dict[str, Any], device: str = "auto") -> TrainRequest:
         sample_sampler=values["sample_sampler"],
         training_comment=values["training_comment"],
         network_args=conv,
+        cache_text_encoder_outputs=bool(
+            values["cache_text_encoder_outputs"] or values["cache_text_encoder_outputs_to_disk"]
+        ),
         values=values,
     )
 

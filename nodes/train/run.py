@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from nodegraph.folders import Folders, PathEscapeError
 from nodegraph.train_config import ConfigError
 from nodes.sd.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+from nodes.sd.convert_sdxl import checkpoint_family
 from nodes.sd.device import DeviceError, resolve_device
 from nodes.train.buckets import batches_per_epoch, bucket_info_json
 from nodes.train.dataset import DatasetError, load_dataset
@@ -33,6 +34,7 @@ from nodes.train.save import (
     lora_path,
     metadata,
     model_hashes,
+    remove_partials,
     save_lora,
     step_path,
 )
@@ -127,6 +129,59 @@ def _check(request: TrainRequest) -> None:
     if opts.conv_dim is not None and opts.conv_dim < 1:
         raise TrainError("--conv_dim must be at least 1")
     check_resolution(opts.size)
+    if request.cache_text_encoder_outputs:  # kohya's assertions in sdxl_train_network.assert_extra_args
+        if opts.train_text_encoder:
+            raise TrainError(
+                "--cache_text_encoder_outputs needs --network_train_unet_only: the text encoders cannot "
+                "be trained from cached outputs"
+            )
+        if (
+            opts.captions.shuffle_caption
+            or opts.captions.caption_dropout_rate > 0
+            or (opts.captions.caption_tag_dropout_rate > 0)
+        ):
+            raise TrainError(
+                "--cache_text_encoder_outputs cannot be used with shuffle_caption, caption_dropout_rate or "
+                "caption_tag_dropout_rate"
+            )
+
+
+TRAINABLE = ("sd15", "sdxl")
+FAMILY_TEXT = {"sd15": "SD1.x", "sd2": "SD2", "sdxl": "SDXL base", "sdxl_refiner": "SDXL refiner"}
+
+
+def _check_family(request: TrainRequest, family: str) -> None:
+    """SD1.x (`train_network.py`) and SDXL base (`sdxl_train_network.py`) only, as kohya's LoRA scripts."""
+    if family not in TRAINABLE:
+        name = FAMILY_TEXT.get(family, family)
+        raise TrainError(
+            f"'{request.checkpoint}' is an {name} checkpoint; train-lora trains SD1.x and SDXL base LoRAs"
+        )
+    steps = request.options.bucket_reso_steps
+    if family == "sdxl" and request.options.enable_bucket and steps % 32:
+        # kohya's sdxl_train_network: `verify_bucket_reso_steps(32)`
+        raise TrainError(f"--bucket_reso_steps is {steps}; for SDXL it must be divisible by 32")
+
+
+def _for_family(request: TrainRequest, family: str) -> TrainRequest:
+    """The request with the family's native resolution when none was given (also in its values)."""
+    options = request.options.for_family(family)
+    if options is request.options:
+        return request
+    values = request.values
+    if values is not None and values.get("resolution") in (None, ""):
+        values = values | {"resolution": ",".join(str(v) for v in options.size)}
+    return replace(request, options=options, values=values)
+
+
+def _peek_family(folders: Folders, request: TrainRequest, models: LoadedCheckpoint | None) -> str:
+    """The checkpoint's family from its header (no tensor read); "unknown" when it cannot tell."""
+    if models is not None:
+        return models.family
+    try:
+        return checkpoint_family(_checkpoint_path(folders, request.checkpoint))
+    except (PathEscapeError, FileNotFoundError, OSError):
+        return "unknown"  # reported when the checkpoint is loaded
 
 
 def _checkpoint_path(folders: Folders, name: str) -> Path:
@@ -157,6 +212,10 @@ def _train(
     folders: Folders, request: TrainRequest, progress: Progress | None, models: LoadedCheckpoint | None,
     encoding: Encoding | None, hooks: TrainHooks,
 ) -> list[Path]:  # fmt: skip
+    family = _peek_family(folders, request, models)
+    if family != "unknown":
+        _check_family(request, family)
+    asked, request = request, _for_family(request, family)
     _check(request)
     try:
         device = resolve_device(request.device)
@@ -181,13 +240,19 @@ def _train(
         ]
     )
     check_free([*planned, plan.final], request.overwrite or resumed)
+    removed = remove_partials(plan.final)  # left by a run of this name that was killed mid-save
+    if removed and hooks.notice:
+        hooks.notice(f"removed {len(removed)} unfinished file(s) of an earlier run: {removed[0].name} ...")
     checkpoint = _checkpoint_path(folders, request.checkpoint)
     if models is None:
         models = load_checkpoint(checkpoint)
-    if models.family != "sd15":
-        raise TrainError(
-            f"'{request.checkpoint}' is a {models.family} checkpoint; train-lora trains SD1.x only"
-        )
+    _check_family(request, models.family)
+    if models.family != family:  # the header did not tell (a .ckpt): plan again for what loaded
+        request = _for_family(asked, models.family)
+        _check(request)
+        plan = _plan(folders, request, dataset, hooks)
+    if models.family == "sdxl" and request.options.clip_skip is not None and hooks.notice:
+        hooks.notice("--clip_skip does not apply to SDXL (kohya: 'clip_skip will be unexpected'); ignored")
     opts = request.options
     trainer = LoraTrainer(models, dataset, opts, device, plan.max_steps)
     try:
@@ -219,6 +284,7 @@ def _run(
         optimizer=optimizer_name(trainer.optimizer, opts.optimizer_args),
         network_args=request.network_args,
         model_hashes=model_hashes(checkpoint) if checkpoint.is_file() else None,
+        family=models.family,
     )
     if request.network_weights is not None:
         _load_network_weights(trainer, request.network_weights)

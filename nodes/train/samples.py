@@ -5,6 +5,8 @@ A prompt file holds one prompt a line (`#` lines and blank lines skipped) with k
 images are drawn with the model as it is being trained (adapters hooked in, dropout off) through
 `nodes.sd.ksampler.run_sampler`, the KSampler's own code, and saved as kohya names them
 (`NAME_e000001_00_<time>_<seed>.png`, `NAME_000010_...` for step samples) in `output/NAME/samples/`.
+SDXL prompts go through the SDXL text path (both encoders, pooled output; sizes from the latent, as
+kohya's SDXL sampler: original = target = W×H, crop 0) and the sampler's added conditioning.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from nodes.sd.handles import ClipHandle
 from nodes.sd.ksampler import SamplingRequest, run_sampler
 from nodes.sd.prompt import tokenize
 from nodes.sd.text_encoder import encode_prompt
+from nodes.sd.text_encoder_sdxl import encode_sdxl, tokenize_sdxl
 from nodes.sd.vae import decode
 from nodes.sd.values import Conditioning, Latent
 
@@ -105,10 +108,7 @@ def render(
 ) -> list[Path]:
     """Draw every prompt with the adapters as they are now; returns the PNG paths written."""
     folder.mkdir(parents=True, exist_ok=True)
-    te_layer = (
-        -trainer.options.clip_skip if trainer.options.clip_skip and trainer.options.clip_skip > 1 else None
-    )
-    clip = ClipHandle(models.text_encoder, trainer.tokenizer, "training", "sd15", layer_idx=te_layer)
+    cond = _encoder(models, trainer)
     written = []
     trainer.network.eval()
     try:
@@ -116,10 +116,7 @@ def render(
             seed = p.seed if p.seed is not None else trainer.options.seed + i
             request = SamplingRequest(seed, p.steps, p.scale, SAMPLERS[p.sampler or sampler], "normal")
             with torch.inference_mode():
-                positive: Conditioning = [(encode_prompt(clip, tokenize(p.prompt, trainer.tokenizer))[0], {})]
-                negative: Conditioning = [
-                    (encode_prompt(clip, tokenize(p.negative, trainer.tokenizer))[0], {})
-                ]
+                positive, negative = cond(p.prompt), cond(p.negative)
                 latent: Latent = {"samples": torch.zeros(1, 4, p.height // 8, p.width // 8)}
                 samples = run_sampler(models.unet, positive, negative, latent, request, None, trainer.device)
                 image = decode(models.vae, samples)[0]
@@ -131,3 +128,25 @@ def render(
     finally:
         trainer.network.train()
     return written
+
+
+def _encoder(models: Any, trainer: Any) -> Any:
+    """prompt -> Conditioning with the (hooked) text encoders of the run's family."""
+    if models.text_encoder_2 is not None:  # SDXL: kohya ignores --clip_skip here too
+        sdxl = ClipHandle(
+            models.text_encoder, trainer.tokenizer, "training", "sdxl", text_encoder_2=models.text_encoder_2
+        )
+
+        def encode_xl(text: str) -> Conditioning:
+            hidden, pooled = encode_sdxl(sdxl, tokenize_sdxl(sdxl, text))
+            return [(hidden, {"pooled_output": pooled})]
+
+        return encode_xl
+    skip = trainer.options.clip_skip
+    layer = -skip if skip and skip > 1 else None
+    clip = ClipHandle(models.text_encoder, trainer.tokenizer, "training", "sd15", layer_idx=layer)
+
+    def encode(text: str) -> Conditioning:
+        return [(encode_prompt(clip, tokenize(text, trainer.tokenizer))[0], {})]
+
+    return encode

@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 
 from nodegraph.folders import Folders, PathEscapeError, safe_join
 
+SD1_ARCH, SDXL_ARCH = "stable-diffusion-v1", "stable-diffusion-xl-v1-base"  # sai_model_spec ARCH_*
+STABILITY_IMPL = "https://github.com/Stability-AI/generative-models"  # sai_model_spec IMPL_STABILITY_AI
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -106,10 +109,12 @@ class RunInfo:
     session_id: int = field(default_factory=lambda: random.randint(0, 2**32))
     started_at: float = field(default_factory=time.time)
     model_hashes: tuple[str, str] | None = None  # (old webui hash, sha256)
+    family: str = "sd15"  # "sdxl": kohya's sdxl_train_network values
 
 
 def metadata(info: RunInfo, steps: int, epoch: int) -> dict[str, str]:
-    """The `__metadata__` kohya's `train_network.py` writes for the same SD1.x run, key for key.
+    """The `__metadata__` kohya's `train_network.py` (SDXL: `sdxl_train_network.py`, the same keys)
+    writes for the same run, key for key.
 
     kohya's values are `str()` of its argparse values (None -> "None"); options nodegraph does not
     have are written with kohya's defaults. `ss_vae_*`, `ss_datasets` and `modelspec.timestep_range`
@@ -142,7 +147,8 @@ def metadata(info: RunInfo, steps: int, epoch: int) -> dict[str, str]:
         "ss_mixed_precision": v["mixed_precision"],
         "ss_full_fp16": False,
         "ss_v2": False,
-        "ss_base_model_version": "sd_v1",
+        # kohya: model_util.get_model_version_str_for_sd1_sd2 / sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0
+        "ss_base_model_version": "sdxl_base_v1-0" if info.family == "sdxl" else "sd_v1",
         "ss_clip_skip": v["clip_skip"],
         "ss_max_token_length": v["max_token_length"] if v["max_token_length"] != 75 else None,
         "ss_cache_latents": bool(v["cache_latents"] or v["cache_latents_to_disk"]),
@@ -209,10 +215,15 @@ def metadata(info: RunInfo, steps: int, epoch: int) -> dict[str, str]:
 
 
 def modelspec(info: RunInfo, size: tuple[int, ...], timestamp: float) -> dict[str, str]:
-    """kohya's `sai_model_spec.build_metadata` for an SD1.x LoRA (ModelSpec 1.0.1)."""
+    """kohya's `sai_model_spec.build_metadata` for an SD1.x or SDXL LoRA (ModelSpec 1.0.1).
+
+    SDXL: architecture `stable-diffusion-xl-v1-base/lora` and, for an SDXL LoRA, Stability's
+    generative-models as the implementation (`determine_implementation`: `lora and sdxl`).
+    """
+    sdxl = info.family == "sdxl"
     spec = {
-        "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "diffusers",
+        "modelspec.architecture": f"{SDXL_ARCH if sdxl else SD1_ARCH}/lora",
+        "modelspec.implementation": STABILITY_IMPL if sdxl else "diffusers",
         "modelspec.title": info.output_name,
         "modelspec.resolution": f"{size[0]}x{size[1]}",
         "modelspec.sai_model_spec": "1.0.1",
@@ -266,6 +277,27 @@ def _hash_file(path: Path) -> tuple[str, str]:
     return old, full.hexdigest()
 
 
+def partial_path(path: Path) -> Path:
+    """The hidden temporary name a save is written under (no LoRA list shows it: not `.safetensors`)."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def remove_partials(final: Path) -> list[Path]:
+    """Delete the temporary files a killed run of this name left (`.NAME[-000001|-step00000010].safetensors
+    .partial`); called when a run of the name starts and when a crashed run is reported. Returns them."""
+    stem = re.escape(final.stem)
+    pattern = re.compile(rf"\.{stem}(-\d{{6}}|-step\d{{8}})?\.safetensors\.partial")
+    removed = []
+    try:
+        for path in final.parent.iterdir():
+            if pattern.fullmatch(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    except OSError:
+        pass  # a folder that cannot be listed holds nothing of ours to clean
+    return removed
+
+
 def save_lora(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path, precision: str) -> None:
     """Write the tensors in `precision` (fp16/bf16/fp32) with `meta`, atomically."""
     from safetensors.torch import save_file
@@ -273,7 +305,7 @@ def save_lora(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path
     dtype = SAVE_DTYPES[precision]
     out = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    partial = partial_path(path)
     try:
         save_file(out, str(partial), metadata=meta)
         os.chmod(partial, 0o666 & ~_umask())  # safetensors writes 0600; kohya's files follow the umask

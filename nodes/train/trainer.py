@@ -1,4 +1,4 @@
-"""Train a LoRA on an SD1.x checkpoint, the way kohya's `train_network.py` does for SD1.x.
+"""Train a LoRA on an SD1.x or SDXL checkpoint, as kohya's `train_network.py` / `sdxl_train_network.py`.
 
 One optimizer step:
 1. Draw `gradient_accumulation_steps` batches of (image, caption); an epoch holds every image
@@ -6,8 +6,10 @@ One optimizer step:
 2. Latents: a sample of the VAE's posterior (`mean + std * ε`) times 0.18215, drawn afresh each
    step from the kept (mean, std) — kohya without latent caching — or drawn once per image
    with `cache_latents` (kept in memory, and in `.npz` files with `cache_latents_to_disk`).
+   SDXL scales by 0.13025.
 3. Text: CLIP-L's final-layer-normed hidden state (of layer -clip_skip) of `BOS caption EOS`,
-   in 75-token chunks.
+   in 75-token chunks. SDXL: both encoders' penultimate layers and bigG's pooled output, plus
+   each image's size conditioning from its bucket (nodes/train/sdxl.py).
 4. Noise ε (+ offset noise) and a timestep t uniform in [0, 1000); x_t = sqrt(ᾱ)·x_0 + sqrt(1-ᾱ)·ε.
 5. Loss: per-sample ε-MSE, times the prior-loss weight for regularisation images, min-SNR
    weighted; gradients clipped at `max_grad_norm`; the schedule steps with the optimizer.
@@ -18,13 +20,14 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from nodes.sd.checkpoint import LoadedCheckpoint
+from nodes.sd.convert_sdxl import SDXL_LATENT_SCALE
 from nodes.sd.schedules import sd15_schedule
 from nodes.sd.tokenizer import default_tokenizer
 from nodes.train.buckets import Buckets, assign, epoch_batches, load_pixels
@@ -33,10 +36,14 @@ from nodes.train.dataset import Dataset, DatasetError, Sample
 from nodes.train.latent_cache import LatentCache
 from nodes.train.network import LoRANetwork
 from nodes.train.optim import make_optimizer, make_scheduler
+from nodes.train.sdxl import encode_sdxl, size_condition
 
 LATENT_SCALE = 0.18215  # SD1.x VAE scaling factor (kohya multiplies the sample by it)
 NUM_TIMESTEPS = 1000
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# The size trained at when none is given: kohya's modelspec defaults (`determine_resolution`)
+NATIVE_RESOLUTION = {"sd15": 512, "sdxl": 1024}
+Text = tuple[torch.Tensor, torch.Tensor | None]  # (hidden states, SDXL's pooled output or None)
 
 
 @dataclass
@@ -50,7 +57,7 @@ class TrainOptions:
     unet_lr: float | None = None
     train_text_encoder: bool = True  # kohya trains it unless --network_train_unet_only
     batch_size: int = 1
-    resolution: int | tuple[int, int] = 512  # (W, H)
+    resolution: int | tuple[int, int] | None = 512  # (W, H); None: the family's (NATIVE_RESOLUTION)
     seed: int = 0
     enable_bucket: bool = True
     min_bucket_reso: int = 256
@@ -82,8 +89,14 @@ class TrainOptions:
 
     @property
     def size(self) -> tuple[int, int]:
-        r = self.resolution
+        r = NATIVE_RESOLUTION["sd15"] if self.resolution is None else self.resolution
         return (r, r) if isinstance(r, int) else (int(r[0]), int(r[1]))
+
+    def for_family(self, family: str) -> TrainOptions:
+        """These options with the family's native size when none was given."""
+        if self.resolution is not None:
+            return self
+        return replace(self, resolution=NATIVE_RESOLUTION.get(family, NATIVE_RESOLUTION["sd15"]))
 
     def buckets(self) -> Buckets:
         return Buckets(
@@ -112,25 +125,31 @@ class LoraTrainer:
         self, models: LoadedCheckpoint, dataset: Dataset, options: TrainOptions,
         device: torch.device | None = None, max_steps: int = 1,
     ) -> None:  # fmt: skip
+        options = options.for_family("sdxl" if models.text_encoder_2 is not None else "sd15")
         check_resolution(options.size)
         if options.batch_size < 1:
             raise ValueError(f"batch size {options.batch_size} must be at least 1")
         self.models, self.dataset, self.options = models, dataset, options
+        self.sdxl = models.text_encoder_2 is not None
+        self.latent_scale = SDXL_LATENT_SCALE if self.sdxl else LATENT_SCALE
         self.device = device or default_device()
-        for module in (models.unet, models.text_encoder, models.vae):
-            module.to(self.device)
+        for module in (models.unet, models.text_encoder, models.text_encoder_2, models.vae):
+            if module is not None:
+                module.to(self.device)
         self.tokenizer = default_tokenizer()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(options.seed)  # the adapters' Kaiming init is part of the seeded run
-            te = models.text_encoder if options.train_text_encoder else None
+            train_te = options.train_text_encoder
             self.network = LoRANetwork.create(
                 models.unet,
-                te,
+                models.text_encoder if train_te else None,
                 options.rank,
                 options.alpha,
                 options.conv_dim,
                 options.conv_alpha,
                 options.network_dropout,
+                text_encoder_2=models.text_encoder_2 if train_te else None,
+                sdxl=self.sdxl,
             )
         self.network.to(self.device)
         self.network.apply_to()
@@ -159,7 +178,7 @@ class LoraTrainer:
         self.items = dataset.balanced_items()
         self.placement = assign(self.items, options.buckets())
         self.latent_cache = LatentCache(models.vae, self.device, options, self.placement)
-        self._texts: dict[str, torch.Tensor] = {}
+        self._texts: dict[str, Text] = {}
         self.step = 0
         self.epoch = 0  # the epoch in progress (1-based once training starts)
         self.batch_index = 0  # batches of the current epoch already used
@@ -167,17 +186,17 @@ class LoraTrainer:
         self._set_checkpointing(options.gradient_checkpointing)
 
     def _set_checkpointing(self, on: bool) -> None:
-        unet, te = self.models.unet, self.models.text_encoder
-        # transformers 5 renamed the switch (activation_*); older releases have only gradient_*
-        te_on = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
-        te_off = getattr(te, "activation_checkpointing_disable", None) or te.gradient_checkpointing_disable
+        unet = self.models.unet
+        encoders = [te for te in (self.models.text_encoder, self.models.text_encoder_2) if te is not None]
         if on:
             unet.enable_gradient_checkpointing()
             if self.options.train_text_encoder:
-                te_on()
+                for te in encoders:
+                    _te_checkpointing(te, True)
         elif getattr(unet, "is_gradient_checkpointing", False):
             unet.disable_gradient_checkpointing()
-            te_off()
+            for te in encoders:
+                _te_checkpointing(te, False)
 
     def close(self) -> None:
         """Unhook the adapters: the checkpoint's modules compute as before."""
@@ -200,19 +219,34 @@ class LoraTrainer:
 
     def latents(self, samples: list[Sample], flips: list[bool]) -> torch.Tensor:
         """Scaled posterior samples `[B, 4, h, w]` (cached, or a fresh draw each call)."""
-        return self.latent_cache.latents(samples, flips, self.generator) * LATENT_SCALE
+        return self.latent_cache.latents(samples, flips, self.generator) * self.latent_scale
 
     def text(self, captions: list[str]) -> torch.Tensor:
-        """CLIP hidden states `[B, 75n+2, 768]`; kept per caption unless the text encoder is trained."""
+        """Hidden states `[B, 75n+2, 768]` (SDXL: 2048); see `encode`."""
+        return self.encode(captions)[0]
+
+    def encode(self, captions: list[str]) -> Text:
+        """(hidden states, SDXL's pooled `[B, 1280]` or None); kept per caption unless the text
+        encoders are trained."""
         if self.options.train_text_encoder:
             return self._encode(captions)
         missing = [c for c in dict.fromkeys(captions) if c not in self._texts]
         if missing:
             with torch.no_grad():
-                self._texts |= dict(zip(missing, self._encode(missing), strict=True))
-        return torch.stack([self._texts[c] for c in captions])
+                hidden, pooled = self._encode(missing)
+                for i, caption in enumerate(missing):
+                    self._texts[caption] = (hidden[i], None if pooled is None else pooled[i])
+        kept = [self._texts[c] for c in captions]
+        pooled_rows = [p for _, p in kept if p is not None]
+        return torch.stack([h for h, _ in kept]), torch.stack(pooled_rows) if pooled_rows else None
 
-    def _encode(self, captions: list[str]) -> torch.Tensor:
+    def _encode(self, captions: list[str]) -> Text:
+        if self.sdxl:
+            with self._autocast():
+                te_l, te_g = self.models.text_encoder, self.models.text_encoder_2
+                return encode_sdxl(
+                    te_l, te_g, self.tokenizer, captions, self.options.max_token_length, self.device
+                )
         n = (self.options.max_token_length or 75) // 75
         chunks = [
             chunk for c in captions for chunk in chunked_ids(c, self.tokenizer, self.options.max_token_length)
@@ -227,7 +261,7 @@ class LoraTrainer:
                 hidden = te.final_layer_norm(
                     te(input_ids=ids, output_hidden_states=True).hidden_states[-skip]
                 )
-        return join_chunks(hidden.float(), n)
+        return join_chunks(hidden.float(), n), None
 
     def _autocast(self) -> Any:
         dtype = AUTOCAST.get(self.options.mixed_precision)
@@ -237,13 +271,19 @@ class LoraTrainer:
 
     def loss(
         self, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-        weights: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None, added: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """Weighted epsilon MSE of the (adapted) UNet at the DDPM-noised latents (kohya's reduction)."""
+        """Weighted epsilon MSE of the (adapted) UNet at the DDPM-noised latents (kohya's reduction).
+
+        `added`: SDXL's (pooled `[B, 1280]`, size values `[B, 6]`), the UNet's `text_time` input.
+        """
         ac = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         noisy = ac.sqrt() * latents + (1.0 - ac).sqrt() * noise
+        extra: dict[str, Any] = {}
+        if added is not None:
+            extra["added_cond_kwargs"] = {"text_embeds": added[0], "time_ids": added[1]}
         with self._autocast():
-            pred = self.models.unet(noisy, timesteps, encoder_hidden_states=cond).sample
+            pred = self.models.unet(noisy, timesteps, encoder_hidden_states=cond, **extra).sample
         loss = F.mse_loss(pred.float(), noise.float(), reduction="none").mean([1, 2, 3])
         if weights is not None:
             loss = loss * weights
@@ -258,7 +298,10 @@ class LoraTrainer:
         flips = [opts.flip_aug and self.caption_rng.random() < 0.5 for _ in samples]
         latents = self.latents(samples, flips)
         captions = [process_caption(s.caption, opts.captions, self.caption_rng, self.epoch) for s in samples]
-        cond = self.text(captions)
+        cond, pooled = self.encode(captions)
+        added = None
+        if pooled is not None:
+            added = (pooled, self.size_values(samples, flips).to(self.device))
         noise = torch.randn(latents.shape, generator=self.generator)
         if opts.noise_offset:
             offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=self.generator)
@@ -268,9 +311,17 @@ class LoraTrainer:
         weights = torch.tensor(
             [opts.prior_loss_weight if s.is_reg else 1.0 for s in samples], device=self.device
         )
-        loss = self.loss(latents, cond, noise, timesteps, weights)
+        loss = self.loss(latents, cond, noise, timesteps, weights, added)
         self.scaler.scale(loss / scale).backward()
         return float(loss.detach())
+
+    def size_values(self, samples: list[Sample], flips: list[bool]) -> torch.Tensor:
+        """SDXL's `[B, 6]` (original H, W, crop top, left, target H, W) as kohya records them."""
+        rows = [
+            size_condition(s.size, self.placement[s][0], f, self.options.enable_bucket)
+            for s, f in zip(samples, flips, strict=True)
+        ]
+        return torch.tensor(rows, dtype=torch.float32)
 
     def optimizer_step(self) -> None:
         if self.options.max_grad_norm:
@@ -331,6 +382,15 @@ class LoraTrainer:
                 if on_epoch is not None:
                     on_epoch(self.epoch, self.step)
         return self.epoch
+
+
+def _te_checkpointing(te: Any, on: bool) -> None:
+    # transformers 5 renamed the switch (activation_*); older releases have only gradient_*
+    name = "enable" if on else "disable"
+    switch = getattr(te, f"activation_checkpointing_{name}", None) or getattr(
+        te, f"gradient_checkpointing_{name}"
+    )
+    switch()
 
 
 def pixels_for(sample: Sample, trainer: LoraTrainer) -> torch.Tensor:
