@@ -29,6 +29,12 @@ VALUES: list[Any] = [
 ]  # fmt: skip
 
 
+def _value(rng: random.Random) -> Any:
+    """A copy of one of VALUES: an inserted dict or list must not be shared, or the prompt could come to
+    contain itself (a dict put in as `inputs` and then given itself as an input) and JSON refuse it."""
+    return copy.deepcopy(rng.choice(VALUES))
+
+
 def _mutate(rng: random.Random) -> bytes:
     prompt: dict[str, Any] = copy.deepcopy(txt2img())
     for _ in range(rng.randint(1, 3)):
@@ -37,14 +43,14 @@ def _mutate(rng: random.Random) -> bytes:
         if isinstance(node, dict) and choice < 0.6:
             inputs = node.setdefault("inputs", {})
             if isinstance(inputs, dict):
-                inputs[rng.choice([*inputs, "extra"])] = rng.choice(VALUES)
+                inputs[rng.choice([*inputs, "extra"])] = _value(rng)
         elif isinstance(node, dict) and choice < 0.8:
-            node[rng.choice(["class_type", "inputs", "_meta"])] = rng.choice(VALUES)
+            node[rng.choice(["class_type", "inputs", "_meta"])] = _value(rng)
         else:
-            prompt[rng.choice(["1", "2", "3", "99", ""])] = rng.choice(VALUES)
+            prompt[rng.choice(["1", "2", "3", "99", ""])] = _value(rng)
     body: dict[str, Any] = {"prompt": prompt}
     if rng.random() < 0.3:
-        body[rng.choice(["number", "front", "prompt_id", "client_id", "extra_data"])] = rng.choice(VALUES)
+        body[rng.choice(["number", "front", "prompt_id", "client_id", "extra_data"])] = _value(rng)
     text = json.dumps(body, allow_nan=True).encode("utf-8", "surrogatepass")
     if rng.random() < 0.2:  # byte-level damage
         cut = rng.randrange(len(text))
