@@ -203,8 +203,8 @@ async def stats_phase(session: aiohttp.ClientSession, base: str) -> dict[str, fl
             await resp.read()
         times.append(1000 * (time.perf_counter() - t0))
         await asyncio.sleep(0.02)
-    async with session.get(f"http://{base}/history/{prompt_id}") as resp:
-        still_running = (await resp.json())[prompt_id]["status"]["status_str"] == "running"
+    async with session.get(f"http://{base}/api/jobs/{prompt_id}") as resp:
+        still_running = (await resp.json())["status"] == "in_progress"
     await session.post(f"http://{base}/interrupt")
     times.sort()
     return {"p50_ms": times[50], "p99_ms": times[98], "max_ms": times[-1], "sampling": float(still_running)}
@@ -253,13 +253,13 @@ async def real_phase(checkpoint: Path, size: int, steps: int) -> dict[str, float
                 async with session.post(f"http://{base}/prompt", json=body) as resp:
                     prompt_id = (await resp.json())["prompt_id"]
                 start, times, status = time.perf_counter(), [], "pending"
-                while status in ("pending", "running") and time.perf_counter() - start < TIME_LIMIT_S:
+                while status in ("pending", "in_progress") and time.perf_counter() - start < TIME_LIMIT_S:
                     t0 = time.perf_counter()
                     async with session.get(f"http://{base}/system_stats") as resp:
                         await resp.read()
                     times.append(1000 * (time.perf_counter() - t0))
-                    async with session.get(f"http://{base}/history/{prompt_id}") as resp:
-                        status = (await resp.json())[prompt_id]["status"]["status_str"]
+                    async with session.get(f"http://{base}/api/jobs/{prompt_id}") as resp:
+                        status = (await resp.json())["status"]
                     await asyncio.sleep(0.02)
         finally:
             child.send_signal(signal.SIGTERM)

@@ -257,10 +257,11 @@ async def get_history(request: web.Request) -> web.Response:
 
 @routes.get("/history/{prompt_id}")
 async def get_history_item(request: web.Request) -> web.Response:
-    """The entry; for a pending or running prompt a stub with status_str pending/running; `{}` if unknown."""
-    store = state(request).store
+    """`{prompt_id: entry}` once the prompt has finished; `{}` while it is queued or running, and for
+    an unknown id. ComfyUI files a prompt in its history only when it is done, and clients poll this
+    route until the id appears, then read its outputs; `GET /api/jobs/{id}` tells pending from running."""
     prompt_id = request.match_info["prompt_id"]
-    entry = await asyncio.to_thread(store.describe, prompt_id)
+    entry = await asyncio.to_thread(state(request).store.history_entry, prompt_id)
     return web.json_response({} if entry is None else {prompt_id: entry})
 
 

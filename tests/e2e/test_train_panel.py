@@ -58,8 +58,8 @@ def history(canvas: Session, prompt_id: str) -> dict[str, Any]:
     """The prompt's finished history entry (the websocket's last message can come before it is written)."""
     for _ in range(300):
         with urllib.request.urlopen(f"{canvas.url}/api/history/{prompt_id}", timeout=30) as reply:
-            entry: dict[str, Any] = json.loads(reply.read())[prompt_id]
-        if entry["status"]["status_str"] not in ("pending", "running"):
+            entry: dict[str, Any] | None = json.loads(reply.read()).get(prompt_id)
+        if entry is not None:  # ComfyUI's rule: in the history once finished, `{}` before
             return entry
         time.sleep(0.1)
     raise AssertionError(f"prompt {prompt_id} never reached the history")

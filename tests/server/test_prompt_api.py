@@ -208,17 +208,20 @@ async def test_run_and_wait_returns_outputs(aiohttp_client: Any, engine: Any) ->
     assert image.status == 200 and (await image.read())[:4] == b"\x89PNG"
 
 
-async def test_history_tells_pending_running_and_unknown_apart(aiohttp_client: Any, engine: Any) -> None:
+async def test_history_holds_a_prompt_only_once_finished(aiohttp_client: Any, engine: Any) -> None:
+    """ComfyUI's `/history/{id}` is `{}` while the prompt is queued or running (clients poll it until
+    the id appears, then read the outputs); `/api/jobs/{id}` tells pending from running."""
     client = await _client(aiohttp_client, engine)
     slow = (await (await client.post("/prompt", json={"prompt": txt2img(steps=500, delay=0.01)})).json())[
         "prompt_id"
     ]
     await wait_running(client, slow)
     queued = (await (await client.post("/prompt", json={"prompt": txt2img(seed=9)})).json())["prompt_id"]
-    running = (await (await client.get(f"/history/{slow}")).json())[slow]
-    assert running["status"] == {"status_str": "running", "completed": False, "messages": []}
-    pending = (await (await client.get(f"/history/{queued}")).json())[queued]
-    assert pending["status"]["status_str"] == "pending" and pending["outputs"] == {}
+    assert await (await client.get(f"/history/{slow}")).json() == {}
+    assert await (await client.get(f"/api/history/{queued}")).json() == {}
+    assert (await (await client.get(f"/api/jobs/{slow}")).json())["status"] == "in_progress"
+    assert (await (await client.get(f"/api/jobs/{queued}")).json())["status"] == "pending"
+    assert slow not in await (await client.get("/history")).json()
     queue = await (await client.get("/queue")).json()
     assert [i[1] for i in queue["queue_running"]] == [slow] and [i[1] for i in queue["queue_pending"]] == [
         queued
@@ -226,7 +229,8 @@ async def test_history_tells_pending_running_and_unknown_apart(aiohttp_client: A
     assert await (await client.get("/history/no-such-id")).json() == {}
     assert (await (await client.get("/prompt")).json())["exec_info"]["queue_remaining"] == 2
     await client.post(f"/prompt/{slow}/cancel")
-    await wait_done(client, queued)
+    done = await wait_done(client, queued)
+    assert done["status"]["status_str"] == "success" and done["outputs"]
 
 
 async def test_cancel_pending_and_running_by_id(aiohttp_client: Any, engine: Any) -> None:
