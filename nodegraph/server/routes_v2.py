@@ -25,6 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from nodegraph.server import jobs
+from nodegraph.server.auth import host_header, is_loopback, parse_host
 from nodegraph.server.replies import read_json
 from nodegraph.server.routes_prompt import _accept
 from nodegraph.server.state import ServerState, state
@@ -62,7 +63,22 @@ def _iso_ms(ms: Any) -> str | None:
 
 
 def base_url(request: web.Request) -> str:
-    return f"{request.scheme}://{request.host}"
+    """The origin of the absolute asset and output URLs (the v2 schema and comfy-sdk want absolute
+    `uri`s there; job links are host-relative): the request's `Host` only when it names a loopback
+    address (the only names a server without a token serves, and none a rebinding page can send),
+    else the address the connection came in on. A `Host` is the client's to choose: echoed into the
+    links we hand out, it would let whoever sets it (a proxy, a crafted request) point them at another
+    server. Never `request.host`, which falls back to a DNS lookup on the event loop."""
+    host = host_header(request)
+    parsed = parse_host(host) if host is not None else None  # host_middleware refused a malformed one
+    if parsed is not None and is_loopback(parsed[0]):
+        name, port = parsed
+    else:
+        sock = request.transport.get_extra_info("sockname") if request.transport is not None else None
+        name, port = (str(sock[0]), int(sock[1])) if sock else ("127.0.0.1", None)
+    if ":" in name:  # an IPv6 address
+        name = f"[{name}]"
+    return f"{request.scheme}://{name}" + (f":{port}" if port is not None else "")
 
 
 def asset_json(record: AssetRecord, base: str, *, created_new: bool | None = None) -> dict[str, Any]:
@@ -155,10 +171,12 @@ def job_body(st: ServerState, index: AssetIndex, job_id: str, base: str) -> dict
         "outputs": outputs,
         "error": error,
         "outputs_reused": False,
+        # host-relative, as the contract's JobUrls allow and the reference proxy sends: clients
+        # resolve them against the origin they called, so no request header shapes them
         "urls": {
-            "self": f"{base}/api/v2/jobs/{job_id}",
-            "events": f"{base}/api/v2/jobs/{job_id}/events",
-            "cancel": f"{base}/api/v2/jobs/{job_id}/cancel",
+            "self": f"/api/v2/jobs/{job_id}",
+            "events": f"/api/v2/jobs/{job_id}/events",
+            "cancel": f"/api/v2/jobs/{job_id}/cancel",
         },
     }
     labels = extra.get("v2_metadata") if isinstance(extra, dict) else None
@@ -291,9 +309,11 @@ async def list_jobs(request: web.Request) -> web.Response:
     v1_statuses = [s for s, v2 in V1_TO_V2.items() if not wanted or v2 in wanted]
     from nodegraph.server.routes_jobs import list_jobs as v1_list
 
+    base = base_url(request)
+
     def page() -> list[dict[str, Any]]:
         found, _ = v1_list(st, v1_statuses, None, "created_at", True, MAX_LIST if labels else limit, 0)
-        bodies = [job_body(st, index, j["id"], base_url(request)) for j in found]
+        bodies = [job_body(st, index, j["id"], base) for j in found]
         kept = [b for b in bodies if b and all(b.get("metadata", {}).get(k) == v for k, v in labels.items())]
         return kept[:limit]
 
