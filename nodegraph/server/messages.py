@@ -3,6 +3,14 @@
 `PromptMessages` is fed every event of one prompt by the worker thread. It returns the messages
 to send, remembers the ones ComfyUI keeps in the history's `status.messages`, and tracks each
 node's progress for the `progress_state` message.
+
+The sequence is ComfyUI's (execution.py `execute`, comfy_execution/progress.py `WebUIProgressHandler`,
+main.py `hijack_progress`): `execution_start`, `execution_cached`; for a node that runs,
+`progress_state` (started), `executing`, per step `progress_state` + `progress` (+ a preview),
+`executed` when it has UI output, `progress_state` (finished); for a cached output node `executed`
+and `progress_state`; then `execution_success`. The executor reports no "node finished" event, so
+a node's finishing `progress_state` goes out with what comes next (its `executed`, the next node's
+start, or the end), which keeps the order ComfyUI's clients see.
 """
 
 from __future__ import annotations
@@ -64,6 +72,7 @@ class PromptMessages:
     outputs: dict[str, Any] = field(default_factory=dict)
     node_states: dict[str, dict[str, Any]] = field(default_factory=dict)
     current_node: str | None = None
+    unfinished: str | None = None  # the node that ran and whose finishing progress_state is not sent
 
     def translate(self, event: ev.Event) -> list[Message | PreviewFrame]:
         """The messages for one event, in sending order."""
@@ -79,15 +88,19 @@ class PromptMessages:
             return self._progress(event)
         if isinstance(event, ev.Executed):
             self.outputs[event.node] = dict(event.output)  # an interim one is kept if the node fails
-            if not event.interim:
-                self._finish_node(event.node)
             data = {
                 "node": event.node,
                 "display_node": event.node,
                 "output": dict(event.output),
                 "prompt_id": pid,
             }
-            return [Message("executed", data), self._progress_state()]
+            if event.interim:  # still running (a training run's plots): no state change
+                return [Message("executed", data)]
+            if event.node != self.unfinished:  # a cached output node: shown again, finished at once
+                sent = self._finished()  # (the node before it, when one ran: it finished first)
+                self.node_states[event.node] = self._state(event.node, 1, 1, "finished")
+                return [*sent, Message("executed", data), self._progress_state()]
+            return [Message("executed", data), *self._finished()]
         if isinstance(event, ev.NodeWarning):
             data = {
                 "prompt_id": pid,
@@ -97,14 +110,15 @@ class PromptMessages:
             }
             return [self._kept(WARNING_TYPE, data)]
         if isinstance(event, ev.ExecutionSuccess):
-            self._finish_node(self.current_node)
             return [
-                self._progress_state(),
+                *self._finished(),
                 self._kept("execution_success", {"prompt_id": pid, "timestamp": now_ms()}),
             ]
         if isinstance(event, ev.ExecutionError):
-            return [self._kept("execution_error", error_payload(event))]
+            finished = self._finished(unless=event.node_id)
+            return [*finished, self._kept("execution_error", error_payload(event))]
         if isinstance(event, ev.ExecutionInterrupted):
+            finished = self._finished(unless=event.node_id)
             data = {
                 "prompt_id": pid,
                 "node_id": event.node_id,
@@ -112,7 +126,7 @@ class PromptMessages:
                 "executed": list(event.executed),
                 "timestamp": now_ms(),
             }
-            return [self._kept("execution_interrupted", data, broadcast=True)]
+            return [*finished, self._kept("execution_interrupted", data, broadcast=True)]
         return []
 
     def done(self) -> Message:
@@ -124,18 +138,18 @@ class PromptMessages:
         return Message(kind, data, broadcast)
 
     def _executing(self, event: ev.Executing) -> list[Message | PreviewFrame]:
-        self._finish_node(self.current_node)
-        self.current_node = event.node
+        sent: list[Message | PreviewFrame] = [*self._finished()]
+        self.current_node = self.unfinished = event.node
         self.node_states[event.node] = self._state(event.node, 0, 1, "running")
         data = {"node": event.node, "display_node": event.node, "prompt_id": self.prompt_id}
-        return [Message("executing", data), self._progress_state()]
+        return [*sent, self._progress_state(), Message("executing", data)]
 
     def _progress(self, event: ev.Progress) -> list[Message | PreviewFrame]:
         self.node_states[event.node] = self._state(event.node, event.value, event.max, "running")
         data = {"value": event.value, "max": event.max, "prompt_id": self.prompt_id, "node": event.node}
         sent: list[Message | PreviewFrame] = [
-            Message("progress", data, broadcast=True),
             self._progress_state(),
+            Message("progress", data, broadcast=True),
         ]
         if event.preview is not None:
             meta = {
@@ -149,10 +163,15 @@ class PromptMessages:
             sent.append(PreviewFrame(event.preview, meta))
         return sent
 
-    def _finish_node(self, node: str | None) -> None:
+    def _finished(self, unless: str | None = None) -> list[Message | PreviewFrame]:
+        """The finishing `progress_state` of the node that ran last, once (none for `unless`: the node
+        that failed or was interrupted, which ComfyUI never marks finished)."""
+        node, self.unfinished = self.unfinished, None
         state = self.node_states.get(node or "")
-        if state is not None and state["state"] != "finished":
-            state.update(state="finished", value=state["max"])
+        if node is None or node == unless or state is None:
+            return []
+        state.update(state="finished", value=state["max"])
+        return [self._progress_state()]
 
     def _state(self, node: str, value: int, maximum: int, state: str) -> dict[str, Any]:
         return {

@@ -205,8 +205,8 @@ class Worker:
             except Exception:
                 log.exception("housekeeping after prompt %s failed", item.prompt_id)
         self.running_id = self.running_client = self.current_node = None
+        self.broadcast_status()  # ComfyUI's order: the queue's status (task_done), then "executing: null"
         self.hub.send_sync(messages.done(), client_id)
-        self.broadcast_status()
         self.on_finished(item.prompt_id, entry)
 
     def _execute(self, item: QueueItem, emit: ev.Emit, messages: PromptMessages) -> str:
