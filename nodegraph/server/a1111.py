@@ -62,6 +62,8 @@ LATENT_UPSCALERS = {
 # A1111's image-space upscalers that need no model file (modules/upscaler.py: UpscalerNone, UpscalerLanczos,
 # UpscalerNearest) -> ImageScale methods; "None" resizes with Lanczos (modules/images.py resize_image).
 IMAGE_UPSCALERS = {"None": "lanczos", "Lanczos": "lanczos", "Nearest": "nearest-exact"}
+# inpainting_fill -> A1111's infotext "Masked content" (1, "original", writes none)
+MASKED_CONTENT = {0: "fill", 2: "latent noise", 3: "latent nothing"}
 _LORA = re.compile(r"<(?:lora|lyco):([^:>]+)[^>]*>", re.IGNORECASE)
 
 
@@ -102,7 +104,9 @@ class Inpaint:
     prepares it) as a LoadImageMask name, and how the masked area starts (`inpainting_fill`)."""
 
     mask_image: str  # at the processing size (width x height)
-    fill: int  # 0 fill -> VAEEncodeForInpaint (grey fill), 1 original -> SetLatentNoiseMask
+    # inpainting_fill: 0 fill -> VAEEncodeForInpaint (grey fill), 1 original, 2 latent noise,
+    # 3 latent nothing -> the encoded image with SetLatentNoiseMask (2 and 3 replace the masked latent)
+    fill: int
     blur: int = 4  # mask_blur, for the infotext (the route blurred the mask)
     # "Only masked" (inpaint_full_res): the (x, y, width, height) of the init image that is cut out,
     # scaled to the processing size, repainted and pasted back through `overlay_mask` (crop-sized).
@@ -152,6 +156,8 @@ class Job:
         g["6"] = _node("CLIPTextEncode", text=text, clip=clip)
         g["7"] = _node("CLIPTextEncode", text=self.negative, clip=clip)
         latent = self._latent(g, vae)
+        if self.inpaint is not None and self.inpaint.fill in (2, 3):
+            latent = self._masked_content(g, latent)
         first_denoise = 1.0 if self.init_image is None else float(self.denoise or 0.75)
         g["3"] = self._sampler(model, latent, first_denoise, self.steps)
         samples: list[Any] = ["3", 0]
@@ -210,14 +216,49 @@ class Job:
                 g["5"] = _node(
                     "VAEEncodeForInpaint", pixels=["13", 0], vae=vae, mask=["22", 0], grow_mask_by=0
                 )
-            else:
+            elif self.inpaint.fill == 1:
                 g["24"] = _node("VAEEncode", pixels=["13", 0], vae=vae)
                 g["5"] = _node("SetLatentNoiseMask", samples=["24", 0], mask=["22", 0])
+            else:  # 2, 3: the masked latent is replaced once the batch is made (_masked_content)
+                g["5"] = _node("VAEEncode", pixels=["13", 0], vae=vae)
         latent: list[Any] = ["5", 0]
         if self.batch_size > 1:
             g["14"] = _node("RepeatLatentBatch", samples=latent, amount=self.batch_size)
             latent = ["14", 0]
         return latent
+
+    def _masked_content(self, g: dict[str, Any], latent: list[Any]) -> list[Any]:
+        """A1111's "latent noise" (2) and "latent nothing" (3) (modules/processing.py,
+        StableDiffusionProcessingImg2Img.init): the init latent's masked area is replaced by unit
+        Gaussian noise drawn from the image's seed, or by zeros, before img2img adds its own noise.
+
+        In core nodes: LatentCompositeMasked puts zeros (EmptyLatentImage) or that noise over the
+        encoded batch under the mask, then SetLatentNoiseMask keeps the rest. The noise is SamplerCustom
+        with `add_noise` on zeros and the one-sigma schedule [1.0] (KarrasScheduler 1 step from 1 to 1,
+        SplitSigmas at 0): no model step runs, so its output is the seed's noise at sigma 1, the same
+        draw as the KSampler's (same seed and batch shape), as A1111 reuses its seeds' first draw.
+        The masked area therefore starts at (1 + sigma_0) x noise, as in A1111. Not copied: A1111's
+        blurred-colour fill of the masked pixels before encoding (it only reaches the latent at the
+        mask's edge) and its rounding of the latent mask."""
+        assert self.inpaint is not None
+        g["29"] = _node("EmptyLatentImage", width=self.width, height=self.height, batch_size=self.batch_size)
+        source: list[Any] = ["29", 0]
+        if self.inpaint.fill == 2:
+            g["30"] = _node("KarrasScheduler", steps=1, sigma_max=1.0, sigma_min=1.0, rho=7.0)
+            g["31"] = _node("SplitSigmas", sigmas=["30", 0], step=0)
+            g["32"] = _node("KSamplerSelect", sampler_name="euler")
+            g["33"] = _node(
+                "SamplerCustom", model=["4", 0], add_noise=True, noise_seed=self.seed, cfg=1.0,
+                positive=["6", 0], negative=["7", 0], sampler=["32", 0], sigmas=["31", 0],
+                latent_image=source,
+            )  # fmt: skip
+            source = ["33", 0]
+        g["34"] = _node(
+            "LatentCompositeMasked", destination=latent, source=source, x=0, y=0, resize_source=False,
+            mask=["22", 0],
+        )  # fmt: skip
+        g["35"] = _node("SetLatentNoiseMask", samples=["34", 0], mask=["22", 0])
+        return ["35", 0]
 
     def _upscaled(self, g: dict[str, Any], samples: list[Any], vae: list[Any]) -> list[Any]:
         """Hires fix's upscale: of the latent, or (an image upscaler) decode, upscale, encode again."""
@@ -296,6 +337,7 @@ def infotext(
         "VAE": job.vae.rsplit("/", 1)[-1] if job.vae else None,
         "Denoising strength": job.denoise if job.init_image is not None or job.hires else None,
         "Mask blur": job.inpaint.blur if job.inpaint else None,
+        "Masked content": MASKED_CONTENT.get(job.inpaint.fill) if job.inpaint else None,
         "Clip skip": job.clip_skip if job.clip_skip > 1 else None,
     }
     if job.hires:

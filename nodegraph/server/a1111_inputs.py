@@ -107,10 +107,10 @@ def save_mask(
     from PIL import Image, ImageFilter, ImageOps
 
     fill = body.get("inpainting_fill", 0)
-    if fill not in (0, 1):
+    if isinstance(fill, bool) or fill not in (0, 1, 2, 3):
         raise A1111Error(
-            f"inpainting_fill: {fill!r} is not supported; send 0 (fill: VAEEncodeForInpaint's grey fill) "
-            "or 1 (original: SetLatentNoiseMask)"
+            f"inpainting_fill: {fill!r} is not one of A1111's masked contents: 0 fill, 1 original, "
+            "2 latent noise, 3 latent nothing"
         )
     blur = _bounded(body, "mask_blur", 4, 64)
     padding = _bounded(body, "inpaint_full_res_padding", 0, 1024)

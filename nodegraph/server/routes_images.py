@@ -35,6 +35,7 @@ from nodegraph.server.state import ServerState, state
 
 routes = web.RouteTableDef()
 WAIT_S = 3600.0
+MAX_BATCH_IMAGES = 64  # extra-batch-images: each is a queued prompt; more is a folder job, not a request
 
 
 def _int(body: dict[str, Any], key: str, default: int, low: int = 1) -> int:
@@ -298,28 +299,59 @@ async def extra_single_image(request: web.Request) -> web.Response:
     """A1111's Extras upscale of one image: `upscaler_1` (None, Lanczos, Nearest or an upscale_models
     file through ImageUpscaleWithModel), then a resize to `upscaling_resize` times the size (mode 0)
     or to `upscaling_resize_w` x `upscaling_resize_h` (mode 1, centre-cropped if `upscaling_crop`)."""
-    st = state(request)
     body = await read_json(request, default={})
     if not isinstance(body, dict):
         return _refuse(422, "expected a JSON object")
     try:
-        name = await asyncio.to_thread(
-            save_init_image, Path(st.engine.env.folders.input_dir), body.get("image")
-        )
-        graph = await asyncio.to_thread(_extras_graph, st, body, name)
-        entry = await asyncio.wait_for(asyncio.shield(await queue_graph(st, graph)), WAIT_S)
-        status = (entry or {}).get("status", {})
-        if status.get("status_str") != "success":
-            raise RuntimeError(_failure(status))
-        image = entry["outputs"]["9"]["images"][0]
-        roots = {"output": st.engine.env.folders.output_dir, "temp": st.engine.env.folders.temp_dir}
-        path = Path(roots[image.get("type", "temp")]) / image.get("subfolder", "") / image["filename"]
-        data = await asyncio.to_thread(path.read_bytes)
+        data = await _upscaled(state(request), body, body.get("image"))
     except A1111Error as exc:
         return _refuse(422, str(exc))
     except RuntimeError as exc:
         return _refuse(500, f"the upscale failed: {exc}")
     return web.json_response({"html_info": "", "image": base64.b64encode(data).decode()})
+
+
+@routes.post(API + "/extra-batch-images")
+async def extra_batch_images(request: web.Request) -> web.Response:
+    """The same upscale for each of `imageList` (`[{data, name}]`, as A1111's ExtrasBatchImagesRequest):
+    `{"html_info", "images": [base64 PNG, ...]}` in the order given."""
+    body = await read_json(request, default={})
+    if not isinstance(body, dict):
+        return _refuse(422, "expected a JSON object")
+    listed = body.get("imageList")
+    if not isinstance(listed, list) or not listed:
+        return _refuse(422, "imageList: send a list of {data: base64 image, name}")
+    if len(listed) > MAX_BATCH_IMAGES:
+        return _refuse(422, f"imageList: at most {MAX_BATCH_IMAGES} images per request, got {len(listed)}")
+    found = []
+    try:
+        for i, item in enumerate(listed):
+            if not isinstance(item, dict):
+                raise A1111Error(f"imageList[{i}]: expected {{data, name}}, got {type(item).__name__}")
+            try:
+                found.append(await _upscaled(state(request), body, item.get("data")))
+            except A1111Error as exc:  # name the image the field belongs to
+                raise A1111Error(f"imageList[{i}] ({item.get('name')!r}): {exc}") from exc
+    except A1111Error as exc:
+        return _refuse(422, str(exc))
+    except RuntimeError as exc:
+        return _refuse(500, f"the upscale failed: {exc}")
+    images = [base64.b64encode(data).decode() for data in found]
+    return web.json_response({"html_info": "", "images": images})
+
+
+async def _upscaled(st: ServerState, body: dict[str, Any], raw: Any) -> bytes:
+    """One image through the Extras graph, run on the queue: the PNG it gives."""
+    name = await asyncio.to_thread(save_init_image, Path(st.engine.env.folders.input_dir), raw)
+    graph = await asyncio.to_thread(_extras_graph, st, body, name)
+    entry = await asyncio.wait_for(asyncio.shield(await queue_graph(st, graph)), WAIT_S)
+    status = (entry or {}).get("status", {})
+    if status.get("status_str") != "success":
+        raise RuntimeError(_failure(status))
+    image = entry["outputs"]["9"]["images"][0]
+    roots = {"output": st.engine.env.folders.output_dir, "temp": st.engine.env.folders.temp_dir}
+    path = Path(roots[image.get("type", "temp")]) / image.get("subfolder", "") / image["filename"]
+    return await asyncio.to_thread(path.read_bytes)
 
 
 def _extras_graph(st: ServerState, body: dict[str, Any], image_name: str) -> dict[str, Any]:

@@ -142,3 +142,22 @@ def test_bad_sigmas_name_the_input(env: Environment, model: ModelHandle) -> None
     (sampler,) = cs.KSamplerSelect().run(RecordingContext(env, "ksampler"), "euler")
     with pytest.raises(ValueError, match="sigmas"):
         custom(env, model, sampler, "not sigmas")  # type: ignore[arg-type]
+
+
+def test_a_one_sigma_schedule_gives_the_seeds_noise_as_a_latent(env: Environment, model: ModelHandle) -> None:
+    """A1111's inpainting_fill 2 ("latent noise") in core nodes (nodegraph/server/a1111.py): SamplerCustom
+    with add_noise on zeros and the schedule [1.0] (KarrasScheduler 1 step from 1 to 1, SplitSigmas at
+    0) runs no model step and returns the seed's noise, unscaled to VAE space: the same draw the
+    KSampler takes for that seed and batch, which is what A1111 puts under the mask."""
+    from nodes.sd.ksampler import latent_scale
+    from nodes.sd.noise import prepare_noise
+
+    ctx = RecordingContext(env, "noise")
+    (karras,) = sn.KarrasScheduler().run(ctx, 1, 1.0, 1.0, 7.0)
+    high, _ = sn.SplitSigmas().run(ctx, karras, 0)
+    assert high.tolist() == [1.0]
+    (sampler,) = cs.KSamplerSelect().run(ctx, "euler")
+    out, _ = custom(env, model, sampler, high, noise_seed=5, cfg=1.0, latent_image=latent(2))
+    want = prepare_noise(torch.zeros(2, 4, 8, 8), 5, None) / latent_scale(model.unet)
+    assert torch.allclose(out["samples"], want, rtol=0, atol=1e-6)
+    assert not torch.equal(want[0], want[1])  # one draw per image of the batch, as the KSampler's

@@ -174,9 +174,25 @@ def test_img2img_inpainting_repaints_only_the_masked_area(server: LiveServer) ->
     assert np.abs(out[28:36, 28:36] - init_pixels[28:36, 28:36].astype(int)).mean() > 10
     fields = parse_infotext(result.info["infotexts"][0])
     assert fields["Mask blur"] == "2" and fields["Denoising strength"] == "0.9"
-    # A fill nodegraph does not map is refused by name, not a 500.
+    # A1111's "latent noise" (2) and "latent nothing" (3): the masked area starts from the seed's noise or
+    # from zeros instead of the init image, the rest is kept as with "original" (1). At a low denoising
+    # strength, where the start matters, the three differ inside the mask.
+    repainted = {}
+    for fill in (1, 2, 3):
+        other = api.img2img(
+            images=[init], mask_image=mask, mask_blur=2, inpainting_fill=fill, inpaint_full_res=False,
+            prompt="a chair", seed=7, steps=2, width=64, height=64, denoising_strength=0.3,
+            sampler_name="Euler",
+        )  # fmt: skip
+        repainted[fill] = np.asarray(other.image.convert("RGB")).astype(int)[28:36, 28:36]
+        assert np.abs(np.asarray(other.image.convert("RGB"))[far] - init_pixels[far].astype(int)).max() <= 1
+        content = {1: None, 2: "latent noise", 3: "latent nothing"}[fill]
+        assert parse_infotext(other.info["infotexts"][0]).get("Masked content") == content
+    for a, b in ((1, 2), (1, 3), (2, 3)):
+        assert np.abs(repainted[a] - repainted[b]).mean() > 5, (a, b)
+    # A fill A1111 does not have is refused by name, not a 500.
     body = {"init_images": [result.json["images"][0]], "mask": result.json["images"][0], "steps": 1}
-    reply = api.session.post(f"{api.baseurl}/img2img", json={**body, "inpainting_fill": 2})
+    reply = api.session.post(f"{api.baseurl}/img2img", json={**body, "inpainting_fill": 4})
     assert reply.status_code == 422 and reply.json()["detail"].startswith("inpainting_fill")
 
 
@@ -227,6 +243,25 @@ def test_extras_upscale_with_a_model_is_the_comfyui_graph(server: LiveServer) ->
         body = {"image": result.json["image"], **extra}
         reply = api.session.post(f"{api.baseurl}/extra-single-image", json=body)
         assert reply.status_code == 422 and reply.json()["detail"].startswith(field)
+
+
+def test_extras_batch_upscales_each_image_in_order(server: LiveServer) -> None:
+    """`extra-batch-images` (webuiapi's `extra_batch_images`, unchanged): each image of `imageList` goes
+    through the single-image graph; the answer lists them in the order sent."""
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    rng = np.random.default_rng(6)
+    pictures = [Image.fromarray(rng.integers(0, 256, (h, 10, 3), dtype=np.uint8)) for h in (6, 8)]
+    batch = api.extra_batch_images(pictures, upscaler_1="tiny_x2", upscaling_resize=2)
+    assert [image.size for image in batch.images] == [(20, 12), (20, 16)]
+    for picture, image in zip(pictures, batch.images, strict=True):
+        single = api.extra_single_image(picture, upscaler_1="tiny_x2", upscaling_resize=2).image
+        assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(single.convert("RGB")))
+    good = batch.json["images"][0]
+    body = {"imageList": [{"data": good, "name": "a"}, {"data": "!!", "name": "b"}]}
+    reply = api.session.post(f"{api.baseurl}/extra-batch-images", json=body)
+    assert reply.status_code == 422 and reply.json()["detail"].startswith("imageList[1] ('b')")
+    reply = api.session.post(f"{api.baseurl}/extra-batch-images", json={"imageList": []})
+    assert reply.status_code == 422 and reply.json()["detail"].startswith("imageList")
 
 
 def test_hires_fix_with_an_upscale_model_and_kept_overrides(server: LiveServer) -> None:

@@ -48,6 +48,10 @@ def job(**changes: Any) -> Job:
         ({"init_image": "init.png", "inpaint": Inpaint("mask.png", fill=1)},
          {"SetLatentNoiseMask", "LoadImageMask", "ImageCompositeMasked"}),
         ({"init_image": "init.png", "inpaint": Inpaint("mask.png", fill=0)}, {"VAEEncodeForInpaint"}),
+        ({"init_image": "init.png", "inpaint": Inpaint("mask.png", fill=2)},
+         {"SamplerCustom", "KarrasScheduler", "SplitSigmas", "LatentCompositeMasked", "SetLatentNoiseMask"}),
+        ({"init_image": "init.png", "inpaint": Inpaint("mask.png", fill=3)},
+         {"EmptyLatentImage", "LatentCompositeMasked", "SetLatentNoiseMask"}),
         ({"init_image": "init.png",
           "inpaint": Inpaint("mask.png", 1, region=(2, 2, 4, 4), overlay_mask="mask.png")},
          {"ImageCrop", "RepeatImageBatch", "ImageCompositeMasked"}),
@@ -103,7 +107,8 @@ def test_the_mask_is_prepared_as_a1111_does(tmp_path: Path) -> None:
     assert prepared.shape == (64, 64) and spec.fill == 0 and spec.region is None
     assert prepared[0, 0] == 255 and prepared[32, 32] == 0  # inverted: the outside is repainted
     for field, bad in (
-        ("inpainting_fill", 2),
+        ("inpainting_fill", 4),
+        ("inpainting_fill", True),
         ("mask_blur", "x"),
         ("mask", "!!"),
         ("inpaint_full_res_padding", -1),
@@ -142,3 +147,32 @@ def test_only_masked_cuts_the_masked_box_widened_to_the_output_ratio(tmp_path: P
     assert edge.region == (20, 32, 16, 32)  # 16x12 grown to 16x32, moved up to end at the bottom edge
     with pytest.raises(A1111Error, match="^mask: the mask is empty"):
         save_mask(tmp_path, {**body, "mask": png_b64(Image.new("L", (64, 64), 0))}, 64, 64, (64, 64))
+
+
+@pytest.mark.parametrize("fill", [2, 3])
+def test_latent_noise_and_nothing_replace_the_masked_latent_of_each_image(fill: int) -> None:
+    """A1111's fills 2 and 3 (modules/processing.py: `init_latent * mask + noise * nmask`, or
+    `init_latent * mask`): the encoded batch gets, under the mask, the seed's noise (the KSampler's own
+    draw: same seed, same batch shape) or zeros; then the mask keeps the rest while sampling."""
+    graph = job(init_image="init.png", denoise=0.6, inpaint=Inpaint("mask.png", fill=fill)).graph()
+    sampler = graph["3"]["inputs"]
+    noise_mask = graph[sampler["latent_image"][0]]
+    assert noise_mask["class_type"] == "SetLatentNoiseMask" and noise_mask["inputs"]["mask"] == ["22", 0]
+    composite = graph[noise_mask["inputs"]["samples"][0]]
+    assert composite["class_type"] == "LatentCompositeMasked" and composite["inputs"]["mask"] == ["22", 0]
+    batch = graph[composite["inputs"]["destination"][0]]  # the encoded image, made a batch first
+    assert batch["class_type"] == "RepeatLatentBatch"
+    assert graph[batch["inputs"]["samples"][0]]["class_type"] == "VAEEncode"
+    source = graph[composite["inputs"]["source"][0]]
+    if fill == 3:
+        zeros = {"width": 64, "height": 64, "batch_size": 2}
+        assert source == {"class_type": "EmptyLatentImage", "inputs": zeros}
+        return
+    noise = source["inputs"]
+    assert source["class_type"] == "SamplerCustom" and noise["add_noise"] is True
+    assert noise["noise_seed"] == sampler["seed"]
+    assert graph[noise["latent_image"][0]]["inputs"]["batch_size"] == 2
+    split = graph[noise["sigmas"][0]]
+    assert split["class_type"] == "SplitSigmas" and split["inputs"]["step"] == 0
+    one_sigma = {"steps": 1, "sigma_max": 1.0, "sigma_min": 1.0, "rho": 7.0}
+    assert graph[split["inputs"]["sigmas"][0]]["inputs"] == one_sigma
