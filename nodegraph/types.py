@@ -36,6 +36,8 @@ CONTROL_NET = SocketType("CONTROL_NET")
 # CLIP vision (CLIPVisionLoader, CLIPVisionEncode, unCLIPConditioning)
 CLIP_VISION = SocketType("CLIP_VISION")
 CLIP_VISION_OUTPUT = SocketType("CLIP_VISION_OUTPUT")
+# GLIGEN text boxes (GLIGENLoader, GLIGENTextBoxApply)
+GLIGEN = SocketType("GLIGEN")
 # The custom-node packs' LoRA list (Efficiency Nodes, Comfyroll): (name, strength_model, strength_clip)
 LORA_STACK = SocketType("LORA_STACK")
 

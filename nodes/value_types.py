@@ -23,6 +23,7 @@ from nodegraph.types import (
     CONTROL_NET,
     EXTRA_PNGINFO,
     FLOAT,
+    GLIGEN,
     GUIDER,
     IMAGE,
     INT,
@@ -45,6 +46,7 @@ from nodes.lora_stacks import StackEntry
 from nodes.sd.clip_vision import ClipVision, ClipVisionOutput
 from nodes.sd.controlnet import ControlModel
 from nodes.sd.esrgan import UpscaleModel
+from nodes.sd.gligen import GligenModel
 from nodes.sd.handles import ClipHandle, ModelHandle, VaeHandle
 from nodes.sd.values import Conditioning, Latent
 
@@ -64,6 +66,7 @@ VALUE_TYPES: dict[SocketType, Any] = {
     CONTROL_NET: ControlModel,
     CLIP_VISION: ClipVision,
     CLIP_VISION_OUTPUT: ClipVisionOutput,
+    GLIGEN: GligenModel,
     LORA_STACK: tuple[StackEntry, ...],
     INT: int,
     FLOAT: float,

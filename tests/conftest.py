@@ -193,6 +193,20 @@ def mini_controlnet(oracle_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mini_gligen(mini_checkpoint: Path) -> Path:
+    """A random-weight GLIGEN file for the mini SD1.5 UNet, in the public files' layout
+    (`position_net.*`, `input_blocks.1.1.transformer_blocks.0.fuser.*` ...; tests/gligen_files.py)."""
+    from tests.gligen_files import GENERATOR_VERSION, write_mini_gligen
+
+    path = CACHE / f"mini_gligen_v{GENERATOR_VERSION}.safetensors"
+    if not path.exists():
+        partial = path.with_name(path.name + ".partial")
+        write_mini_gligen(partial, mini_checkpoint)
+        partial.rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def mini_hypernetwork(oracle_dir: Path) -> Path:
     """The oracle's A1111-format hypernetwork for the mini UNet (widths 320, 640, 768; relu, [1, 2, 1])."""
     return _cached("mini_hypernetwork.pt", "make_mini_hypernetwork.py")

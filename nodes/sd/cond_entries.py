@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from nodes.sd.control import Control
+from nodes.sd.gligen import Grounding, read_grounding
 from nodes.sd.schedules import DiscreteSchedule
 
 Area = tuple[int, int, int, int]  # ComfyUI's order, in latent pixels: (height, width, y, x)
@@ -54,6 +55,7 @@ class CondEntry:
     options: dict[str, Any] | None = None  # the entry's options, kept for the added conditioning
     control: Control | None = None  # ControlNet(s) steering this entry's UNet calls
     control_to_uncond: bool = False  # ControlNetApply's: the negative side gets this control too
+    gligen: Grounding | None = None  # GLIGENTextBoxApply's boxes (nodes/sd/gligen.py)
 
 
 def _number(opts: dict[str, Any], key: str, default: float, what: str) -> float:
@@ -146,11 +148,6 @@ def cond_entries(
             raise ConditioningError(
                 f"{what}: embedding must be [batch, tokens, channels], got {list(tensor.shape)}"
             )
-        unsupported = sorted(k for k in ("gligen",) if opts.get(k) is not None)
-        if unsupported:
-            raise ConditioningError(
-                f"{what}: conditioning with {', '.join(unsupported)} is not supported yet"
-            )
         if width is not None and tensor.shape[-1] != width:
             raise ConditioningError(
                 f"{what}: embedding width {tensor.shape[-1]} does not fit this model (it expects {width}); "
@@ -173,9 +170,17 @@ def cond_entries(
                 options=opts,
                 control=_read_control(opts.get("control"), width, what),
                 control_to_uncond=bool(opts.get("control_apply_to_uncond", False)),
+                gligen=_read_gligen(opts.get("gligen"), what),
             )
         )
     return entries
+
+
+def _read_gligen(value: Any, what: str) -> Grounding | None:
+    try:
+        return read_grounding(value, what)
+    except ValueError as exc:
+        raise ConditioningError(str(exc)) from None
 
 
 def _read_control(value: Any, width: int | None, what: str) -> Control | None:
@@ -273,21 +278,23 @@ def prepare_sides(
         _add_twin(neg, entry)
     for entry in list(neg):
         _add_twin(pos, entry)
-    return pos, _controls_to_uncond(pos, neg)
-
-
-def _controls_to_uncond(pos: list[CondEntry], neg: list[CondEntry]) -> list[CondEntry]:
-    """apply_empty_x_to_equal_area for 'control': when no negative entry without an area has a
-    control, the positive ControlNetApply controls (control_apply_to_uncond) go to the negative entries
-    without area and without control, cycling over them; a later control replaces an earlier one."""
     controls = [e.control for e in pos if e.area is None and e.control is not None and e.control_to_uncond]
-    if not controls or any(e.area is None and e.control is not None for e in neg):
+    boxes = [e.gligen for e in pos if e.area is None and e.gligen is not None]
+    return pos, _to_uncond(_to_uncond(neg, "control", controls), "gligen", boxes)
+
+
+def _to_uncond(neg: list[CondEntry], name: str, values: Sequence[Any]) -> list[CondEntry]:
+    """apply_empty_x_to_equal_area for option `name` ("control": the positive ControlNetApply
+    controls, control_apply_to_uncond; "gligen": every positive entry's boxes), from positive entries
+    without area: when no negative entry without area has one, they go to the negative entries
+    without area, cycling over them; a later value replaces an earlier one."""
+    if not values or any(e.area is None and getattr(e, name) is not None for e in neg):
         return neg
     free = [i for i, e in enumerate(neg) if e.area is None]
     if not free:
         return neg
     out = list(neg)
-    for n, control in enumerate(controls):
+    for n, value in enumerate(values):
         i = free[n % len(free)]
-        out[i] = replace(out[i], control=control)
+        out[i] = replace(out[i], **{name: value})
     return out

@@ -16,6 +16,9 @@ comfy/model_sampling.py (EPS). One call of `CFGDenoiser` is one step's denoised 
    strength, times the mask, or for an area without mask a linear ramp at its inner edges.
 5. CFG mixes the x0 predictions: uncond + (cond - uncond) * cfg; at cfg 1 no uncond pass runs.
 
+An entry with GLIGEN boxes (nodes/sd/gligen.py) gets its grounding tokens for its input at every
+call and runs in a UNet call of its own, with the gated layers attached for that call.
+
 An inpainting UNet (9 input channels) also gets each entry's `c_concat` (mask + masked-image
 latent, built by the caller's `concat_for`, see nodes/sd/ksampler.py) appended to its input
 channels: cropped to the entry's area, repeated to the batch, batched like the embeddings.
@@ -25,12 +28,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from nodes.sd import cfg_patches, unet_patches
+from nodes.sd import cfg_patches, gligen, unet_patches
 from nodes.sd import control as controlnet
 from nodes.sd.adm import adm_inputs, adm_width
 from nodes.sd.cond_entries import (  # re-exported: the sampler's public names stay here
@@ -60,6 +64,14 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class GligenCall:
+    """A job's GLIGEN call: the model and the grounding tokens for its input (nodes/sd/gligen.py)."""
+
+    model: gligen.GligenModel
+    tokens: torch.Tensor
+
+
+@dataclass(frozen=True)
 class _Job:
     """get_area_and_mult's result: what one entry contributes where."""
 
@@ -71,6 +83,7 @@ class _Job:
     concat: torch.Tensor | None = None  # c_concat for input_x (an inpainting UNet's extra channels)
     added: tuple[torch.Tensor, torch.Tensor] | None = None  # SDXL (pooled, size values)
     control: Control | None = None  # entries batch together only with the very same control
+    grounding: GligenCall | None = None  # GLIGEN boxes and their tokens: such a job runs alone
 
 
 def _feather(mult: torch.Tensor, area: Area, full: Sequence[int]) -> None:
@@ -106,8 +119,13 @@ def _job(entry: CondEntry, x: torch.Tensor, side: int) -> _Job:
         if area is not None:
             concat = concat[:, :, area[2] : area[2] + area[0], area[3] : area[3] + area[1]]
         concat = _repeat_to_batch(concat, input_x.shape[0])
+    grounding = None
+    if entry.gligen is not None:  # get_area_and_mult: the boxes placed on this job's input
+        tokens = gligen.grounding_tokens(entry.gligen, input_x.shape, input_x.device)
+        grounding = GligenCall(entry.gligen.model, tokens)
     if entry.mask is None and area is None:
-        return _Job(input_x, entry.strength, None, entry.cross_attn, side, concat, entry.added, entry.control)
+        strength, cross_attn = entry.strength, entry.cross_attn
+        return _Job(input_x, strength, None, cross_attn, side, concat, entry.added, entry.control, grounding)
     if entry.mask is not None:
         mask = entry.mask[: input_x.shape[0]]
         if input_x.shape[0] % mask.shape[0]:
@@ -125,7 +143,7 @@ def _job(entry: CondEntry, x: torch.Tensor, side: int) -> _Job:
     mult = mask.to(input_x.dtype) * entry.strength
     if entry.mask is None and area is not None:
         _feather(mult, area, full)
-    return _Job(input_x, mult, area, entry.cross_attn, side, concat, entry.added, entry.control)
+    return _Job(input_x, mult, area, entry.cross_attn, side, concat, entry.added, entry.control, grounding)
 
 
 def _can_concat(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -214,10 +232,12 @@ class CFGDenoiser:
         added: dict[str, torch.Tensor] | None = None,
         control: Control | None = None,
         batched_number: int = 1,
+        grounding: GligenCall | None = None,
     ) -> torch.Tensor:
         """BaseModel._apply_model: scale the input, append c_concat, integer timestep, then the
         model sampling's denoised formula (eps: x - sigma * eps). A control's residuals are computed
-        from the same inputs (without c_concat) and added inside the UNet."""
+        from the same inputs (without c_concat) and added inside the UNet; GLIGEN's gated layers
+        run inside its transformer blocks for this call only."""
         s = sigma.reshape(sigma.shape[:1] + (1,) * (x.ndim - 1))
         xc = x / (s**2 + 1.0) ** 0.5
         t = self.schedule.timestep(sigma).float()
@@ -242,14 +262,17 @@ class CFGDenoiser:
                 }
         if concat is not None:
             xc = torch.cat([xc, concat.to(xc.dtype)], dim=1)
-        eps: torch.Tensor = self.unet(
-            xc.to(dtype),
-            t,
-            encoder_hidden_states=context.to(dtype),
-            added_cond_kwargs=kwargs,
-            return_dict=False,
-            **extra,
-        )[0].float()
+        if grounding is not None:
+            extra["cross_attention_kwargs"] = {"gligen": {"objs": grounding.tokens.to(xc.device, dtype)}}
+        with gligen.gated_layers_attached(self.unet, grounding.model) if grounding else nullcontext():
+            eps: torch.Tensor = self.unet(
+                xc.to(dtype),
+                t,
+                encoder_hidden_states=context.to(dtype),
+                added_cond_kwargs=kwargs,
+                return_dict=False,
+                **extra,
+            )[0].float()
         return self.sampling.denoised(sigma, eps, x)
 
     def sides_for(
@@ -331,7 +354,8 @@ class CFGDenoiser:
         counts = [torch.ones_like(x) * 1e-37 for _ in sides]
         while to_run:
             first = to_run[0]
-            # ComfyUI pops matching chunks from the back, so the batch runs in reverse order
+            # ComfyUI pops matching chunks from the back, so the batch runs in reverse order; a job
+            # with GLIGEN boxes has patches of its own, which never batch
             picked = [
                 i
                 for i, job in enumerate(to_run)
@@ -339,7 +363,9 @@ class CFGDenoiser:
                 and _can_concat(job.cross_attn, first.cross_attn)
                 and (job.concat is None) == (first.concat is None)
                 and job.control is first.control
-            ][::-1]
+                and job.grounding is None
+                and first.grounding is None
+            ][::-1] or [0]
             chunk = [to_run.pop(i) for i in picked]
             batch = x.shape[0]
             context = _concat_cross_attn([_repeat_to_batch(job.cross_attn, batch) for job in chunk])
@@ -349,7 +375,9 @@ class CFGDenoiser:
             added = _batched_added(chunk, batch)
             sigmas = torch.cat([sigma] * len(chunk))
             cfg_patches.batch_sides(self.unet, [job.side for job in chunk])
-            result = self.apply_model(inputs, sigmas, context, concat, added, first.control, len(chunk))
+            result = self.apply_model(
+                inputs, sigmas, context, concat, added, first.control, len(chunk), first.grounding
+            )
             for job, pred in zip(chunk, result.chunk(len(chunk)), strict=True):
                 out, count = outs[job.side], counts[job.side]
                 if job.area is not None:

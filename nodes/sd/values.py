@@ -38,6 +38,8 @@ class CondOptions(TypedDict, total=False):
     control: Any  # ControlNetApply's chain (nodes/sd/controlnet.py `Control`)
     control_apply_to_uncond: bool
     unclip_conditioning: list[dict[str, Any]]  # unCLIPConditioning (read by unCLIP models only)
+    # GLIGENTextBoxApply: ("position", GLIGEN model, [(pooled text, h, w, y, x) in latent pixels, ...])
+    gligen: tuple[str, Any, list[Any]]
     # SDXL's added conditioning (CLIPTextEncodeSDXL / Refiner)
     width: int
     height: int

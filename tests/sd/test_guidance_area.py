@@ -216,7 +216,7 @@ def test_bad_areas_and_masks_are_clear_errors(unet: Any, embeddings: dict, x: to
         ConditioningError, match="positive: conditioning option 'control' must be a ControlNet"
     ):
         cond_entries([[embeddings["a"], {"control": object()}]], schedule, "positive")
-    with pytest.raises(ConditioningError, match="gligen is not supported yet"):
+    with pytest.raises(ConditioningError, match=r"positive: conditioning option 'gligen' must be \(kind"):
         cond_entries([[embeddings["a"], {"gligen": object()}]], schedule, "positive")
     (two_masks,) = ConditioningSetMask().run(
         CTX, [[embeddings["a"], {}]], torch.ones(2, 8, 8), 1.0, "default"
