@@ -4,7 +4,7 @@ each comes from), run end to end on the mini models as a user would run them.
 Each file is loaded with `load_workflow` (canvas files are converted as the frontend queues them;
 one API prompt; one canvas file carried in a PNG), its model files are put into a models folder
 under the names the workflow asks for (symlinks to the mini SD1.5 / SDXL checkpoints, the mini
-LoRAs and ControlNet; a generated image, a generated A1111 embedding), then it is validated and
+LoRAs, ControlNet and GLIGEN; a generated image, a generated A1111 embedding), then it is validated and
 run by the real executor. The test edits only sizes and step counts, in the loaded prompt, never
 in the stored file: pixel sizes divided by 8 (SD1.5) or 16 (SDXL), samplers cut to 2 steps.
 A workflow needing a core node nodegraph lacks is kept as a strict xfail naming the node; one
@@ -46,6 +46,7 @@ STEPS = 2
 SIZE_WIDGETS: dict[str, tuple[int, tuple[str, ...]]] = {
     "EmptyLatentImage": (8, ("width", "height")),
     "ConditioningSetArea": (8, ("width", "height", "x", "y")),
+    "GLIGENTextBoxApply": (8, ("width", "height", "x", "y")),
     "ImagePadForOutpaint": (8, ("left", "top", "right", "bottom")),
     "SolidMask": (1, ("width", "height")),
     "MaskComposite": (1, ("x", "y")),
@@ -71,6 +72,7 @@ RUNS: dict[str, Case] = {
     "cubiq_upscale_latent.json": Case(SD15, {"13": (1, 64, 64), "9": (1, 96, 96)}),
     "cubiq_canny.json": Case(SD15, {"17": (1, IMAGE_W, IMAGE_H), "9": (1, 64, 64)}),
     "cubiq_inpaint.json": Case(SD15, {"15": (1, 96, 64), "94": (1, 96, 64), "119": (1, 96, 64)}),
+    "cubiq_gligen_box.json": Case(SD15, {"33": (1, 64, 64)}),
     "cubiq_SDXL_base_only.json": Case(SDXL, {"9": (1, 64, 64)}),
     "cubiq_outpaint_seam_fix_SDXL.json": Case(
         SDXL, {"15": (1, 64, 64), "22": (1, 96, 64), "88": (1, 96, 64), "86": (1, 96, 64)}
@@ -79,13 +81,7 @@ RUNS: dict[str, Case] = {
     "hanzoui_sdxlturbo_example.json": Case(SDXL, {"27": (1, 32, 32)}),
 }
 # Core nodes nodegraph lacks: strict xfails that fail only with the loader's missing-node error.
-XFAILS: dict[str, tuple[Case, str]] = {
-    "cubiq_gligen_box.json": (
-        Case(SD15, {"33": (1, 64, 64)}),
-        "GLIGENLoader and GLIGENTextBoxApply: ComfyUI core nodes nodegraph does not have "
-        "(running it will also need a mini GLIGEN model)",
-    ),
-}
+XFAILS: dict[str, tuple[Case, str]] = {}
 # Custom nodes nodegraph does not implement: the one error names every one of them.
 MISSING: dict[str, list[str]] = {
     "cubiq_depth.json": ["Zoe-DepthMapPreprocessor"],
@@ -107,15 +103,15 @@ def engine(
     mini_checkpoint: Path,
     mini_loras: Path,
     mini_controlnet: Path,
-    mini_sdxl_checkpoint: Path,
-    sdxl_store: ModelStore,
+    mini_gligen: Path,
 ) -> Iterator[Any]:
     """One engine for the module. Every name a workflow gives a model file is a symlink to a mini
     model, so each family's checkpoint loads once: SD1.5 into a store of the module's own, SDXL
-    into the session's store (the mini SDXL is often loaded already)."""
+    into the session's store (the mini SDXL is often loaded already), asked for only by the first
+    SDXL case (`sdxl_family`), so SD1.5 cases run alone stay small."""
     base = tmp_path_factory.mktemp("shared_workflows")
     built = build_engine(Settings(base_directory=base, preview_method="none"), all_nodes())
-    STORES.update({SD15: ModelStore(capacity=1), SDXL: sdxl_store})
+    STORES.update({SD15: ModelStore(capacity=1)})
     MODELS.update(
         {  # what each models folder's entries link to, per family
             SD15: {
@@ -123,14 +119,22 @@ def engine(
                 "vae": [mini_checkpoint],  # the VAE loader reads a checkpoint's first_stage_model
                 "loras": [mini_loras / "mini_lora_a.safetensors", mini_loras / "mini_lora_b.safetensors"],
                 "controlnet": [mini_controlnet],
+                "gligen": [mini_gligen],
             },
-            SDXL: {"checkpoints": [mini_sdxl_checkpoint], "vae": [mini_sdxl_checkpoint]},
         }
     )
     yield built
     built.executor.reset()  # cached handles would keep the models alive
     STORES.pop(SD15).free(unload_models=True, free_memory=True)
     STORES.clear()
+
+
+def sdxl_family(request: pytest.FixtureRequest, family: str) -> None:
+    """The session's mini SDXL checkpoint and store, fetched when an SDXL case first needs them."""
+    if family == SDXL and SDXL not in STORES:
+        checkpoint = request.getfixturevalue("mini_sdxl_checkpoint")
+        MODELS[SDXL] = {"checkpoints": [checkpoint], "vae": [checkpoint]}
+        STORES[SDXL] = request.getfixturevalue("sdxl_store")
 
 
 def use_family(engine: Any, family: str) -> None:
@@ -239,7 +243,8 @@ def check_images(engine: Any, outputs: dict[str, Any], case: Case) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(RUNS, key=lambda name: (RUNS[name].family, name)))
-def test_shared_workflow_runs_unchanged(engine: Any, name: str) -> None:
+def test_shared_workflow_runs_unchanged(engine: Any, name: str, request: pytest.FixtureRequest) -> None:
+    sdxl_family(request, RUNS[name].family)
     check_images(engine, run_shared(engine, name, RUNS[name]), RUNS[name])
 
 
@@ -250,8 +255,11 @@ def test_shared_workflow_runs_unchanged(engine: Any, name: str) -> None:
         for name, (_, reason) in sorted(XFAILS.items())
     ],
 )
-def test_shared_workflow_waiting_for_a_core_node(engine: Any, name: str) -> None:
+def test_shared_workflow_waiting_for_a_core_node(
+    engine: Any, name: str, request: pytest.FixtureRequest
+) -> None:
     case = XFAILS[name][0]
+    sdxl_family(request, case.family)
     check_images(engine, run_shared(engine, name, case), case)
 
 
