@@ -38,6 +38,7 @@ class Input:
     optional: bool = field(default=False, kw_only=True)
     tooltip: str | None = field(default=None, kw_only=True)
     force_input: bool = field(default=False, kw_only=True)
+    advanced: bool = field(default=False, kw_only=True)  # the canvas folds it away (ComfyUI's "advanced")
 
     @property
     def type(self) -> SocketType:
@@ -50,6 +51,8 @@ class Input:
             opts["tooltip"] = self.tooltip
         if self.force_input:
             opts["forceInput"] = True
+        if self.advanced:
+            opts["advanced"] = True
         return opts
 
     def spec(self, env: Environment | None) -> Any:

@@ -20,6 +20,7 @@ def all_nodes() -> list[type[Node]]:
     """The node classes, in the order the canvas lists them."""
     from nodes import (
         clip_vision,
+        component_loaders,
         conditioning,
         conditioning_area,
         conditioning_combine,
@@ -61,6 +62,7 @@ def all_nodes() -> list[type[Node]]:
 
     modules = (
         loaders,
+        component_loaders,
         lora,
         lora_stacks,
         hypernetwork,

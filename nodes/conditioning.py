@@ -14,7 +14,7 @@ import torch
 
 from nodegraph.node import Int, Node, Output, RunContext, Socket, String
 from nodegraph.types import CLIP, CONDITIONING
-from nodes.sd.device import on_device
+from nodes.sd.device import on_device, place
 from nodes.sd.embeddings import EmbeddingError, find_embedding_file, load_embedding
 from nodes.sd.handles import ClipHandle
 from nodes.sd.prompt import EmbeddingLookup, tokenize
@@ -51,9 +51,18 @@ class CLIPTextEncode(Node):
         tokenized = tokenize(text, clip.tokenizer, embedding_lookup(ctx, clip))
         for name in tokenized.missing_embeddings:
             ctx.warn(f"embedding:{name} does not exist, ignoring", {"embedding": name})
-        on_device(ctx.env, clip.text_encoder, "text_encoder")
+        place_text_encoder(ctx, clip, clip.text_encoder)
         cond, pooled = encode_prompt(clip, tokenized, warn=ctx.warn)
         return ([(cond, {"pooled_output": pooled})],)
+
+
+def place_text_encoder(ctx: RunContext, clip: ClipHandle, module: Any) -> None:
+    """Where the settings put text encoders, or the CPU in fp32 for a CLIP loaded with device "cpu"
+    (CLIPLoader's and DualCLIPLoader's option: ComfyUI's load and offload device both the CPU)."""
+    if clip.extra.get("device") == "cpu":
+        place(module, torch.device("cpu"), torch.float32)
+    else:
+        on_device(ctx.env, module, "text_encoder")
 
 
 def embedding_lookup(ctx: RunContext, clip: ClipHandle, embed_key: str = "clip_l") -> EmbeddingLookup:
@@ -86,7 +95,7 @@ def encode_sdxl_entry(
         ctx.warn(f"embedding:{name} does not exist, ignoring", {"embedding": name})
     for module in (clip.text_encoder, clip.text_encoder_2):
         if module is not None:
-            on_device(ctx.env, module, "text_encoder")
+            place_text_encoder(ctx, clip, module)
     cond, pooled = encode_sdxl(clip, tokens, warn=ctx.warn)
     return (cond, {"pooled_output": pooled, **(options or {})})
 

@@ -1,4 +1,6 @@
-"""Nodes: CheckpointLoaderSimple and VAELoader.
+"""Nodes: CheckpointLoaderSimple, CheckpointLoader (deprecated, with a config file), VAELoader and
+DiffusersLoader. The loaders of single parts (UNETLoader, CLIPLoader, DualCLIPLoader) are in
+`nodes.component_loaders`.
 
 Loading goes through the model store (`nodes.sd.model_store`), so every loader node and every
 workflow that names the same unchanged file shares one copy of its weights.
@@ -8,14 +10,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from nodegraph.env import Environment
 from nodegraph.node import FileChoice, Node, Output, RunContext
 from nodegraph.types import CLIP, MODEL, VAE
 from nodes.sd.checkpoint import LoadedCheckpoint, PixelSpaceVae, load_vae_file
 from nodes.sd.handles import ClipHandle, ModelHandle, VaeHandle
-from nodes.sd.model_sampling import EPS, checkpoint_sampling
+from nodes.sd.model_sampling import EPS, ModelSampling, checkpoint_sampling
 from nodes.sd.model_store import ModelStore
 from nodes.sd.tokenizer import default_tokenizer
 
@@ -82,6 +88,63 @@ def _handles(
     return model, clip, vae
 
 
+@dataclass(frozen=True)
+class LdmConfig:
+    """What ComfyUI still reads of an LDM yaml config once the checkpoint's own tensors said what it is."""
+
+    v_prediction: bool
+    layer_idx: int | None
+
+
+def read_ldm_config(path: Path, name: str) -> LdmConfig:
+    """`model.params.parameterization` ("v": v-prediction) and `cond_stage_config.params.layer_idx`
+    (CLIP Set Last Layer), as comfy.sd.load_checkpoint reads them; everything else is ignored."""
+    try:
+        data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"CheckpointLoader: config '{name}' cannot be read as YAML ({exc})") from exc
+    params = data.get("model", {}).get("params") if isinstance(data, dict) else None
+    if not isinstance(params, dict) or not isinstance(params.get("cond_stage_config"), dict):
+        raise ValueError(
+            f"CheckpointLoader: config '{name}' is not an LDM model config "
+            "(no model.params.cond_stage_config); "
+            "pick one of ComfyUI's models/configs files (v1-inference.yaml ...)"
+        )
+    clip_params = params["cond_stage_config"].get("params") or {}
+    layer_idx = clip_params.get("layer_idx") if isinstance(clip_params, dict) else None
+    if layer_idx is not None and (isinstance(layer_idx, bool) or not isinstance(layer_idx, int)):
+        raise ValueError(
+            f"CheckpointLoader: config '{name}' has layer_idx {layer_idx!r}; expected an integer"
+        )
+    return LdmConfig(params.get("parameterization") == "v", layer_idx)
+
+
+class CheckpointLoader(Node):
+    """Load a checkpoint with an LDM config file (deprecated): the model is detected from its tensors.
+
+    As in ComfyUI, of the config only `parameterization: v` (v-prediction sampling) and the text
+    encoder's `layer_idx` (CLIP Set Last Layer) are used.
+    """
+
+    DISPLAY_NAME = "Load Checkpoint With Config (DEPRECATED)"
+    CATEGORY = "advanced/loaders"
+    DEPRECATED = True
+    INPUTS = (FileChoice("config_name", folder="configs"), FileChoice("ckpt_name", folder="checkpoints"))
+    OUTPUTS = (Output(MODEL), Output(CLIP), Output(VAE))
+
+    def run(
+        self, ctx: RunContext, config_name: str, ckpt_name: str
+    ) -> tuple[ModelHandle, ClipHandle, VaeHandle]:
+        config = read_ldm_config(ctx.env.folders.resolve("configs", config_name), config_name)
+        path = ctx.env.folders.resolve("checkpoints", ckpt_name)
+        model, clip, vae = _handles(ctx.env, model_store(ctx.env).checkpoint(path), ckpt_name)
+        if config.v_prediction:
+            model = replace(model, sampling=ModelSampling("v_prediction", model.sampling.zsnr))
+        if config.layer_idx is not None:
+            clip = replace(clip, layer_idx=config.layer_idx)
+        return model, clip, vae
+
+
 class DiffusersLoader(Node):
     """Load an SD1.x diffusers pipeline folder (unet/, vae/, text_encoder/) from models/diffusers."""
 
@@ -111,4 +174,4 @@ class VAELoader(Node):
         return (VaeHandle(vae=vae, source=vae_name, scaling_factor=vae.config.scaling_factor),)
 
 
-NODES: tuple[type[Node], ...] = (CheckpointLoaderSimple, VAELoader, DiffusersLoader)
+NODES: tuple[type[Node], ...] = (CheckpointLoaderSimple, CheckpointLoader, VAELoader, DiffusersLoader)

@@ -76,6 +76,8 @@ def detect_family(name: str, keys: Iterable[str], shape_of: ShapeOf) -> str:
             f"'{name}' has an unknown UNet ({in_channels} input channels, context {context}); {supported}"
         )
     if not any(k.startswith(VAE_PREFIX) for k in keyset):
+        if not any(k.startswith(TE_PREFIXES[1]) for k in keyset):
+            raise UnsupportedCheckpointError(f"'{name}' {UNET_ALONE}")
         raise UnsupportedCheckpointError(
             f"'{name}' has no VAE (no {VAE_PREFIX} keys); use a full SD1.x checkpoint"
         )
@@ -96,7 +98,17 @@ _OTHER_FAMILIES = (
 )
 
 
+UNET_ALONE = (
+    "is a UNet alone (no VAE, no text encoder); put it in models/diffusion_models (or models/unet) and "
+    "load it with Load Diffusion Model (UNETLoader), with CLIPLoader and VAELoader for the other parts"
+)
+
+
 def _what_is_it(keys: set[str]) -> str:
+    if "input_blocks.0.0.weight" in keys or (
+        "conv_in.weight" in keys and "time_embedding.linear_1.weight" in keys
+    ):
+        return f"it {UNET_ALONE}"
     for marker, what in _OTHER_FAMILIES:
         if any(k.endswith(marker) for k in keys):
             return f"it is {what}; nodegraph runs SD1.x and SDXL-family checkpoints only"

@@ -28,6 +28,10 @@ SDXL_LATENT_SCALE = 0.13025  # comfy/latent_formats.py SDXL.scale_factor
 BASE_ADM = 2816  # pooled 1280 + 6 size embeddings of 256
 REFINER_ADM = 2560  # pooled 1280 + 4 size embeddings + the aesthetic score
 SPLIT = ("q", "k", "v")
+UNET_ALONE_HINT = (
+    "put it in models/diffusion_models (or models/unet) and load it with Load Diffusion Model (UNETLoader), "
+    "with DualCLIPLoader (type sdxl) and VAELoader for the other parts"
+)
 
 # open_clip resblock names -> transformers CLIPEncoderLayer names (comfy/utils.py transformers_convert)
 _LAYER_NAMES = {
@@ -61,6 +65,10 @@ def detect_family(name: str, keys: Iterable[str], shape_of: ShapeOf) -> str:
     has_g_base = any(k.startswith(CLIP_G_BASE) for k in keyset)
     has_g_refiner = any(k.startswith(CLIP_G_REFINER) for k in keyset)
     if not any(k.startswith(VAE_PREFIX) for k in keyset):
+        if not any(k.startswith("conditioner.") for k in keyset):
+            raise UnsupportedCheckpointError(
+                f"'{name}' is an SDXL UNet alone (no VAE, no text encoders); {UNET_ALONE_HINT}"
+            )
         raise UnsupportedCheckpointError(
             f"'{name}' is an SDXL UNet without a VAE (no {VAE_PREFIX} keys); use a full SDXL checkpoint"
         )

@@ -176,6 +176,30 @@ def test_a_failed_load_leaves_no_lock_behind_and_a_later_load_works(tmp_path: Pa
     assert store.checkpoint(path) is loaded and len(attempts) == 2 and store._key_locks == {}
 
 
+def test_store_keeps_one_entry_per_kind_and_files_and_drops_every_kind_of_a_changed_file(
+    tmp_path: Path,
+) -> None:
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"1")
+    b.write_bytes(b"1")
+    store = ModelStore(capacity=4)
+    made: list[str] = []
+
+    def make(label: str) -> Any:
+        made.append(label)
+        return object()
+
+    plain = store.load("unet:default", (a,), lambda: make("plain"))
+    assert store.load("unet:default", (a,), lambda: make("again")) is plain
+    fp8 = store.load("unet:fp8_e4m3fn", (a,), lambda: make("fp8"))
+    store.load("clip:sdxl", (a, b), lambda: make("pair"))
+    assert fp8 is not plain and made == ["plain", "fp8", "pair"] and store.loads == 3
+    assert store.kinds() == ["unet:default", "unet:fp8_e4m3fn", "clip:sdxl"]
+    a.write_bytes(b"22")  # a new version of a: every entry made from the old one goes
+    store.load("unet:default", (a,), lambda: make("new"))
+    assert store.kinds() == ["unet:default"] and made[-1] == "new"
+
+
 def test_model_store_is_one_service_per_environment(env: Environment) -> None:
     assert model_store(env) is model_store(env)
     assert isinstance(model_store(env), ModelStore)

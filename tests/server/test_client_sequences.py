@@ -20,10 +20,9 @@ Sources (public repositories; the functions named are the ones replayed):
   `comfyui_create_image`, `comfyui_edit_image`, `comfyui_upload_image`, `queue_prompt`,
   `_ws_get_images`, `get_history`, `get_image_url`; `image_edits` keeps the `type=output` URLs).
 
-Not replayed because it fails here: SillyTavern's ComfyUI model list (`comfy` `/models`) reads
-`object_info.UNETLoader.input.required.unet_name`, and nodegraph has no UNETLoader node, so that call
-answers 500 in SillyTavern and its model dropdown stays empty (the checkpoint list it also reads is
-asserted below).
+`comfy` `/models` (SillyTavern's ComfyUI model list) reads `object_info.CheckpointLoaderSimple` and
+`object_info.UNETLoader.input.required.unet_name` (and `UnetLoaderGGUF` when present): replayed with a
+file in models/diffusion_models.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ import base64
 import io
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -63,11 +63,13 @@ def server(
 ) -> Iterator[LiveServer]:
     """`nodegraph serve --api-auth tavern:secret` over two checkpoints and a VAE file."""
     base = tmp_path_factory.mktemp("clients")
-    for folder in ("checkpoints", "vae"):
+    for folder in ("checkpoints", "vae", "diffusion_models"):
         (base / "models" / folder).mkdir(parents=True)
     os.symlink(mini_checkpoint, base / "models" / "checkpoints" / "mini.safetensors")
     os.symlink(mini_checkpoint_seed1, base / "models" / "checkpoints" / "other.safetensors")
     os.symlink(mini_checkpoint, base / "models" / "vae" / "mini_vae.safetensors")  # a VAE file in LDM layout
+    # UNETLoader reads a full checkpoint's UNet, as ComfyUI's does: listed as a diffusion model
+    os.symlink(mini_checkpoint, base / "models" / "diffusion_models" / "mini_unet.safetensors")
     engine = build_engine(
         Settings(base_directory=base, port=0, api_auth=AUTH),
         nodes.all_nodes(),
@@ -226,6 +228,23 @@ def test_sillytavern_comfyui_sequence(server: LiveServer) -> None:
     checkpoints = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
     assert "euler" in samplers and "normal" in schedulers and "mini_vae.safetensors" in vaes
     assert checkpoints == ["mini.safetensors", "other.safetensors"]
+    # comfy /models: checkpoints, then "UNet: " diffusion models, then GGUF ones if that loader exists
+    models = [{"value": it, "text": it} for it in checkpoints]
+    models += [
+        {"value": it, "text": f"UNet: {it}"} for it in info["UNETLoader"]["input"]["required"]["unet_name"][0]
+    ]
+    gguf = info.get("UnetLoaderGGUF")
+    models += [
+        {"value": it, "text": f"GGUF: {it}"}
+        for it in (gguf["input"]["required"]["unet_name"][0] if gguf else [])
+    ]
+    for it in models:  # it.text.replace(/\.[^.]*$/, '').replace(/_/g, ' ')
+        it["text"] = re.sub(r"\.[^.]*$", "", it["text"]).replace("_", " ")
+    assert models == [
+        {"value": "mini.safetensors", "text": "mini"},
+        {"value": "other.safetensors", "text": "other"},
+        {"value": "mini_unet.safetensors", "text": "UNet: mini unet"},
+    ]
 
     # generateComfyImage: replaceAll('"%ph%"', JSON.stringify(value)); the seed is
     # Math.round(Math.random() * Number.MAX_SAFE_INTEGER), so it can reach 2**53 - 1.
