@@ -91,11 +91,18 @@ def model_metadata(model: ModelHandle, refiner: bool, title: str) -> dict[str, s
 
 
 def sampling_markers(model: ModelHandle) -> dict[str, Any]:
-    """The marker keys a v-prediction (zero-terminal-SNR) checkpoint declares itself with (ComfyUI's)."""
+    """The marker keys a v-prediction (zero-terminal-SNR) checkpoint declares itself with (ComfyUI's);
+    on a continuous EDM schedule, `edm_vpred.sigma_max` / `.sigma_min` (nodes_model_merging's save)."""
     import torch
 
     if model.sampling.prediction != "v_prediction":
         return {}
+    if model.sampling.sigma_range is not None:
+        schedule = model.sampling.schedule
+        return {
+            "edm_vpred.sigma_max": torch.tensor(float(schedule.sigma_max)).float(),
+            "edm_vpred.sigma_min": torch.tensor(float(schedule.sigma_min)).float(),
+        }
     out = {"v_pred": torch.tensor([])}
     if model.sampling.zsnr:
         out["ztsnr"] = torch.tensor([])

@@ -72,12 +72,12 @@ def _number(opts: dict[str, Any], key: str, default: float, what: str) -> float:
 
 
 def percent_to_sigma(schedule: DiscreteSchedule, percent: float) -> float:
-    """comfy ModelSamplingDiscrete.percent_to_sigma."""
+    """comfy ModelSamplingDiscrete.percent_to_sigma (ModelSamplingContinuousEDM's on a continuous table)."""
     if percent <= 0.0:
         return 999999999.9
     if percent >= 1.0:
         return 0.0
-    return float(schedule.sigma(torch.tensor((1.0 - percent) * 999.0)))
+    return schedule.from_percent(percent)
 
 
 def _read_area(value: Any, what: str) -> tuple[Any, ...] | None:

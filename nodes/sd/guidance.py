@@ -234,12 +234,11 @@ class CFGDenoiser:
         batched_number: int = 1,
         grounding: GligenCall | None = None,
     ) -> torch.Tensor:
-        """BaseModel._apply_model: scale the input, append c_concat, integer timestep, then the
-        model sampling's denoised formula (eps: x - sigma * eps). A control's residuals are computed
-        from the same inputs (without c_concat) and added inside the UNet; GLIGEN's gated layers
-        run inside its transformer blocks for this call only."""
-        s = sigma.reshape(sigma.shape[:1] + (1,) * (x.ndim - 1))
-        xc = x / (s**2 + 1.0) ** 0.5
+        """BaseModel._apply_model: scale the input, append c_concat, the model sampling's timestep
+        (the table index; `0.25·ln σ` on a continuous schedule), then its denoised formula. A control's
+        residuals are computed from the same inputs (without c_concat) and added inside the UNet;
+        GLIGEN's gated layers run inside its transformer blocks for this call only."""
+        xc = self.sampling.scale_input(sigma, x)
         t = self.schedule.timestep(sigma).float()
         dtype = next(self.unet.parameters()).dtype
         kwargs = {k: v.to(xc.device, dtype) for k, v in added.items()} if added is not None else None
@@ -320,16 +319,17 @@ class CFGDenoiser:
             extra=lambda conditioning: self.predict(x, sigma, [self.extra_side(conditioning, x)])[0],
         )
 
-    def extra_side(self, conditioning: Any, x: torch.Tensor) -> list[CondEntry]:
-        """A CONDITIONING value's entries resolved as a negative side (PerpNeg's empty prompt)."""
+    def extra_side(
+        self, conditioning: Any, x: torch.Tensor, what: str = "empty_conditioning"
+    ) -> list[CondEntry]:
+        """A CONDITIONING value's entries resolved as a negative side (PerpNeg's empty prompt,
+        DualCFGGuider's cond2), once per latent shape; `what` names the input in errors."""
         from nodes.sd.guiders import on_device
 
         key = (id(conditioning), x.shape[2], x.shape[3], x.device, x.shape[0])
         if key not in self._extra:
             width = getattr(getattr(self.unet, "config", None), "cross_attention_dim", None)
-            entries = cond_entries(
-                on_device(conditioning, x.device), self.schedule, "empty_conditioning", width
-            )
+            entries = cond_entries(on_device(conditioning, x.device), self.schedule, what, width)
             if self.concat_for is not None:
                 shape = torch.Size((x.shape[0], 4, x.shape[2], x.shape[3]))
                 entries = [replace(e, concat=self.concat_for(e, shape, x.device)) for e in entries]

@@ -10,10 +10,18 @@ the 50 sigmas of its distillation schedule (`ModelSamplingDiscreteDistilled`), s
 * eps: `x − σ·out`;  x0: `out`;
 * v_prediction (σ_data 1): `x/(σ²+1) − σ·out/√(σ²+1)`;
 * lcm: `c_out·(x − σ·out) + c_skip·x`, `c_skip = ¼/(τ²+¼)`, `c_out = τ/√(τ²+¼)`, τ = 10·timestep.
+
+`ModelSamplingContinuousEDM` (ComfyUI's node and `ModelSamplingContinuousEDM` class) replaces the
+table with 1000 log-spaced sigmas between sigma_min and sigma_max, gives the UNet `0.25·ln σ` as its
+timestep and brings in σ_data (0.5 for "edm", else 1): the input is scaled by `1/√(σ²+σ_data²)` and
+
+* eps: `x − σ·out`;  v_prediction: `x·σd²/(σ²+σd²) − out·σ·σd/√(σ²+σd²)`;
+* edm: `x·σd²/(σ²+σd²) + out·σ·σd/√(σ²+σd²)`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,7 +31,8 @@ import torch
 
 from nodes.sd.schedules import DiscreteSchedule, sd15_schedule
 
-PREDICTIONS = ("eps", "v_prediction", "lcm", "x0")
+PREDICTIONS = ("eps", "v_prediction", "lcm", "x0")  # ModelSamplingDiscrete's choices
+CONTINUOUS_PREDICTIONS = ("eps", "v_prediction", "edm")  # on a continuous EDM schedule
 _TERMINAL_ALPHA_BAR = 4.8973451890853435e-08  # ComfyUI's value for the last ᾱ after the rescale
 _LCM_STEPS = 50  # ModelSamplingDiscreteDistilled.original_timesteps
 
@@ -80,28 +89,70 @@ def discrete_schedule(prediction: str = "eps", zsnr: bool = False) -> DiscreteSc
 
 
 @dataclass(frozen=True)
+class ContinuousSchedule(DiscreteSchedule):
+    """comfy ModelSamplingContinuousEDM: 1000 log-spaced sigmas; the timestep is `0.25·ln σ`."""
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return 0.25 * sigma.log()
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        return (timestep / 0.25).exp()
+
+    def from_percent(self, percent: float) -> float:
+        log_min = math.log(float(self.sigma_min))
+        return math.exp((math.log(float(self.sigma_max)) - log_min) * (1.0 - percent) + log_min)
+
+
+@lru_cache(maxsize=8)
+def continuous_schedule(sigma_min: float, sigma_max: float) -> ContinuousSchedule:
+    """set_parameters: `linspace(ln σ_min, ln σ_max, 1000).exp()` in float32, as ComfyUI computes it."""
+    sigmas = torch.linspace(math.log(sigma_min), math.log(sigma_max), 1000).exp()
+    return ContinuousSchedule(sigmas, torch.log(sigmas), (1 / (sigmas * sigmas + 1)).float())
+
+
+@dataclass(frozen=True)
 class ModelSampling:
-    """What the sampler needs to know about a model's parameterisation (a MODEL handle carries it)."""
+    """What the sampler needs to know about a model's parameterisation (a MODEL handle carries it).
+
+    `sigma_range` None: the discrete training table (ModelSamplingDiscrete); (σ_min, σ_max): a
+    continuous EDM schedule (ModelSamplingContinuousEDM), with `sigma_data`.
+    """
 
     prediction: str = "eps"
     zsnr: bool = False
+    sigma_range: tuple[float, float] | None = None
+    sigma_data: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.prediction not in PREDICTIONS:
-            choices = ", ".join(PREDICTIONS)
+        allowed = PREDICTIONS if self.sigma_range is None else CONTINUOUS_PREDICTIONS
+        if self.prediction not in allowed:
+            choices = ", ".join(allowed)
             raise ValueError(f"unknown sampling {self.prediction!r}; expected one of {choices}")
+        if self.sigma_range is not None and not 0 < self.sigma_range[0] < self.sigma_range[1]:
+            low, high = self.sigma_range
+            raise ValueError(f"sigma_min {low} and sigma_max {high}: need 0 < sigma_min < sigma_max")
 
     @property
     def schedule(self) -> DiscreteSchedule:
+        if self.sigma_range is not None:
+            return continuous_schedule(*self.sigma_range)
         return discrete_schedule(self.prediction, self.zsnr)
+
+    def scale_input(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`calculate_input`: the UNet's input, `x / √(σ² + σ_data²)`."""
+        s = sigma.reshape(sigma.shape[:1] + (1,) * (x.ndim - 1))
+        return x / (s**2 + self.sigma_data**2) ** 0.5
 
     def denoised(self, sigma: torch.Tensor, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """`calculate_denoised`: the x0 estimate from the UNet output at `sigma` (one per batch item)."""
         s = sigma.reshape(sigma.shape[:1] + (1,) * (x.ndim - 1))
+        sd = self.sigma_data
         if self.prediction == "x0":
             return output
         if self.prediction == "v_prediction":
-            return x * 1.0 / (s**2 + 1.0) - output * s * 1.0 / (s**2 + 1.0) ** 0.5
+            return x * sd**2 / (s**2 + sd**2) - output * s * sd / (s**2 + sd**2) ** 0.5
+        if self.prediction == "edm":
+            return x * sd**2 / (s**2 + sd**2) + output * s * sd / (s**2 + sd**2) ** 0.5
         x0 = x - output * s
         if self.prediction == "eps":
             return x0
@@ -118,9 +169,10 @@ def from_checkpoint_keys(keys: Collection[str]) -> ModelSampling:
     """What an SDXL-family checkpoint declares by marker keys (ComfyUI supported_models.SDXL.model_type).
 
     `v_pred` (with `ztsnr`: zero terminal SNR) is v-prediction on the discrete schedule, as NoobAI-XL
-    v-pred and other anime checkpoints ship. `edm_vpred.sigma_max` (v-prediction on a continuous EDM
-    schedule, Playground/CosXL style) and `edm_mean`+`edm_std` (Playground v2.5's EDM) are refused by
-    the caller with `unsupported_marker`: sampling them as discrete would silently give wrong images.
+    v-pred and other anime checkpoints ship. `edm_vpred.sigma_max` (CosXL: v-prediction on a
+    continuous EDM schedule) needs the key's value and is read by `checkpoint_sampling`;
+    `edm_mean`+`edm_std` (Playground v2.5's EDM with its own latent format) is refused by the caller
+    with `unsupported_marker`: sampling it otherwise would silently give wrong images.
     """
     if "v_pred" in keys:
         return ModelSampling("v_prediction", zsnr="ztsnr" in keys)
@@ -128,19 +180,22 @@ def from_checkpoint_keys(keys: Collection[str]) -> ModelSampling:
 
 
 def unsupported_marker(keys: Collection[str]) -> str | None:
-    """The continuous-schedule marker of a checkpoint this engine cannot sample, if any."""
+    """The marker of a checkpoint this engine cannot sample, if any."""
     if "edm_mean" in keys and "edm_std" in keys:
         return "an EDM (Playground v2.5-style) checkpoint (edm_mean/edm_std keys)"
-    if "edm_vpred.sigma_max" in keys:
-        return "a continuous-EDM v-prediction checkpoint (edm_vpred.sigma_max key)"
     return None
 
 
-def checkpoint_sampling(path: Path) -> ModelSampling:
-    """The sampling a checkpoint file declares by its marker keys (read from the safetensors header).
+DEFAULT_EDM_SIGMA_MIN = 0.002  # ModelSamplingContinuousEDM's default sigma_min
 
-    Raises ValueError, naming the file, for a continuous-schedule (EDM) checkpoint. Diffusers folders
-    and pickled checkpoints declare nothing here (ComfyUI reads no marker from them): eps.
+
+def checkpoint_sampling(path: Path) -> ModelSampling:
+    """The sampling a checkpoint file declares by its marker keys (read from the safetensors file).
+
+    `edm_vpred.sigma_max` (and `edm_vpred.sigma_min`, else 0.002) is v-prediction on that continuous
+    EDM schedule (ComfyUI's V_PREDICTION_EDM, CosXL). Raises ValueError, naming the file, for a
+    Playground v2.5 checkpoint. Diffusers folders and pickled checkpoints declare nothing here
+    (ComfyUI reads no marker from them): eps.
     """
     if not path.is_file() or path.suffix.lower() not in (".safetensors", ".sft"):
         return EPS
@@ -148,10 +203,20 @@ def checkpoint_sampling(path: Path) -> ModelSampling:
 
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
-    problem = unsupported_marker(keys)
-    if problem is not None:
-        raise ValueError(
-            f"'{path.name}' is {problem}; nodegraph samples discrete-schedule models only "
-            "(eps or v-prediction, optionally zero terminal SNR)"
-        )
+        problem = unsupported_marker(keys)
+        if problem is not None:
+            raise ValueError(
+                f"'{path.name}' is {problem}; nodegraph samples eps and v-prediction models (discrete, "
+                "optionally zero terminal SNR, or on a continuous EDM schedule)"
+            )
+        if "edm_vpred.sigma_max" in keys:
+            sigma_max = float(f.get_tensor("edm_vpred.sigma_max").item())
+            has_min = "edm_vpred.sigma_min" in keys
+            sigma_min = (
+                float(f.get_tensor("edm_vpred.sigma_min").item()) if has_min else DEFAULT_EDM_SIGMA_MIN
+            )
+            try:
+                return ModelSampling("v_prediction", False, (sigma_min, sigma_max))
+            except ValueError as exc:
+                raise ValueError(f"'{path.name}': its edm_vpred markers are unusable ({exc})") from exc
     return from_checkpoint_keys(keys)

@@ -58,6 +58,10 @@ class DiscreteSchedule:
         log_sigmas = self.log_sigmas.to(t.device)
         return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
 
+    def from_percent(self, percent: float) -> float:
+        """The sigma `percent` of the way through sampling, for 0 < percent < 1 (percent_to_sigma)."""
+        return float(self.sigma(torch.tensor((1.0 - percent) * 999.0)))
+
 
 @lru_cache(maxsize=4)
 def sd15_schedule(

@@ -85,7 +85,7 @@ def test_checkpoint_markers() -> None:
     assert from_checkpoint_keys({"v_pred", "x"}) == ModelSampling("v_prediction", False)
     assert from_checkpoint_keys({"v_pred", "ztsnr"}) == ModelSampling("v_prediction", True)
     assert unsupported_marker({"v_pred"}) is None
-    assert "edm_vpred" in str(unsupported_marker({"edm_vpred.sigma_max", "edm_vpred.sigma_min"}))
+    assert unsupported_marker({"edm_vpred.sigma_max", "edm_vpred.sigma_min"}) is None  # CosXL: sampled
     assert "EDM" in str(unsupported_marker({"edm_mean", "edm_std"}))
 
 
@@ -104,6 +104,17 @@ def test_checkpoint_file_markers_are_read_from_the_header(tmp_path: Any) -> None
     with pytest.raises(ValueError, match="'pg.safetensors' is an EDM"):
         checkpoint_sampling(write("pg.safetensors", ["edm_mean", "edm_std"]))
     assert checkpoint_sampling(tmp_path) == EPS  # a diffusers folder declares nothing
+    # CosXL: v-prediction on the continuous EDM schedule its markers give (sigma_min 0.002 if absent)
+    cosxl = tmp_path / "cosxl.safetensors"
+    save_file(
+        {"edm_vpred.sigma_max": torch.tensor([120.0]), "model.diffusion_model.x": torch.ones(1)}, str(cosxl)
+    )
+    assert checkpoint_sampling(cosxl) == ModelSampling("v_prediction", False, (0.002, 120.0), 1.0)
+    save_file(
+        {"edm_vpred.sigma_max": torch.tensor(80.0), "edm_vpred.sigma_min": torch.tensor(0.03)}, str(cosxl)
+    )
+    got = checkpoint_sampling(cosxl)
+    assert got.sigma_range == (pytest.approx(0.03), 80.0) and got.schedule.sigma_max == pytest.approx(80.0)
 
 
 def test_node_sets_the_sampling_and_keeps_weights_and_loras(tmp_path: Any) -> None:
