@@ -8,8 +8,10 @@ callable the sampler uses, once the UNet, its device and the latent are known.
 * `BasicGuide`: the positive only (cfg 1, no uncond pass).
 * `DualCFGGuide`: three sides run in ComfyUI's order [negative, middle, positive];
   regular: `cfg(middle, negative, cfg2) + (positive − middle)·cfg1` (with ComfyUI's cfg-1
-  shortcuts: cfg2 ≈ 1 drops the negative pass, and cfg1 ≈ 1 too drops the middle one);
-  nested: `negative + cfg2·(cfg(positive, middle, cfg1) − negative)`.
+  shortcuts: cfg2 ≈ 1 drops the negative pass, and cfg1 ≈ 1 too drops the middle one, unless SAG
+  needs the passes); nested: `negative + cfg2·(cfg(positive, middle, cfg1) − negative)`. `cfg` is
+  ComfyUI's `cfg_function`, so the MODEL's CFG patches (RescaleCFG, PerpNeg, PAG, SAG) apply to
+  it with those two sides as cond and uncond, as in ComfyUI.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any, Protocol
 
 import torch
 
-from nodes.sd.cond_entries import cond_entries, prepare_sides
+from nodes.sd import cfg_patches, unet_patches
+from nodes.sd.cond_entries import CondEntry, cond_entries
 from nodes.sd.guidance import CFGDenoiser, ConcatFor
 from nodes.sd.model_sampling import ModelSampling
 
@@ -106,26 +109,47 @@ class BasicGuide:
 
 
 class _DualDenoiser(CFGDenoiser):
-    """Guider_DualCFG.predict_noise."""
+    """Guider_DualCFG.predict_noise, with the model's CFG patches in its `cfg_function` call."""
 
-    def __init__(self, middle: list[Any], cfg2: float, nested: bool, **kwargs: Any) -> None:
+    def __init__(self, middle: Any, cfg2: float, nested: bool, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.middle, self.cfg2, self.nested = middle, cfg2, nested
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         positive, negative = self.sides_for(x.shape[2], x.shape[3], x.device, x.shape[0])
-        middle = prepare_sides(self.middle, [], x.shape[2], x.shape[3], x.device)[0]
+        # cond2 is resolved as a negative side (ComfyUI sets its prompt_type "negative")
+        middle = self.extra_side(self.middle, x, "cond2")
         cfg1, cfg2 = self.cfg, self.cfg2
         if self.nested:
             neg, mid, pos = self.predict(x, sigma, [negative, middle, positive])
-            text = mid + (pos - mid) * cfg1
+            text = self.cfg_function(x, sigma, (pos, positive), (mid, middle), cfg1)
             return neg + cfg2 * (text - neg)
-        if math.isclose(cfg2, 1.0):  # ComfyUI's cfg-1 optimisation: skip passes that cancel out
-            negative = []
+        if math.isclose(cfg2, 1.0) and not cfg_patches.needs_uncond(self.unet):
+            negative = []  # ComfyUI's cfg-1 optimisation: skip passes that cancel out
             if math.isclose(cfg1, 1.0):
                 middle = []
         neg, mid, pos = self.predict(x, sigma, [negative, middle, positive])
-        return neg + (mid - neg) * cfg2 + (pos - mid) * cfg1
+        return self.cfg_function(x, sigma, (mid, middle), (neg, negative), cfg2) + (pos - mid) * cfg1
+
+    def cfg_function(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: tuple[torch.Tensor, list[CondEntry]],
+        uncond: tuple[torch.Tensor, list[CondEntry]],
+        scale: float,
+    ) -> torch.Tensor:
+        """comfy.samplers.cfg_function on two sides' predictions: plain CFG, or the model's patches
+        (RescaleCFG/PerpNeg mix, then PAG/SAG) with those sides as their cond and uncond. A skipped
+        side predicts zeros, as calc_cond_batch gives for a None conditioning."""
+        (cond_pred, cond_side), (uncond_pred, uncond_side) = cond, uncond
+        if not unet_patches.active(self.unet):
+            return uncond_pred + (cond_pred - uncond_pred) * scale
+        passes = self.passes(x, sigma, cond_side, uncond_side)
+        skipped = not uncond_side
+        return cfg_patches.guided(
+            self.unet, x, sigma, cond_pred, None if skipped else uncond_pred, scale, passes
+        )
 
 
 @dataclass(frozen=True)
@@ -149,7 +173,7 @@ class DualCFGGuide:
     ) -> CFGDenoiser:
         width, schedule = _width(unet), sampling.schedule
         return _DualDenoiser(
-            [e for e in cond_entries(on_device(self.cond2, device), schedule, "cond2", width)],
+            self.cond2,
             self.cfg_cond2_negative,
             self.nested,
             unet=unet,
@@ -171,8 +195,6 @@ class _PerpNegDenoiser(CFGDenoiser):
         self.empty, self.neg_scale = empty, neg_scale
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        from nodes.sd import cfg_patches
-
         positive, negative = self.sides_for(x.shape[2], x.shape[3], x.device, x.shape[0])
         empty = self.extra_side(self.empty, x)
         if not cfg_patches.needs_uncond(self.unet) and math.isclose(self.neg_scale, 0.0):
