@@ -45,6 +45,7 @@ from nodegraph.prompt_graph import PromptGraph, parse_node
 from nodegraph.registry import Registry
 from nodegraph.types import EXTRA_PNGINFO, PROMPT, UNIQUE_ID
 from nodegraph.validate import qualified_name
+from nodegraph.value_lists import Outputs, run_over_lists
 
 log = logging.getLogger(__name__)
 
@@ -269,12 +270,15 @@ class _PromptRun:
                 raise Interrupted(f"interrupted before node {node_id}")
             self.emit(Executing(self.prompt_id, node_id, cls.NODE_ID))
             inputs = self._inputs(node_id, cls)
-            check_node(cls, inputs)  # a size that came over a link was not checked when the prompt was queued
             node = self.ex.instance(node_id, cls)
-            result = node.run(
-                _Context(self.ex, self.prompt_id, node_id, self.emit, self.preview_method), **inputs
-            )
-            outputs, ui = _split_result(cls, result)
+            context = _Context(self.ex, self.prompt_id, node_id, self.emit, self.preview_method)
+
+            def call(kwargs: dict[str, Any]) -> Outputs:
+                check_node(cls, kwargs)  # a size that came over a link was not checked when queued
+                return _split_result(cls, node.run(context, **kwargs))
+
+            # once, or once per item of a list output it reads (ComfyUI's list semantics)
+            outputs, ui = run_over_lists(cls, inputs, call)
         except Interrupted:
             event = ExecutionInterrupted(self.prompt_id, node_id, cls.NODE_ID, tuple(self.outcome.executed))
             self.emit(event)

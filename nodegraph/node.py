@@ -182,6 +182,9 @@ class Node:
     # FlexibleOptionalInputType: Power Lora Loader's `lora_1`, `lora_2`, ... rows). Off for every
     # other node, whose stray inputs are ignored as ComfyUI ignores them.
     EXTRA_INPUTS: ClassVar[bool] = False
+    # ComfyUI's INPUT_IS_LIST: run once with every input as a list (a list output's items, any other
+    # value as a one-item list) instead of once per item; `nodegraph.value_lists` has the rules.
+    INPUT_IS_LIST: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -25,10 +25,13 @@ from nodes.value_types import HIDDEN_VALUE_TYPES, VALUE_TYPES
 NODES = {cls.NODE_ID: cls for cls in all_nodes()}
 
 
-def _expected(inp: Input) -> Any:
+def _expected(inp: Input, as_list: bool = False) -> Any:
+    """The value type; `as_list`: a node with INPUT_IS_LIST gets every input as a list of it."""
     if isinstance(inp, Hidden):
-        return HIDDEN_VALUE_TYPES[inp.kind]
-    return VALUE_TYPES[inp.socket_type if isinstance(inp, Socket) else inp.type]
+        want = HIDDEN_VALUE_TYPES[inp.kind]
+    else:
+        want = VALUE_TYPES[inp.socket_type if isinstance(inp, Socket) else inp.type]
+    return list[want] if as_list else want  # type: ignore[valid-type]
 
 
 def _hints(cls: type[Node]) -> dict[str, Any]:
@@ -44,7 +47,7 @@ def test_run_parameters_have_their_sockets_value_types(node_id: str) -> None:
         param = params.get(inp.name)
         if param is None:
             continue  # taken through **kwargs
-        want = _expected(inp)
+        want = _expected(inp, cls.INPUT_IS_LIST)
         if param.default is None or inp.optional or isinstance(inp, Hidden):
             allowed = (want, want | None)
         else:
@@ -67,7 +70,7 @@ def test_run_returns_its_outputs_value_types(node_id: str) -> None:
     got, outputs = typing.get_args(returned), cls.OUTPUTS
     assert len(got) == len(outputs), f"{node_id}.run returns {returned} for {len(outputs)} outputs"
     for hint, out in zip(got, outputs, strict=True):
-        want = VALUE_TYPES[out.type]
+        want = list[VALUE_TYPES[out.type]] if out.is_list else VALUE_TYPES[out.type]  # a list output: a list
         allowed = (want, want | None) if out.type in optional else (want,)
         assert hint in allowed, f"{node_id}.run returns {hint} for output {out.type.name}, want {want}"
 
