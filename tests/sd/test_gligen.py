@@ -221,6 +221,18 @@ def test_another_kind_is_set_empty_the_same_as_no_boxes(gligen: GligenModel) -> 
     assert_within_floor(empty[:, 0], empty[:, 29])
 
 
+def test_an_area_entry_places_its_boxes_on_its_crop(gligen: GligenModel) -> None:
+    """get_area_and_mult passes the crop's shape to set_position: boxes are fractions of the area."""
+    from nodes.sd.guidance import _job
+
+    grounding = Grounding("position", gligen, ((_pooled(1), 2, 2, 1, 1),))
+    job = _job(CondEntry(_text(1), area=(4, 4, 2, 2), gligen=grounding), torch.zeros(1, 4, 8, 8), 0)
+    cpu = torch.device("cpu")
+    assert job.input_x.shape == (1, 4, 4, 4) and job.grounding is not None
+    assert torch.equal(job.grounding.tokens, grounding_tokens(grounding, (1, 4, 4, 4), cpu))
+    assert not torch.equal(job.grounding.tokens, grounding_tokens(grounding, (1, 4, 8, 8), cpu))
+
+
 # ------------------------------------------------------------------------------------------ the UNet
 
 
