@@ -57,6 +57,7 @@ SLOW = (
     "tests/sd/test_gligen.py::test_boxes_change_the_image_and_leave_no_trace",
     "tests/sd/test_gligen.py::test_boxed_entries_run_alone_and_the_negative_gets_the_boxes",
     "tests/sd/test_gligen.py::test_closed_gates_change_nothing",
+    "tests/nodes/test_component_loaders.py",  # part files cut from the mini checkpoint, several UNet loads
     "tests/nodes/test_example_workflows.py",
     "tests/nodes/test_free.py",
     "tests/nodes/test_inpaint_model.py",
