@@ -189,6 +189,19 @@ def test_diffusers_peft_layout_with_both_encoders(models: dict, tmp_path: Path) 
     assert (report.unet_modules, report.te_modules, report.te2_modules) == (len(UNET_MODS), 2, 2)
 
 
+def test_peft_adapter_names_of_a_wrapped_unet(models: dict, tmp_path: Path) -> None:
+    """`PeftModel.save_pretrained` of a diffusers SDXL UNet: `base_model.model.<path>.lora_A/B`, no
+    alpha (PEFT's scale is in the config; the file's rank-4 pairs apply at scale 1), attention
+    included; the old reference script's `unet.base_model.model.` too."""
+    stems = {m: f"base_model.model.{m}" for m in UNET_MODS[:5]}
+    stems |= {m: f"unet.base_model.model.{m}" for m in UNET_MODS[5:]}
+    tensors = _pairs(models["unet"], stems, down=".lora_A.weight", up=".lora_B.weight", alpha="none")
+    path = write(tmp_path / "adapter_model.safetensors", tensors)
+    expect = {m + ".weight": ("unet", s, "w") for m, s in stems.items()}
+    report = _apply_and_check(path, tensors, {"unet": models["unet"]}, expect)
+    assert report.unet_modules == len(UNET_MODS)
+
+
 def test_refiner_bigg_alone_answers_to_first_encoder_names(models: dict, tmp_path: Path) -> None:
     te = {_g(TE_MODS[0]): "lora_te_text_model_" + TE_MODS[0].replace(".", "_")}
     te[_g(TE_MODS[1])] = "text_encoder.text_model." + TE_MODS[1]

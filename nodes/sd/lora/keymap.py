@@ -114,13 +114,28 @@ def _processor_form(path: str) -> str | None:
     return None
 
 
+def _peft_forms(path: str) -> tuple[str, str]:
+    """A PEFT adapter saved from a wrapped diffusers UNet (`PeftModel.save_pretrained`,
+    `get_peft_model_state_dict` of a `PeftModel`): `base_model.model.<path>`, and the old reference
+    script's `unet.base_model.model.<path>` (ComfyUI reads both forms for PixArt only)."""
+    return f"base_model.model.{path}", f"unet.base_model.model.{path}"
+
+
 def unet_stems(unet: Any) -> dict[str, str]:
-    """Every stem a LoRA may use for a UNet module -> the diffusers module path."""
+    """Every stem a LoRA may use for a UNet module -> the diffusers module path.
+
+    ComfyUI's `model_lora_keys_unet` on SD1.x/SDXL reads kohya's `lora_unet_` (LDM and diffusers
+    paths), SimpleTuner's `lycoris_`, the generic `diffusion_model.` and diffusers' `unet.` / bare
+    paths, except that diffusers/PEFT attention projections (`attn1.to_q`, `to_out.0`) are read only
+    in the old attn-procs form (`attn1.processor.to_q`): a diffusers-trained SDXL LoRA loses its
+    attention layers there ("lora key not loaded"). Here every form names every module, so such a
+    LoRA applies whole, as diffusers' own loader applies it; PEFT's `base_model.model.` adapters too.
+    """
     config = getattr(unet, "config", None)
     stems: dict[str, str] = {}
     for path, _ in module_params(unet):
         flat = path.replace(".", "_")
-        for stem in (f"lora_unet_{flat}", f"lycoris_{flat}", f"unet.{path}", path):
+        for stem in (f"lora_unet_{flat}", f"lycoris_{flat}", f"unet.{path}", path, *_peft_forms(path)):
             stems[stem] = path
         old = _processor_form(path)
         if old is not None:
