@@ -18,6 +18,7 @@ from nodegraph.node import MAX_SEED, Boolean, Combo, Float, Int, Node, Output, R
 from nodegraph.types import CONDITIONING, GUIDER, LATENT, MODEL, NOISE, SAMPLER, SIGMAS
 from nodes.sampling import check_latent, check_model, progress
 from nodes.sd import unet_patches
+from nodes.sd.control import has_control_lora
 from nodes.sd.device import place, placement
 from nodes.sd.guidance import ConditioningError
 from nodes.sd.guiders import BasicGuide, CFGGuide, DualCFGGuide, Guide
@@ -109,7 +110,7 @@ def sample_custom(
     place(model.unet, where.device, where.unet)
     try:
         with (
-            patched(model.unet, model.loras, target="unet") as unet,
+            patched(model.unet, model.loras, target="unet", exact=has_control_lora(guider.guide)) as unet,
             hypernetworks_applied(unet, model.hypernetworks),
             unet_patches.applied(unet, model.patches),
             torch.inference_mode(),

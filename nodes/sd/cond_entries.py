@@ -192,11 +192,12 @@ def _read_control(value: Any, width: int | None, what: str) -> Control | None:
             f"{what}: conditioning option 'control' must be a ControlNet, got {type(value).__name__}; "
             "set it with ControlNetApply"
         )
-    for node in value.chain():
+    for node in value.chain():  # ComfyUI fails here with a matrix-shape error inside the network
         if width is not None and node.model.context_dim != width:
             family = "SDXL" if node.model.family == "sdxl" else "SD1.x"
+            kind = "control LoRA" if node.model.lora is not None else "ControlNet"
             raise ConditioningError(
-                f"{what}: ControlNet '{node.model.name}' is an {family} ControlNet (text width "
+                f"{what}: {kind} '{node.model.name}' is an {family} {kind} (text width "
                 f"{node.model.context_dim}) and does not fit this model (width {width}); pick one made for it"
             )
     return value

@@ -18,8 +18,10 @@ comfy/ldm/modules/diffusionmodules/openaimodel.py (`apply_control`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,6 +30,7 @@ from nodes.sd.device import place
 from nodes.sd.latent_ops import common_upscale
 
 PercentToSigma = Callable[[float], float]
+NetFor = Callable[[ControlModel], Any]  # the network to run for a loaded ControlNet (control LoRAs: built)
 Residuals = tuple[list[torch.Tensor], torch.Tensor]  # (one per skip connection, middle)
 HINT_SCALE = 8  # the hint is in pixels: 8x the latent (ControlBase.compression_ratio)
 
@@ -51,6 +54,23 @@ class Control:
             out.append(node)
             node = node.previous
         return out[::-1]
+
+
+def has_control_lora(*values: Any) -> bool:
+    """Whether any CONDITIONING among `values` (or held by a guide among them, one level down) steers
+    with a control LoRA: the sampler then needs the UNet's LoRAs fused into its weights (no runtime
+    branches), since the control LoRA is built from those weights."""
+    for value in values:
+        if dataclasses.is_dataclass(value) and not isinstance(value, (type, Control)):
+            if has_control_lora(*(getattr(value, f.name) for f in dataclasses.fields(value))):
+                return True
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                opts = item[1] if isinstance(item, (list, tuple)) and len(item) > 1 else None
+                control = opts.get("control") if isinstance(opts, dict) else None
+                if isinstance(control, Control) and any(n.model.lora is not None for n in control.chain()):
+                    return True
+    return False
 
 
 def broadcast_image_to(hint: torch.Tensor, batch: int, batched_number: int) -> torch.Tensor:
@@ -86,14 +106,16 @@ def residuals(
     added: dict[str, torch.Tensor] | None,
     batched_number: int,
     percent_to_sigma: PercentToSigma,
+    net_for: NetFor | None = None,
 ) -> Residuals | None:
     """The chain's residuals for one model call (x_in already scaled by 1/sqrt(sigma^2+1)); None if
-    no ControlNet of the chain is active at `sigma`."""
+    no ControlNet of the chain is active at `sigma`. `net_for` gives the network of each ControlNet
+    (the sampler's builds control LoRAs on its UNet); default its own `net`."""
     out: Residuals | None = None
     for node in control.chain():
         if not percent_to_sigma(node.end_percent) <= sigma <= percent_to_sigma(node.start_percent):
             continue
-        net = node.model.net
+        net = node.model.net if net_for is None else net_for(node.model)
         first = next(net.parameters())
         if first.device != x_in.device or first.dtype != x_in.dtype:
             place(net, x_in.device, x_in.dtype)

@@ -8,10 +8,12 @@ prefix) is renamed with diffusers' own converter, run on key references like the
 `convert.unet_config`, the checkpoint UNet's: the ControlNet is built exactly like the UNet it
 steers, which is why its numbers are the UNet's (diffusers' blocks, ComfyUI's arithmetic).
 
-Files in diffusers' layout (a diffusers ControlNet folder's .safetensors) are read with their own
-names (nodes/sd/controlnet_diffusers.py reads their config). Diff ControlNets (`difference` key)
-hold weights relative to a base UNet: the model's UNet weights are added to them (ComfyUI's
-DiffControlNetLoader). T2I-Adapters and control LoRAs are recognised and refused by name.
+Files in diffusers' layout (a diffusers ControlNet folder's .safetensors, SD1.x or SDXL such as
+controlnet-canny-sdxl-1.0) are read with their own names (nodes/sd/controlnet_diffusers.py reads
+their config). Diff ControlNets (`difference` key) hold weights relative to a base UNet: the model's
+UNet weights are added to them (ComfyUI's DiffControlNetLoader). Control LoRAs (`lora_controlnet`
+key) are read here and built against the sampled UNet (nodes/sd/control_lora.py). T2I-Adapters are
+recognised and refused by name.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from nodes.sd.convert import UNET_PREFIX, UnsupportedCheckpointError
 
 PREFIXES = ("control_model.", "")  # A1111-extracted files, then the plain original layout
 MARKER = "zero_convs.0.0.weight"
+CONTROL_LORA_MARKER = "lora_controlnet"  # Stability's control-lora files, ComfyUI's ControlLoraSave
 HINT = "input_hint_block."
 SDXL_HEAD_CHANNELS = 64
 
@@ -45,14 +48,26 @@ class ControlNetError(CheckpointError):
     """A file that is not a ControlNet nodegraph can run (the message says what it is instead)."""
 
 
+class ControlLoraWeights:
+    """A control LoRA's tensors as stored (`lora_controlnet` marker dropped): full tensors in the
+    original ControlNet names, and `<module>.up` / `<module>.down` pairs for weights that differ from
+    the UNet's by a low-rank product. A plain class, like a network: the ControlNet store bounds it,
+    the output cache does not count it (nodegraph/cache.py walks dataclasses)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+
 @dataclass(frozen=True, eq=False)
 class ControlModel:
-    """A loaded ControlNet: the diffusers network (fp32, eval) and what it was made for."""
+    """A loaded ControlNet: the diffusers network (fp32, eval) and what it was made for. A control
+    LoRA has no network of its own (`net` None): it is built against the sampled UNet."""
 
     net: Any
     name: str
     family: str  # "sd15" or "sdxl"
     context_dim: int  # the text embedding width it cross-attends to (768 SD1.x, 2048 SDXL)
+    lora: ControlLoraWeights | None = None
 
 
 class _Stripped:
@@ -78,8 +93,6 @@ class _Stripped:
 def what_else(name: str, keys: Iterable[str]) -> str:
     """Why a file without ControlNet keys cannot be used, naming what it looks like."""
     keyset = set(keys)
-    if "lora_controlnet" in keyset:
-        return f"'{name}' is a control LoRA; nodegraph does not run control LoRAs yet"
     if any(k.startswith(("body.0.", "conv_in.", "adapter.body.", "backbone.")) for k in keyset):
         return f"'{name}' is a T2I-Adapter (or a Stable Cascade ControlNet); nodegraph does not run those yet"
     if any(
@@ -99,7 +112,7 @@ def _prefix(keys: list[str]) -> str | None:
     return None
 
 
-def _hint_channels(source: _Stripped, name: str) -> tuple[int, tuple[int, ...]]:
+def _hint_channels(source: TensorSource, name: str) -> tuple[int, tuple[int, ...]]:
     """(hint image channels, diffusers' conditioning_embedding_out_channels) from the hint convs."""
     convs = sorted(
         int(k[len(HINT) :].split(".")[0])
@@ -115,7 +128,7 @@ def _hint_channels(source: _Stripped, name: str) -> tuple[int, tuple[int, ...]]:
     return source.shape(f"{HINT}0.weight")[1], (widths[0], *widths[2:-1:2])
 
 
-def controlnet_config(source: _Stripped, name: str) -> dict[str, Any]:
+def controlnet_config(source: TensorSource, name: str) -> dict[str, Any]:
     """A `ControlNetModel` config: the checkpoint UNet's rules (convert.unet_config) on its keys."""
     keys = [UNET_PREFIX + k for k in source.keys()] + [UNET_PREFIX + "out.2.weight"]
 
@@ -135,7 +148,7 @@ def controlnet_config(source: _Stripped, name: str) -> dict[str, Any]:
     return config | {"conditioning_channels": hint_channels, "conditioning_embedding_out_channels": embedding}
 
 
-def controlnet_key_map(source: _Stripped, config: dict[str, Any]) -> dict[str, str]:
+def controlnet_key_map(source: TensorSource, config: dict[str, Any]) -> dict[str, str]:
     """diffusers ControlNetModel parameter name -> original key (diffusers' converter on key references)."""
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_controlnet_checkpoint
 
@@ -157,6 +170,8 @@ def load_controlnet(path: Path, base_unet: Any = None) -> ControlModel:
     path = Path(path)
     source = open_source(path)
     keys = source.keys()
+    if CONTROL_LORA_MARKER in keys:
+        return _load_control_lora(path, source)
     if diffusers_layout.MARKER in keys:
         return _load_diffusers(path, source)
     prefix = _prefix(keys)
@@ -174,7 +189,20 @@ def load_controlnet(path: Path, base_unet: Any = None) -> ControlModel:
         raise ControlNetError(
             f"'{path.name}' lacks {exc} that every ControlNet has; it is incomplete"
         ) from exc
-    return _build(path.name, config, controlnet_key_map(stripped, config), stripped)
+    return build_controlnet(path.name, config, controlnet_key_map(stripped, config), stripped)
+
+
+def _load_control_lora(path: Path, source: TensorSource) -> ControlModel:
+    """A control LoRA: its tensors kept as stored; family and text width read from its keys."""
+    tensors = {k: source.get(k) for k in source.keys() if k != CONTROL_LORA_MARKER}
+    if f"{HINT}0.weight" not in tensors or "zero_convs.0.0.weight" not in tensors:
+        raise ControlNetError(
+            f"'{path.name}' is a control LoRA without its hint encoder or zero convs; it is incomplete"
+        )
+    family = "sdxl" if any(k.startswith("label_emb.") for k in tensors) else "sd15"
+    widths = [t.shape[-1] for k, t in tensors.items() if k.endswith("attn2.to_k.down") and t.dim() == 2]
+    context = widths[0] if widths else (2048 if family == "sdxl" else 768)
+    return ControlModel(None, path.name, family, int(context), ControlLoraWeights(tensors))
 
 
 def _load_diffusers(path: Path, source: TensorSource) -> ControlModel:
@@ -184,10 +212,13 @@ def _load_diffusers(path: Path, source: TensorSource) -> ControlModel:
         config = diffusers_layout.diffusers_config(keys, source.shape)
     except (KeyError, StopIteration, IndexError) as exc:
         raise ControlNetError(f"'{path.name}' is an incomplete diffusers-layout ControlNet ({exc})") from exc
-    return _build(path.name, config, {k: k for k in keys}, source)
+    return build_controlnet(path.name, config, {k: k for k in keys}, source)
 
 
-def _build(name: str, config: dict[str, Any], key_map: dict[str, str], source: TensorSource) -> ControlModel:
+def build_controlnet(
+    name: str, config: dict[str, Any], key_map: dict[str, str], source: TensorSource
+) -> ControlModel:
+    """A `ControlNetModel` of `config` with the weights `key_map` names in `source` (strict)."""
     from diffusers import ControlNetModel
 
     context = config["cross_attention_dim"]

@@ -49,6 +49,8 @@ from nodes.sd.cond_entries import (  # re-exported: the sampler's public names s
     resolve_entry,
 )
 from nodes.sd.control import Control
+from nodes.sd.control_lora import build_control_lora
+from nodes.sd.controlnet import ControlModel
 from nodes.sd.model_sampling import EPS, ModelSampling
 from nodes.sd.schedules import DiscreteSchedule
 
@@ -222,6 +224,7 @@ class CFGDenoiser:
         self.uncond_denoised: torch.Tensor | None = None  # kept for CFG++ samplers
         self._sides: dict[tuple[Any, ...], tuple[list[CondEntry], list[CondEntry]]] = {}
         self._extra: dict[tuple[Any, ...], tuple[Any, list[CondEntry]]] = {}  # keeps the value alive
+        self._control_nets: dict[int, Any] = {}  # control LoRA -> its network on this (patched) UNet
 
     def apply_model(
         self,
@@ -253,6 +256,7 @@ class CFGDenoiser:
                 kwargs,
                 batched_number,
                 lambda p: percent_to_sigma(self.schedule, p),
+                self.control_net,
             )
             if found is not None:
                 extra = {
@@ -273,6 +277,16 @@ class CFGDenoiser:
                 **extra,
             )[0].float()
         return self.sampling.denoised(sigma, eps, x)
+
+    def control_net(self, model: ControlModel) -> Any:
+        """The network of a ControlNet on this UNet: its own, or a control LoRA's, built once per
+        sampling from the UNet's weights as patched now (ComfyUI's ControlLora.pre_run)."""
+        if model.lora is None:
+            return model.net
+        found = self._control_nets.get(id(model))
+        if found is None:
+            found = self._control_nets[id(model)] = build_control_lora(model, self.unet)
+        return found
 
     def sides_for(
         self, height: int, width: int, device: torch.device | None = None, batch: int = 1

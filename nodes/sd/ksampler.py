@@ -25,6 +25,7 @@ import torch
 
 from nodes.sd import unet_patches
 from nodes.sd.cond_entries import CondEntry
+from nodes.sd.control import has_control_lora
 from nodes.sd.device import Placement, place
 from nodes.sd.guidance import CFGDenoiser, ConcatFor
 from nodes.sd.guiders import CFGGuide, Guide
@@ -310,7 +311,7 @@ def sample(
     if where is not None:
         place(model.unet, where.device, where.unet)
     with (
-        patched(model.unet, model.loras, target="unet") as unet,
+        patched(model.unet, model.loras, target="unet", exact=has_control_lora(positive, negative)) as unet,
         hypernetworks_applied(unet, model.hypernetworks),
         unet_patches.applied(unet, model.patches),
         torch.inference_mode(),
