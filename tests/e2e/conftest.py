@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,9 +83,17 @@ def server_command(base: Path, port: int) -> list[str]:
 @pytest.fixture(scope="module")
 def canvas_server(canvas_base: Path) -> Iterator[str]:
     """The real server (`python -m nodegraph serve`) on a free loopback port; yields its URL."""
+    with serving(canvas_base) as url:
+        yield url
+
+
+@contextmanager
+def serving(canvas_base: Path, *extra: str) -> Iterator[str]:
+    """`python -m nodegraph serve` (with `extra` flags) on a free loopback port, until the block ends."""
     port = free_port()
     log = open(canvas_base / "server.log", "wb")  # noqa: SIM115 - closed below, read on failure
-    proc = subprocess.Popen(server_command(canvas_base, port), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    command = [*server_command(canvas_base, port), *extra]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300  # a loaded 2-core CI machine can take a minute to import torch
