@@ -419,7 +419,7 @@ def _cmd_lora_info(args: argparse.Namespace) -> int:
 
 def _train_parser(sub: Any) -> None:
     train = _command(
-        sub, "train-lora", "train an SD1.x LoRA on a kohya-style folder (10_name/ with images + .txt)",
+        sub, "train-lora", "train an SD1.x or SDXL LoRA on a kohya folder (10_name/ with images + .txt)",
         _cmd_train_lora,
     )  # fmt: skip
     cli_train.add_arguments(train)

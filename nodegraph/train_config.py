@@ -26,6 +26,15 @@ SCHEDULERS = (
     "constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial", "adafactor",
 )  # fmt: skip
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor")
+# The size trained at when none is given, by checkpoint family: kohya's model-spec sizes
+# (`sai_model_spec.determine_resolution`), and the kohya_ss GUI's 512,512 field / SDXL presets' 1024,1024.
+NATIVE_RESOLUTION = {"sd15": 512, "sdxl": 1024}
+
+
+def default_resolution(family: str) -> str:
+    """`W,H` a run on a checkpoint of `family` trains at unless told ("sdxl_refiner" as SDXL; else 512)."""
+    size = NATIVE_RESOLUTION["sdxl" if family.startswith("sdxl") else "sd15"]
+    return f"{size},{size}"
 
 
 class ConfigError(ValueError):
@@ -37,7 +46,8 @@ class Option:
     """One option: its kohya name, value type, default, older nodegraph spellings, help."""
 
     name: str
-    type: Any  # int, float, str, bool (a switch), "int_or_float", "list" (repeatable strings), Path
+    type: Any  # int, float, str, bool (a switch), "int_or_float", "list" (repeatable strings),
+    # "float_list" (one or more numbers: kohya's nargs="*" --text_encoder_lr), Path
     default: Any = None
     aliases: tuple[str, ...] = ()
     help: str = ""
@@ -55,7 +65,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("output_dir", Path, None, (), "write the LoRA here instead of the first loras folder"),
     Option("max_train_steps", int, None, ("--steps",), "optimizer steps in all"),
     Option("max_train_epochs", int, None, ("--epochs",), "passes over the data (default 1; wins over steps)"),
-    Option("network_module", str, "networks.lora", (), "only networks.lora"),
+    Option("network_module", str, "networks.lora", (),
+           "only networks.lora (LoRA, and LoCon with conv_dim); LyCORIS modules are refused",
+           ("networks.lora",)),
     Option("network_dim", int, 16, ("--rank",), "LoRA rank (nodegraph default 16)"),
     Option("network_alpha", float, 16.0, ("--alpha",), "LoRA alpha; the update is scaled by alpha/rank"),
     Option("conv_dim", int, None, ("--conv-rank",), "LoCon: also adapt 3x3 convolutions with this rank"),
@@ -66,7 +78,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("network_train_unet_only", bool, False, ("--unet-only",), "do not train the text encoder"),
     Option("learning_rate", float, 1e-4, ("--lr",), "learning rate"),
     Option("unet_lr", float, None, (), "UNet learning rate (default learning_rate)"),
-    Option("text_encoder_lr", float, None, (), "text encoder learning rate (default learning_rate)"),
+    Option("text_encoder_lr", "float_list", None, (),
+           "text encoder learning rate (default learning_rate); kohya takes one or more values and, for "
+           "networks.lora (SD1.x and SDXL), uses the first for every text encoder"),
     Option("lr_scheduler", str, "constant", (), "learning-rate schedule", SCHEDULERS),
     Option("lr_warmup_steps", "int_or_float", 0, (), "warmup steps, or a fraction of all steps when < 1"),
     Option("lr_scheduler_num_cycles", int, 1, (), "cosine_with_restarts: number of restarts"),
@@ -100,7 +114,8 @@ OPTIONS: tuple[Option, ...] = (
            "sdxl_train_network's switch: needs --network_train_unet_only and fixed captions (text is "
            "then encoded once per caption, as without the switch)"),
     Option("cache_text_encoder_outputs_to_disk", bool, False, (),
-           "accepted (implies cache_text_encoder_outputs); the cache is kept in memory"),
+           "SDXL: also keep them in <image>_te_outputs.npz files (kohya's format), reused while the "
+           "caption and the text encoders are unchanged (implies cache_text_encoder_outputs)"),
     Option("disable_mmap_load_safetensors", bool, False, (), "accepted; no effect"),
     Option("prior_loss_weight", float, 1.0, (), "loss weight of regularisation images"),
     Option("noise_offset", float, None, (), "add offset noise of this strength"),
@@ -125,6 +140,24 @@ OPTIONS: tuple[Option, ...] = (
     Option("config_file", Path, None, (), "kohya's TOML config; flags given here override it"),
 )  # fmt: skip
 BY_NAME = {o.name: o for o in OPTIONS}
+# kohya options nodegraph does not implement that change what kohya would train, with kohya's
+# defaults: a config file setting one to anything else is refused rather than trained differently.
+# (Options that change nothing in the result, such as xformers, sdpa, max_data_loader_n_workers or
+# the kohya_ss GUI's epoch field, are listed as not used instead.)
+UNSUPPORTED: dict[str, Any] = {
+    "v2": False, "v_parameterization": False, "loss_type": "l2", "debiased_estimation_loss": False,
+    "ip_noise_gamma": None, "ip_noise_gamma_random_strength": False, "multires_noise_iterations": None,
+    "adaptive_noise_scale": None, "noise_offset_random_strength": False, "min_timestep": 0,
+    "max_timestep": 1000, "scale_weight_norms": None, "random_crop": False, "color_aug": False,
+    "face_crop_aug_range": None, "network_train_text_encoder_only": False, "stop_text_encoder_training": None,
+    "weighted_captions": False, "masked_loss": False, "alpha_mask": False, "vae": None,
+    "zero_terminal_snr": False, "dataset_config": None, "full_fp16": False, "full_bf16": False,
+    "fp8_base": False, "fp8_base_unet": False, "caption_prefix": None, "caption_suffix": None,
+    "keep_tokens_separator": "", "secondary_separator": None, "enable_wildcard": False,
+    "dim_from_weights": False, "v_pred_like_loss": None, "scale_v_pred_loss_like_noise_pred": False,
+    "token_warmup_step": 0, "lr_scheduler_type": None, "lr_scheduler_args": None, "train_inpainting": False,
+    "in_json": None, "validation_split": 0.0,
+}  # fmt: skip
 # Older nodegraph switches kept working; --train-text-encoder is now the default (kohya trains it).
 LEGACY_SWITCHES = ("--train-text-encoder",)
 
@@ -154,6 +187,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kw["action"] = "store_true"
         elif opt.type == "list":
             kw["nargs"] = "*"
+        elif opt.type == "float_list":
+            kw["nargs"] = "*"
+            kw["type"] = float
+            kw["metavar"] = "LR"
         else:
             kw["type"] = _int_or_float if opt.type == "int_or_float" else opt.type
             kw["metavar"] = opt.name.split("_")[-1].upper()
@@ -194,10 +231,21 @@ def resolve(
     """Defaults, then the config file's values, then `given` (flags or an API request).
 
     Returns the complete option dict and the config keys that nodegraph does not use (kohya
-    configs carry many: xformers, sdpa, ...); unknown keys in `given` are an error.
+    configs carry many: xformers, sdpa, ...); unknown keys in `given` are an error, and so is a
+    config key of `UNSUPPORTED` set to other than kohya's default.
     """
     values = {o.name: o.default for o in OPTIONS}
     ignored: list[str] = []
+    refused = [
+        f"{k} = {v!r}"
+        for k, v in (config or {}).items()
+        if k in UNSUPPORTED and not _is_default(v, UNSUPPORTED[k])
+    ]
+    if refused:
+        raise ConfigError(
+            f"the config file sets {', '.join(refused)}: not supported by nodegraph's trainer, and kohya "
+            "would train differently with it; remove it (or set kohya's default) to train without it"
+        )
     for source, strict in ((config or {}, False), (given, True)):
         for key, raw in source.items():
             name = key.replace("-", "_")
@@ -215,6 +263,14 @@ def resolve(
     return values, ignored
 
 
+def _is_default(value: Any, default: Any) -> bool:
+    """Whether a config value leaves kohya's behaviour as its default does (the kohya_ss GUI writes
+    empty lists and some defaults explicitly)."""
+    if value is None or value in ("", [], ()) or value == default:
+        return True
+    return default in (None, False, 0) and not value
+
+
 def coerce(opt: Option, raw: Any) -> Any:
     """One value to the option's type; `ConfigError` names the option."""
     try:
@@ -224,6 +280,8 @@ def coerce(opt: Option, raw: Any) -> Any:
             value = _bool(raw)
         elif opt.type == "list":
             value = [str(v) for v in raw] if isinstance(raw, list | tuple) else str(raw).split()
+        elif opt.type == "float_list":
+            value = _float_list(raw)
         elif opt.type == "int_or_float":
             value = raw if isinstance(raw, int | float) and not isinstance(raw, bool) else _int_or_float(raw)
         elif opt.type is int and isinstance(raw, float) and raw.is_integer():
@@ -241,7 +299,35 @@ def coerce(opt: Option, raw: Any) -> Any:
 
 
 def _type_name(opt: Option) -> str:
-    return {int: "whole number", float: "number", bool: "true/false"}.get(opt.type, "value")
+    names = {
+        int: "whole number",
+        float: "number",
+        bool: "true/false",
+        "float_list": "number or list of numbers",
+    }
+    return names.get(opt.type, "value")
+
+
+def _float_list(raw: Any) -> list[float] | None:
+    """kohya's `--text_encoder_lr` (`nargs="*"`): a number, a TOML list (the kohya_ss GUI writes
+    `[1e-4, 1e-4]`) or space/comma-separated text; an empty list is None (not given)."""
+    if isinstance(raw, bool):
+        raise ValueError(raw)
+    if isinstance(raw, int | float):
+        return [float(raw)]
+    items = list(raw) if isinstance(raw, list | tuple) else str(raw).replace(",", " ").split()
+    if any(isinstance(v, bool) for v in items):
+        raise ValueError(raw)
+    return [float(v) for v in items] or None
+
+
+def first_lr(value: Any) -> float | None:
+    """The one text-encoder rate kohya's `networks.lora` uses (`train_network.py`: the network has no
+    `prepare_optimizer_params_with_multiple_te_lrs`, so a list gives its first value, for both of
+    SDXL's text encoders alike)."""
+    if isinstance(value, list | tuple):
+        return float(value[0]) if value else None
+    return None if value is None else float(value)
 
 
 def parse_resolution(text: str) -> tuple[int, int]:

@@ -78,7 +78,11 @@ class TrainLora(Node):
         Combo("lr_scheduler", choices=train_config.SCHEDULERS, default="cosine"),
         Combo("optimizer_type", choices=train_config.OPTIMIZERS, default="AdamW"),
         Int("train_batch_size", 1, min=1, max=256),
-        String("resolution", "512,512", tooltip="W,H: the bucket area; empty: 512 (SD1.x) or 1024 (SDXL)."),
+        String(
+            "resolution",
+            "",
+            tooltip="W,H: the bucket area. Empty: by the checkpoint, 512,512 (SD1.x) or 1024,1024 (SDXL).",
+        ),
         Combo("mixed_precision", choices=("no", "fp16", "bf16"), default="no"),
         Boolean("train_unet_only", False),
         Int("seed", 0, min=0, max=2**32 - 1),

@@ -107,6 +107,23 @@ function describeDataset() {
   panel.dataset.textContent = `${parts.join(" · ")} → ${found.images_per_epoch} images per epoch${problems}`;
 }
 
+// The training size follows the checkpoint's family (1024,1024 for SDXL, 512,512 otherwise: kohya's
+// model-spec sizes, the kohya_ss GUI's field and SDXL presets) until the user types one.
+let familyAsk = 0;
+async function applyFamilyDefaults() {
+  const resolution = panel.form.querySelector("[name=resolution]");
+  const checkpoint = panel.form.querySelector("[name=ckpt_name]")?.value;
+  if (!resolution || resolution.dataset.userSet) return;
+  const ask = ++familyAsk;
+  const query = checkpoint ? `?checkpoint=${encodeURIComponent(checkpoint)}` : "";
+  const response = await api.fetchApi(`/nodegraph/train/defaults${query}`);
+  if (!response.ok || ask !== familyAsk || resolution.dataset.userSet) return;
+  const found = await response.json();
+  if (ask !== familyAsk || resolution.dataset.userSet) return;
+  resolution.value = found.resolution;
+  resolution.title = `${found.kind === "other" ? "SD1.x" : "SDXL"} default; type W,H to change it`;
+}
+
 // ---- running --------------------------------------------------------------------------------
 function setStatus(text, kind = "") {
   panel.status.textContent = text;
@@ -252,12 +269,19 @@ async function build() {
     const { label, input } = field(name, spec.input.required[name]);
     form.append(label);
     if (name === "dataset") input.addEventListener("change", describeDataset);
+    if (name === "ckpt_name") input.addEventListener("change", () => void applyFamilyDefaults().catch(() => {}));
+    if (name === "resolution") {
+      const mark = () => { input.dataset.userSet = input.value.trim() ? "1" : ""; };
+      input.addEventListener("input", mark);
+      input.addEventListener("change", mark);
+    }
   }
   root.addEventListener("keydown", (event) => event.stopPropagation()); // keep canvas shortcuts out of the form
   startButton.addEventListener("click", () => void start().catch((e) => setStatus(`not started: ${e}`, "error")));
   cancelButton.addEventListener("click", () => void cancel());
   refresh.addEventListener("click", () => void loadDatasets().catch((e) => setStatus(String(e), "error")));
   setRunning(false);
+  await applyFamilyDefaults().catch(() => {});
   await loadDatasets();
   await adoptRunning();
 }

@@ -14,6 +14,7 @@ from typing import Any
 from nodegraph.train_config import (
     ConfigError,
     adafactor_rules,
+    first_lr,
     network_args,
     optimizer_args,
     parse_resolution,
@@ -53,6 +54,8 @@ class TrainRequest:
     training_comment: str | None = None
     network_args: dict[str, str] = field(default_factory=dict)
     cache_text_encoder_outputs: bool = False  # kohya's SDXL switch; checked, the cache is always on
+    # --text_encoder_lr values after the first: kohya's networks.lora does not use them (a notice says so)
+    unused_text_encoder_lrs: list[float] = field(default_factory=list)
     values: dict[str, Any] | None = None  # the kohya-named options it came from, when it did
 
 
@@ -73,6 +76,9 @@ def from_values(values: dict[str, Any], device: str = "auto") -> TrainRequest:
             raise ConfigError(f"{flag} (kohya: --{name}) is required")
     conv = network_args(values)
     kwargs = optimizer_args(values)
+    te_lrs = values["text_encoder_lr"]
+    if isinstance(te_lrs, list | tuple):  # kohya's metadata records the one value it uses
+        values = values | {"text_encoder_lr": first_lr(te_lrs)}
     source = values  # what training uses; `values` becomes what kohya's metadata would record
     if str(values["optimizer_type"]).lower() == "adafactor":
         values, kwargs = adafactor_rules(values, kwargs)
@@ -102,6 +108,7 @@ def from_values(values: dict[str, Any], device: str = "auto") -> TrainRequest:
         flip_aug=values["flip_aug"],
         cache_latents=values["cache_latents"],
         cache_latents_to_disk=values["cache_latents_to_disk"],
+        cache_text_encoder_outputs_to_disk=bool(values["cache_text_encoder_outputs_to_disk"]),
         prior_loss_weight=values["prior_loss_weight"],
         noise_offset=values["noise_offset"],
         min_snr_gamma=values["min_snr_gamma"],
@@ -150,6 +157,7 @@ def from_values(values: dict[str, Any], device: str = "auto") -> TrainRequest:
         cache_text_encoder_outputs=bool(
             values["cache_text_encoder_outputs"] or values["cache_text_encoder_outputs_to_disk"]
         ),
+        unused_text_encoder_lrs=[float(v) for v in te_lrs[1:]] if isinstance(te_lrs, list | tuple) else [],
         values=values,
     )
 
@@ -172,6 +180,7 @@ def to_values(request: TrainRequest) -> dict[str, Any]:
         "caption_dropout_every_n_epochs": o.captions.caption_dropout_every_n_epochs,
         "caption_tag_dropout_rate": o.captions.caption_tag_dropout_rate, "flip_aug": o.flip_aug,
         "cache_latents": o.cache_latents, "cache_latents_to_disk": o.cache_latents_to_disk,
+        "cache_text_encoder_outputs_to_disk": o.cache_text_encoder_outputs_to_disk,
         "prior_loss_weight": o.prior_loss_weight, "noise_offset": o.noise_offset,
         "min_snr_gamma": o.min_snr_gamma, "clip_skip": o.clip_skip, "max_token_length": o.max_token_length,
         "network_dropout": o.network_dropout, "optimizer_type": o.optimizer_type,

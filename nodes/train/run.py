@@ -253,6 +253,20 @@ def _train(
         plan = _plan(folders, request, dataset, hooks)
     if models.family == "sdxl" and request.options.clip_skip is not None and hooks.notice:
         hooks.notice("--clip_skip does not apply to SDXL (kohya: 'clip_skip will be unexpected'); ignored")
+    if request.options.cache_text_encoder_outputs_to_disk and models.family != "sdxl" and hooks.notice:
+        hooks.notice(
+            "--cache_text_encoder_outputs_to_disk is sdxl_train_network's option; an SD1.x run keeps "
+            "the text encoder's outputs in memory"
+        )
+    first = request.options.text_encoder_lr
+    others = [v for v in request.unused_text_encoder_lrs if v != first]  # the kohya_ss GUI repeats the rate
+    if others and request.options.train_text_encoder and hooks.notice:
+        encoders = "both text encoders" if models.family == "sdxl" else "the text encoder"
+        rest = " ".join(f"{v:g}" for v in others)
+        hooks.notice(
+            f"--text_encoder_lr: kohya's networks.lora uses the first value ({first:g}) for {encoders}; "
+            f"{rest} not used"
+        )
     opts = request.options
     trainer = LoraTrainer(models, dataset, opts, device, plan.max_steps)
     try:
@@ -294,6 +308,10 @@ def _run(
     trainer.prepare(encoding)
     if trainer.latent_cache.reused and hooks.notice:
         hooks.notice(f"latents of {trainer.latent_cache.reused} images read from their disk cache")
+    if trainer.te_reused and hooks.notice:
+        hooks.notice(
+            f"text encoder outputs of {trainer.te_reused} images read from their _te_outputs.npz files"
+        )
     log = TrainingLog(plan.folder)
     written: list[Path] = []
     if hooks.started:

@@ -26,10 +26,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nodegraph.train_config import NATIVE_RESOLUTION
 from nodes.sd.checkpoint import LoadedCheckpoint
 from nodes.sd.convert_sdxl import SDXL_LATENT_SCALE
 from nodes.sd.schedules import sd15_schedule
 from nodes.sd.tokenizer import default_tokenizer
+from nodes.train import te_cache
 from nodes.train.buckets import Buckets, assign, epoch_batches, load_pixels
 from nodes.train.captions import CaptionOptions, chunked_ids, join_chunks, process_caption
 from nodes.train.dataset import Dataset, DatasetError, Sample
@@ -41,8 +43,6 @@ from nodes.train.sdxl import encode_sdxl, size_condition
 LATENT_SCALE = 0.18215  # SD1.x VAE scaling factor (kohya multiplies the sample by it)
 NUM_TIMESTEPS = 1000
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
-# The size trained at when none is given: kohya's modelspec defaults (`determine_resolution`)
-NATIVE_RESOLUTION = {"sd15": 512, "sdxl": 1024}
 Text = tuple[torch.Tensor, torch.Tensor | None]  # (hidden states, SDXL's pooled output or None)
 
 
@@ -68,6 +68,7 @@ class TrainOptions:
     flip_aug: bool = False
     cache_latents: bool = False
     cache_latents_to_disk: bool = False
+    cache_text_encoder_outputs_to_disk: bool = False  # SDXL, UNet only: `<image>_te_outputs.npz` files
     prior_loss_weight: float = 1.0
     noise_offset: float | None = None
     min_snr_gamma: float | None = None
@@ -179,6 +180,7 @@ class LoraTrainer:
         self.placement = assign(self.items, options.buckets())
         self.latent_cache = LatentCache(models.vae, self.device, options, self.placement)
         self._texts: dict[str, Text] = {}
+        self.te_reused = 0  # images whose text encoder outputs came from a disk cache
         self.step = 0
         self.epoch = 0  # the epoch in progress (1-based once training starts)
         self.batch_index = 0  # batches of the current epoch already used
@@ -216,6 +218,35 @@ class LoraTrainer:
             self.latent_cache.prepare(sample, self.generator)
             if on_image is not None:
                 on_image(i, len(samples))
+        opts = self.options
+        if opts.cache_text_encoder_outputs_to_disk and self.sdxl and not opts.train_text_encoder:
+            self._cache_texts(list(dict.fromkeys(samples)))
+
+    def _cache_texts(self, samples: list[Sample]) -> None:
+        """kohya's `--cache_text_encoder_outputs_to_disk`: each image's caption encoded once, kept in
+        `<image>_te_outputs.npz` and read back by later runs while caption and encoders are the same."""
+        te_print = te_cache.fingerprint(self.models.text_encoder, self.models.text_encoder_2)
+        tokens = (self.options.max_token_length or 75) + 2
+        missing: list[tuple[Any, str]] = []
+        for sample in samples:
+            caption = sample.caption.split("\n")[0]  # what process_caption gives without dropout
+            path = te_cache.cache_path(sample.image)
+            found = te_cache.read(path, caption, te_print, tokens, self.device)
+            if found is None:
+                missing.append((path, caption))
+                continue
+            self._texts.setdefault(caption, found)
+            self.te_reused += 1
+        batch = max(1, self.options.batch_size)
+        for start in range(0, len(missing), batch):
+            chunk = missing[start : start + batch]
+            with torch.no_grad():
+                hidden, pooled = self._encode([caption for _, caption in chunk])
+            assert pooled is not None  # SDXL
+            for i, (path, caption) in enumerate(chunk):
+                outputs = (hidden[i], pooled[i])
+                self._texts.setdefault(caption, outputs)
+                te_cache.write(path, outputs, caption, te_print)
 
     def latents(self, samples: list[Sample], flips: list[bool]) -> torch.Tensor:
         """Scaled posterior samples `[B, 4, h, w]` (cached, or a fresh draw each call)."""
@@ -335,10 +366,15 @@ class LoraTrainer:
         self.step += 1
 
     def train_step(self, batches: list[list[Sample]]) -> float:
-        """One optimizer step over `batches` (gradient accumulation); returns their mean loss."""
+        """One optimizer step over `batches` (gradient accumulation); returns their mean loss.
+
+        Each loss is divided by `gradient_accumulation_steps`, also for the shorter group that ends an
+        epoch, as accelerate's `Accelerator.backward` does in kohya's loop.
+        """
         self.network.train()
+        accum = self.options.gradient_accumulation_steps
         with torch.inference_mode(False), torch.enable_grad():
-            losses = [self.micro_step(b, len(batches)) for b in batches]
+            losses = [self.micro_step(b, accum) for b in batches]
             self.optimizer_step()
         return sum(losses) / len(losses)
 

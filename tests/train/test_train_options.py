@@ -20,7 +20,7 @@ from nodes.train.captions import CaptionOptions, chunked_ids, join_chunks, proce
 from nodes.train.dataset import DatasetError, load_dataset
 from nodes.train.logs import LossRecorder, crc32c, event_bytes, record
 from nodes.train.optim import OptimizerError, make_scheduler
-from nodes.train.request import from_values
+from nodes.train.request import TrainRequest, from_values
 from nodes.train.save import OutputError, lora_path, save_lora
 
 
@@ -199,6 +199,62 @@ def test_options_come_from_flags_a_kohya_toml_and_defaults_in_that_order(tmp_pat
     assert request.network_args == {"conv_dim": "4"} and request.reg_data == Path("reg")
     with pytest.raises(train_config.ConfigError, match="lr_scheduler.*'cosin'"):
         train_config.resolve({"lr_scheduler": "cosin"})
+
+
+def test_text_encoder_lr_takes_one_or_more_values_and_uses_the_first_as_kohya(tmp_path: Path) -> None:
+    """sd-scripts' `--text_encoder_lr` is `nargs="*"`; the kohya_ss GUI writes it as a TOML list
+    (`[TE, TE]`). kohya's networks.lora (SD1.x and SDXL) has no per-encoder rates, so train_network.py
+    passes the first value on, for both SDXL text encoders, and records it in ss_text_encoder_lr."""
+    parser = __import__("argparse").ArgumentParser()
+    train_config.add_arguments(parser)
+    base = {"pretrained_model_name_or_path": "m", "train_data_dir": "img", "output_name": "x"}
+
+    def request_of(**given: object) -> TrainRequest:
+        values, _ = train_config.resolve(base | given)
+        return from_values(values)
+
+    args = parser.parse_args(["--text_encoder_lr", "5e-5", "1e-4"])
+    assert train_config.explicit(args)["text_encoder_lr"] == [5e-5, 1e-4]
+    request = request_of(text_encoder_lr=[5e-5, 1e-4])
+    assert request.options.text_encoder_lr == 5e-5 and request.unused_text_encoder_lrs == [1e-4]
+    assert request.values is not None and request.values["text_encoder_lr"] == 5e-5  # the metadata's
+    config = tmp_path / "gui.toml"
+    config.write_text("text_encoder_lr = [ 0.0001, 0.0001,]\nunet_lr = 0.0002\n", encoding="utf-8")
+    values, _ = train_config.resolve(base, train_config.load_toml(config))
+    assert values["text_encoder_lr"] == [1e-4, 1e-4]
+    assert from_values(values).options.text_encoder_lr == 1e-4
+    for given, expected in ((3e-5, 3e-5), ([], None), ("2e-5", 2e-5), ("1e-5 2e-5", 1e-5), (None, None)):
+        assert request_of(text_encoder_lr=given).options.text_encoder_lr == expected
+    assert request_of(text_encoder_lr=3e-5).unused_text_encoder_lrs == []
+    assert train_config.explicit(parser.parse_args(["--text_encoder_lr"]))["text_encoder_lr"] == []
+    for bad in ("fast", [1e-4, "x"], True):
+        with pytest.raises(train_config.ConfigError, match="text_encoder_lr.*number or list of numbers"):
+            train_config.resolve({"text_encoder_lr": bad})
+
+
+def test_a_config_asking_for_what_nodegraph_does_not_train_is_refused_by_key() -> None:
+    """A kohya_ss GUI config carries its defaults (`loss_type = "l2"`, `max_timestep = 1000`, empty
+    lists), which change nothing; a key set otherwise would train something else than kohya, so the
+    run is refused naming it rather than trained without it."""
+    harmless = {
+        "loss_type": "l2",
+        "max_timestep": 1000,
+        "lr_scheduler_args": [],
+        "huber_c": 0.1,
+        "xformers": True,
+    }
+    values, ignored = train_config.resolve({}, harmless)
+    assert sorted(ignored) == sorted(harmless) and values["network_module"] == "networks.lora"
+    for key, value in (
+        ("loss_type", "huber"), ("v_parameterization", True), ("network_train_text_encoder_only", True),
+        ("multires_noise_iterations", 6), ("vae", "sdxl_vae.safetensors"), ("random_crop", True),
+    ):  # fmt: skip
+        with pytest.raises(train_config.ConfigError, match=f"sets {key} = {value!r}: not supported"):
+            train_config.resolve({}, harmless | {key: value})
+    with pytest.raises(
+        train_config.ConfigError, match="network_module: 'lycoris.kohya' is not one of networks.lora"
+    ):
+        train_config.resolve({}, {"network_module": "lycoris.kohya"})
 
 
 def test_an_empty_or_odd_output_name_is_refused(tmp_path: Path) -> None:

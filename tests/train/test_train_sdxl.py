@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from nodes.sd.patcher import patched, restore
 from nodes.sd.text_encoder_sdxl import encode_sdxl, tokenize_sdxl
 from nodes.sd.tokenizer import default_tokenizer
 from nodes.train.dataset import load_dataset
-from nodes.train.run import TrainError, TrainRequest, train_lora
+from nodes.train.run import TrainError, TrainHooks, TrainRequest, train_lora
 from nodes.train.sdxl import size_condition
 from nodes.train.trainer import LoraTrainer, TrainOptions
 from tests.train.test_train_guide import KOHYA_KEYS
@@ -322,11 +323,97 @@ def test_kohyas_sdxl_command_line_is_checked_before_the_model_loads(
 
 
 def test_an_sdxl_refiner_is_refused_by_name(tmp_path: Path, models: LoadedCheckpoint) -> None:
-    from dataclasses import replace
-
     refiner = replace(models, family="sdxl_refiner")
     request = TrainRequest("ref.safetensors", _dataset(tmp_path / "d"), "r", TrainOptions(), steps=1)
     base = tmp_path / "b"
     (base / "models" / "loras").mkdir(parents=True)
     with pytest.raises(TrainError, match="an SDXL refiner checkpoint; train-lora trains SD1.x and SDXL base"):
         train_lora(Folders.at(base), request, models=refiner)
+
+
+def test_text_encoder_lr_list_trains_both_encoders_at_the_first_value(
+    models: LoadedCheckpoint, tmp_path: Path
+) -> None:
+    """`--text_encoder_lr 1e-5 2e-5` on SDXL: kohya's networks.lora gives CLIP-L and bigG the first."""
+    from nodegraph import train_config
+    from nodes.train.request import from_values
+
+    given = {"pretrained_model_name_or_path": "m", "train_data_dir": tmp_path, "output_name": "x"}
+    values, _ = train_config.resolve(given | {"text_encoder_lr": [1e-5, 2e-5], "learning_rate": 1e-3})
+    options = replace(
+        from_values(values).options,
+        rank=1,
+        resolution=(128, 128),
+        min_bucket_reso=64,
+        max_bucket_reso=256,
+        bucket_reso_steps=32,
+    )
+    trainer = LoraTrainer(models, load_dataset(_dataset(tmp_path)), options)
+    try:
+        unet_group, te_group = trainer.optimizer.param_groups
+        te_params = {id(p) for p in trainer.network.te_loras.parameters()}
+        prefixes = {m.lora_name[:8] for m in trainer.network.loras() if m.lora_name.startswith("lora_te")}
+    finally:
+        trainer.close()
+    assert (unet_group["lr"], te_group["lr"]) == (1e-3, 1e-5)
+    assert {id(p) for p in te_group["params"]} == te_params and prefixes == {"lora_te1", "lora_te2"}
+
+
+def test_text_encoder_outputs_are_cached_to_disk_in_kohyas_files(
+    models: LoadedCheckpoint, mini_sdxl_checkpoint: Path, tmp_path: Path
+) -> None:
+    """`--cache_text_encoder_outputs_to_disk`: `<image>_te_outputs.npz` beside each image with kohya's
+    arrays, the values the in-memory path computes; a second run reads them and trains the same LoRA
+    bit for bit; a changed caption, or kohya's own file (nothing says what made it), is encoded
+    again."""
+    base = _base(tmp_path / "base", mini_sdxl_checkpoint)
+    data = _dataset(tmp_path / "data")
+    folder = data / FOLDER
+    options = _options(rank=2, alpha=2, learning_rate=1e-3, batch_size=2, seed=3, train_text_encoder=False)
+    cached = replace(options, cache_text_encoder_outputs_to_disk=True)
+
+    def train(name: str, opts: TrainOptions) -> tuple[dict[str, torch.Tensor], list[str]]:
+        notices: list[str] = []
+        request = TrainRequest(
+            "mini_sdxl.safetensors", data, name, opts, steps=1, cache_text_encoder_outputs=True
+        )
+        (path,) = train_lora(
+            Folders.at(base), request, models=models, hooks=TrainHooks(notice=notices.append)
+        )
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, notices  # noqa: SIM118
+
+    first, notices = train("first", cached)
+    assert not [n for n in notices if "_te_outputs" in n]
+    files = sorted(p.name for p in folder.glob("*_te_outputs.npz"))
+    assert files == ["square_te_outputs.npz", "wide_te_outputs.npz", "wider_te_outputs.npz"]
+    trainer = LoraTrainer(models, load_dataset(data), options)
+    try:
+        hidden, pooled = trainer.encode(["zzkx cube, wide"])  # the in-memory cache's computation
+    finally:
+        trainer.close()
+    assert pooled is not None
+    with np.load(folder / "wide_te_outputs.npz") as npz:
+        assert {"hidden_state1", "hidden_state2", "pool2"} <= set(npz.files)
+        assert npz["hidden_state1"].shape == (77, 768) and npz["hidden_state2"].shape == (77, 1280)
+        assert npz["pool2"].shape == (1280,) and str(npz["caption"]) == "zzkx cube, wide"
+        torch.testing.assert_close(torch.from_numpy(npz["hidden_state1"]), hidden[0, :, :768])
+        torch.testing.assert_close(torch.from_numpy(npz["hidden_state2"]), hidden[0, :, 768:])
+        torch.testing.assert_close(torch.from_numpy(npz["pool2"]), pooled[0])
+    again, notices = train("again", cached)
+    assert "text encoder outputs of 3 images read from their _te_outputs.npz files" in notices
+    assert all(torch.equal(again[k], first[k]) for k in first)
+    # kohya's file: its three arrays only (zeros here, to see they are not used); a new caption
+    zeros = {
+        "hidden_state1": np.zeros((77, 768)),
+        "hidden_state2": np.zeros((77, 1280)),
+        "pool2": np.zeros(1280),
+    }
+    np.savez(folder / "wide_te_outputs.npz", **zeros)  # type: ignore[arg-type]
+    (folder / "square.txt").write_text("zzkx cube, a new caption\n", encoding="utf-8")
+    _, notices = train("third", cached)
+    assert "text encoder outputs of 1 images read from their _te_outputs.npz files" in notices
+    with np.load(folder / "wide_te_outputs.npz") as npz:
+        torch.testing.assert_close(torch.from_numpy(npz["hidden_state1"]), hidden[0, :, :768])
+    with np.load(folder / "square_te_outputs.npz") as npz:
+        assert str(npz["caption"]) == "zzkx cube, a new caption"
