@@ -1,9 +1,11 @@
 """The canvas's Train LoRA panel end to end: headless Chromium, the real server, the mini SD1.5.
 
 One page, in order: the panel lists the dataset folder with kohya's counts and shows the kohya_ss
-GUI defaults; a run (2 epochs of 2 steps at 64x64) queued from it shows progress, the loss plot
-and sample images while it runs, and its LoRA is in the LoRA lists when it ends; a second run is
-cancelled from the panel and keeps no final file.
+GUI defaults (the resolution by the checkpoint's family); the guide's example run queued from it
+(`img/6_lisabp woman/` with captions and `reg/1_woman/`, kohya's x2 steps; 2 epochs of 2 steps at
+64x64 and batch 12, a save and a sample every epoch) shows progress, the loss plot and sample
+images while it runs, and its LoRA is in the LoRA lists when it ends; a second run is cancelled
+from the panel and keeps no final file.
 """
 
 from __future__ import annotations
@@ -27,13 +29,17 @@ STATUS_TEXT = "document.querySelector('.nodegraph-train-status').textContent"
 
 @pytest.fixture(scope="module")
 def canvas_base(canvas_base: Path) -> Path:
-    """The shared canvas base plus a kohya dataset: input/lisa/img/1_lisabp woman/ (2 captioned images)."""
-    folder = canvas_base / "input" / "lisa" / "img" / "1_lisabp woman"
+    """The shared canvas base plus the guide's dataset: input/lisa/img/6_lisabp woman/ (2 captioned
+    images) and input/lisa/reg/1_woman/ (1 image)."""
+    folder = canvas_base / "input" / "lisa" / "img" / "6_lisabp woman"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(f"lisabp woman, photo {i}\n", encoding="utf-8")
+    reg = canvas_base / "input" / "lisa" / "reg" / "1_woman"
+    reg.mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(reg / "r0.png")
     return canvas_base
 
 
@@ -71,8 +77,8 @@ def test_panel_lists_the_dataset_with_kohya_gui_defaults(canvas: Session) -> Non
     page.wait_for_selector(START, state="visible", timeout=30_000)
     page.wait_for_function(f"() => {DATASET_TEXT}.textContent.includes('×')")
     assert field(canvas, "dataset") == "lisa/img"
-    assert "1_lisabp woman: 2 images × 1" in page.inner_text(".nodegraph-train-dataset")
-    assert "2 images per epoch" in page.inner_text(".nodegraph-train-dataset")
+    assert "6_lisabp woman: 2 images × 6" in page.inner_text(".nodegraph-train-dataset")
+    assert "12 images per epoch" in page.inner_text(".nodegraph-train-dataset")
     defaults = {n: field(canvas, n) for n in ("network_dim", "network_alpha", "lr_scheduler", "resolution")}
     assert defaults == {
         "network_dim": "8", "network_alpha": "1", "lr_scheduler": "cosine", "resolution": "512,512"
@@ -85,8 +91,9 @@ def test_a_run_shows_progress_plot_and_samples_live_and_its_lora_is_listed(canva
     page = canvas.page
     for name, value in {
         "ckpt_name": "mini_sd15.safetensors", "output_name": "panel_lora", "epochs": 2, "resolution": "64,64",
-        "network_dim": 2, "learning_rate": 1e-3, "train_unet_only": True, "seed": 3,
-        "sample_prompts": "lisabp woman --w 64 --h 64 --s 1 --d 5", "sample_every_n_epochs": 1,
+        "reg_dataset": "lisa/reg", "train_batch_size": 12, "network_dim": 2, "learning_rate": 1e-3,
+        "train_unet_only": True, "seed": 3, "sample_every_n_epochs": 1,
+        "sample_prompts": "lisabp woman --n blurry --w 64 --h 64 --d 5 --l 7.5 --s 1",
     }.items():  # fmt: skip
         set_field(canvas, name, value)
     page.click(START)
@@ -127,6 +134,7 @@ def test_cancel_interrupts_the_run_and_keeps_no_final_file(canvas: Session) -> N
     page = canvas.page
     set_field(canvas, "output_name", "panel_cut")
     set_field(canvas, "epochs", 500)
+    set_field(canvas, "train_batch_size", 1)
     set_field(canvas, "sample_prompts", "")
     page.click(START)
     page.wait_for_function("() => document.querySelector('.nodegraph-train-bar').value >= 1", timeout=300_000)

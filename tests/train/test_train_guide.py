@@ -21,6 +21,7 @@ from nodegraph.folders import Folders
 from nodes.sd.checkpoint import LoadedCheckpoint, load_checkpoint
 from nodes.train.request import from_values
 from nodes.train.run import TrainHooks, train_lora
+from nodes.train.samples import SamplePrompt, read_prompts
 
 # Every key kohya's train_network.py (sd-scripts 48d368f) writes for an SD1.x DreamBooth-folder
 # run without --network_args/--vae/--dataset_config (lines 1003-1065, 1181-1213, 1301-1303, and
@@ -329,3 +330,127 @@ def test_cli_runs_from_a_kohya_config_file_with_flags_over_it(
     ]
     assert main([*argv, "--overwrite"]) == 0
     assert "read from their disk cache" in capsys.readouterr().err
+
+
+# The kohya_ss guide's sample prompt line, as it gives it.
+GUIDE_PROMPT = (
+    "masterpiece, best quality, lisabp woman, looking at viewer --n low quality, worst quality, "
+    "bad anatomy --w 512 --h 512 --d 1 --l 7.5 --s 20"
+)
+
+
+def test_the_guides_sample_prompt_line_reads_as_kohya_reads_it(tmp_path: Path) -> None:
+    path = tmp_path / "prompt.txt"
+    path.write_text(f"# the guide's line\n{GUIDE_PROMPT}\n", encoding="utf-8")
+    assert read_prompts(path) == [
+        SamplePrompt(
+            "masterpiece, best quality, lisabp woman, looking at viewer",
+            "low quality, worst quality, bad anatomy",
+            width=512, height=512, seed=1, scale=7.5, steps=20,
+        )
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory: pytest.TempPathFactory, mini_checkpoint: Path) -> Path:
+    """The guide's example: `img/6_lisabp woman/` (a captioned image), `reg/1_woman/` (one image),
+    and its sample line scaled to the mini model (64x64, 1 step; same options otherwise)."""
+    root = tmp_path_factory.mktemp("example")
+    folder = root / "img" / "6_lisabp woman"
+    _picture(folder / "0.png", (64, 64), 20)
+    (folder / "0.txt").write_text("lisabp woman, photo 0\n", encoding="utf-8")
+    _picture(root / "reg" / "1_woman" / "r0.png", (64, 64), 30)
+    scaled = GUIDE_PROMPT.replace("--w 512 --h 512", "--w 64 --h 64").replace("--s 20", "--s 1")
+    (root / "prompt.txt").write_text(scaled + "\n", encoding="utf-8")
+    (root / "models" / "checkpoints").mkdir(parents=True)
+    (root / "models" / "loras").mkdir(parents=True)
+    (root / "models" / "checkpoints" / "mini.safetensors").symlink_to(mini_checkpoint)
+    return root
+
+
+def _check_example_run(root: Path, name: str, out: str) -> dict[str, torch.Tensor]:
+    """10 epochs of 2 steps (an image x 6 repeats, the regularisation image stretched to 6: 12 per
+    epoch, batch 6; 1 step without it), a file per epoch, a sample per epoch; returns the final
+    file's tensors."""
+    loras = root / "models" / "loras"
+    names = [f"{name}-{e:06d}.safetensors" for e in range(1, 10)] + [f"{name}.safetensors"]
+    assert out.split() == [str(loras / n) for n in names]
+    sessions = set()
+    for epoch, file_name in enumerate(names, 1):
+        with safe_open(str(loras / file_name), framework="pt") as f:
+            meta = f.metadata()
+        assert set(meta) == KOHYA_KEYS
+        assert (meta["ss_epoch"], meta["ss_steps"]) == (str(epoch), str(2 * epoch))
+        sessions.add(meta["ss_session_id"])
+    assert len(sessions) == 1  # kohya's session id groups the files of one run
+    counts = ("ss_max_train_steps", "ss_num_epochs", "ss_num_batches_per_epoch", "ss_num_train_images")
+    assert [meta[k] for k in counts] == ["20", "10", "2", "6"]  # kohya: 6 = 1 image x 6 repeats
+    assert (meta["ss_num_reg_images"], meta["ss_prior_loss_weight"]) == ("1", "1.0")
+    assert json.loads(meta["ss_dataset_dirs"]) == {"6_lisabp woman": {"n_repeats": 6, "img_count": 1}}
+    assert json.loads(meta["ss_reg_dataset_dirs"]) == {"1_woman": {"n_repeats": 1, "img_count": 1}}
+    assert [meta[k] for k in ("ss_network_dim", "ss_network_alpha", "ss_lr_scheduler")] == [
+        "8",
+        "1.0",
+        "cosine",
+    ]
+    assert json.loads(meta["ss_tag_frequency"]) == {  # the regularisation folder counted too, as kohya
+        "6_lisabp woman": {"lisabp woman": 1, "photo 0": 1},
+        "1_woman": {"woman": 1},
+    }
+    folder = root / "output" / name
+    samples = sorted(p.name for p in (folder / "samples").iterdir())
+    assert [s[: len(name) + 8] for s in samples] == [f"{name}_e{e:06d}" for e in range(1, 11)]
+    assert all(s.endswith("_1.png") for s in samples)  # --d 1: the seed, in kohya's file name
+    assert all(Image.open(folder / "samples" / s).size == (64, 64) for s in samples)
+    with (folder / "loss.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == list(range(1, 21))
+    assert [int(r["epoch"]) for r in rows] == [e for e in range(1, 11) for _ in range(2)]
+    assert (
+        Image.open(folder / "loss.png").size == (640, 360)
+        and len(list((folder / "tensorboard").iterdir())) == 1
+    )
+    with safe_open(str(loras / f"{name}.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def test_the_guides_example_runs_from_the_command_line_and_from_a_config_file(
+    example: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's command (kohya's flags) and the same run as the kohya_ss GUI writes its TOML
+    (`max_train_steps` worked out from `epoch`, the text encoder rate as a list, keys nodegraph does
+    not use) make the same LoRA, with kohya's step counts, saves, samples, loss log and metadata."""
+    flags = [
+        "--pretrained_model_name_or_path", "mini.safetensors", "--train_data_dir", str(example / "img"),
+        "--reg_data_dir", str(example / "reg"), "--output_name", "lisa", "--max_train_epochs", "10",
+        "--save_every_n_epochs", "1", "--network_dim", "8", "--network_alpha", "1", "--learning_rate", "1e-4",
+        "--lr_scheduler", "cosine", "--cache_latents", "--sample_prompts", str(example / "prompt.txt"),
+        "--sample_every_n_epochs", "1", "--train_batch_size", "6", "--resolution", "64,64",
+        "--min_bucket_reso", "64", "--network_train_unet_only", "--seed", "1234",
+    ]  # fmt: skip
+    common = ["train-lora", "--base-directory", str(example), "--cpu"]
+    assert main([*common, *flags]) == 0
+    from_flags = _check_example_run(example, "lisa", capsys.readouterr().out)
+    config = example / "config_lora.toml"
+    config.write_text(
+        f'bucket_reso_steps = 64\ncache_latents = true\ncaption_extension = ".txt"\nenable_bucket = true\n'
+        f'epoch = 10\nlearning_rate = 0.0001\nlr_scheduler = "cosine"\nmax_bucket_reso = 1024\n'
+        f"max_data_loader_n_workers = 0\nmax_grad_norm = 1\nmax_train_steps = 20\nmin_bucket_reso = 64\n"
+        f'mixed_precision = "no"\nnetwork_alpha = 1\nnetwork_dim = 8\nnetwork_module = "networks.lora"\n'
+        f'network_train_unet_only = true\noutput_name = "lisa_gui"\n'
+        f'pretrained_model_name_or_path = "mini.safetensors"\nprior_loss_weight = 1\n'
+        f'reg_data_dir = "{example / "reg"}"\nresolution = "64,64"\nsample_every_n_epochs = 1\n'
+        f'sample_prompts = "{example / "prompt.txt"}"\nsample_sampler = "euler_a"\nsave_every_n_epochs = 1\n'
+        f'save_model_as = "safetensors"\nsave_precision = "fp16"\nsdpa = true\nseed = 1234\n'
+        f'text_encoder_lr = [ 5e-5, 5e-5,]\ntrain_batch_size = 6\ntrain_data_dir = "{example / "img"}"\n',
+        encoding="utf-8",
+    )
+    assert main([*common, "--config_file", str(config), "--sample_sampler", "ddim"]) == 0
+    out, err = capsys.readouterr()
+    from_config = _check_example_run(example, "lisa_gui", out)
+    assert "not used by nodegraph: epoch, max_data_loader_n_workers, save_model_as, sdpa" in err
+    assert "text_encoder_lr" not in err  # the GUI's [TE, TE]: nothing unused to report
+    assert from_config.keys() == from_flags.keys()
+    assert all(torch.equal(from_config[k], from_flags[k]) for k in from_flags)
+    with safe_open(str(example / "models" / "loras" / "lisa_gui.safetensors"), framework="pt") as f:
+        assert f.metadata()["ss_text_encoder_lr"] == "5e-05"

@@ -417,3 +417,103 @@ def test_cli_device_flags_reach_the_trainer(
     assert main([*argv, "--overwrite", "--precision", "fp16"]) == 1
     assert "keeps the model in fp32" in capsys.readouterr().err
     assert len(seen) == 1  # neither refused run reached the trainer
+
+
+def test_regularisation_images_and_min_snr_weight_the_loss_as_kohya(
+    tmp_path: Path, models: LoadedCheckpoint
+) -> None:
+    """kohya's loss weights: `--prior_loss_weight` on each regularisation image of a batch
+    (`train_network.py`: `loss * batch["loss_weights"]`) and, with `--min_snr_gamma`,
+    min(SNR, γ) / SNR at each sample's timestep (`custom_train_functions.apply_snr_weight`)."""
+    _images(tmp_path / "img" / "1_mychar", 1, seed=3)
+    _images(tmp_path / "reg" / "1_woman", 1, seed=4)
+    dataset = load_dataset(tmp_path / "img", reg_root=tmp_path / "reg")
+    options = TrainOptions(rank=2, resolution=64, train_text_encoder=False, prior_loss_weight=0.25)
+    trainer = LoraTrainer(models, dataset, options)
+    try:
+        train, reg = sorted(dataset.samples, key=lambda s: s.is_reg)
+        weights: list[list[float]] = []
+        real = trainer.loss
+
+        def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+            weights.append(args[4].tolist())
+            return real(*args, **kwargs)
+
+        trainer.loss = spy  # type: ignore[method-assign]
+        trainer.micro_step([reg, train], 1.0)
+        assert weights == [[0.25, 1.0]]
+        gen = torch.Generator().manual_seed(0)
+        latents = trainer.moments(train)[0][None] * LATENT_SCALE
+        cond, noise = trainer.text([train.caption]), torch.randn(latents.shape, generator=gen)
+        ratios = []
+        with torch.no_grad():
+            for t in (20, 900):
+                timestep = torch.tensor([t])
+                plain = real(latents, cond, noise, timestep)
+                trainer.options.min_snr_gamma = 5.0
+                weighted = real(latents, cond, noise, timestep)
+                trainer.options.min_snr_gamma = None
+                ratios.append(float(weighted / plain))
+        ac = trainer.alphas_cumprod[[20, 900]]
+        snr = ac / (1 - ac)
+        expected = (torch.minimum(snr, torch.full_like(snr, 5.0)) / snr).tolist()
+        assert float(snr[0]) > 5 > float(snr[1]) and ratios == pytest.approx(expected, rel=1e-5)
+    finally:
+        trainer.close()
+
+
+def test_network_weights_continue_from_a_lora_file_and_another_rank_is_refused(
+    tmp_path: Path, mini_checkpoint: Path, trained: Path, models: LoadedCheckpoint, data_dir: Path
+) -> None:
+    """kohya's `--network_weights`: the adapters start as the file's (every module of it loaded);
+    a file of another rank is refused naming the tensor, before any step."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(trained))
+    network = LoRANetwork.create(models.unet, models.text_encoder, 4, 2)
+    assert network.load_weights(tensors) == len(tensors) // 3 == 120
+    state = network.lora_state_dict()
+    assert all(torch.equal(state[k], tensors[k].float()) for k in tensors)
+    base = _base(tmp_path, mini_checkpoint)
+    options = TrainOptions(rank=2, alpha=2, resolution=64)
+    request = TrainRequest("mini.safetensors", data_dir, "more", options, steps=1, network_weights=trained)
+    with pytest.raises(
+        TrainError, match=r"--network_weights .*mychar\.safetensors' cannot be used: .*another rank"
+    ):
+        train_lora(Folders.at(base), request, models=models)
+    assert not list((base / "models" / "loras").iterdir())
+
+
+def test_gradient_accumulation_divides_each_loss_by_the_steps_as_accelerate(
+    tmp_path: Path, models: LoadedCheckpoint
+) -> None:
+    """kohya accumulates through accelerate, whose `backward` divides every loss by
+    `gradient_accumulation_steps`: an epoch's last, shorter group has a proportionally smaller
+    gradient (clipping and Adam's epsilon see it), not a renormalised one."""
+    _images(tmp_path / "1_mychar", 1, seed=6)
+    dataset = load_dataset(tmp_path)
+    options = TrainOptions(rank=2, resolution=64, train_text_encoder=False, max_grad_norm=0.0)
+    trainer = LoraTrainer(models, dataset, options)
+    grads: list[list[torch.Tensor]] = []
+
+    def capture() -> None:  # the optimizer step, replaced: keep the gradients, change nothing
+        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        grads.append([p.grad.clone() for p in params if p.grad is not None])
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    trainer.optimizer_step = capture  # type: ignore[method-assign]
+    try:
+        batch = [dataset.samples[0]]
+        state = trainer.generator.get_state(), trainer.caption_rng.getstate()
+        for accum in (1, 3):
+            trainer.options.gradient_accumulation_steps = accum
+            trainer.generator.set_state(state[0])
+            trainer.caption_rng.setstate(state[1])
+            trainer.train_step([batch])  # a lone batch: the end of an epoch
+    finally:
+        trainer.close()
+    one, third = grads
+    assert len(one) == len(third) > 0 and any(float(g.abs().max()) > 0 for g in one)
+    assert [float(t.norm()) > 0 for t in third] == [float(o.norm()) > 0 for o in one]
+    ratios = [float(o.norm() / t.norm()) for t, o in zip(third, one, strict=True) if float(t.norm()) > 0]
+    assert ratios and ratios == pytest.approx([3.0] * len(ratios), rel=1e-5)
