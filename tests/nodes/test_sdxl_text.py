@@ -1,8 +1,10 @@
 """SDXL text on the mini SDXL checkpoint: long prompts and `(word:1.2)` weights per encoder,
-CLIPSetLastLayer with ComfyUI's semantics on both encoders, and `clip_l` / `clip_g` embeddings."""
+CLIPSetLastLayer with ComfyUI's semantics on both encoders, `clip_l` / `clip_g` embeddings, and
+A1111 `<lora:...>` tags patching both encoders."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from nodegraph.testing import RecordingContext
 from nodes.conditioning import CLIPSetLastLayer, CLIPTextEncode
 from nodes.conditioning_sdxl import CLIPTextEncodeSDXL
 from nodes.loaders import CheckpointLoaderSimple
+from nodes.lora import LoraLoader, LoraTagLoader
 from nodes.sd.text_encoder import tower
 from tests.conftest import assert_within_floor
 
@@ -113,3 +116,31 @@ def test_an_sdxl_embedding_gives_each_encoder_its_own_vectors(sdxl_env: Environm
     save_file(swapped, str(folder / "xl_l_only.safetensors"))
     other, _ = _encode(sdxl_env, clip, "a embedding:xl_l_only on a chair")
     assert torch.equal(other[..., L], word[..., L]) and not torch.equal(other[..., G], word[..., G])
+
+
+def test_a1111_lora_tags_patch_both_encoders_as_lora_loader_does(
+    sdxl_env: Environment, clip: Any, mini_sdxl_loras: Path
+) -> None:
+    name = "mini_sdxl_lora.safetensors"
+    link = sdxl_env.folders.paths("loras")[0] / name
+    if not link.exists():
+        link.symlink_to(mini_sdxl_loras / name)
+    ctx = RecordingContext(sdxl_env)
+    model = CheckpointLoaderSimple().run(ctx, "mini_sdxl.safetensors")[0]
+    tag_model, tag_clip, text = LoraTagLoader().run(
+        ctx, model, clip, "a cat <lora:mini_sdxl_lora:0.8:0.6> on a chair"
+    )
+    ref_model, ref_clip = LoraLoader().run(ctx, model, clip, name, 0.6, 0.8)  # A1111: <lora:name:te:unet>
+    assert "<lora" not in text and "cat" in text
+    assert (
+        [(r.path.name, r.strength) for r in tag_model.loras]
+        == [(name, 0.6)]
+        == [(r.path.name, r.strength) for r in ref_model.loras]
+    )
+    tagged, tagged_pooled = _encode(sdxl_env, tag_clip, "a cat on a chair")
+    want, want_pooled = _encode(sdxl_env, ref_clip, "a cat on a chair")
+    assert torch.equal(tagged, want) and torch.equal(tagged_pooled, want_pooled)
+    plain, plain_pooled = _encode(sdxl_env, clip, "a cat on a chair")
+    for part in (L, G):  # CLIP-L (lora_te1_) and bigG (lora_te2_) both moved
+        assert not torch.allclose(tagged[..., part], plain[..., part], atol=1e-3)
+    assert not torch.allclose(tagged_pooled, plain_pooled, atol=1e-3)

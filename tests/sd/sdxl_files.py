@@ -73,9 +73,15 @@ def _te_layer_kept(key: str) -> bool:
     return True
 
 
-def write_depth_variant(mini: Path, out: Path, variant: str, dtype: torch.dtype = torch.float16) -> Path:
+def write_depth_variant(
+    mini: Path,
+    out: Path,
+    variant: str,
+    dtype: torch.dtype = torch.float16,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """The mini checkpoint with the UNet of `variant` ("ssd1b" / "koala"; "mini": the mini UNet as it
-    is), two-layer text encoders."""
+    is), two-layer text encoders, plus the `extra` tensors (marker keys such as `v_pred`)."""
     renames: dict[str, Callable[[str], str | None]] = {"ssd1b": _ssd1b, "koala": _koala, "mini": lambda k: k}
     rename = renames[variant]
     tensors: dict[str, torch.Tensor] = {}
@@ -84,6 +90,7 @@ def write_depth_variant(mini: Path, out: Path, variant: str, dtype: torch.dtype 
             new = rename(key)
             if new is not None and _te_layer_kept(key):
                 tensors[new] = f.get_tensor(key).to(dtype)
+    tensors |= extra or {}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out))
     return out

@@ -27,6 +27,11 @@ def _file(tmp_path: Path, name: str, keys: dict[str, tuple[int, ...]]) -> Path:
         ("sdxl_vae.safetensors", {"decoder.up.0.block.0.conv1.weight": (1, 1, 1, 1)}, "it is a VAE"),
         ("clip_g.safetensors", {"text_model.encoder.layers.0.mlp.fc1.weight": (2, 1)}, "text encoder alone"),
         (
+            "v2-1_768-ema-pruned.safetensors",
+            {f"{U}input_blocks.0.0.weight": (2, 4, 1, 1), "cond_stage_model.model.ln_final.weight": (1024,)},
+            "is an SD2.x checkpoint",
+        ),
+        (
             "te_only.safetensors",
             {"conditioner.embedders.1.model.transformer.resblocks.0.ln_1.weight": (2,)},
             "it is an SDXL text encoder, not a full SDXL checkpoint",
@@ -34,7 +39,7 @@ def _file(tmp_path: Path, name: str, keys: dict[str, tuple[int, ...]]) -> Path:
         (
             "unet_only.safetensors",
             {f"{U}input_blocks.0.0.weight": (2, 4, 1, 1), f"{U}label_emb.0.0.weight": (2, 2816)},
-            "an SDXL UNet without a VAE",
+            "an SDXL UNet alone .*UNETLoader",
         ),
         (
             "refiner_no_te.safetensors",

@@ -1,6 +1,7 @@
-"""SDXL-family depths and dtypes read from the tensors: SSD-1B / Segmind Vega (a middle block that is
-one res block, asymmetric output depths) and KOALA (one res block per level, no middle block) shapes
-cut from the mini SDXL checkpoint, and the same file stored as fp16, bf16 and fp32."""
+"""SDXL-family depths, dtypes and markers read from the tensors: SSD-1B / Segmind Vega (a middle block
+that is one res block, asymmetric output depths) and KOALA (one res block per level, no middle block)
+shapes cut from the mini SDXL checkpoint, the same file stored as fp16, bf16 and fp32, and a
+v-prediction file (NoobAI-XL v-pred's `v_pred` / `ztsnr` marker keys)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from nodegraph.env import Environment
 from nodegraph.folders import Folders
 from nodegraph.testing import RecordingContext
 from nodes.loaders import CheckpointLoaderSimple
+from nodes.model_advanced import ModelSamplingDiscrete
+from nodes.sd.model_sampling import EPS, ModelSampling
 from tests.sd.sdxl_files import VARIANTS, comfy_lists, render, write_depth_variant
 
 pytestmark = pytest.mark.slow
@@ -28,6 +31,10 @@ def variants_env(tmp_path_factory: pytest.TempPathFactory, mini_sdxl_checkpoint:
     write_depth_variant(mini_sdxl_checkpoint, ckpts / "ssd1b.safetensors", "ssd1b")
     for name, dtype in DTYPES.items():
         write_depth_variant(mini_sdxl_checkpoint, ckpts / f"koala_{name}.safetensors", "koala", dtype)
+    write_depth_variant(mini_sdxl_checkpoint, ckpts / "mini.safetensors", "mini")
+    # NoobAI-XL v-pred's markers: empty tensors named `v_pred` and `ztsnr` beside the weights
+    markers = {"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}
+    write_depth_variant(mini_sdxl_checkpoint, ckpts / "mini_vpred.safetensors", "mini", extra=markers)
     return Environment(Folders.at(base))
 
 
@@ -73,3 +80,22 @@ def test_fp16_bf16_and_fp32_files_load_with_their_values(variants_env: Environme
     assert torch.equal(latent16, latent32) and torch.equal(image16, image32)
     latent_bf, _ = render(ctx, handles["bf16"])
     assert torch.isfinite(latent_bf).all() and not torch.equal(latent_bf, latent16)
+
+
+def test_a_v_pred_file_samples_as_the_node_would_make_it(variants_env: Environment) -> None:
+    """`v_pred` + `ztsnr` (NoobAI-XL v-pred) give ModelSamplingDiscrete(v_prediction, zsnr) without
+    the node: the image is the plain file's with the node, bit for bit, and not the eps image; the node
+    set to eps on the marked file gives the plain file's eps image back."""
+    ctx = RecordingContext(variants_env)
+    plain, marked = (_load(variants_env, f"{n}.safetensors") for n in ("mini", "mini_vpred"))
+    assert plain[0].sampling == EPS
+    assert marked[0].sampling == ModelSampling("v_prediction", True)
+    node = ModelSamplingDiscrete()
+    as_vpred = (node.run(ctx, plain[0], "v_prediction", True)[0], *plain[1:])
+    as_eps = (node.run(ctx, marked[0], "eps", False)[0], *marked[1:])
+    latent_v, image_v = render(ctx, marked, steps=2)
+    latent_node, image_node = render(ctx, as_vpred, steps=2)
+    assert torch.equal(latent_v, latent_node) and torch.equal(image_v, image_node)
+    latent_eps, _ = render(ctx, plain, steps=2)
+    assert torch.isfinite(latent_v).all() and not torch.allclose(latent_v, latent_eps, atol=1e-3)
+    assert torch.equal(render(ctx, as_eps, steps=2)[0], latent_eps)
