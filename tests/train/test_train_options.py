@@ -6,6 +6,7 @@ import math
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from nodes.train.buckets import Buckets, batches_per_epoch, bucket_info, bucket_
 from nodes.train.captions import CaptionOptions, chunked_ids, join_chunks, process_caption
 from nodes.train.dataset import DatasetError, load_dataset
 from nodes.train.logs import LossRecorder, crc32c, event_bytes, record
-from nodes.train.optim import OptimizerError, make_scheduler
+from nodes.train.optim import OptimizerError, make_optimizer, make_scheduler, optimizer_name
 from nodes.train.request import TrainRequest, from_values
 from nodes.train.save import OutputError, lora_path, save_lora
 
@@ -369,3 +370,36 @@ def test_adafactor_follows_kohyas_defaults() -> None:
         "constant_with_warmup",
         {"relative_step": False},
     )
+
+
+def test_optimizers_and_schedules_by_kohyas_names() -> None:
+    """Prodigy and Lion from their packages (kohya's ss_optimizer names), AdamW8bit refused with what
+    to do where bitsandbytes or CUDA is missing; linear, polynomial and cosine_with_restarts follow
+    diffusers' formulas (the functions kohya calls)."""
+    param = torch.nn.Parameter(torch.zeros(2))
+    cpu = torch.device("cpu")
+    for name, expected in (
+        ("Prodigy", "prodigyopt.prodigy.Prodigy"),
+        ("Lion", "lion_pytorch.lion_pytorch.Lion"),
+    ):
+        opt = make_optimizer(name, [{"params": [param], "lr": 1.0}], 1.0, cpu)
+        assert optimizer_name(opt) == expected
+    with pytest.raises(OptimizerError, match="AdamW8bit (needs the bitsandbytes package|runs on a CUDA GPU)"):
+        make_optimizer("AdamW8bit", [{"params": [param]}], 1e-4, cpu)
+    with pytest.raises(OptimizerError, match="'SGDNesterov' is not supported; use AdamW"):
+        make_optimizer("SGDNesterov", [{"params": [param]}], 1e-4, cpu)
+
+    def rates(name: str, **kw: Any) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = make_scheduler(name, opt, 2, 10, **kw)
+        out = []
+        for _ in range(10):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    assert np.allclose(rates("linear"), [0, 0.5] + [(10 - s) / 8 for s in range(2, 10)])
+    assert np.allclose(rates("polynomial", power=2.0), [0, 0.5] + [((10 - s) / 8) ** 2 for s in range(2, 10)])
+    restarts = [0, 0.5] + [0.5 * (1 + math.cos(math.pi * ((2 * (s - 2) / 8) % 1))) for s in range(2, 10)]
+    assert np.allclose(rates("cosine_with_restarts", cycles=2), restarts)
