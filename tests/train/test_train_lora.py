@@ -517,3 +517,21 @@ def test_gradient_accumulation_divides_each_loss_by_the_steps_as_accelerate(
     assert [float(t.norm()) > 0 for t in third] == [float(o.norm()) > 0 for o in one]
     ratios = [float(o.norm() / t.norm()) for t, o in zip(third, one, strict=True) if float(t.norm()) > 0]
     assert ratios and ratios == pytest.approx([3.0] * len(ratios), rel=1e-5)
+
+
+def test_clip_skip_trains_on_the_layer_kohya_takes(tmp_path: Path, models: LoadedCheckpoint) -> None:
+    """`--clip_skip 2` (SD1.x): kohya's `hidden_states[-2]` through the final layer norm."""
+    from nodes.train.captions import chunked_ids
+
+    _images(tmp_path / "1_mychar", 1, seed=8)
+    options = TrainOptions(rank=1, resolution=64, train_text_encoder=False, clip_skip=2)
+    trainer = LoraTrainer(models, load_dataset(tmp_path), options)
+    try:
+        skipped = trainer.text(["mychar, smiling"])
+        ids = torch.tensor(chunked_ids("mychar, smiling", trainer.tokenizer, None))
+        with torch.no_grad():
+            out = models.text_encoder(input_ids=ids, output_hidden_states=True)
+            expected = models.text_encoder.final_layer_norm(out.hidden_states[-2])
+    finally:
+        trainer.close()
+    assert torch.equal(skipped, expected) and not torch.allclose(skipped, out.last_hidden_state)

@@ -403,3 +403,23 @@ def test_optimizers_and_schedules_by_kohyas_names() -> None:
     assert np.allclose(rates("polynomial", power=2.0), [0, 0.5] + [((10 - s) / 8) ** 2 for s in range(2, 10)])
     restarts = [0, 0.5] + [0.5 * (1 + math.cos(math.pi * ((2 * (s - 2) / 8) % 1))) for s in range(2, 10)]
     assert np.allclose(rates("cosine_with_restarts", cycles=2), restarts)
+
+
+def test_network_dropout_drops_the_down_output_while_training_only() -> None:
+    """kohya's `--network_dropout p` (`LoRAModule.forward`): dropout on `lora_down(x)` while
+    training, `up(dropout(down(x))) * multiplier * alpha/rank`; none in eval (sampling)."""
+    from nodes.train.network import LoRAModule
+
+    torch.manual_seed(0)
+    lora = LoRAModule("lora_unet_x", torch.nn.Linear(8, 8), rank=4, alpha=2, dropout=0.5)
+    torch.nn.init.ones_(lora.lora_up.weight)
+    x = torch.randn(16, 8)
+    plain = lora.lora_up(lora.lora_down(x)) * 0.5
+    lora.eval()
+    assert torch.equal(lora.delta(x), plain)
+    lora.train()
+    torch.manual_seed(5)
+    got = lora.delta(x)
+    torch.manual_seed(5)
+    expected = lora.lora_up(torch.nn.functional.dropout(lora.lora_down(x), p=0.5)) * 0.5
+    assert torch.equal(got, expected) and not torch.allclose(got, plain)
