@@ -535,3 +535,41 @@ def test_clip_skip_trains_on_the_layer_kohya_takes(tmp_path: Path, models: Loade
     finally:
         trainer.close()
     assert torch.equal(skipped, expected) and not torch.allclose(skipped, out.last_hidden_state)
+
+
+def test_offset_noise_and_gradient_clipping_are_kohyas(tmp_path: Path, models: LoadedCheckpoint) -> None:
+    """`--noise_offset 0.1`: ε + 0.1 · N(0, 1) per sample and channel (`apply_noise_offset`);
+    `--max_grad_norm`: the adapters' gradient norm is clipped to it before the optimizer steps."""
+    _images(tmp_path / "1_mychar", 1, seed=9)
+    dataset = load_dataset(tmp_path)
+    options = TrainOptions(
+        rank=2, resolution=64, train_text_encoder=False, noise_offset=0.1, max_grad_norm=1e-4
+    )
+    trainer = LoraTrainer(models, dataset, options)
+    noises: list[torch.Tensor] = []
+    norms: list[float] = []
+    real_loss, real_step = trainer.loss, trainer.optimizer.step
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        noises.append(args[2])
+        return real_loss(*args, **kwargs)
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        params = [p for g in trainer.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))))
+        return real_step(*args, **kwargs)
+
+    trainer.loss = spy  # type: ignore[method-assign]
+    trainer.optimizer.step = step  # type: ignore[method-assign]
+    try:
+        state = trainer.generator.get_state()
+        trainer.train_step([[dataset.samples[0]]])
+        gen = torch.Generator().manual_seed(0)
+        gen.set_state(state)
+        shape = (1, 4, 8, 8)
+        torch.randn(shape, generator=gen)  # the posterior sample of the latents comes first
+        expected = torch.randn(shape, generator=gen) + 0.1 * torch.randn((1, 4, 1, 1), generator=gen)
+    finally:
+        trainer.close()
+    assert torch.equal(noises[0], expected)
+    assert norms == [pytest.approx(1e-4, rel=1e-3)]  # clipped from a far larger norm

@@ -423,3 +423,28 @@ def test_network_dropout_drops_the_down_output_while_training_only() -> None:
     torch.manual_seed(5)
     expected = lora.lora_up(torch.nn.functional.dropout(lora.lora_down(x), p=0.5)) * 0.5
     assert torch.equal(got, expected) and not torch.allclose(got, plain)
+
+
+def test_save_last_n_epochs_keeps_kohyas_files(tmp_path: Path) -> None:
+    """kohya's `get_remove_epoch_no`: after saving epoch e, the save of epoch e - every * keep goes
+    (with its state folder); `--save_last_n_epochs 2 --save_every_n_epochs 2` over 8 epochs keeps 6, 8."""
+    from nodes.train.run import _Plan, _remove_old_epoch
+    from nodes.train.save import epoch_path
+    from nodes.train.trainer import TrainOptions
+
+    final = tmp_path / "loras" / "lisa.safetensors"
+    final.parent.mkdir()
+    plan = _Plan(final, tmp_path / "out", per_epoch=1, max_steps=10, num_epochs=10)
+    request = TrainRequest("m", tmp_path, "lisa", TrainOptions(), save_every_n_epochs=2, save_last_n_epochs=2)
+    written: list[Path] = []
+    for epoch in (2, 4, 6, 8):
+        epoch_path(final, epoch).write_bytes(b"x")
+        (tmp_path / "out" / f"lisa-{epoch:06d}-state").mkdir(parents=True)
+        written.append(epoch_path(final, epoch))
+        _remove_old_epoch(plan, request, epoch, written)
+    assert sorted(p.name for p in final.parent.iterdir()) == [
+        "lisa-000006.safetensors",
+        "lisa-000008.safetensors",
+    ]
+    assert [p.name for p in written] == ["lisa-000006.safetensors", "lisa-000008.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lisa-000006-state", "lisa-000008-state"]
