@@ -203,10 +203,13 @@ class LoRANetwork(nn.Module):
             assert isinstance(module, LoRAModule)
             yield module
 
-    def param_groups(self, unet_lr: float, te_lr: float | None) -> list[dict[str, Any]]:
-        groups: list[dict[str, Any]] = [{"params": list(self.unet_loras.parameters()), "lr": unet_lr}]
-        if len(self.te_loras):
-            groups.append({"params": list(self.te_loras.parameters()), "lr": te_lr or unet_lr})
+    def param_groups(self, unet_lr: float, te_lr: float) -> list[dict[str, Any]]:
+        """The optimizer's groups; one whose rate is 0 is left out ("NO LR skipping!" in kohya's
+        networks/lora.py `assemble_params`), so `--text_encoder_lr 0` trains the UNet alone."""
+        groups: list[dict[str, Any]] = []
+        for loras, lr in ((self.unet_loras, unet_lr), (self.te_loras, te_lr)):
+            if len(loras) and lr != 0:
+                groups.append({"params": list(loras.parameters()), "lr": lr})
         return groups
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:

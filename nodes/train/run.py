@@ -39,7 +39,7 @@ from nodes.train.save import (
     step_path,
 )
 from nodes.train.state import StateError, load_state, save_state
-from nodes.train.trainer import LoraTrainer, TrainOptions, check_resolution
+from nodes.train.trainer import LoraTrainer, TrainOptions, check_resolution, effective_lrs
 
 __all__ = ["TrainError", "TrainHooks", "TrainOptions", "TrainRequest", "train_lora"]
 
@@ -121,9 +121,19 @@ def _check(request: TrainRequest) -> None:
             raise TrainError(f"{flag} must be at least 1, got {value}")
     if opts.rank < 1 or opts.batch_size < 1:
         raise TrainError("--network_dim (--rank) and --train_batch_size (--batch-size) must be at least 1")
-    lrs = (opts.learning_rate, opts.text_encoder_lr, opts.unet_lr)
-    if any(lr is not None and lr <= 0 for lr in lrs):
-        raise TrainError("learning rates must be positive")
+    for flag, lr in (
+        ("--learning_rate", opts.learning_rate),
+        ("--text_encoder_lr", opts.text_encoder_lr),
+        ("--unet_lr", opts.unet_lr),
+    ):
+        if lr is not None and not lr >= 0:  # NaN too
+            raise TrainError(f"{flag} must be 0 or more, got {lr}")
+    unet_lr, te_lr = effective_lrs(opts)
+    if unet_lr == 0 and (te_lr == 0 or not opts.train_text_encoder):
+        raise TrainError(
+            "nothing would be trained: the UNet's learning rate (--unet_lr, else --learning_rate) is 0 "
+            "and the text encoder is not trained (--network_train_unet_only, or --text_encoder_lr 0)"
+        )
     if opts.max_token_length not in (None, 75, 150, 225):
         raise TrainError("--max_token_length must be 75, 150 or 225")
     if opts.conv_dim is not None and opts.conv_dim < 1:

@@ -154,8 +154,7 @@ class LoraTrainer:
             )
         self.network.to(self.device)
         self.network.apply_to()
-        unet_lr = options.unet_lr or options.learning_rate
-        groups = self.network.param_groups(unet_lr, options.text_encoder_lr or options.learning_rate)
+        groups = self.network.param_groups(*effective_lrs(options))
         self.optimizer = make_optimizer(
             options.optimizer_type, groups, options.learning_rate, self.device, options.optimizer_args
         )
@@ -432,3 +431,11 @@ def _te_checkpointing(te: Any, on: bool) -> None:
 def pixels_for(sample: Sample, trainer: LoraTrainer) -> torch.Tensor:
     reso, resized = trainer.placement[sample]
     return load_pixels(sample, reso, resized)
+
+
+def effective_lrs(options: TrainOptions) -> tuple[float, float]:
+    """(UNet, text encoder) rates as kohya resolves them: each falls back to `--learning_rate` only
+    when unset, so an explicit 0 stays 0 (and that group is not trained)."""
+    unet = options.learning_rate if options.unet_lr is None else options.unet_lr
+    te = options.learning_rate if options.text_encoder_lr is None else options.text_encoder_lr
+    return unet, te

@@ -595,3 +595,77 @@ def test_mixed_precision_fp16_and_bf16_train_close_to_fp32(tmp_path: Path, model
     assert norm > 1e-2  # the adapters moved
     for precision in ("fp16", "bf16"):  # Adam's near-sign steps: a few elements of tiny gradient differ
         assert float((ups[precision] - ups["no"]).norm()) < 0.25 * norm, precision  # measured 0.15 (bf16)
+
+
+def test_a_zero_learning_rate_leaves_that_part_untrained_as_kohya(
+    tmp_path: Path, mini_checkpoint: Path, models: LoadedCheckpoint, data_dir: Path
+) -> None:
+    """kohya's `assemble_params` skips a group whose rate is 0 ("NO LR skipping!"): the kohya_ss
+    habit `--text_encoder_lr 0` trains the UNet alone; with nothing left to train the run is refused."""
+    _images(tmp_path / "1_mychar", 1, seed=3)
+    dataset = load_dataset(tmp_path)
+    options = TrainOptions(
+        rank=2, resolution=64, learning_rate=1e-3, train_text_encoder=True, text_encoder_lr=0.0
+    )
+    trainer = LoraTrainer(models, dataset, options)
+    try:
+        trained = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+        assert trained == {id(p) for p in trainer.network.unet_loras.parameters()}
+        trainer.train_step([[dataset.samples[0]]])
+        ups = {lora.lora_name: lora.lora_up.weight.detach().clone() for lora in trainer.network.loras()}
+    finally:
+        trainer.close()
+    assert all(float(u.abs().max()) == 0 for k, u in ups.items() if k.startswith("lora_te"))
+    assert any(float(u.abs().max()) > 0 for k, u in ups.items() if k.startswith("lora_unet"))
+
+    base = _base(tmp_path / "root", mini_checkpoint)
+    for te, message in ((False, "--network_train_unet_only"), (True, "--text_encoder_lr 0")):
+        zero = TrainOptions(rank=2, resolution=64, unet_lr=0.0, train_text_encoder=te, text_encoder_lr=0.0)
+        with pytest.raises(TrainError, match="nothing would be trained") as info:
+            train_lora(Folders.at(base), TrainRequest("mini.safetensors", data_dir, "zero", zero, steps=1))
+        assert message in str(info.value)
+    negative = TrainOptions(rank=2, resolution=64, unet_lr=-1e-4)
+    with pytest.raises(TrainError, match="--unet_lr must be 0 or more"):
+        train_lora(Folders.at(base), TrainRequest("mini.safetensors", data_dir, "neg", negative, steps=1))
+    assert not list((base / "models" / "loras").iterdir())
+
+
+def test_flip_augmentation_mirrors_half_the_draws_left_to_right(
+    tmp_path: Path, models: LoadedCheckpoint
+) -> None:
+    """`--flip_aug`: each sample is mirrored with probability 0.5 (kohya's HorizontalFlip p=0.5,
+    or its cached `latents_flipped`); the flipped latents are those of the mirrored image."""
+    _images(tmp_path / "1_mychar", 1, seed=4)
+    image = tmp_path / "1_mychar" / "img0.png"
+    with Image.open(image) as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "1_mychar" / "mirror.png")
+    dataset = load_dataset(tmp_path)
+    by_name = {s.image.name: s for s in dataset.samples}
+    for flip_aug in (True, False):
+        options = TrainOptions(rank=2, resolution=64, train_text_encoder=False, flip_aug=flip_aug, seed=5)
+        trainer = LoraTrainer(models, dataset, options)
+        drawn: list[bool] = []
+        real = trainer.latents
+
+        def spy(
+            samples: list[Any], flips: list[bool], real: Any = real, drawn: list[bool] = drawn
+        ) -> torch.Tensor:
+            drawn.extend(flips)
+            return real(samples, flips)
+
+        trainer.latents = spy  # type: ignore[method-assign]
+        try:
+            for _ in range(12):
+                trainer.micro_step([by_name["img0.png"]], 1.0)
+            if flip_aug:
+                mirrored = trainer.latent_cache.moments(by_name["img0.png"], True)
+                plain = trainer.latent_cache.moments(by_name["mirror.png"], False)
+                unflipped = trainer.latent_cache.moments(by_name["img0.png"], False)
+        finally:
+            trainer.close()
+        if flip_aug:
+            assert 2 <= sum(drawn) <= 10  # both kinds of draw (p = 0.5 each, seeded)
+            assert all(torch.allclose(m, p, atol=1e-5) for m, p in zip(mirrored, plain, strict=True))
+            assert not torch.allclose(mirrored[0], unflipped[0], atol=1e-3)
+        else:
+            assert drawn == [False] * 12
