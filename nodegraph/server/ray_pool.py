@@ -188,7 +188,7 @@ class _Slot(Worker):
             try:
                 self._run(item)
             except _Requeue:  # back to the front of the queue first, so another worker starts on it now
-                self.running_id = self.running_client = self.current_node = None
+                self.running_id = self.running_client = self.current_node = self._messages = None
                 self.store.requeue(item.prompt_id)
             finally:
                 if self.lost:
@@ -342,6 +342,12 @@ class RayWorkers:
                 node, running = slot.current_node, slot.running_id
                 sent.append(Message("executing", {"node": node, "display_node": node, "prompt_id": running}))
         return sent
+
+    def outputs_so_far(self, prompt_id: str) -> dict[str, Any]:
+        for slot in self.slots:
+            if slot.running_id == prompt_id:
+                return slot.outputs_so_far(prompt_id)
+        return {}
 
     def describe(self) -> list[dict[str, Any]]:
         """The workers for /system_stats: name, process, host, device, models read, what runs."""

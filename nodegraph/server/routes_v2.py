@@ -5,8 +5,9 @@ Shapes follow the v2 contract as Comfy's SDK (`comfy-sdk` on PyPI) and the refer
 completed_at, expires_at, queue_position, progress, outputs, error, outputs_reused, urls}`, with
 statuses queued/running/succeeded/canceling/canceled/failed; errors are
 `{"error": {"code", "message", "details"}}`. Submission is idempotent through the
-`Idempotency-Key` header (single use: a reused key is refused with 422, never replayed; the keys
-are kept in the asset index's SQLite file, so a restart does not forget them).
+`Idempotency-Key` header with Stripe's semantics (`v2_idempotency`: the same body replays the
+first answer, another body is refused with 422; the keys are kept in the asset index's SQLite
+file, so a restart does not forget them).
 `workflow` is an API-format prompt whose `core/ASSET` references are replaced by the asset's
 file name before validation. Events are Server-Sent Events built from polling the queue (the
 poll answer is authoritative; the stream is a convenience, as the contract says).
@@ -30,10 +31,10 @@ from nodegraph.server.replies import read_json
 from nodegraph.server.routes_prompt import _accept
 from nodegraph.server.state import ServerState, state
 from nodegraph.server.v2_assets import AssetIndex, AssetRecord
+from nodegraph.server.v2_idempotency import answer_resend, request_hash
 
 routes = web.RouteTableDef()
 RETENTION = timedelta(days=7)
-MAX_IDEMPOTENCY_KEYS = 10_000
 MAX_KEY_LENGTH = 255
 MAX_LIST = 500
 EVENT_POLL_S = 0.25
@@ -153,6 +154,8 @@ def job_body(st: ServerState, index: AssetIndex, job_id: str, base: str) -> dict
         v1 = jobs.queue_job(queued.as_list(), jobs.IN_PROGRESS if running else jobs.PENDING)
         if running:
             progress = _progress(st)
+            # outputs populate while the job runs, as each node finishes (the contract's `outputs`)
+            outputs = _outputs(index, job_id, st.worker.outputs_so_far(job_id), base)
         else:
             pending = [i.prompt_id for i in st.store.pending()]
             position = pending.index(job_id) + 1 if job_id in pending else None
@@ -225,11 +228,52 @@ def _submit_error(body: dict[str, Any]) -> web.Response | None:
 
 @routes.post("/v2/jobs")
 async def submit(request: web.Request) -> web.Response:
-    """Queue an API-format workflow; 201 with the job. `Idempotency-Key` makes a resend fail safe."""
+    """Queue an API-format workflow; 201 with the job. With an `Idempotency-Key`, a resend of the same
+    body replays that answer and queues nothing (`v2_idempotency`)."""
     st, index = state(request), request.app[V2_ASSETS]
     body = await read_json(request)
     if not isinstance(body, dict):
         return v2_error(400, "invalid_request", "The body must be a JSON object.")
+    key = request.headers.get("Idempotency-Key")
+    job_id = str(uuid.uuid4())
+    if key is None:
+        return await _queue_job(request, st, index, body, job_id)
+    # printable ASCII only: other bytes arrive as lone surrogates, which SQLite cannot store (a 500)
+    if not key or len(key) > MAX_KEY_LENGTH or not (key.isascii() and key.isprintable()):
+        return v2_error(
+            400,
+            "invalid_request",
+            f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} printable ASCII characters.",
+        )
+    fingerprint = request_hash(body)
+    # claimed in one SQLite statement, so two concurrent resends cannot both queue; kept on disk
+    claim = await asyncio.to_thread(index.keys.claim, key, fingerprint, job_id)
+    if claim is not None:
+        base = base_url(request)
+
+        def current(claimed_job: str) -> dict[str, Any] | None:
+            return job_body(st, index, claimed_job, base)
+
+        keys = index.keys
+        answer = await asyncio.to_thread(answer_resend, keys, claim, fingerprint, job_id, current, v2_error)
+        if answer is not None:  # replayed, refused, or still in flight; None: this request took it over
+            return answer
+    try:
+        response = await _queue_job(request, st, index, body, job_id)
+    except BaseException:
+        await asyncio.to_thread(index.keys.release, key)
+        raise
+    if response.status == 201 and response.text is not None:
+        await asyncio.to_thread(index.keys.record, key, response.status, response.text)
+    else:  # nothing was queued: the same key may be used again
+        await asyncio.to_thread(index.keys.release, key)
+    return response
+
+
+async def _queue_job(
+    request: web.Request, st: ServerState, index: AssetIndex, body: dict[str, Any], job_id: str
+) -> web.Response:
+    """Validate and queue one submit body as job `job_id`: 201 with the job, or the v2 refusal."""
     refused = _submit_error(body)
     if refused is not None:
         return refused
@@ -242,16 +286,6 @@ async def submit(request: web.Request) -> web.Response:
             f"Unresolvable core/ASSET reference(s): {', '.join(missing)}",
             missing_ids=missing,
         )
-    key = request.headers.get("Idempotency-Key")
-    job_id = str(uuid.uuid4())
-    if key is not None:
-        if not key or len(key) > MAX_KEY_LENGTH:
-            return v2_error(400, "invalid_request", f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} characters.")
-        # claimed in one SQLite statement, so two concurrent resends cannot both pass; kept on disk
-        if not await asyncio.to_thread(index.claim_key, key, job_id, MAX_IDEMPOTENCY_KEYS):
-            return v2_error(
-                422, "idempotency_key_reuse", "This Idempotency-Key was used already; poll or list your jobs."
-            )
     extra: dict[str, Any] = dict(body.get("extra_data") or {})
     # Previews are made for the event stream; the client id is the job's, which no socket has, so
     # no websocket client gets frames it did not ask for.
@@ -263,8 +297,6 @@ async def submit(request: web.Request) -> web.Response:
         st.validator, _accept, st, {"prompt": workflow}, extra, job_id, None
     )
     if isinstance(accepted, web.Response):
-        if key is not None:  # nothing was queued: the same key may be used again
-            await asyncio.to_thread(index.release_key, key)
         return _as_v2_refusal(accepted)
     job = await asyncio.to_thread(job_body, st, index, job_id, base_url(request))
     return web.json_response(job, status=201)
@@ -361,8 +393,8 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
 @routes.get("/v2/jobs/{id}/events")
 async def events(request: web.Request) -> web.StreamResponse:
     """SSE: `status` on each change, `progress` and the latest `preview` (`{node_id, content_type,
-    data_base64}`) while running, one `output` per output, and the final `status`, after which the
-    stream ends. `: keepalive` comments keep idle proxies open."""
+    data_base64}`) while running, one `output` per output as soon as its node has shown it, and the
+    final `status`, after which the stream ends. `: keepalive` comments keep idle proxies open."""
     st, index, job_id = state(request), request.app[V2_ASSETS], request.match_info["id"]
     base = base_url(request)
     job = await asyncio.to_thread(job_body, st, index, job_id, base)
@@ -373,17 +405,12 @@ async def events(request: web.Request) -> web.StreamResponse:
     )
     await response.prepare(request)
     last_status, last_progress, last_preview, beat = None, None, None, time.monotonic()
+    sent: set[str] = set()  # the outputs already announced, by asset id
     while job is not None:
-        if job["status"] != last_status:
-            last_status = job["status"]
-            if last_status in TERMINAL:
-                for output in job["outputs"]:
-                    await response.write(_sse("output", output))
-            await response.write(
-                _sse("status", {"status": last_status, "queue_position": job["queue_position"]})
-            )
-            if last_status in TERMINAL:
-                break
+        status = job["status"]
+        if status != last_status and status not in TERMINAL:
+            await response.write(_sse("status", {"status": status, "queue_position": job["queue_position"]}))
+        last_status = status
         if job["progress"] and job["progress"] != last_progress:
             last_progress = job["progress"]
             await response.write(_sse("progress", last_progress))
@@ -394,6 +421,13 @@ async def events(request: web.Request) -> web.StreamResponse:
             await response.write(
                 _sse("preview", _preview_event(getattr(worker, "current_node", None), preview))
             )
+        for output in job["outputs"]:  # each once its node has shown it, in the order they were shown
+            if output["id"] not in sent:
+                sent.add(output["id"])
+                await response.write(_sse("output", output))
+        if status in TERMINAL:
+            await response.write(_sse("status", {"status": status, "queue_position": job["queue_position"]}))
+            break
         if time.monotonic() - beat > HEARTBEAT_S:
             beat = time.monotonic()
             await response.write(b": keepalive\n\n")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nodegraph.folders import PathEscapeError, safe_join
+from nodegraph.server.v2_idempotency import IdempotencyKeys
 
 ASSETS_FILE = "v2_assets.sqlite"
 # Output assets get stable ids: the same output listed twice is the same record.
@@ -103,11 +104,8 @@ class AssetIndex:
             "content_type TEXT, file_path TEXT, folder TEXT, name TEXT, created_at TEXT, job_id TEXT)"
         )
         self._db.execute("CREATE INDEX IF NOT EXISTS assets_hash ON assets(hash)")
-        # v2 submit's Idempotency-Keys, kept here so a restarted server still refuses a resend.
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS idempotency_keys (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
-            "key TEXT UNIQUE NOT NULL, job_id TEXT, created_at TEXT)"
-        )
+        # v2 submit's Idempotency-Keys, kept in this file so a restarted server still answers a resend.
+        self.keys = IdempotencyKeys(self._db, self._lock)
 
     def path_of(self, record: AssetRecord) -> Path | None:
         """The record's file, or None when its folder is unknown or the name escapes it."""
@@ -159,25 +157,6 @@ class AssetIndex:
     def delete(self, asset_id: str) -> None:
         with self._lock:
             self._db.execute("DELETE FROM assets WHERE id=?", (asset_id,))
-
-    def claim_key(self, key: str, job_id: str, keep: int) -> bool:
-        """Record an Idempotency-Key for `job_id`; False if it was claimed before (even before a
-        restart). Only the newest `keep` keys are kept."""
-        with self._lock:
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO idempotency_keys (key, job_id, created_at) VALUES (?, ?, ?)",
-                (key, job_id, now_iso()),
-            )
-            if cursor.rowcount != 1:
-                return False
-            newest = "(SELECT MAX(seq) FROM idempotency_keys)"
-            self._db.execute(f"DELETE FROM idempotency_keys WHERE seq <= {newest} - ?", (keep,))
-            return True
-
-    def release_key(self, key: str) -> None:
-        """Forget a key whose submit queued nothing, so the client may use it again."""
-        with self._lock:
-            self._db.execute("DELETE FROM idempotency_keys WHERE key=?", (key,))
 
     def close(self) -> None:
         with self._lock:

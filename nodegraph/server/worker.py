@@ -69,6 +69,7 @@ class PromptWorker(Protocol):
     def broadcast_status(self) -> None: ...
     def on_connect(self, sid: str) -> list[Message]: ...
     def describe(self) -> list[dict[str, Any]]: ...
+    def outputs_so_far(self, prompt_id: str) -> dict[str, Any]: ...
 
 
 class Worker:
@@ -96,6 +97,7 @@ class Worker:
         # The running prompt's latest step and preview, for polling clients (A1111's /progress).
         self.step: tuple[int, int] | None = None
         self.preview: Any = None
+        self._messages: PromptMessages | None = None  # the running prompt's, with its outputs so far
         self._free_flags: tuple[bool, bool] | None = None
         self._cancelled: set[str] = set()  # interrupted before (or while) the executor runs them
         self._stop = threading.Event()
@@ -130,6 +132,13 @@ class Worker:
     def describe(self) -> list[dict[str, Any]]:
         """The one in-process worker, for /system_stats."""
         return [{"name": self.name or "local", "running": self.running_id}]
+
+    def outputs_so_far(self, prompt_id: str) -> dict[str, Any]:
+        """The UI outputs `prompt_id`'s nodes have shown so far, while it runs (else empty)."""
+        messages = self._messages
+        if messages is None or messages.prompt_id != prompt_id:
+            return {}
+        return dict(messages.outputs)  # a copy made under the GIL, while the worker adds to it
 
     def request_free(self, unload_models: bool, free_memory: bool) -> None:
         """ComfyUI's `/free`: handled between prompts, never while a node runs."""
@@ -170,7 +179,7 @@ class Worker:
         self.running_id, self.running_client = item.prompt_id, client_id
         self.step = self.preview = None
         self.broadcast_status()
-        messages = PromptMessages(item.prompt_id)
+        messages = self._messages = PromptMessages(item.prompt_id)
         server_method = self.executor.env.preview_method
         # ComfyUI sends binary previews only when the server or this prompt's client asked for them.
         previews = preview_method_for(item.extra_data, server_method) != "none"
@@ -190,7 +199,7 @@ class Worker:
         if status != "success" and self._stop.is_set():
             # Stopped under it: keep it queued for the next start instead of filing an interruption.
             self.store.requeue(item.prompt_id)
-            self.running_id = self.running_client = self.current_node = None
+            self.running_id = self.running_client = self.current_node = self._messages = None
             return
         entry = history_entry(item, messages, status)
         if self.name is not None:
@@ -204,7 +213,7 @@ class Worker:
                 self.after()
             except Exception:
                 log.exception("housekeeping after prompt %s failed", item.prompt_id)
-        self.running_id = self.running_client = self.current_node = None
+        self.running_id = self.running_client = self.current_node = self._messages = None
         self.broadcast_status()  # ComfyUI's order: the queue's status (task_done), then "executing: null"
         self.hub.send_sync(messages.done(), client_id)
         self.on_finished(item.prompt_id, entry)

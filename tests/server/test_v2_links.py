@@ -115,3 +115,42 @@ async def test_the_event_stream_is_live_push_without_ids(aiohttp_client: Any, tm
     again = frames(await (await client.get(job["urls"]["events"], headers={"Last-Event-ID": "3"})).text())
     assert [f["event"] for f in again] == ["output", "status"]  # the finished job's snapshot, no replay
     assert json.loads(again[0]["data"])["id"] == json.loads(seen[-2]["data"])["id"]
+
+
+async def test_each_output_goes_out_once_its_node_has_finished(aiohttp_client: Any, tmp_path: Path) -> None:
+    """The contract: `output` is "emitted the moment each output asset is committed" and a job's
+    `outputs` "populates incrementally while the job runs". Two save nodes, each after its own
+    sampler: the first one's output is announced, and polled, while the second sampler still runs;
+    the outputs come in the order the nodes showed them (ComfyUI's `executed` order)."""
+    client: TestClient = await aiohttp_client(create_app(make_engine(tmp_path)))
+    workflow = {
+        **txt2img(seed=1, steps=4, delay=0.15, prefix="first"),
+        "4": {
+            "class_type": "StubSampler",
+            "inputs": {"latent": ["1", 0], "seed": 2, "steps": 4, "delay": 0.15},
+        },
+        "5": {"class_type": "StubSave", "inputs": {"images": ["4", 0], "filename_prefix": "second"}},
+    }
+    job = await (await client.post("/api/v2/jobs", json={"workflow": workflow})).json()
+    stream = await client.get(job["urls"]["events"])
+    seen: list[dict[str, str]] = []
+    polled: dict[str, Any] | None = None
+    block = ""
+    while line := (await stream.content.readline()).decode():
+        block += line
+        if line != "\n":
+            continue
+        seen += frames(block)
+        block = ""
+        if seen and seen[-1]["event"] == "output" and polled is None:
+            polled = await (await client.get(f"/api/v2/jobs/{job['id']}")).json()
+    names = [f["event"] for f in seen]
+    first = names.index("output")
+    assert "progress" in names[first:]  # the other sampler was still stepping
+    assert polled is not None and polled["status"] == "running"
+    assert [o["id"] for o in polled["outputs"]] == [json.loads(seen[first]["data"])["id"]]
+    done = await finished(client, job["id"], {})
+    announced = [json.loads(f["data"]) for f in seen if f["event"] == "output"]
+    assert [o["node_id"] for o in announced] == [o["node_id"] for o in done["outputs"]]
+    assert sorted(o["node_id"] for o in announced) == ["3", "5"]
+    assert [o["id"] for o in announced] == [o["id"] for o in done["outputs"]]
