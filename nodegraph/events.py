@@ -42,7 +42,7 @@ class Progress(Event):
 @dataclass(frozen=True)
 class Executed(Event):
     node: str
-    output: Mapping[str, Any]
+    output: Mapping[str, Any] | None  # None: a cached node that shows nothing (ComfyUI sends null)
     interim: bool = False  # sent while the node still runs (a training run's loss plot and samples)
 
 

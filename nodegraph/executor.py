@@ -243,8 +243,8 @@ class _PromptRun:
             ui = self.entries[node_id].ui
             if ui is not None:
                 self.outcome.outputs[node_id] = dict(ui)
-                if node_id in targets:  # cached outputs are shown again, not re-run
-                    self.emit(Executed(self.prompt_id, node_id, ui))
+            if node_id in targets:  # shown again, not re-run (ComfyUI sends output null if it has none)
+                self.emit(Executed(self.prompt_id, node_id, ui))
 
     def _needed(self, prompt: PromptGraph) -> set[str]:
         """The uncached nodes the targets need: walking back from them, stopping at cached nodes."""
@@ -266,9 +266,10 @@ class _PromptRun:
             return True
         inputs: dict[str, Any] = {}
         try:
+            # ComfyUI announces the node, then sees a pending interrupt and names that node
+            self.emit(Executing(self.prompt_id, node_id, cls.NODE_ID))
             if self.ex.interrupt_requested:
                 raise Interrupted(f"interrupted before node {node_id}")
-            self.emit(Executing(self.prompt_id, node_id, cls.NODE_ID))
             inputs = self._inputs(node_id, cls)
             node = self.ex.instance(node_id, cls)
             context = _Context(self.ex, self.prompt_id, node_id, self.emit, self.preview_method)
@@ -301,7 +302,8 @@ class _PromptRun:
         self.outcome.cached.append(node_id)
         if entry.ui is not None:
             self.outcome.outputs[node_id] = dict(entry.ui)
-            self.emit(Executed(self.prompt_id, node_id, entry.ui))
+        # ComfyUI's `execute` finds it cached and sends `executed` (output null if it shows nothing)
+        self.emit(Executed(self.prompt_id, node_id, entry.ui))
 
     def _inputs(self, node_id: str, cls: type[Node]) -> dict[str, Any]:
         assert self.graph is not None

@@ -6,11 +6,15 @@ node's progress for the `progress_state` message.
 
 The sequence is ComfyUI's (execution.py `execute`, comfy_execution/progress.py `WebUIProgressHandler`,
 main.py `hijack_progress`): `execution_start`, `execution_cached`; for a node that runs,
-`progress_state` (started), `executing`, per step `progress_state` + `progress` (+ a preview),
-`executed` when it has UI output, `progress_state` (finished); for a cached output node `executed`
-and `progress_state`; then `execution_success`. The executor reports no "node finished" event, so
-a node's finishing `progress_state` goes out with what comes next (its `executed`, the next node's
-start, or the end), which keeps the order ComfyUI's clients see.
+`progress_state` (started), `executing`, per step `progress_state` + `progress` (a preview goes
+before `progress` to a socket with the metadata flag, after it to one without), `executed` when it
+has UI output, `progress_state` (finished); for a cached output node (and a node that finds its
+output made earlier in the same prompt) `executed`, with output null when it shows nothing, and
+`progress_state`; then `execution_success`. A node the executor announces and then finds an
+interrupt pending for gets `progress_state` and `executing`, then `execution_interrupted` naming it.
+The executor reports no "node finished" event, so a node's finishing `progress_state` goes out
+with what comes next (its `executed`, the next node's start, or the end), which keeps the order
+ComfyUI's clients see.
 """
 
 from __future__ import annotations
@@ -43,10 +47,13 @@ class Message:
 
 @dataclass(frozen=True)
 class PreviewFrame:
-    """A binary preview for the prompt's client; encoded per socket (type 1 or type 4)."""
+    """A binary preview for the prompt's client: type 4 (`with_metadata`) for a socket that said it
+    `supports_preview_metadata`, type 1 for one that did not (and for every socket when the prompt
+    has no client: ComfyUI's feature check fails without one)."""
 
     preview: Preview
     metadata: dict[str, Any]
+    with_metadata: bool
     broadcast: bool = True
 
 
@@ -54,9 +61,9 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def encode_preview(frame: PreviewFrame, with_metadata: bool) -> bytes:
+def encode_preview(frame: PreviewFrame) -> bytes:
     """Binary frame: BE uint32 event type, then format (type 1) or metadata JSON (type 4), then image."""
-    if with_metadata:
+    if frame.with_metadata:
         meta = json.dumps(frame.metadata).encode("utf-8")
         return struct.pack(">II", PREVIEW_IMAGE_WITH_METADATA, len(meta)) + meta + frame.preview.data
     fmt = _FORMATS.get(frame.preview.image_type, 1)
@@ -87,13 +94,10 @@ class PromptMessages:
         if isinstance(event, ev.Progress):
             return self._progress(event)
         if isinstance(event, ev.Executed):
-            self.outputs[event.node] = dict(event.output)  # an interim one is kept if the node fails
-            data = {
-                "node": event.node,
-                "display_node": event.node,
-                "output": dict(event.output),
-                "prompt_id": pid,
-            }
+            output = dict(event.output) if event.output is not None else None
+            if output is not None:
+                self.outputs[event.node] = output  # an interim one is kept if the node fails
+            data = {"node": event.node, "display_node": event.node, "output": output, "prompt_id": pid}
             if event.interim:  # still running (a training run's plots): no state change
                 return [Message("executed", data)]
             if event.node != self.unfinished:  # a cached output node: shown again, finished at once
@@ -147,21 +151,25 @@ class PromptMessages:
     def _progress(self, event: ev.Progress) -> list[Message | PreviewFrame]:
         self.node_states[event.node] = self._state(event.node, event.value, event.max, "running")
         data = {"value": event.value, "max": event.max, "prompt_id": self.prompt_id, "node": event.node}
-        sent: list[Message | PreviewFrame] = [
+        progress = Message("progress", data, broadcast=True)
+        if event.preview is None:
+            return [self._progress_state(), progress]
+        meta = {
+            "node_id": event.node,
+            "prompt_id": self.prompt_id,
+            "display_node_id": event.node,
+            "parent_node_id": None,
+            "real_node_id": event.node,
+            "image_type": event.preview.image_type,
+        }
+        # ComfyUI's order: the progress handler sends `progress_state` and the type-4 frame, then
+        # main.py's hook sends `progress` and, to a client without the metadata flag, the type-1 frame.
+        return [
             self._progress_state(),
-            Message("progress", data, broadcast=True),
+            PreviewFrame(event.preview, meta, with_metadata=True),
+            progress,
+            PreviewFrame(event.preview, meta, with_metadata=False),
         ]
-        if event.preview is not None:
-            meta = {
-                "node_id": event.node,
-                "prompt_id": self.prompt_id,
-                "display_node_id": event.node,
-                "parent_node_id": None,
-                "real_node_id": event.node,
-                "image_type": event.preview.image_type,
-            }
-            sent.append(PreviewFrame(event.preview, meta))
-        return sent
 
     def _finished(self, unless: str | None = None) -> list[Message | PreviewFrame]:
         """The finishing `progress_state` of the node that ran last, once (none for `unless`: the node

@@ -178,11 +178,11 @@ class Hub:
                 continue
             targets = self._targets(message, sid)
             if isinstance(message, PreviewFrame):
-                for client in targets:
-                    self._offer(
-                        client,
-                        encode_preview(message, bool(client.feature_flags.get("supports_preview_metadata"))),
-                    )
+                # each socket gets the one of the two kinds it reads
+                readers = [c for c in targets if _wants_metadata(c, sid) == message.with_metadata]
+                frame = encode_preview(message) if readers else b""
+                for client in readers:
+                    self._offer(client, frame)
             elif targets:
                 text = _text(message)  # encoded once for every socket
                 for client in targets:
@@ -236,6 +236,12 @@ class Hub:
         closing = asyncio.get_running_loop().create_task(client.socket.close())
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
+
+
+def _wants_metadata(client: Client, sid: str | None) -> bool:
+    """Type-4 previews for a prompt's own client that asked for them; type 1 otherwise (ComfyUI checks
+    the flag of the prompt's client id, so a prompt without one sends type 1 to every socket)."""
+    return sid is not None and bool(client.feature_flags.get("supports_preview_metadata"))
 
 
 def _text(message: Message) -> str:

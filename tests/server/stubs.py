@@ -115,11 +115,16 @@ def txt2img(seed: int = 1, steps: int = 2, delay: float = 0.0, prefix: str = "st
 
 
 def make_engine(
-    base: Path, *, listen: str = "127.0.0.1", auth_token: str | None = None, **extra: Any
+    base: Path,
+    *,
+    listen: str = "127.0.0.1",
+    auth_token: str | None = None,
+    more_nodes: tuple[type[Node], ...] = (),
+    **extra: Any,
 ) -> Engine:
-    """An engine over the stub nodes with its folders under `base`."""
+    """An engine over the stub nodes (and a test's own `more_nodes`) with its folders under `base`."""
     settings = Settings(base_directory=base, listen=listen, auth_token=auth_token, port=0, **extra)
-    engine = build_engine(settings, nodes=STUBS)
+    engine = build_engine(settings, nodes=[*STUBS, *more_nodes])
     folders = engine.env.folders
     for d in (folders.output_dir, folders.input_dir, folders.temp_dir, folders.user_dir):
         d.mkdir(parents=True, exist_ok=True)
