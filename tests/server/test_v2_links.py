@@ -124,10 +124,10 @@ async def test_each_output_goes_out_once_its_node_has_finished(aiohttp_client: A
     the outputs come in the order the nodes showed them (ComfyUI's `executed` order)."""
     client: TestClient = await aiohttp_client(create_app(make_engine(tmp_path)))
     workflow = {
-        **txt2img(seed=1, steps=4, delay=0.15, prefix="first"),
+        **txt2img(seed=1, steps=6, delay=0.2, prefix="first"),
         "4": {
             "class_type": "StubSampler",
-            "inputs": {"latent": ["1", 0], "seed": 2, "steps": 4, "delay": 0.15},
+            "inputs": {"latent": ["1", 0], "seed": 2, "steps": 6, "delay": 0.2},
         },
         "5": {"class_type": "StubSave", "inputs": {"images": ["4", 0], "filename_prefix": "second"}},
     }
