@@ -1,5 +1,6 @@
 """Nodes: ControlNet loading and applying (nodes.py ControlNetLoader, DiffControlNetLoader,
 ControlNetApply, ControlNetApplyAdvanced), with ComfyUI's ids, inputs and conditioning options.
+T2I-Adapters load through the same loaders and apply through the same nodes, as in ComfyUI.
 
 The loaded network is shared (a store keyed by file and stamp, like checkpoints); applying one
 returns new conditioning entries whose `control` option is an immutable `nodes.sd.control.Control`
@@ -75,7 +76,8 @@ def _check_net(control_net: Any) -> ControlModel:
 
 
 class ControlNetLoader(Node):
-    """Load a ControlNet (models/controlnet, A1111's models/ControlNet) to steer sampling with a hint."""
+    """Load a ControlNet or T2I-Adapter (models/controlnet, models/t2i_adapter, A1111's models/ControlNet)
+    to steer sampling with a hint."""
 
     DISPLAY_NAME = "Load ControlNet Model"
     CATEGORY = "loaders"

@@ -66,6 +66,7 @@ SLOW = (
     "tests/nodes/test_lora_stack_workflows.py",
     "tests/nodes/test_merge_blocks.py",
     "tests/nodes/test_model_patch_workflow.py",
+    "tests/nodes/test_t2i_adapter_nodes.py",  # a workflow per layout on the mini checkpoint's CLIP
     "tests/nodes/test_upscale_model.py",
     "tests/nodes/test_sdxl_refiner.py",
     "tests/nodes/test_vae_tiled.py",
@@ -208,6 +209,36 @@ def mini_gligen(mini_checkpoint: Path) -> Path:
     if not path.exists():
         partial = path.with_name(path.name + ".partial")
         write_mini_gligen(partial, mini_checkpoint)
+        partial.rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mini_t2i_adapters() -> Path:
+    """A folder of small random-weight T2I-Adapter files, one per layout (SD1 full with 1x1 or conv
+    downsampling, light, diffusers; SDXL), named in `tests/t2i_adapter_files.py`'s FILES."""
+    from tests.t2i_adapter_files import FILES, GENERATOR_VERSION, write
+
+    folder = CACHE / f"t2i_adapters_v{GENERATOR_VERSION}"
+    for name, (specs, seed, diffusers) in FILES.items():
+        path = folder / name
+        if not path.exists():
+            partial = path.with_name(path.name + ".partial")
+            write(partial, specs, seed, diffusers)
+            partial.rename(path)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd15_shaped_unet() -> Path:
+    """A narrow SD1.x UNet alone with SD1.5's block structure (UNETLoader's file), which the SD1 test
+    adapters fit (tests/t2i_adapter_files.py)."""
+    from tests.t2i_adapter_files import GENERATOR_VERSION, write_sd15_shaped_unet
+
+    path = CACHE / f"sd15_shaped_unet_v{GENERATOR_VERSION}.safetensors"
+    if not path.exists():
+        partial = path.with_name(path.name + ".partial")
+        write_sd15_shaped_unet(partial)
         partial.rename(path)
     return path
 

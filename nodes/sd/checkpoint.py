@@ -77,6 +77,8 @@ def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
+    if isinstance(data, dict) and isinstance(data.get("adapter"), dict):
+        data = data["adapter"]  # T2I-Adapter pickles saved as {"adapter": state_dict} (comfy/controlnet.py)
     if not isinstance(data, dict):
         raise CheckpointError(f"'{path.name}' does not hold a state dict (found {type(data).__name__})")
     return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}

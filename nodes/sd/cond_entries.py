@@ -184,7 +184,7 @@ def _read_gligen(value: Any, what: str) -> Grounding | None:
 
 
 def _read_control(value: Any, width: int | None, what: str) -> Control | None:
-    """The `control` option: a ControlNet chain whose every net fits the model's text width."""
+    """The `control` option: a ControlNet chain whose every net (or adapter) fits the model's family."""
     if value is None:
         return None
     if not isinstance(value, Control):
@@ -192,10 +192,12 @@ def _read_control(value: Any, width: int | None, what: str) -> Control | None:
             f"{what}: conditioning option 'control' must be a ControlNet, got {type(value).__name__}; "
             "set it with ControlNetApply"
         )
-    for node in value.chain():  # ComfyUI fails here with a matrix-shape error inside the network
+    # ComfyUI fails here with a matrix-shape error inside a ControlNet; a T2I-Adapter of another family
+    # it runs, adding the features whose shapes happen to fit: refused here as well, naming the file
+    for node in value.chain():
         if width is not None and node.model.context_dim != width:
             family = "SDXL" if node.model.family == "sdxl" else "SD1.x"
-            kind = "control LoRA" if node.model.lora is not None else "ControlNet"
+            kind = node.model.kind
             raise ConditioningError(
                 f"{what}: {kind} '{node.model.name}' is an {family} {kind} (text width "
                 f"{node.model.context_dim}) and does not fit this model (width {width}); pick one made for it"

@@ -12,8 +12,8 @@ Files in diffusers' layout (a diffusers ControlNet folder's .safetensors, SD1.x 
 controlnet-canny-sdxl-1.0) are read with their own names (nodes/sd/controlnet_diffusers.py reads
 their config). Diff ControlNets (`difference` key) hold weights relative to a base UNet: the model's
 UNet weights are added to them (ComfyUI's DiffControlNetLoader). Control LoRAs (`lora_controlnet`
-key) are read here and built against the sampled UNet (nodes/sd/control_lora.py). T2I-Adapters are
-recognised and refused by name.
+key) are read here and built against the sampled UNet (nodes/sd/control_lora.py). A file with none
+of those keys is tried as a T2I-Adapter, as ComfyUI does (nodes/sd/t2i_adapter.py).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from nodes.sd.checkpoint import (
     open_source,
 )
 from nodes.sd.convert import UNET_PREFIX, UnsupportedCheckpointError
+from nodes.sd.t2i_adapter import AdapterSpec, build_adapter, is_adapter, is_cascade
 
 PREFIXES = ("control_model.", "")  # A1111-extracted files, then the plain original layout
 MARKER = "zero_convs.0.0.weight"
@@ -61,13 +62,19 @@ class ControlLoraWeights:
 @dataclass(frozen=True, eq=False)
 class ControlModel:
     """A loaded ControlNet: the diffusers network (fp32, eval) and what it was made for. A control
-    LoRA has no network of its own (`net` None): it is built against the sampled UNet."""
+    LoRA has no network of its own (`net` None): it is built against the sampled UNet. A T2I-Adapter's
+    `net` is the adapter (`adapter` its structure)."""
 
     net: Any
     name: str
     family: str  # "sd15" or "sdxl"
-    context_dim: int  # the text embedding width it cross-attends to (768 SD1.x, 2048 SDXL)
+    context_dim: int  # the text width of its family's models (768 SD1.x, 2048 SDXL): what it fits
     lora: ControlLoraWeights | None = None
+    adapter: AdapterSpec | None = None
+
+    @property
+    def kind(self) -> str:
+        return "T2I-Adapter" if self.adapter else "control LoRA" if self.lora else "ControlNet"
 
 
 class _Stripped:
@@ -93,8 +100,11 @@ class _Stripped:
 def what_else(name: str, keys: Iterable[str]) -> str:
     """Why a file without ControlNet keys cannot be used, naming what it looks like."""
     keyset = set(keys)
-    if any(k.startswith(("body.0.", "conv_in.", "adapter.body.", "backbone.")) for k in keyset):
-        return f"'{name}' is a T2I-Adapter (or a Stable Cascade ControlNet); nodegraph does not run those yet"
+    if is_cascade(keyset):
+        return (
+            f"'{name}' is a Stable Cascade ControlNet; nodegraph runs SD1.x and SDXL ControlNets and "
+            "T2I-Adapters"
+        )
     if any(
         k.startswith(("controlnet_x_embedder.", "pos_embed_input.", "controlnet_blocks.")) for k in keyset
     ):
@@ -175,6 +185,8 @@ def load_controlnet(path: Path, base_unet: Any = None) -> ControlModel:
     if diffusers_layout.MARKER in keys:
         return _load_diffusers(path, source)
     prefix = _prefix(keys)
+    if prefix is None and is_adapter(set(keys)):
+        return _load_adapter(path, source)
     if prefix is None:
         raise ControlNetError(what_else(path.name, keys))
     base: dict[str, torch.Tensor] = {}
@@ -203,6 +215,16 @@ def _load_control_lora(path: Path, source: TensorSource) -> ControlModel:
     widths = [t.shape[-1] for k, t in tensors.items() if k.endswith("attn2.to_k.down") and t.dim() == 2]
     context = widths[0] if widths else (2048 if family == "sdxl" else 768)
     return ControlModel(None, path.name, family, int(context), ControlLoraWeights(tensors))
+
+
+def _load_adapter(path: Path, source: TensorSource) -> ControlModel:
+    """A T2I-Adapter: its network, and the family whose UNet its features are shaped for."""
+    try:
+        adapter = build_adapter(path.name, source)
+    except CheckpointError as exc:
+        raise ControlNetError(str(exc)) from exc
+    spec = adapter.spec
+    return ControlModel(adapter, path.name, spec.family, 2048 if spec.xl else 768, adapter=spec)
 
 
 def _load_diffusers(path: Path, source: TensorSource) -> ControlModel:

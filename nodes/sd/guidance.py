@@ -26,9 +26,10 @@ channels: cropped to the entry's area, repeated to the batch, batched like the e
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,6 +54,9 @@ from nodes.sd.control_lora import build_control_lora
 from nodes.sd.controlnet import ControlModel
 from nodes.sd.model_sampling import EPS, ModelSampling
 from nodes.sd.schedules import DiscreteSchedule
+from nodes.sd.t2i_adapter import Features, features_added
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AREA_FEATHER",
@@ -225,6 +229,8 @@ class CFGDenoiser:
         self._sides: dict[tuple[Any, ...], tuple[list[CondEntry], list[CondEntry]]] = {}
         self._extra: dict[tuple[Any, ...], tuple[Any, list[CondEntry]]] = {}  # keeps the value alive
         self._control_nets: dict[int, Any] = {}  # control LoRA -> its network on this (patched) UNet
+        self._adapter_features: dict[tuple[Any, ...], Features] = {}  # T2I-Adapter features by hint
+        self._warned_left_out = False
 
     def apply_model(
         self,
@@ -246,6 +252,8 @@ class CFGDenoiser:
         dtype = next(self.unet.parameters()).dtype
         kwargs = {k: v.to(xc.device, dtype) for k, v in added.items()} if added is not None else None
         extra: dict[str, Any] = {}
+        inputs: list[torch.Tensor | None] = []  # T2I-Adapters' features, added after input blocks
+        middle: torch.Tensor | None = None
         if control is not None:
             found = controlnet.residuals(
                 control,
@@ -257,17 +265,26 @@ class CFGDenoiser:
                 batched_number,
                 lambda p: percent_to_sigma(self.schedule, p),
                 self.control_net,
+                self.adapter_features,
             )
             if found is not None:
+                inputs, middle = found["input"], next(iter(found["middle"]), None)
+            if found is not None and found["output"]:  # ControlNets': diffusers adds them (and middle)
                 extra = {
-                    "down_block_additional_residuals": found[0],
-                    "mid_block_additional_residual": found[1],
+                    "down_block_additional_residuals": found["output"],
+                    "mid_block_additional_residual": middle,
                 }
+                middle = None
         if concat is not None:
             xc = torch.cat([xc, concat.to(xc.dtype)], dim=1)
         if grounding is not None:
             extra["cross_attention_kwargs"] = {"gligen": {"objs": grounding.tokens.to(xc.device, dtype)}}
-        with gligen.gated_layers_attached(self.unet, grounding.model) if grounding else nullcontext():
+        left_out: list[str] = []
+        with ExitStack() as stack:
+            if grounding is not None:
+                stack.enter_context(gligen.gated_layers_attached(self.unet, grounding.model))
+            if inputs or middle is not None:
+                left_out = stack.enter_context(features_added(self.unet, inputs, middle))
             eps: torch.Tensor = self.unet(
                 xc.to(dtype),
                 t,
@@ -276,7 +293,25 @@ class CFGDenoiser:
                 return_dict=False,
                 **extra,
             )[0].float()
+        if left_out and not self._warned_left_out and control is not None:
+            self._warned_left_out = True  # ComfyUI warns at every call; once per sampling is enough
+            names = ", ".join(sorted({f"'{n.model.name}'" for n in control.chain() if n.model.adapter}))
+            log.warning(
+                "T2I-Adapter %s: features left out because this model's UNet does not take them there "
+                "(as ComfyUI leaves them out): %s",
+                names,
+                "; ".join(left_out),
+            )
         return self.sampling.denoised(sigma, eps, x)
+
+    def adapter_features(self, control: Control, x: torch.Tensor, batched_number: int) -> Features:
+        """A T2I-Adapter's features for this hint size and batch, computed once per sampling (ComfyUI's
+        T2IAdapter keeps its `control_input` until the latent size changes)."""
+        key = (id(control), x.shape[0], x.shape[2], x.shape[3], x.device)
+        found = self._adapter_features.get(key)
+        if found is None:
+            found = self._adapter_features[key] = controlnet.adapter_features(control, x, batched_number)
+        return found
 
     def control_net(self, model: ControlModel) -> Any:
         """The network of a ControlNet on this UNet: its own, or a control LoRA's, built once per

@@ -47,8 +47,9 @@ def _first_call() -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _run(control: Control, x_in: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> Any:
+    """(residuals per skip connection, middle residual), or None when no ControlNet is active."""
     with torch.inference_mode():
-        return residuals(
+        found = residuals(
             control,
             x_in,
             SCHEDULE.timestep(sigma).float(),
@@ -58,6 +59,7 @@ def _run(control: Control, x_in: torch.Tensor, sigma: torch.Tensor, context: tor
             2,
             lambda p: percent_to_sigma(SCHEDULE, p),
         )
+    return None if found is None else (found["output"], found["middle"][0])
 
 
 def test_residuals_match_comfyui(net: ControlModel, hint: torch.Tensor) -> None:
