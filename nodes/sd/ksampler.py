@@ -135,6 +135,10 @@ class _Inpaint:
     def uncond_denoised(self) -> torch.Tensor | None:
         return self.model.uncond_denoised
 
+    @property
+    def schedule(self) -> DiscreteSchedule:
+        return self.model.schedule
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         mask = self.mask if self.mask_function is None else self.mask_function(sigma, self.mask)
         keep = 1.0 - mask

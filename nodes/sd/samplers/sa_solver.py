@@ -2,6 +2,10 @@
 comfy/k_diffusion/sa_solver.py and `sample_sa_solver` (predictor order 3, corrector order 4,
 noise only while 0.2 <= percent <= 0.8 of the schedule, eta 1). `sa_solver_pece` re-evaluates the
 model on the corrected state.
+
+The noise window is read from the sampled model's own table, as ComfyUI reads it from the model's
+`model_sampling` (`percent_to_sigma(0.2)` .. `(0.8)`): a zero-terminal-SNR, LCM or continuous EDM model
+gets its own window, not SD1.5's.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import torch
 from nodes.sd.cond_entries import percent_to_sigma
 from nodes.sd.noise import default_noise_sampler
 from nodes.sd.samplers.k_diffusion import Callback, Model, _notify, _ones
-from nodes.sd.schedules import sd15_schedule
+from nodes.sd.schedules import DiscreteSchedule, sd15_schedule
 
 
 def _exponential_coeffs(s: torch.Tensor, t: torch.Tensor, order: int, tau: float) -> torch.Tensor:
@@ -46,6 +50,13 @@ def _b_coeffs(
     return sigma_next * lambda_t.exp() * integrals
 
 
+def model_schedule(model: Model) -> DiscreteSchedule:
+    """The sigma table of the model being sampled (the denoiser's `schedule`, ComfyUI's
+    `model_sampling`); SD1.5's for a bare function, which carries none."""
+    schedule = getattr(model, "schedule", None)
+    return schedule if isinstance(schedule, DiscreteSchedule) else sd15_schedule()
+
+
 def _sa_solver(
     model: Model, x: torch.Tensor, sigmas: torch.Tensor, seed: int | None, callback: Callback, pece: bool
 ) -> torch.Tensor:
@@ -54,7 +65,7 @@ def _sa_solver(
     noise_sampler = default_noise_sampler(x, seed)
     s_in = _ones(x)
     lambdas = sigmas.log().neg()
-    schedule = sd15_schedule()
+    schedule = model_schedule(model)
     start, end = percent_to_sigma(schedule, 0.2), percent_to_sigma(schedule, 0.8)
 
     def tau_func(sigma: torch.Tensor) -> float:
