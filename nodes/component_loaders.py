@@ -43,7 +43,11 @@ class UNETLoader(Node):
             f"unet:{weight_dtype}", (path,), lambda: load_unet_file(path, weight_dtype)
         )
         handle = ModelHandle(
-            unet=loaded.unet, source=unet_name, family=loaded.family, sampling=loaded.sampling
+            unet=loaded.unet,
+            source=unet_name,
+            family=loaded.family,
+            sampling=loaded.sampling,
+            base_sampling=loaded.sampling,
         )
         return (handle,)
 

@@ -75,7 +75,9 @@ def _handles(
     # SDXL v-prediction checkpoints (NoobAI-XL v-pred ...) say so by marker keys and are sampled as such
     # without a node; ComfyUI reads the markers for the SDXL base class only (supported_models.SDXL).
     sampling = checkpoint_sampling(ckpt.path) if ckpt.family == "sdxl" else EPS
-    model = ModelHandle(unet=ckpt.unet, source=name, family=ckpt.family, sampling=sampling)
+    model = ModelHandle(
+        unet=ckpt.unet, source=name, family=ckpt.family, sampling=sampling, base_sampling=sampling
+    )
     clip = ClipHandle(
         text_encoder=ckpt.text_encoder,
         tokenizer=default_tokenizer(),

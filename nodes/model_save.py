@@ -10,8 +10,10 @@ Each writes `<prefix>_<counter:05>_.safetensors` under the output folder with th
   transformers' layout (`text_model.`..., bigG's `text_projection.weight`) plus `logit_scale`, fp16.
 * VAESave: the VAE's original keys without `first_stage_model.`, in the VAE's own precision (fp32).
 
-Metadata as ComfyUI's `save_checkpoint`: `modelspec.predict_key` always, the other ModelSpec keys
-for SDXL only, `prompt` (empty without one) and each extra_pnginfo key unless metadata is disabled.
+Metadata as ComfyUI's `save_checkpoint`: `modelspec.predict_key` from the model type the file was
+loaded with (not from a ModelSampling* node; `sampling_markers` has the extra keys), the other
+ModelSpec keys for SDXL only, `prompt` (empty without one) and each extra_pnginfo key unless
+metadata is disabled.
 A file is written aside and linked into place, so a crash never leaves a half-written model under
 its name and two writers never share a counter; a prefix that escapes the output folder is refused.
 """
@@ -74,8 +76,18 @@ def prompt_metadata(ctx: RunContext, prompt: Any, extra_pnginfo: Any) -> dict[st
     return meta
 
 
+def predict_key(model: ModelHandle) -> str | None:
+    """`modelspec.predict_key` from the model type the file was loaded with (ComfyUI reads
+    `model.model.model_type`, which ModelSamplingDiscrete does not change): "epsilon", "v", or none
+    (a continuous EDM model such as CosXL or Playground v2.5)."""
+    base = model.base_sampling
+    if base.sigma_range is not None:
+        return None
+    return {"eps": "epsilon", "v_prediction": "v"}.get(base.prediction)
+
+
 def model_metadata(model: ModelHandle, refiner: bool, title: str) -> dict[str, str]:
-    """save_checkpoint's ModelSpec keys: architecture and friends for SDXL only, predict_key always."""
+    """save_checkpoint's ModelSpec keys: architecture and friends for SDXL only, the predict key."""
     meta: dict[str, str] = {}
     if model.family.startswith("sdxl"):
         meta["modelspec.architecture"] = (
@@ -86,26 +98,33 @@ def model_metadata(model: ModelHandle, refiner: bool, title: str) -> dict[str, s
             "modelspec.implementation": "sgm",
             "modelspec.title": title,
         }
-    meta["modelspec.predict_key"] = "v" if model.sampling.prediction == "v_prediction" else "epsilon"
+    key = predict_key(model)
+    if key is not None:
+        meta["modelspec.predict_key"] = key
     return meta
 
 
 def sampling_markers(model: ModelHandle) -> dict[str, Any]:
-    """The marker keys a v-prediction (zero-terminal-SNR) checkpoint declares itself with (ComfyUI's);
-    on a continuous EDM schedule, `edm_vpred.sigma_max` / `.sigma_min` (nodes_model_merging's save)."""
+    """The extra keys ComfyUI's save_checkpoint writes beside the weights (nodes_model_merging.py):
+
+    * `edm_vpred.sigma_max` / `.sigma_min` when the model is sampled on a continuous EDM schedule
+      as v_prediction or edm (ComfyUI tests `isinstance(model_sampling, V_PREDICTION)`, and its EDM
+      class derives from V_PREDICTION), whether the file said so or ModelSamplingContinuousEDM did;
+    * `v_pred` only when the file was loaded as v-prediction (the model type, not a
+      ModelSamplingDiscrete patch), with `ztsnr` when the sampling in use has zero terminal SNR.
+    """
     import torch
 
-    if model.sampling.prediction != "v_prediction":
-        return {}
-    if model.sampling.sigma_range is not None:
-        schedule = model.sampling.schedule
-        return {
-            "edm_vpred.sigma_max": torch.tensor(float(schedule.sigma_max)).float(),
-            "edm_vpred.sigma_min": torch.tensor(float(schedule.sigma_min)).float(),
-        }
-    out = {"v_pred": torch.tensor([])}
-    if model.sampling.zsnr:
-        out["ztsnr"] = torch.tensor([])
+    current, base = model.sampling, model.base_sampling
+    out: dict[str, Any] = {}
+    if current.sigma_range is not None and current.prediction in ("v_prediction", "edm"):
+        schedule = current.schedule
+        out["edm_vpred.sigma_max"] = torch.tensor(float(schedule.sigma_max)).float()
+        out["edm_vpred.sigma_min"] = torch.tensor(float(schedule.sigma_min)).float()
+    if base.sigma_range is None and base.prediction == "v_prediction":
+        out["v_pred"] = torch.tensor([])
+        if current.sigma_range is None and current.zsnr:
+            out["ztsnr"] = torch.tensor([])
     return out
 
 

@@ -35,6 +35,9 @@ class ModelHandle:
     family: str  # "sd15", "sdxl" (SDXL base family: Pony, Illustrious, SSD-1B, Vega ...), "sdxl_refiner"
     loras: tuple[LoraRef, ...] = ()
     sampling: ModelSampling = EPS  # eps / v-prediction / LCM / x0, zero terminal SNR (ModelSamplingDiscrete)
+    # The sampling the file was loaded with (ComfyUI's `model.model.model_type`): the ModelSampling*
+    # nodes change `sampling` only; CheckpointSave reads this one for `v_pred` and the predict key.
+    base_sampling: ModelSampling = EPS
     hypernetworks: tuple[HypernetworkRef, ...] = ()  # attention patches, applied in order while sampling
     # FreeU, RescaleCFG, PAG ... (nodes.sd.unet_patches), applied by the sampler in this order
     patches: tuple[Any, ...] = ()

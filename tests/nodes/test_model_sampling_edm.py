@@ -142,4 +142,6 @@ def test_a_saved_continuous_v_prediction_model_declares_its_schedule(
     again = checkpoint_sampling(path)
     assert again.prediction == "v_prediction" and again.sigma_data == 1.0
     assert again.sigma_range == (pytest.approx(0.03, rel=1e-6), pytest.approx(80.0, rel=1e-6))
-    assert sampling_markers(edm(model, "edm")) == {}
+    # ComfyUI's EDM class derives from V_PREDICTION, so an edm-sampled model declares its schedule too
+    assert sorted(sampling_markers(edm(model, "edm"))) == ["edm_vpred.sigma_max", "edm_vpred.sigma_min"]
+    assert sampling_markers(edm(model, "eps")) == {}

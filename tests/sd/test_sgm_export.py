@@ -14,6 +14,7 @@ import pytest
 import torch
 from sdxl_lora_fixtures import SMALL_UNET, oracle_sdxl, small_models
 
+from nodes.model_save import model_metadata
 from nodes.model_save import sampling_markers as _sampling_markers
 from nodes.sd.handles import ModelHandle
 from nodes.sd.lora.ldm_export import SGM_CLIP_L, sgm_state_dict
@@ -78,8 +79,37 @@ def test_sgm_layout_round_trips_through_the_oracle_maps(refiner: bool, oracle_di
     assert any(k.startswith("first_stage_model.decoder.") for k in state)
 
 
-def test_v_prediction_markers() -> None:
-    plain = ModelHandle(None, "x", "sdxl")
-    assert _sampling_markers(plain) == {}
-    marked = _sampling_markers(ModelHandle(None, "x", "sdxl", sampling=ModelSampling("v_prediction", True)))
-    assert set(marked) == {"v_pred", "ztsnr"}
+V_ZSNR, V = ModelSampling("v_prediction", True), ModelSampling("v_prediction")
+EDM_V = ModelSampling("v_prediction", False, (0.002, 120.0))
+EDM_KEYS = {"edm_vpred.sigma_max", "edm_vpred.sigma_min"}
+
+
+@pytest.mark.parametrize(
+    ("base", "current", "key", "markers"),
+    [
+        (ModelSampling(), ModelSampling(), "epsilon", set()),
+        # ModelSamplingDiscrete(v_prediction, zsnr) on an eps file: ComfyUI's model type stays EPS
+        (ModelSampling(), V_ZSNR, "epsilon", set()),
+        (V_ZSNR, V_ZSNR, "v", {"v_pred", "ztsnr"}),  # NoobAI-XL v-pred as loaded
+        (V, V, "v", {"v_pred"}),
+        (V_ZSNR, ModelSampling(), "v", {"v_pred"}),  # zsnr is read from the sampling in use
+        (V, ModelSampling("lcm", True), "v", {"v_pred", "ztsnr"}),
+        (ModelSampling(), EDM_V, "epsilon", EDM_KEYS),  # ModelSamplingContinuousEDM v_prediction
+        (ModelSampling(), ModelSampling("edm", False, (0.002, 80.0), 0.5), "epsilon", EDM_KEYS),
+        (ModelSampling(), ModelSampling("eps", False, (0.002, 80.0)), "epsilon", set()),
+        (EDM_V, EDM_V, None, EDM_KEYS),  # CosXL: V_PREDICTION_EDM has no predict key
+        (EDM_V, V, None, set()),
+    ],
+)
+def test_saved_markers_follow_comfyui_model_type(
+    base: ModelSampling, current: ModelSampling, key: str | None, markers: set[str]
+) -> None:
+    """save_checkpoint: `v_pred` and the predict key from the loaded model type, `ztsnr` from the
+    sampling in use, `edm_vpred.*` from a continuous v_prediction or edm (EDM derives V_PREDICTION)."""
+    handle = ModelHandle(None, "x", "sdxl", sampling=current, base_sampling=base)
+    got = _sampling_markers(handle)
+    assert set(got) == markers
+    assert model_metadata(handle, False, "t").get("modelspec.predict_key") == key
+    if markers & EDM_KEYS:
+        assert got["edm_vpred.sigma_min"].dtype == torch.float32 and got["edm_vpred.sigma_min"].dim() == 0
+        assert float(got["edm_vpred.sigma_max"]) == pytest.approx(current.sigma_range[1], rel=1e-6)  # type: ignore[index]
