@@ -172,7 +172,9 @@ class VAELoader(Node):
         if vae_name == PIXEL_SPACE:
             return (VaeHandle(vae=PixelSpaceVae(), source=PIXEL_SPACE, scaling_factor=1.0),)
         path = ctx.env.folders.resolve("vae", vae_name)
-        vae = load_vae_file(path)
+        # Through the model store, as checkpoints: one copy per unchanged file for every workflow,
+        # counted by the store's bound and dropped by `/free`.
+        vae = model_store(ctx.env).load("vae", (path,), lambda: load_vae_file(path))
         return (VaeHandle(vae=vae, source=vae_name, scaling_factor=vae.config.scaling_factor),)
 
 

@@ -2,7 +2,7 @@
 
 A service of the environment (`env.service(ModelStore, ModelStore.create)`). Entries are keyed by
 what was loaded (a checkpoint, a UNet-only file with its weight dtype, text encoder files with their
-type) and the resolved path and (mtime_ns, size) of each file read, so a replaced file is
+type, a VAE file) and the resolved path and (mtime_ns, size) of each file read, so a replaced file is
 loaded afresh; at most `capacity` entries stay loaded (least recently used goes first; a handle that
 still points at an evicted entry keeps it alive until it is dropped). Loading happens outside the
 store's lock, under a per-key lock, so two workflows asking for the same file load it once and a

@@ -114,6 +114,16 @@ def test_vae_loader_reads_a_vae_file_and_pixel_space(tmp_path: Path, mini_checkp
     assert isinstance(pixel.vae, PixelSpaceVae)
     assert VAELoader.input("vae_name").fingerprint(env, "sd_vae.safetensors") is not None
 
+    # Loaded through the model store: a second workflow gets the very same weights, /free drops them
+    store = model_store(env)
+    assert store.kinds() == ["vae"] and store.loads == 1
+    (again,) = VAELoader().run(RecordingContext(env, "2"), "sd_vae.safetensors")
+    assert again.vae is vae.vae and store.loads == 1
+    store.free(unload_models=True, free_memory=False)
+    assert store.kinds() == []
+    (fresh,) = VAELoader().run(RecordingContext(env, "3"), "sd_vae.safetensors")
+    assert fresh.vae is not vae.vae and store.loads == 2
+
 
 # ---- the store itself, with a stand-in loader (no weights needed to test its bookkeeping)
 
