@@ -23,6 +23,10 @@
    are kept in fp16 when the weights hold fp16 values (half the memory and half the reads).
 
 So after any sequence of stacks, an empty stack leaves every weight bit-identical to the file's.
+
+A UNet stored in fp8 (UNETLoader's fp8 weight_dtype, `nodes.sd.float8`) gets ComfyUI's treatment:
+each rebuilt weight is rounded back to fp8 stochastically, seeded by its ComfyUI key, and strength
+changes are rebuilt rather than branched (a branch would compute with the unrounded sum).
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
 
+from nodes.sd.float8 import key_seed, stochastic_round, storage_dtype
 from nodes.sd.handles import ClipHandle, LoraRef
 from nodes.sd.lora.formats import Dense, LowRank, Update
+from nodes.sd.lora.ldm_export import UNET_PREFIX, unet_key
 from nodes.sd.lora.loader import Target, decoded
 
 _Sig = tuple[tuple[str, tuple[int, int], float], ...]
@@ -135,12 +141,16 @@ def _rebuild(
     patches: list[tuple[Update, float]],
     target: Target,
     keeps: list[_Keep] | None = None,
+    fp8: tuple[torch.dtype, int] | None = None,
 ) -> None:
-    """param = base + Σ patches, in fp32, rounded to fp16 once for the text encoder."""
+    """param = base + Σ patches, in fp32, rounded to fp16 once for the text encoder; `fp8`
+    (format, seed): rounded back to that fp8 format stochastically, as ComfyUI does (on the CPU)."""
     w = param.data
     on_cpu = w.device.type == "cpu" and w.dtype == torch.float32
     if on_cpu and all(isinstance(u, LowRank | Dense) for u, _ in patches):
         _rebuild_rows(w, base, patches, target, keeps or [None] * len(patches))
+        if fp8 is not None:
+            w.copy_(stochastic_round(w, *fp8))
         return
     # Elsewhere (an fp16 UNet, a GPU) the sum is made on the CPU in fp32, where the decoded updates
     # live, and cast once into the weight (ComfyUI's convention for fp16 weights).
@@ -150,6 +160,8 @@ def _rebuild(
         update.apply(work, strength)
     if target != "unet":
         _round_fp16(work.view(-1))
+    if fp8 is not None:
+        work.copy_(stochastic_round(work, *fp8))
     if work is not w:
         w.copy_(work)
 
@@ -301,6 +313,8 @@ def _hold(state: _State, stack: _Sig) -> None:
 
 def _branch(state: _State, module: Any, active: list[LoraRef], stack: _Sig) -> bool:
     """Express a strength change of the fused LoRAs as runtime branches; False when it cannot be."""
+    if storage_dtype(module) is not None:
+        return False  # fp8 weights are rounded after the sum: a branch would skip the rounding
     if not state.fused or [f[:2] for f in state.fused] != [s[:2] for s in stack]:
         return False  # not the same files in the same order: an add, a removal or a swap
     if any(hasattr(ref, "updates") for ref in active):
@@ -340,7 +354,8 @@ def _change(state: _State, module: Any, active: list[LoraRef], stack: _Sig, targ
                 state.backups[name] = _backup(param.data)
             rows = param.device.type == "cpu" and param.dtype == torch.float32  # where a kept ΔW is used
             keeps = _keeps(state, name, patches, param) if target != "unet" and rows else None
-            _rebuild(param, state.backups[name], [(u, s) for u, s, _ in patches], target, keeps)
+            fp8 = _fp8_rounding(module, name) if target == "unet" else None
+            _rebuild(param, state.backups[name], [(u, s) for u, s, _ in patches], target, keeps, fp8)
             state.applied[name] = sig
             rewritten += 1
         state.fused = state.stack = stack
@@ -348,6 +363,16 @@ def _change(state: _State, module: Any, active: list[LoraRef], stack: _Sig, targ
     except BaseException:
         _restore_all(state)  # never leave a half-patched model behind
         raise
+
+
+def _fp8_rounding(module: Any, name: str) -> tuple[torch.dtype, int] | None:
+    """(fp8 format, seed) for a parameter of a UNet stored in fp8: the seed is that of the weight's
+    ComfyUI key, `diffusion_model.<LDM name>` (string_to_seed in patch_weight_to_device)."""
+    dtype = storage_dtype(module)
+    if dtype is None:
+        return None
+    key = "diffusion_model." + unet_key(name, module.config)[len(UNET_PREFIX) :]
+    return dtype, key_seed(key)
 
 
 def _keeps(

@@ -11,7 +11,8 @@ no label embedding, context 768 and 4 or 9 input channels is SD1.x; anything els
 the fp8 choices round every weight to that float8 format once, at load, and keep fp32 storage.
 ComfyUI stores them as fp8 and upcasts each weight to the compute dtype when a layer runs, which
 gives the same numbers; `fp8_e4m3fn_fast` only differs on GPUs with fp8 matrix units, so here it
-is `fp8_e4m3fn`.
+is `fp8_e4m3fn`. A LoRA or merge on such a UNet is rounded back to fp8 as ComfyUI rounds it
+(stochastically, seeded per weight: `nodes.sd.float8`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from nodes.sd.checkpoint import (
 )
 from nodes.sd.convert import UNET_PREFIX, Shape, UnsupportedCheckpointError, _max_index
 from nodes.sd.convert_sdxl import BASE_ADM, REFINER_ADM
+from nodes.sd.float8 import mark_storage
 from nodes.sd.model_sampling import EPS, ModelSampling, checkpoint_sampling
 
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
@@ -98,6 +100,8 @@ def load_unet_file(path: Path, weight_dtype: str = "default") -> LoadedUnet:
     # SDXL v-prediction marker keys (`v_pred`, `ztsnr`) are read as for a checkpoint (ComfyUI reads
     # them for the SDXL class from whatever file the model came from).
     sampling = checkpoint_sampling(path) if family == "sdxl" else EPS
+    if weight_dtype in _FP8:
+        mark_storage(unet, _FP8[weight_dtype])  # so a LoRA or merge is rounded back as in ComfyUI
     return LoadedUnet(path, family, unet, sampling, weight_dtype)
 
 

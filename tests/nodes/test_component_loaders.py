@@ -26,6 +26,7 @@ from nodes.component_loaders import CLIPLoader, DualCLIPLoader, UNETLoader
 from nodes.conditioning import CLIPTextEncode
 from nodes.loaders import CheckpointLoader, CheckpointLoaderSimple, model_store
 from nodes.sd.checkpoint import CheckpointError
+from nodes.sd.float8 import storage_dtype
 from nodes.sd.handles import ClipHandle, ModelHandle
 
 UNET = "model.diffusion_model."
@@ -102,6 +103,13 @@ def test_unet_loader_shares_one_load_per_file_and_dtype_and_rounds_fp8(parts_env
     (fast,) = UNETLoader().run(ctx, "bare.safetensors", "fp8_e4m3fn_fast")
     (e5m2,) = UNETLoader().run(ctx, "bare.safetensors", "fp8_e5m2")
     assert store.loads == loads + 3 and fp8.unet is not a.unet
+    # marked as fp8 storage, so a LoRA on it is rounded back to fp8 as ComfyUI does (test_float8.py)
+    assert [storage_dtype(h.unet) for h in (a, fp8, fast, e5m2)] == [
+        None,
+        torch.float8_e4m3fn,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+    ]
     for handle, dtype in ((fp8, torch.float8_e4m3fn), (fast, torch.float8_e4m3fn), (e5m2, torch.float8_e5m2)):
         for (name, got), want in zip(handle.unet.named_parameters(), a.unet.parameters(), strict=True):
             assert got.dtype == torch.float32
