@@ -24,7 +24,7 @@ from nodes.sd.guidance import ConditioningError
 from nodes.sd.guiders import BasicGuide, CFGGuide, DualCFGGuide, Guide
 from nodes.sd.handles import ModelHandle
 from nodes.sd.hypernetwork import hypernetworks_applied
-from nodes.sd.ksampler import latent_scale, run_guided
+from nodes.sd.ksampler import latent_format, run_guided
 from nodes.sd.noise import prepare_noise
 from nodes.sd.patcher import patched
 from nodes.sd.samplers import SAMPLER_NAMES, SAMPLERS
@@ -136,7 +136,8 @@ def sample_custom(
     denoised = out
     if last:
         denoised = latent.copy()
-        denoised["samples"] = last[0].to(torch.float32).cpu() / latent_scale(model.unet)
+        fmt = latent_format(model.unet, model.sampling)
+        denoised["samples"] = fmt.process_out(last[0].to(torch.float32).cpu())
     return out, denoised
 
 

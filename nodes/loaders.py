@@ -141,7 +141,10 @@ class CheckpointLoader(Node):
         path = ctx.env.folders.resolve("checkpoints", ckpt_name)
         model, clip, vae = _handles(ctx.env, model_store(ctx.env).checkpoint(path), ckpt_name)
         if config.v_prediction:
-            model = replace(model, sampling=ModelSampling("v_prediction", model.sampling.zsnr))
+            v_pred = ModelSampling(
+                "v_prediction", model.sampling.zsnr, latent_format=model.sampling.latent_format
+            )
+            model = replace(model, sampling=v_pred)
         if config.layer_idx is not None:
             clip = replace(clip, layer_idx=config.layer_idx)
         return model, clip, vae

@@ -31,7 +31,7 @@ from nodes.sd.guidance import CFGDenoiser, ConcatFor
 from nodes.sd.guiders import CFGGuide, Guide
 from nodes.sd.hypernetwork import hypernetworks_applied
 from nodes.sd.latent_ops import common_upscale
-from nodes.sd.model_sampling import EPS, ModelSampling
+from nodes.sd.model_sampling import EPS, LatentFormat, ModelSampling
 from nodes.sd.noise import prepare_noise
 from nodes.sd.patcher import patched
 from nodes.sd.samplers import CFG_PP, DISCARD_PENULTIMATE, SAMPLERS
@@ -41,6 +41,7 @@ from nodes.sd.values import Latent
 
 SD15_SCALE = 0.18215
 SDXL_SCALE = 0.13025  # comfy/latent_formats.py SDXL (base and refiner)
+SD15_LATENT, SDXL_LATENT = LatentFormat(SD15_SCALE), LatentFormat(SDXL_SCALE)
 INPAINT_IN_CHANNELS = 9  # an SD1.x inpainting UNet: latent (4) + mask (1) + masked-image latent (4)
 # latent_formats.SD15 blank_inpaint_image_like: a grey (0.5) image in SD1.x latent space (scaled)
 BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
@@ -173,7 +174,7 @@ class InpaintConcat:
 
     latent_image: torch.Tensor
     denoise_mask: torch.Tensor | None
-    scale: float = SD15_SCALE
+    latent_format: LatentFormat = SD15_LATENT
 
     def __call__(self, entry: CondEntry, shape: torch.Size, device: torch.device) -> torch.Tensor:
         """The entry's c_concat for a latent of `shape`: cat([mask, masked-image latent])."""
@@ -182,7 +183,7 @@ class InpaintConcat:
         mask = entry.concat_mask if entry.concat_mask is not None else self.denoise_mask
         image = self.latent_image
         if entry.concat_latent_image is not None:
-            image = entry.concat_latent_image.to(device, torch.float32) * self.scale  # process_latent_in
+            image = self.latent_format.process_in(entry.concat_latent_image.to(device, torch.float32))
         if tuple(image.shape[1:]) != (shape[1], height, width):
             image = common_upscale(image.float(), width, height, "bilinear", "center")
         image = resize_to_batch_size(image, batch)
@@ -248,8 +249,8 @@ def run_guided(
 ) -> torch.Tensor:
     """CFGGuider.sample with a UNet that is already patched: the latent, noise and sigmas given.
 
-    `sampling`: the model's parameterisation and sigma table (the MODEL handle's); the latent scale
-    comes from the UNet (`latent_scale`).
+    `sampling`: the model's parameterisation, sigma table and latent format (the MODEL handle's;
+    without a format of its own, the UNet's: `latent_format`).
 
     The noise is drawn on the CPU (as ComfyUI does) and, like the latent, the sigmas and the
     conditioning, moved to `device` (the UNet's) for sampling. Returns unscaled CPU samples.
@@ -261,13 +262,13 @@ def run_guided(
         return samples
     noise, sigmas = noise.to(device), sigmas.to(device)
     samples = samples.to(device)
-    scale = latent_scale(unet)
-    model_latent = samples * scale if torch.count_nonzero(samples) > 0 else samples
+    fmt = latent_format(unet, sampling)
+    model_latent = fmt.process_in(samples) if torch.count_nonzero(samples) > 0 else samples
     config = getattr(unet, "config", None)
     mask = _denoise_mask(latent["noise_mask"], samples.shape).to(device) if "noise_mask" in latent else None
     concat_for: ConcatFor | None = None
     if getattr(config, "in_channels", 4) == INPAINT_IN_CHANNELS:
-        concat_for = InpaintConcat(model_latent, mask, scale)
+        concat_for = InpaintConcat(model_latent, mask, fmt)
     guider = guide.denoiser(unet, sampling, device, sampler_name in CFG_PP, concat_for)
     denoiser: Model = guider
     if mask is not None:
@@ -292,7 +293,7 @@ def run_guided(
             on_step(i, total, denoised)
 
     result: torch.Tensor = sampler(denoiser, x, sigmas, seed, callback)
-    return result.to(torch.float32).cpu() / scale
+    return fmt.process_out(result.to(torch.float32).cpu())
 
 
 def latent_scale(unet: Any) -> float:
@@ -300,6 +301,13 @@ def latent_scale(unet: Any) -> float:
     `text_time` added conditioning) 0.13025, else SD1.x's 0.18215."""
     config = getattr(unet, "config", None)
     return SDXL_SCALE if getattr(config, "addition_embed_type", None) == "text_time" else SD15_SCALE
+
+
+def latent_format(unet: Any, sampling: ModelSampling = EPS) -> LatentFormat:
+    """The model's latent format: the sampling's own (Playground v2.5), else the UNet's scale."""
+    if sampling.latent_format is not None:
+        return sampling.latent_format
+    return SDXL_LATENT if latent_scale(unet) == SDXL_SCALE else SD15_LATENT
 
 
 def sample(

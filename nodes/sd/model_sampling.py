@@ -17,6 +17,11 @@ timestep and brings in σ_data (0.5 for "edm", else 1): the input is scaled by `
 
 * eps: `x − σ·out`;  v_prediction: `x·σd²/(σ²+σd²) − out·σ·σd/√(σ²+σd²)`;
 * edm: `x·σd²/(σ²+σd²) + out·σ·σd/√(σ²+σd²)`.
+
+Playground v2.5 (`edm_playground_v2.5`, or a checkpoint with `edm_mean`/`edm_std` keys) is edm with
+σ_data 0.5 in its own latent space (ComfyUI's `SDXL_Playground_2_5` latent format): the sampler
+takes a VAE latent in as `(x − mean)·0.5 / std` per channel and gives `x·std / 0.5 + mean` back,
+where SD1.x and SDXL only scale (`x·0.18215`, `x·0.13025`).
 """
 
 from __future__ import annotations
@@ -111,17 +116,51 @@ def continuous_schedule(sigma_min: float, sigma_max: float) -> ContinuousSchedul
 
 
 @dataclass(frozen=True)
+class LatentFormat:
+    """comfy/latent_formats.py: a VAE latent in the model's space (`process_in`) and back out."""
+
+    scale: float
+    mean: tuple[float, ...] | None = None  # per channel, with `std`: Playground v2.5's normalisation
+    std: tuple[float, ...] | None = None
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1).to(x.device, x.dtype)
+        std = torch.tensor(self.std).view(1, -1, 1, 1).to(x.device, x.dtype)
+        return mean, std
+
+    def process_in(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is None:
+            return x * self.scale
+        mean, std = self._stats(x)
+        return (x - mean) * self.scale / std
+
+    def process_out(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is None:
+            return x / self.scale
+        mean, std = self._stats(x)
+        return x * std / self.scale + mean
+
+
+# comfy.latent_formats.SDXL_Playground_2_5
+PLAYGROUND_2_5 = LatentFormat(0.5, (-1.6574, 1.886, -1.383, 2.5155), (8.4927, 5.9022, 6.5498, 5.2299))
+PLAYGROUND_SIGMAS = (0.002, 80.0)  # supported_models.SDXL.model_type for edm_mean/edm_std files
+
+
+@dataclass(frozen=True)
 class ModelSampling:
     """What the sampler needs to know about a model's parameterisation (a MODEL handle carries it).
 
     `sigma_range` None: the discrete training table (ModelSamplingDiscrete); (σ_min, σ_max): a
-    continuous EDM schedule (ModelSamplingContinuousEDM), with `sigma_data`.
+    continuous EDM schedule (ModelSamplingContinuousEDM), with `sigma_data`. `latent_format` None:
+    the UNet's own (SD1.x's or SDXL's scale); ComfyUI keeps it as a separate patch, so the
+    ModelSampling* nodes carry it over unless they set one.
     """
 
     prediction: str = "eps"
     zsnr: bool = False
     sigma_range: tuple[float, float] | None = None
     sigma_data: float = 1.0
+    latent_format: LatentFormat | None = None
 
     def __post_init__(self) -> None:
         allowed = PREDICTIONS if self.sigma_range is None else CONTINUOUS_PREDICTIONS
@@ -170,20 +209,15 @@ def from_checkpoint_keys(keys: Collection[str]) -> ModelSampling:
 
     `v_pred` (with `ztsnr`: zero terminal SNR) is v-prediction on the discrete schedule, as NoobAI-XL
     v-pred and other anime checkpoints ship. `edm_vpred.sigma_max` (CosXL: v-prediction on a
-    continuous EDM schedule) needs the key's value and is read by `checkpoint_sampling`;
-    `edm_mean`+`edm_std` (Playground v2.5's EDM with its own latent format) is refused by the caller
-    with `unsupported_marker`: sampling it otherwise would silently give wrong images.
+    continuous EDM schedule) needs the key's value and is read by `checkpoint_sampling`; `edm_mean`
+    + `edm_std` (checked first, as ComfyUI does) is Playground v2.5: edm, σ_data 0.5, sigmas
+    0.002..80 and its own latent format (the keys' values are not read: the format's are fixed).
     """
+    if "edm_mean" in keys and "edm_std" in keys:
+        return ModelSampling("edm", False, PLAYGROUND_SIGMAS, 0.5, PLAYGROUND_2_5)
     if "v_pred" in keys:
         return ModelSampling("v_prediction", zsnr="ztsnr" in keys)
     return EPS
-
-
-def unsupported_marker(keys: Collection[str]) -> str | None:
-    """The marker of a checkpoint this engine cannot sample, if any."""
-    if "edm_mean" in keys and "edm_std" in keys:
-        return "an EDM (Playground v2.5-style) checkpoint (edm_mean/edm_std keys)"
-    return None
 
 
 DEFAULT_EDM_SIGMA_MIN = 0.002  # ModelSamplingContinuousEDM's default sigma_min
@@ -193,8 +227,8 @@ def checkpoint_sampling(path: Path) -> ModelSampling:
     """The sampling a checkpoint file declares by its marker keys (read from the safetensors file).
 
     `edm_vpred.sigma_max` (and `edm_vpred.sigma_min`, else 0.002) is v-prediction on that continuous
-    EDM schedule (ComfyUI's V_PREDICTION_EDM, CosXL). Raises ValueError, naming the file, for a
-    Playground v2.5 checkpoint. Diffusers folders and pickled checkpoints declare nothing here
+    EDM schedule (ComfyUI's V_PREDICTION_EDM, CosXL); the other markers as `from_checkpoint_keys`
+    (Playground v2.5's first). Diffusers folders and pickled checkpoints declare nothing here
     (ComfyUI reads no marker from them): eps.
     """
     if not path.is_file() or path.suffix.lower() not in (".safetensors", ".sft"):
@@ -203,13 +237,7 @@ def checkpoint_sampling(path: Path) -> ModelSampling:
 
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
-        problem = unsupported_marker(keys)
-        if problem is not None:
-            raise ValueError(
-                f"'{path.name}' is {problem}; nodegraph samples eps and v-prediction models (discrete, "
-                "optionally zero terminal SNR, or on a continuous EDM schedule)"
-            )
-        if "edm_vpred.sigma_max" in keys:
+        if "edm_vpred.sigma_max" in keys and not ("edm_mean" in keys and "edm_std" in keys):
             sigma_max = float(f.get_tensor("edm_vpred.sigma_max").item())
             has_min = "edm_vpred.sigma_min" in keys
             sigma_min = (

@@ -111,7 +111,7 @@ def test_discrete_sampling_replaces_it_and_bad_choices_are_refused(
 ) -> None:
     (back,) = ModelSamplingDiscrete().run(None, edm(model, "eps"), "eps", False)  # type: ignore[arg-type]
     assert back.sampling == EPS
-    for sampling, words in (("cosmos_rflow", "Cosmos"), ("edm_playground_v2.5", "Playground")):
+    for sampling, words in (("cosmos_rflow", "Cosmos"),):
         problem = ModelSamplingContinuousEDM.check_inputs(
             env, sampling=sampling, sigma_max=120.0, sigma_min=0.002
         )
@@ -145,3 +145,39 @@ def test_a_saved_continuous_v_prediction_model_declares_its_schedule(
     # ComfyUI's EDM class derives from V_PREDICTION, so an edm-sampled model declares its schedule too
     assert sorted(sampling_markers(edm(model, "edm"))) == ["edm_vpred.sigma_max", "edm_vpred.sigma_min"]
     assert sampling_markers(edm(model, "eps")) == {}
+
+
+PG_MEAN = torch.tensor([-1.6574, 1.886, -1.383, 2.5155], dtype=torch.float64).view(1, 4, 1, 1)
+PG_STD = torch.tensor([8.4927, 5.9022, 6.5498, 5.2299], dtype=torch.float64).view(1, 4, 1, 1)
+
+
+def test_playground_is_edm_in_its_own_latent_space(env: Environment, model: ModelHandle) -> None:
+    """edm_playground_v2.5: edm with sigma_data 0.5, and the latent goes in as (x - mean)·0.5/std per
+    channel and comes out as x·std/0.5 + mean (comfy.latent_formats.SDXL_Playground_2_5)."""
+    assert (
+        ModelSamplingContinuousEDM.check_inputs(
+            env, sampling="edm_playground_v2.5", sigma_max=80.0, sigma_min=0.002
+        )
+        is None
+    )
+    pg = edm(model, "edm_playground_v2.5", 80.0, 0.002)
+    plain = edm(model, "edm", 80.0, 0.002)
+    assert pg.sampling.prediction == "edm" and pg.sampling.sigma_data == 0.5
+    assert pg.sampling.schedule is plain.sampling.schedule and pg.unet is model.unet
+    fmt = pg.sampling.latent_format
+    assert fmt is not None
+    x = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(
+        fmt.process_in(x).double(), (x.double() - PG_MEAN) * 0.5 / PG_STD, rtol=1e-6, atol=1e-6
+    )
+    torch.testing.assert_close(fmt.process_out(fmt.process_in(x)), x, rtol=1e-6, atol=1e-6)
+    # From an empty latent (left at zero, as ComfyUI leaves it) the model-space run is plain edm's;
+    # only the way out differs: SD1.x's x/0.18215 there, Playground's x·std/0.5 + mean here.
+    got = ksampler(env, pg, steps=2, cfg=1.0, sampler_name="euler", scheduler="karras")
+    base = ksampler(env, plain, steps=2, cfg=1.0, sampler_name="euler", scheduler="karras")
+    want = (base.double() * 0.18215) * PG_STD / 0.5 + PG_MEAN
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # ComfyUI keeps the latent format as a patch of its own: a later sampling node keeps it
+    (discrete,) = ModelSamplingDiscrete().run(None, pg, "eps", False)  # type: ignore[arg-type]
+    assert discrete.sampling.latent_format is fmt
+    assert edm(pg, "v_prediction").sampling.latent_format is fmt

@@ -16,11 +16,11 @@ from nodes.model_advanced import ModelSamplingDiscrete
 from nodes.sd.handles import ModelHandle
 from nodes.sd.model_sampling import (
     EPS,
+    PLAYGROUND_2_5,
     ModelSampling,
     checkpoint_sampling,
     discrete_schedule,
     from_checkpoint_keys,
-    unsupported_marker,
 )
 from nodes.sd.schedules import sd15_schedule
 
@@ -84,9 +84,11 @@ def test_checkpoint_markers() -> None:
     assert from_checkpoint_keys({"model.diffusion_model.out.2.weight"}) == EPS
     assert from_checkpoint_keys({"v_pred", "x"}) == ModelSampling("v_prediction", False)
     assert from_checkpoint_keys({"v_pred", "ztsnr"}) == ModelSampling("v_prediction", True)
-    assert unsupported_marker({"v_pred"}) is None
-    assert unsupported_marker({"edm_vpred.sigma_max", "edm_vpred.sigma_min"}) is None  # CosXL: sampled
-    assert "EDM" in str(unsupported_marker({"edm_mean", "edm_std"}))
+    # Playground v2.5: edm, sigma_data 0.5, sigmas 0.002..80, its latent format; checked first
+    playground = ModelSampling("edm", False, (0.002, 80.0), 0.5, PLAYGROUND_2_5)
+    assert from_checkpoint_keys({"edm_mean", "edm_std"}) == playground
+    assert from_checkpoint_keys({"edm_mean", "edm_std", "v_pred"}) == playground
+    assert from_checkpoint_keys({"edm_mean"}) == EPS
 
 
 def test_checkpoint_file_markers_are_read_from_the_header(tmp_path: Any) -> None:
@@ -101,8 +103,8 @@ def test_checkpoint_file_markers_are_read_from_the_header(tmp_path: Any) -> None
     assert checkpoint_sampling(write("noob.safetensors", ["v_pred", "ztsnr"])) == ModelSampling(
         "v_prediction", True
     )
-    with pytest.raises(ValueError, match="'pg.safetensors' is an EDM"):
-        checkpoint_sampling(write("pg.safetensors", ["edm_mean", "edm_std"]))
+    pg = checkpoint_sampling(write("pg.safetensors", ["edm_mean", "edm_std", "edm_vpred.sigma_max"]))
+    assert pg.prediction == "edm" and pg.latent_format == PLAYGROUND_2_5 and pg.sigma_range == (0.002, 80.0)
     assert checkpoint_sampling(tmp_path) == EPS  # a diffusers folder declares nothing
     # CosXL: v-prediction on the continuous EDM schedule its markers give (sigma_min 0.002 if absent)
     cosxl = tmp_path / "cosxl.safetensors"
