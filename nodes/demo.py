@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,8 @@ LORA_NAMES = ("nodegraph_demo_lora_a.safetensors", "nodegraph_demo_lora_b.safete
 
 @dataclass(frozen=True)
 class UNetShape:
-    """An SD1.x UNet in LDM terms: channel multipliers, res blocks per level, transformer depth per level."""
+    """A UNet in LDM terms: channel multipliers, res blocks per level, transformer depth per level;
+    SD1.x by default, SDXL's with a label embedding (`adm` > 0) and linear transformer projections."""
 
     channel_mult: tuple[int, ...]
     num_res_blocks: int
@@ -36,6 +37,8 @@ class UNetShape:
     mid_depth: int = 1
     model_channels: int = 320
     context_dim: int = 768
+    adm: int = 0  # width of the label embedding's input (SDXL's pooled text + size sinusoids); 0: none
+    linear_proj: bool = False  # SpatialTransformer proj_in/proj_out as Linear (SDXL), not 1x1 conv
 
 
 UNET_MINI = UNetShape(channel_mult=(1, 2), num_res_blocks=1, depth=(1, 0))  # the oracle's mini config
@@ -71,9 +74,13 @@ def _resblock(p: str, cin: int, cout: int, temb: int) -> Iterator[Spec]:
         yield from _conv(f"{p}skip_connection", cin, cout, 1)
 
 
-def _transformer(p: str, ch: int, depth: int, ctx: int) -> Iterator[Spec]:
+def _proj(p: str, ch: int, linear: bool) -> Iterator[Spec]:
+    yield from _linear(p, ch, ch) if linear else _conv(p, ch, ch, 1)
+
+
+def _transformer(p: str, ch: int, depth: int, ctx: int, linear_proj: bool) -> Iterator[Spec]:
     yield from _norm(f"{p}norm", ch)
-    yield from _conv(f"{p}proj_in", ch, ch, 1)
+    yield from _proj(f"{p}proj_in", ch, linear_proj)
     for d in range(depth):
         b = f"{p}transformer_blocks.{d}."
         for attn, kv_in in (("attn1", ch), ("attn2", ctx)):
@@ -85,14 +92,17 @@ def _transformer(p: str, ch: int, depth: int, ctx: int) -> Iterator[Spec]:
         yield from _linear(f"{b}ff.net.2", ch * 4, ch)
         for n in (1, 2, 3):
             yield from _norm(f"{b}norm{n}", ch)
-    yield from _conv(f"{p}proj_out", ch, ch, 1)
+    yield from _proj(f"{p}proj_out", ch, linear_proj)
 
 
 def unet_specs(shape: UNetShape, prefix: str = "model.diffusion_model.") -> Iterator[Spec]:
-    """The LDM (openaimodel) keys and shapes of an SD1.x UNet."""
-    mc, temb, ctx = shape.model_channels, shape.model_channels * 4, shape.context_dim
+    """The LDM (openaimodel) keys and shapes of an SD1.x or SDXL-family UNet."""
+    mc, temb, ctx, lin = shape.model_channels, shape.model_channels * 4, shape.context_dim, shape.linear_proj
     yield from _linear(f"{prefix}time_embed.0", mc, temb)
     yield from _linear(f"{prefix}time_embed.2", temb, temb)
+    if shape.adm:
+        yield from _linear(f"{prefix}label_emb.0.0", shape.adm, temb)
+        yield from _linear(f"{prefix}label_emb.0.2", temb, temb)
     yield from _conv(f"{prefix}input_blocks.0.0", 4, mc, 3)
     skips, ch, idx = [mc], mc, 1
     for level, mult in enumerate(shape.channel_mult):
@@ -100,7 +110,7 @@ def unet_specs(shape: UNetShape, prefix: str = "model.diffusion_model.") -> Iter
             yield from _resblock(f"{prefix}input_blocks.{idx}.0.", ch, mult * mc, temb)
             ch = mult * mc
             if shape.depth[level]:
-                yield from _transformer(f"{prefix}input_blocks.{idx}.1.", ch, shape.depth[level], ctx)
+                yield from _transformer(f"{prefix}input_blocks.{idx}.1.", ch, shape.depth[level], ctx, lin)
             skips.append(ch)
             idx += 1
         if level != len(shape.channel_mult) - 1:
@@ -108,7 +118,7 @@ def unet_specs(shape: UNetShape, prefix: str = "model.diffusion_model.") -> Iter
             skips.append(ch)
             idx += 1
     yield from _resblock(f"{prefix}middle_block.0.", ch, ch, temb)
-    yield from _transformer(f"{prefix}middle_block.1.", ch, shape.mid_depth, ctx)
+    yield from _transformer(f"{prefix}middle_block.1.", ch, shape.mid_depth, ctx, lin)
     yield from _resblock(f"{prefix}middle_block.2.", ch, ch, temb)
     idx = 0
     for level in reversed(range(len(shape.channel_mult))):
@@ -118,7 +128,7 @@ def unet_specs(shape: UNetShape, prefix: str = "model.diffusion_model.") -> Iter
             yield from _resblock(f"{p}0.", ch + skips.pop(), out, temb)
             ch, sub = out, 1
             if shape.depth[level]:
-                yield from _transformer(f"{p}1.", ch, shape.depth[level], ctx)
+                yield from _transformer(f"{p}1.", ch, shape.depth[level], ctx, lin)
                 sub = 2
             if level and i == shape.num_res_blocks:
                 yield from _conv(f"{p}{sub}.conv", ch, ch, 3)
@@ -173,12 +183,12 @@ def vae_specs(prefix: str = "first_stage_model.", z: int = 4) -> Iterator[Spec]:
     yield from _conv(f"{prefix}decoder.conv_out", ch, 3, 3)
 
 
-def clip_specs(prefix: str = "cond_stage_model.transformer.text_model.") -> Iterator[Spec]:
-    """The CLIP-L text tower (12 layers, width 768) under HF names."""
+def clip_specs(prefix: str = "cond_stage_model.transformer.text_model.", layers: int = 12) -> Iterator[Spec]:
+    """The CLIP-L text tower (width 768; 12 layers, or fewer) under HF names."""
     width = 768
     yield (f"{prefix}embeddings.token_embedding.weight", (49408, width), "e", 0)
     yield (f"{prefix}embeddings.position_embedding.weight", (77, width), "e", 0)
-    for n in range(12):
+    for n in range(layers):
         p = f"{prefix}encoder.layers.{n}."
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             yield from _linear(f"{p}self_attn.{proj}", width, width)
@@ -200,48 +210,62 @@ def random_tensor(seed: str, key: str, shape: tuple[int, ...], kind: str, fan_in
     return values.reshape(shape).astype(np.float16)
 
 
-def write_checkpoint(path: Path, unet: UNetShape = UNET_MINI, seed: str = "nodegraph-demo") -> Path:
-    """Write an SD1.x LDM single-file checkpoint with random fp16 weights."""
+def save_tensors(tensors: dict[str, np.ndarray], path: Path, meta: dict[str, str]) -> Path:
+    """Write a safetensors file atomically (a `.partial` renamed into place): an interrupted write
+    leaves no truncated file that `write_demo_models` would then skip as present."""
     from safetensors.numpy import save_file
 
-    specs = [*unet_specs(unet), *vae_specs(), *clip_specs()]
-    tensors = {key: random_tensor(seed, key, shape, kind, fan) for key, shape, kind, fan in specs}
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"nodegraph_demo": "random weights: the images this model makes are noise"}
-    save_file(tensors, str(path), metadata=meta)
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata=meta)
+    partial.replace(path)
     return path
 
 
-def _lora_targets(which: str) -> list[tuple[str, int, int, int]]:
-    """(kohya module name, in features, out features, kernel) for the demo LoRAs, from the mini UNet."""
-    out: list[tuple[str, int, int, int]] = []
+def write_checkpoint(path: Path, unet: UNetShape = UNET_MINI, seed: str = "nodegraph-demo") -> Path:
+    """Write an SD1.x LDM single-file checkpoint with random fp16 weights."""
+    specs = [*unet_specs(unet), *vae_specs(), *clip_specs()]
+    tensors = {key: random_tensor(seed, key, shape, kind, fan) for key, shape, kind, fan in specs}
+    meta = {"nodegraph_demo": "random weights: the images this model makes are noise"}
+    return save_tensors(tensors, path, meta)
+
+
+def lora_tensors(
+    seed: str, targets: Iterable[tuple[str, int, int]], rank: int, alpha: float
+) -> dict[str, np.ndarray]:
+    """A kohya LoRA's random fp16 tensors: per (module name, in features, out features), lora_down,
+    lora_up (at half the usual weight std) and alpha."""
+    tensors: dict[str, np.ndarray] = {}
+    for name, fin, fout in targets:
+        tensors[f"{name}.lora_down.weight"] = random_tensor(seed, f"{name}.down", (rank, fin), "w", fin)
+        up = random_tensor(seed, f"{name}.up", (fout, rank), "w", rank)
+        tensors[f"{name}.lora_up.weight"] = (up.astype(np.float32) * 0.5).astype(np.float16)
+        tensors[f"{name}.alpha"] = np.array(alpha, dtype=np.float16)
+    return tensors
+
+
+def _lora_targets(which: str) -> list[tuple[str, int, int]]:
+    """(kohya module name, in features, out features) for the demo LoRAs, from the mini UNet."""
+    out: list[tuple[str, int, int]] = []
     blocks = ("down_blocks_0_attentions_0", "mid_block_attentions_0", "up_blocks_1_attentions_0")
     for b, ch in zip(blocks, (320, 640, 320), strict=True):
         tb = f"lora_unet_{b}_transformer_blocks_0"
         names = ["attn1_to_q", "attn1_to_v", "attn2_to_q", "attn2_to_out_0"]
         if which == "a":
             names += ["attn1_to_k", "attn1_to_out_0", "ff_net_2"]
-        out += [(f"{tb}_{n}", ch * 4 if n == "ff_net_2" else ch, ch, 1) for n in names]
-        out.append((f"lora_unet_{b}_proj_in", ch, ch, 1))
+        out += [(f"{tb}_{n}", ch * 4 if n == "ff_net_2" else ch, ch) for n in names]
+        out.append((f"lora_unet_{b}_proj_in", ch, ch))
     layers = range(12) if which == "a" else range(6)
     for n in layers:
         for proj in ("self_attn_q_proj", "self_attn_v_proj", "mlp_fc1"):
             fout = 3072 if proj == "mlp_fc1" else 768
-            out.append((f"lora_te_text_model_encoder_layers_{n}_{proj}", 768, fout, 1))
+            out.append((f"lora_te_text_model_encoder_layers_{n}_{proj}", 768, fout))
     return out
 
 
 def write_lora(path: Path, which: str, rank: int, alpha: float) -> Path:
     """A kohya-format LoRA with random fp16 weights and kohya's training metadata."""
-    from safetensors.numpy import save_file
-
-    tensors: dict[str, np.ndarray] = {}
-    seed = f"nodegraph-demo-lora-{which}"
-    for name, fin, fout, _ in _lora_targets(which):
-        tensors[f"{name}.lora_down.weight"] = random_tensor(seed, f"{name}.down", (rank, fin), "w", fin)
-        up = random_tensor(seed, f"{name}.up", (fout, rank), "w", rank)
-        tensors[f"{name}.lora_up.weight"] = (up.astype(np.float32) * 0.5).astype(np.float16)
-        tensors[f"{name}.alpha"] = np.array(alpha, dtype=np.float16)
+    tensors = lora_tensors(f"nodegraph-demo-lora-{which}", _lora_targets(which), rank, alpha)
     tags = {"demo": {"random": 3, "noise": 2, f"lora {which}": 1}}
     meta = {
         "ss_output_name": path.stem,
@@ -252,8 +276,7 @@ def write_lora(path: Path, which: str, rank: int, alpha: float) -> Path:
         "ss_network_alpha": str(alpha),
         "nodegraph_demo": "random weights",
     }
-    save_file(tensors, str(path), metadata=meta)
-    return path
+    return save_tensors(tensors, path, meta)
 
 
 def write_input_image(path: Path, size: int = 256) -> Path:

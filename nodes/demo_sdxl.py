@@ -22,7 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-from nodes.demo import Spec, _conv, _linear, _norm, _resblock, random_tensor, vae_specs
+from nodes.demo import (
+    Spec,
+    UNetShape,
+    _linear,
+    _norm,
+    clip_specs,
+    lora_tensors,
+    random_tensor,
+    save_tensors,
+    unet_specs,
+    vae_specs,
+)
 
 # The demo UNet's SpatialTransformers (SGM names, as kohya's sdxl_train_network writes them) and widths.
 _LORA_BLOCKS = (("input_blocks_3_1", 256), ("middle_block_1", 256), ("output_blocks_0_1", 256))
@@ -36,16 +47,16 @@ G_REFINER = "conditioner.embedders.0.model."
 
 
 @dataclass(frozen=True)
-class SdxlShape:
-    """An SDXL-family UNet and text encoders, in LDM terms."""
+class SdxlShape(UNetShape):
+    """An SDXL-family UNet (label embedding, linear projections) and its text encoders, in LDM terms."""
 
     channel_mult: tuple[int, ...] = (1, 2)
     num_res_blocks: int = 1
     depth: tuple[int, ...] = (0, 1)  # transformer depth per level
-    mid_depth: int = 1
     model_channels: int = 128  # heads are 64 channels wide
     context_dim: int = 2048
     adm: int = 2816
+    linear_proj: bool = True  # use_linear_in_transformer
     clip_l_layers: int = 3  # 0 for the refiner
     clip_g_layers: int = 3
     g_prefix: str = G_BASE
@@ -57,78 +68,9 @@ REFINER_MINI = SdxlShape(
 )
 
 
-def _transformer(p: str, ch: int, depth: int, ctx: int) -> Iterator[Spec]:
-    yield from _norm(f"{p}norm", ch)
-    yield from _linear(f"{p}proj_in", ch, ch)  # SDXL: Linear projections (use_linear_in_transformer)
-    for d in range(depth):
-        b = f"{p}transformer_blocks.{d}."
-        for attn, kv_in in (("attn1", ch), ("attn2", ctx)):
-            yield from _linear(f"{b}{attn}.to_q", ch, ch, bias=False)
-            yield from _linear(f"{b}{attn}.to_k", kv_in, ch, bias=False)
-            yield from _linear(f"{b}{attn}.to_v", kv_in, ch, bias=False)
-            yield from _linear(f"{b}{attn}.to_out.0", ch, ch)
-        yield from _linear(f"{b}ff.net.0.proj", ch, ch * 8)
-        yield from _linear(f"{b}ff.net.2", ch * 4, ch)
-        for n in (1, 2, 3):
-            yield from _norm(f"{b}norm{n}", ch)
-    yield from _linear(f"{p}proj_out", ch, ch)
-
-
-def unet_specs(shape: SdxlShape, prefix: str = "model.diffusion_model.") -> Iterator[Spec]:
-    """The LDM keys and shapes of an SDXL-family UNet (label embedding, linear projections)."""
-    mc, temb, ctx = shape.model_channels, shape.model_channels * 4, shape.context_dim
-    yield from _linear(f"{prefix}time_embed.0", mc, temb)
-    yield from _linear(f"{prefix}time_embed.2", temb, temb)
-    yield from _linear(f"{prefix}label_emb.0.0", shape.adm, temb)
-    yield from _linear(f"{prefix}label_emb.0.2", temb, temb)
-    yield from _conv(f"{prefix}input_blocks.0.0", 4, mc, 3)
-    skips, ch, idx = [mc], mc, 1
-    for level, mult in enumerate(shape.channel_mult):
-        for _ in range(shape.num_res_blocks):
-            yield from _resblock(f"{prefix}input_blocks.{idx}.0.", ch, mult * mc, temb)
-            ch = mult * mc
-            if shape.depth[level]:
-                yield from _transformer(f"{prefix}input_blocks.{idx}.1.", ch, shape.depth[level], ctx)
-            skips.append(ch)
-            idx += 1
-        if level != len(shape.channel_mult) - 1:
-            yield from _conv(f"{prefix}input_blocks.{idx}.0.op", ch, ch, 3)
-            skips.append(ch)
-            idx += 1
-    yield from _resblock(f"{prefix}middle_block.0.", ch, ch, temb)
-    yield from _transformer(f"{prefix}middle_block.1.", ch, shape.mid_depth, ctx)
-    yield from _resblock(f"{prefix}middle_block.2.", ch, ch, temb)
-    idx = 0
-    for level in reversed(range(len(shape.channel_mult))):
-        out = shape.channel_mult[level] * mc
-        for i in range(shape.num_res_blocks + 1):
-            p = f"{prefix}output_blocks.{idx}."
-            yield from _resblock(f"{p}0.", ch + skips.pop(), out, temb)
-            ch, sub = out, 1
-            if shape.depth[level]:
-                yield from _transformer(f"{p}1.", ch, shape.depth[level], ctx)
-                sub = 2
-            if level and i == shape.num_res_blocks:
-                yield from _conv(f"{p}{sub}.conv", ch, ch, 3)
-            idx += 1
-    yield from _norm(f"{prefix}out.0", mc)
-    yield from _conv(f"{prefix}out.2", mc, 4, 3)
-
-
 def clip_l_specs(layers: int, prefix: str = CLIP_L) -> Iterator[Spec]:
     """CLIP-L (width 768) under HF names, `layers` deep."""
-    width = 768
-    yield (f"{prefix}embeddings.token_embedding.weight", (49408, width), "e", 0)
-    yield (f"{prefix}embeddings.position_embedding.weight", (77, width), "e", 0)
-    for n in range(layers):
-        p = f"{prefix}encoder.layers.{n}."
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            yield from _linear(f"{p}self_attn.{proj}", width, width)
-        yield from _norm(f"{p}layer_norm1", width)
-        yield from _linear(f"{p}mlp.fc1", width, 4 * width)
-        yield from _linear(f"{p}mlp.fc2", 4 * width, width)
-        yield from _norm(f"{p}layer_norm2", width)
-    yield from _norm(f"{prefix}final_layer_norm", width)
+    return clip_specs(prefix, layers)
 
 
 def clip_g_specs(layers: int, prefix: str) -> Iterator[Spec]:
@@ -153,20 +95,14 @@ def write_sdxl_checkpoint(
     path: Path, shape: SdxlShape = SDXL_DEMO, seed: str = "nodegraph-demo-sdxl"
 ) -> Path:
     """Write an SDXL-family SGM single-file checkpoint with random fp16 weights (atomically)."""
-    from safetensors.numpy import save_file
-
     specs = [*unet_specs(shape), *vae_specs(), *clip_g_specs(shape.clip_g_layers, shape.g_prefix)]
     if shape.clip_l_layers:
         specs += list(clip_l_specs(shape.clip_l_layers))
     tensors = {key: random_tensor(seed, key, shape_, kind, fan) for key, shape_, kind, fan in specs}
     tensors[f"{shape.g_prefix}logit_scale"] = np.array(np.log(100.0), dtype=np.float16)
-    path.parent.mkdir(parents=True, exist_ok=True)
     kind = "SDXL refiner" if shape.adm == 2560 else "SDXL"
     meta = {"nodegraph_demo": f"random weights ({kind}-shaped): the images this model makes are noise"}
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata=meta)
-    partial.replace(path)
-    return path
+    return save_tensors(tensors, path, meta)
 
 
 def _sdxl_lora_targets(which: str) -> list[tuple[str, int, int]]:
@@ -194,15 +130,7 @@ def _sdxl_lora_targets(which: str) -> list[tuple[str, int, int]]:
 
 def write_sdxl_lora(path: Path, which: str, rank: int, alpha: float) -> Path:
     """A kohya `sdxl_train_network`-format LoRA for the SDXL demo model (random fp16 weights), atomically."""
-    from safetensors.numpy import save_file
-
-    tensors: dict[str, np.ndarray] = {}
-    seed = f"nodegraph-demo-sdxl-lora-{which}"
-    for name, fin, fout in _sdxl_lora_targets(which):
-        tensors[f"{name}.lora_down.weight"] = random_tensor(seed, f"{name}.down", (rank, fin), "w", fin)
-        up = random_tensor(seed, f"{name}.up", (fout, rank), "w", rank)
-        tensors[f"{name}.lora_up.weight"] = (up.astype(np.float32) * 0.5).astype(np.float16)
-        tensors[f"{name}.alpha"] = np.array(alpha, dtype=np.float16)
+    tensors = lora_tensors(f"nodegraph-demo-sdxl-lora-{which}", _sdxl_lora_targets(which), rank, alpha)
     meta = {
         "ss_output_name": path.stem,
         "ss_base_model_version": "sdxl_base_v1-0",
@@ -211,8 +139,4 @@ def write_sdxl_lora(path: Path, which: str, rank: int, alpha: float) -> Path:
         "ss_network_alpha": str(alpha),
         "nodegraph_demo": "random weights (SDXL LoRA): what it changes is noise",
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata=meta)
-    partial.replace(path)
-    return path
+    return save_tensors(tensors, path, meta)
