@@ -146,6 +146,56 @@ def _max_index(keys: set[str], prefix: str) -> int:
     return max(found) + 1 if found else 0
 
 
+@dataclass(frozen=True)
+class UNetLayout:
+    """What a UNet's key names and shapes say, in the LDM or the diffusers layout: per level its width
+    and transformer depth, per output level the depth of each block, the middle block."""
+
+    in_channels: int
+    out_channels: int
+    channels: tuple[int, ...]
+    per_level: int  # res blocks per input level
+    depths: tuple[int, ...]  # transformer depth per input level (0: no attention)
+    up_depths: tuple[tuple[int, ...], ...]  # per output level (deepest first), per block
+    mid_type: str | None
+    mid_depth: int
+    context_dim: int | None
+    linear_projection: bool
+    head_channels: int | None  # None: SD1.x's 8 heads at every width; 64: SDXL's 64-channel heads
+    adm: int | None  # the label embedding's input width (SDXL's added size conditioning), or None
+
+    def diffusers_config(self) -> dict[str, Any]:
+        """The `UNet2DConditionModel` config (a `reverse_transformer_layers_per_block` only where the
+        output side is not the input side mirrored)."""
+        width = self.head_channels
+        heads: Any = 8 if width is None else tuple(c // width for c in self.channels)
+        config: dict[str, Any] = {
+            "sample_size": 128 if self.head_channels else 64,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "block_out_channels": self.channels,
+            "layers_per_block": self.per_level,
+            "down_block_types": tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in self.depths),
+            "up_block_types": tuple("CrossAttnUpBlock2D" if max(u) else "UpBlock2D" for u in self.up_depths),
+            "mid_block_type": self.mid_type,
+            "transformer_layers_per_block": tuple(d or self.mid_depth or 1 for d in self.depths),
+            "cross_attention_dim": self.context_dim,
+            "attention_head_dim": heads,  # diffusers' historical name: the number of heads
+            "use_linear_projection": self.linear_projection,
+        }
+        if self.up_depths != tuple((d,) * (self.per_level + 1) for d in reversed(self.depths)):
+            config["reverse_transformer_layers_per_block"] = tuple(
+                tuple(d or 1 for d in level) for level in self.up_depths
+            )
+        if self.adm is not None:
+            config |= {
+                "addition_embed_type": "text_time",
+                "addition_time_embed_dim": SIZE_EMBED_DIM,
+                "projection_class_embeddings_input_dim": self.adm,
+            }
+        return config
+
+
 def unet_config(
     name: str, keys: Iterable[str], shape_of: ShapeOf, head_channels: int | None = None
 ) -> dict[str, Any]:
@@ -170,33 +220,21 @@ def unet_config(
     reverse = _output_depths(name, keyset, len(levels), per_level) or [
         [d] * (per_level + 1) for d in reversed(depths)
     ]  # no output keys to read (a shape probe): the usual mirror of the input side
-    up_depths = [max(level) for level in reverse]
-    heads: Any = 8 if head_channels is None else tuple(c // head_channels for c in channels)
-    config: dict[str, Any] = {
-        "sample_size": 128 if head_channels else 64,
-        "in_channels": shape("input_blocks.0.0.weight")[1],
-        "out_channels": shape("out.2.weight")[0],
-        "block_out_channels": tuple(channels),
-        "layers_per_block": per_level,
-        "down_block_types": tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths),
-        "up_block_types": tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in up_depths),
-        "mid_block_type": mid_type,
-        "transformer_layers_per_block": tuple(d or mid_depth or 1 for d in depths),
-        "cross_attention_dim": _context_dim({UNET_PREFIX + k for k in keyset}, shape_of),
-        "attention_head_dim": heads,  # diffusers' historical name: the number of heads
-        "use_linear_projection": any(len(shape(k)) == 2 for k in keyset if k.endswith("proj_in.weight")),
-    }
-    if reverse != [[d] * (per_level + 1) for d in reversed(depths)]:
-        config["reverse_transformer_layers_per_block"] = tuple(
-            tuple(d or 1 for d in level) for level in reverse
-        )
-    if "label_emb.0.0.weight" in keyset:
-        config |= {
-            "addition_embed_type": "text_time",
-            "addition_time_embed_dim": SIZE_EMBED_DIM,
-            "projection_class_embeddings_input_dim": shape("label_emb.0.0.weight")[1],
-        }
-    return config
+    layout = UNetLayout(
+        in_channels=shape("input_blocks.0.0.weight")[1],
+        out_channels=shape("out.2.weight")[0],
+        channels=tuple(channels),
+        per_level=per_level,
+        depths=tuple(depths),
+        up_depths=tuple(tuple(level) for level in reverse),
+        mid_type=mid_type,
+        mid_depth=mid_depth,
+        context_dim=_context_dim({UNET_PREFIX + k for k in keyset}, shape_of),
+        linear_projection=any(len(shape(k)) == 2 for k in keyset if k.endswith("proj_in.weight")),
+        head_channels=head_channels,
+        adm=shape("label_emb.0.0.weight")[1] if "label_emb.0.0.weight" in keyset else None,
+    )
+    return layout.diffusers_config()
 
 
 def _middle_block(keyset: set[str]) -> tuple[str | None, int]:

@@ -228,26 +228,18 @@ def diffusers_unet_config(name: str, keys: Iterable[str], shape_of: Callable[[st
     to_k = sorted(k for k in keyset if k.endswith("attn2.to_k.weight"))
     proj_in = [k for k in keyset if k.endswith("proj_in.weight")]
     sdxl = "add_embedding.linear_1.weight" in keyset
-    config: dict[str, Any] = {
-        "sample_size": 128 if sdxl else 64,
-        "in_channels": shape_of("conv_in.weight")[1],
-        "out_channels": shape_of("conv_out.weight")[0],
-        "block_out_channels": tuple(channels),
-        "layers_per_block": per_level,
-        "down_block_types": tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths),
-        "up_block_types": tuple("CrossAttnUpBlock2D" if max(u) else "UpBlock2D" for u in ups),
-        "mid_block_type": mid_type,
-        "transformer_layers_per_block": tuple(d or mid_depth or 1 for d in depths),
-        "cross_attention_dim": shape_of(to_k[0])[1] if to_k else None,
-        "attention_head_dim": tuple(c // 64 for c in channels) if sdxl else 8,
-        "use_linear_projection": any(len(shape_of(k)) == 2 for k in proj_in),
-    }
-    if ups != [[d] * (per_level + 1) for d in reversed(depths)]:
-        config["reverse_transformer_layers_per_block"] = tuple(tuple(d or 1 for d in u) for u in ups)
-    if sdxl:
-        config |= {
-            "addition_embed_type": "text_time",
-            "addition_time_embed_dim": convert.SIZE_EMBED_DIM,
-            "projection_class_embeddings_input_dim": shape_of("add_embedding.linear_1.weight")[1],
-        }
-    return config
+    layout = convert.UNetLayout(
+        in_channels=shape_of("conv_in.weight")[1],
+        out_channels=shape_of("conv_out.weight")[0],
+        channels=tuple(channels),
+        per_level=per_level,
+        depths=tuple(depths),
+        up_depths=tuple(tuple(u) for u in ups),
+        mid_type=mid_type,
+        mid_depth=mid_depth,
+        context_dim=shape_of(to_k[0])[1] if to_k else None,
+        linear_projection=any(len(shape_of(k)) == 2 for k in proj_in),
+        head_channels=64 if sdxl else None,
+        adm=shape_of("add_embedding.linear_1.weight")[1] if sdxl else None,
+    )
+    return layout.diffusers_config()
