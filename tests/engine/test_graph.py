@@ -266,6 +266,21 @@ def test_dynamic_prompt_choices_and_escapes() -> None:
     assert dynamic_prompt(r"\(word:1.2\) \| x", rng) == r"\(word:1.2\) | x"  # weight escapes survive
 
 
+def test_dynamic_prompts_are_one_pass_and_bounded() -> None:
+    """The frontend's comment regex rescanned the rest of the text at every unclosed `/*` (60 KB took
+    7 s, this text minutes) and the expansion recursed once per nested `{` (a RecursionError)."""
+    from nodegraph.dynamic_prompts import MAX_NESTING, DynamicPromptError, dynamic_prompt
+
+    text = "/*x" * 100_000
+    assert dynamic_prompt(text) == text  # an unclosed comment is text, as the frontend leaves it
+    assert dynamic_prompt("{" * 50 + "a" * 1_000_000 + "}" * 50) == "a" * 1_000_000
+    with pytest.raises(DynamicPromptError, match=f"deeper than {MAX_NESTING} levels"):
+        dynamic_prompt("{" * 3000 + "}" * 3000)
+    workflow = {"nodes": [ui_node(1, "Word", [], [out("WORD", [])], ["{" * 3000])], "links": []}
+    with pytest.raises(WorkflowError, match=r"node 1 \(Word\) is malformed.*deeper than"):
+        ui_to_api(workflow, registry())
+
+
 def test_missing_widget_values_take_defaults() -> None:
     workflow = ui_workflow()
     workflow["nodes"][0]["widgets_values"] = [7]
