@@ -8,6 +8,7 @@ optional latent hires pass, decode, save. So the image is the one that graph giv
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,11 +65,59 @@ LATENT_UPSCALERS = {
 IMAGE_UPSCALERS = {"None": "lanczos", "Lanczos": "lanczos", "Nearest": "nearest-exact"}
 # inpainting_fill -> A1111's infotext "Masked content" (1, "original", writes none)
 MASKED_CONTENT = {0: "fill", 2: "latent noise", 3: "latent nothing"}
+# Bounds of the numbers a request may give (ComfyUI's: MAX_RESOLUTION, KSampler's steps and seed,
+# EmptyLatentImage's batch, CLIPSetLastLayer's depth); `n_iter` queues that many prompts at once.
+MAX_SIDE = 16384
+MAX_STEPS = 10000
+MAX_BATCH = 4096
+MAX_REPEAT = 64  # img2img repeats the init image batch_size times (RepeatLatentBatch's amount)
+MAX_N_ITER = 100
+MAX_SEED = 2**64 - 1
+MAX_CLIP_SKIP = 24
 _LORA = re.compile(r"<(?:lora|lyco):([^:>]+)[^>]*>", re.IGNORECASE)
 
 
 class A1111Error(ValueError):
     """A request field nodegraph cannot honour; the message names the field."""
+
+
+def read_int(body: dict[str, Any], key: str, default: int, low: int, high: int, name: str = "") -> int:
+    """`body[key]` as an integer in [low, high] (`default` when absent or null); A1111Error naming the
+    field (`name`, else `key`) for anything else: another type, a fraction, a number out of range."""
+    raw = body.get(key)
+    value = default if raw is None else raw
+    if isinstance(value, float) and math.isfinite(value):
+        value = int(value)  # A1111's pydantic fields take 512.0 (and cut 7.5 to 7)
+    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit() and len(value) < 40:
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise A1111Error(f"{name or key}: expected an integer, got {_shown(raw)}")
+    if not low <= value <= high:
+        raise A1111Error(f"{name or key}: must be between {low} and {high}, got {value}")
+    return int(value)
+
+
+def read_float(
+    body: dict[str, Any], key: str, default: float, low: float, high: float, name: str = ""
+) -> float:
+    """`body[key]` as a finite number in [low, high]; A1111Error naming the field otherwise."""
+    raw = body.get(key)
+    value = default if raw is None else raw
+    if isinstance(value, str) and len(value) < 40:
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise A1111Error(f"{name or key}: expected a number, got {_shown(raw)}")
+    if not low <= value <= high:
+        raise A1111Error(f"{name or key}: must be between {low:g} and {high:g}, got {value:g}")
+    return float(value)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def lora_names(prompt: str) -> list[str]:
@@ -78,7 +127,7 @@ def lora_names(prompt: str) -> list[str]:
 
 def sampler_and_scheduler(sampler: str, scheduler: str | None) -> tuple[str, str]:
     """ComfyUI (sampler_name, scheduler) for A1111's names; also takes ComfyUI's own names."""
-    name, schedule = sampler.strip(), (scheduler or "Automatic").strip()
+    name, schedule = sampler.strip(), str(scheduler or "Automatic").strip()
     for suffix, kind in _SUFFIXES.items():
         if name.endswith(suffix) and name not in SAMPLERS:
             name, schedule = name[: -len(suffix)], kind
@@ -308,14 +357,17 @@ def hires_size(body: dict[str, Any], width: int, height: int, models: dict[str, 
             f"hr_upscaler: {upscaler!r} is not available; GET /sdapi/v1/upscalers and "
             f"/sdapi/v1/latent-upscale-modes list them ({', '.join(choices)})"
         )
-    x, y = int(body.get("hr_resize_x") or 0), int(body.get("hr_resize_y") or 0)
+    x = read_int(body, "hr_resize_x", 0, 0, MAX_SIDE)
+    y = read_int(body, "hr_resize_y", 0, 0, MAX_SIDE)
     if x <= 0 and y <= 0:
-        scale = float(body.get("hr_scale") or 2.0)
+        scale = read_float({"hr_scale": body.get("hr_scale") or None}, "hr_scale", 2.0, 0.01, 8.0)
         x, y = int(width * scale), int(height * scale)
     elif x <= 0:
         x = width * y // height
     elif y <= 0:
         y = height * x // width
+    if max(x, y) > MAX_SIDE:
+        raise A1111Error(f"hr_scale: the hires size {x}x{y} is over {MAX_SIDE} pixels a side")
     return {**how, "size": {"width": x // 8 * 8, "height": y // 8 * 8}}
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import uuid
 from pathlib import Path
 from typing import Any
 
-from nodegraph.server.a1111 import A1111Error, Inpaint
+from nodegraph.images import ImageBudgetError, open_checked
+from nodegraph.server.a1111 import A1111Error, Inpaint, read_float, read_int
 
 # Fields whose non-default value asks for a feature nodegraph does not have (default: the values
 # A1111's API and webuiapi send when the feature is off).
@@ -48,7 +50,7 @@ def refuse_unsupported(body: dict[str, Any]) -> None:
         value = body.get(key)
         if value not in off and not (key.startswith("hr_") and value == body.get(key[3:])):
             raise A1111Error(f"{key}: {_WHY[key]}; send {off[-1]!r} (got {value!r})")
-    if float(body.get("subseed_strength") or 0) > 0:
+    if read_float(body, "subseed_strength", 0.0, 0.0, 1.0) > 0:
         raise A1111Error("subseed_strength: variation seeds are not available; send 0")
 
 
@@ -62,16 +64,31 @@ def decode_image(raw: str) -> bytes:
         raise ValueError(f"not base64 ({exc})") from exc
 
 
-def _open(raw: Any, field: str) -> Any:
-    from PIL import Image
+def open_image(raw: Any, field: str, *, decode: bool = True) -> Any:
+    """The base64 image of a request field, opened within the pixel budget (checked from its header,
+    before decoding: a 17 KB PNG can declare 12000 x 12000) and, with `decode`, decoded.
 
+    Raises:
+        A1111Error: naming the field: not a string, not base64, not an image, over the budget, damaged.
+    """
     if not isinstance(raw, str) or not raw:
         raise A1111Error(f"{field}: send a base64-encoded image")
     try:
-        image = Image.open(io.BytesIO(decode_image(raw)))
-        image.load()
-    except (OSError, ValueError) as exc:
-        raise A1111Error(f"{field}: not a readable image ({exc})") from exc
+        data = decode_image(raw)
+    except ValueError as exc:
+        raise A1111Error(f"{field}: {exc}") from exc
+    try:
+        image = open_checked(io.BytesIO(data), field, frames=False)
+    except ImageBudgetError as exc:
+        raise A1111Error(f"{field}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - Pillow's readers raise many kinds on damaged headers
+        raise A1111Error(f"{field}: not a readable image ({type(exc).__name__}: {exc})") from exc
+    if decode:
+        try:
+            image.load()
+        except Exception as exc:  # noqa: BLE001 - and its decoders as many on damaged data
+            image.close()
+            raise A1111Error(f"{field}: not a readable image ({type(exc).__name__}: {exc})") from exc
     return image
 
 
@@ -84,15 +101,19 @@ def _store(input_dir: Path, prefix: str, image: Any) -> str:
     path = input_dir / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        partial.write_bytes(data)
-        partial.replace(path)
+        partial = path.with_name(f".{uuid.uuid4().hex}.partial")
+        try:  # never a half-written image under the real name, nor a partial one left behind
+            partial.write_bytes(data)
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
     return name
 
 
-def save_init_image(input_dir: Path, raw: Any) -> str:
-    """The first init image, written once into the input folder; its LoadImage name."""
-    with _open(raw, "init_images") as image:
+def save_init_image(input_dir: Path, raw: Any, field: str = "init_images") -> str:
+    """The first init image (or the request's `field`), written once into the input folder; its
+    LoadImage name."""
+    with open_image(raw, field) as image:
         return _store(input_dir, "a1111", image if image.mode in ("RGB", "RGBA") else image.convert("RGB"))
 
 
@@ -112,15 +133,16 @@ def save_mask(
             f"inpainting_fill: {fill!r} is not one of A1111's masked contents: 0 fill, 1 original, "
             "2 latent noise, 3 latent nothing"
         )
-    blur = _bounded(body, "mask_blur", 4, 64)
-    padding = _bounded(body, "inpaint_full_res_padding", 0, 1024)
-    with _open(body.get("mask"), "mask") as image:
+    blur = read_int(body, "mask_blur", 4, 0, 64)
+    padding = read_int(body, "inpaint_full_res_padding", 0, 0, 1024)
+    with open_image(body.get("mask"), "mask") as image:
         if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
             mask = image.split()[-1].convert("L")
         else:
             mask = image.convert("L")
     mask = mask.point(lambda v: 255 if v > 128 else 0)
-    if body.get("inpainting_mask_invert") in (1, True):
+    inverted = body.get("inpainting_mask_invert") in (1, True)
+    if inverted:
         mask = ImageOps.invert(mask)
     if mask.size != init_size:
         mask = mask.resize(init_size, Image.Resampling.LANCZOS)
@@ -130,7 +152,8 @@ def save_mask(
     if body.get("inpaint_full_res", True) not in (False, 0):  # A1111's default: "Only masked"
         box = mask.getbbox()
         if box is None:
-            raise A1111Error("mask: the mask is empty: nothing to repaint")
+            how = " once inverted (inpainting_mask_invert)" if inverted else ""
+            raise A1111Error(f"mask: the mask is empty{how}: nothing to repaint")
         x1, y1, x2, y2 = _fit_ratio(_padded(box, padding, init_size), width / height, init_size)
         spec.region = (x1, y1, x2 - x1, y2 - y1)
         mask = mask.crop((x1, y1, x2, y2))
@@ -138,17 +161,6 @@ def save_mask(
     mask = mask.resize((width, height), Image.Resampling.LANCZOS).convert("RGB")
     spec.mask_image = _store(input_dir, "a1111_mask", mask)
     return spec
-
-
-def _bounded(body: dict[str, Any], key: str, default: int, high: int) -> int:
-    raw: Any = body.get(key)
-    try:
-        value = int(raw if raw is not None else default)
-    except (TypeError, ValueError) as exc:
-        raise A1111Error(f"{key}: expected an integer, got {raw!r}") from exc
-    if not 0 <= value <= high:
-        raise A1111Error(f"{key}: must be between 0 and {high}, got {value}")
-    return value
 
 
 def _padded(box: tuple[int, int, int, int], pad: int, size: tuple[int, int]) -> tuple[int, int, int, int]:

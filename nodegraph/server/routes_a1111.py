@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import io
 import json
+import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,7 +21,7 @@ from aiohttp import web
 from nodegraph import __version__
 from nodegraph.server import a1111
 from nodegraph.server.a1111 import A1111Error
-from nodegraph.server.a1111_inputs import decode_image
+from nodegraph.server.a1111_inputs import open_image
 from nodegraph.server.replies import read_json
 from nodegraph.server.state import ServerState, state
 
@@ -108,13 +108,7 @@ def resolve_vae(st: ServerState, name: str | None) -> str | None:
 
 def read_options(st: ServerState) -> dict[str, Any]:
     """A1111's options: what was set through POST /options over the defaults."""
-    stored: dict[str, Any] = {}
-    path = _options_path(st)
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text())
-        except ValueError:
-            stored = {}
+    stored = _stored_options(_options_path(st))
     names = _checkpoints(st)
     options: dict[str, Any] = {
         "sd_model_checkpoint": names[0] if names else None,
@@ -170,17 +164,25 @@ def write_options(st: ServerState, body: dict[str, Any]) -> None:
     if "sd_vae" in body:
         body["sd_vae"] = resolve_vae(st, body["sd_vae"]) or str(body["sd_vae"])
     if "CLIP_stop_at_last_layers" in body:
-        try:
-            body["CLIP_stop_at_last_layers"] = max(1, int(body["CLIP_stop_at_last_layers"]))
-        except (TypeError, ValueError) as exc:
-            raise A1111Error(
-                f"CLIP_stop_at_last_layers: expected an integer, got {body['CLIP_stop_at_last_layers']!r}"
-            ) from exc
+        body["CLIP_stop_at_last_layers"] = max(
+            1, a1111.read_int(body, "CLIP_stop_at_last_layers", 1, 0, a1111.MAX_CLIP_SKIP)
+        )
     path = _options_path(st)
-    stored = json.loads(path.read_text()) if path.is_file() else {}
+    stored = _stored_options(path)
     stored.update({k: v for k, v in body.items() if k != "sd_checkpoint_hash"})
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(stored, indent=1))
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(stored, indent=1))
+    os.replace(partial, path)  # a full disk never leaves a half-written options file
+
+
+def _stored_options(path: Path) -> dict[str, Any]:
+    """The options file's object; a missing or damaged file is no options."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
 
 
 @routes.get(API + "/sd-models")
@@ -392,17 +394,15 @@ async def interrupt(request: web.Request) -> web.Response:
 @routes.post(API + "/png-info")
 async def png_info(request: web.Request) -> web.Response:
     """The PNG's text chunks; A1111's "parameters" chunk parsed into fields."""
-    from PIL import Image
-
     body = await read_json(request, default={})
     raw = body.get("image") if isinstance(body, dict) else None
     if not isinstance(raw, str) or not raw:
         return _refuse(422, "image: send a base64-encoded PNG")
     try:
-        with Image.open(io.BytesIO(decode_image(raw))) as image:
+        with await asyncio.to_thread(open_image, raw, "image", decode=False) as image:
             items = {k: v for k, v in image.info.items() if isinstance(v, str)}
-    except (OSError, ValueError) as exc:
-        return _refuse(422, f"image: not a readable image ({exc})")
+    except A1111Error as exc:
+        return _refuse(422, str(exc))
     text = items.pop("parameters", "")
     return web.json_response(
         {"info": text, "items": items, "parameters": a1111.parse_infotext(text) if text else {}}

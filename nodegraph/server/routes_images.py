@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from nodegraph.server import a1111
-from nodegraph.server.a1111 import A1111Error, Job
+from nodegraph.server.a1111 import A1111Error, Job, read_float, read_int
 from nodegraph.server.a1111_inputs import refuse_unsupported, save_init_image, save_mask
 from nodegraph.server.replies import read_json
 from nodegraph.server.routes_a1111 import (
@@ -38,25 +38,6 @@ WAIT_S = 3600.0
 MAX_BATCH_IMAGES = 64  # extra-batch-images: each is a queued prompt; more is a folder job, not a request
 
 
-def _int(body: dict[str, Any], key: str, default: int, low: int = 1) -> int:
-    try:
-        raw = body.get(key)
-        value = int(raw if raw is not None else default)
-    except (TypeError, ValueError) as exc:
-        raise A1111Error(f"{key}: expected an integer, got {body.get(key)!r}") from exc
-    if value < low:
-        raise A1111Error(f"{key}: must be at least {low}, got {value}")
-    return value
-
-
-def _float(body: dict[str, Any], key: str, default: float) -> float:
-    try:
-        raw = body.get(key)
-        return float(raw if raw is not None else default)
-    except (TypeError, ValueError) as exc:
-        raise A1111Error(f"{key}: expected a number, got {body.get(key)!r}") from exc
-
-
 def build_job(st: ServerState, body: dict[str, Any], init_image: str | None = None) -> Job:
     """A1111's request fields (with `override_settings`) as a `Job`; raises A1111Error naming the field."""
     refuse_unsupported(body)
@@ -70,37 +51,52 @@ def build_job(st: ServerState, body: dict[str, Any], init_image: str | None = No
     sampler, scheduler = a1111.sampler_and_scheduler(
         str(body.get("sampler_name") or body.get("sampler_index") or "Euler"), body.get("scheduler")
     )
-    seed = _int(body, "seed", -1, low=-1)
-    width, height = _int(body, "width", 512, 8), _int(body, "height", 512, 8)
+    seed = read_int(body, "seed", -1, -1, a1111.MAX_SEED)
+    width = read_int(body, "width", 512, 8, a1111.MAX_SIDE)
+    height = read_int(body, "height", 512, 8, a1111.MAX_SIDE)
+    clip_skip = overrides.get("CLIP_stop_at_last_layers") or options["CLIP_stop_at_last_layers"]
     job = Job(
-        prompt=str(body.get("prompt") or ""),
-        negative=str(body.get("negative_prompt") or ""),
-        steps=_int(body, "steps", 50),
-        cfg=_float(body, "cfg_scale", 7.0),
+        prompt=_text(body, "prompt"),
+        negative=_text(body, "negative_prompt"),
+        steps=read_int(body, "steps", 50, 1, a1111.MAX_STEPS),
+        cfg=read_float(body, "cfg_scale", 7.0, 0.0, 100.0),
         sampler=sampler,
         scheduler=scheduler,
         seed=random.randrange(4294967294) if seed == -1 else seed,
         width=width // 8 * 8,
         height=height // 8 * 8,
-        batch_size=_int(body, "batch_size", 1),
+        batch_size=read_int(
+            body, "batch_size", 1, 1, a1111.MAX_BATCH if init_image is None else a1111.MAX_REPEAT
+        ),
         checkpoint=resolve_checkpoint(st, str(checkpoint)),
         clip_skip=max(
-            1, int(overrides.get("CLIP_stop_at_last_layers") or options["CLIP_stop_at_last_layers"])
+            1,
+            read_int({"clip": clip_skip}, "clip", 1, 0, a1111.MAX_CLIP_SKIP, "CLIP_stop_at_last_layers"),
         ),
         init_image=init_image,
         vae=resolve_vae(st, overrides.get("sd_vae", options["sd_vae"])),
         save=bool(body.get("save_images")),
     )
     if init_image is not None:
-        job.denoise = _float(body, "denoising_strength", 0.75)
+        job.denoise = read_float(body, "denoising_strength", 0.75, 0.0, 1.0)
     elif body.get("enable_hr"):
-        job.denoise = _float(body, "denoising_strength", 0.7)
+        job.denoise = read_float(body, "denoising_strength", 0.7, 0.0, 1.0)
         job.hires = {
             **a1111.hires_size(body, job.width, job.height, upscale_models(st)),
-            "steps": _int(body, "hr_second_pass_steps", 0, low=0),
+            "steps": read_int(body, "hr_second_pass_steps", 0, 0, a1111.MAX_STEPS),
             "upscaler": str(body.get("hr_upscaler") or "Latent"),
         }
     return job
+
+
+def _text(body: dict[str, Any], key: str) -> str:
+    """A prompt field: text, or nothing; another JSON type is refused naming the field."""
+    value = body.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise A1111Error(f"{key}: expected a string, got {type(value).__name__}")
+    return value
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -217,7 +213,7 @@ async def generate(request: web.Request, img2img: bool) -> web.Response:
         if img2img and body.get("mask"):
             size = await asyncio.to_thread(_image_size, input_dir / str(init))
             job.inpaint = await asyncio.to_thread(save_mask, input_dir, body, job.width, job.height, size)
-        results = await run_jobs(st, job, _int(body, "n_iter", 1))
+        results = await run_jobs(st, job, read_int(body, "n_iter", 1, 1, a1111.MAX_N_ITER))
         pngs = []
         for this, entry in results:
             pngs += await asyncio.to_thread(_images, st, this, entry)
@@ -270,9 +266,11 @@ async def openai_generations(request: web.Request) -> web.Response:
         return _openai_error(400, "prompt: a string is required")
     try:
         width, _, height = str(body.get("size") or "512x512").partition("x")
+        if not (width.isdigit() and height.isdigit() and len(width) < 6 and len(height) < 6):
+            raise A1111Error(f"size: expected WIDTHxHEIGHT such as 1024x1024, got {body.get('size')!r}")
         a1111_body: dict[str, Any] = {
             "prompt": body["prompt"], "width": int(width), "height": int(height), "steps": 20,
-            "batch_size": int(body.get("n") or 1), "sampler_name": "Euler", "seed": -1,
+            "batch_size": read_int(body, "n", 1, 1, a1111.MAX_BATCH), "sampler_name": "Euler", "seed": -1,
         }  # fmt: skip
         if body.get("model") and body["model"] not in ("dall-e-2", "dall-e-3", "gpt-image-1"):
             a1111_body["override_settings"] = {"sd_model_checkpoint": body["model"]}
@@ -303,7 +301,7 @@ async def extra_single_image(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         return _refuse(422, "expected a JSON object")
     try:
-        data = await _upscaled(state(request), body, body.get("image"))
+        data = await _upscaled(state(request), body, body.get("image"), "image")
     except A1111Error as exc:
         return _refuse(422, str(exc))
     except RuntimeError as exc:
@@ -329,9 +327,9 @@ async def extra_batch_images(request: web.Request) -> web.Response:
             if not isinstance(item, dict):
                 raise A1111Error(f"imageList[{i}]: expected {{data, name}}, got {type(item).__name__}")
             try:
-                found.append(await _upscaled(state(request), body, item.get("data")))
+                found.append(await _upscaled(state(request), body, item.get("data"), f"imageList[{i}].data"))
             except A1111Error as exc:  # name the image the field belongs to
-                raise A1111Error(f"imageList[{i}] ({item.get('name')!r}): {exc}") from exc
+                raise A1111Error(f"imageList[{i}] ({str(item.get('name'))[:80]!r}): {exc}") from exc
     except A1111Error as exc:
         return _refuse(422, str(exc))
     except RuntimeError as exc:
@@ -340,9 +338,9 @@ async def extra_batch_images(request: web.Request) -> web.Response:
     return web.json_response({"html_info": "", "images": images})
 
 
-async def _upscaled(st: ServerState, body: dict[str, Any], raw: Any) -> bytes:
-    """One image through the Extras graph, run on the queue: the PNG it gives."""
-    name = await asyncio.to_thread(save_init_image, Path(st.engine.env.folders.input_dir), raw)
+async def _upscaled(st: ServerState, body: dict[str, Any], raw: Any, field: str) -> bytes:
+    """One image (the request's `field`) through the Extras graph, run on the queue: the PNG it gives."""
+    name = await asyncio.to_thread(save_init_image, Path(st.engine.env.folders.input_dir), raw, field)
     graph = await asyncio.to_thread(_extras_graph, st, body, name)
     entry = await asyncio.wait_for(asyncio.shield(await queue_graph(st, graph)), WAIT_S)
     status = (entry or {}).get("status", {})
@@ -358,7 +356,7 @@ def _extras_graph(st: ServerState, body: dict[str, Any], image_name: str) -> dic
     from PIL import Image
 
     for key in ("gfpgan_visibility", "codeformer_visibility", "extras_upscaler_2_visibility"):
-        if float(body.get(key) or 0) > 0:
+        if read_float(body, key, 0.0, 0.0, 1.0) > 0:
             raise A1111Error(f"{key}: face restoration and a second upscaler are not available; send 0")
     upscaler = str(body.get("upscaler_1") or "None")
     models = upscale_models(st)
@@ -370,14 +368,19 @@ def _extras_graph(st: ServerState, body: dict[str, Any], image_name: str) -> dic
     with Image.open(Path(st.engine.env.folders.input_dir) / image_name) as image:
         width, height = image.size
     crop = "disabled"
-    if int(body.get("resize_mode") or 0) == 1:
-        width, height = _int(body, "upscaling_resize_w", 512), _int(body, "upscaling_resize_h", 512)
+    if read_int(body, "resize_mode", 0, 0, 1) == 1:
+        width = read_int(body, "upscaling_resize_w", 512, 1, a1111.MAX_SIDE)
+        height = read_int(body, "upscaling_resize_h", 512, 1, a1111.MAX_SIDE)
         crop = "center" if body.get("upscaling_crop", True) else "disabled"
     else:
-        scale = _float(body, "upscaling_resize", 2.0)
-        if not 0 < scale <= 8:
+        scale = read_float(body, "upscaling_resize", 2.0, 0.0, 8.0)
+        if scale <= 0:
             raise A1111Error(f"upscaling_resize: must be above 0 and at most 8, got {scale}")
         width, height = max(1, int(width * scale)), max(1, int(height * scale))
+        if max(width, height) > a1111.MAX_SIDE:
+            raise A1111Error(
+                f"upscaling_resize: the result {width}x{height} is over {a1111.MAX_SIDE} pixels a side"
+            )
     graph: dict[str, Any] = {"1": {"class_type": "LoadImage", "inputs": {"image": image_name}}}
     source: list[Any] = ["1", 0]
     if upscaler in models:
