@@ -108,7 +108,8 @@ def token_middleware(token: str) -> Middleware:
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
         given = _presented(request)
-        if given is None or not hmac.compare_digest(given.encode(), token.encode()):
+        # bytes that are not UTF-8 reach us as lone surrogates: compared as the bytes that came
+        if given is None or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode()):
             return web.json_response(
                 {
                     "error": {

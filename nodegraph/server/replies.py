@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import errno
 import json
+import math
 import sqlite3
 from typing import Any
 
@@ -72,27 +73,45 @@ JSON_ON_LOOP = 64 * 1024  # bodies up to this size are parsed on the event loop 
 
 
 def json_problem(value: Any, limit: int = MAX_JSON_DEPTH) -> str | None:
-    """Why a parsed JSON value cannot be used, or None: nesting deeper than `limit`, or a lone
-    UTF-16 surrogate (`"\\ud800"` is valid JSON but no UTF-8 text, file name or database can hold
-    it). Iterative: a deep value must not recurse here."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
+    """Why a parsed JSON value cannot be used, or None: nesting deeper than `limit`, a lone UTF-16
+    surrogate (`"\\ud800"` is valid JSON but no UTF-8 text, file name or database can hold it), or
+    a non-finite number (`NaN`, `Infinity`, `1e999`: Python reads them, but JSON has none, so once
+    stored and sent back in `/queue`, `/history` or `/settings` the canvas cannot parse the answer).
+    Names where the value is. Iterative: a deep value must not recurse here."""
+    # paths are linked (key, parent) pairs, made into text only for the answer
+    stack: list[tuple[Any, int, Any]] = [(value, 1, None)]
     while stack:
-        item, depth = stack.pop()
+        item, depth, path = stack.pop()
         if isinstance(item, str):
             if not item.isascii():
                 try:
                     item.encode("utf-8")
                 except UnicodeEncodeError:
-                    return "holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text"
+                    return f"holds a lone UTF-16 surrogate (\\ud800-\\udfff){_where(path)}, which is not text"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                shown = "NaN" if math.isnan(item) else "Infinity" if item > 0 else "-Infinity"
+                return f"holds {shown}{_where(path)}: JSON has no such number; send a finite one"
         elif isinstance(item, (dict, list)):
             if depth > limit:
                 return f"nests deeper than {limit} levels"
             if isinstance(item, dict):
-                stack.extend((k, depth) for k in item)
-                stack.extend((v, depth + 1) for v in item.values())
+                stack.extend((k, depth, (k, path)) for k in item)
+                stack.extend((v, depth + 1, (k, path)) for k, v in item.items())
             else:
-                stack.extend((v, depth + 1) for v in item)
+                stack.extend((v, depth + 1, (i, path)) for i, v in enumerate(item))
     return None
+
+
+def _where(path: Any) -> str:
+    keys: list[str] = []
+    while path is not None:
+        key, path = path
+        keys.append(f"[{key}]" if isinstance(key, int) else ("." if path is not None else "") + str(key))
+    if not keys:
+        return ""
+    text = "".join(reversed(keys))
+    return f" at {text[:200].encode('utf-8', 'backslashreplace').decode('utf-8')}"
 
 
 def parse_json(raw: bytes, what: str = "the request body") -> Any:

@@ -14,6 +14,8 @@ import io
 import json
 import mimetypes
 import os
+import re
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -40,9 +42,15 @@ INLINE_TYPES = frozenset(
 _ACTIVE = ("html", "xml", "svg", "javascript", "ecmascript", "xsl")
 
 
-def served_headers(name: str) -> dict[str, str]:
-    """Content-Type and Content-Disposition for serving a stored file called `name`."""
-    mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
+_MIME = re.compile(r"[a-z0-9][a-z0-9.+-]*/[a-z0-9][a-z0-9.+-]*")
+
+
+def served_headers(name: str, declared: str | None = None) -> dict[str, str]:
+    """Content-Type and Content-Disposition for serving a stored file called `name` (of the type a
+    client `declared` when it stored it, if any: it gets the same rules as a type from the name)."""
+    mime = (declared or "").split(";", 1)[0].strip().lower() or mimetypes.guess_type(name)[0] or ""
+    if not _MIME.fullmatch(mime):
+        mime = "application/octet-stream"
     plain = "".join(c for c in name if " " <= c < "\x7f" and c not in '"\\')
     names = f"filename=\"{plain}\"; filename*=UTF-8''{quote(name, safe='', errors='replace')}"
     if mime in INLINE_TYPES:
@@ -164,14 +172,22 @@ async def _read_parts(reader: MultipartReader, limit: int) -> dict[str, Any]:
     return fields
 
 
+def text_field(fields: dict[str, Any], name: str) -> str:
+    """A text field's value ("" when absent); a file sent under a text field's name is a 400."""
+    value = fields.get(name)
+    if isinstance(value, tuple):
+        raise BadRequest(error(400, "invalid_field", f"field {name!r} must be text, not a file"))
+    return str(value or "")
+
+
 def _target(request: web.Request, fields: dict[str, Any]) -> tuple[Path, str, str, str, bytes] | web.Response:
     """(path, name, subfolder, type, data) for an upload, or the refusing response."""
     image = fields.get("image")
     if not isinstance(image, tuple) or not image[0]:
         return error(400, "no_file", "send the image as a multipart field 'image' with a file name")
     filename, data = image
-    kind = str(fields.get("type") or "input")
-    subfolder = str(fields.get("subfolder") or "")
+    kind = text_field(fields, "type") or "input"
+    subfolder = text_field(fields, "subfolder")
     if kind not in DATA_FOLDERS:
         return error(400, "invalid_type", f"type {kind!r} is not one of {', '.join(DATA_FOLDERS)}")
     base = Path(state(request).engine.env.folders.data_dir(kind))
@@ -210,7 +226,12 @@ def _store(path: Path, data: bytes, overwrite: bool) -> Path:
                 return path
             path = path.with_name(f"{stem} ({i}){ext}")
             i += 1
-    path.write_bytes(data)
+    partial = path.with_name(f".{uuid.uuid4().hex}.partial")
+    try:  # never a half-written upload under the real name (a full disk stops mid-write)
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 
@@ -225,7 +246,7 @@ async def upload_image(request: web.Request) -> web.Response:
     problem = await asyncio.to_thread(_budget_problem, data, filename)
     if problem is not None:
         return error(413, "image_too_large", problem)
-    saved = await asyncio.to_thread(_store, path, data, flag(fields.get("overwrite")))
+    saved = await asyncio.to_thread(_store, path, data, flag(text_field(fields, "overwrite")))
     return web.json_response({"name": saved.name, "subfolder": subfolder, "type": kind})
 
 
@@ -238,7 +259,7 @@ async def upload_mask(request: web.Request) -> web.Response:
         return target
     path, _, subfolder, kind, data = target
     try:
-        ref = json.loads(str(fields.get("original_ref") or ""))
+        ref = json.loads(text_field(fields, "original_ref"))
         original = data_file(
             request, str(ref["filename"]), str(ref.get("type") or "input"), str(ref.get("subfolder") or "")
         )
@@ -249,7 +270,9 @@ async def upload_mask(request: web.Request) -> web.Response:
     if isinstance(original, web.Response):
         return original
     try:
-        saved = await asyncio.to_thread(_merge_mask, original, data, path, flag(fields.get("overwrite")))
+        saved = await asyncio.to_thread(
+            _merge_mask, original, data, path, flag(text_field(fields, "overwrite"))
+        )
     except ImageBudgetError as exc:
         return error(400, "invalid_mask", str(exc))
     except (OSError, ValueError, SyntaxError) as exc:

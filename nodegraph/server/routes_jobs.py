@@ -15,6 +15,7 @@ from aiohttp import web
 
 from nodegraph.server import jobs
 from nodegraph.server.replies import BadRequest, read_json
+from nodegraph.server.routes_prompt import MAX_QUERY_INT
 from nodegraph.server.state import ServerState, state
 
 routes = web.RouteTableDef()
@@ -46,10 +47,14 @@ def _list_params(query: Any) -> tuple[list[str], str | None, str, bool, int | No
             return _refuse("limit must be an integer")
         if limit <= 0:
             return _refuse("limit must be a positive integer")
+        if limit > MAX_QUERY_INT:
+            return _refuse(f"limit must be at most {MAX_QUERY_INT}")
     try:
         offset = max(int(query.get("offset", 0)), 0)
     except ValueError:
         return _refuse("offset must be an integer")
+    if offset > MAX_QUERY_INT:  # SQLite takes 64-bit integers: a bigger one was an OverflowError (500)
+        return _refuse(f"offset must be at most {MAX_QUERY_INT}")
     return statuses, query.get("workflow_id") or None, sort_by, sort_order == "desc", limit, offset
 
 
@@ -185,7 +190,9 @@ async def models_download(request: web.Request) -> web.Response:
     """The "missing models" dialog's download button: refused, with what to do instead."""
     body = await read_json(request, default={})
     models = body.get("models") if isinstance(body, dict) else None
-    names = [str(m.get("name")) for m in models or [] if isinstance(m, dict)]
+    names = (
+        [str(m.get("name"))[:200] for m in models if isinstance(m, dict)] if isinstance(models, list) else []
+    )
     return web.json_response(
         {"error": {"type": "offline", "message": OFFLINE, "details": ", ".join(names), "extra_info": {}}},
         status=403,

@@ -55,8 +55,9 @@ async def post_prompt(request: web.Request) -> web.Response:
         return error(400, "invalid_prompt", "extra_data must be a JSON object", node_errors={})
     if "client_id" in body:
         extra_data["client_id"] = body["client_id"]
-    if "comfy_usage_source" not in extra_data and request.headers.get("Comfy-Usage-Source"):
-        extra_data["comfy_usage_source"] = request.headers["Comfy-Usage-Source"]
+    source = request.headers.get("Comfy-Usage-Source", "")
+    if "comfy_usage_source" not in extra_data and source and source.isascii() and source.isprintable():
+        extra_data["comfy_usage_source"] = source  # a label: other bytes arrive as lone surrogates
     extra_data["create_time"] = int(time.time() * 1000)  # ComfyUI's job creation time, in ms
     number = _number(body)
     future: asyncio.Future[dict[str, Any]] | None = None

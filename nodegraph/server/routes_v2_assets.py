@@ -15,7 +15,9 @@ from pathlib import Path
 
 from aiohttp import BodyPartReader, web
 
+from nodegraph.folders import PathEscapeError, safe_join
 from nodegraph.server.replies import read_json
+from nodegraph.server.routes_files import served_headers
 from nodegraph.server.routes_v2 import V2_ASSETS, asset_json, base_url, v2_error
 from nodegraph.server.state import state
 from nodegraph.server.v2_assets import (
@@ -36,32 +38,43 @@ async def _receive(request: web.Request, index: AssetIndex, limit: int) -> web.R
         digest = new_digest()
     except MissingHasher as exc:
         return v2_error(503, "hasher_missing", str(exc))
-    reader = await request.multipart()
     fields: dict[str, str] = {}
     size, partial = 0, None
     part_type = "application/octet-stream"
     try:
-        async for part in reader:
-            if not isinstance(part, BodyPartReader) or part.name is None:
-                continue
-            if part.name != "file":
-                fields[part.name] = (await part.text()).strip()
-                continue
-            part_type = part.headers.get("Content-Type", part_type)
-            partial = index.roots["input"] / f".v2-upload-{uuid.uuid4().hex}.partial"
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            with partial.open("wb") as out:
-                while chunk := await part.read_chunk(CHUNK):
-                    size += len(chunk)
-                    if size > limit:
-                        return v2_error(413, "payload_too_large", f"the upload exceeds {limit} bytes")
-                    digest.update(chunk)
-                    out.write(chunk)
+        try:
+            reader = await request.multipart()
+            async for part in reader:
+                if not isinstance(part, BodyPartReader) or part.name is None:
+                    continue
+                if part.name != "file":
+                    text = await _text_part(part, size, limit)
+                    size += len(text)
+                    fields.setdefault(part.name, text.strip())
+                    continue
+                if partial is not None:
+                    return v2_error(422, "invalid_request", "Send one 'file' part.")
+                part_type = part.headers.get("Content-Type", part_type)
+                partial = index.roots["input"] / f".v2-upload-{uuid.uuid4().hex}.partial"
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                with partial.open("wb") as out:
+                    while chunk := await part.read_chunk(CHUNK):
+                        size += len(chunk)
+                        if size > limit:  # every part counts: the body is bounded in total
+                            return _too_large(limit)
+                        digest.update(chunk)
+                        out.write(chunk)
+        except _Refused as exc:
+            return exc.response
+        except (ValueError, AssertionError, LookupError, TypeError) as exc:
+            # aiohttp's multipart reader signals a missing boundary, a cut body or bad headers this way
+            return v2_error(400, "malformed_multipart", f"The body is not valid multipart/form-data: {exc}")
         if partial is None:
             return v2_error(422, "invalid_request", "Missing the 'file' part.")
         try:
             wanted = clean_upload_path(fields.get("file_path") or "")
-        except ValueError as exc:
+            safe_join(index.roots["input"], wanted)  # a name the file system can hold: length, depth
+        except ValueError as exc:  # PathEscapeError and InvalidNameError are ValueErrors
             return v2_error(422, "invalid_request", str(exc))
         hash_ = "blake3:" + digest.hexdigest()
         expected = fields.get("expected_hash")
@@ -72,11 +85,47 @@ async def _receive(request: web.Request, index: AssetIndex, limit: int) -> web.R
         if existing is not None:
             return web.json_response(asset_json(existing, base, created_new=False), status=200)
         content_type = fields.get("content_type") or part_type or content_type_of(wanted)
-        record = await asyncio.to_thread(index.place_upload, partial, wanted, hash_, size, content_type)
+        try:
+            record = await asyncio.to_thread(index.place_upload, partial, wanted, hash_, size, content_type)
+        except PathEscapeError as exc:  # a free name ("name_1.png") over the length limit
+            return v2_error(422, "invalid_request", str(exc))
         return web.json_response(asset_json(record, base, created_new=True), status=201)
     finally:
         if partial is not None and partial.exists():
             os.unlink(partial)
+
+
+MAX_FIELD = 64 * 1024  # a text field (file_path, content_type, expected_hash, tags)
+
+
+class _Refused(Exception):
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.text)
+        self.response = response
+
+
+def _too_large(limit: int) -> web.Response:
+    return v2_error(413, "payload_too_large", f"the upload exceeds {limit} bytes")
+
+
+async def _text_part(part: BodyPartReader, size: int, limit: int) -> str:
+    """A text field, at most MAX_FIELD bytes and within what is left of the body's limit, as UTF-8."""
+    data = bytearray()
+    while chunk := await part.read_chunk(CHUNK):
+        data += chunk
+        if len(data) > MAX_FIELD:
+            raise _Refused(
+                v2_error(422, "invalid_request", f"Field '{part.name}' is over {MAX_FIELD} bytes.")
+            )
+        if size + len(data) > limit:
+            raise _Refused(_too_large(limit))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Refused(v2_error(422, "invalid_request", f"Field '{part.name}' is not UTF-8 text.")) from exc
+    if not text.isprintable() and any(ord(c) < 32 and c not in "\t\r\n" for c in text):
+        raise _Refused(v2_error(422, "invalid_request", f"Field '{part.name}' holds control characters."))
+    return text
 
 
 @routes.post("/v2/assets")
@@ -124,8 +173,7 @@ async def get_content(request: web.Request) -> web.StreamResponse:
     path: Path | None = index.path_of(record)
     if path is None or not path.is_file():
         return v2_error(404, "output_unavailable", f"The file of asset {record.id} is gone ({record.name}).")
-    headers = {"Content-Type": record.content_type, "Content-Disposition": f'inline; filename="{path.name}"'}
-    return web.FileResponse(path, headers=headers)
+    return web.FileResponse(path, headers=served_headers(path.name, record.content_type))
 
 
 @routes.delete("/v2/assets/{id}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nodes.sd.convert import UNET_PREFIX, VAE_PREFIX, Shape, ShapeOf, UnsupportedCheckpointError, _max_index
+from nodes.sd.header_json import MAX_HEADER_DEPTH, json_depth_ok
 
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
 CLIP_G_BASE = "conditioner.embedders.1.model."
@@ -199,6 +200,11 @@ def _header_keys(path: Path) -> list[str]:
             size = int.from_bytes(f.read(8), "little")
             if size > 100_000_000:
                 return []
-            return list(json.loads(f.read(size)))
+            raw = f.read(size)
+        if not json_depth_ok(raw, MAX_HEADER_DEPTH):  # json.loads would recurse into a RecursionError
+            return []
+        header = json.loads(raw)
     except (OSError, ValueError, TypeError):
         return []
+    # a header is an object of tensor names; anything else (a list, numbers) names no tensor
+    return [k for k in header if isinstance(k, str)] if isinstance(header, dict) else []

@@ -1,17 +1,22 @@
 """Every route of the app (read from its router, not a hand list) with hostile input: never a 5xx.
 
-Hostile path segments (names over the file system's limit, NUL, undecodable bytes, deep paths),
-queries (absurd numbers, odd names) and bodies (deep JSON, invalid UTF-8, non-finite numbers, bad
-multipart, undecodable encodings) go to every method each route has. Bad model files sit in the
-LoRA folder (D11). A 5xx anywhere fails, naming the request.
+Hostile path segments (names over the file system's limit, NUL, undecodable bytes, deep paths,
+symlinks that lead out), queries (absurd numbers, odd names), headers (huge, malformed
+Idempotency-Key, Last-Event-ID, Range) and bodies (deep JSON, invalid UTF-8, non-finite numbers,
+bad multipart, undecodable encodings, bodies over the limit with and without Content-Length) go to
+every method each route has. Bad model files sit in the LoRA and checkpoint folders (D11). A 5xx, a
+request that takes longer than `REQUEST_S`, a file left half-written, a file written outside the
+served folders or a byte of the file outside them fails, naming the request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import struct
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,32 +30,114 @@ from tests.server.stubs import make_engine
 
 pytestmark = pytest.mark.asyncio
 
-SEGMENTS = ["x" * 300, "a%00b", "%ff%fe", "..%2f..%2fetc", "d/" * 40 + "f", "%F0%9F%98%80" * 70, "1"]
-QUERY = (
+REQUEST_S = 20.0  # the longest any one request may take: none of them has real work to do
+LIMIT = 256 * 1024  # the sweep's body limit, so a body over it is cheap to send
+SECRET = "nodegraph-sweep-secret-7f3a"
+SEGMENTS = [
+    "x" * 300, "a%00b", "%ff%fe", "..%2f..%2fetc", "d/" * 40 + "f", "%F0%9F%98%80" * 70, "1",
+    "link.png", "linkdir%2Fsecret.txt", "..%2Foutside%2Fsecret.txt", "%2Fetc%2Fpasswd",
+]  # fmt: skip
+QUERIES = [
     "?max_items=99999999999999999999&offset=-5&filename={s}&subfolder={s}&type=input"
     "&preview=webp;x&channel=a&dir={s}&path={s}&name={s}&timeout=nan&wait=true&recurse=true"
-)
-BODIES: list[tuple[bytes, dict[str, str]]] = [
+    "&limit=99999999999999999999&checkpoint={s}&status={s}&sort_by={s}&metadata%5Ba%5D={s}",
+    "?limit=-1&offset=99999999999999999999&max_items=1e20&filename=link.png&type=input&preview=png"
+    "&checkpoint=deep.safetensors&status=queued,%00&sort_order=x&workflow_id={s}&token=x&timeout=1e999",
+    "?limit=nan&offset=nan&filename=secret.txt&subfolder=linkdir&type=output&dir=..%2F..&wait=1&timeout=-1",
+]
+BODIES: list[tuple[Any, dict[str, str]]] = [
     (b"[" * 5000 + b"]" * 5000, {"Content-Type": "application/json"}),
     (b'{"prompt": {"1": {"class_type": "StubSeed", "inputs": {"seed": 1}}}, "number": 1e999}', {}),
+    (b'{"a": NaN, "settings": {"x": Infinity}, "extra_data": {"y": -1e999}}', {}),
+    (b"[]", {"Content-Type": "application/json"}),
+    (b'"x"', {"Content-Type": "application/json"}),
+    (b"null", {"Content-Type": "application/json"}),
     (b"\xff\xfe{\x00}", {"Content-Type": "text/plain; charset=utf-16"}),
     # aiohttp drops the connection after answering when an unread body cannot be decoded
     (b"not gzip", {"Content-Encoding": "gzip", "Connection": "close"}),
     (b"--B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a\x00b.png\"\r\n\r\nx",
      {"Content-Type": "multipart/form-data; boundary=B"}),
+    (b"--B\r\nContent-Disposition: form-data; name=\"file_path\"\r\n\r\n\xff\xfe\r\n--B--\r\n",
+     {"Content-Type": "multipart/form-data; boundary=B"}),
+    (b"x", {"Content-Type": "multipart/form-data"}),  # no boundary
+    (b"{" + b" " * (LIMIT + 10) + b"}", {"Content-Type": "application/json"}),  # over the limit
+    ("chunked", {"Content-Type": "application/json"}),  # over the limit, no Content-Length
 ]  # fmt: skip
+HEADERS = {
+    "Idempotency-Key": "k" * 300,
+    "Last-Event-ID": "-1" + "\u00e9" * 40 + "x" * 4000,
+    "Range": "bytes=99999999999999999999-",
+    "If-Modified-Since": "yesterday",
+    "If-None-Match": "*" * 2000,
+    "Accept-Encoding": "x" * 4000,
+    "Content-Type": "application/json; charset=x-unknown",
+    "Cookie": "nodegraph_token=" + "%" * 2000,
+}
+# The routes of issue 15: the sweep must reach each of them (a renamed route fails here, not silently).
+NEW_ROUTES = {
+    ("POST", "/sdapi/v1/extra-batch-images"), ("POST", "/sdapi/v1/img2img"),
+    ("GET", "/nodegraph/train/defaults"), ("GET", "/nodegraph/train/datasets"),
+    ("POST", "/v2/jobs"), ("GET", "/v2/jobs"), ("GET", "/v2/jobs/{id}"), ("GET", "/v2/jobs/{id}/events"),
+    ("POST", "/v2/jobs/{id}/cancel"), ("GET", "/v2/jobs/{id}/workflow"), ("GET", "/v2/health"),
+    ("POST", "/v2/assets"), ("POST", "/v2/assets/from-hash"), ("HEAD", "/v2/assets/by-hash/{hash}"),
+    ("GET", "/v2/assets/{id}"), ("GET", "/v2/assets/{id}/content"), ("DELETE", "/v2/assets/{id}"),
+    ("GET", "/jobs"), ("GET", "/jobs/{job_id}"), ("POST", "/jobs/{job_id}/cancel"), ("POST", "/jobs/cancel"),
+    ("GET", "/features"), ("GET", "/global_subgraphs"), ("GET", "/global_subgraphs/{subgraph_id}"),
+    ("GET", "/node_replacements"), ("POST", "/models/download"), ("GET", "/models/download/{batch_id}"),
+}  # fmt: skip
 
 
-def _bad_loras(base: Path) -> None:
-    loras = base / "models" / "loras"
-    loras.mkdir(parents=True, exist_ok=True)
-    for name, header in (
-        ("deep.safetensors", b"[" * 100_000 + b"]" * 100_000),
-        ("metalist.safetensors", b'{"__metadata__": ["x"]}'),
-        ("huge.safetensors", None),
+def _bad_models(base: Path) -> None:
+    """LoRAs and checkpoints whose headers are deep JSON, a list, or claim 2**62 bytes (D4, D11)."""
+    for folder in ("loras", "checkpoints"):
+        models = base / "models" / folder
+        models.mkdir(parents=True, exist_ok=True)
+        for name, header in (
+            ("deep.safetensors", b"[" * 100_000 + b"]" * 100_000),
+            ("metalist.safetensors", b'{"__metadata__": ["x"]}'),
+            ("huge.safetensors", None),
+        ):
+            data = struct.pack("<Q", 1 << 62) if header is None else struct.pack("<Q", len(header)) + header
+            (models / name).write_bytes(data)
+
+
+def _plant_escapes(base: Path) -> Path:
+    """A secret outside every served folder, and symlinks to it from input/, output/ and user/."""
+    outside = base / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text(SECRET)
+    (outside / "secret.png").write_text(SECRET)
+    for folder, link, target in (
+        ("input", "link.png", outside / "secret.png"),
+        ("input", "linkdir", outside),
+        ("output", "linkdir", outside),
+        ("output", "link.png", outside / "secret.png"),
+        ("user/default", "link.json", outside / "secret.txt"),
+        ("user/default", "linkdir", outside),
     ):
-        data = struct.pack("<Q", 1 << 62) if header is None else struct.pack("<Q", len(header)) + header
-        (loras / name).write_bytes(data)
+        (base / folder).mkdir(parents=True, exist_ok=True)
+        os.symlink(target, base / folder / link)
+    return outside
+
+
+def swept_routes(app: web.Application) -> list[tuple[str, web.AbstractResource]]:
+    """(method, resource) for every route, once: not aiohttp's automatic HEAD for a GET, not the
+    `/api` copy of a route also served without it (the same handler), but every route only under
+    `/api` and every HEAD-only route."""
+    routes = [r for r in app.router.routes() if r.resource is not None]
+    canon = {(r.method, r.resource.canonical, r.handler) for r in routes}  # type: ignore[union-attr]
+    gets = {r.resource.canonical for r in routes if r.method == "GET"}  # type: ignore[union-attr]
+    found = []
+    for route in routes:
+        resource = route.resource
+        assert resource is not None
+        path = resource.canonical
+        if route.method == "HEAD" and path in gets:
+            continue
+        if path.startswith("/api/") and (route.method, path[4:], route.handler) in canon:
+            continue
+        found.append((route.method, resource))
+    return found
 
 
 def _paths(resource: web.AbstractResource) -> list[str]:
@@ -63,42 +150,80 @@ def _paths(resource: web.AbstractResource) -> list[str]:
     return [re.sub(r"\{[^}]+\}", s, formatter) for s in SEGMENTS]
 
 
+async def _over_limit() -> AsyncIterator[bytes]:
+    for _ in range(LIMIT // 8192 + 8):
+        yield b" " * 8192
+
+
+def _requests(method: str, path: str, n: int) -> Iterator[tuple[str, str, Any, dict[str, str]]]:
+    """(method, url, body, headers) to send to one route path."""
+    query = QUERIES[n % len(QUERIES)].format(s=SEGMENTS[n % len(SEGMENTS)])
+    method = "GET" if method == "*" else method
+    if method in ("GET", "DELETE", "HEAD"):
+        yield method, path + query, b"", {}
+        yield method, path, b"", HEADERS
+        return
+    for body, headers in BODIES:
+        yield method, path + query, body, headers
+    yield method, path, b"{}", HEADERS
+
+
+async def _send(
+    client: TestClient, method: str, url: str, body: Any, headers: dict[str, str]
+) -> tuple[int, bytes]:
+    data = _over_limit() if body == "chunked" else body or None
+    resp = await client.request(method, URL(url, encoded=True), data=data, headers=headers)
+    try:
+        return resp.status, await resp.read()
+    finally:
+        resp.release()
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+
+
 async def test_no_route_answers_hostile_input_with_a_5xx(aiohttp_client: Any, tmp_path: Path) -> None:
     from nodes import register_services
 
     engine = make_engine(tmp_path)
-    register_services(engine.env)  # the LoRA catalog the server's LoRA routes read
-    _bad_loras(tmp_path)
-    app = create_app(engine)
+    register_services(engine.env)  # the LoRA and checkpoint catalogs the server's routes read
+    _bad_models(tmp_path)
+    outside = _plant_escapes(tmp_path)
+    before_outside = _files(outside)
+    app = create_app(engine, max_upload_size=LIMIT)
     client: TestClient = await aiohttp_client(app)
     (tmp_path / "user" / "default" / "dirfile").mkdir(parents=True)
+    routes = swept_routes(app)
+    swept = {(m, r.canonical) for m, r in routes}
+    assert NEW_ROUTES <= swept, NEW_ROUTES - swept
     failures: list[str] = []
     seen = 0
-    last: Any = None
-    for route in app.router.routes():
-        if route.method in ("HEAD", "OPTIONS") or route.resource is None:
-            continue
-        for path in _paths(route.resource):
-            if path.startswith("/api/") or path in ("/ws",):
-                continue  # the /api mirror runs the same handlers; /ws is the websocket
-            query = QUERY.format(s=SEGMENTS[seen % len(SEGMENTS)])
-            targets = [(b"", {})] if route.method in ("GET", "DELETE") else BODIES
-            for body, headers in targets:
-                method = "GET" if route.method == "*" else route.method
-                url = URL(path + query, encoded=True)
+    for route_method, resource in routes:
+        for path in _paths(resource):
+            for method, url, body, headers in _requests(route_method, path, seen):
+                label = f"{method} {url[:100]} {str(body)[:40]} {sorted(headers)[:2]}"
                 try:
-                    resp = await client.request(method, url, data=body or None, headers=headers)
-                except Exception as exc:
-                    raise AssertionError(f"{method} {path[:80]} {body[:40]!r} {last}") from exc
-                last = (method, path[:80], body[:30], resp.status, dict(resp.headers))
-                seen += 1
-                if resp.status >= 500:
-                    failures.append(
-                        f"{method} {path[:80]} {body[:40]!r}: {resp.status} {(await resp.text())[:200]}"
+                    status, data = await asyncio.wait_for(
+                        _send(client, method, url, body, headers), REQUEST_S
                     )
-                resp.release()
-    assert seen > 100
-    assert not failures, "\n".join(failures)
+                except asyncio.TimeoutError:
+                    failures.append(f"{label}: no answer in {REQUEST_S} s")
+                    continue
+                except Exception as exc:
+                    raise AssertionError(label) from exc
+                seen += 1
+                if status >= 500:
+                    failures.append(f"{label}: {status} {data[:200]!r}")
+                if SECRET.encode() in data:
+                    failures.append(f"{label}: answered with the file outside the served folders")
+    assert seen > 1000
+    assert (await client.get("/queue")).status == 200  # still up
+    left = [f for f in _files(tmp_path) if f.endswith((".partial", ".tmp")) or "/.v2-upload-" in f]
+    assert not left, f"half-written files left: {left}"
+    assert _files(outside) == before_outside, "a file was written outside the served folders"
+    assert not (tmp_path.parent / "etc").exists() and not list(tmp_path.parent.glob("*secret*"))
+    assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:60])
 
 
 # Odd Host values (DNS rebinding sends the attacker's name; these try to slip a loopback name past
@@ -172,7 +297,7 @@ async def test_one_bad_lora_never_breaks_the_lora_list(aiohttp_client: Any, tmp_
 
     engine = make_engine(tmp_path)
     register_services(engine.env)  # the LoRA catalog the server's LoRA routes read
-    _bad_loras(tmp_path)
+    _bad_models(tmp_path)
     client: TestClient = await aiohttp_client(create_app(engine))
     listed = await client.get("/nodegraph/loras")
     assert listed.status == 200
