@@ -73,6 +73,7 @@ SLOW = (
     "tests/sd/test_demo.py::test_demo_sdxl_writes_two_sdxl_loras_that_fit_the_sdxl_demo_model",
     "tests/sd/test_patcher_branches.py::test_te_strength_changes_reuse_the_kept_delta_and_equal_a_fresh_application",
     "tests/server/test_real_workflow.py",
+    "tests/server/test_route_fields.py::test_every_field_of_every_body_made_hostile",  # 4,286 requests, 18 s
     "tests/server/test_serve_announce.py::test_the_serving_line_comes_when_the_socket_listens",
     "tests/train/test_train_guide.py",
     "tests/train/test_train_locon.py",
