@@ -1,8 +1,8 @@
 """SDXL ControlNets through the nodes, on the mini SDXL UNet (two-layer text encoders, so it loads in
 seconds): the original/SGM layout (with and without A1111's `control_model.` prefix), diffusers'
-layout (controlnet-canny-sdxl-1.0's), and a Stability-style control LoRA, each written by the
-generators of `tests/sd/sdxl_controlnet_files.py` and read by ControlNetLoader exactly as a downloaded
-file is; family mismatches refused naming the file."""
+layout (controlnet-canny-sdxl-1.0's, and its reduced-depth -small / -mid), and a Stability-style
+control LoRA, each written by the generators of `tests/sd/sdxl_controlnet_files.py` and read by
+ControlNetLoader exactly as a downloaded file is; family mismatches refused naming the file."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from nodes.sd.checkpoint import ldm_names
 from nodes.sd.controlnet import ControlModel
 from nodes.sd.patcher import branched, patched
 from tests.sd.sdxl_controlnet_files import (
+    VARIANTS,
     checkpoint_encoder,
     controlnet_specs,
     merged_control_lora,
@@ -129,6 +130,26 @@ def test_an_sdxl_controlnet_steers_the_sdxl_image(xl_env: Environment, plain: An
         RecordingContext(xl_env), pos, neg, _net(xl_env, SGM), HINT, 0.0, 0.0, 1.0
     )
     assert got[0] is pos and got[1] is neg
+
+
+def test_reduced_depth_diffusers_controlnets_steer_the_image_and_strength_0_is_none(
+    xl_env: Environment, oracle_dir: Path, plain: Any
+) -> None:
+    """controlnet-canny-sdxl-1.0-small / -mid shaped files (depth-0 transformers, tests/sd/
+    test_sdxl_controlnet_variants.py for their config and residuals) through ControlNetLoader and
+    ControlNetApplyAdvanced: each changes the image; at strength 0 the image is the plain one."""
+    nets = xl_env.folders.resolve("controlnet", SGM).parent
+    handles = _handles(xl_env, "mini_xl.safetensors")
+    plain_latent, plain_image = plain
+    for variant in VARIANTS:
+        name = f"controlnet-canny-sdxl-mini-{variant}.safetensors"
+        write_diffusers(oracle_dir, nets / name, variant)
+        latent, image = _render(xl_env, handles, name)
+        assert torch.isfinite(latent).all() and 0.05 < float(image.std()), variant
+        assert not torch.allclose(latent, plain_latent, atol=1e-2, rtol=0), variant
+        assert float((image - plain_image).abs().max()) > 0.02, variant
+    latent, image = _render(xl_env, handles, name, strength=0.0)
+    assert torch.equal(latent, plain_latent) and torch.equal(image, plain_image)
 
 
 def test_a_control_lora_runs_as_the_controlnet_it_makes_on_the_sampled_unet(

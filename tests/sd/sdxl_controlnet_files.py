@@ -11,7 +11,10 @@ safetensors writer), from the mini SDXL generator's own UNet specs and config (`
   `diffusers/controlnet-canny-sdxl-1.0` and the other public SDXL ControlNets
   (`controlnet_cond_embedding.*`, `down_blocks.*`, `controlnet_down_blocks.*`, `add_embedding.*`).
   The encoder names come from the oracle's own LDM -> diffusers map (`unet_ldm_to_diffusers`), the
-  ControlNet-only ones from diffusers' layout, written out here.
+  ControlNet-only ones from diffusers' layout, written out here. `variant="small"` / `"mid"` write
+  the reduced-depth layouts of `controlnet-canny-sdxl-1.0-small` / `-mid` (`VARIANTS`): the same
+  tensors less the transformer blocks past each level's depth, every attention slot keeping its
+  `norm` / `proj_in` / `proj_out` (a depth-0 `Transformer2DModel`, as diffusers saves one).
 * `write_control_lora`: a Stability-style control LoRA (what ComfyUI's ControlLoraSave writes): every
   encoder weight of two or more dimensions as `<name>.up` `[out, r(, 1, 1)]` / `<name>.down`
   `[r, in(, k, k)]`, biases and norms and the ControlNet's own layers as full tensors, and an empty
@@ -21,6 +24,7 @@ safetensors writer), from the mini SDXL generator's own UNet specs and config (`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,10 @@ HINT_CHANS = [16, 16, 32, 32, 96, 96, 256]
 ENCODER = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
 RANK = 8
 UNET = "model.diffusion_model."
+# (transformer blocks per level, in the middle block) of diffusers' reduced SDXL ControlNets, on the
+# mini's levels (its own are (0, 1, 2) / 2): controlnet-canny-sdxl-1.0-small and -mid
+VARIANTS = {"small": ((0, 0, 0), 0), "mid": ((0, 0, 1), 1)}
+_BLOCK = re.compile(r"(?:input_blocks\.(\d+)|middle_block)\.1\.transformer_blocks\.(\d+)\.")
 
 
 def _zero_conv_channels(cfg: dict[str, Any]) -> list[int]:
@@ -97,9 +105,36 @@ def diffusers_names(oracle: Path) -> dict[str, str]:
     return names
 
 
-def write_diffusers(oracle: Path, out: Path) -> Path:
+def _input_levels(cfg: dict[str, Any]) -> dict[int, int]:
+    """Input block index -> level, for the blocks holding a res block (and perhaps a transformer)."""
+    levels, idx = {}, 1
+    for level in range(len(cfg["channel_mult"])):
+        for _ in range(cfg["num_res_blocks"]):
+            levels[idx] = level
+            idx += 1
+        idx += 1  # the level's downsampler
+    return levels
+
+
+def _in_variant(key: str, levels: dict[int, int], variant: str) -> bool:
+    """Whether the original key `key` is in the reduced-depth `variant`."""
+    found = _BLOCK.match(key)
+    if found is None:
+        return True
+    depths, mid = VARIANTS[variant]
+    depth = mid if found.group(1) is None else depths[levels[int(found.group(1))]]
+    return int(found.group(2)) < depth
+
+
+def write_diffusers(oracle: Path, out: Path, variant: str | None = None) -> Path:
     names = diffusers_names(oracle)
-    return _save(oracle, out, {names[k]: v for k, v in sgm_tensors(oracle).items()})
+    levels = _input_levels(oracle_sdxl(oracle).UNET_CFG)
+    tensors = {
+        names[k]: v
+        for k, v in sgm_tensors(oracle).items()
+        if variant is None or _in_variant(k, levels, variant)
+    }
+    return _save(oracle, out, tensors)
 
 
 def _lora_parts(oracle: Path) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
