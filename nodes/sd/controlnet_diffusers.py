@@ -73,7 +73,8 @@ def diffusers_config(keys: set[str], shape: Callable[[str], Shape]) -> dict[str,
         "layers_per_block": _count(keys, "down_blocks.0.resnets."),
         "down_block_types": tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths),
         "mid_block_type": "UNetMidBlock2D" if mid_depth is None else "UNetMidBlock2DCrossAttn",
-        "transformer_layers_per_block": (*(d or 1 for d in depths[:-1]), tail),
+        # a DownBlock2D level's entry is unused: the middle block's depth (or 1) as before
+        "transformer_layers_per_block": (*(d or mid_depth or 1 for d in depths[:-1]), tail),
         "cross_attention_dim": context or (SDXL_CONTEXT if sdxl else SD1_CONTEXT),
         "attention_head_dim": tuple(c // 64 for c in channels) if sdxl else 8,
         "use_linear_projection": any(len(shape(k)) == 2 for k in keys if k.endswith("proj_in.weight")),
@@ -93,7 +94,7 @@ def left_over(keys: set[str], config: dict[str, object]) -> set[str]:
     types = config["down_block_types"]
     assert isinstance(types, tuple)
     plain = tuple(f"down_blocks.{i}.attentions." for i, t in enumerate(types) if t == "DownBlock2D")
-    return {k for k in keys if plain and k.startswith(plain)}
+    return {k for k in keys if k.startswith(plain)}
 
 
 def key_map(keys: set[str], config: dict[str, object]) -> dict[str, str]:
