@@ -232,7 +232,7 @@ def _load_diffusers(path: Path, source: TensorSource) -> ControlModel:
     keys = set(source.keys())
     try:
         config = diffusers_layout.diffusers_config(keys, source.shape)
-    except (KeyError, StopIteration, IndexError, ValueError) as exc:
+    except (KeyError, IndexError, ValueError) as exc:
         raise ControlNetError(f"'{path.name}' is an incomplete diffusers-layout ControlNet ({exc})") from exc
     return build_controlnet(path.name, config, diffusers_layout.key_map(keys, config), source)
 
