@@ -18,6 +18,7 @@ from nodes.sd.device import placement
 from nodes.sd.guidance import ConditioningError
 from nodes.sd.handles import ModelHandle
 from nodes.sd.ksampler import SamplingRequest, StepCallback, sample
+from nodes.sd.model_sampling import PLAYGROUND_2_5
 from nodes.sd.preview import preview_jpeg
 from nodes.sd.samplers import SAMPLER_NAMES
 from nodes.sd.schedules import SCHEDULER_NAMES
@@ -37,11 +38,13 @@ def progress(ctx: RunContext, model: Any = None) -> StepCallback:
     # The prompt's own method (the client may ask for previews the server does not send by default).
     method = getattr(ctx, "preview_method", ctx.env.preview_method)
     sdxl = model is not None and adm_width(getattr(model, "unet", None)) is not None
+    fmt = getattr(getattr(model, "sampling", None), "latent_format", None)
+    playground = fmt == PLAYGROUND_2_5
 
     def on_step(i: int, total: int, x0: torch.Tensor) -> None:
         preview = None
         if method != "none":
-            preview = Preview("image/jpeg", preview_jpeg(x0, sdxl=sdxl))
+            preview = Preview("image/jpeg", preview_jpeg(x0, sdxl=sdxl, playground=playground))
         ctx.progress(i + 1, total, preview)
 
     return on_step

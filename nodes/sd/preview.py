@@ -27,23 +27,34 @@ SDXL_RGB_FACTORS = torch.tensor(
     ]
 )
 SDXL_RGB_BIAS = torch.tensor([0.1084, -0.0175, -0.0011])
+# Playground v2.5's (comfy/latent_formats.py SDXL_Playground_2_5.latent_rgb_factors): no bias
+PLAYGROUND_RGB_FACTORS = torch.tensor(
+    [
+        [0.3920, 0.4054, 0.4549],
+        [-0.2634, -0.0196, 0.0653],
+        [0.0568, 0.1687, -0.0755],
+        [-0.3112, -0.2359, -0.2076],
+    ]
+)
 MAX_PREVIEW_SIZE = 512
 
 
-def latent_to_rgb(x0: torch.Tensor, sdxl: bool = False) -> Image.Image:
+def latent_to_rgb(x0: torch.Tensor, sdxl: bool = False, playground: bool = False) -> Image.Image:
     """First batch item of a model-space x0 [B,4,h,w] as an RGB image at latent resolution
-    (`sdxl`: an SDXL-family model's latent, with SDXL's factors)."""
+    (`sdxl`: an SDXL-family model's latent, with SDXL's factors; `playground`: a model in Playground
+    v2.5's latent format, with its factors)."""
     latent = x0[0].detach().float().cpu()  # [4, h, w]
-    rgb = torch.einsum("chw,cr->hwr", latent, SDXL_RGB_FACTORS if sdxl else SD15_RGB_FACTORS)
-    if sdxl:
+    factors = PLAYGROUND_RGB_FACTORS if playground else SDXL_RGB_FACTORS if sdxl else SD15_RGB_FACTORS
+    rgb = torch.einsum("chw,cr->hwr", latent, factors)
+    if sdxl and not playground:
         rgb = rgb + SDXL_RGB_BIAS
     pixels = (((rgb + 1.0) / 2.0).clamp(0, 1) * 255).to(torch.uint8).numpy()
     return Image.fromarray(pixels)  # uint8 [h, w, 3] is RGB
 
 
-def preview_jpeg(x0: torch.Tensor, quality: int = 95, sdxl: bool = False) -> bytes:
+def preview_jpeg(x0: torch.Tensor, quality: int = 95, sdxl: bool = False, playground: bool = False) -> bytes:
     """A JPEG preview of x0, contained in 512x512 like ComfyUI's default preview size."""
-    image = latent_to_rgb(x0, sdxl)
+    image = latent_to_rgb(x0, sdxl, playground)
     if max(image.size) > MAX_PREVIEW_SIZE:
         image.thumbnail((MAX_PREVIEW_SIZE, MAX_PREVIEW_SIZE), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()

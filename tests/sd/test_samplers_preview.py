@@ -60,3 +60,31 @@ def test_the_sampler_previews_an_sdxl_model_in_sdxl_colours(tmp_path: Path) -> N
     progress(ctx, SimpleNamespace(unet=unet))(0, 1, x0)
     progress(ctx, None)(0, 1, x0)
     assert shown == [preview_jpeg(x0, sdxl=True), preview_jpeg(x0)]
+
+
+def test_a_playground_model_previews_in_its_own_colours(tmp_path: Path) -> None:
+    """SDXL_Playground_2_5.latent_rgb_factors: SDXL's earlier factors, no bias."""
+    from types import SimpleNamespace
+
+    from nodegraph.env import Environment
+    from nodegraph.folders import Folders
+    from nodegraph.testing import RecordingContext
+    from nodes.sampling import progress
+    from nodes.sd.model_sampling import PLAYGROUND_2_5, ModelSampling
+
+    x0 = torch.zeros(1, 4, 2, 2)
+    x0[0, 3] = 1.0  # channel 3 -> (-0.3112, -0.2359, -0.2076)
+    pixels = np.asarray(latent_to_rgb(x0, sdxl=True, playground=True))
+    assert (pixels == np.array([int((v + 1) / 2 * 255) for v in (-0.3112, -0.2359, -0.2076)], np.uint8)).all()
+    shown: list[bytes] = []
+    ctx = RecordingContext(Environment(Folders.at(tmp_path)))
+    ctx.preview_method = "latent2rgb"  # type: ignore[attr-defined]
+    ctx.progress = lambda _i, _n, preview=None: shown.append(preview.data)  # type: ignore[method-assign]
+    unet = SimpleNamespace(
+        config=SimpleNamespace(addition_embed_type="text_time", projection_class_embeddings_input_dim=2816)
+    )
+    sampling = ModelSampling("edm", False, (0.002, 80.0), 0.5, PLAYGROUND_2_5)
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    progress(ctx, SimpleNamespace(unet=unet, sampling=sampling))(0, 1, x0)
+    assert shown == [preview_jpeg(x0, sdxl=True, playground=True)]
+    assert shown[0] != preview_jpeg(x0, sdxl=True)
