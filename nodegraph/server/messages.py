@@ -80,6 +80,13 @@ class PromptMessages:
     node_states: dict[str, dict[str, Any]] = field(default_factory=dict)
     current_node: str | None = None
     unfinished: str | None = None  # the node that ran and whose finishing progress_state is not sent
+    total: int = 0  # the prompt's node count, for the v2 job's progress
+    cached: frozenset[str] = frozenset()
+
+    def nodes_done(self) -> int:
+        """Nodes finished so far: the cached ones and those that ran to the end."""
+        ran = {n for n, s in self.node_states.items() if s.get("state") == "finished"}
+        return len(self.cached | ran)
 
     def translate(self, event: ev.Event) -> list[Message | PreviewFrame]:
         """The messages for one event, in sending order."""
@@ -87,6 +94,7 @@ class PromptMessages:
         if isinstance(event, ev.ExecutionStart):
             return [self._kept("execution_start", {"prompt_id": pid, "timestamp": now_ms()})]
         if isinstance(event, ev.ExecutionCached):
+            self.cached = frozenset(event.nodes)
             data = {"nodes": list(event.nodes), "prompt_id": pid, "timestamp": now_ms()}
             return [self._kept("execution_cached", data)]
         if isinstance(event, ev.Executing):

@@ -349,6 +349,12 @@ class RayWorkers:
                 return slot.outputs_so_far(prompt_id)
         return {}
 
+    def nodes_so_far(self, prompt_id: str) -> tuple[int, int]:
+        for slot in self.slots:
+            if slot.running_id == prompt_id:
+                return slot.nodes_so_far(prompt_id)
+        return 0, 0
+
     def describe(self) -> list[dict[str, Any]]:
         """The workers for /system_stats: name, process, host, device, models read, what runs."""
         out = []

@@ -116,10 +116,11 @@ def _outputs(index: AssetIndex, job_id: str, outputs: dict[str, Any], base: str)
     return found
 
 
-def _progress(st: ServerState) -> dict[str, Any]:
+def _progress(st: ServerState, job_id: str) -> dict[str, Any]:
     step = getattr(st.worker, "step", None)
     node = getattr(st.worker, "current_node", None)
-    snap: dict[str, Any] = {"value": 0.0, "nodes_done": 0, "nodes_total": 0, "current_node": node}
+    done, total = st.worker.nodes_so_far(job_id)
+    snap: dict[str, Any] = {"value": 0.0, "nodes_done": done, "nodes_total": total, "current_node": node}
     if step and step[1]:
         snap.update(value=min(max(step[0] / step[1], 0.0), 1.0), step=step[0], steps=step[1])
         snap["message"] = f"{node} {step[0]}/{step[1]}" if node else None
@@ -153,7 +154,7 @@ def job_body(st: ServerState, index: AssetIndex, job_id: str, base: str) -> dict
         running = st.store.state_of(job_id) == "running"
         v1 = jobs.queue_job(queued.as_list(), jobs.IN_PROGRESS if running else jobs.PENDING)
         if running:
-            progress = _progress(st)
+            progress = _progress(st, job_id)
             # outputs populate while the job runs, as each node finishes (the contract's `outputs`)
             outputs = _outputs(index, job_id, st.worker.outputs_so_far(job_id), base)
         else:

@@ -70,6 +70,7 @@ class PromptWorker(Protocol):
     def on_connect(self, sid: str) -> list[Message]: ...
     def describe(self) -> list[dict[str, Any]]: ...
     def outputs_so_far(self, prompt_id: str) -> dict[str, Any]: ...
+    def nodes_so_far(self, prompt_id: str) -> tuple[int, int]: ...
 
 
 class Worker:
@@ -140,6 +141,13 @@ class Worker:
             return {}
         return dict(messages.outputs)  # a copy made under the GIL, while the worker adds to it
 
+    def nodes_so_far(self, prompt_id: str) -> tuple[int, int]:
+        """(nodes finished, nodes in the prompt) of `prompt_id` while it runs, else (0, 0)."""
+        messages = self._messages
+        if messages is None or messages.prompt_id != prompt_id:
+            return 0, 0
+        return messages.nodes_done(), messages.total
+
     def request_free(self, unload_models: bool, free_memory: bool) -> None:
         """ComfyUI's `/free`: handled between prompts, never while a node runs."""
         old = self._free_flags or (False, False)
@@ -179,7 +187,7 @@ class Worker:
         self.running_id, self.running_client = item.prompt_id, client_id
         self.step = self.preview = None
         self.broadcast_status()
-        messages = self._messages = PromptMessages(item.prompt_id)
+        messages = self._messages = PromptMessages(item.prompt_id, total=len(item.prompt))
         server_method = self.executor.env.preview_method
         # ComfyUI sends binary previews only when the server or this prompt's client asked for them.
         previews = preview_method_for(item.extra_data, server_method) != "none"

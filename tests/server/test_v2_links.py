@@ -149,6 +149,8 @@ async def test_each_output_goes_out_once_its_node_has_finished(aiohttp_client: A
     assert "progress" in names[first:]  # the other sampler was still stepping
     assert polled is not None and polled["status"] == "running"
     assert [o["id"] for o in polled["outputs"]] == [json.loads(seen[first]["data"])["id"]]
+    # the first save and what feeds it (seed, sampler) are done, the second sampler and save are not
+    assert (polled["progress"]["nodes_done"], polled["progress"]["nodes_total"]) == (3, 5)
     done = await finished(client, job["id"], {})
     announced = [json.loads(f["data"]) for f in seen if f["event"] == "output"]
     assert [o["node_id"] for o in announced] == [o["node_id"] for o in done["outputs"]]
