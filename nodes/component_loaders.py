@@ -12,11 +12,10 @@ from __future__ import annotations
 from nodegraph.env import Environment
 from nodegraph.node import Combo, FileChoice, Node, Output, RunContext
 from nodegraph.types import CLIP, MODEL
-from nodes.loaders import model_store
+from nodes.loaders import clip_handle, model_store
 from nodes.sd.checkpoint import CheckpointError
 from nodes.sd.clip_file import CLIP_TYPES, DUAL_CLIP_TYPES, LoadedClip, check_clip_type, load_clip_files
 from nodes.sd.handles import ClipHandle, ModelHandle
-from nodes.sd.tokenizer import default_tokenizer
 from nodes.sd.unet_file import WEIGHT_DTYPES, LoadedUnet, load_unet_file
 
 CLIP_DEVICES = ("default", "cpu")
@@ -52,25 +51,15 @@ class UNETLoader(Node):
         return (handle,)
 
 
-def _clip_handle(env: Environment, loaded: LoadedClip, source: str, device: str) -> ClipHandle:
-    return ClipHandle(
-        text_encoder=loaded.text_encoder,
-        tokenizer=default_tokenizer(),
-        source=source,
-        family=loaded.family,
-        embedding_dirs=tuple(env.folders.paths("embeddings")),
-        text_encoder_2=loaded.text_encoder_2,
-        extra={"device": device} if device != "default" else {},
-    )
-
-
 def _load_clip(ctx: RunContext, names: tuple[str, ...], clip_type: str, device: str) -> ClipHandle:
     check_clip_type(clip_type, len(names))
     paths = tuple(ctx.env.folders.resolve("text_encoders", name) for name in names)
     loaded: LoadedClip = model_store(ctx.env).load(
         f"clip:{clip_type}:{device}", paths, lambda: load_clip_files(paths, clip_type)
     )
-    return _clip_handle(ctx.env, loaded, " + ".join(names), device)
+    extra = {"device": device} if device != "default" else None
+    source = " + ".join(names)
+    return clip_handle(ctx.env, source, loaded.family, loaded.text_encoder, loaded.text_encoder_2, extra)
 
 
 class CLIPLoader(Node):

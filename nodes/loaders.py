@@ -45,6 +45,26 @@ def model_store(env: Environment) -> ModelStore:
     return env.service(ModelStore, ModelStore.create)
 
 
+def clip_handle(
+    env: Environment,
+    source: str,
+    family: str,
+    text_encoder: Any,
+    text_encoder_2: Any = None,
+    extra: dict[str, Any] | None = None,
+) -> ClipHandle:
+    """A CLIP handle on loaded text encoders: CLIP-L's tokenizer, the environment's embeddings folders."""
+    return ClipHandle(
+        text_encoder=text_encoder,
+        tokenizer=default_tokenizer(),
+        source=source,
+        family=family,
+        embedding_dirs=tuple(env.folders.paths("embeddings")),
+        text_encoder_2=text_encoder_2,
+        extra=extra or {},
+    )
+
+
 class CheckpointLoaderSimple(Node):
     """Loads a diffusion model checkpoint, diffusion models are used to denoise latents."""
 
@@ -78,14 +98,7 @@ def _handles(
     model = ModelHandle(
         unet=ckpt.unet, source=name, family=ckpt.family, sampling=sampling, base_sampling=sampling
     )
-    clip = ClipHandle(
-        text_encoder=ckpt.text_encoder,
-        tokenizer=default_tokenizer(),
-        source=name,
-        family=ckpt.family,
-        embedding_dirs=tuple(env.folders.paths("embeddings")),
-        text_encoder_2=ckpt.text_encoder_2,
-    )
+    clip = clip_handle(env, name, ckpt.family, ckpt.text_encoder, ckpt.text_encoder_2)
     vae = VaeHandle(vae=ckpt.vae, source=name, scaling_factor=ckpt.vae.config.scaling_factor)
     return model, clip, vae
 
