@@ -14,8 +14,8 @@ import torch.nn.functional as F  # noqa: N812 - torch's own convention
 
 from nodegraph.node import Combo, Node, Output, RunContext, Socket
 from nodegraph.types import IMAGE, MASK
-from nodes.mask import batched, repeat_to_batch_size
-from nodes.sd.latent_ops import common_upscale
+from nodes.mask import batched
+from nodes.sd.latent_ops import common_upscale, repeat_to_batch_size
 
 MODES = (
     "ADD",

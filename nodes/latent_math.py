@@ -12,8 +12,7 @@ import torch
 
 from nodegraph.node import Combo, Float, Node, Output, RunContext, Socket
 from nodegraph.types import LATENT
-from nodes.mask import repeat_to_batch_size
-from nodes.sd.latent_ops import common_upscale
+from nodes.sd.latent_ops import common_upscale, repeat_to_batch_size
 from nodes.sd.values import Latent
 
 

@@ -6,13 +6,12 @@ Nodes never modify the tensors they were given.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
 
 from nodegraph.node import MAX_RESOLUTION, Boolean, Combo, Float, Int, Node, Output, RunContext, Socket
 from nodegraph.types import IMAGE, LATENT, MASK
+from nodes.sd.latent_ops import repeat_to_batch_size
 from nodes.sd.values import Latent
 
 CHANNELS = ("red", "green", "blue", "alpha")
@@ -21,16 +20,6 @@ CHANNELS = ("red", "green", "blue", "alpha")
 def batched(mask: torch.Tensor) -> torch.Tensor:
     """`[B, H, W]` view of a mask given as `[H, W]`, `[B, H, W]` or `[B, 1, H, W]`."""
     return mask.reshape((-1, mask.shape[-2], mask.shape[-1]))
-
-
-def repeat_to_batch_size(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """comfy.utils.repeat_to_batch_size: cut or tile along the batch to `batch_size`."""
-    if tensor.shape[0] > batch_size:
-        return tensor[:batch_size]
-    if tensor.shape[0] < batch_size:
-        reps = [math.ceil(batch_size / tensor.shape[0])] + [1] * (tensor.ndim - 1)
-        return tensor.repeat(reps)[:batch_size]
-    return tensor
 
 
 def composite(

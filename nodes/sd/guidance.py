@@ -52,6 +52,7 @@ from nodes.sd.cond_entries import (  # re-exported: the sampler's public names s
 from nodes.sd.control import Control
 from nodes.sd.control_lora import build_control_lora
 from nodes.sd.controlnet import ControlModel
+from nodes.sd.latent_ops import repeat_to_batch_size
 from nodes.sd.model_sampling import EPS, ModelSampling
 from nodes.sd.schedules import DiscreteSchedule
 from nodes.sd.t2i_adapter import Features, features_added
@@ -124,7 +125,7 @@ def _job(entry: CondEntry, x: torch.Tensor, side: int) -> _Job:
     if concat is not None:  # CONDNoiseShape.process_cond: crop to the area, repeat to the batch
         if area is not None:
             concat = concat[:, :, area[2] : area[2] + area[0], area[3] : area[3] + area[1]]
-        concat = _repeat_to_batch(concat, input_x.shape[0])
+        concat = repeat_to_batch_size(concat, input_x.shape[0])
     grounding = None
     if entry.gligen is not None:  # get_area_and_mult: the boxes placed on this job's input
         tokens = gligen.grounding_tokens(entry.gligen, input_x.shape, input_x.device)
@@ -170,15 +171,6 @@ def _concat_cross_attn(conds: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([c.repeat(1, length // c.shape[1], 1) if c.shape[1] < length else c for c in conds])
 
 
-def _repeat_to_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
-    """comfy.utils.repeat_to_batch_size."""
-    if t.shape[0] > batch:
-        return t[:batch]
-    if t.shape[0] < batch:
-        return t.repeat([math.ceil(batch / t.shape[0])] + [1] * (t.dim() - 1))[:batch]
-    return t
-
-
 def _with_added(entry: CondEntry, width: int, height: int, side: str, adm: int) -> CondEntry:
     added = adm_inputs(entry.options or {}, width, height, side, adm, side)
     return replace(entry, added=added)
@@ -190,8 +182,8 @@ def _batched_added(chunk: Sequence[_Job], batch: int) -> dict[str, torch.Tensor]
     if any(p is None for p in parts):
         return None
     return {
-        "text_embeds": torch.cat([_repeat_to_batch(p[0], batch) for p in parts if p is not None]),
-        "time_ids": torch.cat([_repeat_to_batch(p[1], batch) for p in parts if p is not None]),
+        "text_embeds": torch.cat([repeat_to_batch_size(p[0], batch) for p in parts if p is not None]),
+        "time_ids": torch.cat([repeat_to_batch_size(p[1], batch) for p in parts if p is not None]),
     }
 
 
@@ -417,7 +409,7 @@ class CFGDenoiser:
             ][::-1] or [0]
             chunk = [to_run.pop(i) for i in picked]
             batch = x.shape[0]
-            context = _concat_cross_attn([_repeat_to_batch(job.cross_attn, batch) for job in chunk])
+            context = _concat_cross_attn([repeat_to_batch_size(job.cross_attn, batch) for job in chunk])
             inputs = torch.cat([job.input_x for job in chunk])
             concats = [job.concat for job in chunk if job.concat is not None]
             concat = torch.cat(concats) if concats else None

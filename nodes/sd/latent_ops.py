@@ -1,8 +1,10 @@
-"""Latent resizing and the `.latent` file format (comfy/utils.py `common_upscale`, `bislerp`; nodes.py)."""
+"""Latent resizing, batch repeats and the `.latent` file format (comfy/utils.py `common_upscale`,
+`bislerp`, `repeat_to_batch_size`; nodes.py)."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,16 @@ from safetensors.torch import load_file, save_file
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 CROP_METHODS = ("disabled", "center")
 LATENT_FORMAT_KEY = "latent_format_version_0"
+
+
+def repeat_to_batch_size(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """comfy.utils.repeat_to_batch_size: cut or tile along the batch to `batch_size`."""
+    if tensor.shape[0] > batch_size:
+        return tensor[:batch_size]
+    if tensor.shape[0] < batch_size:
+        reps = [math.ceil(batch_size / tensor.shape[0])] + [1] * (tensor.ndim - 1)
+        return tensor.repeat(reps)[:batch_size]
+    return tensor
 
 
 def center_crop(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
