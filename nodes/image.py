@@ -13,6 +13,8 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,25 @@ PREVIEW_CHARS = "abcdefghijklmnopqrstupvxyz"  # sic: ComfyUI's literal string (n
 
 class ImageFileError(ValueError):
     """An input image cannot be read; the message names the file."""
+
+
+@contextmanager
+def reading_image(name: str) -> Iterator[None]:
+    """Turn what reading the image file `name` can raise (over the pixel budget, not an image, a
+    broken file) into an `ImageFileError` that names it."""
+    try:
+        yield
+    except ImageBudgetError as exc:
+        raise ImageFileError(str(exc)) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageFileError(
+            f"'{name}' is not an image that can be read ({exc}); pick a PNG, JPEG or WebP file"
+        ) from exc
+
+
+def preview_prefix() -> str:
+    """A preview's file prefix in the temp folder: ComfyUI's `ComfyUI_temp_` and five random letters."""
+    return "ComfyUI_temp_" + "".join(random.choice(PREVIEW_CHARS) for _ in range(5))
 
 
 class VAEDecode(Node):
@@ -83,15 +104,9 @@ class LoadImage(Node):
 
 def load_image_file(path: Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(IMAGE `[F, H, W, 3]`, MASK `[F, H, W]` or `[1, 64, 64]` zeros) from every frame of the same size."""
-    try:
+    with reading_image(name):
         img = open_checked(path, name)
         frames = [_frame(ImageOps.exif_transpose(f) or f) for f in ImageSequence.Iterator(img)]
-    except ImageBudgetError as exc:
-        raise ImageFileError(str(exc)) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageFileError(
-            f"'{name}' is not an image that can be read ({exc}); pick a PNG, JPEG or WebP file"
-        ) from exc
     size = frames[0][0].shape[:2]
     kept = [(i, m) for i, m in frames if i.shape[:2] == size]
     if len(kept) > 1 and img.format != "MPO":
@@ -288,8 +303,7 @@ class PreviewImage(Node):
         prompt: dict[str, Any] | None = None,
         extra_pnginfo: dict[str, Any] | None = None,
     ) -> Result:
-        prefix = "ComfyUI_temp_" + "".join(random.choice(PREVIEW_CHARS) for _ in range(5))
-        saved = save_images(ctx.env, images, prefix, "temp", 1, prompt, extra_pnginfo)
+        saved = save_images(ctx.env, images, preview_prefix(), "temp", 1, prompt, extra_pnginfo)
         return Result(ui={"images": saved})
 
 

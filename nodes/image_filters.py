@@ -8,7 +8,6 @@ as ComfyUI's do.
 from __future__ import annotations
 
 import math
-import random
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ from PIL import Image
 
 from nodegraph.node import MAX_RESOLUTION, Combo, Float, Hidden, Int, Node, Output, Result, RunContext, Socket
 from nodegraph.types import IMAGE, MASK
-from nodes.image import PREVIEW_CHARS, save_images
+from nodes.image import preview_prefix, save_images
 from nodes.mask import batched, image_alpha_fix
 from nodes.sd.latent_ops import common_upscale
 
@@ -236,8 +235,8 @@ class MaskPreview(Node):
         extra_pnginfo: dict[str, Any] | None = None,
     ) -> Result:
         images = batched(mask)[..., None].expand(-1, -1, -1, 3)
-        prefix = "ComfyUI_temp_" + "".join(random.choice(PREVIEW_CHARS) for _ in range(5))
-        return Result(ui={"images": save_images(ctx.env, images, prefix, "temp", 4, prompt, extra_pnginfo)})
+        saved = save_images(ctx.env, images, preview_prefix(), "temp", 4, prompt, extra_pnginfo)
+        return Result(ui={"images": saved})
 
 
 NODES: tuple[type[Node], ...] = (ImageCrop, ImageBlend, ImageBlur, ImageSharpen, ImageQuantize, MaskPreview)

@@ -14,14 +14,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import ImageOps, UnidentifiedImageError
+from PIL import ImageOps
 
 from nodegraph.file_inputs import annotated_path
-from nodegraph.images import ImageBudgetError, open_checked
+from nodegraph.images import open_checked
 from nodegraph.node import Boolean, Combo, ImageUpload, Int, Node, Output, RunContext, Socket
 from nodegraph.types import CONDITIONING, IMAGE, LATENT, MASK, VAE
 from nodes.conditioning_area import set_values
-from nodes.image import ImageFileError
+from nodes.image import reading_image
 from nodes.sd import vae as vae_math
 from nodes.sd.device import on_device
 from nodes.sd.handles import VaeHandle
@@ -189,7 +189,7 @@ MASK_CHANNELS = ("alpha", "red", "green", "blue")
 def load_mask_file(path: Any, name: str, channel: str) -> torch.Tensor:
     """`[1, H, W]` from one channel of the image (alpha inverted); zeros `[1, 64, 64]` if it lacks it."""
     band = channel[0].upper()
-    try:
+    with reading_image(name):
         img = open_checked(path, name, frames=False)
         img = ImageOps.exif_transpose(img) or img
         if img.getbands() != ("R", "G", "B", "A"):
@@ -199,12 +199,6 @@ def load_mask_file(path: Any, name: str, channel: str) -> torch.Tensor:
         if band not in img.getbands():
             return torch.zeros((1, 64, 64), dtype=torch.float32)
         values = np.array(img.getchannel(band)).astype(np.float32) / 255.0
-    except ImageBudgetError as exc:
-        raise ImageFileError(str(exc)) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageFileError(
-            f"'{name}' is not an image that can be read ({exc}); pick a PNG, JPEG or WebP file"
-        ) from exc
     mask = torch.from_numpy(values)
     if band == "A":
         mask = 1.0 - mask
