@@ -1,4 +1,5 @@
-"""Fixtures for node tests: an environment whose models folder holds the oracle's mini checkpoint."""
+"""Fixtures for node tests: environments (empty, or whose models folder holds the oracle's mini
+checkpoint), a recording run context, and the tiny random UNet of the sampling tests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from nodegraph.env import Environment
 from nodegraph.folders import Folders
 from nodegraph.testing import RecordingContext
+from nodes.sd.handles import ModelHandle
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +34,11 @@ def env(tmp_path: Path) -> Environment:
 @pytest.fixture
 def ctx(env: Environment) -> RecordingContext:
     return RecordingContext(env)
+
+
+@pytest.fixture(scope="module")
+def model() -> ModelHandle:
+    """The tiny random UNet of `tests/nodes/tiny_unet.py` (2 levels, 32/64 channels), one per module."""
+    from tests.nodes.tiny_unet import tiny_model
+
+    return tiny_model()

@@ -9,26 +9,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_sampling_nodes import cond, ksampler, latent, tiny_model
 
 from nodegraph.env import Environment
-from nodegraph.folders import Folders
 from nodegraph.testing import RecordingContext
 from nodes import custom_sampling as cs
 from nodes import sigmas as sn
 from nodes.sd.handles import ModelHandle
 from nodes.sd.schedules import sd15_schedule
-
-
-@pytest.fixture(scope="module")
-def model() -> ModelHandle:
-    """test_sampling_nodes' tiny random UNet (2 levels, 32/64 channels)."""
-    return tiny_model()
-
-
-@pytest.fixture
-def env(tmp_path: Any) -> Environment:
-    return Environment(Folders.at(tmp_path), preview_method="none")
+from tests.nodes.tiny_unet import cond, guided_euler, ksampler, latent
 
 
 def custom(env: Environment, model: ModelHandle, sampler: Any, sigmas: torch.Tensor, **kw: Any) -> Any:
@@ -73,13 +61,9 @@ def test_advanced_with_cfg_guider_equals_sampler_custom(env: Environment, model:
 
 def test_guiders(env: Environment, model: ModelHandle) -> None:
     ctx = RecordingContext(env, "ksampler")
-    (sigmas,) = sn.BasicScheduler().run(ctx, model, "normal", 3, 1.0)
-    (sampler,) = cs.KSamplerSelect().run(ctx, "euler")
-    (noise,) = cs.RandomNoise().run(ctx, 7)
 
     def run(guider: Any) -> torch.Tensor:
-        out, _ = cs.SamplerCustomAdvanced().run(ctx, noise, guider, sampler, sigmas, latent())
-        return out["samples"]
+        return guided_euler(ctx, model, guider)
 
     (basic,) = cs.BasicGuider().run(ctx, model, cond(1))
     (cfg1,) = cs.CFGGuider().run(ctx, model, cond(1), cond(2), 1.0)

@@ -5,39 +5,12 @@ cfg1)`, CFGGuider with cond2 as its negative. Checked on a tiny random UNet with
 
 from __future__ import annotations
 
-from typing import Any
-
-import pytest
-import torch
-from test_sampling_nodes import cond, latent, tiny_model
-
-from nodegraph.env import Environment
-from nodegraph.folders import Folders
 from nodegraph.testing import RecordingContext
 from nodes import custom_sampling as cs
-from nodes import sigmas as sn
 from nodes.model_patches import PerturbedAttentionGuidance, RescaleCFG
 from nodes.sd.handles import ModelHandle
 from tests.conftest import assert_within_floor
-
-
-@pytest.fixture(scope="module")
-def model() -> ModelHandle:
-    return tiny_model()
-
-
-@pytest.fixture
-def ctx(tmp_path: Any) -> RecordingContext:
-    return RecordingContext(Environment(Folders.at(tmp_path), preview_method="none"), "n")
-
-
-def sample(ctx: RecordingContext, model: ModelHandle, guider: Any) -> torch.Tensor:
-    (sigmas,) = sn.BasicScheduler().run(ctx, model, "normal", 3, 1.0)
-    (sampler,) = cs.KSamplerSelect().run(ctx, "euler")
-    (noise,) = cs.RandomNoise().run(ctx, 7)
-    out, _ = cs.SamplerCustomAdvanced().run(ctx, noise, guider, sampler, sigmas, latent())
-    samples: torch.Tensor = out["samples"]
-    return samples
+from tests.nodes.tiny_unet import cond, guided_euler
 
 
 def patched(ctx: RecordingContext, model: ModelHandle) -> ModelHandle:
@@ -52,10 +25,10 @@ def test_regular_dual_cfg_with_one_prompt_twice_is_cfg_with_the_patches(
     with_patches = patched(ctx, model)
     (dual,) = cs.DualCFGGuider().run(ctx, with_patches, cond(1), cond(1), cond(2), 3.0, 6.0, "regular")
     (cfg,) = cs.CFGGuider().run(ctx, with_patches, cond(1), cond(2), 6.0)
-    got, want = sample(ctx, with_patches, dual), sample(ctx, with_patches, cfg)
+    got, want = guided_euler(ctx, with_patches, dual), guided_euler(ctx, with_patches, cfg)
     assert_within_floor(got, want)  # the three-side batch rounds apart from the two-side one only
     (plain_dual,) = cs.DualCFGGuider().run(ctx, model, cond(1), cond(1), cond(2), 3.0, 6.0, "regular")
-    plain = sample(ctx, model, plain_dual)
+    plain = guided_euler(ctx, model, plain_dual)
     assert (plain - want).abs().max() > 100 * 3e-5 * want.abs().max()  # the patches do change it
 
 
@@ -65,4 +38,4 @@ def test_nested_dual_cfg_applies_the_patches_to_cond1_against_cond2(
     with_patches = patched(ctx, model)
     (nested,) = cs.DualCFGGuider().run(ctx, with_patches, cond(1), cond(3), cond(2), 5.0, 1.0, "nested")
     (cfg,) = cs.CFGGuider().run(ctx, with_patches, cond(1), cond(3), 5.0)
-    assert_within_floor(sample(ctx, with_patches, nested), sample(ctx, with_patches, cfg))
+    assert_within_floor(guided_euler(ctx, with_patches, nested), guided_euler(ctx, with_patches, cfg))

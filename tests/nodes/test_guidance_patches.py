@@ -8,41 +8,24 @@ from typing import Any
 
 import pytest
 import torch
-from test_sampling_nodes import cond, latent, tiny_model
 
 from nodegraph.env import Environment
-from nodegraph.folders import Folders
 from nodegraph.testing import RecordingContext
 from nodes import custom_sampling as cs
-from nodes import sigmas as sn
 from nodes.conditioning import CLIPTextEncode
 from nodes.guidance_patches import DifferentialDiffusion, PerpNeg, PerpNegGuider, SelfAttentionGuidance
 from nodes.loaders import CheckpointLoaderSimple
 from nodes.sd import unet_patches
 from nodes.sd.handles import ModelHandle
+from tests.nodes.tiny_unet import cond, guided_euler
 from tests.sd.test_cfg_patches import denoiser, expected_sag
-
-
-@pytest.fixture(scope="module")
-def model() -> ModelHandle:
-    return tiny_model()
-
-
-@pytest.fixture
-def ctx(tmp_path: Any) -> RecordingContext:
-    return RecordingContext(Environment(Folders.at(tmp_path), preview_method="none"), "n")
 
 
 def test_perp_neg_guider_without_negative_is_cfg_against_the_empty_prompt(
     ctx: RecordingContext, model: ModelHandle
 ) -> None:
-    (sigmas,) = sn.BasicScheduler().run(ctx, model, "normal", 3, 1.0)
-    (sampler,) = cs.KSamplerSelect().run(ctx, "euler")
-    (noise,) = cs.RandomNoise().run(ctx, 7)
-
     def run(guider: Any) -> torch.Tensor:
-        out, _ = cs.SamplerCustomAdvanced().run(ctx, noise, guider, sampler, sigmas, latent())
-        return out["samples"]
+        return guided_euler(ctx, model, guider)  # the sigmas of the unpatched model, for every guider
 
     (perp0,) = PerpNegGuider().run(ctx, model, cond(1), cond(2), cond(3), 5.0, 0.0)
     (cfg,) = cs.CFGGuider().run(ctx, model, cond(1), cond(3), 5.0)

@@ -11,26 +11,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_sampling_nodes import ksampler, tiny_model
 
 from nodegraph.env import Environment
-from nodegraph.folders import Folders
 from nodegraph.testing import RecordingContext
 from nodes import sigmas as sn
 from nodes.model_advanced import ModelSamplingContinuousEDM, ModelSamplingDiscrete
 from nodes.sd.cond_entries import percent_to_sigma
 from nodes.sd.handles import ModelHandle
 from nodes.sd.model_sampling import EPS
-
-
-@pytest.fixture(scope="module")
-def model() -> ModelHandle:
-    return tiny_model()
-
-
-@pytest.fixture
-def env(tmp_path: Any) -> Environment:
-    return Environment(Folders.at(tmp_path), preview_method="none")
+from tests.nodes.tiny_unet import ksampler
 
 
 def edm(model: ModelHandle, sampling: str, sigma_max: float = 120.0, sigma_min: float = 0.002) -> ModelHandle:

@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
 from nodegraph.env import Environment
 from nodegraph.folders import Folders
@@ -15,62 +14,7 @@ from nodegraph.testing import RecordingContext
 from nodes.sampling import KSampler, KSamplerAdvanced
 from nodes.sd import samplers as samplers_registry
 from nodes.sd.handles import ModelHandle
-
-WIDTH = 32  # context width of the tiny UNet
-
-
-def tiny_model() -> ModelHandle:
-    """A tiny random UNet (2 levels, 32/64 channels, context width WIDTH), seeded."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=WIDTH,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ).eval()
-    return ModelHandle(unet=unet, source="tiny", family="sd15")
-
-
-@pytest.fixture(scope="module")
-def model() -> ModelHandle:
-    return tiny_model()
-
-
-@pytest.fixture
-def env(tmp_path: Any) -> Environment:
-    return Environment(Folders.at(tmp_path), preview_method="none")
-
-
-def cond(seed: int, tokens: int = 77) -> list[list[Any]]:
-    g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, tokens, WIDTH, generator=g), {}]]
-
-
-def latent(batch: int = 1) -> dict[str, Any]:
-    return {"samples": torch.zeros(batch, 4, 8, 8)}
-
-
-def ksampler(env: Environment, model: ModelHandle, **kw: Any) -> torch.Tensor:
-    args: dict[str, Any] = dict(
-        seed=42,
-        steps=4,
-        cfg=7.0,
-        sampler_name="euler",
-        scheduler="normal",
-        positive=cond(1),
-        negative=cond(2),
-        latent_image=latent(),
-        denoise=1.0,
-    )
-    args.update(kw)
-    (out,) = KSampler().run(RecordingContext(env, "ksampler"), model, **args)
-    return out["samples"]
+from tests.nodes.tiny_unet import cond, ksampler, latent
 
 
 def advanced(env: Environment, model: ModelHandle, **kw: Any) -> torch.Tensor:

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from diffusers import UNet2DConditionModel
 
 from nodes.sd import unet_patches
 from nodes.sd.guidance import CFGDenoiser
@@ -22,7 +21,7 @@ from nodes.sd.samplers import SAMPLERS
 from nodes.sd.schedules import karras
 from nodes.sd.unet_patches import DifferentialDiffusion, PerpNeg, SelfAttention
 
-WIDTH = 16
+WIDTH = 16  # the context width of the `unet` fixture (tests/sd/conftest.py)
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -31,23 +30,6 @@ def rand(*shape: int, seed: int = 0) -> torch.Tensor:
 
 def cond(seed: int) -> list[list[Any]]:
     return [[rand(1, 7, WIDTH, seed=seed), {}]]
-
-
-@pytest.fixture(scope="module")
-def unet() -> Any:
-    torch.manual_seed(0)
-    model: Any = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=WIDTH,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    model.train(False)
-    return model
 
 
 def denoiser(unet: Any, positive: Any, negative: Any, cfg: float) -> CFGDenoiser:

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
 from nodes import all_nodes
 from nodes.sd import cfg_patches, unet_patches
@@ -16,23 +15,6 @@ from nodes.sd.unet_patches import FreeU, PerturbedAttention, RescaleCFG, fourier
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def unet() -> Any:
-    torch.manual_seed(0)
-    model: Any = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    model.train(False)
-    return model
 
 
 def comfy_fourier(x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +17,12 @@ from safetensors import safe_open
 from nodegraph import train_config
 from nodegraph.cli import main
 from nodegraph.folders import Folders
-from nodes.sd.checkpoint import LoadedCheckpoint, load_checkpoint
+from nodes.sd.checkpoint import LoadedCheckpoint
 from nodes.train.request import from_values
 from nodes.train.run import TrainHooks, train_lora
 from nodes.train.samples import SamplePrompt, read_prompts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Every key kohya's train_network.py (sd-scripts 48d368f) writes for an SD1.x DreamBooth-folder
 # run without --network_args/--vae/--dataset_config (lines 1003-1065, 1181-1213, 1301-1303, and
@@ -119,19 +120,6 @@ KOHYA_KEYS = {
     "modelspec.implementation_version",
     "modelspec.prediction_type",
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def models(mini_checkpoint: Path) -> LoadedCheckpoint:
-    return load_checkpoint(mini_checkpoint)
 
 
 def _picture(path: Path, size: tuple[int, int], seed: int) -> None:

@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-from nodes.sd.checkpoint import LoadedCheckpoint, load_checkpoint
+from nodes.sd.checkpoint import LoadedCheckpoint
 from nodes.sd.handles import LoraRef
 from nodes.sd.lora.coverage import coverage
 from nodes.sd.lora.loader import decoded, file_stamp, read_lora
@@ -19,11 +18,6 @@ from nodes.train.dataset import load_dataset
 from nodes.train.network import LoRANetwork
 from nodes.train.save import save_lora
 from nodes.train.trainer import LoraTrainer, TrainOptions
-
-
-@pytest.fixture(scope="module")
-def models(mini_checkpoint: Path) -> LoadedCheckpoint:
-    return load_checkpoint(mini_checkpoint)
 
 
 def test_gradient_checkpointing_takes_the_same_step(tmp_path: Path, models: LoadedCheckpoint) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from safetensors import safe_open
 from nodegraph.cli import main
 from nodegraph.folders import Folders
 from nodes.lora_info import lora_info
-from nodes.sd.checkpoint import LoadedCheckpoint, load_checkpoint
+from nodes.sd.checkpoint import LoadedCheckpoint
 from nodes.sd.handles import LoraRef
 from nodes.sd.lora.coverage import check, coverage
 from nodes.sd.lora.loader import decoded, file_stamp, read_lora
@@ -25,6 +24,8 @@ from nodes.train.dataset import DatasetError, load_dataset
 from nodes.train.network import LoRANetwork
 from nodes.train.run import TrainError, TrainRequest, train_lora
 from nodes.train.trainer import LATENT_SCALE, LoraTrainer, TrainOptions
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FOLDER = "5_mychar woman"
 CAPTIONS = {"img0": "mychar, smiling", "img1": "mychar, red hair"}  # img2, img3 use the folder's caption
@@ -48,20 +49,6 @@ def _base(root: Path, mini_checkpoint: Path) -> Path:
     (root / "models" / "loras").mkdir(parents=True)
     (root / "models" / "checkpoints" / "mini.safetensors").symlink_to(mini_checkpoint)
     return root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """These tensors are tiny: on a shared 2-core machine torch's second thread mostly spins waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def models(mini_checkpoint: Path) -> LoadedCheckpoint:
-    return load_checkpoint(mini_checkpoint)
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,11 @@ listed at once, an interrupt keeps the finished epoch files."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from nodegraph.engine import Settings, build_engine
@@ -18,13 +16,7 @@ from nodegraph.validate import validate_prompt
 from nodes import all_nodes
 from nodes.train_node import extra_flags
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _base(tmp_path: Path, mini_checkpoint: Path) -> Path:
