@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -32,6 +35,19 @@ def assert_within_floor(got: Any, want: Any, floor: float = FLOAT32_FLOOR) -> No
     assert a.shape == b.shape, f"shapes differ: {a.shape} vs {b.shape}"
     peak, err = float(np.abs(b).max()), float(np.abs(a - b).max())
     assert err <= floor * peak, f"max |diff| {err:.3g} exceeds {floor:g} x peak {peak:.3g}"
+
+
+@functools.cache
+def oracle_module(name: str, oracle: Path = ORACLE) -> ModuleType:
+    """One of the oracle's scripts (`make_mini_sd15`, `make_mini_sdxl`, `compare_refs` ...) imported
+    as a module, once per session: its specs, configs, name maps and safetensors writer. It is also
+    registered under its own name, as the scripts import each other (`import make_mini_sd15 as base`)."""
+    spec = importlib.util.spec_from_file_location(name, oracle / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _generate(script: str, out: Path, *args: str) -> None:

@@ -13,22 +13,22 @@ Weights follow the oracle's mini generators (tests/oracle/make_mini_sd15.py: one
 tensor from sha256("seed:key"), uniform, std gain/sqrt(fan_in), fp16); the gates alpha_attn and
 alpha_dense are set (real GLIGEN training opens them from 0; 0 closes a gate exactly).
 
-Usage: python tests/gligen_files.py OUT.safetensors CHECKPOINT.safetensors [--seed gligen0]
+Usage (from the repository root): python -m tests.gligen_files OUT.safetensors CHECKPOINT.safetensors
+[--seed gligen0]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors import safe_open
 
-ORACLE = Path(__file__).resolve().parent / "oracle"
+from tests.conftest import oracle_module
+
 GENERATOR_VERSION = "1"
 UNET = "model.diffusion_model."
 _TRANSFORMER = re.compile(
@@ -37,15 +37,6 @@ _TRANSFORMER = re.compile(
 )
 POSITION_HIDDEN = 512
 FOURIER_FEATURES = 8 * 2 * 4  # 8 frequencies, sin and cos, four box coordinates
-
-
-def _mini_sd15() -> Any:
-    spec = importlib.util.spec_from_file_location("make_mini_sd15", ORACLE / "make_mini_sd15.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_mini_sd15", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def transformers_of(checkpoint: Path) -> list[tuple[str, int, int]]:
@@ -62,7 +53,7 @@ def transformers_of(checkpoint: Path) -> list[tuple[str, int, int]]:
 
 def gligen_specs(transformers: list[tuple[str, int, int]]) -> list[Any]:
     """(key, shape, kind, fan_in, gain) of every tensor but the two gates of each layer."""
-    m = _mini_sd15()
+    m = oracle_module("make_mini_sd15")
     s = m.Specs()
     text = transformers[0][2]
     for block, width, context in transformers:
@@ -92,7 +83,7 @@ def write_mini_gligen(
 ) -> Path:
     """Write the GLIGEN file for `checkpoint`'s UNet; `alphas` are (alpha_attn, alpha_dense) of every
     layer, `prefix` goes before the layers' keys (ComfyUI finds them by substring either way)."""
-    m = _mini_sd15()
+    m = oracle_module("make_mini_sd15")
     transformers = transformers_of(checkpoint)
     if not transformers:
         raise ValueError(f"{checkpoint.name} has no SD UNet transformers ({UNET}*attn2)")

@@ -8,7 +8,6 @@ are laid out like refs/<workflow>/ and held to the oracle's gates with its own c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 from nodegraph.events import Event, ExecutionError
 from nodegraph.validate import validate_prompt
 from nodes.sd.latent_ops import load_latent_file
-from tests.conftest import ORACLE
+from tests.conftest import ORACLE, oracle_module
 
 WORKFLOWS = sorted(p.stem for p in (ORACLE / "workflows").glob("*.json"))
 
@@ -34,11 +33,8 @@ PNG_FRACTION_MAX = 0.005
 
 
 def _compare_refs() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("compare_refs", ORACLE / "compare_refs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The oracle's own compare_refs.py."""
+    return oracle_module("compare_refs")
 
 
 def run_workflow(

@@ -8,26 +8,15 @@ with random factors of a chosen dtype, in the key layouts the trainers write (or
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import ORACLE
+from tests.conftest import oracle_module
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def _oracle_module() -> Any:
-    spec = importlib.util.spec_from_file_location("make_mini_sd15", ORACLE / "make_mini_sd15.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_mini_sd15", mod)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @functools.cache
@@ -37,7 +26,7 @@ def mini_models(ckpt: Path) -> tuple[Any, Any]:
     from safetensors import safe_open
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    base = _oracle_module()
+    base = oracle_module("make_mini_sd15")
     ucfg = {k: v for k, v in base.diffusers_unet_config().items() if not k.startswith("_")}
     unet = UNet2DConditionModel(**ucfg)
     tcfg = {k: v for k, v in base.clip_text_config().items() if k not in ("architectures", "model_type")}

@@ -11,12 +11,12 @@ only, no memory).
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tests.conftest import oracle_module
 
 SMALL_UNET = {
     "in_channels": 4,
@@ -36,17 +36,9 @@ SMALL_UNET = {
 SMALL_TE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
-@functools.cache
 def oracle_sdxl(oracle: Path) -> Any:
     """The oracle's `make_mini_sdxl` module (it imports `make_mini_sd15` beside it)."""
-    if str(oracle) not in sys.path:
-        sys.path.insert(0, str(oracle))
-    spec = importlib.util.spec_from_file_location("make_mini_sdxl", oracle / "make_mini_sdxl.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_mini_sdxl", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return oracle_module("make_mini_sdxl", oracle)
 
 
 def _clean(config: dict[str, Any]) -> dict[str, Any]:

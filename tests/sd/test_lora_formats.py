@@ -210,11 +210,10 @@ def test_kohya_lora_linear_and_locon(dtype: str, models: Any, tmp_path: Path) ->
 
 def test_kohya_ldm_names_map_to_the_same_modules(models: Any, tmp_path: Path) -> None:
     # The oracle generator's own LDM -> diffusers map is the independent reference.
-    from lora_fixtures import _oracle_module
+    from tests.conftest import oracle_module
 
-    inverse = {
-        d.rsplit(".", 1)[0]: k.rsplit(".", 1)[0] for k, d in _oracle_module().unet_ldm_to_diffusers().items()
-    }
+    ldm_to_diffusers = oracle_module("make_mini_sd15").unet_ldm_to_diffusers()
+    inverse = {d.rsplit(".", 1)[0]: k.rsplit(".", 1)[0] for k, d in ldm_to_diffusers.items()}
     mods = [
         LINEARS[0],
         *CONV3,

@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 import torch
-from lora_fixtures import _oracle_module
 
 from nodes.sd.lora.family import detect, from_keys
 from nodes.sd.lora.keymap import te_stems, unet_stems
 from nodes.sd.lora.ldm_export import unet_key
+from tests.conftest import oracle_module
 
 SD15 = {
     "in_channels": 4,
@@ -34,7 +34,7 @@ def test_ldm_names_agree_with_diffusers_converter_at_any_depth(cfg: dict[str, An
 
     from nodes.sd.convert import unet_key_map
 
-    base = _oracle_module()
+    base = oracle_module("make_mini_sd15")
     cfg = cfg or base.UNET_CFG
     specs = {key: shape for key, shape, *_ in base.unet_specs(cfg)}
     with torch.device("meta"):
@@ -52,7 +52,7 @@ def test_stems_cover_kohya_ldm_peft_and_processor_forms() -> None:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    base = _oracle_module()
+    base = oracle_module("make_mini_sd15")
     with torch.device("meta"):
         unet = UNet2DConditionModel(**{k: v for k, v in base.diffusers_unet_config().items() if k[0] != "_"})
         te = CLIPTextModel(
