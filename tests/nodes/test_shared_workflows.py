@@ -7,8 +7,9 @@ under the names the workflow asks for (symlinks to the mini SD1.5 / SDXL checkpo
 LoRAs, ControlNet and GLIGEN; a generated image, a generated A1111 embedding), then it is validated and
 run by the real executor. The test edits only sizes and step counts, in the loaded prompt, never
 in the stored file: pixel sizes divided by 8 (SD1.5) or 16 (SDXL), samplers cut to 2 steps.
-A workflow needing a core node nodegraph lacks is kept as a strict xfail naming the node; one
-needing custom nodes nodegraph does not implement must be refused with one message naming each.
+Every stored workflow runs (`RUNS`), or needs custom nodes nodegraph does not implement and must be
+refused with one message naming each (`MISSING`); no other kind is kept, so no test is skipped or
+expected to fail. A shared workflow that needs a core node nodegraph lacks is added with that node.
 """
 
 from __future__ import annotations
@@ -80,8 +81,6 @@ RUNS: dict[str, Case] = {
     "comfyui_default_graph_sdxl1_0.json": Case(SDXL, {"13": (1, 64, 64)}),
     "hanzoui_sdxlturbo_example.json": Case(SDXL, {"27": (1, 32, 32)}),
 }
-# Core nodes nodegraph lacks: strict xfails that fail only with the loader's missing-node error.
-XFAILS: dict[str, tuple[Case, str]] = {}
 # Custom nodes nodegraph does not implement: the one error names every one of them.
 MISSING: dict[str, list[str]] = {
     "cubiq_depth.json": ["Zoe-DepthMapPreprocessor"],
@@ -248,21 +247,6 @@ def test_shared_workflow_runs_unchanged(engine: Any, name: str, request: pytest.
     check_images(engine, run_shared(engine, name, RUNS[name]), RUNS[name])
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(reason=reason, raises=WorkflowError, strict=True))
-        for name, (_, reason) in sorted(XFAILS.items())
-    ],
-)
-def test_shared_workflow_waiting_for_a_core_node(
-    engine: Any, name: str, request: pytest.FixtureRequest
-) -> None:
-    case = XFAILS[name][0]
-    sdxl_family(request, case.family)
-    check_images(engine, run_shared(engine, name, case), case)
-
-
 @pytest.mark.parametrize("name", sorted(MISSING))
 def test_custom_nodes_are_named_together_in_one_error(engine: Any, name: str) -> None:
     with pytest.raises(WorkflowError) as caught:
@@ -306,6 +290,6 @@ def test_the_cli_runs_a_shared_canvas_file(engine: Any, capsys: pytest.CaptureFi
 
 def test_every_stored_workflow_is_tested_and_has_a_source() -> None:
     stored = sorted(p.name for p in SHARED.glob("*.json"))
-    assert stored == sorted([*RUNS, *XFAILS, *MISSING])
+    assert stored == sorted([*RUNS, *MISSING])
     sources = (SHARED / "SOURCES.md").read_text(encoding="utf-8")
     assert [name for name in stored if f"`{name}`" not in sources] == []
