@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nodegraph.types import BOOLEAN, COMBO, FLOAT, INT, STRING, WIDGET_TYPES, SocketType
 
 if TYPE_CHECKING:
     from nodegraph.env import Environment
+
+_N = TypeVar("_N", int, float)
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,28 @@ def _range_check(inp: Input, value: float, lo: float | None, hi: float | None) -
         )
 
 
+def _bounds_options(default: float, lo: float | None, hi: float | None, step: float) -> dict[str, Any]:
+    """A number widget's `default`, `min`, `max` (when set) and `step` options, in ComfyUI's order."""
+    opts: dict[str, Any] = {"default": default}
+    if lo is not None:
+        opts["min"] = lo
+    if hi is not None:
+        opts["max"] = hi
+    opts["step"] = step
+    return opts
+
+
+def _converted(inp: Input, value: Any, convert: Callable[[Any], _N]) -> _N:
+    """`convert(value)` for a number widget; a bool, a non-number or a failed conversion (an integer
+    too large for a float included) is an `InputValueError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _conversion_error(inp, value, TypeError(f"expected a number, got {type(value).__name__}"))
+    try:
+        return convert(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _conversion_error(inp, value, exc) from exc
+
+
 def _conversion_error(inp: Input, value: Any, exc: Exception) -> InputValueError:
     problem = InputProblem(
         "invalid_input_type",
@@ -116,12 +140,7 @@ class Int(Input):
         return INT
 
     def options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"default": self.default}
-        if self.min is not None:
-            opts["min"] = self.min
-        if self.max is not None:
-            opts["max"] = self.max
-        opts["step"] = self.step
+        opts = _bounds_options(self.default, self.min, self.max, self.step)
         if self.control_after_generate:
             opts["control_after_generate"] = True
         if self.display:
@@ -129,12 +148,7 @@ class Int(Input):
         return opts | super().options()
 
     def coerce(self, value: Any, env: Environment | None) -> int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise _conversion_error(self, value, TypeError(f"expected a number, got {type(value).__name__}"))
-        try:
-            result = int(value)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise _conversion_error(self, value, exc) from exc
+        result = _converted(self, value, int)
         _range_check(self, result, self.min, self.max)
         return result
 
@@ -157,23 +171,13 @@ class Float(Input):
         return FLOAT
 
     def options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"default": self.default}
-        if self.min is not None:
-            opts["min"] = self.min
-        if self.max is not None:
-            opts["max"] = self.max
-        opts["step"] = self.step
+        opts = _bounds_options(self.default, self.min, self.max, self.step)
         if self.round is not None:
             opts["round"] = self.round
         return opts | super().options()
 
     def coerce(self, value: Any, env: Environment | None) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise _conversion_error(self, value, TypeError(f"expected a number, got {type(value).__name__}"))
-        try:
-            result = float(value)
-        except (TypeError, ValueError) as exc:
-            raise _conversion_error(self, value, exc) from exc
+        result = _converted(self, value, float)
         if math.isnan(result):
             raise _conversion_error(self, value, ValueError("NaN is not a value"))
         _range_check(self, result, self.min, self.max)

@@ -137,6 +137,16 @@ def test_int_out_of_range_or_wrong_type(tmp_path: Path, value: Any, kind: str) -
     assert err["extra_info"]["received_value"] == value
 
 
+@pytest.mark.parametrize("value", [10**400, "1e999x", float("nan")])
+def test_a_float_input_refuses_what_is_no_float_as_an_input_error(tmp_path: Path, value: Any) -> None:
+    """An integer too large for a float (JSON allows it) fails its conversion like any other value
+    (ComfyUI's invalid_input_type), not as an exception_during_validation."""
+    prompt = chain_prompt()
+    prompt["2"]["inputs"]["factor"] = value
+    err = only_error(check(prompt, tmp_path), "2")
+    assert err["type"] == "invalid_input_type" and err["extra_info"]["input_name"] == "factor"
+
+
 def test_value_not_in_list(tmp_path: Path) -> None:
     prompt = chain_prompt()
     prompt["1"]["inputs"]["mode"] = "c"
