@@ -67,6 +67,17 @@ def error(kind: str, message: str, details: str = "", **extra: Any) -> dict[str,
     return {"type": kind, "message": message, "details": details, "extra_info": extra}
 
 
+def exception_error(exc: Exception) -> dict[str, Any]:
+    """ComfyUI's `exception_during_validation` for an exception being handled (its traceback included)."""
+    return error(
+        "exception_during_validation",
+        "Exception when validating node",
+        f"{type(exc).__name__}: {exc}",
+        exception_type=qualified_name(type(exc)),
+        traceback=traceback.format_exc().splitlines(),
+    )
+
+
 def validate_prompt(
     prompt: Any, registry: Registry, env: Environment, partial_targets: list[str] | None = None
 ) -> Validation:
@@ -213,15 +224,7 @@ class _Checker:
         try:
             return self._check_node(node_id)
         except Exception as exc:  # e.g. a choice list that cannot be read: the node fails, not validation
-            return [
-                error(
-                    "exception_during_validation",
-                    "Exception when validating node",
-                    f"{type(exc).__name__}: {exc}",
-                    exception_type=qualified_name(type(exc)),
-                    traceback=traceback.format_exc().splitlines(),
-                )
-            ]
+            return [exception_error(exc)]
 
     def _check_node(self, node_id: str) -> list[dict[str, Any]]:
         inputs: dict[str, Any] = self.prompt[node_id]["inputs"]
@@ -343,15 +346,7 @@ class _Checker:
         try:
             message = call_with_constants(cls.check_inputs, self.env, self.constants[node_id])
         except Exception as exc:  # a node's own check must not take validation down
-            return [
-                error(
-                    "exception_during_validation",
-                    "Exception when validating node",
-                    f"{type(exc).__name__}: {exc}",
-                    exception_type=qualified_name(type(exc)),
-                    traceback=traceback.format_exc().splitlines(),
-                )
-            ]
+            return [exception_error(exc)]
         if message is None or message is True:
             return []
         names = ", ".join(sorted(custom_checked_inputs(cls))) or cls.NODE_ID

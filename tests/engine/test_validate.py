@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_stubs import chain_prompt, environment, registry
+from engine_stubs import NUMBER, chain_prompt, environment, registry
 
+from nodegraph.env import Environment
+from nodegraph.node import Int, Node, Output, RunContext
 from nodegraph.validate import Validation, validate_prompt
 
 
@@ -248,3 +250,30 @@ def test_a_node_whose_check_raises_fails_alone(tmp_path: Path) -> None:
     err = only_error(result, "9")
     assert err["type"] == "exception_during_validation" and "models folder unreadable" in err["details"]
     assert err["extra_info"]["exception_type"] == "OSError"
+
+
+class CheckRaises(Node):
+    """A node whose own check_inputs raises."""
+
+    INPUTS = (Int("n", 1),)
+    OUTPUTS = (Output(NUMBER),)
+
+    @classmethod
+    def check_inputs(cls, env: Environment, n: int | None = None, **_: Any) -> str | None:
+        raise KeyError("no table for n")
+
+    def run(self, ctx: RunContext, n: int) -> tuple[int]:
+        return (n,)
+
+
+def test_a_node_whose_check_inputs_raises_fails_alone(tmp_path: Path) -> None:
+    stubs = registry()
+    stubs.add(CheckRaises)
+    prompt = chain_prompt()
+    prompt["9"] = {"class_type": "CheckRaises", "inputs": {"n": 2}}
+    prompt["10"] = {"class_type": "Show", "inputs": {"x": ["9", 0]}}
+    result = validate_prompt(prompt, stubs, environment(tmp_path))
+    assert result.ok and sorted(result.outputs) == ["3", "5"]
+    err = only_error(result, "9")
+    assert err["type"] == "exception_during_validation" and err["details"] == "KeyError: 'no table for n'"
+    assert err["extra_info"]["exception_type"] == "KeyError" and err["extra_info"]["traceback"]
