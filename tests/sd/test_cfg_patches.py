@@ -20,8 +20,7 @@ from nodes.sd.model_sampling import EPS
 from nodes.sd.samplers import SAMPLERS
 from nodes.sd.schedules import karras
 from nodes.sd.unet_patches import DifferentialDiffusion, PerpNeg, SelfAttention
-
-WIDTH = 16  # the context width of the `unet` fixture (tests/sd/conftest.py)
+from tests.sd.tiny_unet import WIDTH
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:

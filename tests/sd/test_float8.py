@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from lora_fixtures import kohya, write
 
 from nodes.sd.float8 import FORMATS, key_seed, mark_storage, stochastic_round, storage_dtype
 from nodes.sd.handles import LoraRef
 from nodes.sd.lora.loader import file_stamp
 from nodes.sd.patcher import apply_stack, branched, restore
+from tests.sd.tiny_unet import tiny_unet
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -87,17 +87,7 @@ def test_stochastic_round_picks_a_neighbour_and_is_unbiased(dtype: torch.dtype) 
 @pytest.fixture
 def unets() -> tuple[Any, Any]:
     """A small SD-shaped UNet with fp8 (e4m3fn) values marked as fp8 storage, and an unmarked twin."""
-    torch.manual_seed(0)
-    twin: Any = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
+    twin = tiny_unet()
     with torch.no_grad():
         for p in twin.parameters():
             p.copy_(p.to(torch.float8_e4m3fn).float())  # UNETLoader fp8: rounded at load
