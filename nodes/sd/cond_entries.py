@@ -122,6 +122,26 @@ def _read_tensor(value: Any, name: str, dims: tuple[int, ...], what: str) -> tor
     return value
 
 
+def conditioning_on(conditioning: Any, device: torch.device) -> Any:
+    """CONDITIONING with its embeddings on `device` (options, masks included, are moved later)."""
+    if device.type == "cpu" or not isinstance(conditioning, (list, tuple)):
+        return conditioning
+    return [
+        [item[0].to(device), *item[1:]]
+        if isinstance(item, (list, tuple)) and item and isinstance(item[0], torch.Tensor)
+        else item
+        for item in conditioning
+    ]
+
+
+def entries_for(
+    conditioning: Any, device: torch.device, schedule: DiscreteSchedule, what: str, unet: Any
+) -> list[CondEntry]:
+    """`cond_entries` of a CONDITIONING on `device`, checked against `unet`'s context width."""
+    width = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
+    return cond_entries(conditioning_on(conditioning, device), schedule, what, width)
+
+
 def cond_entries(
     conditioning: Any, schedule: DiscreteSchedule, what: str, width: int | None = None
 ) -> list[CondEntry]:

@@ -45,6 +45,7 @@ from nodes.sd.cond_entries import (  # re-exported: the sampler's public names s
     CondEntry,
     ConditioningError,
     cond_entries,
+    entries_for,
     percent_to_sigma,
     prepare_sides,
     resolve_entry,
@@ -365,12 +366,9 @@ class CFGDenoiser:
     ) -> list[CondEntry]:
         """A CONDITIONING value's entries resolved as a negative side (PerpNeg's empty prompt,
         DualCFGGuider's cond2), once per latent shape; `what` names the input in errors."""
-        from nodes.sd.guiders import on_device
-
         key = (id(conditioning), x.shape[2], x.shape[3], x.device, x.shape[0])
         if key not in self._extra:
-            width = getattr(getattr(self.unet, "config", None), "cross_attention_dim", None)
-            entries = cond_entries(on_device(conditioning, x.device), self.schedule, what, width)
+            entries = entries_for(conditioning, x.device, self.schedule, what, self.unet)
             if self.concat_for is not None:
                 shape = torch.Size((x.shape[0], 4, x.shape[2], x.shape[3]))
                 entries = [replace(e, concat=self.concat_for(e, shape, x.device)) for e in entries]

@@ -23,21 +23,9 @@ from typing import Any, Protocol
 import torch
 
 from nodes.sd import cfg_patches, unet_patches
-from nodes.sd.cond_entries import CondEntry, cond_entries
+from nodes.sd.cond_entries import CondEntry, entries_for
 from nodes.sd.guidance import CFGDenoiser, ConcatFor
 from nodes.sd.model_sampling import ModelSampling
-
-
-def on_device(conditioning: Any, device: torch.device) -> Any:
-    """CONDITIONING with its embeddings on `device` (options, masks included, are moved later)."""
-    if device.type == "cpu" or not isinstance(conditioning, (list, tuple)):
-        return conditioning
-    return [
-        [item[0].to(device), *item[1:]]
-        if isinstance(item, (list, tuple)) and item and isinstance(item[0], torch.Tensor)
-        else item
-        for item in conditioning
-    ]
 
 
 class Guide(Protocol):
@@ -52,10 +40,6 @@ class Guide(Protocol):
         concat_for: ConcatFor | None,
     ) -> CFGDenoiser:
         """The denoiser (x, sigma) -> guided x0 prediction."""
-
-
-def _width(unet: Any) -> int | None:
-    return getattr(getattr(unet, "config", None), "cross_attention_dim", None)
 
 
 @dataclass(frozen=True)
@@ -74,12 +58,12 @@ class CFGGuide:
         keep_uncond: bool,
         concat_for: ConcatFor | None,
     ) -> CFGDenoiser:
-        width, schedule = _width(unet), sampling.schedule
+        schedule = sampling.schedule
         return CFGDenoiser(
             unet,
             schedule,
-            cond_entries(on_device(self.positive, device), schedule, "positive", width),
-            cond_entries(on_device(self.negative, device), schedule, "negative", width),
+            entries_for(self.positive, device, schedule, "positive", unet),
+            entries_for(self.negative, device, schedule, "negative", unet),
             self.cfg,
             keep_uncond=keep_uncond,
             concat_for=concat_for,
@@ -102,7 +86,7 @@ class BasicGuide:
         concat_for: ConcatFor | None,
     ) -> CFGDenoiser:
         schedule = sampling.schedule
-        entries = cond_entries(on_device(self.conditioning, device), schedule, "conditioning", _width(unet))
+        entries = entries_for(self.conditioning, device, schedule, "conditioning", unet)
         return CFGDenoiser(
             unet, schedule, entries, [], 1.0, keep_uncond=False, concat_for=concat_for, sampling=sampling
         )
@@ -171,15 +155,15 @@ class DualCFGGuide:
         keep_uncond: bool,
         concat_for: ConcatFor | None,
     ) -> CFGDenoiser:
-        width, schedule = _width(unet), sampling.schedule
+        schedule = sampling.schedule
         return _DualDenoiser(
             self.cond2,
             self.cfg_cond2_negative,
             self.nested,
             unet=unet,
             schedule=schedule,
-            positive=cond_entries(on_device(self.cond1, device), schedule, "cond1", width),
-            negative=cond_entries(on_device(self.negative, device), schedule, "negative", width),
+            positive=entries_for(self.cond1, device, schedule, "cond1", unet),
+            negative=entries_for(self.negative, device, schedule, "negative", unet),
             cfg=self.cfg_conds,
             concat_for=concat_for,
             sampling=sampling,
@@ -226,14 +210,14 @@ class PerpNegGuide:
         keep_uncond: bool,
         concat_for: ConcatFor | None,
     ) -> CFGDenoiser:
-        width, schedule = _width(unet), sampling.schedule
+        schedule = sampling.schedule
         return _PerpNegDenoiser(
             self.empty,
             self.neg_scale,
             unet=unet,
             schedule=schedule,
-            positive=cond_entries(on_device(self.positive, device), schedule, "positive", width),
-            negative=cond_entries(on_device(self.negative, device), schedule, "negative", width),
+            positive=entries_for(self.positive, device, schedule, "positive", unet),
+            negative=entries_for(self.negative, device, schedule, "negative", unet),
             cfg=self.cfg,
             keep_uncond=keep_uncond,
             concat_for=concat_for,
