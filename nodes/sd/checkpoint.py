@@ -14,7 +14,8 @@ import math
 import pickle
 import weakref
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -125,6 +126,18 @@ def ldm_names(module: Any) -> dict[str, str] | None:
     return _LDM_NAMES.get(module)
 
 
+@contextmanager
+def layout_errors(name: str, kind: str, error: type[CheckpointError] = CheckpointError) -> Iterator[None]:
+    """What reading a file's key names and shapes raises, as `error` naming the file: a model nodegraph
+    does not load (`UnsupportedCheckpointError`, its message kept) or a key every `kind` has, missing."""
+    try:
+        yield
+    except UnsupportedCheckpointError as exc:
+        raise error(str(exc)) from exc
+    except KeyError as exc:
+        raise error(f"'{name}' lacks {exc} that every {kind} has; it is incomplete") from exc
+
+
 def load_checkpoint(path: Path) -> LoadedCheckpoint:
     """Load an SD1.x or SDXL-family checkpoint file or diffusers folder.
 
@@ -143,7 +156,7 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
         from nodes.sd.checkpoint_sdxl import load_sdxl
 
         return load_sdxl(path, source)
-    try:
+    with layout_errors(path.name, "SD1.x checkpoint"):
         family = convert.detect_family(path.name, keys, source.shape)
         unet_cfg = convert.unet_config(path.name, keys, source.shape)
         unet_map = convert.unet_key_map(keys, source.shape, unet_cfg)
@@ -151,12 +164,6 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
         te_map = convert.te_key_map(keys)
         clip_cfg = convert.clip_config(keys, source.shape)
         vae_cfg = convert.vae_config(path.name, source.shape)
-    except UnsupportedCheckpointError as exc:
-        raise CheckpointError(str(exc)) from exc
-    except KeyError as exc:
-        raise CheckpointError(
-            f"'{path.name}' lacks {exc} that every SD1.x checkpoint has; it is incomplete"
-        ) from exc
     with torch.inference_mode(False):
         unet = build_unet(unet_cfg, unet_map, source, path.name)
         vae = build_vae(vae_cfg, vae_map, source, path.name)

@@ -25,10 +25,10 @@ from nodes.sd.checkpoint import (
     build_text_encoder,
     build_unet,
     build_vae,
+    layout_errors,
     local_options,
     read_json,
 )
-from nodes.sd.convert import UnsupportedCheckpointError
 
 SDXL_HEAD_CHANNELS = 64  # SDXL's attention heads are 64 channels wide at every level
 
@@ -67,7 +67,7 @@ def load_sdxl(path: Path, source: TensorSource) -> LoadedCheckpoint:
     """An SDXL base or refiner single file (`path` for messages, `source` its tensors)."""
     keys = source.keys()
     split = SplitSource(source)
-    try:
+    with layout_errors(path.name, "SDXL checkpoint"):
         family = convert_sdxl.detect_family(path.name, keys, source.shape)
         unet_cfg = convert.unet_config(path.name, keys, source.shape, SDXL_HEAD_CHANNELS)
         unet_map = convert.unet_key_map(keys, source.shape, unet_cfg)
@@ -80,12 +80,6 @@ def load_sdxl(path: Path, source: TensorSource) -> LoadedCheckpoint:
         g_cfg = convert_sdxl.clip_g_config(keys, g_prefix, source.shape)
         l_map = convert_sdxl.clip_l_key_map(keys) if family == "sdxl" else {}
         l_cfg = convert.clip_config(keys, source.shape, l_map) if l_map else None
-    except UnsupportedCheckpointError as exc:
-        raise CheckpointError(str(exc)) from exc
-    except KeyError as exc:
-        raise CheckpointError(
-            f"'{path.name}' lacks {exc} that every SDXL checkpoint has; it is incomplete"
-        ) from exc
     with torch.inference_mode(False):
         unet = build_unet(unet_cfg, unet_map, source, path.name)
         vae = build_vae(vae_cfg, vae_map, source, path.name)

@@ -32,10 +32,11 @@ from nodes.sd.checkpoint import (
     TensorSource,
     _to_fp32,
     assign_weights,
+    layout_errors,
     ldm_names,
     open_source,
 )
-from nodes.sd.convert import UNET_PREFIX, UnsupportedCheckpointError
+from nodes.sd.convert import UNET_PREFIX
 from nodes.sd.t2i_adapter import AdapterSpec, build_adapter, is_adapter, is_cascade
 
 PREFIXES = ("control_model.", "")  # A1111-extracted files, then the plain original layout
@@ -193,14 +194,8 @@ def load_controlnet(path: Path, base_unet: Any = None) -> ControlModel:
     if "difference" in keys and prefix:
         base = _base_weights(path.name, base_unet)
     stripped = _Stripped(source, prefix, base)
-    try:
+    with layout_errors(path.name, "ControlNet", ControlNetError):
         config = controlnet_config(stripped, path.name)
-    except UnsupportedCheckpointError as exc:
-        raise ControlNetError(str(exc)) from exc
-    except KeyError as exc:
-        raise ControlNetError(
-            f"'{path.name}' lacks {exc} that every ControlNet has; it is incomplete"
-        ) from exc
     return build_controlnet(path.name, config, controlnet_key_map(stripped, config), stripped)
 
 

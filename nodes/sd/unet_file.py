@@ -32,6 +32,7 @@ from nodes.sd.checkpoint import (
     _Prefixed,
     _to_fp32,
     assign_weights,
+    layout_errors,
     open_source,
 )
 from nodes.sd.convert import UNET_PREFIX, Shape, UnsupportedCheckpointError, _max_index
@@ -86,17 +87,11 @@ def load_unet_file(path: Path, weight_dtype: str = "default") -> LoadedUnet:
     cast = weight_cast(weight_dtype)
     source = open_source(path)
     keys = source.keys()
-    try:
+    with layout_errors(path.name, "UNet of its kind"):
         if "conv_in.weight" in keys and any(k.startswith("down_blocks.") for k in keys):
             unet, family = _diffusers_layout(path.name, source, cast)
         else:
             unet, family = _ldm_layout(path.name, source, cast)
-    except UnsupportedCheckpointError as exc:
-        raise CheckpointError(str(exc)) from exc
-    except KeyError as exc:
-        raise CheckpointError(
-            f"'{path.name}' lacks {exc} that every UNet of its kind has; it is incomplete"
-        ) from exc
     # SDXL v-prediction marker keys (`v_pred`, `ztsnr`) are read as for a checkpoint (ComfyUI reads
     # them for the SDXL class from whatever file the model came from).
     sampling = checkpoint_sampling(path) if family == "sdxl" else EPS

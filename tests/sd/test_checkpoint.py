@@ -16,6 +16,7 @@ from nodes.sd.checkpoint import (
     DictSource,
     LoadedCheckpoint,
     assign_weights,
+    layout_errors,
     load_checkpoint,
     load_pickle_weights,
     load_vae_file,
@@ -224,3 +225,18 @@ def test_ldm_names_are_found_from_the_modules_alone(loaded_mini: LoadedCheckpoin
     vae = ldm_names(loaded_mini.vae)
     assert vae is not None and len(unet) + len(vae) + len(te) == len(loaded_mini.ldm_keys)
     assert ldm_names(torch.nn.Linear(1, 1)) is None
+
+
+def test_layout_errors_name_the_file_and_what_it_lacks() -> None:
+    from nodes.sd.controlnet import ControlNetError
+
+    lacks = r"^'m.safetensors' lacks 'vae.x' that every SDXL checkpoint has; it is incomplete$"
+    with pytest.raises(CheckpointError, match=lacks):
+        with layout_errors("m.safetensors", "SDXL checkpoint"):
+            raise KeyError("vae.x")
+    with pytest.raises(CheckpointError, match=r"^'m.safetensors' is an SD2.x checkpoint$"):
+        with layout_errors("m.safetensors", "SD1.x checkpoint"):
+            raise convert.UnsupportedCheckpointError("'m.safetensors' is an SD2.x checkpoint")
+    with pytest.raises(ControlNetError, match="that every ControlNet has; it is incomplete"):
+        with layout_errors("c.safetensors", "ControlNet", ControlNetError):
+            raise KeyError("zero_convs.0.0.weight")
