@@ -38,14 +38,21 @@ def encode_prompt(
         hidden, last = run_clip(te, sequences, clip.layer_idx, warn)
         hidden, last = hidden.cpu().float(), last.cpu().float()  # ComfyUI: conds are fp32
     pooled = last[0:1, _first_end(sequences[0], clip.tokenizer.eos)]
+    return weighted_chunks(hidden, chunks, has_weights).clone(), pooled.clone()
+
+
+def weighted_chunks(
+    hidden: torch.Tensor, chunks: Sequence[Sequence[WeightedToken]], has_weights: bool
+) -> torch.Tensor:
+    """The chunks' hidden states `[1, 77k, width]`, each token's weight applied against the empty
+    sequence (the last row of `hidden` when `has_weights`), as ComfyUI's encode_token_weights."""
     outputs = []
     for k, chunk_tokens in enumerate(chunks):
         z = hidden[k]
         if has_weights:
             z = _apply_weights(z, hidden[-1], chunk_tokens)
         outputs.append(z)
-    cond = torch.cat(outputs, dim=0).unsqueeze(0)
-    return cond.clone(), pooled.clone()
+    return torch.cat(outputs, dim=0).unsqueeze(0)
 
 
 def _apply_weights(z: torch.Tensor, z_empty: torch.Tensor, tokens: Sequence[WeightedToken]) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from nodes.sd.handles import ClipHandle
 from nodes.sd.patcher import patched_clip
 from nodes.sd.prompt import EmbeddingLookup, Tokenized, WeightedToken, tokenize
-from nodes.sd.text_encoder import _apply_weights, _first_end, run_clip, tower
+from nodes.sd.text_encoder import _first_end, run_clip, tower, weighted_chunks
 from nodes.sd.tokenizer import CLIP_G_PAD, ClipTokenizer, PaddedTokenizer
 
 Warn = Callable[[str], None]
@@ -124,13 +124,7 @@ def _encode(
         sequences.append([bos, eos] + [pad] * (len(sequences[0]) - 2))
     hidden, last = run_clip(te, sequences, layer, warn, normalize_hidden=False)
     hidden, last = hidden.cpu().float(), last.cpu().float()  # ComfyUI: conds are fp32
-    outputs = []
-    for k, chunk_tokens in enumerate(chunks):
-        z = hidden[k]
-        if has_weights:
-            z = _apply_weights(z, hidden[-1], chunk_tokens)
-        outputs.append(z)
-    return torch.cat(outputs, dim=0).unsqueeze(0).clone(), last[0]
+    return weighted_chunks(hidden, chunks, has_weights).clone(), last[0]
 
 
 def width_of(clip: ClipHandle) -> int:
