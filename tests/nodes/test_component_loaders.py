@@ -204,15 +204,13 @@ def test_checkpoint_loader_reads_v_prediction_and_layer_idx_from_its_config(part
         CheckpointLoader().run(ctx, "broken.yaml", "mini.safetensors")
 
 
-def test_sdxl_parts_load_as_the_checkpoints(
-    tmp_path_factory: pytest.TempPathFactory, mini_sdxl_checkpoint: Path
-) -> None:
+def test_sdxl_parts_load_as_the_checkpoints(tmp_path: Path, mini_sdxl_checkpoint: Path) -> None:
     """The SDXL UNet (bare LDM, then the same in diffusers' layout), CLIP-L and bigG (open_clip's
     layout and transformers') give the weights the checkpoint holds, without loading the checkpoint."""
     from nodes.sd import convert_sdxl
     from nodes.sd.checkpoint import _LDM_NAMES
 
-    base = tmp_path_factory.mktemp("sdxl_parts")
+    base = tmp_path
     models = base / "models"
     for sub in ("diffusion_models", "text_encoders"):
         (models / sub).mkdir(parents=True)

@@ -6,6 +6,8 @@ ControlNetLoader exactly as a downloaded file is; family mismatches refused nami
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,7 @@ def xl_env(
     mini_checkpoint: Path,
     mini_controlnet: Path,
     mini_sdxl_loras: Path,
-) -> Environment:
+) -> Iterator[Environment]:
     base = tmp_path_factory.mktemp("sdxl_controlnet")
     ckpts, nets = base / "models" / "checkpoints", base / "models" / "controlnet"
     write_depth_variant(mini_sdxl_checkpoint, ckpts / "mini_xl.safetensors", "mini")
@@ -65,7 +67,8 @@ def xl_env(
     (nets / mini_controlnet.name).symlink_to(mini_controlnet)
     (base / "models" / "loras").mkdir(parents=True)
     (base / "models" / "loras" / LORA).symlink_to(mini_sdxl_loras / LORA)
-    return Environment(Folders.at(base))
+    yield Environment(Folders.at(base))
+    shutil.rmtree(base, ignore_errors=True)  # gigabytes of variants: not kept to the session's end
 
 
 def _handles(env: Environment, name: str) -> tuple[Any, Any, Any]:

@@ -8,6 +8,8 @@ an SD1 adapter on SDXL is refused naming the file."""
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ def xl_env(
     oracle_dir: Path,
     mini_sdxl_checkpoint: Path,
     mini_t2i_adapters: Path,
-) -> Environment:
+) -> Iterator[Environment]:
     base = tmp_path_factory.mktemp("sdxl_t2i_adapter")
     ckpts, nets = base / "models" / "checkpoints", base / "models" / "t2i_adapter"
     write_depth_variant(mini_sdxl_checkpoint, ckpts / "mini_xl.safetensors", "mini")
@@ -46,7 +48,8 @@ def xl_env(
     for name in (XL, SKETCH):
         (nets / name).symlink_to(mini_t2i_adapters / name)
     write_sgm(oracle_dir, base / "models" / "controlnet" / CONTROLNET)
-    return Environment(Folders.at(base))
+    yield Environment(Folders.at(base))
+    shutil.rmtree(base, ignore_errors=True)  # gigabytes of variants: not kept to the session's end
 
 
 @pytest.fixture(scope="module")

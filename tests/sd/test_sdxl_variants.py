@@ -5,6 +5,8 @@ v-prediction file (NoobAI-XL v-pred's `v_pred` / `ztsnr` marker keys)."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,9 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @pytest.fixture(scope="module")
-def variants_env(tmp_path_factory: pytest.TempPathFactory, mini_sdxl_checkpoint: Path) -> Environment:
+def variants_env(
+    tmp_path_factory: pytest.TempPathFactory, mini_sdxl_checkpoint: Path
+) -> Iterator[Environment]:
     base = tmp_path_factory.mktemp("sdxl_variants")
     ckpts = base / "models" / "checkpoints"
     write_depth_variant(mini_sdxl_checkpoint, ckpts / "ssd1b.safetensors", "ssd1b")
@@ -35,7 +39,8 @@ def variants_env(tmp_path_factory: pytest.TempPathFactory, mini_sdxl_checkpoint:
     # NoobAI-XL v-pred's markers: empty tensors named `v_pred` and `ztsnr` beside the weights
     markers = {"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}
     write_depth_variant(mini_sdxl_checkpoint, ckpts / "mini_vpred.safetensors", "mini", extra=markers)
-    return Environment(Folders.at(base))
+    yield Environment(Folders.at(base))
+    shutil.rmtree(base, ignore_errors=True)  # gigabytes of variants: not kept to the session's end
 
 
 def _load(env: Environment, name: str) -> tuple[Any, Any, Any]:
