@@ -139,11 +139,12 @@ def device_problem(device: str, precision: str) -> str | None:
     return None
 
 
-def write_demo_models(folders: Folders, force: bool = False) -> list[Path]:
-    """Write the small demo checkpoint, LoRAs and input image into the models folders."""
+def write_demo_models(folders: Folders, force: bool = False, sdxl: bool = False) -> list[Path]:
+    """Write the small demo checkpoint, LoRAs and input image into the models folders (`sdxl`:
+    the SDXL-family demo checkpoint, refiner and LoRA as well)."""
     from nodes.demo import write_demo_models as write
 
-    return write(folders, force=force)
+    return write(folders, force=force, sdxl=sdxl)
 
 
 def describe_lora_files(files: Sequence[str], folders: Folders, as_json: bool) -> int:

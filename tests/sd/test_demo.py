@@ -103,3 +103,19 @@ def test_demo_sdxl_writes_two_sdxl_loras_that_fit_the_sdxl_demo_model(tmp_path: 
         counts.append((report.unet_modules, report.te_modules, report.te2_modules))
     assert counts == [(24, 9, 9), (18, 3, 3)]
     assert not ctx.warnings
+
+
+def test_make_runs_demo_step_writes_through_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make run` first runs `nodegraph demo --if-no-checkpoint`: through the CLI and the nodes
+    package's entry point (a signature mismatch there once broke `make run` with a TypeError)."""
+    from nodegraph import cli
+
+    argv = ["demo", "--if-no-checkpoint", "--base-directory", str(tmp_path)]
+    assert cli.main(argv) == 0
+    folders = Folders.at(tmp_path)
+    assert folders.list("checkpoints") == [CHECKPOINT_NAME]
+    assert folders.list("loras") == sorted(LORA_NAMES)
+    assert cli.main(argv) == 0  # a checkpoint is present now: nothing written
+    assert "1 checkpoint(s) present, demo models not written" in capsys.readouterr().out
