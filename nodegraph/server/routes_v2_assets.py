@@ -18,7 +18,7 @@ from aiohttp import BodyPartReader, web
 from nodegraph.folders import PathEscapeError, safe_join
 from nodegraph.server.replies import read_json
 from nodegraph.server.routes_files import served_headers
-from nodegraph.server.routes_v2 import V2_ASSETS, asset_json, base_url, v2_error
+from nodegraph.server.routes_v2 import V2_ASSETS, base_url, v2_error
 from nodegraph.server.state import state
 from nodegraph.server.v2_assets import (
     CHUNK,
@@ -28,6 +28,7 @@ from nodegraph.server.v2_assets import (
     content_type_of,
     new_digest,
 )
+from nodegraph.server.v2_jobs import asset_json
 
 routes = web.RouteTableDef()
 
