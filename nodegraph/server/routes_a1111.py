@@ -33,9 +33,10 @@ _hashes: dict[tuple[str, int, float], str] = {}  # (path, size, mtime) -> sha256
 
 
 def _refuse(status: int, message: str) -> web.Response:
-    """A1111's error shape (FastAPI): `{"error", "detail", "body", "errors"}`."""
+    """A1111's error shape (its `handle_exception` over FastAPI's HTTPException): `{"error": the
+    exception's class name, "detail", "body", "errors"}`."""
     return web.json_response(
-        {"error": type(message).__name__, "detail": message, "body": "", "errors": message}, status=status
+        {"error": "HTTPException", "detail": message, "body": "", "errors": message}, status=status
     )
 
 

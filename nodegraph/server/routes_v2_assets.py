@@ -72,8 +72,14 @@ async def _receive(request: web.Request, index: AssetIndex, limit: int) -> web.R
             return v2_error(400, "malformed_multipart", f"The body is not valid multipart/form-data: {exc}")
         if partial is None:
             return v2_error(422, "invalid_request", "Missing the 'file' part.")
+        if not fields.get("file_path"):
+            return v2_error(
+                422,
+                "invalid_request",
+                "Missing the 'file_path' field (where in the input folder the file goes).",
+            )
         try:
-            wanted = clean_upload_path(fields.get("file_path") or "")
+            wanted = clean_upload_path(fields["file_path"])
             safe_join(index.roots["input"], wanted)  # a name the file system can hold: length, depth
         except ValueError as exc:  # PathEscapeError and InvalidNameError are ValueErrors
             return v2_error(422, "invalid_request", str(exc))

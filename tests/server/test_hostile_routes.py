@@ -99,6 +99,7 @@ async def test_a1111_numbers_and_images_are_bounded_and_named(aiohttp_client: An
         resp = await asyncio.wait_for(client.post("/sdapi/v1/txt2img", json={**base, **changes}), 30)
         text = await resp.text()
         assert resp.status == 422 and field in text, (changes, resp.status, text[:300])
+        assert (await resp.json())["error"] == "HTTPException"  # A1111's class name (was "str")
     queue = await (await client.get("/queue")).json()
     assert queue["queue_pending"] == []  # nothing was queued for a refused request
     images = {"bomb": png_header(65535, 65535), "over the budget": png_header(12000, 12000)}
@@ -163,6 +164,8 @@ async def test_v2_upload_fields_are_bounded_text_and_malformed_bodies_are_400s(
     assert resp.status == 422 and "tags" in await resp.text()  # was kept whole in memory, then 201
     resp = await _v2_upload(client, file=file, file_path=("p", b"\xff\xfe", "text/plain"))
     assert resp.status == 422 and "file_path" in await resp.text()  # was a UnicodeDecodeError (500)
+    resp = await _v2_upload(client, file=file)
+    assert resp.status == 422 and "Missing the 'file_path' field" in await resp.text()  # was "file_path ''"
     for name in ("x" * 300 + ".png", "d/" * 40 + "a.png", "a\x00.png"):
         resp = await _v2_upload(client, file=file, file_path=name)
         assert resp.status == 422, (name[:20], await resp.text())
